@@ -1,0 +1,142 @@
+"""The nouns of refresherd: secrets, token sets, grants and their states. No I/O here."""
+
+from __future__ import annotations
+
+import enum
+import hmac
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Final
+
+
+class Secret:
+    """A string that never shows itself: not in repr, str, format, logs or exceptions.
+
+    Call :meth:`reveal` at the one place the value must leave the process (the HTTP body,
+    the database, ``--reveal`` output).
+    """
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        if not isinstance(value, str):
+            raise TypeError("Secret wraps a str")
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    def __str__(self) -> str:
+        return "**********"
+
+    def __format__(self, spec: str) -> str:
+        return "**********"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Secret):
+            return NotImplemented
+        return hmac.compare_digest(self._value.encode(), other._value.encode())
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Pickling would copy the value out of our control.
+        raise TypeError("Secret cannot be pickled")
+
+
+class State(enum.StrEnum):
+    """Where a token set stands. Stored as text in SQLite; part of the read contract."""
+
+    ACTIVE = "active"  # fresh, or waiting for its next planned refresh
+    FAILING = "failing"  # the last attempt failed; retrying with backoff, tokens kept
+    INVALIDATED = "invalidated"  # the IdP refused the refresh token: the customer must log in
+
+
+class RefreshTokenUsage(enum.StrEnum):
+    ONE_TIME = "one_time"  # rotating: each refresh returns a new refresh token
+    REUSE = "reuse"  # the same refresh token comes back
+
+
+class AuthMethod(enum.StrEnum):
+    CLIENT_SECRET_POST = "client_secret_post"
+    CLIENT_SECRET_BASIC = "client_secret_basic"
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """A successful token response, validated. ``refresh_token`` None means: keep the old one."""
+
+    access_token: Secret
+    token_type: str
+    expires_in: float | None
+    refresh_token: Secret | None = None
+    scope: str | None = None
+    id_token: Secret | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """The journal of one unresolved refresh: committed before the request leaves.
+
+    ``version`` names the token-set version whose refresh token was sent; ``started_at`` is the
+    wall-clock time of the first send, from which the IdP's grace window is counted.
+    """
+
+    version: int
+    started_at: float
+    owner: str
+    sends: int
+
+
+@dataclass(frozen=True, slots=True)
+class TokenSet:
+    """One customer's tokens as stored. Times are wall-clock Unix seconds (UTC)."""
+
+    id: str
+    provider: str
+    refresh_token: Secret
+    access_token: Secret | None
+    expires_at: float | None
+    state: State
+    version: int
+    next_refresh_at: float
+    created_at: float
+    updated_at: float
+    token_type: str | None = None
+    scope: str | None = None
+    last_refresh_at: float | None = None
+    last_error: str | None = None
+    failures: int = 0
+    invalid_reason: str | None = None
+    lease_owner: str | None = None
+    lease_until: float | None = None
+    attempt: Attempt | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+MAX_ID_LENGTH: Final = 200
+
+
+def validate_token_set_id(value: str) -> str:
+    """Token-set ids travel in URLs, logs and argv: printable, bounded, no whitespace."""
+    if not value:
+        raise ValueError("a token-set id must not be empty")
+    if len(value) > MAX_ID_LENGTH:
+        raise ValueError(f"a token-set id must be at most {MAX_ID_LENGTH} characters")
+    if not value.isprintable() or any(ch.isspace() for ch in value):
+        raise ValueError("a token-set id must be printable and contain no whitespace")
+    return value
+
+
+def rfc3339(ts: float | None) -> str | None:
+    """Unix seconds to RFC 3339 UTC with a Z, as the CLI and read contract print times."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
