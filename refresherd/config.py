@@ -2,13 +2,32 @@
 
 from __future__ import annotations
 
+import difflib
+import ipaddress
+import json
+import math
+import os
+import re
+import stat
+import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
+from typing import Final
+from urllib.parse import urlsplit
 
 from refresherd.model import AuthMethod, RefreshTokenUsage, Secret
 
+# The project targets 3.11+, but the fallback keeps the loader importable on an older interpreter.
+if sys.version_info >= (3, 11):  # noqa: UP036
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
 DEFAULT_CONFIG_PATH = Path("/etc/refresherd/config.toml")
 EX_CONFIG = 78
+CONFIG_ENV_VAR: Final = "REFRESHERD_CONFIG"
 
 
 class ConfigError(Exception):
@@ -84,3 +103,701 @@ class Config:
     providers: dict[str, ProviderConfig] = field(default_factory=dict)
     # Things worth saying at start that do not stop it (e.g. a secret file readable by others).
     warnings: tuple[str, ...] = ()
+
+
+# --- durations ---------------------------------------------------------------------------------
+
+# Largest unit first; each unit at most once, so "1h30m" has exactly one reading.
+_DURATION_UNITS: Final[dict[str, Fraction]] = {
+    "d": Fraction(86400),
+    "h": Fraction(3600),
+    "m": Fraction(60),
+    "s": Fraction(1),
+    "ms": Fraction(1, 1000),
+}
+_DURATION_ORDER: Final = tuple(_DURATION_UNITS)
+# "ms" before "m" so that "5ms" is not read as "5m" followed by garbage.
+_DURATION_PART: Final = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|d|h|m|s)")
+# Bounds the work on hostile input and keeps every accepted value a finite float.
+_DURATION_MAX_CHARS: Final = 64
+_DURATION_EXPECTED: Final = 'expected a duration such as "30s", "5m" or "1h"'
+
+
+def parse_duration(value: object, *, file: str, key: str) -> float:
+    """Parse ``"500ms"``, ``"90s"``, ``"5m"``, ``"1h"``, ``"180d"`` or ``"1h30m"`` into seconds.
+
+    Only strings are accepted: a bare number has no unit, and guessing one is how a
+    30-minute timeout becomes a 30-second one.
+    """
+    if isinstance(value, str):
+        seconds = _duration_seconds(value)
+        if seconds is not None:
+            return seconds
+    raise ConfigError(file, key, f"{_DURATION_EXPECTED}, got {_show(value)}")
+
+
+def _duration_seconds(text: str) -> float | None:
+    if not text or len(text) > _DURATION_MAX_CHARS:
+        return None
+    total = Fraction(0)
+    pos = 0
+    last_rank = -1
+    while pos < len(text):
+        match = _DURATION_PART.match(text, pos)
+        if match is None:
+            return None
+        rank = _DURATION_ORDER.index(match[2])
+        if rank <= last_rank:
+            return None
+        last_rank = rank
+        total += Fraction(match[1]) * _DURATION_UNITS[match[2]]
+        pos = match.end()
+    # Summed exactly and rounded once, so "1s1ms" is the same float as 1.001.
+    return float(total)
+
+
+def format_duration(seconds: float) -> str:
+    """The canonical spelling of a duration: ``5400.0`` → ``"1h30m"``, ``0.5`` → ``"500ms"``.
+
+    Whole milliseconds round-trip through :func:`parse_duration` exactly.
+    """
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"not a duration: {seconds!r}")
+    millis = round(seconds * 1000)
+    if millis == 0 and seconds > 0:
+        # Below the grammar's resolution; only ever shown, never parsed back.
+        return f"{seconds:.9f}".rstrip("0") + "s"
+    parts: list[str] = []
+    for unit in _DURATION_ORDER:
+        unit_millis = int(_DURATION_UNITS[unit] * 1000)
+        count, millis = divmod(millis, unit_millis)
+        if count:
+            parts.append(f"{count}{unit}")
+    return "".join(parts) or "0s"
+
+
+# --- config path -------------------------------------------------------------------------------
+
+
+def resolve_config_path(cli_value: str | None, env: Mapping[str, str]) -> Path:
+    """``--config PATH``, else ``$REFRESHERD_CONFIG``, else :data:`DEFAULT_CONFIG_PATH`."""
+    if cli_value is not None:
+        if not cli_value:
+            raise ConfigError("--config", None, "expected the path of a TOML file, got nothing")
+        return Path(cli_value)
+    # An empty variable counts as unset, as shells and unit files commonly leave it.
+    from_env = env.get(CONFIG_ENV_VAR)
+    if from_env:
+        return Path(from_env)
+    return DEFAULT_CONFIG_PATH
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+
+def load_config(path: Path | str, *, env: Mapping[str, str] | None = None) -> Config:
+    """Read, parse and validate the config file at ``path``; errors name the path as given."""
+    source = str(path)
+    file_path = Path(path)
+    try:
+        data = file_path.read_bytes()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(
+            source,
+            None,
+            f"cannot read the config file: {reason}; expected a readable TOML file "
+            f"(choose it with --config or ${CONFIG_ENV_VAR})",
+        ) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        # `from None`: the decode error holds the raw bytes, inline secrets included.
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ConfigError(
+            source,
+            None,
+            f"expected UTF-8 text, found an invalid byte at line {line}, column {column}",
+        ) from None
+    return parse_config(
+        text,
+        source=source,
+        # Absolute, so that relative paths in the file keep working after a chdir.
+        base_dir=file_path.absolute().parent,
+        env=os.environ if env is None else env,
+    )
+
+
+_SECTIONS: Final = ("daemon", "server", "log", "schedule", "providers")
+_DAEMON_KEYS: Final = (
+    "database",
+    "concurrency",
+    "lease_duration",
+    "shutdown_timeout",
+    "poll_interval",
+    "instance_name",
+)
+_SERVER_KEYS: Final = ("listen", "enabled")
+_LOG_KEYS: Final = ("level", "format")
+_SCHEDULE_KEYS: Final = (
+    "refresh_fraction",
+    "min_margin",
+    "jitter",
+    "min_interval",
+    "default_expires_in",
+    "backoff_initial",
+    "backoff_max",
+    "retry_after_max",
+    "circuit_backoff_initial",
+    "circuit_backoff_max",
+)
+_SECRET_KEYS: Final = (
+    "client_secret",
+    "client_secret_file",
+    "client_secret_env",
+    "client_secret_credential",
+)
+_PROVIDER_KEYS: Final = (
+    "token_url",
+    "client_id",
+    *_SECRET_KEYS,
+    "auth_method",
+    "refresh_token_usage",
+    "grace_period",
+    "request_timeout",
+    "connect_timeout",
+    "scope",
+    "max_connections",
+)
+# A top-level key that belongs to a section gets "put it under [section]" instead of a guess.
+_SECTION_OF_KEY: Final = {
+    key: section
+    for section, keys in (
+        ("daemon", _DAEMON_KEYS),
+        ("server", _SERVER_KEYS),
+        ("log", _LOG_KEYS),
+        ("schedule", _SCHEDULE_KEYS),
+        ("providers.NAME", _PROVIDER_KEYS),
+    )
+    for key in keys
+}
+
+LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+LOG_FORMATS: Final = ("json", "console", "auto")
+# Provider names become metric labels: short, and safe in any exposition format.
+_PROVIDER_NAME: Final = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_ENV_VAR_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# A secret file is a few hundred bytes at most; anything far larger is the wrong file.
+_SECRET_FILE_MAX_BYTES: Final = 64 * 1024
+
+_DAEMON_DEFAULTS: Final = DaemonConfig(database=Path())
+_SERVER_DEFAULTS: Final = ServerConfig()
+_LOG_DEFAULTS: Final = LogConfig()
+_SCHEDULE_DEFAULTS: Final = ScheduleConfig()
+_PROVIDER_DEFAULTS: Final = ProviderConfig(
+    name="", token_url="", client_id="", client_secret=Secret("")
+)
+
+
+def parse_config(text: str, *, source: str, base_dir: Path, env: Mapping[str, str]) -> Config:
+    """Parse and validate config text. ``source`` names the file in errors; relative paths in
+    the file are taken relative to ``base_dir``; ``env`` supplies ``client_secret_env`` values
+    and ``$CREDENTIALS_DIRECTORY``.
+    """
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        # The parser's message carries the line and column; `from None` keeps the document
+        # (which may hold an inline secret) out of the exception chain.
+        raise ConfigError(source, None, f"invalid TOML: {exc}") from None
+    ctx = _Context(source=source, base_dir=base_dir, env=env)
+    root = _Table(ctx, (), document, _SECTIONS, hints=_SECTION_OF_KEY)
+    daemon = _parse_daemon(root.table("daemon"))
+    server = _parse_server(root.table("server"))
+    log = _parse_log(root.table("log"))
+    schedule = _parse_schedule(root.table("schedule"))
+    providers = _parse_providers(root.table("providers"))
+    return Config(
+        source=source,
+        daemon=daemon,
+        server=server,
+        log=log,
+        schedule=schedule,
+        providers=providers,
+        warnings=tuple(ctx.warnings),
+    )
+
+
+def _parse_daemon(t: _Table) -> DaemonConfig:
+    d = _DAEMON_DEFAULTS
+    database = t.required_string(
+        "database", 'the path of the SQLite database, such as "/var/lib/refresherd/tokens.db"'
+    )
+    return DaemonConfig(
+        database=t.ctx.base_dir / database,
+        concurrency=t.integer("concurrency", d.concurrency, minimum=1),
+        lease_duration=t.duration("lease_duration", d.lease_duration, minimum=1.0),
+        shutdown_timeout=t.duration("shutdown_timeout", d.shutdown_timeout),
+        poll_interval=t.duration("poll_interval", d.poll_interval, minimum=0.05, maximum=60.0),
+        instance_name=t.optional_string("instance_name"),
+    )
+
+
+def _parse_server(t: _Table) -> ServerConfig:
+    d = _SERVER_DEFAULTS
+    host, port = d.host, d.port
+    listen = t.optional_string("listen")
+    if listen is not None:
+        host, port = _parse_listen(t, listen)
+    return ServerConfig(host=host, port=port, enabled=t.boolean("enabled", d.enabled))
+
+
+# Hostnames and IPv4 addresses; IPv6 goes in brackets and is checked by `ipaddress`.
+_HOSTNAME: Final = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?")
+
+
+def _parse_listen(t: _Table, value: str) -> tuple[str, int]:
+    expected = (
+        'expected "host:port" such as "127.0.0.1:9469" or "[::1]:9469", with a port from 0 to 65535'
+    )
+    host: str | None = None
+    port_text = ""
+    if value.startswith("["):
+        close = value.find("]")
+        if close > 0 and value[close + 1 : close + 2] == ":":
+            candidate, port_text = value[1:close], value[close + 2 :]
+            try:
+                ipaddress.IPv6Address(candidate)
+                host = candidate
+            except ValueError:
+                pass
+    else:
+        candidate, sep, port_text = value.rpartition(":")
+        if ":" in candidate:
+            expected += " (an IPv6 address goes in brackets)"
+        elif sep and _HOSTNAME.fullmatch(candidate):
+            host = candidate
+    valid_port = port_text.isascii() and port_text.isdigit() and len(port_text) <= 5
+    if host is None or not valid_port or int(port_text) > 65535:
+        raise t.error("listen", f"{expected}, got {_show(value)}")
+    return host, int(port_text)
+
+
+def _parse_log(t: _Table) -> LogConfig:
+    d = _LOG_DEFAULTS
+    return LogConfig(
+        level=t.choice("level", LOG_LEVELS, d.level),
+        format=t.choice("format", LOG_FORMATS, d.format),
+    )
+
+
+def _parse_schedule(t: _Table) -> ScheduleConfig:
+    d = _SCHEDULE_DEFAULTS
+    schedule = ScheduleConfig(
+        refresh_fraction=t.number("refresh_fraction", d.refresh_fraction, 0.1, 0.95),
+        min_margin=t.duration("min_margin", d.min_margin),
+        jitter=t.number("jitter", d.jitter, 0.0, 0.5),
+        # A zero floor would let a token with a tiny lifetime refresh in a tight loop.
+        min_interval=t.duration("min_interval", d.min_interval, positive=True),
+        default_expires_in=t.duration("default_expires_in", d.default_expires_in, positive=True),
+        backoff_initial=t.duration("backoff_initial", d.backoff_initial, positive=True),
+        backoff_max=t.duration("backoff_max", d.backoff_max, positive=True),
+        retry_after_max=t.duration("retry_after_max", d.retry_after_max, positive=True),
+        circuit_backoff_initial=t.duration(
+            "circuit_backoff_initial", d.circuit_backoff_initial, positive=True
+        ),
+        circuit_backoff_max=t.duration("circuit_backoff_max", d.circuit_backoff_max, positive=True),
+    )
+    # Checked on the built values so that a default on one side counts too.
+    for low, high in (
+        ("backoff_initial", "backoff_max"),
+        ("circuit_backoff_initial", "circuit_backoff_max"),
+    ):
+        low_value: float = getattr(schedule, low)
+        high_value: float = getattr(schedule, high)
+        if low_value > high_value:
+            raise t.error(
+                low,
+                f"expected at most {t.key(high)} ({format_duration(high_value)}), "
+                f"got {format_duration(low_value)}",
+            )
+    return schedule
+
+
+def _parse_providers(t: _Table) -> dict[str, ProviderConfig]:
+    if not t.data:
+        raise t.ctx.error(
+            "providers", "expected at least one provider, such as a [providers.visma] table"
+        )
+    providers: dict[str, ProviderConfig] = {}
+    for name, value in t.data.items():
+        key = t.key(name)
+        if not isinstance(value, dict):
+            raise t.ctx.error(
+                key,
+                f"expected a provider table such as [providers.visma], got {_type_name(value)} "
+                "(provider keys go under [providers.NAME])",
+            )
+        if not _PROVIDER_NAME.fullmatch(name):
+            raise t.ctx.error(
+                key,
+                "expected a provider name of 1 to 64 letters, digits, '_', '.' or '-' "
+                f"(it becomes a metric label), got {_show(name)}",
+            )
+        table = _Table(t.ctx, (*t.path, name), value, _PROVIDER_KEYS)
+        providers[name] = _parse_provider(name, table)
+    return providers
+
+
+def _parse_provider(name: str, t: _Table) -> ProviderConfig:
+    d = _PROVIDER_DEFAULTS
+    token_url = t.required_string(
+        "token_url", 'the token endpoint URL, such as "https://connect.visma.com/connect/token"'
+    )
+    _check_token_url(t, token_url)
+    client_id = t.required_string("client_id", "the OAuth client id")
+    auth_method = AuthMethod(t.choice("auth_method", tuple(AuthMethod), d.auth_method.value))
+    usage = RefreshTokenUsage(
+        t.choice("refresh_token_usage", tuple(RefreshTokenUsage), d.refresh_token_usage.value)
+    )
+    grace_period = t.duration("grace_period", d.grace_period, maximum=600.0)
+    request_timeout = t.duration("request_timeout", d.request_timeout, positive=True)
+    connect_timeout = t.duration("connect_timeout", d.connect_timeout, positive=True)
+    scope = t.optional_string("scope")
+    max_connections = t.integer("max_connections", d.max_connections, minimum=1)
+    # Last, so that a typo elsewhere is reported before any secret file is touched.
+    client_secret = _client_secret(t)
+    return ProviderConfig(
+        name=name,
+        token_url=token_url,
+        client_id=client_id,
+        client_secret=client_secret,
+        auth_method=auth_method,
+        refresh_token_usage=usage,
+        grace_period=grace_period,
+        request_timeout=request_timeout,
+        connect_timeout=connect_timeout,
+        scope=scope,
+        max_connections=max_connections,
+    )
+
+
+def _check_token_url(t: _Table, url: str) -> None:
+    example = 'an https URL such as "https://connect.visma.com/connect/token"'
+    if any(ch.isspace() or not ch.isprintable() for ch in url):
+        raise t.error(
+            "token_url", f"expected {example}, got a value with spaces or control characters"
+        )
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        _ = parts.port  # raises ValueError for a port out of range
+    except ValueError:
+        raise t.error("token_url", f"expected {example}, got an unparsable URL") from None
+    if "@" in parts.netloc:
+        # Checked before any message repeats the URL: user info may hold a password.
+        raise t.error(
+            "token_url",
+            "expected a URL without a user name or password; "
+            "credentials go in client_id and client_secret",
+        )
+    if parts.scheme not in ("http", "https") or not host:
+        raise t.error("token_url", f"expected {example}, got {_show(url)}")
+    if parts.fragment:
+        raise t.error(
+            "token_url", f"expected a URL without a #fragment (RFC 6749, 3.2), got {_show(url)}"
+        )
+    if parts.scheme == "http" and not _is_loopback(host):
+        raise t.error(
+            "token_url",
+            f"expected {example}: plain http is allowed only for loopback hosts "
+            "(127.0.0.0/8, ::1, localhost) because the client secret and refresh tokens "
+            f"would travel in clear, got {_show(url)}",
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _client_secret(t: _Table) -> Secret:
+    given = [key for key in _SECRET_KEYS if key in t.data]
+    if len(given) != 1:
+        found = " and ".join(given) if given else "none"
+        raise t.ctx.error(
+            t.key(None),
+            f"expected exactly one of {', '.join(_SECRET_KEYS)}, got {found}",
+        )
+    kind = given[0]
+    key = t.key(kind)
+    ctx = t.ctx
+    if kind == "client_secret":
+        value = t.data[kind]
+        # Never _show() this one: the value is the secret.
+        if not isinstance(value, str):
+            raise ctx.error(key, f"expected a string, got {_type_name(value)}")
+        if not value:
+            raise ctx.error(key, "expected the client secret, got an empty string")
+        return Secret(value)
+    if kind == "client_secret_file":
+        path = ctx.base_dir / t.required_string(kind, "the path of a file holding the secret")
+        secret, mode = _read_secret_file(ctx, key, path)
+        if mode & (stat.S_IRGRP | stat.S_IROTH):
+            ctx.warnings.append(
+                f"{ctx.source}: {key}: {path} is readable by group or others "
+                f"(mode {mode:04o}); expected mode 0600 or 0400 (chmod 600 {path})"
+            )
+        return secret
+    if kind == "client_secret_env":
+        name = t.required_string(kind, "the name of an environment variable")
+        if not _ENV_VAR_NAME.fullmatch(name):
+            # Not repeated: a value that is no variable name may be the secret pasted here.
+            raise ctx.error(
+                key,
+                'expected the name of an environment variable such as "VISMA_CLIENT_SECRET" '
+                "(letters, digits and '_'), not the secret itself",
+            )
+        env_value = ctx.env.get(name)
+        if not env_value:
+            state = "empty" if env_value == "" else "not set"
+            raise ctx.error(
+                key, f"environment variable {name} is {state}; expected it to hold the secret"
+            )
+        return Secret(env_value)
+    # client_secret_credential
+    name = t.required_string(kind, "the name of a systemd credential")
+    if "/" in name or name in (".", "..") or "\0" in name:
+        raise ctx.error(key, f"expected a systemd credential name without '/', got {_show(name)}")
+    directory = ctx.env.get("CREDENTIALS_DIRECTORY")
+    if not directory:
+        raise ctx.error(
+            key,
+            "CREDENTIALS_DIRECTORY is not set; expected refresherd to run under a systemd unit "
+            f"with LoadCredential={name}:... or SetCredential={name}:... "
+            "(or use client_secret_file)",
+        )
+    secret, _ = _read_secret_file(ctx, key, Path(directory) / name)
+    return secret
+
+
+def _read_secret_file(ctx: _Context, key: str, path: Path) -> tuple[Secret, int]:
+    """The secret in ``path`` (trailing newlines stripped) and the file's permission bits."""
+    try:
+        with path.open("rb") as fh:
+            mode = stat.S_IMODE(os.fstat(fh.fileno()).st_mode)
+            data = fh.read(_SECRET_FILE_MAX_BYTES + 1)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ctx.error(
+            key, f"cannot read {path}: {reason}; expected a readable file holding the secret"
+        ) from None
+    if len(data) > _SECRET_FILE_MAX_BYTES:
+        raise ctx.error(
+            key, f"{path} is larger than {_SECRET_FILE_MAX_BYTES} bytes; expected just the secret"
+        )
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        # `from None`: the decode error holds the raw bytes, that is, the secret.
+        raise ctx.error(key, f"{path} is not UTF-8 text; expected the secret as text") from None
+    # `echo secret > file` and editors add a newline that is no part of the secret.
+    text = text.rstrip("\r\n")
+    if not text:
+        raise ctx.error(key, f"{path} is empty; expected it to hold the secret")
+    return Secret(text), mode
+
+
+# --- the table reader --------------------------------------------------------------------------
+
+
+@dataclass
+class _Context:
+    source: str
+    base_dir: Path
+    env: Mapping[str, str]
+    warnings: list[str] = field(default_factory=list)
+
+    def error(self, key: str | None, message: str) -> ConfigError:
+        return ConfigError(self.source, key, message)
+
+
+class _Table:
+    """One TOML table: rejects unknown keys up front, then hands out typed, checked values.
+
+    TOML has no null, so a missing key and ``None`` from ``dict.get`` mean the same.
+    """
+
+    def __init__(
+        self,
+        ctx: _Context,
+        path: tuple[str, ...],
+        data: Mapping[str, object],
+        allowed: Sequence[str],
+        *,
+        hints: Mapping[str, str] | None = None,
+    ) -> None:
+        self.ctx = ctx
+        self.path = path
+        self.data = data
+        for name in data:
+            if name not in allowed:
+                raise ctx.error(self.key(name), _unknown_key(name, allowed, hints or {}))
+
+    def key(self, name: str | None) -> str:
+        parts = (*self.path, name) if name is not None else self.path
+        return ".".join(_quote_key(part) for part in parts)
+
+    def error(self, name: str, message: str) -> ConfigError:
+        return self.ctx.error(self.key(name), message)
+
+    def table(self, name: str) -> _Table:
+        value = self.data.get(name, {})
+        if not isinstance(value, dict):
+            raise self.error(name, f"expected a table [{name}], got {_type_name(value)}")
+        allowed = {
+            "daemon": _DAEMON_KEYS,
+            "server": _SERVER_KEYS,
+            "log": _LOG_KEYS,
+            "schedule": _SCHEDULE_KEYS,
+        }.get(name)
+        # Provider names are free; _parse_providers checks them.
+        return _Table(self.ctx, (*self.path, name), value, allowed or tuple(value))
+
+    def required_string(self, name: str, what: str) -> str:
+        value = self.optional_string(name)
+        if value is None:
+            raise self.error(name, f"is required: expected {what}")
+        return value
+
+    def optional_string(self, name: str) -> str | None:
+        value = self.data.get(name)
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise self.error(name, f"expected a string, got {_type_name(value)}")
+        if not value:
+            raise self.error(name, "expected a non-empty string, got an empty string")
+        return value
+
+    def integer(self, name: str, default: int, *, minimum: int) -> int:
+        value = self.data.get(name)
+        if value is None:
+            return default
+        # bool is an int in Python but not in TOML.
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise self.error(name, f"expected an integer, got {_type_name(value)}")
+        if value < minimum:
+            raise self.error(name, f"expected an integer of at least {minimum}, got {value}")
+        return value
+
+    def number(self, name: str, default: float, minimum: float, maximum: float) -> float:
+        value = self.data.get(name)
+        if value is None:
+            return default
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise self.error(name, f"expected a number, got {_type_name(value)}")
+        # TOML allows nan and inf; a NaN would slip through both comparisons.
+        if not (math.isfinite(value) and minimum <= value <= maximum):
+            raise self.error(
+                name, f"expected a number from {minimum} to {maximum}, got {_show(value)}"
+            )
+        return float(value)
+
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self.data.get(name)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self.error(name, f"expected true or false, got {_type_name(value)}")
+        return value
+
+    def choice(self, name: str, allowed: Sequence[str], default: str) -> str:
+        value = self.data.get(name)
+        if value is None:
+            return default
+        if isinstance(value, str) and value in allowed:
+            return value
+        options = ", ".join(json.dumps(str(option)) for option in allowed)
+        raise self.error(name, f"expected one of {options}, got {_show(value)}")
+
+    def duration(
+        self,
+        name: str,
+        default: float,
+        *,
+        minimum: float = 0.0,
+        maximum: float | None = None,
+        positive: bool = False,
+    ) -> float:
+        value = self.data.get(name)
+        if value is None:
+            return default
+        seconds = parse_duration(value, file=self.ctx.source, key=self.key(name))
+        too_small = seconds <= minimum if positive else seconds < minimum
+        if too_small or (maximum is not None and seconds > maximum):
+            low, high = format_duration(minimum), None
+            if maximum is not None:
+                high = format_duration(maximum)
+            if high is not None and minimum > 0:
+                bounds = f"from {low} to {high}"
+            elif high is not None:
+                bounds = f"of at most {high}"
+            elif positive:
+                bounds = f"longer than {low}"
+            else:
+                bounds = f"of at least {low}"
+            raise self.error(name, f"expected a duration {bounds}, got {_show(value)}")
+        return seconds
+
+
+def _unknown_key(name: str, allowed: Sequence[str], hints: Mapping[str, str]) -> str:
+    if name in hints:
+        return f"unknown key here; did you mean to put it under [{hints[name]}]?"
+    close = difflib.get_close_matches(name, allowed, n=1)
+    if close:
+        return f'unknown key; did you mean "{close[0]}"?'
+    return "unknown key; expected one of " + ", ".join(allowed)
+
+
+_BARE_KEY: Final = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _quote_key(part: str) -> str:
+    # As TOML would write it, so that `providers."eu.visma"` is not read as two levels.
+    return part if _BARE_KEY.fullmatch(part) else json.dumps(part)
+
+
+def _type_name(value: object) -> str:
+    match value:
+        case bool():
+            return "a boolean"
+        case int():
+            return "an integer"
+        case float():
+            return "a float"
+        case str():
+            return "a string"
+        case dict():
+            return "a table"
+        case list():
+            return "an array"
+        case _:
+            return "a date or time"
+
+
+def _show(value: object) -> str:
+    """A non-secret value as TOML would spell it, shortened for one line of error."""
+    if isinstance(value, str):
+        shown = json.dumps(value if len(value) <= 60 else value[:57] + "...")
+        return shown
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return _type_name(value)

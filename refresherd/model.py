@@ -140,3 +140,25 @@ def rfc3339(ts: float | None) -> str | None:
     if ts is None:
         return None
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+class FailureKind(enum.StrEnum):
+    """What a failed token request means for the refresh token (DESIGN.md's failure table)."""
+
+    NOT_SENT = "not_sent"  # connect/DNS/TLS error: the IdP never saw the token
+    AMBIGUOUS = "ambiguous"  # sent, answer lost or unusable: the IdP may have rotated it
+    RATE_LIMITED = "rate_limited"  # 429, or 503 with Retry-After: not processed
+    INVALID_GRANT = "invalid_grant"  # the refresh token was refused
+    CLIENT_REJECTED = "client_rejected"  # invalid_client/unauthorized_client: our credentials
+    OAUTH_ERROR = "oauth_error"  # any other 4xx: not processed, retry much later
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """A failed attempt, free of secrets. ``reason`` is a bounded metric label."""
+
+    kind: FailureKind
+    reason: str
+    detail: str
+    status: int | None = None
+    retry_after: float | None = None

@@ -1,0 +1,291 @@
+"""The only module that speaks HTTP to an IdP: one refresh-token request, one typed outcome.
+
+Every failure raises an :class:`EndpointError` subclass whose ``failure`` says, above all,
+whether the IdP may have consumed the refresh token (DESIGN.md's failure table). No token or
+client secret ever appears in an exception message.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from base64 import b64encode
+from email.utils import parsedate_to_datetime
+from urllib.parse import quote_plus
+from typing import Any, Final
+
+import anyio
+import httpx
+
+from refresherd.config import ProviderConfig
+from refresherd.model import AuthMethod, Failure, FailureKind, Grant, Secret
+
+MAX_BODY_BYTES: Final = 1024 * 1024
+MAX_RETRY_AFTER: Final = 24 * 3600.0
+USER_AGENT: Final = "refresherd/0.1"
+
+
+class EndpointError(Exception):
+    """A token request that did not yield a grant. ``failure`` is safe to log."""
+
+    kind: FailureKind = FailureKind.OAUTH_ERROR
+
+    def __init__(
+        self,
+        reason: str,
+        detail: str,
+        *,
+        status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.failure = Failure(
+            kind=self.kind, reason=reason, detail=detail, status=status, retry_after=retry_after
+        )
+
+
+class NotSent(EndpointError):
+    """Connect, DNS or TLS failure: the IdP never saw the refresh token."""
+
+    kind = FailureKind.NOT_SENT
+
+
+class Ambiguous(EndpointError):
+    """Sent, but the answer was lost or unusable: the IdP may have rotated the token."""
+
+    kind = FailureKind.AMBIGUOUS
+
+
+class RateLimited(EndpointError):
+    kind = FailureKind.RATE_LIMITED
+
+
+class InvalidGrant(EndpointError):
+    kind = FailureKind.INVALID_GRANT
+
+
+class ClientRejected(EndpointError):
+    kind = FailureKind.CLIENT_REJECTED
+
+
+class OAuthError(EndpointError):
+    kind = FailureKind.OAUTH_ERROR
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"duplicate key {key!r}")
+        result[key] = value
+    return result
+
+
+def _load_json_object(body: bytes) -> dict[str, Any] | None:
+    """The body as a JSON object, or None if it is not one (HTML, truncated, a list...)."""
+    try:
+        value = json.loads(body.decode("utf-8"), object_pairs_hook=_reject_duplicates)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _safe_text(value: object, limit: int = 200) -> str:
+    """An IdP-supplied string fit for a log line: printable, bounded."""
+    text = str(value)
+    text = "".join(ch if ch.isprintable() else "?" for ch in text)
+    return text[:limit]
+
+
+def parse_grant(body: bytes) -> Grant:
+    """Validate a 2xx token response. Raises ValueError naming the field that is wrong."""
+    data = _load_json_object(body)
+    if data is None:
+        raise ValueError("the body is not a JSON object")
+    access = data.get("access_token")
+    if not isinstance(access, str) or not access:
+        raise ValueError("access_token is missing or not a non-empty string")
+    token_type = data.get("token_type", "Bearer")
+    if not isinstance(token_type, str) or not token_type:
+        raise ValueError("token_type is not a non-empty string")
+    expires_in = _parse_expires_in(data.get("expires_in"))
+    refresh = data.get("refresh_token")
+    if refresh is not None and (not isinstance(refresh, str) or not refresh):
+        raise ValueError("refresh_token is present but not a non-empty string")
+    scope = data.get("scope")
+    if scope is not None and not isinstance(scope, str):
+        raise ValueError("scope is not a string")
+    id_token = data.get("id_token")
+    if id_token is not None and not isinstance(id_token, str):
+        raise ValueError("id_token is not a string")
+    return Grant(
+        access_token=Secret(access),
+        token_type=token_type,
+        expires_in=expires_in,
+        refresh_token=Secret(refresh) if refresh else None,
+        scope=scope,
+        id_token=Secret(id_token) if id_token else None,
+    )
+
+
+def _parse_expires_in(value: object) -> float | None:
+    if value is None:
+        return None
+    # Some IdPs send the number as a string ("3600"); accept digits, refuse anything else.
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise ValueError("expires_in is not a number") from None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("expires_in is not a number")
+    number = float(value)
+    if not math.isfinite(number) or number < 0:
+        raise ValueError("expires_in is negative or not finite")
+    if number > 10 * 365 * 86400:
+        raise ValueError("expires_in is larger than ten years")
+    return number
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Retry-After as delay-seconds (RFC 9110); an HTTP date is converted, garbage ignored."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return min(float(value), MAX_RETRY_AFTER)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return min(max(when.timestamp() - time.time(), 0.0), MAX_RETRY_AFTER)
+
+
+def _oauth_error(status: int, body: bytes) -> EndpointError:
+    """Classify a non-2xx answer that reached us in full."""
+    data = _load_json_object(body)
+    code = data.get("error") if data else None
+    description = data.get("error_description") if data else None
+    code_text = _safe_text(code, 60) if isinstance(code, str) else None
+    detail = f"HTTP {status}" + (f" error={code_text}" if code_text else "")
+    if isinstance(description, str):
+        detail += f" ({_safe_text(description)})"
+    if code_text == "invalid_grant":
+        return InvalidGrant("invalid_grant", detail, status=status)
+    if code_text in ("invalid_client", "unauthorized_client"):
+        return ClientRejected(code_text, detail, status=status)
+    if status == 401 and code_text is None:
+        # A bare 401 from a token endpoint is about client authentication.
+        return ClientRejected("invalid_client", detail, status=status)
+    if code_text is not None and 400 <= status < 500:
+        return OAuthError("oauth_error", detail, status=status)
+    return OAuthError("http_error", detail, status=status)
+
+
+class TokenEndpoint:
+    """A provider's token endpoint, with its own connection pool and pinned auth method."""
+
+    def __init__(
+        self, provider: ProviderConfig, *, transport: httpx.AsyncBaseTransport | None = None
+    ) -> None:
+        self.provider = provider
+        limits = httpx.Limits(
+            max_connections=provider.max_connections,
+            max_keepalive_connections=provider.max_connections,
+            keepalive_expiry=30.0,
+        )
+        self._client = httpx.AsyncClient(
+            limits=limits,
+            transport=transport,
+            follow_redirects=False,
+            headers={"User-Agent": USER_AGENT, "Accept": "application/json"},
+            trust_env=False,
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    def _request(self, refresh_token: Secret, timeout: float) -> httpx.Request:
+        p = self.provider
+        form = {"grant_type": "refresh_token", "refresh_token": refresh_token.reveal()}
+        if p.scope:
+            form["scope"] = p.scope
+        headers: dict[str, str] = {}
+        if p.auth_method is AuthMethod.CLIENT_SECRET_BASIC:
+            # RFC 6749 2.3.1: id and secret are form-urlencoded before the Basic encoding.
+            pair = f"{quote_plus(p.client_id)}:{quote_plus(p.client_secret.reveal())}"
+            headers["Authorization"] = "Basic " + b64encode(pair.encode()).decode("ascii")
+        else:
+            form["client_id"] = p.client_id
+            form["client_secret"] = p.client_secret.reveal()
+        return self._client.build_request(
+            "POST",
+            p.token_url,
+            data=form,
+            headers=headers,
+            timeout=httpx.Timeout(timeout, connect=min(p.connect_timeout, timeout)),
+        )
+
+    async def refresh(self, refresh_token: Secret, *, timeout: float) -> Grant:
+        """POST grant_type=refresh_token. Returns the grant or raises an EndpointError."""
+        request = self._request(refresh_token, timeout)
+        status, headers, body = await self._send(request, timeout)
+        if 200 <= status < 300:
+            try:
+                return parse_grant(body)
+            except ValueError as exc:
+                # The IdP said yes and may have rotated; we cannot read the new token.
+                raise Ambiguous("malformed_response", f"HTTP {status}: {exc}", status=status)
+        if status == 429 or (status == 503 and headers.get("retry-after") is not None):
+            retry_after = parse_retry_after(headers.get("retry-after"))
+            raise RateLimited("rate_limited", f"HTTP {status}", status=status,
+                              retry_after=retry_after)
+        if status >= 500:
+            raise Ambiguous("server_error", f"HTTP {status}", status=status)
+        raise _oauth_error(status, body)
+
+    async def _send(
+        self, request: httpx.Request, timeout: float
+    ) -> tuple[int, httpx.Headers, bytes]:
+        # The overall bound covers a server that trickles bytes and so never trips the read
+        # timeout; if it fires, the request was sent and the outcome is unknown.
+        try:
+            with anyio.fail_after(timeout + 1.0):
+                response = await self._client.send(request, stream=True)
+                try:
+                    body = await self._read_bounded(response)
+                finally:
+                    await response.aclose()
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            raise NotSent("connect_error", f"cannot connect: {type(exc).__name__}") from None
+        except httpx.UnsupportedProtocol:
+            raise NotSent("connect_error", "unsupported protocol in token_url") from None
+        except _BodyTooLarge:
+            raise Ambiguous(
+                "malformed_response", f"response body over {MAX_BODY_BYTES} bytes"
+            ) from None
+        except (httpx.ReadTimeout, httpx.WriteTimeout, TimeoutError):
+            raise Ambiguous("timeout", f"no answer within {timeout:.1f}s") from None
+        except httpx.TransportError as exc:
+            raise Ambiguous("network_error", f"connection failed: {type(exc).__name__}") from None
+        return response.status_code, response.headers, body
+
+    @staticmethod
+    async def _read_bounded(response: httpx.Response) -> bytes:
+        declared = response.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            raise _BodyTooLarge()
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.aiter_bytes():
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise _BodyTooLarge()
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+class _BodyTooLarge(httpx.TransportError):
+    def __init__(self) -> None:
+        super().__init__(f"response body over {MAX_BODY_BYTES} bytes")

@@ -1,0 +1,66 @@
+"""structlog setup: JSON lines off a TTY, readable lines on one; secrets redacted on the way out."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import MutableMapping
+from typing import Any, TextIO
+
+import structlog
+
+from refresherd.model import Secret
+
+LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+          "error": logging.ERROR}
+
+# Keys whose value is a secret whatever its type: redacted even if a str slipped through.
+_SECRET_KEYS = frozenset(
+    {"access_token", "refresh_token", "id_token", "client_secret", "token", "password",
+     "authorization", "secret", "code", "code_verifier"}
+)
+REDACTED = "[redacted]"
+
+
+def redact_secrets(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Last line of defence: no Secret, and nothing under a secret-sounding key, is rendered."""
+    for key, value in list(event.items()):
+        if isinstance(value, Secret) or key.lower() in _SECRET_KEYS:
+            event[key] = REDACTED
+    return event
+
+
+def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
+    stream = stream if stream is not None else sys.stderr
+    if fmt == "auto":
+        fmt = "console" if stream.isatty() else "json"
+    renderer: Any
+    if fmt == "console":
+        renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
+    else:
+        renderer = structlog.processors.JSONRenderer(sort_keys=False)
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            redact_secrets,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(LEVELS.get(level, logging.INFO)),
+        logger_factory=structlog.PrintLoggerFactory(stream),
+        cache_logger_on_first_use=False,
+    )
+    # Libraries that use stdlib logging (hypercorn, asyncio) go to the same stream, plainly.
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(max(LEVELS.get(level, logging.INFO), logging.WARNING))
+
+
+def get_logger(name: str = "refresherd") -> Any:
+    return structlog.get_logger(name)

@@ -1,0 +1,99 @@
+"""Every metric in one place. The names and labels are a public contract (README).
+
+Labels are bounded: provider names come from the config, reasons and outcomes from a fixed
+vocabulary in the code. A token-set id is never a label.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Token requests take 50 ms to a few seconds; the upper buckets catch timeouts.
+DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.refresh_success = Counter(
+            "refresherd_refresh_success",
+            "Refreshes whose new grant was persisted.",
+            ["provider"],
+            registry=r,
+        )
+        self.refresh_failures = Counter(
+            "refresherd_refresh_failures",
+            "Failed refresh attempts, by reason.",
+            ["provider", "reason"],
+            registry=r,
+        )
+        self.invalidations = Counter(
+            "refresherd_invalidations",
+            "Token sets marked invalidated: the customer must authorize again.",
+            ["provider", "reason"],
+            registry=r,
+        )
+        self.refresh_duration = Histogram(
+            "refresherd_refresh_duration_seconds",
+            "Time from claim to persisted outcome of one refresh, retries included.",
+            ["provider"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.token_sets = Gauge(
+            "refresherd_token_sets",
+            "Token sets in the database, by provider and state.",
+            ["provider", "state"],
+            registry=r,
+        )
+        self.singleflight_coalesced = Counter(
+            "refresherd_singleflight_coalesced",
+            "Refresh requests that joined a refresh already in flight instead of starting one.",
+            registry=r,
+        )
+        self.grace_retries = Counter(
+            "refresherd_grace_retries",
+            "Retries of a possibly consumed one-time refresh token inside its grace window.",
+            ["provider"],
+            registry=r,
+        )
+        self.adopted = Counter(
+            "refresherd_refresh_adopted",
+            "Refreshes that found another worker had already stored a newer grant.",
+            ["provider"],
+            registry=r,
+        )
+        self.circuit_open = Gauge(
+            "refresherd_provider_circuit_open",
+            "1 while a provider's refreshes are paused because it refused our client credentials.",
+            ["provider"],
+            registry=r,
+        )
+        self.refresh_lateness = Histogram(
+            "refresherd_refresh_lateness_seconds",
+            "How long after its planned time a refresh started.",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 15.0, 60.0, 300.0),
+            registry=r,
+        )
+        self.storage_errors = Counter(
+            "refresherd_storage_errors",
+            "Database operations that failed.",
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "refresherd_refreshes_in_flight",
+            "Refreshes currently running.",
+            registry=r,
+        )
+        self.config_reloads = Counter(
+            "refresherd_config_reloads",
+            "SIGHUP reloads, by result.",
+            ["result"],
+            registry=r,
+        )
+        self.ready = Gauge(
+            "refresherd_ready",
+            "1 while the database and config are usable (what /readyz says).",
+            registry=r,
+        )

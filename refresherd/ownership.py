@@ -1,0 +1,101 @@
+"""Who holds a lease, and is it still alive? File locks next to the database.
+
+Every process that takes leases (a daemon, or ``refresherd refresh``) holds an exclusive
+``flock`` on ``<database>.owners/<owner>.lock`` for as long as it lives. The kernel drops the
+lock when the process dies, however it dies, so a successor can tell a dead predecessor's leases
+from a live sibling's at once, across processes and containers that share the database volume,
+without waiting for the lease to expire (which could outlast the IdP's grace window). A process
+that is merely paused (SIGSTOP) keeps its lock; its leases end when they expire.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import secrets
+import socket
+from pathlib import Path
+
+_SAFE = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+
+
+def owners_dir(database: Path) -> Path:
+    return database.with_name(database.name + ".owners")
+
+
+def _lock_path(directory: Path, owner: str) -> Path:
+    if not owner or not set(owner) <= _SAFE:
+        raise ValueError(f"not an owner id: {owner!r}")
+    return directory / f"{owner}.lock"
+
+
+class OwnerLock:
+    """This process's identity as a lease owner, held alive by an flock."""
+
+    def __init__(self, database: Path, name: str | None = None) -> None:
+        self.directory = owners_dir(database)
+        host = "".join(ch if ch in _SAFE else "-" for ch in (name or socket.gethostname()))[:40]
+        self.owner = f"{host}-{os.getpid()}-{secrets.token_hex(4)}"
+        self._fd: int | None = None
+
+    def acquire(self) -> str:
+        self.directory.mkdir(mode=0o700, exist_ok=True)
+        path = _lock_path(self.directory, self.owner)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise
+        self._fd = fd
+        return self.owner
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        # Unlink first: a checker that opens the path after this sees no file, i.e. dead.
+        try:
+            _lock_path(self.directory, self.owner).unlink()
+        except FileNotFoundError:
+            pass
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> str:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def is_alive(database: Path, owner: str) -> bool:
+    """True while the process that registered ``owner`` still holds its lock.
+
+    An owner id that does not look like ours, or whose lock cannot be inspected for a reason
+    other than absence, is treated as alive: never take over a lease on a guess.
+    """
+    try:
+        path = _lock_path(owners_dir(database), owner)
+    except ValueError:
+        return True
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return True
+    else:
+        # We got the lock: its owner is gone. Tidy up its file.
+        try:
+            path.unlink()
+        except OSError:
+            pass
+        return False
+    finally:
+        os.close(fd)

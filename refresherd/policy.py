@@ -1,0 +1,199 @@
+"""Pure decisions: when to refresh next, how long an attempt may take, what a failure means.
+
+Nothing here does I/O or reads a clock: ``now`` and randomness are arguments, so every rule is
+tested without a network (tests/test_policy.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+from refresherd.config import ScheduleConfig
+from refresherd.model import Attempt, Failure, FailureKind, RefreshTokenUsage
+
+# How many sends one refresh may make inside a grace window. Each send that the IdP processes
+# mints another refresh token counted against its per-user cap, so the window is a recovery path
+# with a small budget, not a retry loop.
+MAX_GRACE_SENDS: Final = 3
+# No attempt gets less time than this: shorter only turns a slow IdP into more grace mints.
+MIN_ATTEMPT_TIMEOUT: Final = 1.0
+
+
+def grace_safety(grace_period: float) -> float:
+    """Time kept back from the end of the IdP's grace window.
+
+    The IdP counts the window from when *it* first saw the token, which is after our first send,
+    so counting from our send is conservative; the margin covers the latency of the retry itself.
+    """
+    return min(1.0, grace_period * 0.2)
+
+
+def grace_deadline(attempt: Attempt | None, grace_period: float) -> float | None:
+    """Wall time by which a retry of ``attempt`` must have started, or None if there is none."""
+    if attempt is None or grace_period <= 0:
+        return None
+    return attempt.started_at + grace_period - grace_safety(grace_period)
+
+
+def plan_next_refresh(
+    *,
+    now: float,
+    expires_at: float | None,
+    lifetime: float | None,
+    cfg: ScheduleConfig,
+    rand: float,
+    not_before: float | None = None,
+) -> float:
+    """When to refresh an access token that expires at ``expires_at``.
+
+    At ``refresh_fraction`` of its lifetime, but never closer to expiry than ``min_margin`` (or
+    half the lifetime, for tokens shorter than two margins), minus up to ``jitter`` of the
+    lead time so that token sets added together do not stay together. ``rand`` is in [0, 1).
+    A token with no known expiry is due at once. ``not_before`` keeps a just-refreshed token
+    with a tiny lifetime from spinning.
+    """
+    earliest = now if not_before is None else not_before
+    if expires_at is None:
+        return earliest
+    life = lifetime if lifetime is not None and lifetime > 0 else max(expires_at - now, 0.0)
+    margin = max(life * (1.0 - cfg.refresh_fraction), min(cfg.min_margin, life * 0.5))
+    lead = max(life - margin, 0.0)
+    planned = expires_at - margin - rand * cfg.jitter * lead
+    return max(planned, earliest)
+
+
+def backoff_delay(failures: int, *, initial: float, maximum: float, rand: float) -> float:
+    """Exponential backoff with 'equal jitter': half fixed, half random, so never near zero."""
+    exponent = max(failures - 1, 0)
+    # Bound the exponent: 2**1000 is a float overflow, and the cap is reached long before.
+    base = min(maximum, initial * (2.0 ** min(exponent, 60)))
+    return base * (0.5 + 0.5 * rand)
+
+
+def attempt_timeout(
+    *,
+    usage: RefreshTokenUsage,
+    grace_period: float,
+    request_timeout: float,
+    now: float,
+    attempt: Attempt | None,
+) -> float:
+    """Per-attempt timeout, planned so that a retry of a one-time token still starts in grace.
+
+    A non-final attempt gets at most half of what is left of the window; the attempt after which
+    no retry could start anyway gets the full ``request_timeout``.
+    """
+    deadline = grace_deadline(attempt, grace_period)
+    if usage is RefreshTokenUsage.REUSE or deadline is None:
+        return request_timeout
+    assert attempt is not None
+    remaining = deadline - now
+    half = remaining / 2.0
+    if attempt.sends + 1 >= MAX_GRACE_SENDS or half < MIN_ATTEMPT_TIMEOUT:
+        return request_timeout
+    return min(request_timeout, half)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryNow:
+    """Send the same refresh token again after ``delay`` seconds (a grace-window retry)."""
+
+    delay: float
+    grace: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Keep the tokens, mark the set failing and try again at ``at`` (wall time)."""
+
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Invalidate:
+    """The refresh token is dead: stop, record ``reason``, the customer must authorize again."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class OpenCircuit:
+    """Our client credentials were refused: pause the whole provider, touch no token set."""
+
+
+Decision = RetryNow | Backoff | Invalidate | OpenCircuit
+
+
+@dataclass(frozen=True, slots=True)
+class FailureContext:
+    """What :func:`decide` needs to know about the refresh that failed."""
+
+    now: float
+    usage: RefreshTokenUsage
+    grace_period: float
+    attempt: Attempt | None  # the journaled attempt series, including the send that failed
+    failures: int  # consecutive failed refreshes before this one
+    invalid_grant_retried: bool  # the one retry after invalid_grant was already spent
+
+
+def decide(failure: Failure, ctx: FailureContext, cfg: ScheduleConfig, rand: float) -> Decision:
+    """DESIGN.md's failure table as a function. The caller has already re-read the store after
+    ``invalid_grant`` and adopted a sibling's grant if there was one."""
+    deadline = grace_deadline(ctx.attempt, ctx.grace_period)
+    in_grace = (
+        ctx.usage is RefreshTokenUsage.ONE_TIME
+        and deadline is not None
+        and ctx.now < deadline
+        and ctx.attempt is not None
+        and ctx.attempt.sends < MAX_GRACE_SENDS
+    )
+
+    def backoff(failures: int) -> Backoff:
+        delay = backoff_delay(
+            failures, initial=cfg.backoff_initial, maximum=cfg.backoff_max, rand=rand
+        )
+        return Backoff(at=ctx.now + delay)
+
+    kind = failure.kind
+    if kind is FailureKind.CLIENT_REJECTED:
+        return OpenCircuit()
+    if kind is FailureKind.INVALID_GRANT:
+        unresolved = ctx.attempt is not None and ctx.attempt.sends > 1
+        if in_grace and unresolved and not ctx.invalid_grant_retried:
+            return RetryNow(delay=0.0, grace=True)
+        return Invalidate(
+            reason="invalid_grant_after_unresolved_attempt" if unresolved else "invalid_grant"
+        )
+    if kind is FailureKind.AMBIGUOUS:
+        if in_grace:
+            return RetryNow(delay=0.0, grace=True)
+        return backoff(ctx.failures + 1)
+    if kind is FailureKind.NOT_SENT:
+        # The IdP never saw this send; but if an earlier send of the series was ambiguous the
+        # window still matters, so try again soon while it is open.
+        earlier_ambiguous = ctx.attempt is not None and ctx.attempt.sends > 1
+        if in_grace and earlier_ambiguous:
+            assert deadline is not None
+            return RetryNow(delay=min(0.5, max(deadline - ctx.now, 0.0) / 2), grace=True)
+        return backoff(ctx.failures + 1)
+    if kind is FailureKind.RATE_LIMITED:
+        if failure.retry_after is None:
+            return backoff(ctx.failures + 1)
+        wait = min(max(failure.retry_after, 0.0), cfg.retry_after_max)
+        if in_grace and deadline is not None and ctx.now + wait < deadline:
+            return RetryNow(delay=wait, grace=True)
+        return Backoff(at=ctx.now + wait)
+    # Any other OAuth error or unexpected 4xx: not processed, probably a configuration problem;
+    # retry rarely so a fix is picked up without a restart.
+    return Backoff(at=ctx.now + cfg.backoff_max * (0.5 + 0.5 * rand))
+
+
+def circuit_delay(openings: int, cfg: ScheduleConfig, rand: float) -> float:
+    """How long a provider's circuit stays open after its ``openings``-th consecutive opening."""
+    return backoff_delay(
+        openings,
+        initial=cfg.circuit_backoff_initial,
+        maximum=cfg.circuit_backoff_max,
+        rand=rand,
+    )

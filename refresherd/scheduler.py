@@ -1,0 +1,179 @@
+"""Which token sets are due, handed to the refresher under a concurrency limit.
+
+The database is the queue: a due-time index, batched claims of at most as many rows as there
+are free slots, and a sleep until the next planned refresh. A refresh started elsewhere in this
+process (the token API, the CLI path) shares the refresher's single-flight; another process is
+kept out by the lease.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Final
+
+import anyio
+import anyio.abc
+
+from refresherd import ownership
+from refresherd.logs import get_logger
+from refresherd.metrics import Metrics
+from refresherd.refresher import Clock, Refresher
+from refresherd.store import Store, StoreError
+
+log = get_logger("refresherd.scheduler")
+
+# How often the owners of other leases are checked for liveness (a dead daemon's rows must be
+# taken over while an IdP grace window may still be open).
+REAP_INTERVAL: Final = 2.0
+# How often a sleeping scheduler looks for commits by other processes (e.g. `tokens add`).
+CHANGE_CHECK_INTERVAL: Final = 0.1
+STORAGE_RETRY: Final = 1.0
+
+
+class Scheduler:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        refresher: Refresher,
+        metrics: Metrics,
+        database: Path,
+        concurrency: int,
+        poll_interval: float,
+        max_grace_period: float,
+        clock: Clock,
+    ) -> None:
+        self.store = store
+        self.refresher = refresher
+        self.metrics = metrics
+        self.database = database
+        self.concurrency = concurrency
+        self.poll_interval = poll_interval
+        self.max_grace_period = max_grace_period
+        self.clock = clock
+        self._wake = anyio.Event()
+        self._stopping = False
+        self._running = 0
+        self._last_reap = float("-inf")
+        self.storage_ok = True
+
+    def wake(self) -> None:
+        """Look at the queue now (a token set was added, a slot freed, config reloaded)."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Claim nothing more; :meth:`run` returns once the refreshes in flight have ended."""
+        self._stopping = True
+        self._wake.set()
+
+    @property
+    def running(self) -> int:
+        return self._running
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        async with anyio.create_task_group() as tg:
+            task_status.started()
+            await self._reap_dead_owners(force=True)
+            await self._recover(tg)
+            while not self._stopping:
+                try:
+                    await self._tick(tg)
+                    self.storage_ok = True
+                except StoreError as exc:
+                    self.storage_ok = False
+                    self.metrics.storage_errors.inc()
+                    log.error("scheduler cannot read the database", error=str(exc))
+                    await self._wait(STORAGE_RETRY)
+
+    async def _recover(self, tg: anyio.abc.TaskGroup) -> None:
+        """Crash recovery: journaled attempts whose grace window may still be open go first."""
+        since = self.clock.wall() - self.max_grace_period
+        try:
+            ids = await self.store.unresolved_attempts(since=since)
+        except StoreError as exc:
+            log.error("cannot read the journal for crash recovery", error=str(exc))
+            return
+        for token_set_id in ids:
+            log.info("recovering unresolved attempt", token_set=token_set_id)
+            self._start(tg, token_set_id)
+
+    async def _tick(self, tg: anyio.abc.TaskGroup) -> None:
+        await self._reap_dead_owners()
+        now = self.clock.wall()
+        blocked = self.refresher.circuits.blocked(now)
+        free = self.concurrency - self._running
+        if free > 0:
+            ids = await self.store.claim_due(
+                owner=self.refresher.owner,
+                now=now,
+                lease_until=now + self.refresher.lease_duration,
+                limit=free,
+                exclude_providers=blocked,
+            )
+            for token_set_id in ids:
+                self._start(tg, token_set_id)
+            if len(ids) == free:
+                # Saturated: more may be due; come back when a slot frees.
+                await self._wait(self.poll_interval)
+                return
+        else:
+            await self._wait(self.poll_interval)
+            return
+        next_at = await self.store.next_due_at(now=now, exclude_providers=blocked)
+        delay = self.poll_interval if next_at is None else next_at - self.clock.wall()
+        await self._wait(min(max(delay, 0.0), self.poll_interval))
+
+    def _start(self, tg: anyio.abc.TaskGroup, token_set_id: str) -> None:
+        self._running += 1
+        tg.start_soon(self._run_one, token_set_id, name=f"refresh {token_set_id}")
+
+    async def _run_one(self, token_set_id: str) -> None:
+        try:
+            await self.refresher.refresh(token_set_id, scheduled=True)
+        except Exception:
+            # A fault of one token set must never stop the others.
+            log.exception("refresh crashed", token_set=token_set_id)
+            try:
+                await self.store.release(token_set_id, owner=self.refresher.owner)
+            except StoreError:
+                pass
+        finally:
+            self._running -= 1
+            self._wake.set()
+
+    async def _wait(self, delay: float) -> None:
+        """Sleep up to ``delay``; wake early on :meth:`wake` or a commit by another process."""
+        if delay <= 0:
+            self._wake = anyio.Event()
+            return
+        deadline = self.clock.monotonic() + delay
+        try:
+            seen = await self.store.data_version()
+        except StoreError:
+            seen = None
+        while not self._stopping:
+            remaining = deadline - self.clock.monotonic()
+            if remaining <= 0:
+                break
+            with anyio.move_on_after(min(CHANGE_CHECK_INTERVAL, remaining)):
+                await self._wake.wait()
+                break
+            if seen is not None:
+                try:
+                    if await self.store.data_version() != seen:
+                        break
+                except StoreError:
+                    break
+        self._wake = anyio.Event()
+
+    async def _reap_dead_owners(self, *, force: bool = False) -> None:
+        mono = self.clock.monotonic()
+        if not force and mono - self._last_reap < REAP_INTERVAL:
+            return
+        self._last_reap = mono
+        holders = await self.store.lease_holders(now=self.clock.wall())
+        holders.discard(self.refresher.owner)
+        dead = [o for o in holders if not ownership.is_alive(self.database, o)]
+        if dead:
+            released = await self.store.clear_leases_of(dead)
+            log.info("took over leases of dead owners", owners=dead, token_sets=released)
