@@ -1,0 +1,23 @@
+"""Test helpers that ship with refresherd: a fake OAuth 2.0 identity provider.
+
+Use it in your own tests too::
+
+    from refresherd.testing import FakeIdP, FaultKind, running_in_thread
+
+    with running_in_thread(FakeIdP(grace_period=5)) as idp:
+        tokens = idp.issue("alice")
+        idp.faults.add(FaultKind.DROP_AFTER_ROTATE)
+        ...  # point your client at idp.token_url
+        assert idp.ledger.family_has_live_token(idp.ledger.family_of(tokens["refresh_token"]))
+"""
+
+from refresherd.testing.fake_idp import (
+    FakeIdP,
+    Fault,
+    FaultKind,
+    FaultPlan,
+    Ledger,
+    running_in_thread,
+)
+
+__all__ = ["FakeIdP", "Fault", "FaultKind", "FaultPlan", "Ledger", "running_in_thread"]

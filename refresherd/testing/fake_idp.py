@@ -1,0 +1,1088 @@
+"""A fake OAuth 2.0 identity provider that speaks real HTTP/1.1 on loopback.
+
+It behaves like the token endpoints of Visma Connect, IdentityServer and Keycloak (one-time
+tokens with a grace period, re-use tokens, absolute and sliding lifetimes, a per-user cap) and
+can misbehave on purpose: drop, reset, delay or garble a connection after or instead of doing
+the work. It is built on anyio + h11 rather than an ASGI server because an ASGI app cannot
+close a socket without answering or reset it; that is exactly what fault injection needs.
+
+The :class:`Ledger` records every token and every outcome so that a test can assert the
+promise refresherd makes: no token lost, no double spend.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import email.utils
+import enum
+import hmac
+import http
+import itertools
+import json
+import logging
+import math
+import random as _random
+import secrets
+import socket
+import struct
+import threading
+import time
+import urllib.parse
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
+
+import anyio
+import anyio.abc
+import anyio.from_thread
+import h11
+
+__all__ = ["FakeIdP", "Fault", "FaultKind", "FaultPlan", "Ledger", "running_in_thread"]
+
+logger = logging.getLogger("refresherd.testing")
+
+Usage = Literal["one_time", "reuse"]
+
+TOKEN_PATH: Final = "/connect/token"
+REVOCATION_PATH: Final = "/connect/revocation"
+DISCOVERY_PATH: Final = "/.well-known/openid-configuration"
+MAX_BODY: Final = 64 * 1024
+_FORM: Final = "application/x-www-form-urlencoded"
+_DEFAULT_CLIENTS: Final[Mapping[str, str]] = {"refresherd": "refresherd-secret"}
+_HTML_BODY: Final = (
+    b"<!DOCTYPE html>\n<html><head><title>Gateway</title></head>"
+    b"<body><h1>Something went wrong</h1><p>Please try again later.</p></body></html>\n"
+)
+
+
+# --------------------------------------------------------------------------- faults
+
+
+class FaultKind(enum.StrEnum):
+    """What the IdP does wrong to one token request."""
+
+    DROP_AFTER_ROTATE = "drop_after_rotate"
+    ERROR_AFTER_ROTATE = "error_after_rotate"
+    SLOW = "slow"
+    RESET = "reset"
+    RETRY_AFTER = "retry_after"
+    INVALID_CLIENT = "invalid_client"
+    SERVER_ERROR = "server_error"
+    GARBAGE_AFTER_ROTATE = "garbage_after_rotate"
+
+
+# The parameters each kind takes; the others take none.
+_FAULT_PARAMS: Final[Mapping[FaultKind, frozenset[str]]] = {
+    FaultKind.SLOW: frozenset({"delay", "process_first"}),
+    FaultKind.RETRY_AFTER: frozenset({"status", "retry_after"}),
+}
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One armed fault. ``delay``/``process_first`` are SLOW's, ``status``/``retry_after``
+    RETRY_AFTER's (``retry_after`` is sent rounded up to whole seconds)."""
+
+    kind: FaultKind
+    delay: float = 1.0
+    process_first: bool = True
+    status: int = 503
+    retry_after: float = 1.0
+
+
+def _make_fault(kind: FaultKind | str, params: Mapping[str, Any], *, strict: bool) -> Fault:
+    kind = FaultKind(kind)
+    allowed = _FAULT_PARAMS.get(kind, frozenset())
+    unknown = set(params) - allowed
+    if strict and unknown:
+        raise TypeError(f"fault {kind.value} takes no parameter(s) {sorted(unknown)}")
+    fault = Fault(kind, **{k: v for k, v in params.items() if k in allowed})
+    if fault.status not in (429, 503):
+        raise ValueError("RETRY_AFTER status must be 429 or 503")
+    if fault.delay < 0 or fault.retry_after < 0:
+        raise ValueError("delay and retry_after must be >= 0")
+    return fault
+
+
+class FaultPlan:
+    """Faults for the next token requests: a FIFO first, then an optional random rate.
+
+    Thread-safe: a test thread arms faults while the server thread draws them.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._queue: deque[Fault] = deque()
+        self._rate = 0.0
+        self._kinds: tuple[FaultKind, ...] = ()
+        self._params: Mapping[str, Any] = {}
+        self._rng = _random.Random()
+
+    def add(self, kind: FaultKind, *, times: int = 1, **params: Any) -> None:
+        """Apply ``kind`` to the next ``times`` token requests (after those already queued)."""
+        if times < 1:
+            raise ValueError("times must be >= 1")
+        fault = _make_fault(kind, params, strict=True)
+        with self._lock:
+            self._queue.extend([fault] * times)
+
+    def random(
+        self,
+        rate: float,
+        kinds: Sequence[FaultKind] | None = None,
+        seed: int | None = None,
+        **params: Any,
+    ) -> None:
+        """Give each token request a fault with probability ``rate`` once the FIFO is empty.
+
+        ``params`` go to the kinds that take them (``delay`` to SLOW, ``status`` to
+        RETRY_AFTER, ...). A second call replaces the first; ``rate=0`` turns it off.
+        """
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError("rate must be within [0, 1]")
+        chosen = tuple(FaultKind(k) for k in (kinds if kinds is not None else list(FaultKind)))
+        if rate > 0 and not chosen:
+            raise ValueError("kinds must not be empty")
+        accepted = {name for k in chosen for name in _FAULT_PARAMS.get(k, frozenset())}
+        unknown = set(params) - accepted
+        if unknown:
+            raise TypeError(f"no chosen fault kind takes parameter(s) {sorted(unknown)}")
+        for k in chosen:  # validate values now rather than in the server thread
+            _make_fault(k, params, strict=False)
+        with self._lock:
+            self._rate = rate
+            self._kinds = chosen
+            self._params = dict(params)
+            self._rng = _random.Random(seed)
+
+    def clear(self) -> None:
+        """Forget queued faults and the random rate."""
+        with self._lock:
+            self._queue.clear()
+            self._rate = 0.0
+            self._kinds = ()
+            self._params = {}
+
+    @property
+    def pending(self) -> int:
+        """How many queued faults are still to be applied."""
+        with self._lock:
+            return len(self._queue)
+
+    def _draw(self) -> Fault | None:
+        with self._lock:
+            if self._queue:
+                return self._queue.popleft()
+            if self._rate > 0 and self._rng.random() < self._rate:
+                kind = self._rng.choice(self._kinds)
+                return _make_fault(kind, self._params, strict=False)
+            return None
+
+
+# --------------------------------------------------------------------------- tokens
+
+
+@dataclass(frozen=True)
+class _Policy:
+    """IdP settings frozen into a family when it is authorized.
+
+    Real IdPs apply new client settings only to authorizations made after the change; the
+    tokens already out there keep the rules they were issued under.
+    """
+
+    usage: Usage
+    grace_period: float
+    refresh_token_lifetime: float | None
+    refresh_token_idle_lifetime: float | None
+    reuse_returns_refresh_token: bool
+
+
+@dataclass
+class _Family:
+    id: str
+    user: str
+    client_id: str
+    scope: str
+    authorized_at: float
+    policy: _Policy
+    tokens: list[_RefreshToken] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class _RefreshToken:
+    value: str
+    family: _Family
+    seq: int  # global mint order: the cap revokes the lowest
+    minted_at: float
+    last_activity: float  # the sliding lifetime counts from here
+    first_used_at: float | None = None
+    revoked: bool = False
+
+
+_TokenStatus = Literal["live", "grace", "used", "revoked", "expired"]
+
+
+def _status(token: _RefreshToken, now: float) -> _TokenStatus:
+    family = token.family
+    policy = family.policy
+    if token.revoked:
+        return "revoked"
+    absolute = policy.refresh_token_lifetime
+    if absolute is not None and now >= family.authorized_at + absolute:
+        return "expired"
+    if policy.usage == "one_time" and token.first_used_at is not None:
+        return "grace" if now < token.first_used_at + policy.grace_period else "used"
+    idle = policy.refresh_token_idle_lifetime
+    if idle is not None and now >= token.last_activity + idle:
+        return "expired"
+    return "live"
+
+
+_COUNTERS: Final = (
+    "connections",
+    "requests",
+    "refreshes",
+    "reuses_in_grace",
+    "reuses_outside_grace",
+    "concurrent_uses",
+    "invalid_grants",
+    "invalid_clients",
+    "revocations",
+    "cap_revocations",
+)
+
+
+class _Flight:
+    """One request presenting a refresh token, while the IdP handles it."""
+
+    __slots__ = ("counted",)
+
+    def __init__(self) -> None:
+        self.counted = False
+
+
+class Ledger:
+    """Every token the IdP minted and every outcome, for assertions in tests.
+
+    Thread-safe: the IdP may serve in another thread than the test that reads this.
+    Token values never appear in :attr:`events`.
+    """
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._tokens: dict[str, _RefreshToken] = {}
+        self._access: dict[str, _Family] = {}
+        self._families: dict[str, _Family] = {}
+        self._by_user: dict[tuple[str, str], list[_RefreshToken]] = {}
+        self._seq = itertools.count(1)
+        self._family_seq = itertools.count(1)
+        self._counts = dict.fromkeys(_COUNTERS, 0)
+        self._faults: dict[str, int] = {}
+        self._events: list[dict[str, object]] = []
+        self._in_flight: dict[str, list[_Flight]] = {}
+
+    # -- queries ------------------------------------------------------------------------
+
+    def is_live(self, refresh_token: str) -> bool:
+        """Would the IdP accept this refresh token right now (grace reuse included)?"""
+        with self._lock:
+            token = self._tokens.get(refresh_token)
+            return token is not None and _status(token, self._clock()) in ("live", "grace")
+
+    def live_refresh_tokens(self, user: str | None = None) -> set[str]:
+        """Refresh tokens the IdP would accept now, optionally of one user only."""
+        with self._lock:
+            now = self._clock()
+            return {
+                t.value
+                for t in self._tokens.values()
+                if (user is None or t.family.user == user) and _status(t, now) in ("live", "grace")
+            }
+
+    def family_of(self, refresh_token: str) -> str:
+        """The family (one authorization and all its rotations) a refresh token belongs to.
+
+        Raises KeyError for a value the IdP never minted as a refresh token.
+        """
+        with self._lock:
+            token = self._tokens.get(refresh_token)
+            if token is None:
+                raise KeyError("not a refresh token minted by this IdP")
+            return token.family.id
+
+    def families(self, user: str | None = None) -> set[str]:
+        with self._lock:
+            return {f.id for f in self._families.values() if user is None or f.user == user}
+
+    def family_has_live_token(self, family: str) -> bool:
+        """False means the authorization is lost: the user must log in again."""
+        with self._lock:
+            now = self._clock()
+            return any(_status(t, now) in ("live", "grace") for t in self._families[family].tokens)
+
+    def issued_tokens(self) -> set[str]:
+        """Every access and refresh token value ever minted (to scan logs for leaks)."""
+        with self._lock:
+            return set(self._tokens) | set(self._access)
+
+    @property
+    def events(self) -> list[dict[str, object]]:
+        """A copy of the outcome log: small dicts with ``t`` (monotonic), ``kind`` and more."""
+        with self._lock:
+            return [dict(e) for e in self._events]
+
+    @property
+    def faults_injected(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._faults)
+
+    def snapshot(self) -> dict[str, object]:
+        """All counters at one instant."""
+        with self._lock:
+            snap: dict[str, object] = dict(self._counts)
+            snap["faults_injected"] = dict(self._faults)
+            return snap
+
+    # Counters, one property each so that mypy and editors know them.
+    @property
+    def connections(self) -> int:
+        """TCP connections accepted (keep-alive shows as fewer connections than requests)."""
+        return self._counts["connections"]
+
+    @property
+    def requests(self) -> int:
+        """Requests that reached the token endpoint, faulted ones included."""
+        return self._counts["requests"]
+
+    @property
+    def refreshes(self) -> int:
+        """Successful refresh grants (even if a fault then kept the answer from the client)."""
+        return self._counts["refreshes"]
+
+    @property
+    def reuses_in_grace(self) -> int:
+        return self._counts["reuses_in_grace"]
+
+    @property
+    def reuses_outside_grace(self) -> int:
+        return self._counts["reuses_outside_grace"]
+
+    @property
+    def concurrent_uses(self) -> int:
+        """Requests that overlapped in time with another request presenting the same token."""
+        return self._counts["concurrent_uses"]
+
+    @property
+    def invalid_grants(self) -> int:
+        return self._counts["invalid_grants"]
+
+    @property
+    def invalid_clients(self) -> int:
+        """Genuine client authentication failures (an INVALID_CLIENT fault is not counted)."""
+        return self._counts["invalid_clients"]
+
+    @property
+    def revocations(self) -> int:
+        """Revocation requests at the endpoint plus revoke() and revoke_user() calls."""
+        return self._counts["revocations"]
+
+    @property
+    def cap_revocations(self) -> int:
+        """Refresh tokens revoked because the per-user cap was exceeded."""
+        return self._counts["cap_revocations"]
+
+    # -- internal: called by FakeIdP under self._lock -------------------------------------
+
+    def _count(self, name: str, by: int = 1) -> None:
+        self._counts[name] += by
+
+    def _event(self, kind: str, **details: object) -> None:
+        self._events.append({"t": time.monotonic(), "kind": kind, **details})
+
+    def _new_family(self, user: str, client_id: str, scope: str, policy: _Policy) -> _Family:
+        family = _Family(
+            id=f"fam-{next(self._family_seq)}",
+            user=user,
+            client_id=client_id,
+            scope=scope,
+            authorized_at=self._clock(),
+            policy=policy,
+        )
+        self._families[family.id] = family
+        return family
+
+    def _mint_refresh(self, family: _Family, cap: int | None) -> _RefreshToken:
+        now = self._clock()
+        token = _RefreshToken(
+            value="rt_" + secrets.token_urlsafe(32),
+            family=family,
+            seq=next(self._seq),
+            minted_at=now,
+            last_activity=now,
+        )
+        self._tokens[token.value] = token
+        family.tokens.append(token)
+        owned = self._by_user.setdefault((family.user, family.client_id), [])
+        owned.append(token)
+        if cap is not None:
+            self._enforce_cap(owned, cap, now)
+        return token
+
+    def _enforce_cap(self, owned: list[_RefreshToken], cap: int, now: float) -> None:
+        # Only unused live tokens are stored grants; a used token in its grace window is
+        # a recovery path, not a grant of its own, so it does not count against the cap.
+        live = [t for t in owned if _status(t, now) == "live"]
+        live.sort(key=lambda t: t.seq)
+        for victim in live[: max(0, len(live) - cap)]:
+            victim.revoked = True
+            self._count("cap_revocations")
+            self._event("cap_revoked", family=victim.family.id, user=victim.family.user)
+        owned[:] = [t for t in owned if _status(t, now) in ("live", "grace")]
+
+    def _mint_access(self, family: _Family) -> str:
+        value = "at_" + secrets.token_urlsafe(32)
+        self._access[value] = family
+        return value
+
+    @contextmanager
+    def _flight(self, refresh_token: str | None) -> Iterator[None]:
+        """Track one request presenting ``refresh_token`` for as long as it is handled."""
+        if refresh_token is None:
+            yield
+            return
+        me = _Flight()
+        with self._lock:
+            others = self._in_flight.setdefault(refresh_token, [])
+            if others:
+                for flight in [*others, me]:
+                    if not flight.counted:
+                        flight.counted = True
+                        self._count("concurrent_uses")
+            others.append(me)
+        try:
+            yield
+        finally:
+            with self._lock:
+                others = self._in_flight[refresh_token]
+                others.remove(me)
+                if not others:
+                    del self._in_flight[refresh_token]
+
+
+# --------------------------------------------------------------------------- HTTP replies
+
+
+@dataclass
+class _Reply:
+    status: int
+    body: bytes
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    close: bool = False
+
+
+def _json_reply(status: int, payload: Mapping[str, object], **headers: str) -> _Reply:
+    hdrs = [
+        ("Content-Type", "application/json; charset=utf-8"),
+        ("Cache-Control", "no-store"),
+        ("Pragma", "no-cache"),
+    ]
+    hdrs.extend((k.replace("_", "-"), v) for k, v in headers.items())
+    return _Reply(status, json.dumps(payload).encode(), hdrs)
+
+
+def _oauth_error(status: int, error: str, description: str, **headers: str) -> _Reply:
+    return _json_reply(status, {"error": error, "error_description": description}, **headers)
+
+
+def _text_reply(status: int, content_type: str, body: bytes, **headers: str) -> _Reply:
+    hdrs = [("Content-Type", content_type)]
+    hdrs.extend((k.replace("_", "-"), v) for k, v in headers.items())
+    return _Reply(status, body, hdrs)
+
+
+class _BadRequest(Exception):
+    """A request error that maps straight to one OAuth error reply."""
+
+    def __init__(self, reply: _Reply) -> None:
+        super().__init__(reply.status)
+        self.reply = reply
+
+
+def _header(request: h11.Request, name: bytes) -> str | None:
+    for key, value in request.headers:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _parse_form(request: h11.Request, body: bytes) -> dict[str, str]:
+    content_type = (_header(request, b"content-type") or "").split(";")[0].strip().lower()
+    if content_type != _FORM:
+        raise _BadRequest(_oauth_error(400, "invalid_request", f"Content-Type must be {_FORM}"))
+    try:
+        pairs = urllib.parse.parse_qsl(
+            body.decode("ascii"), keep_blank_values=True, encoding="utf-8", errors="strict"
+        )
+    except (UnicodeDecodeError, ValueError):
+        raise _BadRequest(_oauth_error(400, "invalid_request", "malformed form body")) from None
+    form: dict[str, str] = {}
+    for name, value in pairs:
+        if name in form:
+            # RFC 6749 3.2: parameters must not be included more than once.
+            raise _BadRequest(_oauth_error(400, "invalid_request", f"repeated parameter {name}"))
+        if value:  # RFC 6749 3.1: a parameter without a value counts as omitted
+            form[name] = value
+    return form
+
+
+def _peek_refresh_token(request: h11.Request, body: bytes) -> str | None:
+    try:
+        return _parse_form(request, body).get("refresh_token")
+    except _BadRequest:
+        return None
+
+
+# --------------------------------------------------------------------------- the IdP
+
+
+class FakeIdP:
+    """A fake OAuth 2.0 IdP serving ``/connect/token`` and ``/connect/revocation``.
+
+    Run it with ``await task_group.start(idp.serve)`` or, from synchronous code,
+    ``with running_in_thread(idp):``. The token settings (``usage``, ``grace_period``,
+    lifetimes, ``reuse_returns_refresh_token``) are public attributes; like a real IdP,
+    changing one affects only authorizations issued afterwards.
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        clients: Mapping[str, str] | None = None,
+        usage: Usage = "one_time",
+        grace_period: float = 5.0,
+        access_token_lifetime: float = 3600.0,
+        refresh_token_lifetime: float | None = None,
+        refresh_token_idle_lifetime: float | None = None,
+        max_refresh_tokens_per_user: int | None = None,
+        reuse_returns_refresh_token: bool = True,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if usage not in ("one_time", "reuse"):
+            raise ValueError("usage must be 'one_time' or 'reuse'")
+        if max_refresh_tokens_per_user is not None and max_refresh_tokens_per_user < 1:
+            raise ValueError("max_refresh_tokens_per_user must be >= 1")
+        self._host = host
+        self._port = port
+        self._clients: dict[str, str] = dict(_DEFAULT_CLIENTS if clients is None else clients)
+        if not self._clients:
+            raise ValueError("at least one client is needed")
+        self.usage: Usage = usage
+        self.grace_period = grace_period
+        self.access_token_lifetime = access_token_lifetime
+        self.refresh_token_lifetime = refresh_token_lifetime
+        self.refresh_token_idle_lifetime = refresh_token_idle_lifetime
+        self.max_refresh_tokens_per_user = max_refresh_tokens_per_user
+        self.reuse_returns_refresh_token = reuse_returns_refresh_token
+        self._clock = clock
+        self.faults = FaultPlan()
+        self.ledger = Ledger(clock)
+        self._lock = self.ledger._lock  # one lock for all token state
+        self._user_seq = itertools.count(1)
+        self._bound: tuple[str, int] | None = None
+
+    def __repr__(self) -> str:
+        where = self.url if self._bound else "not serving"
+        return f"<FakeIdP {where} usage={self.usage}>"
+
+    # -- addresses ------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        if self._bound is None:
+            raise RuntimeError("FakeIdP is not serving yet: start serve() first")
+        host, port = self._bound
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    @property
+    def token_url(self) -> str:
+        return self.url + TOKEN_PATH
+
+    @property
+    def revocation_url(self) -> str:
+        return self.url + REVOCATION_PATH
+
+    # -- the test's side --------------------------------------------------------------------
+
+    def issue(
+        self,
+        user: str | None = None,
+        *,
+        client_id: str | None = None,
+        scope: str = "openid offline_access",
+    ) -> dict[str, object]:
+        """Authorize ``user`` (a new token family) and return the token response for it."""
+        with self._lock:
+            if client_id is None:
+                client_id = next(iter(self._clients))
+            elif client_id not in self._clients:
+                raise KeyError(f"unknown client {client_id!r}")
+            if user is None:
+                user = f"user-{next(self._user_seq)}"
+            family = self.ledger._new_family(user, client_id, scope, self._policy())
+            token = self.ledger._mint_refresh(family, self.max_refresh_tokens_per_user)
+            self.ledger._event("issue", family=family.id, user=user)
+            return self._token_response(family, token.value, family.scope)
+
+    def revoke(self, refresh_token: str) -> None:
+        """Revoke one token (refresh or access). Raises KeyError for a value never minted."""
+        with self._lock:
+            token = self.ledger._tokens.get(refresh_token)
+            if token is None and refresh_token not in self.ledger._access:
+                raise KeyError("not a token minted by this IdP")
+            self._revoke_value(refresh_token)
+            self.ledger._count("revocations")
+
+    def revoke_user(self, user: str) -> None:
+        """Kill every refresh token of ``user``, as a password change or a lock-out does."""
+        with self._lock:
+            for family in self.ledger._families.values():
+                if family.user == user:
+                    for token in family.tokens:
+                        token.revoked = True
+            self.ledger._count("revocations")
+            self.ledger._event("revoke_user", user=user)
+
+    def set_client_secret(self, client_id: str, secret: str) -> None:
+        """Rotate (or add) a client's secret; the old one then gets ``invalid_client``."""
+        with self._lock:
+            self._clients[client_id] = secret
+
+    # -- serving ----------------------------------------------------------------------------
+
+    async def serve(
+        self, *, task_status: anyio.abc.TaskStatus[FakeIdP] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Bind, report ``self`` through ``task_status``, then serve until cancelled."""
+        listener = await anyio.create_tcp_listener(local_host=self._host, local_port=self._port)
+        async with listener:
+            address = listener.extra(anyio.abc.SocketAttribute.local_address)  # noqa: S610
+            assert isinstance(address, tuple)  # TCP: (host, port) or (host, port, flow, scope)
+            self._bound = (str(address[0]), int(address[1]))
+            logger.debug("fake IdP listening on %s", self.url)
+            task_status.started(self)
+            await listener.serve(self._handle_connection)
+
+    async def _handle_connection(self, stream: anyio.abc.SocketStream) -> None:
+        with self._lock:
+            self.ledger._count("connections")
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16 * 1024)
+        try:
+            while True:
+                keep_open = await self._serve_one(conn, stream)
+                if not keep_open or conn.our_state is not h11.DONE:
+                    break
+                if conn.their_state is not h11.DONE:
+                    break
+                conn.start_next_cycle()
+        except h11.RemoteProtocolError as exc:
+            if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                reply = _text_reply(exc.error_status_hint, "text/plain", b"Bad Request\n")
+                reply.close = True
+                with suppress(h11.LocalProtocolError, anyio.BrokenResourceError):
+                    await self._send(conn, stream, reply)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream):
+            pass  # the client went away; nothing to answer
+        except Exception:
+            # A bug in one connection must not take the whole IdP (and the test's other
+            # connections) down with it; the log and the ledger say what happened.
+            logger.exception("fake IdP: connection handler failed")
+            with self._lock:
+                self.ledger._event("handler_error")
+        finally:
+            await stream.aclose()
+
+    async def _next_event(
+        self, conn: h11.Connection, stream: anyio.abc.SocketStream
+    ) -> h11.Event | type[h11.PAUSED]:
+        while True:
+            event = conn.next_event()
+            if event is not h11.NEED_DATA:
+                return event  # type: ignore[return-value]  # mypy cannot narrow a sentinel class
+            if conn.they_are_waiting_for_100_continue:
+                continue_ = h11.InformationalResponse(status_code=100, headers=[])
+                await stream.send(conn.send(continue_) or b"")
+            try:
+                data = await stream.receive(65536)
+            except (anyio.EndOfStream, anyio.BrokenResourceError):
+                data = b""
+            conn.receive_data(data)
+
+    async def _serve_one(self, conn: h11.Connection, stream: anyio.abc.SocketStream) -> bool:
+        """Read one request and answer it. False: the connection is to be closed."""
+        event = await self._next_event(conn, stream)
+        if not isinstance(event, h11.Request):
+            return False  # ConnectionClosed (an idle keep-alive ended) or nothing to do
+        request = event
+        length = _header(request, b"content-length")
+        if length is not None and length.isdigit() and int(length) > MAX_BODY:
+            await self._refuse_too_large(conn, stream)
+            return False
+        body = bytearray()
+        while True:
+            event = await self._next_event(conn, stream)
+            if isinstance(event, h11.Data):
+                body += event.data
+                if len(body) > MAX_BODY:
+                    await self._refuse_too_large(conn, stream)
+                    return False
+            elif isinstance(event, h11.EndOfMessage):
+                break
+            else:
+                return False  # the client closed mid-body
+        return await self._route(conn, stream, request, bytes(body))
+
+    async def _refuse_too_large(self, conn: h11.Connection, stream: anyio.abc.SocketStream) -> None:
+        reply = _oauth_error(413, "invalid_request", f"request body over {MAX_BODY} bytes")
+        reply.close = True
+        await self._send(conn, stream, reply)
+        # Closing with unread input makes the kernel send RST, which can destroy the 413 before
+        # the client reads it: half-close, then drain briefly.
+        await stream.send_eof()
+        with anyio.move_on_after(1.0):
+            try:
+                while await stream.receive(65536):
+                    pass
+            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                pass
+
+    async def _route(
+        self,
+        conn: h11.Connection,
+        stream: anyio.abc.SocketStream,
+        request: h11.Request,
+        body: bytes,
+    ) -> bool:
+        method = request.method.decode("ascii", "replace")
+        path = urllib.parse.urlsplit(request.target.decode("ascii", "replace")).path
+        allowed = {TOKEN_PATH: "POST", REVOCATION_PATH: "POST", DISCOVERY_PATH: "GET"}
+        if path not in allowed:
+            reply = _text_reply(404, "text/plain; charset=utf-8", b"Not Found\n")
+        elif method != allowed[path] and not (path == DISCOVERY_PATH and method == "HEAD"):
+            reply = _text_reply(405, "text/plain; charset=utf-8", b"", Allow=allowed[path])
+        elif path == TOKEN_PATH:
+            return await self._token_endpoint(conn, stream, request, body)
+        elif path == REVOCATION_PATH:
+            reply = self._revocation(request, body)
+        else:
+            discovery = json.dumps(self._discovery()).encode()
+            reply = _Reply(200, discovery, [("Content-Type", "application/json")])
+        await self._send(conn, stream, reply, head=method == "HEAD")
+        return True
+
+    async def _send(
+        self,
+        conn: h11.Connection,
+        stream: anyio.abc.SocketStream,
+        reply: _Reply,
+        *,
+        head: bool = False,
+    ) -> None:
+        headers = [
+            *reply.headers,
+            ("Content-Length", str(len(reply.body))),
+            ("Date", email.utils.formatdate(usegmt=True)),
+            ("Server", "refresherd-fake-idp"),
+        ]
+        if reply.close:
+            headers.append(("Connection", "close"))
+        try:
+            reason = http.HTTPStatus(reply.status).phrase
+        except ValueError:
+            reason = ""
+        data = conn.send(h11.Response(status_code=reply.status, headers=headers, reason=reason))
+        if not head:
+            data = (data or b"") + (conn.send(h11.Data(data=reply.body)) or b"")
+        data = (data or b"") + (conn.send(h11.EndOfMessage()) or b"")
+        await stream.send(data)
+
+    # -- token endpoint -------------------------------------------------------------------
+
+    async def _token_endpoint(
+        self,
+        conn: h11.Connection,
+        stream: anyio.abc.SocketStream,
+        request: h11.Request,
+        body: bytes,
+    ) -> bool:
+        fault = self.faults._draw()
+        kind = fault.kind if fault is not None else None
+        with self._lock:
+            self.ledger._count("requests")
+            if kind is not None:
+                self.ledger._faults[kind.value] = self.ledger._faults.get(kind.value, 0) + 1
+        with self.ledger._flight(_peek_refresh_token(request, body)):
+            if fault is None:
+                await self._send(conn, stream, self._process_token(request, body, None))
+                return True
+            assert kind is not None
+            if kind is FaultKind.RESET:
+                self._record_fault_only(kind)
+                # SO_LINGER with a zero timeout turns close() into a TCP RST.
+                sock = stream.extra(anyio.abc.SocketAttribute.raw_socket)  # noqa: S610
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                return False
+            if kind is FaultKind.RETRY_AFTER:
+                self._record_fault_only(kind)
+                phrase = http.HTTPStatus(fault.status).phrase
+                retry = str(math.ceil(fault.retry_after))
+                reply = _text_reply(
+                    fault.status, "text/plain", phrase.encode() + b"\n", Retry_After=retry
+                )
+                await self._send(conn, stream, reply)
+                return True
+            if kind is FaultKind.INVALID_CLIENT:
+                self._record_fault_only(kind)
+                reply = _oauth_error(
+                    401,
+                    "invalid_client",
+                    "client authentication failed",
+                    WWW_Authenticate='Basic realm="fake-idp"',
+                )
+                await self._send(conn, stream, reply)
+                return True
+            if kind is FaultKind.SERVER_ERROR:
+                self._record_fault_only(kind)
+                await self._send(conn, stream, self._internal_error())
+                return True
+            if kind is FaultKind.SLOW and not fault.process_first:
+                await anyio.sleep(fault.delay)
+            reply = self._process_token(request, body, kind)
+            if kind is FaultKind.SLOW:
+                if fault.process_first:
+                    await anyio.sleep(fault.delay)
+                await self._send(conn, stream, reply)
+                return True
+            if kind is FaultKind.DROP_AFTER_ROTATE:
+                await stream.send_eof()
+                return False
+            if kind is FaultKind.ERROR_AFTER_ROTATE:
+                await self._send(conn, stream, self._internal_error())
+                return True
+            # GARBAGE_AFTER_ROTATE: a 200 that is not JSON, as from a misconfigured proxy.
+            await self._send(conn, stream, _text_reply(200, "text/html; charset=utf-8", _HTML_BODY))
+            return True
+
+    @staticmethod
+    def _internal_error() -> _Reply:
+        return _text_reply(500, "text/html; charset=utf-8", _HTML_BODY)
+
+    def _record_fault_only(self, kind: FaultKind) -> None:
+        with self._lock:
+            self.ledger._event("not_processed", fault=kind.value)
+
+    def _process_token(self, request: h11.Request, body: bytes, fault: FaultKind | None) -> _Reply:
+        """Do the token endpoint's work. Synchronous, so a request is atomic under the lock."""
+        fault_name = fault.value if fault is not None else None
+        with self._lock:
+            try:
+                form = _parse_form(request, body)
+                client_id = self._authenticate(request, form)
+            except _BadRequest as exc:
+                self.ledger._event(f"rejected_{exc.reply.status}", fault=fault_name)
+                return exc.reply
+            grant_type = form.get("grant_type")
+            if grant_type is None:
+                self.ledger._event("invalid_request", fault=fault_name)
+                return _oauth_error(400, "invalid_request", "grant_type is missing")
+            if grant_type != "refresh_token":
+                self.ledger._event("unsupported_grant_type", fault=fault_name)
+                return _oauth_error(
+                    400, "unsupported_grant_type", "only refresh_token is supported"
+                )
+            presented = form.get("refresh_token")
+            if presented is None:
+                self.ledger._event("invalid_request", fault=fault_name)
+                return _oauth_error(400, "invalid_request", "refresh_token is missing")
+            return self._refresh(client_id, presented, form.get("scope"), fault_name)
+
+    def _refresh(
+        self, client_id: str, presented: str, scope: str | None, fault: str | None
+    ) -> _Reply:
+        ledger = self.ledger
+        now = self._clock()
+        token = ledger._tokens.get(presented)
+        if token is None or token.family.client_id != client_id:
+            # A token of another client is as unknown to this client as a made-up one.
+            ledger._count("invalid_grants")
+            ledger._event("invalid_grant", reason="unknown", fault=fault)
+            return _oauth_error(400, "invalid_grant", "invalid refresh token")
+        family = token.family
+        status = _status(token, now)
+        if status in ("revoked", "expired", "used"):
+            ledger._count("invalid_grants")
+            if status == "used":
+                ledger._count("reuses_outside_grace")
+            ledger._event("invalid_grant", reason=status, family=family.id, fault=fault)
+            return _oauth_error(400, "invalid_grant", f"refresh token {status}")
+        granted = family.scope
+        if scope is not None:
+            wanted = set(scope.split())
+            if not wanted <= set(family.scope.split()):
+                ledger._event("invalid_scope", family=family.id, fault=fault)
+                return _oauth_error(400, "invalid_scope", "scope exceeds the granted scope")
+            granted = " ".join(s for s in family.scope.split() if s in wanted)
+        returned: str | None
+        if family.policy.usage == "one_time":
+            if status == "grace":
+                ledger._count("reuses_in_grace")
+            else:
+                token.first_used_at = now
+            returned = ledger._mint_refresh(family, self.max_refresh_tokens_per_user).value
+            outcome = "refreshed_in_grace" if status == "grace" else "refreshed"
+        else:
+            token.last_activity = now
+            if token.first_used_at is None:
+                token.first_used_at = now
+            returned = token.value if family.policy.reuse_returns_refresh_token else None
+            outcome = "refreshed"
+        ledger._count("refreshes")
+        ledger._event(outcome, family=family.id, fault=fault)
+        return _json_reply(200, self._token_response(family, returned, granted))
+
+    def _token_response(
+        self, family: _Family, refresh_token: str | None, scope: str
+    ) -> dict[str, object]:
+        response: dict[str, object] = {
+            "access_token": self.ledger._mint_access(family),
+            "token_type": "Bearer",
+            "expires_in": int(self.access_token_lifetime),
+            "scope": scope,
+        }
+        if refresh_token is not None:
+            response["refresh_token"] = refresh_token
+        return response
+
+    def _policy(self) -> _Policy:
+        return _Policy(
+            usage=self.usage,
+            grace_period=self.grace_period,
+            refresh_token_lifetime=self.refresh_token_lifetime,
+            refresh_token_idle_lifetime=self.refresh_token_idle_lifetime,
+            reuse_returns_refresh_token=self.reuse_returns_refresh_token,
+        )
+
+    def _authenticate(self, request: h11.Request, form: Mapping[str, str]) -> str:
+        """Return the authenticated client id, or raise _BadRequest with 400/401."""
+        basic = self._basic_credentials(request)
+        body_id, body_secret = form.get("client_id"), form.get("client_secret")
+        secret: str | None
+        if basic is not None:
+            if body_secret is not None or (body_id is not None and body_id != basic[0]):
+                raise _BadRequest(
+                    _oauth_error(400, "invalid_request", "use one client authentication method")
+                )
+            client_id, secret = basic
+        else:
+            client_id, secret = body_id or "", body_secret
+        expected = self._clients.get(client_id)
+        if (
+            expected is None
+            or secret is None
+            or not hmac.compare_digest(expected.encode(), secret.encode())
+        ):
+            self.ledger._count("invalid_clients")
+            # RFC 6749 5.2: a client that tried Basic gets a challenge back.
+            extra = {"WWW_Authenticate": 'Basic realm="fake-idp"'} if basic is not None else {}
+            raise _BadRequest(
+                _oauth_error(401, "invalid_client", "client authentication failed", **extra)
+            )
+        return client_id
+
+    def _basic_credentials(self, request: h11.Request) -> tuple[str, str] | None:
+        value = _header(request, b"authorization")
+        if value is None:
+            return None
+        scheme, _, param = value.strip().partition(" ")
+        if scheme.lower() != "basic":
+            return None
+        try:
+            decoded = base64.b64decode(param.strip(), validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            # A broken Basic header is a failed authentication attempt, not a missing one.
+            return ("", "")
+        raw_id, sep, raw_secret = decoded.partition(":")
+        if not sep:
+            return ("", "")
+        # RFC 6749 2.3.1: both halves are form-urlencoded before base64.
+        return urllib.parse.unquote_plus(raw_id), urllib.parse.unquote_plus(raw_secret)
+
+    # -- revocation and discovery -----------------------------------------------------------
+
+    def _revocation(self, request: h11.Request, body: bytes) -> _Reply:
+        with self._lock:
+            try:
+                form = _parse_form(request, body)
+                client_id = self._authenticate(request, form)
+            except _BadRequest as exc:
+                return exc.reply
+            value = form.get("token")
+            if value is None:
+                return _oauth_error(400, "invalid_request", "token is missing")
+            self.ledger._count("revocations")
+            family = self._family_of_any(value)
+            # RFC 7009 2.2: unknown tokens get 200 too. A token of another client is left
+            # alone and answered alike, so the endpoint reveals nothing (as IdentityServer).
+            if family is not None and family.client_id == client_id:
+                self._revoke_value(value)
+            else:
+                self.ledger._event("revocation_ignored")
+            return _Reply(200, b"", [("Cache-Control", "no-store")])
+
+    def _family_of_any(self, value: str) -> _Family | None:
+        token = self.ledger._tokens.get(value)
+        if token is not None:
+            return token.family
+        return self.ledger._access.get(value)
+
+    def _revoke_value(self, value: str) -> None:
+        token = self.ledger._tokens.get(value)
+        if token is not None:
+            token.revoked = True
+            self.ledger._event("revoked", family=token.family.id)
+        elif value in self.ledger._access:
+            # Access tokens are not checked anywhere here; record the revocation only.
+            self.ledger._event("access_token_revoked", family=self.ledger._access[value].id)
+
+    def _discovery(self) -> dict[str, object]:
+        return {
+            "issuer": self.url,
+            "token_endpoint": self.token_url,
+            "revocation_endpoint": self.revocation_url,
+            "grant_types_supported": ["refresh_token"],
+            "token_endpoint_auth_methods_supported": ["client_secret_post", "client_secret_basic"],
+            "revocation_endpoint_auth_methods_supported": [
+                "client_secret_post",
+                "client_secret_basic",
+            ],
+        }
+
+
+@contextmanager
+def running_in_thread(idp: FakeIdP) -> Iterator[FakeIdP]:
+    """Serve ``idp`` from a background thread for the duration of the ``with`` block.
+
+    Returns once the listener is bound (``idp.url`` is valid); stops the server and joins
+    the thread on exit.
+    """
+    with anyio.from_thread.start_blocking_portal() as portal:
+        future, _ = portal.start_task(idp.serve)
+        try:
+            yield idp
+        finally:
+            future.cancel()

@@ -1,0 +1,570 @@
+"""The fake IdP over real loopback HTTP, as an httpx client (like refresherd's) sees it."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.parse
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+from refresherd.testing import FakeIdP, FaultKind, running_in_thread
+
+CLIENT_ID = "refresherd"
+CLIENT_SECRET = "refresherd-secret"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class FakeClock:
+    def __init__(self, now: float = 1_700_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@asynccontextmanager
+async def serving(
+    timeout: float = 5.0, **kwargs: Any
+) -> AsyncIterator[tuple[FakeIdP, httpx.AsyncClient]]:
+    """A served FakeIdP(**kwargs) and an httpx client for it."""
+    async with anyio.create_task_group() as tg, httpx.AsyncClient(timeout=timeout) as client:
+        idp: FakeIdP = await tg.start(FakeIdP(**kwargs).serve)
+        try:
+            yield idp, client
+        finally:
+            tg.cancel_scope.cancel()
+
+
+async def refresh(
+    client: httpx.AsyncClient,
+    idp: FakeIdP,
+    refresh_token: str,
+    *,
+    client_id: str = CLIENT_ID,
+    client_secret: str = CLIENT_SECRET,
+    **extra: str,
+) -> httpx.Response:
+    form = {
+        "grant_type": "refresh_token",
+        "refresh_token": refresh_token,
+        "client_id": client_id,
+        "client_secret": client_secret,
+        **extra,
+    }
+    return await client.post(idp.token_url, data=form)
+
+
+def basic(client_id: str, secret: str) -> str:
+    # RFC 6749 2.3.1: form-urlencode each half, then base64 (httpx's auth= skips the first step).
+    pair = f"{urllib.parse.quote_plus(client_id)}:{urllib.parse.quote_plus(secret)}"
+    return "Basic " + base64.b64encode(pair.encode()).decode()
+
+
+def rt(response: httpx.Response) -> str:
+    value = response.json()["refresh_token"]
+    assert isinstance(value, str)
+    return value
+
+
+# ------------------------------------------------------------------ one-time tokens
+
+
+@pytest.mark.anyio
+async def test_rotation_returns_a_new_refresh_token_and_kills_the_old_after_grace() -> None:
+    clock = FakeClock()
+    async with serving(clock=clock, grace_period=5) as (idp, client):
+        issued = idp.issue("alice")
+        assert set(issued) == {"access_token", "refresh_token", "expires_in", "token_type", "scope"}
+        old = str(issued["refresh_token"])
+        assert old.startswith("rt_") and str(issued["access_token"]).startswith("at_")
+
+        response = await refresh(client, idp, old)
+
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("application/json")
+        assert response.headers["cache-control"] == "no-store"
+        body = response.json()
+        assert body["token_type"] == "Bearer"
+        assert body["expires_in"] == 3600
+        assert body["scope"] == "openid offline_access"
+        new = body["refresh_token"]
+        assert new != old and new.startswith("rt_")
+        assert idp.ledger.family_of(new) == idp.ledger.family_of(old)
+        assert idp.ledger.is_live(old)  # used, but inside its grace window
+        clock.advance(5)
+        assert not idp.ledger.is_live(old)
+        assert idp.ledger.is_live(new)
+        assert idp.ledger.live_refresh_tokens("alice") == {new}
+        assert idp.ledger.refreshes == 1
+        assert {old, new, body["access_token"]} <= idp.ledger.issued_tokens()
+
+
+@pytest.mark.anyio
+async def test_grace_reuse_inside_mints_another_token_outside_is_invalid_grant() -> None:
+    clock = FakeClock()
+    async with serving(clock=clock, grace_period=5) as (idp, client):
+        first = str(idp.issue("alice")["refresh_token"])
+        second = rt(await refresh(client, idp, first))
+
+        clock.advance(4.9)  # grace counts from the first use
+        again = await refresh(client, idp, first)
+        assert again.status_code == 200
+        third = rt(again)
+        assert third not in (first, second)
+        assert idp.ledger.reuses_in_grace == 1
+
+        clock.advance(0.2)
+        late = await refresh(client, idp, first)
+        assert late.status_code == 400
+        assert late.json()["error"] == "invalid_grant"
+        assert "error_description" in late.json()
+        assert idp.ledger.reuses_outside_grace == 1
+        assert idp.ledger.invalid_grants == 1
+        assert idp.ledger.live_refresh_tokens() == {second, third}
+        assert idp.ledger.refreshes == 2
+
+
+# ------------------------------------------------------------------ re-use tokens
+
+
+@pytest.mark.anyio
+async def test_reuse_tokens_come_back_or_are_omitted() -> None:
+    async with serving(usage="reuse") as (idp, client):
+        token = str(idp.issue()["refresh_token"])
+        for _ in range(2):
+            response = await refresh(client, idp, token)
+            assert response.status_code == 200
+            assert rt(response) == token
+        assert idp.ledger.is_live(token)
+        assert idp.ledger.reuses_in_grace == idp.ledger.reuses_outside_grace == 0
+
+    async with serving(usage="reuse", reuse_returns_refresh_token=False) as (idp, client):
+        token = str(idp.issue()["refresh_token"])
+        response = await refresh(client, idp, token)
+        assert response.status_code == 200
+        assert "refresh_token" not in response.json()
+        assert (await refresh(client, idp, token)).status_code == 200
+
+
+# ------------------------------------------------------------------ client authentication
+
+
+@pytest.mark.anyio
+async def test_basic_and_post_client_authentication() -> None:
+    clients = {"my app": "s3cr:t+&=é"}  # characters that RFC 6749 2.3.1 encoding must carry
+    async with serving(clients=clients) as (idp, client):
+        token = str(idp.issue()["refresh_token"])
+        form = {"grant_type": "refresh_token", "refresh_token": token}
+        headers = {"Authorization": basic("my app", "s3cr:t+&=é")}
+        response = await client.post(idp.token_url, data=form, headers=headers)
+        assert response.status_code == 200
+        token = rt(response)
+
+        post = await refresh(client, idp, token, client_id="my app", client_secret="s3cr:t+&=é")
+        assert post.status_code == 200
+        token = rt(post)
+
+        both = {**form, "refresh_token": token, "client_secret": "s3cr:t+&=é"}
+        response = await client.post(idp.token_url, data=both, headers=headers)
+        assert response.status_code == 400
+        assert response.json()["error"] == "invalid_request"
+
+        wrong = {"Authorization": basic("my app", "nope")}
+        response = await client.post(
+            idp.token_url, data={**form, "refresh_token": token}, headers=wrong
+        )
+        assert response.status_code == 401
+        assert response.json()["error"] == "invalid_client"
+        assert response.headers["www-authenticate"].startswith("Basic")
+
+        response = await refresh(client, idp, token, client_id="my app", client_secret="nope")
+        assert response.status_code == 401
+        assert response.json()["error"] == "invalid_client"
+        assert idp.ledger.invalid_clients == 2
+        assert idp.ledger.is_live(token)  # a client failure never consumes the token
+
+
+@pytest.mark.anyio
+async def test_rotated_client_secret_gives_invalid_client() -> None:
+    async with serving() as (idp, client):
+        token = str(idp.issue()["refresh_token"])
+        idp.set_client_secret(CLIENT_ID, "new-secret")
+        response = await refresh(client, idp, token)
+        assert response.status_code == 401
+        assert response.json()["error"] == "invalid_client"
+        assert idp.ledger.invalid_clients == 1
+        assert idp.ledger.is_live(token)
+        ok = await refresh(client, idp, token, client_secret="new-secret")
+        assert ok.status_code == 200
+
+
+@pytest.mark.anyio
+async def test_request_validation_and_routes() -> None:
+    clients = {CLIENT_ID: CLIENT_SECRET, "other": "other-secret"}
+    async with serving(clients=clients) as (idp, client):
+        token = str(idp.issue()["refresh_token"])
+        as_json = {
+            "grant_type": "refresh_token",
+            "refresh_token": token,
+            "client_id": CLIENT_ID,
+            "client_secret": CLIENT_SECRET,
+        }
+        response = await client.post(idp.token_url, json=as_json)
+        assert (response.status_code, response.json()["error"]) == (400, "invalid_request")
+
+        response = await refresh(client, idp, token, grant_type="authorization_code")
+        assert (response.status_code, response.json()["error"]) == (400, "unsupported_grant_type")
+
+        response = await refresh(client, idp, "")
+        assert (response.status_code, response.json()["error"]) == (400, "invalid_request")
+
+        # A refresh token belongs to the client it was issued to.
+        response = await refresh(
+            client, idp, token, client_id="other", client_secret="other-secret"
+        )
+        assert (response.status_code, response.json()["error"]) == (400, "invalid_grant")
+
+        response = await refresh(client, idp, "rt_made_up")
+        assert (response.status_code, response.json()["error"]) == (400, "invalid_grant")
+
+        assert (await client.get(idp.url + "/nope")).status_code == 404
+        big = await client.post(idp.token_url, data={"x": "y" * (65 * 1024)})
+        assert big.status_code == 413
+
+        discovery = (await client.get(idp.url + "/.well-known/openid-configuration")).json()
+        assert discovery["issuer"] == idp.url
+        assert discovery["token_endpoint"] == idp.token_url
+        assert discovery["revocation_endpoint"] == idp.revocation_url
+        assert idp.ledger.is_live(token)
+
+
+# ------------------------------------------------------------------ revocation
+
+
+@pytest.mark.anyio
+async def test_revocation_endpoint_and_api() -> None:
+    async with serving() as (idp, client):
+        creds = {"client_id": CLIENT_ID, "client_secret": CLIENT_SECRET}
+        token = str(idp.issue("alice")["refresh_token"])
+        response = await client.post(idp.revocation_url, data={"token": token, **creds})
+        assert response.status_code == 200
+        assert not idp.ledger.is_live(token)
+        gone = await refresh(client, idp, token)
+        assert (gone.status_code, gone.json()["error"]) == (400, "invalid_grant")
+
+        unknown = await client.post(idp.revocation_url, data={"token": "rt_unknown", **creds})
+        assert unknown.status_code == 200
+        bad_client = await client.post(
+            idp.revocation_url, data={"token": token, "client_id": CLIENT_ID}
+        )
+        assert bad_client.status_code == 401
+
+        other = str(idp.issue("alice")["refresh_token"])
+        idp.revoke(other)
+        assert not idp.ledger.is_live(other)
+
+        tokens = [str(idp.issue(user)["refresh_token"]) for user in ("bob", "bob", "carol")]
+        idp.revoke_user("bob")
+        assert [idp.ledger.is_live(t) for t in tokens] == [False, False, True]
+        assert idp.ledger.live_refresh_tokens("bob") == set()
+        assert idp.ledger.revocations == 4
+
+
+# ------------------------------------------------------------------ lifetimes and cap
+
+
+@pytest.mark.anyio
+async def test_absolute_lifetime_is_not_extended_by_rotation() -> None:
+    clock = FakeClock()
+    async with serving(clock=clock, refresh_token_lifetime=100) as (idp, client):
+        token = str(idp.issue()["refresh_token"])
+        for _ in range(2):
+            clock.advance(45)
+            token = rt(await refresh(client, idp, token))
+        family = idp.ledger.family_of(token)
+        clock.advance(10)  # 100 s after the authorization; the token itself is 10 s old
+        assert not idp.ledger.is_live(token)
+        assert not idp.ledger.family_has_live_token(family)
+        response = await refresh(client, idp, token)
+        assert (response.status_code, response.json()["error"]) == (400, "invalid_grant")
+
+
+@pytest.mark.anyio
+async def test_sliding_lifetime_one_time_and_reuse() -> None:
+    clock = FakeClock()
+    async with serving(clock=clock, refresh_token_idle_lifetime=30) as (idp, client):
+        token = str(idp.issue()["refresh_token"])
+        clock.advance(29)
+        token = rt(await refresh(client, idp, token))
+        clock.advance(29)  # a fresh token gets a fresh idle window
+        token = rt(await refresh(client, idp, token))
+        clock.advance(30)
+        response = await refresh(client, idp, token)
+        assert (response.status_code, response.json()["error"]) == (400, "invalid_grant")
+
+    clock = FakeClock()
+    async with serving(clock=clock, usage="reuse", refresh_token_idle_lifetime=30) as (idp, client):
+        token = str(idp.issue()["refresh_token"])
+        for _ in range(3):
+            clock.advance(25)  # each use resets the idle timer
+            assert (await refresh(client, idp, token)).status_code == 200
+        clock.advance(31)
+        assert not idp.ledger.is_live(token)
+        assert (await refresh(client, idp, token)).status_code == 400
+
+
+@pytest.mark.anyio
+async def test_per_user_cap_revokes_the_oldest_and_grace_reuse_counts() -> None:
+    clock = FakeClock()
+    async with serving(clock=clock, max_refresh_tokens_per_user=3) as (idp, client):
+        tokens = []
+        for _ in range(3):
+            clock.advance(1)
+            tokens.append(str(idp.issue("alice")["refresh_token"]))
+        other_user = str(idp.issue("bob")["refresh_token"])
+        assert idp.ledger.live_refresh_tokens("alice") == set(tokens)
+
+        tokens.append(str(idp.issue("alice")["refresh_token"]))
+        assert not idp.ledger.is_live(tokens[0])
+        assert idp.ledger.cap_revocations == 1
+
+        # Rotation keeps the count; a reuse inside grace mints one more and pays for it.
+        rotated = rt(await refresh(client, idp, tokens[3]))
+        assert idp.ledger.cap_revocations == 1
+        extra = rt(await refresh(client, idp, tokens[3]))
+        assert idp.ledger.cap_revocations == 2
+        assert not idp.ledger.is_live(tokens[1])
+        assert {tokens[2], rotated, extra} <= idp.ledger.live_refresh_tokens("alice")
+        assert idp.ledger.is_live(other_user)
+
+
+# ------------------------------------------------------------------ faults
+
+
+@pytest.mark.anyio
+async def test_drop_after_rotate_rotates_then_closes_without_answer() -> None:
+    async with serving() as (idp, client):
+        token = str(idp.issue()["refresh_token"])
+        family = idp.ledger.family_of(token)
+        idp.faults.add(FaultKind.DROP_AFTER_ROTATE)
+        with pytest.raises(httpx.RemoteProtocolError):
+            await refresh(client, idp, token)
+        assert idp.ledger.refreshes == 1
+        assert len(idp.ledger.live_refresh_tokens()) == 2  # the old (in grace) and the lost new
+        # Recovery inside the grace window works and is visible in the ledger.
+        response = await refresh(client, idp, token)
+        assert response.status_code == 200
+        assert idp.ledger.reuses_in_grace == 1
+        assert idp.ledger.family_has_live_token(family)
+        assert idp.ledger.faults_injected == {"drop_after_rotate": 1}
+
+
+@pytest.mark.anyio
+async def test_error_and_garbage_after_rotate_still_rotate() -> None:
+    async with serving() as (idp, client):
+        token = str(idp.issue()["refresh_token"])
+        idp.faults.add(FaultKind.ERROR_AFTER_ROTATE)
+        idp.faults.add(FaultKind.GARBAGE_AFTER_ROTATE)
+        error = await refresh(client, idp, token)
+        assert error.status_code == 500
+        garbage = await refresh(client, idp, token)
+        assert garbage.status_code == 200
+        assert garbage.headers["content-type"].startswith("text/html")
+        with pytest.raises(json.JSONDecodeError):
+            garbage.json()
+        assert idp.ledger.refreshes == 2
+        assert idp.ledger.reuses_in_grace == 1
+        assert idp.ledger.faults_injected == {"error_after_rotate": 1, "garbage_after_rotate": 1}
+
+
+@pytest.mark.anyio
+async def test_faults_that_do_not_process() -> None:
+    async with serving() as (idp, client):
+        token = str(idp.issue()["refresh_token"])
+        idp.faults.add(FaultKind.RESET)
+        idp.faults.add(FaultKind.RETRY_AFTER, status=429, retry_after=7)
+        idp.faults.add(FaultKind.RETRY_AFTER, times=1)
+        idp.faults.add(FaultKind.INVALID_CLIENT)
+        idp.faults.add(FaultKind.SERVER_ERROR)
+
+        with pytest.raises((httpx.ReadError, httpx.RemoteProtocolError)):
+            await refresh(client, idp, token)
+        limited = await refresh(client, idp, token)
+        assert (limited.status_code, limited.headers["retry-after"]) == (429, "7")
+        unavailable = await refresh(client, idp, token)
+        assert (unavailable.status_code, unavailable.headers["retry-after"]) == (503, "1")
+        invalid = await refresh(client, idp, token)
+        assert (invalid.status_code, invalid.json()["error"]) == (401, "invalid_client")
+        assert (await refresh(client, idp, token)).status_code == 500
+
+        assert idp.ledger.refreshes == 0
+        assert idp.ledger.invalid_clients == 0  # injected, not genuine
+        assert idp.ledger.requests == 5
+        assert idp.faults.pending == 0
+        assert (await refresh(client, idp, token)).status_code == 200
+        assert idp.ledger.faults_injected == {
+            "reset": 1,
+            "retry_after": 2,
+            "invalid_client": 1,
+            "server_error": 1,
+        }
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("process_first", [True, False])
+async def test_slow_times_out_the_client_but_the_work_happens(process_first: bool) -> None:
+    async with serving(timeout=0.2) as (idp, client):
+        token = str(idp.issue()["refresh_token"])
+        idp.faults.add(FaultKind.SLOW, delay=0.5, process_first=process_first)
+        with pytest.raises(httpx.ReadTimeout):
+            await refresh(client, idp, token)
+        with anyio.fail_after(3):
+            while idp.ledger.refreshes == 0:
+                await anyio.sleep(0.05)
+        assert len(idp.ledger.live_refresh_tokens()) == 2
+
+
+@pytest.mark.anyio
+async def test_overlapping_requests_with_one_token_count_as_concurrent_uses() -> None:
+    async with serving() as (idp, client):
+        token = str(idp.issue()["refresh_token"])
+        idp.faults.add(FaultKind.SLOW, delay=0.5)
+        results: list[httpx.Response] = []
+
+        async def one(after: float) -> None:
+            await anyio.sleep(after)
+            results.append(await refresh(client, idp, token))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(one, 0)
+            tg.start_soon(one, 0.15)
+        assert [r.status_code for r in results] == [200, 200]
+        assert idp.ledger.concurrent_uses == 2
+        assert idp.ledger.reuses_in_grace == 1  # the second won only thanks to the grace period
+        # Sequential use afterwards is not concurrent.
+        await refresh(client, idp, rt(results[0]))
+        assert idp.ledger.concurrent_uses == 2
+
+
+@pytest.mark.anyio
+async def test_random_faults_and_clear() -> None:
+    async with serving() as (idp, client):
+        token = str(idp.issue()["refresh_token"])
+        idp.faults.random(1.0, kinds=[FaultKind.SERVER_ERROR], seed=1)
+        assert [(await refresh(client, idp, token)).status_code for _ in range(3)] == [500] * 3
+        idp.faults.clear()
+        assert (await refresh(client, idp, token)).status_code == 200
+        with pytest.raises(TypeError):
+            idp.faults.add(FaultKind.RESET, delay=1)
+
+
+# ------------------------------------------------------------------ transport and threads
+
+
+@pytest.mark.anyio
+async def test_keep_alive_serves_several_requests_on_one_connection() -> None:
+    async with serving() as (idp, client):
+        token = str(idp.issue()["refresh_token"])
+        for _ in range(3):
+            token = rt(await refresh(client, idp, token))
+        assert idp.ledger.connections == 1
+        assert idp.ledger.requests == 3
+
+
+def test_running_in_thread() -> None:
+    with running_in_thread(FakeIdP()) as idp:
+        assert idp.token_url.startswith("http://127.0.0.1:")
+        token = str(idp.issue("alice")["refresh_token"])
+        with httpx.Client() as client:
+            form = {
+                "grant_type": "refresh_token",
+                "refresh_token": token,
+                "client_id": CLIENT_ID,
+                "client_secret": CLIENT_SECRET,
+            }
+            response = client.post(idp.token_url, data=form)
+        assert response.status_code == 200
+        assert idp.ledger.refreshes == 1
+        url = idp.token_url
+    with pytest.raises(httpx.ConnectError):
+        httpx.post(url, data=form)
+
+
+def test_events_never_hold_token_values() -> None:
+    with running_in_thread(FakeIdP()) as idp:
+        token = str(idp.issue()["refresh_token"])
+        idp.faults.add(FaultKind.ERROR_AFTER_ROTATE)
+        with httpx.Client() as client:
+            client.post(
+                idp.token_url,
+                data={
+                    "grant_type": "refresh_token",
+                    "refresh_token": token,
+                    "client_id": CLIENT_ID,
+                    "client_secret": CLIENT_SECRET,
+                },
+            )
+        dumped = json.dumps(idp.ledger.events)
+        assert all(value not in dumped for value in idp.ledger.issued_tokens())
+        assert idp.ledger.snapshot()["refreshes"] == 1
+
+
+def test_cli_serves_until_sigterm(tmp_path: Path) -> None:
+    secret_file = tmp_path / "secret"
+    secret_file.write_text("cli-secret\n")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "refresherd.testing",
+            "--client-id",
+            "cli",
+            "--client-secret-file",
+            str(secret_file),
+            "--issue",
+            "alice",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    try:
+        assert proc.stdout is not None
+        line = json.loads(proc.stdout.readline())
+        assert line["token_url"].endswith("/connect/token")
+        assert line["revocation_url"].endswith("/connect/revocation")
+        token = line["issued"]["alice"]["refresh_token"]
+        response = httpx.post(
+            line["token_url"],
+            data={
+                "grant_type": "refresh_token",
+                "refresh_token": token,
+                "client_id": "cli",
+                "client_secret": "cli-secret",
+            },
+        )
+        assert response.status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=5) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
