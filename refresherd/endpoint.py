@@ -12,8 +12,8 @@ import math
 import time
 from base64 import b64encode
 from email.utils import parsedate_to_datetime
-from urllib.parse import quote_plus
 from typing import Any, Final
+from urllib.parse import quote_plus
 
 import anyio
 import httpx
@@ -236,11 +236,14 @@ class TokenEndpoint:
                 return parse_grant(body)
             except ValueError as exc:
                 # The IdP said yes and may have rotated; we cannot read the new token.
-                raise Ambiguous("malformed_response", f"HTTP {status}: {exc}", status=status)
+                raise Ambiguous(
+                    "malformed_response", f"HTTP {status}: {exc}", status=status
+                ) from None
         if status == 429 or (status == 503 and headers.get("retry-after") is not None):
             retry_after = parse_retry_after(headers.get("retry-after"))
-            raise RateLimited("rate_limited", f"HTTP {status}", status=status,
-                              retry_after=retry_after)
+            raise RateLimited(
+                "rate_limited", f"HTTP {status}", status=status, retry_after=retry_after
+            )
         if status >= 500:
             raise Ambiguous("server_error", f"HTTP {status}", status=status)
         raise _oauth_error(status, body)

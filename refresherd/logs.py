@@ -11,13 +11,27 @@ import structlog
 
 from refresherd.model import Secret
 
-LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
-          "error": logging.ERROR}
+LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
 
 # Keys whose value is a secret whatever its type: redacted even if a str slipped through.
 _SECRET_KEYS = frozenset(
-    {"access_token", "refresh_token", "id_token", "client_secret", "token", "password",
-     "authorization", "secret", "code", "code_verifier"}
+    {
+        "access_token",
+        "refresh_token",
+        "id_token",
+        "client_secret",
+        "token",
+        "password",
+        "authorization",
+        "secret",
+        "code",
+        "code_verifier",
+    }
 )
 REDACTED = "[redacted]"
 

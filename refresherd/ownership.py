@@ -10,6 +10,7 @@ that is merely paused (SIGSTOP) keeps its lock; its leases end when they expire.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import secrets
@@ -54,10 +55,8 @@ class OwnerLock:
         if self._fd is None:
             return
         # Unlink first: a checker that opens the path after this sees no file, i.e. dead.
-        try:
+        with contextlib.suppress(FileNotFoundError):
             _lock_path(self.directory, self.owner).unlink()
-        except FileNotFoundError:
-            pass
         os.close(self._fd)
         self._fd = None
 
@@ -92,10 +91,8 @@ def is_alive(database: Path, owner: str) -> bool:
         return True
     else:
         # We got the lock: its owner is gone. Tidy up its file.
-        try:
+        with contextlib.suppress(OSError):
             path.unlink()
-        except OSError:
-            pass
         return False
     finally:
         os.close(fd)

@@ -252,7 +252,11 @@ class Refresher:
     async def _attempts(
         self, ts: TokenSet, provider: ProviderConfig, endpoint: TokenEndpoint
     ) -> RefreshResult:
-        grace = provider.grace_period if provider.refresh_token_usage is RefreshTokenUsage.ONE_TIME else 0.0
+        grace = (
+            provider.grace_period
+            if provider.refresh_token_usage is RefreshTokenUsage.ONE_TIME
+            else 0.0
+        )
         invalid_grant_retried = False
         while True:
             now = self.clock.wall()
@@ -266,8 +270,9 @@ class Refresher:
                 self.metrics.storage_errors.inc()
                 self.metrics.refresh_failures.labels(ts.provider, "storage_error").inc()
                 await self._release_quietly(ts.id)
-                return RefreshResult("storage_error", token_set=ts, reason="storage_error",
-                                     detail=str(exc))
+                return RefreshResult(
+                    "storage_error", token_set=ts, reason="storage_error", detail=str(exc)
+                )
             if attempt is None:
                 return await self._moved_on(ts)
             timeout = policy.attempt_timeout(
@@ -327,7 +332,9 @@ class Refresher:
 
     async def _persist(self, ts: TokenSet, grant: Grant, *, sends: int) -> RefreshResult:
         now = self.clock.wall()
-        lifetime = grant.expires_in if grant.expires_in is not None else self.schedule.default_expires_in
+        lifetime = (
+            grant.expires_in if grant.expires_in is not None else self.schedule.default_expires_in
+        )
         expires_at = now + grant.expires_in if grant.expires_in is not None else None
         next_at = policy.plan_next_refresh(
             now=now,
@@ -358,8 +365,13 @@ class Refresher:
             except StoreError as exc:
                 # We hold the only copy of a rotated token: keep trying, loudly.
                 self.metrics.storage_errors.inc()
-                log.error("cannot persist grant, retrying", token_set=ts.id,
-                          provider=ts.provider, error=str(exc), retry_in=delay)
+                log.error(
+                    "cannot persist grant, retrying",
+                    token_set=ts.id,
+                    provider=ts.provider,
+                    error=str(exc),
+                    retry_in=delay,
+                )
                 await anyio.sleep(delay)
                 delay = min(delay * 2, PERSIST_RETRY_MAX)
         if saved is None:
@@ -367,8 +379,12 @@ class Refresher:
             # Theirs is the live chain; ours is discarded and counted.
             self.metrics.refresh_failures.labels(ts.provider, "lost_race").inc()
             current = await self.store.get(ts.id)
-            return RefreshResult("adopted", token_set=current, reason="lost_race",
-                                 detail="a newer grant was stored concurrently")
+            return RefreshResult(
+                "adopted",
+                token_set=current,
+                reason="lost_race",
+                detail="a newer grant was stored concurrently",
+            )
         self.metrics.refresh_success.labels(ts.provider).inc()
         if self.circuits.close(ts.provider):
             self.metrics.circuit_open.labels(ts.provider).set(0)
@@ -418,8 +434,9 @@ class Refresher:
                 paused_for=round(until - now, 1),
             )
             await self._release_quietly(ts.id)
-            return RefreshResult("circuit_open", token_set=ts, reason=failure.reason,
-                                 detail=failure.detail)
+            return RefreshResult(
+                "circuit_open", token_set=ts, reason=failure.reason, detail=failure.detail
+            )
         if isinstance(decision, policy.Invalidate):
             state, next_at, reason = State.INVALIDATED, now, decision.reason
         else:
@@ -427,9 +444,11 @@ class Refresher:
             state, next_at, reason = State.FAILING, decision.at, None
         # The journal is cleared only when the IdP's answer settles that this series consumed
         # nothing; an ambiguous send stays on record for the next attempt and for recovery.
-        settled = failure.kind in (
-            FailureKind.NOT_SENT, FailureKind.RATE_LIMITED, FailureKind.OAUTH_ERROR
-        ) and sends <= 1
+        settled = (
+            failure.kind
+            in (FailureKind.NOT_SENT, FailureKind.RATE_LIMITED, FailureKind.OAUTH_ERROR)
+            and sends <= 1
+        )
         resolve = settled or state is State.INVALIDATED
         try:
             recorded = await self.store.record_failure(
@@ -447,16 +466,15 @@ class Refresher:
         except StoreError as exc:
             self.metrics.storage_errors.inc()
             await self._release_quietly(ts.id)
-            return RefreshResult("storage_error", token_set=ts, reason=failure.reason,
-                                 detail=str(exc))
+            return RefreshResult(
+                "storage_error", token_set=ts, reason=failure.reason, detail=str(exc)
+            )
         if not recorded:
             return await self._moved_on(ts)
         if state is State.INVALIDATED:
             self.metrics.invalidations.labels(ts.provider, reason).inc()
-            return RefreshResult("invalidated", token_set=ts, reason=reason,
-                                 detail=failure.detail)
-        return RefreshResult("failed", token_set=ts, reason=failure.reason,
-                             detail=failure.detail)
+            return RefreshResult("invalidated", token_set=ts, reason=reason, detail=failure.detail)
+        return RefreshResult("failed", token_set=ts, reason=failure.reason, detail=failure.detail)
 
     async def _unknown_provider(self, ts: TokenSet) -> RefreshResult:
         # A config change dropped the provider: keep the set, look again much later.

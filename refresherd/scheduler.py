@@ -8,6 +8,7 @@ kept out by the lease.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Final
 
@@ -70,7 +71,9 @@ class Scheduler:
     def running(self) -> int:
         return self._running
 
-    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
         async with anyio.create_task_group() as tg:
             task_status.started()
             await self._reap_dead_owners(force=True)
@@ -133,10 +136,8 @@ class Scheduler:
         except Exception:
             # A fault of one token set must never stop the others.
             log.exception("refresh crashed", token_set=token_set_id)
-            try:
+            with contextlib.suppress(StoreError):
                 await self.store.release(token_set_id, owner=self.refresher.owner)
-            except StoreError:
-                pass
         finally:
             self._running -= 1
             self._wake.set()

@@ -81,10 +81,12 @@ class App:
             body = generate_latest(self.metrics.registry)
             await _respond(send, 200, body, CONTENT_TYPE_LATEST)
         elif path == "/healthz":
-            problems = self.liveness()
-            status = 200 if not problems else 503
-            await _respond(send, status, _json({"status": "ok" if not problems else "unhealthy",
-                                                "problems": problems}))
+            dead = self.liveness()
+            await _respond(
+                send,
+                200 if not dead else 503,
+                _json({"status": "ok" if not dead else "unhealthy", "problems": dead}),
+            )
         elif path == "/readyz":
             problems: list[str] = []
             with anyio.move_on_after(5.0) as scope_:
@@ -93,8 +95,11 @@ class App:
                 problems = ["readiness check timed out (database not answering)"]
             self.metrics.ready.set(0 if problems else 1)
             status = 200 if not problems else 503
-            await _respond(send, status, _json({"status": "ready" if not problems else "not_ready",
-                                                "problems": problems}))
+            await _respond(
+                send,
+                status,
+                _json({"status": "ready" if not problems else "not_ready", "problems": problems}),
+            )
         else:
             await _respond(send, 404, _json({"error": "not_found"}))
 
@@ -129,7 +134,7 @@ async def serve(
     host, port = sock.getsockname()[:2]
     log.info("listening", address=f"{host}:{port}")
     await worker_serve(
-        wrap_app(app, config.wsgi_max_body_size, "asgi"),
+        wrap_app(app, config.wsgi_max_body_size, "asgi"),  # type: ignore[arg-type]
         config,
         sockets=Sockets(secure_sockets=[], insecure_sockets=[sock], quic_sockets=[]),
         shutdown_trigger=shutdown.wait,

@@ -241,9 +241,10 @@ class Store:
             async with self._lock:
                 try:
                     async with self._conn.execute(sql, params) as cur:
-                        return list(await cur.fetchall())
+                        rows = list(await cur.fetchall())
                 except sqlite3.Error as exc:
                     raise StoreError(f"database {self.path}: {exc}") from exc
+        return rows
 
     async def _read(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[Any]:
         async with self._lock:
@@ -331,7 +332,9 @@ class Store:
 
     # ---- scheduling and leases -------------------------------------------------------------
 
-    async def next_due_at(self, *, now: float, exclude_providers: Sequence[str] = ()) -> float | None:
+    async def next_due_at(
+        self, *, now: float, exclude_providers: Sequence[str] = ()
+    ) -> float | None:
         """Earliest planned refresh among sets no live lease holds, or None."""
         excl, params = _exclude(exclude_providers)
         params["now"] = now
@@ -458,8 +461,13 @@ class Store:
             " WHERE id = :id AND version = :version AND lease_owner = :owner"
             " AND state != 'invalidated'"
             " RETURNING attempt_version, attempt_started_at, attempt_owner, attempt_sends",
-            {"id": token_set_id, "owner": owner, "version": version, "now": now,
-             "keep_since": keep_since},
+            {
+                "id": token_set_id,
+                "owner": owner,
+                "version": version,
+                "now": now,
+                "keep_since": keep_since,
+            },
         )
         if not rows:
             return None

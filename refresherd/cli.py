@@ -1,0 +1,287 @@
+"""The ``refresherd`` command. Subcommand spellings are a public contract (README).
+
+Exit codes follow sysexits.h where one fits: 65 bad input data, 66 no such token set,
+75 temporarily impossible (another process holds the lease), 78 configuration error.
+No secret is ever taken from argv: token responses come on stdin or from a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any, Final
+
+import anyio
+
+from refresherd import logs
+from refresherd.config import EX_CONFIG, Config, ConfigError, load_config, resolve_config_path
+from refresherd.daemon import Daemon, open_runtime
+from refresherd.intake import InputError, parse_lines, parse_single
+from refresherd.model import TokenSet, rfc3339
+from refresherd.store import NewTokenSet, Store, StoreError, TokenSetExists
+
+EX_DATAERR: Final = 65
+EX_NOINPUT: Final = 66
+EX_TEMPFAIL: Final = 75
+EX_FAILURE: Final = 1
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"refresherd: {message}", file=sys.stderr)
+    return code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="refresherd",
+        description="Keep OAuth 2.0 token sets fresh; never lose a rotated refresh token.",
+    )
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        help="config file (default: $REFRESHERD_CONFIG, else /etc/refresherd/config.toml)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("run", help="run the daemon")
+    sub.add_parser("check-config", help="validate the config file and exit")
+
+    tokens = sub.add_parser("tokens", help="manage stored token sets")
+    tsub = tokens.add_subparsers(dest="tokens_command", required=True, metavar="ACTION")
+    add = tsub.add_parser("add", help="add a token set; the token response JSON comes on stdin")
+    add.add_argument("id")
+    add.add_argument("--provider", required=True)
+    imp = tsub.add_parser("import", help="add token sets from JSON Lines, all or nothing")
+    imp.add_argument("file", nargs="?", default="-", help="a file, or - for stdin (default)")
+    lst = tsub.add_parser("list", help="list token sets (no token values unless --reveal)")
+    lst.add_argument("--json", action="store_true")
+    lst.add_argument("--reveal", action="store_true", help="include token values")
+    show = tsub.add_parser("show", help="show one token set")
+    show.add_argument("id")
+    show.add_argument("--json", action="store_true")
+    show.add_argument("--reveal", action="store_true", help="include token values")
+    rm = tsub.add_parser("remove", help="remove a token set")
+    rm.add_argument("id")
+
+    refresh = sub.add_parser("refresh", help="refresh one token set now (same path as the daemon)")
+    refresh.add_argument("id")
+
+    demo = sub.add_parser(
+        "demo", help="run the daemon against the built-in fake IdP on loopback (no config needed)"
+    )
+    demo.add_argument("--token-sets", type=int, default=20)
+    demo.add_argument("--lifetime", type=float, default=20.0, help="access token seconds")
+    demo.add_argument("--listen", default="127.0.0.1:9469")
+    demo.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "demo":
+        from refresherd.demo import run_demo
+
+        logs.configure("info", "auto")
+        return anyio.run(
+            lambda: run_demo(
+                token_sets=args.token_sets,
+                lifetime=args.lifetime,
+                listen=args.listen,
+                duration=args.duration,
+            )
+        )
+    path = resolve_config_path(args.config, os.environ)
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        return _fail(str(exc), EX_CONFIG)
+    if args.command == "check-config":
+        for warning in config.warnings:
+            print(f"refresherd: warning: {warning}", file=sys.stderr)
+        print(f"{path}: ok ({len(config.providers)} provider(s))")
+        return 0
+    if args.command == "run":
+        logs.configure(config.log.level, config.log.format)
+        return anyio.run(Daemon(config, config_path=path).run)
+    # One-shot commands: logs go to stderr, results to stdout.
+    logs.configure(config.log.level if args.command == "refresh" else "warning", config.log.format)
+    try:
+        if args.command == "refresh":
+            return anyio.run(_refresh, config, args.id)
+        return anyio.run(_tokens, config, args)
+    except StoreError as exc:
+        return _fail(str(exc), EX_FAILURE)
+
+
+async def _refresh(config: Config, token_set_id: str) -> int:
+    async with open_runtime(config) as rt:
+        result = await rt.refresher.refresh(token_set_id)
+    ts = result.token_set
+    summary: dict[str, Any] = {"id": token_set_id, "outcome": result.outcome}
+    if result.reason:
+        summary["reason"] = result.reason
+    if result.detail:
+        summary["detail"] = result.detail
+    if ts is not None:
+        summary.update(state=ts.state.value, expires_at=rfc3339(ts.expires_at))
+    print(json.dumps(summary))
+    if result.ok:
+        return 0
+    if result.outcome == "not_found":
+        return EX_NOINPUT
+    if result.outcome in ("leased", "circuit_open"):
+        return EX_TEMPFAIL
+    return EX_FAILURE
+
+
+def token_set_json(ts: TokenSet, *, reveal: bool) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "id": ts.id,
+        "provider": ts.provider,
+        "state": ts.state.value,
+        "expires_at": rfc3339(ts.expires_at),
+        "next_refresh_at": rfc3339(ts.next_refresh_at),
+        "last_refresh_at": rfc3339(ts.last_refresh_at),
+        "last_error": ts.last_error,
+        "failures": ts.failures,
+        "invalid_reason": ts.invalid_reason,
+        "token_type": ts.token_type,
+        "scope": ts.scope,
+        "version": ts.version,
+        "created_at": rfc3339(ts.created_at),
+        "updated_at": rfc3339(ts.updated_at),
+        "leased_by": ts.lease_owner if ts.lease_until and ts.lease_until > time.time() else None,
+        "unresolved_attempt_since": rfc3339(ts.attempt.started_at) if ts.attempt else None,
+    }
+    if reveal:
+        data["access_token"] = ts.access_token.reveal() if ts.access_token else None
+        data["refresh_token"] = ts.refresh_token.reveal()
+    return data
+
+
+_COLUMNS = ("id", "provider", "state", "expires_at", "last_refresh_at", "last_error")
+
+
+def _read_input(config: Config, args: argparse.Namespace) -> list[NewTokenSet] | int:
+    """Parse what `tokens add` / `tokens import` were given, before touching the database."""
+    now = time.time()
+    rng = random.Random()
+    if args.tokens_command == "add":
+        if args.provider not in config.providers:
+            known = ", ".join(sorted(config.providers))
+            return _fail(
+                f"provider {args.provider!r} is not configured (known: {known})", EX_CONFIG
+            )
+        try:
+            return [
+                parse_single(
+                    sys.stdin.read(),
+                    token_set_id=args.id,
+                    provider=args.provider,
+                    now=now,
+                    schedule=config.schedule,
+                    rand=rng.random(),
+                )
+            ]
+        except ValueError as exc:
+            return _fail(f"tokens add {args.id}: {exc}", EX_DATAERR)
+    source = "stdin" if args.file == "-" else args.file
+    try:
+        stream = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")  # noqa: SIM115
+    except OSError as exc:
+        return _fail(f"tokens import: cannot read {args.file}: {exc.strerror}", EX_NOINPUT)
+    try:
+        return parse_lines(
+            stream,
+            source=source,
+            providers=config.providers,
+            now=now,
+            schedule=config.schedule,
+            rand=iter(rng.random, None),
+        )
+    except (InputError, UnicodeDecodeError) as exc:
+        return _fail(f"tokens import: {exc}; nothing was imported", EX_DATAERR)
+    finally:
+        if stream is not sys.stdin:
+            stream.close()
+
+
+async def _tokens(config: Config, args: argparse.Namespace) -> int:
+    action = args.tokens_command
+    if action in ("add", "import"):
+        items = _read_input(config, args)
+        if isinstance(items, int):
+            return items
+        store = await Store.open(config.daemon.database)
+        try:
+            count = await store.add_many(items, now=time.time())
+        except TokenSetExists as exc:
+            return _fail(f"tokens {action}: {exc}; nothing was added", EX_DATAERR)
+        finally:
+            await store.close()
+        if action == "add":
+            new = items[0]
+            print(
+                f"added {new.id} (provider {new.provider}, "
+                f"next refresh {rfc3339(new.next_refresh_at)})"
+            )
+        else:
+            print(f"imported {count} token set(s)")
+        return 0
+
+    store = await Store.open(config.daemon.database, create=False)
+    try:
+        if action == "list":
+            await _list(store, as_json=args.json, reveal=args.reveal)
+            return 0
+        if action == "show":
+            ts = await store.get(args.id)
+            if ts is None:
+                return _fail(f"no token set with id {args.id!r}", EX_NOINPUT)
+            data = token_set_json(ts, reveal=args.reveal)
+            if args.json:
+                print(json.dumps(data, indent=2))
+            else:
+                width = max(len(k) for k in data)
+                for key, value in data.items():
+                    print(f"{key:<{width}}  {'' if value is None else value}")
+            return 0
+        if action == "remove":
+            if not await store.remove(args.id):
+                return _fail(f"no token set with id {args.id!r}", EX_NOINPUT)
+            print(f"removed {args.id}")
+            return 0
+    finally:
+        await store.close()
+    raise AssertionError(action)
+
+
+async def _list(store: Store, *, as_json: bool, reveal: bool) -> None:
+    """Stream page by page: never every token set in memory at once."""
+    out = sys.stdout
+    if as_json:
+        out.write("[")
+        first = True
+        async for ts in store.iterate():
+            out.write(("\n" if first else ",\n") + json.dumps(token_set_json(ts, reveal=reveal)))
+            first = False
+        out.write("\n]\n" if not first else "]\n")
+        return
+    columns = _COLUMNS + (("access_token", "refresh_token") if reveal else ())
+    out.write("\t".join(columns) + "\n")
+    async for ts in store.iterate():
+        row = token_set_json(ts, reveal=reveal)
+        out.write("\t".join("" if row[c] is None else str(row[c]) for c in columns) + "\n")
+
+
+def entrypoint() -> None:
+    sys.exit(main())
+
+
+# `python -m refresherd.cli` and the console script share one entry point.
+if __name__ == "__main__":
+    entrypoint()

@@ -1,0 +1,333 @@
+"""Composition root: builds everything, runs it in one task group, handles signals.
+
+Shutdown is cancellation: SIGTERM/SIGINT stop the scheduler from claiming, let the refreshes in
+flight finish and persist for at most ``shutdown_timeout``, then cancel what is left (its
+journal entry makes the next start recover it) and exit 0. SIGHUP reloads the config.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import anyio
+import anyio.abc
+
+from refresherd import logs
+from refresherd.config import Config, ConfigError, ProviderConfig, load_config
+from refresherd.endpoint import TokenEndpoint
+from refresherd.metrics import Metrics
+from refresherd.model import State
+from refresherd.ownership import OwnerLock
+from refresherd.refresher import Clock, Refresher, SystemClock
+from refresherd.scheduler import Scheduler
+from refresherd.server import App, bind_socket, serve
+from refresherd.store import Store, StoreError
+
+log = logs.get_logger("refresherd.daemon")
+
+GAUGE_INTERVAL: Final = 10.0
+HEARTBEAT_INTERVAL: Final = 1.0
+# The event loop is called stuck when the heartbeat is this late.
+LIVENESS_LIMIT: Final = 15.0
+
+
+def build_endpoints(providers: Mapping[str, ProviderConfig]) -> dict[str, TokenEndpoint]:
+    return {name: TokenEndpoint(p) for name, p in providers.items()}
+
+
+def max_grace(config: Config) -> float:
+    return max((p.grace_period for p in config.providers.values()), default=0.0)
+
+
+@dataclass
+class Runtime:
+    """The parts one refresh needs, shared by the daemon and `refresherd refresh ID`."""
+
+    config: Config
+    store: Store
+    owner: str
+    metrics: Metrics
+    endpoints: dict[str, TokenEndpoint]
+    refresher: Refresher
+
+
+@asynccontextmanager
+async def open_runtime(
+    config: Config, *, clock: Clock | None = None, metrics: Metrics | None = None
+) -> AsyncIterator[Runtime]:
+    """Open the store, register as a lease owner and build the refresher; undo it all on exit."""
+    store = await Store.open(config.daemon.database)
+    lock = OwnerLock(config.daemon.database, config.daemon.instance_name)
+    endpoints: dict[str, TokenEndpoint] = {}
+    try:
+        owner = lock.acquire()
+        metrics = metrics or Metrics()
+        endpoints = build_endpoints(config.providers)
+        refresher = Refresher(
+            store=store,
+            providers=config.providers,
+            endpoints=endpoints,
+            schedule=config.schedule,
+            metrics=metrics,
+            owner=owner,
+            lease_duration=config.daemon.lease_duration,
+            clock=clock,
+        )
+        yield Runtime(config, store, owner, metrics, endpoints, refresher)
+    finally:
+        with anyio.CancelScope(shield=True):
+            try:
+                await store.release_all(owner=lock.owner)
+            except StoreError as exc:
+                log.warning("could not release leases at exit", error=str(exc))
+            for endpoint in endpoints.values():
+                await endpoint.aclose()
+            await store.close()
+            lock.release()
+
+
+class Daemon:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        config_path: Path | None = None,
+        clock: Clock | None = None,
+        on_ready: Callable[[Daemon], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.clock = clock or SystemClock()
+        self.on_ready = on_ready
+        self._stop = anyio.Event()
+        self._beat = self.clock.monotonic()
+        self._rt: Runtime | None = None
+        self._scheduler: Scheduler | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
+        self.listen_address: tuple[str, int] | None = None
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> int:
+        config = self.config
+        for warning in config.warnings:
+            log.warning("config", warning=warning)
+        sock = None
+        if config.server.enabled:
+            try:
+                sock = bind_socket(config.server.host, config.server.port)
+            except OSError as exc:
+                log.error(
+                    "cannot listen",
+                    address=f"{config.server.host}:{config.server.port}",
+                    error=str(exc),
+                )
+                return 1
+            self.listen_address = sock.getsockname()[:2]
+        try:
+            async with open_runtime(config, clock=self.clock) as rt:
+                self._rt = rt
+                return await self._run(rt, sock)
+        except StoreError as exc:
+            log.error("cannot use the database", error=str(exc))
+            return 1
+        finally:
+            if sock is not None:
+                sock.close()
+
+    async def _run(self, rt: Runtime, sock: socket.socket | None) -> int:
+        config = self.config
+        self._init_metrics(rt)
+        scheduler = Scheduler(
+            store=rt.store,
+            refresher=rt.refresher,
+            metrics=rt.metrics,
+            database=config.daemon.database,
+            concurrency=config.daemon.concurrency,
+            poll_interval=config.daemon.poll_interval,
+            max_grace_period=max_grace(config),
+            clock=self.clock,
+        )
+        self._scheduler = scheduler
+        server_stop = anyio.Event()
+        app = App(metrics=rt.metrics, liveness=self._liveness, readiness=self._readiness)
+        log.info(
+            "refresherd started",
+            database=str(config.daemon.database),
+            owner=rt.owner,
+            providers=sorted(config.providers),
+            listen=f"{self.listen_address[0]}:{self.listen_address[1]}"
+            if self.listen_address
+            else None,
+        )
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            tg.start_soon(self._signals, tg.cancel_scope)
+            tg.start_soon(self._heartbeat)
+            tg.start_soon(self._gauges, rt)
+            if sock is not None:
+                tg.start_soon(serve, app, sock, server_stop)
+            await tg.start(self._work, scheduler, server_stop, tg.cancel_scope)
+            if self.on_ready is not None:
+                self.on_ready(self)
+        log.info("refresherd stopped")
+        return 0
+
+    async def _work(
+        self,
+        scheduler: Scheduler,
+        server_stop: anyio.Event,
+        root: anyio.CancelScope,
+        *,
+        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Run the scheduler until asked to stop, drain in-flight refreshes, end everything."""
+        async with anyio.create_task_group() as work:
+            await work.start(scheduler.run)
+            task_status.started()
+            await self._stop.wait()
+            log.info("shutting down", in_flight=scheduler.running)
+            scheduler.stop()
+            # Bounded drain: refreshes in flight may finish and persist until the deadline.
+            work.cancel_scope.deadline = anyio.current_time() + self.config.daemon.shutdown_timeout
+        if work.cancel_scope.cancelled_caught:
+            log.warning(
+                "shutdown timeout: cancelled refreshes still in flight; "
+                "their journal entries will be recovered at the next start"
+            )
+        server_stop.set()
+        root.cancel()
+
+    async def _signals(self, root: anyio.CancelScope) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    await self.reload()
+                elif self._stop.is_set():
+                    log.warning("second stop signal: cancelling at once")
+                    root.cancel()
+                else:
+                    log.info("stop signal", signal=signal.Signals(signum).name)
+                    self._stop.set()
+
+    async def reload(self) -> None:
+        """Re-read the config; keep the old one, and say why, if the new one is bad."""
+        assert self._rt is not None
+        rt = self._rt
+        if self.config_path is None:
+            log.warning("reload requested but the config did not come from a file")
+            return
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            rt.metrics.config_reloads.labels("error").inc()
+            log.error("reload failed, keeping the running config", error=str(exc))
+            return
+        old = self.config
+        for changed, what in (
+            (new.daemon.database != old.daemon.database, "daemon.database"),
+            (new.server != old.server, "server.listen"),
+        ):
+            if changed:
+                log.warning("this setting only takes effect after a restart", key=what)
+        for warning in new.warnings:
+            log.warning("config", warning=warning)
+        logs.configure(new.log.level, new.log.format)
+        old_endpoints = rt.endpoints
+        endpoints = {
+            name: old_endpoints[name]
+            if name in old_endpoints and old.providers.get(name) == p
+            else TokenEndpoint(p)
+            for name, p in new.providers.items()
+        }
+        rt.refresher.reconfigure(
+            providers=new.providers,
+            endpoints=endpoints,
+            schedule=new.schedule,
+            lease_duration=new.daemon.lease_duration,
+        )
+        retired = [e for name, e in old_endpoints.items() if endpoints.get(name) is not e]
+        rt.endpoints = endpoints
+        if self._scheduler is not None:
+            self._scheduler.concurrency = new.daemon.concurrency
+            self._scheduler.poll_interval = new.daemon.poll_interval
+            self._scheduler.max_grace_period = max_grace(new)
+            self._scheduler.wake()
+        self.config = new
+        self._init_metrics(rt)
+        rt.metrics.config_reloads.labels("ok").inc()
+        log.info("config reloaded", providers=sorted(new.providers))
+        # Refreshes in flight may still use a retired endpoint: close it once they are done.
+        if retired:
+            await self._close_later(retired, max(p.request_timeout for p in old.providers.values()))
+
+    async def _close_later(self, endpoints: list[TokenEndpoint], delay: float) -> None:
+        async def close() -> None:
+            try:
+                await anyio.sleep(delay * 2 + 5)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    for e in endpoints:
+                        await e.aclose()
+
+        # Owned by the root task group: it ends with the daemon at the latest.
+        assert self._tg is not None
+        self._tg.start_soon(close)
+
+    def _init_metrics(self, rt: Runtime) -> None:
+        """Every provider's series exist from the start, so rate() and alerts work at once."""
+        for name in self.config.providers:
+            rt.metrics.refresh_success.labels(name)
+            rt.metrics.grace_retries.labels(name)
+            rt.metrics.circuit_open.labels(name).set(
+                1 if rt.refresher.circuits.is_open(name) else 0
+            )
+            for state in State:
+                rt.metrics.token_sets.labels(name, state.value)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            self._beat = self.clock.monotonic()
+            await anyio.sleep(HEARTBEAT_INTERVAL)
+
+    async def _gauges(self, rt: Runtime) -> None:
+        while True:
+            try:
+                counts = await rt.store.counts()
+            except StoreError as exc:
+                log.warning("cannot count token sets", error=str(exc))
+            else:
+                providers = set(self.config.providers) | {p for p, _ in counts}
+                for provider in providers:
+                    for state in State:
+                        rt.metrics.token_sets.labels(provider, state.value).set(
+                            counts.get((provider, state.value), 0)
+                        )
+            await anyio.sleep(GAUGE_INTERVAL)
+
+    def _liveness(self) -> list[str]:
+        late = self.clock.monotonic() - self._beat
+        if late > LIVENESS_LIMIT:
+            return [f"event loop heartbeat is {late:.0f}s late"]
+        return []
+
+    async def _readiness(self) -> list[str]:
+        problems: list[str] = []
+        if self._stop.is_set():
+            problems.append("shutting down")
+        if self._rt is None:
+            return [*problems, "not started"]
+        try:
+            await self._rt.store.ping()
+        except StoreError as exc:
+            problems.append(f"database: {exc}")
+        if self._scheduler is not None and not self._scheduler.storage_ok:
+            problems.append("database: the scheduler cannot read it")
+        return problems

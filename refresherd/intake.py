@@ -1,0 +1,195 @@
+"""Token sets coming in from outside (``tokens add``, ``tokens import``): validate, plan, build.
+
+Pure: input is the decoded JSON and ``now``; output is a :class:`NewTokenSet` or a ValueError
+that says which field is wrong. Unknown fields (``id_token``, ``scope`` extras a real IdP sends)
+are ignored, so a token response can be piped in as it came.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator, Mapping
+from datetime import datetime
+from typing import IO, Any
+
+from refresherd import policy
+from refresherd.config import ScheduleConfig
+from refresherd.model import Secret, validate_token_set_id
+from refresherd.store import NewTokenSet
+
+MAX_LINE_BYTES = 1024 * 1024
+
+
+class InputError(ValueError):
+    """Bad token input; ``where`` names the line (import) or the source."""
+
+    def __init__(self, where: str, message: str) -> None:
+        self.where = where
+        super().__init__(f"{where}: {message}")
+
+
+def _optional_str(data: Mapping[str, Any], key: str) -> str | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{key} must be a non-empty string")
+    return value
+
+
+def _number(data: Mapping[str, Any], key: str) -> float | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(f"{key} must be a number") from None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{key} must be a number")
+    return float(value)
+
+
+def _expires_at(data: Mapping[str, Any], now: float) -> tuple[float | None, float | None]:
+    """(expires_at, lifetime) from ``expires_in`` (preferred) or ``expires_at``."""
+    expires_in = _number(data, "expires_in")
+    if expires_in is not None:
+        if expires_in < 0:
+            raise ValueError("expires_in must not be negative")
+        return now + expires_in, expires_in
+    raw = data.get("expires_at")
+    if raw is None:
+        return None, None
+    if isinstance(raw, str) and not raw.strip().lstrip("-").replace(".", "", 1).isdigit():
+        try:
+            parsed = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+        except ValueError:
+            raise ValueError("expires_at must be Unix seconds or an RFC 3339 time") from None
+        if parsed.tzinfo is None:
+            raise ValueError("expires_at must carry a time zone (e.g. a trailing Z)")
+        return parsed.timestamp(), None
+    value = _number(data, "expires_at")
+    assert value is not None
+    return value, None
+
+
+def token_set_from_json(
+    data: object,
+    *,
+    token_set_id: str,
+    provider: str,
+    now: float,
+    schedule: ScheduleConfig,
+    rand: float,
+) -> NewTokenSet:
+    if not isinstance(data, dict):
+        raise ValueError("expected a JSON object (a token response)")
+    refresh = data.get("refresh_token")
+    if not isinstance(refresh, str) or not refresh:
+        raise ValueError("refresh_token is required and must be a non-empty string")
+    access = _optional_str(data, "access_token")
+    token_type = _optional_str(data, "token_type")
+    scope = _optional_str(data, "scope")
+    expires_at, lifetime = _expires_at(data, now)
+    # Without an access token there is nothing to keep fresh yet: due at once.
+    plan_expiry = expires_at if access is not None else None
+    next_at = policy.plan_next_refresh(
+        now=now, expires_at=plan_expiry, lifetime=lifetime, cfg=schedule, rand=rand
+    )
+    return NewTokenSet(
+        id=validate_token_set_id(token_set_id),
+        provider=provider,
+        refresh_token=Secret(refresh),
+        access_token=Secret(access) if access is not None else None,
+        expires_at=expires_at if access is not None else None,
+        next_refresh_at=next_at,
+        token_type=token_type,
+        scope=scope,
+    )
+
+
+def parse_single(
+    text: str,
+    *,
+    token_set_id: str,
+    provider: str,
+    now: float,
+    schedule: ScheduleConfig,
+    rand: float,
+) -> NewTokenSet:
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise InputError(
+            "stdin",
+            f"not valid JSON ({exc.__class__.__name__} at "
+            f"line {getattr(exc, 'lineno', '?')} column {getattr(exc, 'colno', '?')})",
+        ) from None
+    try:
+        return token_set_from_json(
+            data,
+            token_set_id=token_set_id,
+            provider=provider,
+            now=now,
+            schedule=schedule,
+            rand=rand,
+        )
+    except ValueError as exc:
+        raise InputError("stdin", str(exc)) from None
+
+
+def parse_lines(
+    stream: IO[str],
+    *,
+    source: str,
+    providers: Mapping[str, object],
+    now: float,
+    schedule: ScheduleConfig,
+    rand: Iterator[float],
+) -> list[NewTokenSet]:
+    """JSON Lines of ``{"id", "provider", ...token response}``; the first bad line raises."""
+    items: list[NewTokenSet] = []
+    seen: set[str] = set()
+    for number, line in enumerate(stream, start=1):
+        where = f"{source}:{number}"
+        if len(line) > MAX_LINE_BYTES:
+            raise InputError(where, f"line longer than {MAX_LINE_BYTES} bytes")
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line)
+        except ValueError as exc:
+            raise InputError(
+                where,
+                f"not valid JSON ({exc.__class__.__name__} at column {getattr(exc, 'colno', '?')})",
+            ) from None
+        try:
+            if not isinstance(data, dict):
+                raise ValueError("expected a JSON object")
+            token_set_id = data.get("id")
+            if not isinstance(token_set_id, str):
+                raise ValueError("id is required and must be a string")
+            provider = data.get("provider")
+            if not isinstance(provider, str):
+                raise ValueError("provider is required and must be a string")
+            if provider not in providers:
+                known = ", ".join(sorted(providers))
+                raise ValueError(f"provider {provider!r} is not configured (known: {known})")
+            if token_set_id in seen:
+                raise ValueError(f"id {token_set_id!r} appears twice in the input")
+            seen.add(token_set_id)
+            items.append(
+                token_set_from_json(
+                    data,
+                    token_set_id=token_set_id,
+                    provider=provider,
+                    now=now,
+                    schedule=schedule,
+                    rand=next(rand),
+                )
+            )
+        except ValueError as exc:
+            raise InputError(where, str(exc)) from None
+    return items
