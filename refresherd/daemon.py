@@ -26,6 +26,7 @@ from refresherd.model import State
 from refresherd.ownership import OwnerLock
 from refresherd.refresher import Clock, Refresher, SystemClock
 from refresherd.scheduler import Scheduler
+from refresherd.sdnotify import Notifier
 from refresherd.server import App, bind_socket, serve
 from refresherd.store import Store, StoreError
 
@@ -111,6 +112,7 @@ class Daemon:
         self._scheduler: Scheduler | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self.listen_address: tuple[str, int] | None = None
+        self.notifier = Notifier()
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -175,6 +177,8 @@ class Daemon:
             if sock is not None:
                 tg.start_soon(serve, app, sock, server_stop)
             await tg.start(self._work, scheduler, server_stop, tg.cancel_scope)
+            # The store is open and migrated, the listener bound, the scheduler running.
+            self.notifier.notify("READY=1", "STATUS=refreshing token sets")
             if self.on_ready is not None:
                 self.on_ready(self)
         log.info("refresherd stopped")
@@ -194,6 +198,7 @@ class Daemon:
             task_status.started()
             await self._stop.wait()
             log.info("shutting down", in_flight=scheduler.running)
+            self.notifier.notify("STOPPING=1", "STATUS=draining in-flight refreshes")
             scheduler.stop()
             # Bounded drain: refreshes in flight may finish and persist until the deadline.
             work.cancel_scope.deadline = anyio.current_time() + self.config.daemon.shutdown_timeout
@@ -219,6 +224,13 @@ class Daemon:
 
     async def reload(self) -> None:
         """Re-read the config; keep the old one, and say why, if the new one is bad."""
+        self.notifier.notify("RELOADING=1")
+        try:
+            await self._reload()
+        finally:
+            self.notifier.notify("READY=1")
+
+    async def _reload(self) -> None:
         assert self._rt is not None
         rt = self._rt
         if self.config_path is None:
@@ -293,9 +305,15 @@ class Daemon:
                 rt.metrics.token_sets.labels(name, state.value)
 
     async def _heartbeat(self) -> None:
+        """Proves the event loop runs: for /healthz, and for systemd's watchdog."""
+        interval = HEARTBEAT_INTERVAL
+        if self.notifier.watchdog_interval is not None:
+            interval = min(interval, self.notifier.watchdog_interval)
         while True:
             self._beat = self.clock.monotonic()
-            await anyio.sleep(HEARTBEAT_INTERVAL)
+            if self.notifier.watchdog_interval is not None:
+                self.notifier.notify("WATCHDOG=1")
+            await anyio.sleep(interval)
 
     async def _gauges(self, rt: Runtime) -> None:
         while True:
