@@ -6,6 +6,7 @@ systemd, or Type=simple) every call is a no-op.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from collections.abc import Mapping
@@ -29,9 +30,9 @@ class Notifier:
     def notify(self, *states: str) -> None:
         if not self._address:
             return
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            try:
-                sock.sendto("\n".join(states).encode(), self._address)
-            except OSError:
-                # The manager went away (or never listened): nothing useful to do about it.
-                pass
+        # If the manager went away (or never listened) there is nothing useful to do about it.
+        with (
+            socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock,
+            contextlib.suppress(OSError),
+        ):
+            sock.sendto("\n".join(states).encode(), self._address)
