@@ -132,10 +132,22 @@ async def _refresh(config: Config, token_set_id: str) -> int:
     if result.ok:
         return 0
     if result.outcome == "not_found":
-        return EX_NOINPUT
-    if result.outcome in ("leased", "circuit_open"):
-        return EX_TEMPFAIL
-    return EX_FAILURE
+        return _fail(f"no token set with id {token_set_id!r}", EX_NOINPUT)
+    if result.outcome == "leased":
+        return _fail(
+            f"refresh {token_set_id}: another refresherd process holds its lease "
+            f"({result.detail or 'leased'}) and is refreshing it; try again later",
+            EX_TEMPFAIL,
+        )
+    if result.outcome == "circuit_open":
+        return _fail(
+            f"refresh {token_set_id}: the IdP refused our client credentials "
+            f"({result.reason or 'invalid_client'}); check the provider's client_id and secret",
+            EX_TEMPFAIL,
+        )
+    why = ": ".join(part for part in (result.reason, result.detail) if part)
+    message = f"refresh {token_set_id}: {result.outcome}" + (f" ({why})" if why else "")
+    return _fail(message, EX_FAILURE)
 
 
 def token_set_json(ts: TokenSet, *, reveal: bool) -> dict[str, Any]:
@@ -219,8 +231,13 @@ async def _tokens(config: Config, args: argparse.Namespace) -> int:
         store = await Store.open(config.daemon.database)
         try:
             count = await store.add_many(items, now=time.time())
-        except TokenSetExists as exc:
-            return _fail(f"tokens {action}: {exc}; nothing was added", EX_DATAERR)
+        except TokenSetExists:
+            taken = await _first_existing(store, items)
+            which = f"id {taken!r}" if taken is not None else "an id"
+            return _fail(
+                f"tokens {action}: {which} exists already (remove it first); nothing was added",
+                EX_DATAERR,
+            )
         finally:
             await store.close()
         if action == "add":
@@ -258,6 +275,14 @@ async def _tokens(config: Config, args: argparse.Namespace) -> int:
     finally:
         await store.close()
     raise AssertionError(action)
+
+
+async def _first_existing(store: Store, items: Sequence[NewTokenSet]) -> str | None:
+    """The first id of ``items`` that the store holds already (to name it in the error)."""
+    for item in items:
+        if await store.get(item.id) is not None:
+            return item.id
+    return None
 
 
 async def _list(store: Store, *, as_json: bool, reveal: bool) -> None:

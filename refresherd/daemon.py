@@ -36,6 +36,8 @@ GAUGE_INTERVAL: Final = 10.0
 HEARTBEAT_INTERVAL: Final = 1.0
 # The event loop is called stuck when the heartbeat is this late.
 LIVENESS_LIMIT: Final = 15.0
+# How long the HTTP listener may take to close after the refreshes have drained.
+SERVER_STOP_TIMEOUT: Final = 5.0
 
 
 def build_endpoints(providers: Mapping[str, ProviderConfig]) -> dict[str, TokenEndpoint]:
@@ -159,6 +161,7 @@ class Daemon:
         )
         self._scheduler = scheduler
         server_stop = anyio.Event()
+        server_done = anyio.Event()
         app = App(metrics=rt.metrics, liveness=self._liveness, readiness=self._readiness)
         log.info(
             "refresherd started",
@@ -175,8 +178,10 @@ class Daemon:
             tg.start_soon(self._heartbeat)
             tg.start_soon(self._gauges, rt)
             if sock is not None:
-                tg.start_soon(serve, app, sock, server_stop)
-            await tg.start(self._work, scheduler, server_stop, tg.cancel_scope)
+                tg.start_soon(self._serve, app, sock, server_stop, server_done)
+            else:
+                server_done.set()
+            await tg.start(self._work, scheduler, server_stop, server_done, tg.cancel_scope)
             # The store is open and migrated, the listener bound, the scheduler running.
             self.notifier.notify("READY=1", "STATUS=refreshing token sets")
             if self.on_ready is not None:
@@ -184,10 +189,20 @@ class Daemon:
         log.info("refresherd stopped")
         return 0
 
+    @staticmethod
+    async def _serve(
+        app: App, sock: socket.socket, server_stop: anyio.Event, server_done: anyio.Event
+    ) -> None:
+        try:
+            await serve(app, sock, server_stop)
+        finally:
+            server_done.set()
+
     async def _work(
         self,
         scheduler: Scheduler,
         server_stop: anyio.Event,
+        server_done: anyio.Event,
         root: anyio.CancelScope,
         *,
         task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
@@ -207,7 +222,11 @@ class Daemon:
                 "shutdown timeout: cancelled refreshes still in flight; "
                 "their journal entries will be recovered at the next start"
             )
+        # Let the listener close its connections (a scraper's keep-alive one, say) before the
+        # root scope is cancelled: Hypercorn cancelled inside its graceful shutdown crashes.
         server_stop.set()
+        with anyio.move_on_after(SERVER_STOP_TIMEOUT):
+            await server_done.wait()
         root.cancel()
 
     async def _signals(self, root: anyio.CancelScope) -> None:
@@ -251,7 +270,6 @@ class Daemon:
                 log.warning("this setting only takes effect after a restart", key=what)
         for warning in new.warnings:
             log.warning("config", warning=warning)
-        logs.configure(new.log.level, new.log.format)
         old_endpoints = rt.endpoints
         endpoints = {
             name: old_endpoints[name]
@@ -275,7 +293,12 @@ class Daemon:
         self.config = new
         self._init_metrics(rt)
         rt.metrics.config_reloads.labels("ok").inc()
-        log.info("config reloaded", providers=sorted(new.providers))
+        # Announced at the more verbose of the old and new levels, so that a reload that changes
+        # the log level (say, info to warning) is still confirmed; then the new level applies.
+        verbose = min(old.log.level, new.log.level, key=lambda level: logs.LEVELS[level])
+        logs.configure(verbose, new.log.format)
+        log.info("config reloaded", providers=sorted(new.providers), log_level=new.log.level)
+        logs.configure(new.log.level, new.log.format)
         # Refreshes in flight may still use a retired endpoint: close it once they are done.
         if retired:
             await self._close_later(retired, max(p.request_timeout for p in old.providers.values()))

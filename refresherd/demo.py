@@ -75,6 +75,11 @@ async def run_demo(*, token_sets: int, lifetime: float, listen: str, duration: f
             store = await Store.open(config.daemon.database)
             now = time.time()
             rng = random.Random()
+            # Planned as if the customers had authorized at different moments of the last
+            # lifetime, so that refreshes start at once and keep a steady pace, as in a real
+            # deployment, instead of all waiting for the first lifetime to run out. (Their
+            # recorded expiry is then earlier than the fake IdP's, which only errs on the safe
+            # side.)
             try:
                 await store.add_many(
                     [
@@ -82,7 +87,7 @@ async def run_demo(*, token_sets: int, lifetime: float, listen: str, duration: f
                             idp.issue(f"customer-{i:04d}"),
                             token_set_id=f"customer-{i:04d}",
                             provider="demo",
-                            now=now,
+                            now=now - lifetime * (i - 1) / token_sets,
                             schedule=config.schedule,
                             rand=rng.random(),
                         )

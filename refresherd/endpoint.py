@@ -11,6 +11,7 @@ import json
 import math
 import time
 from base64 import b64encode
+from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import Any, Final
 from urllib.parse import quote_plus
@@ -22,6 +23,20 @@ from refresherd.config import ProviderConfig
 from refresherd.model import AuthMethod, Failure, FailureKind, Grant, Secret
 
 MAX_BODY_BYTES: Final = 1024 * 1024
+_KNOWN_FIELDS: Final = frozenset(
+    {
+        "access_token",
+        "token_type",
+        "expires_in",
+        "refresh_token",
+        "scope",
+        "id_token",
+        "error",
+        "error_description",
+        "error_uri",
+    }
+)
+REDACTED: Final = "[redacted]"
 MAX_RETRY_AFTER: Final = 24 * 3600.0
 USER_AGENT: Final = "refresherd/0.1"
 
@@ -73,36 +88,84 @@ class OAuthError(EndpointError):
     kind = FailureKind.OAUTH_ERROR
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for key, value in pairs:
         if key in result:
-            raise ValueError(f"duplicate key {key!r}")
+            # The key is IdP-supplied text: name it only if it is one we know.
+            shown = repr(key) if key in _KNOWN_FIELDS else "a key"
+            raise _DuplicateKey(f"the JSON object has {shown} more than once")
         result[key] = value
     return result
 
 
-def _load_json_object(body: bytes) -> dict[str, Any] | None:
-    """The body as a JSON object, or None if it is not one (HTML, truncated, a list...)."""
+def _load_json(body: bytes) -> dict[str, Any]:
+    """The body as a JSON object; ValueError saying why not (HTML, truncated, a list...).
+
+    The messages never quote the body: it may hold tokens.
+    """
     try:
-        value = json.loads(body.decode("utf-8"), object_pairs_hook=_reject_duplicates)
-    except (UnicodeDecodeError, ValueError, RecursionError):
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("the body is not UTF-8 text") from None
+    if not text.strip():
+        raise ValueError("the body is empty")
+    try:
+        value = json.loads(text, object_pairs_hook=_reject_duplicates)
+    except _DuplicateKey as exc:
+        raise ValueError(str(exc)) from None
+    except json.JSONDecodeError as exc:
+        # exc.msg is json's own wording ("Expecting value", ...), never the document.
+        raise ValueError(f"the body is not valid JSON ({exc.msg} at byte {exc.pos})") from None
+    except (ValueError, RecursionError):
+        raise ValueError("the body is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"the body is JSON but not an object (a {_json_type(value)})")
+    return value
+
+
+def _json_type(value: object) -> str:
+    match value:
+        case bool():
+            return "boolean"
+        case int() | float():
+            return "number"
+        case str():
+            return "string"
+        case list():
+            return "list"
+        case None:
+            return "null"
+        case _:
+            return "object"
+
+
+def _load_json_object(body: bytes) -> dict[str, Any] | None:
+    """The body as a JSON object, or None if it is not one."""
+    try:
+        return _load_json(body)
+    except ValueError:
         return None
-    return value if isinstance(value, dict) else None
 
 
-def _safe_text(value: object, limit: int = 200) -> str:
-    """An IdP-supplied string fit for a log line: printable, bounded."""
+def _safe_text(value: object, limit: int = 200, secrets: tuple[Secret, ...] = ()) -> str:
+    """An IdP-supplied string fit for a log line: printable, bounded, and without the secrets
+    we sent (an IdP that echoes the presented refresh token must not put it in our logs)."""
     text = str(value)
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret.reveal(), REDACTED)
     text = "".join(ch if ch.isprintable() else "?" for ch in text)
     return text[:limit]
 
 
 def parse_grant(body: bytes) -> Grant:
     """Validate a 2xx token response. Raises ValueError naming the field that is wrong."""
-    data = _load_json_object(body)
-    if data is None:
-        raise ValueError("the body is not a JSON object")
+    data = _load_json(body)
     access = data.get("access_token")
     if not isinstance(access, str) or not access:
         raise ValueError("access_token is missing or not a non-empty string")
@@ -119,6 +182,12 @@ def parse_grant(body: bytes) -> Grant:
     id_token = data.get("id_token")
     if id_token is not None and not isinstance(id_token, str):
         raise ValueError("id_token is not a string")
+    # JSON escapes can spell lone surrogates, which neither SQLite nor the next request's form
+    # can encode: such a grant would fail only later, on the way to disk.
+    for name in ("access_token", "token_type", "refresh_token", "scope", "id_token"):
+        value = data.get(name)
+        if isinstance(value, str) and not _encodable(value):
+            raise ValueError(f"{name} is not valid Unicode text")
     return Grant(
         access_token=Secret(access),
         token_type=token_type,
@@ -127,6 +196,14 @@ def parse_grant(body: bytes) -> Grant:
         scope=scope,
         id_token=Secret(id_token) if id_token else None,
     )
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _parse_expires_in(value: object) -> float | None:
@@ -140,7 +217,10 @@ def _parse_expires_in(value: object) -> float | None:
             raise ValueError("expires_in is not a number") from None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError("expires_in is not a number")
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer literal beyond any float
+        raise ValueError("expires_in is larger than ten years") from None
     if not math.isfinite(number) or number < 0:
         raise ValueError("expires_in is negative or not finite")
     if number > 10 * 365 * 86400:
@@ -153,24 +233,32 @@ def parse_retry_after(value: str | None) -> float | None:
     if value is None:
         return None
     value = value.strip()
-    if value.isdigit():
+    # isdigit() alone also accepts "²" and other non-ASCII digits, which float() refuses.
+    if value.isascii() and value.isdigit():
         return min(float(value), MAX_RETRY_AFTER)
     try:
         when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+        if when.tzinfo is None:  # "-0000": UTC without a claim about local time
+            when = when.replace(tzinfo=UTC)
+        delay = when.timestamp() - time.time()
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
-    return min(max(when.timestamp() - time.time(), 0.0), MAX_RETRY_AFTER)
+    return min(max(delay, 0.0), MAX_RETRY_AFTER)
 
 
-def _oauth_error(status: int, body: bytes) -> EndpointError:
+def _oauth_error(status: int, body: bytes, secrets: tuple[Secret, ...] = ()) -> EndpointError:
     """Classify a non-2xx answer that reached us in full."""
-    data = _load_json_object(body)
+    if 300 <= status < 400:
+        # Not followed: the form holds the refresh token and the client secret, and a token
+        # endpoint that redirects is misconfigured. The request was not processed here.
+        return OAuthError("http_error", f"HTTP {status}: redirect not followed", status=status)
+    data = _load_json_object(body) if 400 <= status < 500 else None
     code = data.get("error") if data else None
     description = data.get("error_description") if data else None
-    code_text = _safe_text(code, 60) if isinstance(code, str) else None
+    code_text = _safe_text(code, 60, secrets) if isinstance(code, str) else None
     detail = f"HTTP {status}" + (f" error={code_text}" if code_text else "")
     if isinstance(description, str):
-        detail += f" ({_safe_text(description)})"
+        detail += f" ({_safe_text(description, secrets=secrets)})"
     if code_text == "invalid_grant":
         return InvalidGrant("invalid_grant", detail, status=status)
     if code_text in ("invalid_client", "unauthorized_client"):
@@ -246,7 +334,7 @@ class TokenEndpoint:
             )
         if status >= 500:
             raise Ambiguous("server_error", f"HTTP {status}", status=status)
-        raise _oauth_error(status, body)
+        raise _oauth_error(status, body, (refresh_token, self.provider.client_secret))
 
     async def _send(
         self, request: httpx.Request, timeout: float

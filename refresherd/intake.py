@@ -19,6 +19,8 @@ from refresherd.model import Secret, validate_token_set_id
 from refresherd.store import NewTokenSet
 
 MAX_LINE_BYTES = 1024 * 1024
+# No access token lives this long (the same bound as endpoint.parse_expires_in).
+MAX_LIFETIME = 10 * 365 * 86400.0
 
 
 class InputError(ValueError):
@@ -47,9 +49,15 @@ def _number(data: Mapping[str, Any], key: str) -> float | None:
             value = float(value)
         except ValueError:
             raise ValueError(f"{key} must be a number") from None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"{key} must be a number")
-    return float(value)
+    try:
+        number = float(value)  # a JSON integer can be too large for a float
+    except OverflowError:
+        raise ValueError(f"{key} must be a finite number") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{key} must be a finite number")
+    return number
 
 
 def _expires_at(data: Mapping[str, Any], now: float) -> tuple[float | None, float | None]:
@@ -58,20 +66,29 @@ def _expires_at(data: Mapping[str, Any], now: float) -> tuple[float | None, floa
     if expires_in is not None:
         if expires_in < 0:
             raise ValueError("expires_in must not be negative")
+        if expires_in > MAX_LIFETIME:
+            raise ValueError("expires_in is larger than ten years")
         return now + expires_in, expires_in
     raw = data.get("expires_at")
     if raw is None:
         return None, None
     if isinstance(raw, str) and not raw.strip().lstrip("-").replace(".", "", 1).isdigit():
         try:
-            parsed = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+            text = raw.strip()
+            if text[-1:] in ("Z", "z"):  # RFC 3339 allows a lower-case z
+                text = text[:-1] + "+00:00"
+            parsed = datetime.fromisoformat(text)
         except ValueError:
             raise ValueError("expires_at must be Unix seconds or an RFC 3339 time") from None
         if parsed.tzinfo is None:
             raise ValueError("expires_at must carry a time zone (e.g. a trailing Z)")
-        return parsed.timestamp(), None
-    value = _number(data, "expires_at")
+        value: float | None = parsed.timestamp()
+    else:
+        value = _number(data, "expires_at")
     assert value is not None
+    if value > now + MAX_LIFETIME:
+        # Most likely milliseconds: planned from it, the token would never be refreshed.
+        raise ValueError("expires_at is more than ten years ahead (Unix seconds expected)")
     return value, None
 
 
@@ -121,6 +138,8 @@ def parse_single(
 ) -> NewTokenSet:
     try:
         data = json.loads(text)
+    except RecursionError:
+        raise InputError("stdin", "not valid JSON (nested too deeply)") from None
     except ValueError as exc:
         raise InputError(
             "stdin",
@@ -160,6 +179,8 @@ def parse_lines(
             continue
         try:
             data = json.loads(line)
+        except RecursionError:
+            raise InputError(where, "not valid JSON (nested too deeply)") from None
         except ValueError as exc:
             raise InputError(
                 where,

@@ -82,7 +82,9 @@ def attempt_timeout(
     """Per-attempt timeout, planned so that a retry of a one-time token still starts in grace.
 
     A non-final attempt gets at most half of what is left of the window; the attempt after which
-    no retry could start anyway gets the full ``request_timeout``.
+    no retry could start anyway gets the full ``request_timeout``. ``attempt.sends`` counts this
+    send too, and :func:`decide` allows a retry while ``sends < MAX_GRACE_SENDS``: the final
+    send is number MAX_GRACE_SENDS.
     """
     deadline = grace_deadline(attempt, grace_period)
     if usage is RefreshTokenUsage.REUSE or deadline is None:
@@ -90,7 +92,7 @@ def attempt_timeout(
     assert attempt is not None
     remaining = deadline - now
     half = remaining / 2.0
-    if attempt.sends + 1 >= MAX_GRACE_SENDS or half < MIN_ATTEMPT_TIMEOUT:
+    if attempt.sends >= MAX_GRACE_SENDS or half < MIN_ATTEMPT_TIMEOUT:
         return request_timeout
     return min(request_timeout, half)
 
@@ -183,7 +185,8 @@ def decide(failure: Failure, ctx: FailureContext, cfg: ScheduleConfig, rand: flo
         wait = min(max(failure.retry_after, 0.0), cfg.retry_after_max)
         if in_grace and deadline is not None and ctx.now + wait < deadline:
             return RetryNow(delay=wait, grace=True)
-        return Backoff(at=ctx.now + wait)
+        # "Retry-After: 0" (or a date in the past) must not become a tight loop of refreshes.
+        return Backoff(at=ctx.now + max(wait, cfg.min_interval))
     # Any other OAuth error or unexpected 4xx: not processed, probably a configuration problem;
     # retry rarely so a fix is picked up without a restart.
     return Backoff(at=ctx.now + cfg.backoff_max * (0.5 + 0.5 * rand))

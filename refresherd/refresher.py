@@ -110,6 +110,14 @@ class ProviderCircuits:
         c = self._circuits.pop(provider, None)
         return c is not None and c.openings > 0
 
+    def end_probe(self, provider: str) -> None:
+        """The probe ended without the IdP judging our credentials (cancelled, a storage error,
+        the set moved on): the next refresh probes instead, rather than the provider staying
+        paused until a restart."""
+        c = self._circuits.get(provider)
+        if c is not None:
+            c.probing = False
+
     def is_open(self, provider: str) -> bool:
         c = self._circuits.get(provider)
         return c is not None and c.openings > 0
@@ -221,16 +229,22 @@ class Refresher:
         if provider is None or endpoint is None:
             return await self._unknown_provider(ts)
         if not self.circuits.admit(ts.provider, now):
-            await self._release(ts.id)
+            await self._release_quietly(ts.id)
             return RefreshResult("circuit_open", token_set=ts, reason="invalid_client")
+        # Admitted while the circuit is open: this refresh is the provider's one probe.
+        probe = self.circuits.is_open(ts.provider)
 
         result: RefreshResult | None = None
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._keep_lease, ts.id)
-            try:
-                result = await self._attempts(ts, provider, endpoint)
-            finally:
-                tg.cancel_scope.cancel()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._keep_lease, ts.id)
+                try:
+                    result = await self._attempts(ts, provider, endpoint)
+                finally:
+                    tg.cancel_scope.cancel()
+        finally:
+            if probe:
+                self.circuits.end_probe(ts.provider)
         assert result is not None
         duration = self.clock.monotonic() - started
         if result.outcome != "circuit_open":

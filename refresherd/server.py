@@ -6,6 +6,7 @@ installs no signal handlers and ends when the daemon does.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -133,9 +134,16 @@ async def serve(
     config.keep_alive_timeout = 5.0
     host, port = sock.getsockname()[:2]
     log.info("listening", address=f"{host}:{port}")
-    await worker_serve(
-        wrap_app(app, config.wsgi_max_body_size, "asgi"),  # type: ignore[arg-type]
-        config,
-        sockets=Sockets(secure_sockets=[], insecure_sockets=[sock], quic_sockets=[]),
-        shutdown_trigger=shutdown.wait,
-    )
+    try:
+        await worker_serve(
+            wrap_app(app, config.wsgi_max_body_size, "asgi"),  # type: ignore[arg-type]
+            config,
+            sockets=Sockets(secure_sockets=[], insecure_sockets=[sock], quic_sockets=[]),
+            shutdown_trigger=shutdown.wait,
+        )
+    except asyncio.InvalidStateError:
+        # Hypercorn raises this instead of CancelledError when it is cancelled while waiting
+        # for open connections in its graceful shutdown. The daemon waits for the listener
+        # before cancelling, so this is a second stop signal: the process is ending anyway.
+        if not shutdown.is_set():
+            raise

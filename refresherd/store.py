@@ -23,6 +23,8 @@ from refresherd.model import Attempt, Secret, State, TokenSet
 
 BUSY_TIMEOUT_MS: Final = 5000
 READ_CONTRACT_VIEW: Final = "refresherd_access_tokens"
+# Ids per ``IN (...)`` query: well below SQLite's bound-parameter limit.
+_ID_CHUNK: Final = 500
 
 # Each entry moves the schema from version i to i+1 (PRAGMA user_version). Never edit a
 # released entry: append a new one.
@@ -158,6 +160,10 @@ class Store:
                 _create_private_file(path)
             elif not path.exists():
                 raise StoreError(f"database {path}: no such file")
+            if not path.is_file():
+                # Refused here: a failed aiosqlite.connect leaves its worker thread to report
+                # to an event loop that may be gone by then ("Exception in thread" at exit).
+                raise StoreError(f"database {path}: not a regular file")
             conn = await aiosqlite.connect(str(path), isolation_level=None)
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"database {path}: cannot open: {exc}") from exc
@@ -173,13 +179,32 @@ class Store:
     async def _setup(self) -> None:
         try:
             await self._conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            mode = await self._fetch_value("PRAGMA journal_mode = WAL")
+            mode = await self._switch_to_wal()
             if str(mode).lower() != "wal":
                 raise StoreError(f"database {self.path}: cannot switch to WAL (got {mode})")
             await self._conn.execute("PRAGMA synchronous = FULL")
             await self._migrate()
         except sqlite3.Error as exc:
             raise StoreError(f"database {self.path}: {exc}") from exc
+
+    async def _switch_to_wal(self) -> Any:
+        """``PRAGMA journal_mode = WAL``, retried while another connection holds a lock.
+
+        Leaving rollback mode needs an exclusive lock, and SQLite answers SQLITE_BUSY at once,
+        without its busy handler, when that would mean waiting on a connection that waits for
+        us; two processes opening a new database together (daemon and CLI) meet exactly that.
+        """
+        deadline = anyio.current_time() + BUSY_TIMEOUT_MS / 1000
+        delay = 0.005
+        while True:
+            try:
+                return await self._fetch_value("PRAGMA journal_mode = WAL")
+            except sqlite3.OperationalError as exc:
+                busy = exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY
+                if not busy or anyio.current_time() >= deadline:
+                    raise
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 0.1)
 
     async def _migrate(self) -> None:
         async with self._transaction():
@@ -210,8 +235,8 @@ class Store:
 
     async def data_version(self) -> int:
         """Changes whenever another connection commits (cheap cross-process change signal)."""
-        async with self._lock:
-            return int(await self._fetch_value("PRAGMA data_version"))
+        rows = await self._read("PRAGMA data_version")
+        return int(rows[0][0])
 
     # ---- helpers ---------------------------------------------------------------------------
 
@@ -260,7 +285,8 @@ class Store:
         await self.add_many([new], now=now)
 
     async def add_many(self, items: Iterable[NewTokenSet], *, now: float) -> int:
-        """Insert all or nothing. An id that exists already raises TokenSetExists."""
+        """Insert all or nothing. An id that exists already (or twice) raises TokenSetExists."""
+        items = list(items)
         rows = [
             {
                 "id": n.id,
@@ -287,12 +313,36 @@ class Store:
                             rows,
                         )
                 except sqlite3.IntegrityError as exc:
-                    raise TokenSetExists(
-                        "a token set with that id exists already (remove it first)"
-                    ) from exc
+                    try:
+                        message = await self._conflict([n.id for n in items])
+                    except sqlite3.Error:
+                        message = None
+                    if message is None:
+                        raise StoreError(f"database {self.path}: {exc}") from exc
+                    raise TokenSetExists(message) from exc
                 except sqlite3.Error as exc:
                     raise StoreError(f"database {self.path}: {exc}") from exc
         return len(rows)
+
+    async def _conflict(self, ids: Sequence[str]) -> str | None:
+        """Name the first of ``ids`` that is stored already or repeats an earlier one (SQLite's
+        constraint error does not say which row failed). The caller holds ``self._lock``."""
+        stored: set[str] = set()
+        for start in range(0, len(ids), _ID_CHUNK):
+            chunk = list(ids[start : start + _ID_CHUNK])
+            marks = ", ".join("?" * len(chunk))
+            async with self._conn.execute(
+                f"SELECT id FROM token_sets WHERE id IN ({marks})", chunk
+            ) as cur:
+                stored.update(r[0] for r in await cur.fetchall())
+        seen: set[str] = set()
+        for token_set_id in ids:
+            if token_set_id in stored:
+                return f"token set {token_set_id!r} exists already (remove it first)"
+            if token_set_id in seen:
+                return f"token set {token_set_id!r} appears twice in the input"
+            seen.add(token_set_id)
+        return None
 
     async def get(self, token_set_id: str) -> TokenSet | None:
         rows = await self._read("SELECT * FROM token_sets WHERE id = ?", (token_set_id,))

@@ -1,0 +1,1109 @@
+"""The Refresher end to end: a real FakeIdP on loopback, a real SQLite Store, real metrics and the
+real structlog output. One test per row of DESIGN.md's failure table, each checking the outcome,
+what is stored, the metric and the log line; then single-flight, leases, crash recovery and
+isolation between token sets.
+
+Nothing here is timed: waits are polls with generous deadlines, and the grace periods are short
+(4-5 s) only so that the module stays quick.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import random
+import socket
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import structlog
+
+from refresherd import logs as refresher_logs
+from refresherd.config import ProviderConfig, ScheduleConfig
+from refresherd.endpoint import Ambiguous, TokenEndpoint
+from refresherd.metrics import Metrics
+from refresherd.model import RefreshTokenUsage, Secret, State, TokenSet
+from refresherd.refresher import Refresher, RefreshResult
+from refresherd.store import NewTokenSet, Store
+from refresherd.testing import FakeIdP, FaultKind
+
+CLIENT_ID = "refresherd-test"
+CLIENT_SECRET = "cs_refresher-test-9d2f7e4b1a"
+ROTATED_SECRET = "cs_rotated-at-the-idp-5c8e3f"
+PROVIDER = "p"
+DEADLINE = 30.0  # for polls: generous, never a performance claim
+
+SCHEDULE = ScheduleConfig(
+    refresh_fraction=0.8,
+    min_margin=60.0,
+    jitter=0.1,
+    min_interval=1.0,
+    default_expires_in=3600.0,
+    backoff_initial=10.0,
+    backoff_max=600.0,
+    retry_after_max=20.0,
+    circuit_backoff_initial=1.0,
+    circuit_backoff_max=2.0,
+)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+# --------------------------------------------------------------------------- logs
+
+
+# Everything this module logged, and every IdP it used: scanned for leaks at the end.
+_MODULE_LOG: list[str] = []
+_MODULE_IDPS: list[FakeIdP] = []
+
+
+class LogCapture:
+    """refresherd's structlog output, as JSON lines in memory."""
+
+    def __init__(self) -> None:
+        self.stream = io.StringIO()
+
+    @property
+    def text(self) -> str:
+        return self.stream.getvalue()
+
+    def lines(self) -> list[dict[str, Any]]:
+        out = []
+        for raw in self.text.splitlines():
+            if raw.strip():
+                value = json.loads(raw)  # every line is JSON: a plain text line fails here
+                assert isinstance(value, dict)
+                out.append(value)
+        return out
+
+    def events(self, event: str, **fields: object) -> list[dict[str, Any]]:
+        return [
+            line
+            for line in self.lines()
+            if line.get("event") == event and all(line.get(k) == v for k, v in fields.items())
+        ]
+
+    def at_level(self, level: str) -> list[dict[str, Any]]:
+        return [line for line in self.lines() if line.get("level") == level]
+
+    def outcome_line(self, token_set: str) -> dict[str, Any]:
+        """The one 'refresh' line of a token set's refresh."""
+        lines = self.events("refresh", token_set=token_set)
+        assert len(lines) == 1, f"expected one 'refresh' line for {token_set}, got {lines}"
+        return lines[0]
+
+
+def _secrets_of(idps: list[FakeIdP]) -> set[str]:
+    values = {CLIENT_SECRET, ROTATED_SECRET}
+    for idp in idps:
+        values |= idp.ledger.issued_tokens()
+    return values
+
+
+def _leaks(text: str, values: set[str]) -> list[str]:
+    # Report a fingerprint, never the value itself.
+    return [f"{v[:6]}... ({len(v)} chars)" for v in values if v and v in text]
+
+
+@pytest.fixture
+def logs() -> Iterator[LogCapture]:
+    """refresherd's own logging setup, writing to memory; undone afterwards (it is global)."""
+    root = logging.getLogger()
+    saved_handlers, saved_level = list(root.handlers), root.level
+    capture = LogCapture()
+    refresher_logs.configure(level="debug", fmt="json", stream=capture.stream)
+    try:
+        yield capture
+    finally:
+        structlog.reset_defaults()
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for handler in saved_handlers:
+            root.addHandler(handler)
+        root.setLevel(saved_level)
+        _MODULE_LOG.append(capture.text)
+
+
+# --------------------------------------------------------------------------- the harness
+
+
+def closed_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Harness:
+    store: Store
+    idp: FakeIdP
+    metrics: Metrics
+    providers: dict[str, ProviderConfig]
+    endpoints: dict[str, TokenEndpoint]
+    refresher: Refresher
+    extra_refreshers: list[Refresher] = field(default_factory=list)
+
+    async def add(
+        self, token_set_id: str, *, provider: str = PROVIDER, user: str | None = None
+    ) -> str:
+        """Authorize a user at the IdP and store the token set; returns its refresh token."""
+        issued = self.idp.issue(user or token_set_id)
+        now = time.time()
+        refresh_token = str(issued["refresh_token"])
+        await self.store.add(
+            NewTokenSet(
+                id=token_set_id,
+                provider=provider,
+                refresh_token=Secret(refresh_token),
+                access_token=Secret(str(issued["access_token"])),
+                expires_at=now + 3600,
+                next_refresh_at=now + 2880,
+                token_type="Bearer",
+                scope=str(issued["scope"]),
+            ),
+            now=now,
+        )
+        return refresh_token
+
+    async def get(self, token_set_id: str) -> TokenSet:
+        ts = await self.store.get(token_set_id)
+        assert ts is not None
+        return ts
+
+    def metric(self, name: str, **labels: str) -> float:
+        value = self.metrics.registry.get_sample_value(name, labels)
+        return 0.0 if value is None else value
+
+    def successes(self, provider: str = PROVIDER) -> float:
+        return self.metric("refresherd_refresh_success_total", provider=provider)
+
+    def failures(self, reason: str, provider: str = PROVIDER) -> float:
+        return self.metric("refresherd_refresh_failures_total", provider=provider, reason=reason)
+
+    def grace_retries(self, provider: str = PROVIDER) -> float:
+        return self.metric("refresherd_grace_retries_total", provider=provider)
+
+    def another_refresher(self, owner: str) -> Refresher:
+        """A second worker on the same database (as another daemon would be)."""
+        other = Refresher(
+            store=self.store,
+            providers=self.providers,
+            endpoints=self.endpoints,
+            schedule=SCHEDULE,
+            metrics=Metrics(),
+            owner=owner,
+            lease_duration=30.0,
+            rng=random.Random(2),
+        )
+        self.extra_refreshers.append(other)
+        return other
+
+
+def provider_config(
+    name: str,
+    token_url: str,
+    *,
+    usage: str = "one_time",
+    grace_period: float = 4.0,
+    request_timeout: float = 5.0,
+    scope: str | None = None,
+) -> ProviderConfig:
+    return ProviderConfig(
+        name=name,
+        token_url=token_url,
+        client_id=CLIENT_ID,
+        client_secret=Secret(CLIENT_SECRET),
+        refresh_token_usage=RefreshTokenUsage(usage),
+        grace_period=grace_period,
+        request_timeout=request_timeout,
+        connect_timeout=2.0,
+        scope=scope,
+    )
+
+
+@asynccontextmanager
+async def harness(
+    tmp_path: Path,
+    *,
+    usage: str = "one_time",
+    grace_period: float = 4.0,
+    idp_grace_period: float | None = None,
+    reuse_returns_refresh_token: bool = True,
+    request_timeout: float = 5.0,
+    scope: str | None = None,
+    token_url: str | None = None,
+    extra_providers: dict[str, str] | None = None,
+) -> AsyncIterator[Harness]:
+    """A served FakeIdP, a Store in tmp_path and a Refresher for provider ``p`` (owner-a)."""
+    store = await Store.open(tmp_path / "tokens.db")
+    idp = FakeIdP(
+        clients={CLIENT_ID: CLIENT_SECRET},
+        usage=usage,  # type: ignore[arg-type]
+        grace_period=grace_period if idp_grace_period is None else idp_grace_period,
+        access_token_lifetime=3600,
+        reuse_returns_refresh_token=reuse_returns_refresh_token,
+    )
+    _MODULE_IDPS.append(idp)
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(idp.serve)
+            providers = {
+                PROVIDER: provider_config(
+                    PROVIDER,
+                    token_url or idp.token_url,
+                    usage=usage,
+                    grace_period=grace_period,
+                    request_timeout=request_timeout,
+                    scope=scope,
+                )
+            }
+            for name, url in (extra_providers or {}).items():
+                providers[name] = provider_config(name, url, grace_period=grace_period)
+            endpoints = {name: TokenEndpoint(p) for name, p in providers.items()}
+            metrics = Metrics()
+            refresher = Refresher(
+                store=store,
+                providers=providers,
+                endpoints=endpoints,
+                schedule=SCHEDULE,
+                metrics=metrics,
+                owner="owner-a",
+                lease_duration=30.0,
+                rng=random.Random(1),
+            )
+            h = Harness(store, idp, metrics, providers, endpoints, refresher)
+            try:
+                yield h
+            finally:
+                for endpoint in endpoints.values():
+                    await endpoint.aclose()
+                tg.cancel_scope.cancel()
+    finally:
+        await store.close()
+
+
+async def wait_for(predicate: Callable[[], object], what: str) -> None:
+    with anyio.fail_after(DEADLINE):
+        while not predicate():
+            await anyio.sleep(0.02)
+
+
+def assert_unchanged(before: TokenSet, after: TokenSet) -> None:
+    assert after.refresh_token == before.refresh_token
+    assert after.access_token == before.access_token
+    assert after.version == before.version
+    assert after.state is before.state
+    assert after.next_refresh_at == before.next_refresh_at
+    assert after.expires_at == before.expires_at
+    assert after.failures == before.failures
+    assert after.last_error == before.last_error
+    assert after.invalid_reason == before.invalid_reason
+
+
+def assert_no_secret_in(result: RefreshResult, *values: str) -> None:
+    for text in (repr(result), str(result.detail), str(result.reason)):
+        for value in (CLIENT_SECRET, ROTATED_SECRET, *values):
+            assert value not in text
+
+
+# --------------------------------------------------------------------------- success
+
+
+@pytest.mark.anyio
+async def test_success_persists_the_rotated_token_and_reports_once(
+    tmp_path: Path, logs: LogCapture
+) -> None:
+    async with harness(tmp_path) as h:
+        old = await h.add("ts-1")
+        before = time.time()
+        result = await h.refresher.refresh("ts-1")
+        after = time.time()
+
+        assert result.outcome == "refreshed" and result.ok and not result.coalesced
+        assert result.detail == "sends=1"
+        stored = await h.get("ts-1")
+        assert result.token_set == stored
+        new = stored.refresh_token.reveal()
+        assert new != old
+        assert h.idp.ledger.is_live(new)
+        assert stored.access_token is not None
+        assert stored.access_token.reveal() in h.idp.ledger.issued_tokens()
+        assert stored.version == 2
+        assert stored.state is State.ACTIVE
+        assert stored.attempt is None  # journal cleared
+        assert stored.lease_owner is None and stored.lease_until is None
+        assert stored.last_error is None and stored.failures == 0
+        assert stored.expires_at is not None
+        assert before + 3600 <= stored.expires_at <= after + 3600
+        # Planned ahead of expiry, not in a tight loop.
+        assert after + 600 < stored.next_refresh_at < stored.expires_at - 60
+        assert stored.last_refresh_at is not None and before <= stored.last_refresh_at <= after
+
+        assert h.successes() == 1
+        assert h.metric("refresherd_refresh_failures_total", provider=PROVIDER, reason="x") == 0
+        assert h.metric("refresherd_refresh_duration_seconds_count", provider=PROVIDER) == 1
+        assert h.metric("refresherd_refreshes_in_flight") == 0
+        assert h.idp.ledger.requests == 1 and h.idp.ledger.concurrent_uses == 0
+
+        line = logs.outcome_line("ts-1")
+        assert line["level"] == "info"
+        assert line["outcome"] == "refreshed"
+        assert line["provider"] == PROVIDER
+        assert logs.at_level("warning") == [] and logs.at_level("error") == []
+        assert_no_secret_in(result, old, new)
+
+
+@pytest.mark.anyio
+async def test_reuse_idp_omitting_refresh_token_keeps_the_old_one(
+    tmp_path: Path, logs: LogCapture
+) -> None:
+    async with harness(tmp_path, usage="reuse", reuse_returns_refresh_token=False) as h:
+        old = await h.add("ts-1")
+        first = await h.get("ts-1")
+        result = await h.refresher.refresh("ts-1")
+
+        assert result.outcome == "refreshed"
+        stored = await h.get("ts-1")
+        assert stored.refresh_token.reveal() == old
+        assert stored.access_token != first.access_token
+        assert stored.version == 2
+        assert h.idp.ledger.is_live(old)
+        assert h.successes() == 1
+        assert logs.outcome_line("ts-1")["outcome"] == "refreshed"
+
+
+@pytest.mark.anyio
+async def test_unknown_token_set_is_not_found(tmp_path: Path, logs: LogCapture) -> None:
+    async with harness(tmp_path) as h:
+        result = await h.refresher.refresh("nope")
+        assert result.outcome == "not_found"
+        assert h.idp.ledger.requests == 0
+
+
+# --------------------------------------------------------------------------- not sent
+
+
+@pytest.mark.anyio
+async def test_connect_error_backs_off_with_the_same_token(
+    tmp_path: Path, logs: LogCapture
+) -> None:
+    url = f"http://127.0.0.1:{closed_port()}/connect/token"
+    async with harness(tmp_path, token_url=url) as h:
+        old = await h.add("ts-1")
+        before = time.time()
+        result = await h.refresher.refresh("ts-1")
+        after = time.time()
+
+        assert result.outcome == "failed"
+        assert result.reason == "connect_error"
+        stored = await h.get("ts-1")
+        assert stored.state is State.FAILING
+        assert stored.refresh_token.reveal() == old
+        assert stored.version == 1
+        assert stored.failures == 1
+        assert stored.invalid_reason is None
+        assert stored.last_error is not None and stored.last_error.startswith("connect_error")
+        # backoff_delay(1): initial * [0.5, 1.0)
+        initial = SCHEDULE.backoff_initial
+        assert before + initial * 0.5 <= stored.next_refresh_at <= after + initial
+        assert stored.attempt is None  # the IdP never saw it: nothing to recover
+        assert stored.lease_owner is None
+        assert h.idp.ledger.is_live(old)  # never sent
+
+        assert h.failures("connect_error") == 1
+        assert h.successes() == 0
+        line = logs.outcome_line("ts-1")
+        assert line["level"] == "warning"
+        assert (line["outcome"], line["reason"]) == ("failed", "connect_error")
+
+        # The next failure backs off further (exponential), still the same token.
+        before = time.time()
+        again = await h.refresher.refresh("ts-1")
+        assert again.reason == "connect_error"
+        stored = await h.get("ts-1")
+        assert stored.failures == 2
+        assert stored.next_refresh_at >= before + 2 * initial * 0.5
+        assert stored.refresh_token.reveal() == old
+        assert h.failures("connect_error") == 2
+
+
+# --------------------------------------------------------------------------- ambiguous
+
+
+AMBIGUOUS_FAULTS = [
+    pytest.param(FaultKind.DROP_AFTER_ROTATE, {}, "network_error", id="drop"),
+    pytest.param(FaultKind.ERROR_AFTER_ROTATE, {}, "server_error", id="error500"),
+    # Longer than the first attempt's timeout (half of the 4 s window less its margin).
+    pytest.param(FaultKind.SLOW, {"delay": 4.0}, "timeout", id="slow"),
+    pytest.param(FaultKind.GARBAGE_AFTER_ROTATE, {}, "malformed_response", id="garbage"),
+]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("kind", "params", "reason"), AMBIGUOUS_FAULTS)
+async def test_ambiguous_one_time_retries_inside_grace_and_succeeds(
+    tmp_path: Path, logs: LogCapture, kind: FaultKind, params: dict[str, Any], reason: str
+) -> None:
+    async with harness(tmp_path, grace_period=4.0) as h:
+        old = await h.add("ts-1")
+        h.idp.faults.add(kind, **params)
+        result = await h.refresher.refresh("ts-1")
+
+        assert result.outcome == "refreshed", result
+        assert result.detail == "sends=2"
+        ledger = h.idp.ledger
+        assert ledger.requests == 2
+        assert ledger.refreshes == 2  # the lost answer, then the grace reuse
+        assert ledger.reuses_in_grace == 1
+        assert ledger.reuses_outside_grace == 0
+        stored = await h.get("ts-1")
+        new = stored.refresh_token.reveal()
+        assert new != old and ledger.is_live(new)
+        assert ledger.family_has_live_token(ledger.family_of(new))
+        assert stored.version == 2 and stored.state is State.ACTIVE
+        assert stored.attempt is None and stored.failures == 0
+
+        assert h.grace_retries() == 1
+        assert h.failures(reason) == 1
+        assert h.successes() == 1
+        [retry] = logs.events("refresh retry", token_set="ts-1")
+        assert retry["reason"] == reason and retry["grace"] is True and retry["attempt"] == 1
+        assert logs.outcome_line("ts-1")["outcome"] == "refreshed"
+        assert logs.at_level("error") == []
+
+
+@pytest.mark.anyio
+async def test_ambiguous_twice_then_the_third_send_succeeds_inside_grace(
+    tmp_path: Path, logs: LogCapture
+) -> None:
+    async with harness(tmp_path, grace_period=4.0) as h:
+        old = await h.add("ts-1")
+        h.idp.faults.add(FaultKind.DROP_AFTER_ROTATE, times=2)
+        result = await h.refresher.refresh("ts-1")
+        assert result.outcome == "refreshed" and result.detail == "sends=3"
+        assert h.idp.ledger.reuses_in_grace == 2 and h.idp.ledger.reuses_outside_grace == 0
+        stored = await h.get("ts-1")
+        assert stored.refresh_token.reveal() != old
+        assert h.idp.ledger.is_live(stored.refresh_token.reveal())
+        assert h.grace_retries() == 2
+        assert [line["attempt"] for line in logs.events("refresh retry")] == [1, 2]
+
+
+@pytest.mark.anyio
+async def test_grace_budget_spent_backs_off_and_keeps_the_journal(
+    tmp_path: Path, logs: LogCapture
+) -> None:
+    async with harness(tmp_path, grace_period=4.0) as h:
+        old = await h.add("ts-1")
+        h.idp.faults.add(FaultKind.DROP_AFTER_ROTATE, times=3)
+        result = await h.refresher.refresh("ts-1")
+        assert (result.outcome, result.reason) == ("failed", "network_error")
+        assert h.idp.ledger.requests == 3  # a small budget, not a retry loop
+        stored = await h.get("ts-1")
+        assert stored.state is State.FAILING and stored.refresh_token.reveal() == old
+        assert stored.attempt is not None and stored.attempt.sends == 3  # kept for recovery
+        assert h.grace_retries() == 2
+        assert h.failures("network_error") == 3
+        assert logs.outcome_line("ts-1")["level"] == "warning"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("kind", "params", "reason"), AMBIGUOUS_FAULTS)
+async def test_ambiguous_reuse_token_backs_off_without_a_grace_retry(
+    tmp_path: Path, logs: LogCapture, kind: FaultKind, params: dict[str, Any], reason: str
+) -> None:
+    # A grace period in the provider config means nothing for re-use tokens.
+    async with harness(tmp_path, usage="reuse", grace_period=4.0, request_timeout=1.5) as h:
+        old = await h.add("ts-1")
+        h.idp.faults.add(kind, **params)
+        before = time.time()
+        result = await h.refresher.refresh("ts-1")
+        after = time.time()
+
+        assert result.outcome == "failed"
+        assert result.reason == reason
+        assert h.idp.ledger.requests == 1
+        assert h.idp.ledger.reuses_in_grace == 0
+        stored = await h.get("ts-1")
+        assert stored.state is State.FAILING
+        assert stored.refresh_token.reveal() == old
+        assert h.idp.ledger.is_live(old)
+        assert stored.version == 1 and stored.failures == 1
+        assert stored.last_error is not None and stored.last_error.startswith(reason)
+        initial = SCHEDULE.backoff_initial
+        assert before + initial * 0.5 <= stored.next_refresh_at <= after + initial
+        # An ambiguous send stays on record (the journal is cleared only by a definite answer).
+        assert stored.attempt is not None and stored.attempt.sends == 1
+        assert stored.lease_owner is None
+
+        assert h.grace_retries() == 0
+        assert h.failures(reason) == 1
+        assert logs.events("refresh retry") == []
+        line = logs.outcome_line("ts-1")
+        assert (line["level"], line["outcome"], line["reason"]) == ("warning", "failed", reason)
+
+
+@pytest.mark.anyio
+async def test_ambiguous_then_next_refresh_of_a_reuse_token_succeeds(
+    tmp_path: Path, logs: LogCapture
+) -> None:
+    async with harness(tmp_path, usage="reuse") as h:
+        old = await h.add("ts-1")
+        h.idp.faults.add(FaultKind.DROP_AFTER_ROTATE)
+        assert (await h.refresher.refresh("ts-1")).outcome == "failed"
+        result = await h.refresher.refresh("ts-1")
+        assert result.outcome == "refreshed"
+        stored = await h.get("ts-1")
+        assert stored.refresh_token.reveal() == old
+        assert stored.state is State.ACTIVE and stored.failures == 0 and stored.attempt is None
+
+
+# --------------------------------------------------------------------------- rate limited
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("status", [429, 503])
+async def test_retry_after_beyond_the_window_waits_as_told_bounded(
+    tmp_path: Path, logs: LogCapture, status: int
+) -> None:
+    async with harness(tmp_path, grace_period=4.0) as h:
+        old = await h.add("ts-1")
+        h.idp.faults.add(FaultKind.RETRY_AFTER, status=status, retry_after=300)
+        before = time.time()
+        result = await h.refresher.refresh("ts-1")
+        after = time.time()
+
+        assert result.outcome == "failed"
+        assert result.reason == "rate_limited"
+        stored = await h.get("ts-1")
+        assert stored.refresh_token.reveal() == old and h.idp.ledger.is_live(old)
+        assert stored.version == 1
+        assert stored.state is State.FAILING
+        # Retry-After 300 s, bounded by retry_after_max.
+        bound = SCHEDULE.retry_after_max
+        assert before + bound <= stored.next_refresh_at <= after + bound
+        assert stored.attempt is None  # not processed: nothing to recover
+        assert h.idp.ledger.requests == 1 and h.idp.ledger.refreshes == 0
+        assert h.failures("rate_limited") == 1
+        assert h.grace_retries() == 0
+        line = logs.outcome_line("ts-1")
+        assert (line["level"], line["reason"]) == ("warning", "rate_limited")
+
+
+@pytest.mark.anyio
+async def test_retry_after_on_a_reuse_token_sets_the_next_time(
+    tmp_path: Path, logs: LogCapture
+) -> None:
+    async with harness(tmp_path, usage="reuse") as h:
+        old = await h.add("ts-1")
+        h.idp.faults.add(FaultKind.RETRY_AFTER, status=503, retry_after=3)
+        before = time.time()
+        result = await h.refresher.refresh("ts-1")
+        after = time.time()
+        assert (result.outcome, result.reason) == ("failed", "rate_limited")
+        stored = await h.get("ts-1")
+        assert before + 3 <= stored.next_refresh_at <= after + 3
+        assert stored.refresh_token.reveal() == old and stored.state is State.FAILING
+
+
+@pytest.mark.anyio
+async def test_short_retry_after_inside_the_window_waits_then_resends(
+    tmp_path: Path, logs: LogCapture
+) -> None:
+    async with harness(tmp_path, grace_period=5.0) as h:
+        old = await h.add("ts-1")
+        h.idp.faults.add(FaultKind.RETRY_AFTER, status=429, retry_after=1)
+        started = time.monotonic()
+        result = await h.refresher.refresh("ts-1")
+        assert time.monotonic() - started >= 1.0  # waited as told
+        assert result.outcome == "refreshed"
+        assert h.idp.ledger.requests == 2 and h.idp.ledger.refreshes == 1
+        assert h.idp.ledger.reuses_in_grace == 0  # the 429 consumed nothing
+        stored = await h.get("ts-1")
+        assert stored.refresh_token.reveal() != old
+        assert h.idp.ledger.is_live(stored.refresh_token.reveal())
+        assert h.failures("rate_limited") == 1
+
+
+@pytest.mark.xfail(
+    reason="bug (policy.decide): a 429/503 on the first send of a series is answered with "
+    "RetryNow(grace=True), so refresherd_grace_retries_total counts a retry of a token the IdP "
+    "said it did not process, and the retry is journaled as send 2 of a grace series",
+    strict=True,
+)
+@pytest.mark.anyio
+async def test_short_retry_after_is_not_counted_as_a_grace_retry(
+    tmp_path: Path, logs: LogCapture
+) -> None:
+    async with harness(tmp_path, grace_period=5.0) as h:
+        await h.add("ts-1")
+        h.idp.faults.add(FaultKind.RETRY_AFTER, status=429, retry_after=1)
+        result = await h.refresher.refresh("ts-1")
+        assert result.outcome == "refreshed"
+        assert h.grace_retries() == 0
+
+
+# --------------------------------------------------------------------------- invalid_grant
+
+
+@pytest.mark.anyio
+async def test_invalid_grant_invalidates_once_and_stops(tmp_path: Path, logs: LogCapture) -> None:
+    async with harness(tmp_path) as h:
+        old = await h.add("ts-1")
+        h.idp.revoke(old)
+        result = await h.refresher.refresh("ts-1")
+
+        assert result.outcome == "invalidated"
+        assert result.reason == "invalid_grant"
+        stored = await h.get("ts-1")
+        assert stored.state is State.INVALIDATED
+        assert stored.invalid_reason == "invalid_grant"
+        assert stored.last_error is not None and "invalid_grant" in stored.last_error
+        assert stored.refresh_token.reveal() == old  # kept for the record, never sent again
+        assert stored.attempt is None and stored.lease_owner is None
+        assert (
+            h.metric("refresherd_invalidations_total", provider=PROVIDER, reason="invalid_grant")
+            == 1
+        )
+        assert h.failures("invalid_grant") == 1
+        [error] = logs.at_level("error")
+        assert error["event"] == "refresh" and error["outcome"] == "invalidated"
+        assert error["token_set"] == "ts-1" and error["reason"] == "invalid_grant"
+        assert logs.outcome_line("ts-1") == error
+
+        # Later refreshes do not contact the IdP, count nothing and log nothing new.
+        requests = h.idp.ledger.requests
+        later = await h.refresher.refresh("ts-1")
+        assert later.outcome == "invalidated"
+        assert h.idp.ledger.requests == requests
+        assert (
+            h.metric("refresherd_invalidations_total", provider=PROVIDER, reason="invalid_grant")
+            == 1
+        )
+        assert len(logs.at_level("error")) == 1
+        assert (await h.get("ts-1")).state is State.INVALIDATED
+
+
+@pytest.mark.anyio
+async def test_invalid_grant_after_a_sibling_stored_a_newer_grant_adopts_it(
+    tmp_path: Path, logs: LogCapture
+) -> None:
+    # No grace at the IdP: once the sibling used the token, ours is refused outright.
+    async with harness(tmp_path, grace_period=0.0) as h:
+        old = await h.add("ts-1")
+        h.idp.faults.add(FaultKind.SLOW, delay=1.0, process_first=False)
+        results: list[RefreshResult] = []
+
+        async def ours() -> None:
+            results.append(await h.refresher.refresh("ts-1"))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ours)
+            await wait_for(lambda: h.idp.ledger.requests == 1, "our request at the IdP")
+            # The sibling (another worker) refreshes the same token and stores its grant.
+            sibling = TokenEndpoint(h.providers[PROVIDER])
+            try:
+                grant = await sibling.refresh(Secret(old), timeout=5.0)
+            finally:
+                await sibling.aclose()
+            assert grant.refresh_token is not None
+            now = time.time()
+            saved = await h.store.save_grant(
+                "ts-1",
+                owner="owner-sibling",
+                expected_version=1,
+                access_token=grant.access_token,
+                refresh_token=grant.refresh_token,
+                token_type=grant.token_type,
+                scope=grant.scope,
+                expires_at=now + 3600,
+                next_refresh_at=now + 2880,
+                now=now,
+            )
+            assert saved is not None and saved.version == 2
+
+        [result] = results
+        assert result.outcome == "adopted"
+        assert result.reason == "sibling_won"
+        assert h.idp.ledger.invalid_grants == 1  # ours was refused...
+        stored = await h.get("ts-1")
+        assert stored.state is State.ACTIVE  # ...and yet nothing was invalidated
+        assert stored.refresh_token == grant.refresh_token
+        assert h.idp.ledger.is_live(grant.refresh_token.reveal())
+        assert stored.version == 2 and stored.invalid_reason is None
+        assert stored.lease_owner is None
+        assert result.token_set is not None
+        assert result.token_set.refresh_token == stored.refresh_token
+        assert result.token_set.version == stored.version
+        assert h.metric("refresherd_refresh_adopted_total", provider=PROVIDER) == 1
+        assert (
+            h.metric("refresherd_invalidations_total", provider=PROVIDER, reason="invalid_grant")
+            == 0
+        )
+        line = logs.outcome_line("ts-1")
+        assert (line["level"], line["outcome"]) == ("info", "adopted")
+        assert logs.at_level("error") == []
+
+
+# --------------------------------------------------------------------------- invalid_client
+
+
+@pytest.mark.anyio
+async def test_invalid_client_opens_the_provider_circuit_and_a_probe_closes_it(
+    tmp_path: Path, logs: LogCapture
+) -> None:
+    async with harness(tmp_path) as h:
+        await h.add("ts-1")
+        await h.add("ts-2")
+        before_1, before_2 = await h.get("ts-1"), await h.get("ts-2")
+        h.idp.set_client_secret(CLIENT_ID, ROTATED_SECRET)
+
+        result = await h.refresher.refresh("ts-1")
+        assert result.outcome == "circuit_open"
+        assert result.reason == "invalid_client"
+        assert_unchanged(before_1, await h.get("ts-1"))
+        assert (await h.get("ts-1")).lease_owner is None
+        assert h.metric("refresherd_provider_circuit_open", provider=PROVIDER) == 1
+        assert h.failures("invalid_client") == 1
+        assert h.metric("refresherd_invalidations_total", provider=PROVIDER, reason="x") == 0
+        assert h.idp.ledger.invalid_clients == 1
+        [opened] = logs.events(
+            "provider circuit open: the IdP refused our client credentials", provider=PROVIDER
+        )
+        assert opened["level"] == "error" and opened["reason"] == "invalid_client"
+        assert logs.outcome_line("ts-1")["outcome"] == "circuit_open"
+
+        # While open, no refresh of that provider is sent.
+        requests = h.idp.ledger.requests
+        blocked = await h.refresher.refresh("ts-2")
+        assert blocked.outcome == "circuit_open"
+        assert h.idp.ledger.requests == requests
+        assert_unchanged(before_2, await h.get("ts-2"))
+        assert (await h.get("ts-2")).lease_owner is None
+
+        # The first probe after the pause meets the same wrong secret: open again, longer.
+        outcomes: list[str] = []
+
+        async def probe_until_sent() -> RefreshResult:
+            while True:
+                sent_before = h.idp.ledger.requests
+                r = await h.refresher.refresh("ts-2")
+                outcomes.append(r.outcome)
+                if h.idp.ledger.requests > sent_before:
+                    assert h.idp.ledger.requests == sent_before + 1  # one probe, not more
+                    return r
+                assert r.outcome == "circuit_open"
+                await anyio.sleep(0.05)
+
+        with anyio.fail_after(DEADLINE):
+            reopened = await probe_until_sent()
+        assert reopened.outcome == "circuit_open"
+        assert h.metric("refresherd_provider_circuit_open", provider=PROVIDER) == 1
+        assert_unchanged(before_2, await h.get("ts-2"))
+
+        # The operator fixes the secret; the next probe succeeds and closes the circuit.
+        h.idp.set_client_secret(CLIENT_ID, CLIENT_SECRET)
+        with anyio.fail_after(DEADLINE):
+            probe = await probe_until_sent()
+        assert probe.outcome == "refreshed"
+        assert h.metric("refresherd_provider_circuit_open", provider=PROVIDER) == 0
+        assert logs.events("provider circuit closed", provider=PROVIDER)
+        assert (await h.refresher.refresh("ts-1")).outcome == "refreshed"
+        assert h.successes() == 2
+        assert (await h.get("ts-1")).state is State.ACTIVE
+        assert h.metric("refresherd_invalidations_total", provider=PROVIDER, reason="x") == 0
+
+
+@pytest.mark.anyio
+async def test_a_probe_cancelled_midway_does_not_keep_the_provider_paused(
+    tmp_path: Path, logs: LogCapture
+) -> None:
+    async with harness(tmp_path) as h:
+        await h.add("ts-1")
+        await h.add("ts-2")
+        h.idp.set_client_secret(CLIENT_ID, ROTATED_SECRET)
+        assert (await h.refresher.refresh("ts-1")).outcome == "circuit_open"
+        h.idp.set_client_secret(CLIENT_ID, CLIENT_SECRET)
+        h.idp.faults.add(FaultKind.SLOW, delay=2.0)
+
+        # Once the pause is over, ts-2's refresh is the probe; its caller goes away while the
+        # request is out (cancellation: a shutdown, a token-API client that hung up).
+        sent_before = h.idp.ledger.requests
+        with anyio.fail_after(DEADLINE):
+            while True:
+                done: list[RefreshResult] = []
+
+                async def attempt(into: list[RefreshResult]) -> None:
+                    into.append(await h.refresher.refresh("ts-2"))
+
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(attempt, done)
+                    while not done and h.idp.ledger.requests == sent_before:
+                        await anyio.sleep(0.01)
+                    if not done:
+                        tg.cancel_scope.cancel()
+                if not done:
+                    break
+                assert done[0].outcome == "circuit_open"
+                await anyio.sleep(0.05)
+
+        # The provider must not stay paused for good: a later refresh probes again.
+        with anyio.fail_after(DEADLINE):
+            while (result := await h.refresher.refresh("ts-1")).outcome == "circuit_open":
+                await anyio.sleep(0.05)
+        assert result.outcome == "refreshed"
+        assert h.metric("refresherd_provider_circuit_open", provider=PROVIDER) == 0
+
+
+# --------------------------------------------------------------------------- other 4xx
+
+
+@pytest.mark.anyio
+async def test_other_oauth_error_fails_with_long_backoff(tmp_path: Path, logs: LogCapture) -> None:
+    # Asking for a scope beyond the grant: invalid_scope, a configuration problem.
+    async with harness(tmp_path, scope="admin") as h:
+        old = await h.add("ts-1")
+        before = time.time()
+        result = await h.refresher.refresh("ts-1")
+        after = time.time()
+
+        assert result.outcome == "failed"
+        assert result.reason == "oauth_error"
+        assert result.detail is not None and "invalid_scope" in result.detail
+        stored = await h.get("ts-1")
+        assert stored.state is State.FAILING
+        assert stored.refresh_token.reveal() == old and h.idp.ledger.is_live(old)
+        assert stored.version == 1 and stored.invalid_reason is None
+        assert stored.last_error is not None and "invalid_scope" in stored.last_error
+        long = SCHEDULE.backoff_max
+        assert before + long * 0.5 <= stored.next_refresh_at <= after + long
+        assert stored.attempt is None
+        assert h.failures("oauth_error") == 1
+        line = logs.outcome_line("ts-1")
+        assert (line["level"], line["reason"]) == ("warning", "oauth_error")
+
+
+# --------------------------------------------------------------------------- single-flight, lease
+
+
+@pytest.mark.anyio
+async def test_single_flight_fifty_callers_one_request(tmp_path: Path, logs: LogCapture) -> None:
+    async with harness(tmp_path, grace_period=0.0) as h:
+        await h.add("ts-1")
+        h.idp.faults.add(FaultKind.SLOW, delay=0.5)
+        results: list[RefreshResult] = []
+
+        async def call() -> None:
+            results.append(await h.refresher.refresh("ts-1"))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(50):
+                tg.start_soon(call)
+
+        assert len(results) == 50
+        assert {r.outcome for r in results} == {"refreshed"}
+        assert sum(not r.coalesced for r in results) == 1
+        assert {r.token_set.version for r in results if r.token_set} == {2}
+        assert h.idp.ledger.requests == 1
+        assert h.idp.ledger.concurrent_uses == 0
+        assert h.metric("refresherd_singleflight_coalesced_total") == 49
+        assert h.successes() == 1
+        assert h.metric("refresherd_refreshes_in_flight") == 0
+        logs.outcome_line("ts-1")  # one line for one refresh, not fifty
+
+
+@pytest.mark.anyio
+async def test_second_worker_is_refused_while_the_first_holds_the_lease(
+    tmp_path: Path, logs: LogCapture
+) -> None:
+    async with harness(tmp_path, grace_period=0.0) as h:
+        await h.add("ts-1")
+        other = h.another_refresher("owner-b")
+        h.idp.faults.add(FaultKind.SLOW, delay=1.5)
+        results: list[RefreshResult] = []
+
+        async def first() -> None:
+            results.append(await h.refresher.refresh("ts-1"))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(first)
+            await wait_for(lambda: h.idp.ledger.requests == 1, "the first worker's request")
+            held = await h.get("ts-1")
+            assert held.lease_owner == "owner-a"
+            assert held.attempt is not None and held.attempt.owner == "owner-a"
+            refused = await other.refresh("ts-1")
+            assert refused.outcome == "leased"
+            assert refused.detail == "leased by owner-a"
+            assert h.idp.ledger.requests == 1  # the second worker sent nothing
+
+        assert [r.outcome for r in results] == ["refreshed"]
+        assert h.idp.ledger.concurrent_uses == 0
+        # Once released, the second worker refreshes the newer version.
+        later = await other.refresh("ts-1")
+        assert later.outcome == "refreshed"
+        assert later.token_set is not None and later.token_set.version == 3
+        assert h.idp.ledger.is_live(later.token_set.refresh_token.reveal())
+
+
+# --------------------------------------------------------------------------- crash recovery
+
+
+@pytest.mark.anyio
+async def test_journaled_attempt_of_a_dead_owner_is_continued_inside_grace(
+    tmp_path: Path, logs: LogCapture
+) -> None:
+    async with harness(tmp_path, grace_period=5.0) as h:
+        old = await h.add("ts-1")
+        # A predecessor claimed the row, journaled the send, sent it, and died before the answer
+        # reached the disk: the IdP rotated the token, we never saw the new one.
+        dead = "owner-dead"
+        t0 = time.time()
+        claimed = await h.store.claim("ts-1", owner=dead, now=t0, lease_until=t0 + 60)
+        assert isinstance(claimed, TokenSet)
+        journal = await h.store.begin_attempt(
+            "ts-1", owner=dead, version=1, now=t0, keep_since=math.inf
+        )
+        assert journal is not None and journal.sends == 1
+        h.idp.faults.add(FaultKind.DROP_AFTER_ROTATE)
+        lost = TokenEndpoint(h.providers[PROVIDER])
+        try:
+            with pytest.raises(Ambiguous):
+                await lost.refresh(Secret(old), timeout=5.0)
+        finally:
+            await lost.aclose()
+        assert h.idp.ledger.refreshes == 1  # consumed at the IdP
+        # Its owner is found dead (ownership.is_alive); its leases are dropped.
+        assert await h.store.clear_leases_of([dead]) == 1
+
+        # We continue the series. Slow the IdP a little to look at the journal mid-flight.
+        h.idp.faults.add(FaultKind.SLOW, delay=0.5, process_first=False)
+        results: list[RefreshResult] = []
+
+        async def recover() -> None:
+            results.append(await h.refresher.refresh("ts-1"))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(recover)
+            await wait_for(lambda: h.idp.ledger.requests == 2, "the recovery request")
+            during = await h.get("ts-1")
+            assert during.attempt is not None
+            assert during.attempt.started_at == t0  # the window counts from the first send
+            assert during.attempt.sends == 2
+            assert during.attempt.owner == "owner-a"
+            assert during.lease_owner == "owner-a"
+
+        [result] = results
+        assert result.outcome == "refreshed"
+        assert result.detail == "sends=2"
+        assert h.idp.ledger.reuses_in_grace == 1
+        assert h.idp.ledger.reuses_outside_grace == 0
+        stored = await h.get("ts-1")
+        assert h.idp.ledger.is_live(stored.refresh_token.reveal())
+        assert stored.refresh_token.reveal() != old
+        assert stored.attempt is None and stored.version == 2
+
+
+@pytest.mark.anyio
+async def test_journal_outside_the_grace_window_starts_a_new_series(
+    tmp_path: Path, logs: LogCapture
+) -> None:
+    async with harness(tmp_path, grace_period=5.0) as h:
+        await h.add("ts-1")
+        t0 = time.time() - 3600  # long ago: an old, settled-by-time series
+        assert isinstance(
+            await h.store.claim("ts-1", owner="owner-dead", now=t0, lease_until=t0 + 60),
+            TokenSet,
+        )
+        await h.store.begin_attempt(
+            "ts-1", owner="owner-dead", version=1, now=t0, keep_since=math.inf
+        )
+        h.idp.faults.add(FaultKind.SLOW, delay=0.3, process_first=False)
+        results: list[RefreshResult] = []
+
+        async def go() -> None:
+            results.append(await h.refresher.refresh("ts-1"))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(go)  # the dead owner's lease expired long ago: claimable
+            await wait_for(lambda: h.idp.ledger.requests == 1, "the request")
+            during = await h.get("ts-1")
+            assert during.attempt is not None
+            assert during.attempt.started_at > t0 + 3000 and during.attempt.sends == 1
+        assert results[0].outcome == "refreshed" and results[0].detail == "sends=1"
+
+
+# --------------------------------------------------------------------------- isolation
+
+
+@pytest.mark.anyio
+async def test_a_fault_in_one_token_set_does_not_touch_others(
+    tmp_path: Path, logs: LogCapture
+) -> None:
+    down = f"http://127.0.0.1:{closed_port()}/connect/token"
+    async with harness(tmp_path, grace_period=4.0, extra_providers={"down": down}) as h:
+        await h.add("slow")
+        await h.add("good")
+        revoked = await h.add("revoked")
+        await h.add("unreachable", provider="down")
+        h.idp.revoke(revoked)
+        # The first request to arrive gets the fault: make sure it is the slow set's.
+        h.idp.faults.add(FaultKind.SLOW, delay=4.0)
+        results: dict[str, RefreshResult] = {}
+
+        async def run(token_set_id: str) -> None:
+            results[token_set_id] = await h.refresher.refresh(token_set_id)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run, "slow")
+            await wait_for(lambda: h.idp.ledger.requests == 1, "the slow set's request")
+            for token_set_id in ("good", "revoked", "unreachable"):
+                tg.start_soon(run, token_set_id)
+
+        assert results["slow"].outcome == "refreshed" and results["slow"].detail == "sends=2"
+        assert results["good"].outcome == "refreshed" and results["good"].detail == "sends=1"
+        assert results["revoked"].outcome == "invalidated"
+        assert results["unreachable"].outcome == "failed"
+        assert results["unreachable"].reason == "connect_error"
+
+        for token_set_id in ("slow", "good"):
+            stored = await h.get(token_set_id)
+            assert stored.state is State.ACTIVE and stored.failures == 0
+            assert stored.last_error is None and stored.attempt is None
+            assert h.idp.ledger.is_live(stored.refresh_token.reveal())
+        assert (await h.get("revoked")).state is State.INVALIDATED
+        assert (await h.get("unreachable")).state is State.FAILING
+        assert h.idp.ledger.reuses_in_grace == 1 and h.idp.ledger.reuses_outside_grace == 0
+        assert h.successes() == 2
+        assert h.grace_retries() == 1
+        assert h.failures("connect_error", provider="down") == 1
+        assert h.failures("connect_error") == 0
+        assert h.metric("refresherd_provider_circuit_open", provider=PROVIDER) == 0
+        assert [line["token_set"] for line in logs.at_level("error")] == ["revoked"]
+        for token_set_id in results:
+            logs.outcome_line(token_set_id)
+
+
+# --------------------------------------------------------------------------- secrets
+
+
+def test_no_token_or_client_secret_in_any_log_line_of_this_module() -> None:
+    """Runs last (file order): every token any FakeIdP of this module issued, and the client
+    secrets, against everything refresherd logged in this module."""
+    text = "".join(_MODULE_LOG)
+    if not _MODULE_IDPS or not text:
+        pytest.skip("run with the rest of the module")
+    values = _secrets_of(_MODULE_IDPS)
+    assert len(values) > 20  # the scan has something to look for
+    assert "refresh" in text  # and something to look in
+    assert _leaks(text, values) == []

@@ -1,0 +1,1093 @@
+"""refresherd.store against real SQLite files: schema, read contract, leases, journal, CAS."""
+
+from __future__ import annotations
+
+import sqlite3
+import stat
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from refresherd.model import Attempt, Secret, State, TokenSet, rfc3339
+from refresherd.store import (
+    READ_CONTRACT_VIEW,
+    SCHEMA_VERSION,
+    ClaimRefused,
+    NewTokenSet,
+    Store,
+    StoreError,
+    TokenSetExists,
+)
+
+NOW = 1_700_000_000.0
+ME = "host-a-101-0a0a0a0a"
+OTHER = "host-b-202-0b0b0b0b"
+CONTRACT_COLUMNS = [
+    "id",
+    "provider",
+    "access_token",
+    "token_type",
+    "scope",
+    "expires_at",
+    "expires_at_rfc3339",
+    "state",
+    "updated_at",
+]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "refresherd.db"
+
+
+@pytest.fixture
+async def store(db_path: Path) -> AsyncIterator[Store]:
+    s = await Store.open(db_path)
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+def refresh_value(token_set_id: str) -> str:
+    return f"RT-{token_set_id}-s3cr3t-refresh"
+
+
+def access_value(token_set_id: str) -> str:
+    return f"AT-{token_set_id}-s3cr3t-access"
+
+
+def new(
+    token_set_id: str,
+    *,
+    provider: str = "visma",
+    due: float = NOW + 3000,
+    access: bool = True,
+    expires_at: float | None = NOW + 3600,
+    scope: str | None = "openid offline_access",
+) -> NewTokenSet:
+    return NewTokenSet(
+        id=token_set_id,
+        provider=provider,
+        refresh_token=Secret(refresh_value(token_set_id)),
+        access_token=Secret(access_value(token_set_id)) if access else None,
+        expires_at=expires_at if access else None,
+        next_refresh_at=due,
+        token_type="Bearer" if access else None,
+        scope=scope,
+    )
+
+
+@contextmanager
+def plain(path: Path) -> Iterator[sqlite3.Connection]:
+    """A plain sqlite3 connection, as an application reading the database would open one."""
+    conn = sqlite3.connect(path, timeout=30, isolation_level=None)
+    conn.row_factory = sqlite3.Row
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def raw_row(path: Path, token_set_id: str) -> dict[str, Any]:
+    with plain(path) as conn:
+        row = conn.execute("SELECT * FROM token_sets WHERE id = ?", (token_set_id,)).fetchone()
+    assert row is not None
+    return dict(row)
+
+
+def assert_no_secret(text: str) -> None:
+    assert "s3cr3t" not in text, text
+
+
+async def leased(
+    store: Store, token_set_id: str, owner: str = ME, until: float = NOW + 60
+) -> TokenSet:
+    claimed = await store.claim(token_set_id, owner=owner, now=NOW, lease_until=until)
+    assert isinstance(claimed, TokenSet), claimed
+    return claimed
+
+
+# ---- lifecycle: schema, files, pragmas --------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_migrates_an_empty_database(db_path: Path) -> None:
+    assert not db_path.exists()
+    store = await Store.open(db_path)
+    try:
+        assert await store.schema_version() == SCHEMA_VERSION
+        await store.ping()
+    finally:
+        await store.close()
+    with plain(db_path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+    assert {"token_sets", READ_CONTRACT_VIEW, "token_sets_due"} <= names
+
+
+@pytest.mark.anyio
+async def test_reopen_is_idempotent_and_keeps_data(db_path: Path) -> None:
+    store = await Store.open(db_path)
+    await store.add(new("a"), now=NOW)
+    await store.close()
+    for _ in range(2):
+        store = await Store.open(db_path, create=False)
+        try:
+            assert await store.schema_version() == SCHEMA_VERSION
+            ts = await store.get("a")
+            assert ts is not None and ts.refresh_token.reveal() == refresh_value("a")
+        finally:
+            await store.close()
+    with plain(db_path) as conn:
+        assert (
+            conn.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table'").fetchone()[0]
+            == 1
+        )
+
+
+@pytest.mark.anyio
+async def test_a_newer_schema_is_refused(db_path: Path) -> None:
+    with plain(db_path) as conn:
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(StoreError) as info:
+        await Store.open(db_path)
+    message = str(info.value)
+    assert str(db_path) in message
+    assert "newer" in message and str(SCHEMA_VERSION + 1) in message
+    # refused without touching it
+    with plain(db_path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1
+        assert conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
+
+
+@pytest.mark.anyio
+async def test_files_are_private(store: Store, db_path: Path) -> None:
+    await store.add(new("a"), now=NOW)  # a write: the WAL file now exists
+    for path in (db_path, Path(f"{db_path}-wal"), Path(f"{db_path}-shm")):
+        assert path.exists(), path
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+
+
+@pytest.mark.anyio
+async def test_wal_mode_and_synchronous_full(store: Store, db_path: Path) -> None:
+    # journal_mode is a property of the file; synchronous is per connection (the store's own).
+    with plain(db_path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert await store._fetch_value("PRAGMA journal_mode") == "wal"
+    assert await store._fetch_value("PRAGMA synchronous") == 2  # FULL
+
+
+async def _open_into(path: Path, stores: list[Store], errors: list[StoreError]) -> None:
+    try:
+        stores.append(await Store.open(path))
+    except StoreError as exc:
+        errors.append(exc)
+
+
+@pytest.mark.anyio
+async def test_concurrent_opens_of_a_new_database(tmp_path: Path) -> None:
+    """A daemon and a CLI command (or two daemons) opening a new database at the same time:
+    leaving rollback-journal mode for WAL must wait for the other, not fail."""
+    for trial in range(12):
+        path = tmp_path / f"fresh-{trial}.db"
+        stores: list[Store] = []
+        errors: list[StoreError] = []
+        try:
+            async with anyio.create_task_group() as tg:
+                for _ in range(8):
+                    tg.start_soon(_open_into, path, stores, errors)
+            assert errors == []
+            for store in stores:
+                assert await store.schema_version() == SCHEMA_VERSION
+            await stores[0].add(new("a"), now=NOW)
+            assert all([await s.get("a") is not None for s in stores])
+        finally:
+            for store in stores:
+                await store.close()
+
+
+@pytest.mark.anyio
+async def test_missing_directory_is_a_store_error_naming_the_path(tmp_path: Path) -> None:
+    path = tmp_path / "no" / "such" / "dir" / "refresherd.db"
+    with pytest.raises(StoreError) as info:
+        await Store.open(path)
+    assert str(path) in str(info.value)
+    assert not path.parent.exists()
+
+
+@pytest.mark.anyio
+async def test_missing_file_without_create_is_a_store_error(db_path: Path) -> None:
+    with pytest.raises(StoreError) as info:
+        await Store.open(db_path, create=False)
+    assert str(db_path) in str(info.value)
+    assert not db_path.exists()
+
+
+@pytest.mark.anyio
+async def test_a_file_that_is_not_a_database_is_a_store_error(db_path: Path) -> None:
+    db_path.write_bytes(b"this is not an SQLite database, just some bytes\n" * 200)
+    with pytest.raises(StoreError) as info:
+        await Store.open(db_path)
+    assert str(db_path) in str(info.value)
+
+
+@pytest.mark.anyio
+async def test_a_directory_is_not_a_database(tmp_path: Path) -> None:
+    path = tmp_path / "a-directory.db"
+    path.mkdir()
+    with pytest.raises(StoreError) as info:
+        await Store.open(path)
+    assert str(path) in str(info.value)
+
+
+# ---- the read contract -------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_read_contract_view_with_plain_sqlite_while_open(store: Store, db_path: Path) -> None:
+    await store.add_many(
+        [new("b", access=False), new("a", expires_at=NOW + 3600.75, scope=None)], now=NOW
+    )
+    with plain(db_path) as conn:
+        cur = conn.execute(f"SELECT * FROM {READ_CONTRACT_VIEW} ORDER BY id")
+        assert [d[0] for d in cur.description] == CONTRACT_COLUMNS
+        rows = [dict(r) for r in cur.fetchall()]
+    assert rows == [
+        {
+            "id": "a",
+            "provider": "visma",
+            "access_token": access_value("a"),
+            "token_type": "Bearer",
+            "scope": None,
+            "expires_at": NOW + 3600.75,
+            "expires_at_rfc3339": rfc3339(NOW + 3600.75),
+            "state": "active",
+            "updated_at": NOW,
+        },
+        {
+            "id": "b",
+            "provider": "visma",
+            "access_token": None,
+            "token_type": None,
+            "scope": "openid offline_access",
+            "expires_at": None,
+            "expires_at_rfc3339": None,
+            "state": "active",
+            "updated_at": NOW,
+        },
+    ]
+
+    # A grant is visible to plain readers as soon as save_grant returns.
+    ts = await leased(store, "a")
+    await store.save_grant(
+        "a",
+        owner=ME,
+        expected_version=ts.version,
+        access_token=Secret("AT-new-s3cr3t"),
+        refresh_token=Secret("RT-new-s3cr3t"),
+        token_type="Bearer",
+        scope=None,
+        expires_at=NOW + 7200,
+        next_refresh_at=NOW + 5000,
+        now=NOW + 10,
+    )
+    with plain(db_path) as conn:
+        row = conn.execute(
+            f"SELECT access_token, expires_at_rfc3339, updated_at FROM {READ_CONTRACT_VIEW}"
+            " WHERE id = 'a'"
+        ).fetchone()
+    assert tuple(row) == ("AT-new-s3cr3t", rfc3339(NOW + 7200), NOW + 10)
+
+
+# ---- add, get, page, iterate, remove, counts ---------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_add_and_get(store: Store) -> None:
+    assert await store.add_many([new("a"), new("b", access=False, due=NOW)], now=NOW) == 2
+    a = await store.get("a")
+    assert a is not None
+    assert a.refresh_token == Secret(refresh_value("a"))
+    assert a.access_token == Secret(access_value("a"))
+    assert (a.state, a.version, a.failures) == (State.ACTIVE, 1, 0)
+    assert (a.created_at, a.updated_at, a.next_refresh_at) == (NOW, NOW, NOW + 3000)
+    assert (a.expires_at, a.token_type, a.scope) == (NOW + 3600, "Bearer", "openid offline_access")
+    assert a.attempt is None and a.lease_owner is None and a.lease_until is None
+    b = await store.get("b")
+    assert b is not None and b.access_token is None and b.expires_at is None
+    assert await store.get("c") is None
+    for ts in (a, b):
+        assert_no_secret(repr(ts))
+        assert_no_secret(str(ts))
+
+
+@pytest.mark.anyio
+async def test_add_many_with_a_duplicate_inside_inserts_nothing(store: Store) -> None:
+    with pytest.raises(TokenSetExists) as info:
+        await store.add_many([new("a"), new("b"), new("c"), new("b")], now=NOW)
+    assert "'b'" in str(info.value)
+    assert_no_secret(str(info.value))
+    assert await store.page() == []
+
+
+@pytest.mark.anyio
+async def test_add_many_against_existing_rows_inserts_nothing(store: Store, db_path: Path) -> None:
+    await store.add(new("m"), now=NOW)
+    before = raw_row(db_path, "m")
+    with pytest.raises(TokenSetExists) as info:
+        await store.add_many([new("a"), new("m"), new("z")], now=NOW + 1)
+    assert "'m'" in str(info.value)
+    assert "exists" in str(info.value)
+    assert_no_secret(str(info.value))
+    assert [ts.id for ts in await store.page()] == ["m"]
+    assert raw_row(db_path, "m") == before
+
+
+@pytest.mark.anyio
+async def test_add_one_existing_names_it(store: Store) -> None:
+    await store.add(new("customer-7"), now=NOW)
+    with pytest.raises(TokenSetExists) as info:
+        await store.add(new("customer-7"), now=NOW)
+    assert "customer-7" in str(info.value)
+    assert_no_secret(str(info.value))
+    assert isinstance(info.value, StoreError)
+
+
+@pytest.mark.anyio
+async def test_add_many_large_batch_with_one_conflict_at_the_end(store: Store) -> None:
+    await store.add(new("id-01199"), now=NOW)
+    batch = [new(f"id-{i:05d}") for i in range(1200)]
+    with pytest.raises(TokenSetExists) as info:
+        await store.add_many(batch, now=NOW)
+    assert "id-01199" in str(info.value)
+    assert len(await store.page(limit=5000)) == 1
+
+
+@pytest.mark.anyio
+async def test_add_many_empty(store: Store) -> None:
+    assert await store.add_many([], now=NOW) == 0
+
+
+@pytest.mark.anyio
+async def test_keyset_pagination_over_1200_rows(store: Store) -> None:
+    ids = [f"ts-{i:05d}" for i in range(1200)]
+    # inserted out of order; pages come in id order
+    await store.add_many([new(i) for i in reversed(ids)], now=NOW)
+    first = await store.page(limit=500)
+    assert [t.id for t in first] == ids[:500]
+    second = await store.page(after=first[-1].id, limit=500)
+    assert [t.id for t in second] == ids[500:1000]
+    third = await store.page(after=second[-1].id, limit=500)
+    assert [t.id for t in third] == ids[1000:]
+    assert await store.page(after=ids[-1]) == []
+    # "after" need not be an existing id
+    assert [t.id for t in await store.page(after="ts-00499x", limit=2)] == ids[500:502]
+
+    seen = [t.id async for t in store.iterate(page_size=500)]
+    assert seen == ids
+    assert [t.id async for t in store.iterate(page_size=400)] == ids  # exact multiple
+    assert [t.id async for t in store.iterate(page_size=7)] == ids
+
+
+@pytest.mark.anyio
+async def test_iterate_empty(store: Store) -> None:
+    assert [t async for t in store.iterate()] == []
+
+
+@pytest.mark.anyio
+async def test_remove(store: Store) -> None:
+    await store.add_many([new("a"), new("b")], now=NOW)
+    assert await store.remove("a") is True
+    assert await store.remove("a") is False
+    assert await store.remove("never") is False
+    assert await store.get("a") is None
+    assert [t.id for t in await store.page()] == ["b"]
+
+
+@pytest.mark.anyio
+async def test_counts_by_provider_and_state(store: Store) -> None:
+    assert await store.counts() == {}
+    await store.add_many(
+        [new("a"), new("b"), new("c", provider="okta"), new("d", provider="okta")], now=NOW
+    )
+    await store.record_failure(
+        "d",
+        owner=ME,
+        expected_version=1,
+        state=State.INVALIDATED,
+        next_refresh_at=NOW,
+        error="invalid_grant: refused",
+        failures=1,
+        invalid_reason="invalid_grant",
+        now=NOW,
+        resolve_attempt=True,
+    )
+    assert await store.counts() == {
+        ("visma", "active"): 2,
+        ("okta", "active"): 1,
+        ("okta", "invalidated"): 1,
+    }
+
+
+# ---- claims and leases -------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_claim_reads_the_row_under_the_lease(store: Store, db_path: Path) -> None:
+    await store.add(new("a"), now=NOW)
+    stale = await store.get("a")
+    assert stale is not None
+    # a sibling rotates the token between our read and our claim
+    with plain(db_path) as conn:
+        conn.execute(
+            "UPDATE token_sets SET refresh_token = 'RT-rotated-s3cr3t', version = 2 WHERE id = 'a'"
+        )
+    claimed = await store.claim("a", owner=ME, now=NOW, lease_until=NOW + 60)
+    assert isinstance(claimed, TokenSet)
+    assert claimed.version == 2
+    assert claimed.refresh_token == Secret("RT-rotated-s3cr3t")
+    assert (claimed.lease_owner, claimed.lease_until) == (ME, NOW + 60)
+    row = raw_row(db_path, "a")
+    assert (row["lease_owner"], row["lease_until"]) == (ME, NOW + 60)
+
+
+@pytest.mark.anyio
+async def test_a_second_owner_is_refused(store: Store) -> None:
+    await store.add(new("a"), now=NOW)
+    await leased(store, "a", ME, until=NOW + 60)
+    refused = await store.claim("a", owner=OTHER, now=NOW + 30, lease_until=NOW + 90)
+    assert refused == ClaimRefused("leased", owner=ME, until=NOW + 60)
+    # at the exact end of the lease it is still ours
+    refused = await store.claim("a", owner=OTHER, now=NOW + 60, lease_until=NOW + 120)
+    assert isinstance(refused, ClaimRefused) and refused.reason == "leased"
+    # the holder may claim again (extends its own lease)
+    again = await store.claim("a", owner=ME, now=NOW + 30, lease_until=NOW + 120)
+    assert isinstance(again, TokenSet) and again.lease_until == NOW + 120
+
+
+@pytest.mark.anyio
+async def test_an_expired_lease_is_taken(store: Store) -> None:
+    await store.add(new("a"), now=NOW)
+    await leased(store, "a", ME, until=NOW + 60)
+    taken = await store.claim("a", owner=OTHER, now=NOW + 60.5, lease_until=NOW + 120)
+    assert isinstance(taken, TokenSet)
+    assert (taken.lease_owner, taken.lease_until) == (OTHER, NOW + 120)
+    refused = await store.claim("a", owner=ME, now=NOW + 61, lease_until=NOW + 121)
+    assert refused == ClaimRefused("leased", owner=OTHER, until=NOW + 120)
+
+
+@pytest.mark.anyio
+async def test_claim_not_found_and_invalidated(store: Store) -> None:
+    assert await store.claim("nope", owner=ME, now=NOW, lease_until=NOW + 60) == ClaimRefused(
+        "not_found"
+    )
+    await store.add(new("a"), now=NOW)
+    await store.record_failure(
+        "a",
+        owner=ME,
+        expected_version=1,
+        state=State.INVALIDATED,
+        next_refresh_at=NOW,
+        error="invalid_grant",
+        failures=1,
+        invalid_reason="invalid_grant",
+        now=NOW,
+        resolve_attempt=True,
+    )
+    assert await store.claim("a", owner=ME, now=NOW, lease_until=NOW + 60) == ClaimRefused(
+        "invalidated"
+    )
+
+
+@pytest.mark.anyio
+async def test_concurrent_claims_from_two_stores_never_share_a_row(db_path: Path) -> None:
+    first = await Store.open(db_path)
+    second = await Store.open(db_path)
+    try:
+        await first.add_many([new(f"ts-{i:03d}", due=NOW - i) for i in range(60)], now=NOW)
+        results: dict[str, list[str]] = {}
+        single: dict[str, object] = {}
+
+        async def batch(store: Store, owner: str) -> None:
+            got: list[str] = []
+            while True:
+                ids = await store.claim_due(owner=owner, now=NOW, lease_until=NOW + 60, limit=7)
+                if not ids:
+                    break
+                got += ids
+            results[owner] = got
+
+        async def one(store: Store, owner: str) -> None:
+            single[owner] = await store.claim("solo", owner=owner, now=NOW, lease_until=NOW + 60)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(batch, first, ME)
+            tg.start_soon(batch, second, OTHER)
+        assert not set(results[ME]) & set(results[OTHER])
+        assert sorted(results[ME] + results[OTHER]) == [f"ts-{i:03d}" for i in range(60)]
+
+        await first.add(new("solo"), now=NOW)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(one, first, ME)
+            tg.start_soon(one, second, OTHER)
+        winners = [o for o, r in single.items() if isinstance(r, TokenSet)]
+        assert len(winners) == 1
+        loser = OTHER if winners == [ME] else ME
+        assert single[loser] == ClaimRefused("leased", owner=winners[0], until=NOW + 60)
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def _claim_due_fixture(store: Store) -> None:
+    await store.add_many(
+        [
+            new("a", due=NOW - 100),
+            new("b", due=NOW - 50),
+            new("c", due=NOW - 10),
+            new("now", due=NOW),
+            new("later", due=NOW + 100),
+            new("leased", due=NOW - 200),
+            new("expired-lease", due=NOW - 300),
+            new("excluded", due=NOW - 400, provider="okta"),
+            new("invalid", due=NOW - 500),
+        ],
+        now=NOW - 1000,
+    )
+    await leased(store, "leased", OTHER, until=NOW + 60)
+    await leased(store, "expired-lease", OTHER, until=NOW - 1)
+    await store.record_failure(
+        "invalid",
+        owner=ME,
+        expected_version=1,
+        state=State.INVALIDATED,
+        next_refresh_at=NOW - 500,
+        error="invalid_grant",
+        failures=1,
+        invalid_reason="invalid_grant",
+        now=NOW - 999,
+        resolve_attempt=True,
+    )
+
+
+@pytest.mark.anyio
+async def test_claim_due_most_overdue_first_within_limit(store: Store, db_path: Path) -> None:
+    await _claim_due_fixture(store)
+    kw: dict[str, Any] = {"owner": ME, "now": NOW, "lease_until": NOW + 60}
+    assert await store.claim_due(limit=0, exclude_providers=["okta"], **kw) == []
+    assert await store.claim_due(limit=3, exclude_providers=["okta"], **kw) == [
+        "expired-lease",
+        "a",
+        "b",
+    ]
+    for token_set_id in ("expired-lease", "a", "b"):
+        row = raw_row(db_path, token_set_id)
+        assert (row["lease_owner"], row["lease_until"]) == (ME, NOW + 60)
+    # our own leased rows are not handed out twice; the rest of what is due comes next
+    assert await store.claim_due(limit=10, exclude_providers=["okta"], **kw) == ["c", "now"]
+    assert await store.claim_due(limit=10, exclude_providers=["okta"], **kw) == []
+    for token_set_id in ("later", "excluded", "invalid"):
+        assert raw_row(db_path, token_set_id)["lease_owner"] is None
+    assert raw_row(db_path, "leased")["lease_owner"] == OTHER
+    # without the exclusion, the other provider's set is due too
+    assert await store.claim_due(limit=10, **kw) == ["excluded"]
+
+
+@pytest.mark.anyio
+async def test_claim_due_excludes_several_providers(store: Store) -> None:
+    await store.add_many(
+        [new(f"{p}-1", provider=p, due=NOW - 1) for p in ("visma", "okta", "auth0", "keycloak")],
+        now=NOW,
+    )
+    ids = await store.claim_due(
+        owner=ME, now=NOW, lease_until=NOW + 60, limit=10, exclude_providers=["okta", "auth0"]
+    )
+    assert sorted(ids) == ["keycloak-1", "visma-1"]
+
+
+@pytest.mark.anyio
+async def test_next_due_at(store: Store) -> None:
+    assert await store.next_due_at(now=NOW) is None
+    await _claim_due_fixture(store)
+    # "invalid" (NOW-500) never; "excluded" (NOW-400) unless excluded; "leased" (NOW-200) is
+    # held by a live lease; "expired-lease" (NOW-300) is free again.
+    assert await store.next_due_at(now=NOW) == NOW - 400
+    assert await store.next_due_at(now=NOW, exclude_providers=["okta"]) == NOW - 300
+    await leased(store, "expired-lease", ME, until=NOW + 60)
+    assert await store.next_due_at(now=NOW, exclude_providers=["okta"]) == NOW - 100
+    assert await store.next_due_at(now=NOW, exclude_providers=["visma", "okta"]) is None
+    # once the other owner's lease has lapsed, its set counts again
+    assert await store.next_due_at(now=NOW + 61, exclude_providers=["okta"]) == NOW - 300
+
+
+@pytest.mark.anyio
+async def test_renew_lease(store: Store, db_path: Path) -> None:
+    await store.add(new("a"), now=NOW)
+    await leased(store, "a", ME, until=NOW + 60)
+    assert await store.renew_lease("a", owner=ME, lease_until=NOW + 120) is True
+    assert raw_row(db_path, "a")["lease_until"] == NOW + 120
+    assert await store.renew_lease("a", owner=OTHER, lease_until=NOW + 999) is False
+    assert raw_row(db_path, "a")["lease_until"] == NOW + 120
+    assert await store.renew_lease("missing", owner=ME, lease_until=NOW + 999) is False
+    await store.release("a", owner=ME)
+    assert await store.renew_lease("a", owner=ME, lease_until=NOW + 999) is False
+
+
+@pytest.mark.anyio
+async def test_release_release_all_clear_leases_of(store: Store, db_path: Path) -> None:
+    await store.add_many([new(x) for x in "abcdef"], now=NOW)
+    for token_set_id in "abc":
+        await leased(store, token_set_id, ME)
+    for token_set_id in "de":
+        await leased(store, token_set_id, OTHER)
+    await leased(store, "f", "third-303-0c0c0c0c")
+    assert await store.lease_holders(now=NOW) == {ME, OTHER, "third-303-0c0c0c0c"}
+
+    await store.release("a", owner=OTHER)  # not theirs: nothing happens
+    assert raw_row(db_path, "a")["lease_owner"] == ME
+    await store.release("a", owner=ME)
+    row = raw_row(db_path, "a")
+    assert (row["lease_owner"], row["lease_until"]) == (None, None)
+
+    assert await store.release_all(owner=ME) == 2
+    assert await store.release_all(owner=ME) == 0
+    assert await store.lease_holders(now=NOW) == {OTHER, "third-303-0c0c0c0c"}
+
+    assert await store.clear_leases_of([OTHER, "third-303-0c0c0c0c", "nobody"]) == 3
+    assert await store.lease_holders(now=NOW) == set()
+    assert all(t.lease_owner is None for t in await store.page())
+
+
+@pytest.mark.anyio
+async def test_lease_holders_only_live_leases(store: Store) -> None:
+    await store.add_many([new("a"), new("b")], now=NOW)
+    await leased(store, "a", ME, until=NOW + 60)
+    await leased(store, "b", OTHER, until=NOW - 1)
+    assert await store.lease_holders(now=NOW) == {ME}
+
+
+@pytest.mark.anyio
+async def test_defer_moves_the_plan_later_and_releases(store: Store, db_path: Path) -> None:
+    await store.add_many([new("a", due=NOW - 5), new("b", due=NOW + 500)], now=NOW)
+    await leased(store, "a")
+    await leased(store, "b")
+    before = raw_row(db_path, "a")
+    await store.defer("a", owner=ME, next_refresh_at=NOW + 300)
+    await store.defer("b", owner=ME, next_refresh_at=NOW + 300)  # never earlier
+    after = raw_row(db_path, "a")
+    assert after["next_refresh_at"] == NOW + 300
+    assert (after["lease_owner"], after["lease_until"]) == (None, None)
+    changed = {k for k in before if before[k] != after[k]}
+    assert changed == {"next_refresh_at", "lease_owner", "lease_until"}
+    assert raw_row(db_path, "b")["next_refresh_at"] == NOW + 500
+    # someone else's lease: untouched
+    await leased(store, "a", OTHER)
+    await store.defer("a", owner=ME, next_refresh_at=NOW + 900)
+    assert raw_row(db_path, "a")["lease_owner"] == OTHER
+    assert raw_row(db_path, "a")["next_refresh_at"] == NOW + 300
+
+
+# ---- the journal ---------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_begin_attempt_journals_and_continues_a_series(store: Store, db_path: Path) -> None:
+    await store.add(new("a"), now=NOW)
+    await leased(store, "a")
+    first = await store.begin_attempt("a", owner=ME, version=1, now=NOW, keep_since=NOW - 29)
+    assert first == Attempt(version=1, started_at=NOW, owner=ME, sends=1)
+    row = raw_row(db_path, "a")  # durable: another connection sees it
+    assert (row["attempt_version"], row["attempt_started_at"], row["attempt_owner"]) == (
+        1,
+        NOW,
+        ME,
+    )
+    assert row["attempt_sends"] == 1
+
+    # inside the window: same series, same start, one more send
+    second = await store.begin_attempt(
+        "a", owner=ME, version=1, now=NOW + 5, keep_since=NOW + 5 - 29
+    )
+    assert second == Attempt(version=1, started_at=NOW, owner=ME, sends=2)
+    assert (await store.get("a")).attempt == second  # type: ignore[union-attr]
+
+    # the window has closed: a new series
+    third = await store.begin_attempt(
+        "a", owner=ME, version=1, now=NOW + 40, keep_since=NOW + 40 - 29
+    )
+    assert third == Attempt(version=1, started_at=NOW + 40, owner=ME, sends=1)
+
+
+@pytest.mark.anyio
+async def test_begin_attempt_without_a_grace_window_always_starts_a_series(store: Store) -> None:
+    await store.add(new("a"), now=NOW)
+    await leased(store, "a")
+    for i in range(3):
+        attempt = await store.begin_attempt(
+            "a", owner=ME, version=1, now=NOW + i, keep_since=float("inf")
+        )
+        assert attempt == Attempt(version=1, started_at=NOW + i, owner=ME, sends=1)
+
+
+@pytest.mark.anyio
+async def test_begin_attempt_refused_without_our_lease(store: Store, db_path: Path) -> None:
+    await store.add(new("a"), now=NOW)
+    kw: dict[str, Any] = {"version": 1, "now": NOW, "keep_since": NOW - 29}
+    assert await store.begin_attempt("a", owner=ME, **kw) is None  # no lease at all
+    await leased(store, "a", OTHER)
+    assert await store.begin_attempt("a", owner=ME, **kw) is None  # someone else's
+    assert raw_row(db_path, "a")["attempt_started_at"] is None
+    assert await store.begin_attempt("missing", owner=ME, **kw) is None
+
+
+@pytest.mark.anyio
+async def test_begin_attempt_refused_when_the_version_moved(store: Store, db_path: Path) -> None:
+    await store.add(new("a"), now=NOW)
+    await leased(store, "a")
+    with plain(db_path) as conn:
+        conn.execute("UPDATE token_sets SET version = 2 WHERE id = 'a'")
+    assert await store.begin_attempt("a", owner=ME, version=1, now=NOW, keep_since=NOW - 29) is None
+    assert raw_row(db_path, "a")["attempt_started_at"] is None
+
+
+@pytest.mark.anyio
+async def test_begin_attempt_refused_when_invalidated(store: Store) -> None:
+    await store.add(new("a"), now=NOW)
+    await leased(store, "a")
+    await store.record_failure(
+        "a",
+        owner=OTHER,  # keeps our lease in place
+        expected_version=1,
+        state=State.INVALIDATED,
+        next_refresh_at=NOW,
+        error="invalid_grant",
+        failures=1,
+        invalid_reason="invalid_grant",
+        now=NOW,
+        resolve_attempt=True,
+    )
+    assert await store.begin_attempt("a", owner=ME, version=1, now=NOW, keep_since=NOW - 29) is None
+
+
+@pytest.mark.anyio
+async def test_a_successor_continues_a_dead_owners_series(store: Store) -> None:
+    """Crash recovery: the journal outlives its owner, and the grace window is counted from the
+    first send, whoever made it."""
+    await store.add(new("a"), now=NOW)
+    await leased(store, "a", OTHER)
+    await store.begin_attempt("a", owner=OTHER, version=1, now=NOW, keep_since=NOW - 29)
+    assert await store.unresolved_attempts(since=NOW - 29) == ["a"]
+    assert await store.clear_leases_of([OTHER]) == 1
+    await leased(store, "a", ME)
+    attempt = await store.begin_attempt(
+        "a", owner=ME, version=1, now=NOW + 3, keep_since=NOW + 3 - 29
+    )
+    assert attempt == Attempt(version=1, started_at=NOW, owner=ME, sends=2)
+
+
+@pytest.mark.anyio
+async def test_unresolved_attempts_since(store: Store) -> None:
+    await store.add_many([new(x) for x in ("old", "mid", "new", "none", "dead")], now=NOW)
+    for token_set_id, started in (("new", NOW), ("old", NOW - 100), ("mid", NOW - 10)):
+        await leased(store, token_set_id)
+        await store.begin_attempt(
+            token_set_id, owner=ME, version=1, now=started, keep_since=float("inf")
+        )
+    await leased(store, "dead")
+    await store.begin_attempt("dead", owner=ME, version=1, now=NOW - 5, keep_since=float("inf"))
+    await store.record_failure(
+        "dead",
+        owner=ME,
+        expected_version=1,
+        state=State.INVALIDATED,
+        next_refresh_at=NOW,
+        error="invalid_grant",
+        failures=1,
+        invalid_reason="invalid_grant",
+        now=NOW,
+        resolve_attempt=False,  # even with the journal kept, an invalidated set is not retried
+    )
+    assert await store.unresolved_attempts(since=NOW - 50) == ["mid", "new"]
+    assert await store.unresolved_attempts(since=NOW - 10) == ["mid", "new"]
+    assert await store.unresolved_attempts(since=NOW - 1000) == ["old", "mid", "new"]
+    assert await store.unresolved_attempts(since=NOW + 1) == []
+
+
+# ---- save_grant: compare-and-swap ----------------------------------------------------------------
+
+
+async def _in_flight(store: Store, token_set_id: str = "a") -> TokenSet:
+    """A set that failed once, is leased by us and has a journaled attempt."""
+    await store.add(new(token_set_id), now=NOW - 100)
+    await leased(store, token_set_id)
+    await store.begin_attempt(token_set_id, owner=ME, version=1, now=NOW - 50, keep_since=0)
+    await store.record_failure(
+        token_set_id,
+        owner=ME,
+        expected_version=1,
+        state=State.FAILING,
+        next_refresh_at=NOW,
+        error="timeout: no answer",
+        failures=3,
+        invalid_reason=None,
+        now=NOW - 40,
+        resolve_attempt=False,
+    )
+    ts = await leased(store, token_set_id)
+    await store.begin_attempt(token_set_id, owner=ME, version=1, now=NOW, keep_since=NOW - 29)
+    current = await store.get(token_set_id)
+    assert current is not None and current.attempt is not None
+    assert current.state is State.FAILING and current.failures == 3
+    return ts
+
+
+async def _save(store: Store, version: int, *, scope: str | None = None, owner: str = ME) -> Any:
+    return await store.save_grant(
+        "a",
+        owner=owner,
+        expected_version=version,
+        access_token=Secret("AT-granted-s3cr3t"),
+        refresh_token=Secret("RT-granted-s3cr3t"),
+        token_type="bearer",
+        scope=scope,
+        expires_at=NOW + 3605,
+        next_refresh_at=NOW + 2900,
+        now=NOW + 5,
+    )
+
+
+@pytest.mark.anyio
+async def test_save_grant_with_a_stale_version_writes_nothing(store: Store, db_path: Path) -> None:
+    await _in_flight(store)
+    before = raw_row(db_path, "a")
+    assert await _save(store, version=2) is None
+    assert await _save(store, version=0) is None
+    assert raw_row(db_path, "a") == before
+    with plain(db_path) as conn:
+        assert conn.execute("SELECT count(*) FROM token_sets WHERE id != 'a'").fetchone()[0] == 0
+
+
+@pytest.mark.anyio
+async def test_save_grant_success(store: Store, db_path: Path) -> None:
+    ts = await _in_flight(store)
+    saved = await _save(store, version=ts.version)
+    assert isinstance(saved, TokenSet)
+    assert saved.version == ts.version + 1
+    assert saved.refresh_token == Secret("RT-granted-s3cr3t")
+    assert saved.access_token == Secret("AT-granted-s3cr3t")
+    assert (saved.token_type, saved.scope) == ("bearer", "openid offline_access")  # scope kept
+    assert (saved.expires_at, saved.next_refresh_at) == (NOW + 3605, NOW + 2900)
+    assert (saved.state, saved.failures, saved.last_error, saved.invalid_reason) == (
+        State.ACTIVE,
+        0,
+        None,
+        None,
+    )
+    assert (saved.updated_at, saved.last_refresh_at, saved.created_at) == (
+        NOW + 5,
+        NOW + 5,
+        NOW - 100,
+    )
+    assert saved.attempt is None
+    assert (saved.lease_owner, saved.lease_until) == (None, None)
+    assert saved == await store.get("a")
+    row = raw_row(db_path, "a")
+    assert row["refresh_token"] == "RT-granted-s3cr3t"
+    assert all(
+        row[c] is None
+        for c in ("attempt_version", "attempt_started_at", "attempt_owner", "attempt_sends")
+    )
+    assert_no_secret(repr(saved))
+    # the same version cannot be saved twice
+    assert await _save(store, version=ts.version) is None
+
+
+@pytest.mark.anyio
+async def test_save_grant_keeps_a_lease_that_is_not_ours(store: Store) -> None:
+    """Our lease lapsed and another owner took the row while our request was out: the version
+    still proves our grant is the newest, and their lease stays theirs."""
+    ts = await _in_flight(store)
+    taken = await store.claim("a", owner=OTHER, now=NOW + 1000, lease_until=NOW + 1060)
+    assert isinstance(taken, TokenSet)
+    saved = await _save(store, version=ts.version, scope="openid")
+    assert saved is not None and saved.scope == "openid"
+    assert (saved.lease_owner, saved.lease_until) == (OTHER, NOW + 1060)
+
+
+@pytest.mark.anyio
+async def test_save_grant_after_removal_is_none(store: Store) -> None:
+    ts = await _in_flight(store)
+    assert await store.remove("a")
+    assert await _save(store, version=ts.version) is None
+    assert await store.get("a") is None
+
+
+# ---- record_failure ---------------------------------------------------------------------------
+
+
+async def _fail(store: Store, *, version: int = 1, resolve: bool, **kw: Any) -> bool:
+    args: dict[str, Any] = {
+        "owner": ME,
+        "expected_version": version,
+        "state": State.FAILING,
+        "next_refresh_at": NOW + 77,
+        "error": "timeout: no answer within 10s",
+        "failures": 4,
+        "invalid_reason": None,
+        "now": NOW + 1,
+        "resolve_attempt": resolve,
+    }
+    args.update(kw)
+    return await store.record_failure("a", **args)
+
+
+@pytest.mark.anyio
+async def test_record_failure_keeps_the_journal_unless_resolved(store: Store) -> None:
+    await store.add(new("a"), now=NOW)
+    await leased(store, "a")
+    attempt = await store.begin_attempt("a", owner=ME, version=1, now=NOW, keep_since=NOW - 29)
+    assert await _fail(store, resolve=False) is True
+    ts = await store.get("a")
+    assert ts is not None
+    assert ts.attempt == attempt
+    assert (ts.state, ts.next_refresh_at, ts.failures) == (State.FAILING, NOW + 77, 4)
+    assert (ts.last_error, ts.updated_at, ts.version) == (
+        "timeout: no answer within 10s",
+        NOW + 1,
+        1,
+    )
+    assert (ts.lease_owner, ts.lease_until) == (None, None)
+    assert ts.refresh_token == Secret(refresh_value("a"))  # tokens kept
+
+    await leased(store, "a")
+    assert await _fail(store, resolve=True, failures=5) is True
+    ts = await store.get("a")
+    assert ts is not None and ts.attempt is None and ts.failures == 5
+
+
+@pytest.mark.anyio
+async def test_record_failure_invalidates(store: Store) -> None:
+    await store.add(new("a"), now=NOW)
+    await leased(store, "a")
+    assert await _fail(
+        store,
+        resolve=True,
+        state=State.INVALIDATED,
+        invalid_reason="invalid_grant_after_unresolved_attempt",
+    )
+    ts = await store.get("a")
+    assert ts is not None
+    assert (ts.state, ts.invalid_reason) == (
+        State.INVALIDATED,
+        "invalid_grant_after_unresolved_attempt",
+    )
+    assert await store.next_due_at(now=NOW + 10_000) is None
+    assert await store.claim_due(owner=ME, now=NOW + 10_000, lease_until=NOW + 1, limit=9) == []
+
+
+@pytest.mark.anyio
+async def test_record_failure_with_a_stale_version_writes_nothing(
+    store: Store, db_path: Path
+) -> None:
+    await store.add(new("a"), now=NOW)
+    await leased(store, "a")
+    before = raw_row(db_path, "a")
+    assert await _fail(store, version=2, resolve=True) is False
+    assert raw_row(db_path, "a") == before
+
+
+@pytest.mark.anyio
+async def test_record_failure_bounds_the_error_and_keeps_others_leases(store: Store) -> None:
+    await store.add(new("a"), now=NOW)
+    await leased(store, "a", OTHER)
+    assert await _fail(store, resolve=False, error="x" * 5000) is True
+    ts = await store.get("a")
+    assert ts is not None
+    assert ts.last_error == "x" * 500
+    assert ts.lease_owner == OTHER
+
+
+# ---- change signal -----------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_data_version_changes_after_another_connections_commit(
+    store: Store, db_path: Path
+) -> None:
+    start = await store.data_version()
+    await store.add(new("own"), now=NOW)
+    assert await store.data_version() == start  # our own commits are not news
+    with plain(db_path) as conn:
+        conn.execute(
+            "INSERT INTO token_sets (id, provider, refresh_token, next_refresh_at, created_at,"
+            " updated_at) VALUES ('ext', 'visma', 'RT-ext-s3cr3t', 0, 0, 0)"
+        )
+    changed = await store.data_version()
+    assert changed != start
+    assert await store.data_version() == changed
+    other = await Store.open(db_path)
+    try:
+        await other.add(new("from-other-store"), now=NOW)
+    finally:
+        await other.close()
+    assert await store.data_version() != changed
+    assert {t.id for t in await store.page()} == {"own", "ext", "from-other-store"}
+
+
+# ---- no secrets in errors ----------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_store_errors_never_carry_token_values(store: Store, db_path: Path) -> None:
+    await store.add(new("a"), now=NOW)
+    ts = await leased(store, "a")
+    messages: list[str] = []
+    for batch in ([new("a")], [new("b"), new("b")]):
+        with pytest.raises(TokenSetExists) as exists:
+            await store.add_many(batch, now=NOW)
+        messages += [str(exists.value), repr(exists.value)]
+    # Writes that SQLite itself refuses (an operator's trigger, say): the bound token values
+    # must not travel into the error.
+    with plain(db_path) as conn:
+        conn.execute(
+            "CREATE TRIGGER no_writes BEFORE UPDATE ON token_sets"
+            " BEGIN SELECT RAISE(ABORT, 'writes are frozen'); END"
+        )
+        conn.execute(
+            "CREATE TRIGGER no_inserts BEFORE INSERT ON token_sets"
+            " BEGIN SELECT RAISE(ABORT, 'inserts are frozen'); END"
+        )
+    with pytest.raises(StoreError) as info:
+        await store.save_grant(
+            "a",
+            owner=ME,
+            expected_version=ts.version,
+            access_token=Secret("AT-frozen-s3cr3t"),
+            refresh_token=Secret("RT-frozen-s3cr3t"),
+            token_type=None,
+            scope=None,
+            expires_at=None,
+            next_refresh_at=NOW,
+            now=NOW,
+        )
+    assert "writes are frozen" in str(info.value) and str(db_path) in str(info.value)
+    messages += [str(info.value), repr(info.value)]
+    # a constraint failure that is not a duplicate id is a StoreError, not TokenSetExists
+    with pytest.raises(StoreError) as insert:
+        await store.add_many([new("fresh-1"), new("fresh-2")], now=NOW)
+    assert not isinstance(insert.value, TokenSetExists)
+    assert "inserts are frozen" in str(insert.value)
+    messages += [str(insert.value), repr(insert.value)]
+    for message in messages:
+        assert_no_secret(message)
+    assert await store.get("fresh-1") is None
