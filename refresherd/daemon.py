@@ -115,6 +115,7 @@ class Daemon:
         self._tg: anyio.abc.TaskGroup | None = None
         self.listen_address: tuple[str, int] | None = None
         self.notifier = Notifier()
+        self._ready = False
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -184,6 +185,7 @@ class Daemon:
             await tg.start(self._work, scheduler, server_stop, server_done, tg.cancel_scope)
             # The store is open and migrated, the listener bound, the scheduler running.
             self.notifier.notify("READY=1", "STATUS=refreshing token sets")
+            self._ready = True
             if self.on_ready is not None:
                 self.on_ready(self)
         log.info("refresherd stopped")
@@ -334,7 +336,8 @@ class Daemon:
             interval = min(interval, self.notifier.watchdog_interval)
         while True:
             self._beat = self.clock.monotonic()
-            if self.notifier.watchdog_interval is not None:
+            # Pings start after READY=1: before it, systemd's start timeout is the guard.
+            if self._ready and self.notifier.watchdog_interval is not None:
                 self.notifier.notify("WATCHDOG=1")
             await anyio.sleep(interval)
 
