@@ -220,7 +220,7 @@ def _parse_expires_in(value: object) -> float | None:
     try:
         number = float(value)
     except OverflowError:  # an integer literal beyond any float
-        raise ValueError("expires_in is larger than ten years") from None
+        raise ValueError("expires_in is out of range") from None
     if not math.isfinite(number) or number < 0:
         raise ValueError("expires_in is negative or not finite")
     if number > 10 * 365 * 86400:
@@ -360,6 +360,14 @@ class TokenEndpoint:
             raise Ambiguous("timeout", f"no answer within {timeout:.1f}s") from None
         except httpx.TransportError as exc:
             raise Ambiguous("network_error", f"connection failed: {type(exc).__name__}") from None
+        except httpx.DecodingError:
+            # Not a TransportError: a body the declared Content-Encoding cannot decode.
+            raise Ambiguous(
+                "malformed_response", "cannot decode the response body (Content-Encoding)"
+            ) from None
+        except httpx.HTTPError as exc:
+            # Anything else httpx raises once the request may have left: unknown outcome.
+            raise Ambiguous("network_error", f"request failed: {type(exc).__name__}") from None
         return response.status_code, response.headers, body
 
     @staticmethod

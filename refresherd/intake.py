@@ -31,13 +31,22 @@ class InputError(ValueError):
         super().__init__(f"{where}: {message}")
 
 
+def _storable(value: str, key: str) -> str:
+    """JSON may carry lone surrogates (``"\\ud800"``): a str that SQLite cannot store."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{key} must be valid Unicode text (no lone surrogates)") from None
+    return value
+
+
 def _optional_str(data: Mapping[str, Any], key: str) -> str | None:
     value = data.get(key)
     if value is None:
         return None
     if not isinstance(value, str) or not value:
         raise ValueError(f"{key} must be a non-empty string")
-    return value
+    return _storable(value, key)
 
 
 def _number(data: Mapping[str, Any], key: str) -> float | None:
@@ -106,6 +115,7 @@ def token_set_from_json(
     refresh = data.get("refresh_token")
     if not isinstance(refresh, str) or not refresh:
         raise ValueError("refresh_token is required and must be a non-empty string")
+    _storable(refresh, "refresh_token")
     access = _optional_str(data, "access_token")
     token_type = _optional_str(data, "token_type")
     scope = _optional_str(data, "scope")

@@ -99,7 +99,11 @@ def attempt_timeout(
 
 @dataclass(frozen=True, slots=True)
 class RetryNow:
-    """Send the same refresh token again after ``delay`` seconds (a grace-window retry)."""
+    """Send the same refresh token again after ``delay`` seconds, inside the grace window.
+
+    ``grace``: the retry relies on the IdP's grace period (an earlier send of the series may
+    have consumed the token), as opposed to a resend of a token the IdP did not process.
+    """
 
     delay: float
     grace: bool
@@ -184,7 +188,10 @@ def decide(failure: Failure, ctx: FailureContext, cfg: ScheduleConfig, rand: flo
             return backoff(ctx.failures + 1)
         wait = min(max(failure.retry_after, 0.0), cfg.retry_after_max)
         if in_grace and deadline is not None and ctx.now + wait < deadline:
-            return RetryNow(delay=wait, grace=True)
+            # The IdP processed nothing: a grace retry only if an earlier send of the series
+            # may have consumed the token; after a 429 on the first send it is a plain resend.
+            assert ctx.attempt is not None
+            return RetryNow(delay=wait, grace=ctx.attempt.sends > 1)
         # "Retry-After: 0" (or a date in the past) must not become a tight loop of refreshes.
         return Backoff(at=ctx.now + max(wait, cfg.min_interval))
     # Any other OAuth error or unexpected 4xx: not processed, probably a configuration problem;

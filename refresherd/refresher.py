@@ -447,7 +447,26 @@ class Refresher:
                 detail=failure.detail,
                 paused_for=round(until - now, 1),
             )
-            await self._release_quietly(ts.id)
+            # The token set keeps its state, tokens, plan and failure count: the problem is the
+            # provider's. Only the error is noted, and the journal is resolved when this send
+            # was the series' only one (a 401 says the IdP processed nothing); then a later
+            # send is not mistaken for the retry of a lost answer.
+            try:
+                await self.store.record_failure(
+                    ts.id,
+                    owner=self.owner,
+                    expected_version=ts.version,
+                    state=ts.state,
+                    next_refresh_at=ts.next_refresh_at,
+                    error=error,
+                    failures=ts.failures,
+                    invalid_reason=ts.invalid_reason,
+                    now=now,
+                    resolve_attempt=sends <= 1,
+                )
+            except StoreError:
+                self.metrics.storage_errors.inc()
+                await self._release_quietly(ts.id)
             return RefreshResult(
                 "circuit_open", token_set=ts, reason=failure.reason, detail=failure.detail
             )
@@ -509,9 +528,6 @@ class Refresher:
         result = RefreshResult("unknown_provider", token_set=ts, reason="unknown_provider")
         self._log_outcome(ts, result, 0.0)
         return result
-
-    async def _release(self, token_set_id: str) -> None:
-        await self.store.release(token_set_id, owner=self.owner)
 
     async def _release_quietly(self, token_set_id: str) -> None:
         try:

@@ -133,6 +133,16 @@ def _row_to_token_set(row: sqlite3.Row) -> TokenSet:
     )
 
 
+def _exists(path: Path) -> bool:
+    """Like Path.exists, except that a path we may not look at raises (PermissionError)
+    instead of passing for absent: "does not exist" would send an operator the wrong way."""
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def _create_private_file(path: Path) -> None:
     """Create the database file 0600 before SQLite does; its -wal/-shm inherit that mode."""
     try:
@@ -155,17 +165,20 @@ class Store:
         path = Path(path)
         try:
             if create:
-                if not path.parent.is_dir():
+                if not _exists(path.parent) or not path.parent.is_dir():
                     raise StoreError(f"database {path}: directory {path.parent} does not exist")
                 _create_private_file(path)
-            elif not path.exists():
+            elif not _exists(path):
                 raise StoreError(f"database {path}: no such file")
             if not path.is_file():
-                # Refused here: a failed aiosqlite.connect leaves its worker thread to report
-                # to an event loop that may be gone by then ("Exception in thread" at exit).
                 raise StoreError(f"database {path}: not a regular file")
+            # Fail here rather than in aiosqlite.connect, whose worker thread would report the
+            # failure to an event loop that may be gone by then ("Exception in thread" at exit).
+            os.close(os.open(path, os.O_RDWR | os.O_CLOEXEC))
             conn = await aiosqlite.connect(str(path), isolation_level=None)
-        except (OSError, sqlite3.Error) as exc:
+        except OSError as exc:
+            raise StoreError(f"database {path}: cannot open: {exc.strerror or exc}") from exc
+        except sqlite3.Error as exc:
             raise StoreError(f"database {path}: cannot open: {exc}") from exc
         conn.row_factory = sqlite3.Row
         store = cls(path, conn)

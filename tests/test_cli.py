@@ -415,7 +415,7 @@ def test_refresh_while_another_process_holds_the_lease_exits_75(
     response = token_response(idp, "busy", access=False)  # due at once
     import_tokens(setup.config, [{"id": "busy", "provider": "p", **response}])
     # The daemon's request hangs at the IdP for a while, and the daemon holds the lease.
-    idp.faults.add(FaultKind.SLOW, delay=4.0, process_first=False)
+    idp.faults.add(FaultKind.SLOW, delay=8.0, process_first=False)
     daemon = DaemonProcess(setup.config, tmp_path / "daemon.log").start()
     try:
         wait_until(lambda: idp.ledger.requests == 1, what="the daemon's request to be in flight")

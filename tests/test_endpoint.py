@@ -990,3 +990,14 @@ def test_parse_retry_after_future_http_date() -> None:
 def test_parse_retry_after_never_raises_and_stays_bounded(value: str) -> None:
     delay = parse_retry_after(value)
     assert delay is None or 0.0 <= delay <= MAX_RETRY_AFTER
+
+
+@pytest.mark.anyio
+async def test_undecodable_content_encoding_is_ambiguous_malformed() -> None:
+    body = b"this is not gzip at all"
+    exc, _ = await raw_refresh_error(
+        canned(http_response(200, body, headers={"Content-Encoding": "gzip"}))
+    )
+    assert isinstance(exc, Ambiguous)
+    assert exc.failure.reason == "malformed_response"
+    assert "Content-Encoding" in str(exc)

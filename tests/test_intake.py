@@ -247,6 +247,16 @@ def test_token_set_id_is_validated(token_set_id: str) -> None:
         build({"refresh_token": REFRESH}, token_set_id=token_set_id)
 
 
+@pytest.mark.parametrize("key", ["refresh_token", "access_token", "token_type", "scope"])
+def test_lone_surrogates_are_refused(key: str) -> None:
+    # valid JSON, a valid Python str, but not storable text: refused here, not in SQLite
+    data = json.loads('{"refresh_token": "RT-s3cr3t", "%s": "x\\ud800y"}' % key)  # noqa: UP031
+    with pytest.raises(ValueError, match=key) as info:
+        build(data)
+    assert_no_secret(str(info.value))
+    assert "\ud800" not in str(info.value)
+
+
 def test_errors_never_carry_token_values() -> None:
     cases: list[object] = [
         {"refresh_token": REFRESH, "access_token": ACCESS, "expires_in": REFRESH},
@@ -419,7 +429,9 @@ json_values = st.recursive(
     | st.integers()
     | st.integers(min_value=10**300, max_value=10**320)
     | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=40),
+    | st.text(
+        st.characters(exclude_categories=()) | st.sampled_from(["\ud800", "\udc00"]), max_size=40
+    ),
     lambda children: (
         st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4)
     ),

@@ -66,7 +66,7 @@ def test_secret_never_shows_its_value() -> None:
 
 
 @settings(deadline=None)
-@given(st.text())
+@given(st.text(st.characters(exclude_categories=()) | st.sampled_from(["\ud800", "\x00"])))
 def test_renderings_do_not_depend_on_the_value(value: str) -> None:
     # The strongest form of "never shows its value": the text is the same whatever the value.
     assert renderings(Secret(value)) == renderings(Secret("a different value"))
@@ -121,8 +121,21 @@ def test_secret_compares_by_value() -> None:
     assert len({Secret("a"), Secret("a"), Secret("b")}) == 2
 
 
+def test_secret_equality_never_raises_on_lone_surrogates() -> None:
+    # json.loads('"\\ud800"') is a valid str that UTF-8 cannot encode
+    assert Secret("\ud800") == Secret("\ud800")
+    assert Secret("a\ud800") != Secret("a\udc00")
+    assert Secret("\ud800") != Secret("x")
+    assert hash(Secret("\ud800")) == hash(Secret("\ud800"))
+
+
+any_text = st.text(
+    st.characters(exclude_categories=()) | st.sampled_from(["\ud800", "\udfff", "\x00"])
+)
+
+
 @settings(deadline=None)
-@given(st.text(), st.text())
+@given(any_text, any_text)
 def test_secret_equality_matches_value_equality(a: str, b: str) -> None:
     assert (Secret(a) == Secret(b)) == (a == b)
     if a == b:

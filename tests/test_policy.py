@@ -510,7 +510,16 @@ def test_rate_limited_with_zero_retry_after_does_not_spin(retry_after: float) ->
 
 
 def test_rate_limited_inside_grace_retries_when_it_fits() -> None:
+    # first send: the IdP processed nothing, so this is a plain resend, not a grace retry
     decision = decide(failure(FailureKind.RATE_LIMITED, retry_after=5.0), ctx(now=INSIDE), CFG, 0)
+    assert decision == RetryNow(delay=5.0, grace=False)
+    # after an ambiguous send the window is what makes the resend safe
+    decision = decide(
+        failure(FailureKind.RATE_LIMITED, retry_after=5.0),
+        ctx(now=INSIDE, attempt=series(sends=2)),
+        CFG,
+        0,
+    )
     assert decision == RetryNow(delay=5.0, grace=True)
     # does not fit: the window (until NOW + 29) would close before the wait is over
     decision = decide(failure(FailureKind.RATE_LIMITED, retry_after=28.0), ctx(now=INSIDE), CFG, 0)
@@ -675,7 +684,8 @@ def test_a_series_never_sends_more_than_the_grace_budget(
         )
         if not isinstance(decision, RetryNow):
             break
-        assert decision.grace
+        # a grace retry, except a resend after a 429 that followed nothing unresolved
+        assert decision.grace == (kind is not FailureKind.RATE_LIMITED or sends > 1)
         assert decision.delay >= 0
         assert now < deadline
         now += decision.delay

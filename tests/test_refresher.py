@@ -299,7 +299,9 @@ async def wait_for(predicate: Callable[[], object], what: str) -> None:
             await anyio.sleep(0.02)
 
 
-def assert_unchanged(before: TokenSet, after: TokenSet) -> None:
+def assert_unchanged(before: TokenSet, after: TokenSet, *, error_noted: bool = False) -> None:
+    """Tokens, state, plan and failure count as before; with ``error_noted`` the refused send's
+    error may be on record (a provider problem is noted, never held against the token set)."""
     assert after.refresh_token == before.refresh_token
     assert after.access_token == before.access_token
     assert after.version == before.version
@@ -307,8 +309,14 @@ def assert_unchanged(before: TokenSet, after: TokenSet) -> None:
     assert after.next_refresh_at == before.next_refresh_at
     assert after.expires_at == before.expires_at
     assert after.failures == before.failures
-    assert after.last_error == before.last_error
     assert after.invalid_reason == before.invalid_reason
+    assert after.lease_owner is None
+    if error_noted:
+        assert after.last_error is not None and after.last_error.startswith("invalid_client")
+        assert after.attempt is None  # a 401 settles it: nothing was consumed
+    else:
+        assert after.last_error == before.last_error
+        assert after.attempt == before.attempt
 
 
 def assert_no_secret_in(result: RefreshResult, *values: str) -> None:
@@ -389,6 +397,24 @@ async def test_unknown_token_set_is_not_found(tmp_path: Path, logs: LogCapture) 
         result = await h.refresher.refresh("nope")
         assert result.outcome == "not_found"
         assert h.idp.ledger.requests == 0
+
+
+@pytest.mark.anyio
+async def test_token_set_of_a_provider_no_longer_configured_is_kept_and_deferred(
+    tmp_path: Path, logs: LogCapture
+) -> None:
+    async with harness(tmp_path) as h:
+        old = await h.add("ts-1", provider="removed-from-config")
+        before = time.time()
+        result = await h.refresher.refresh("ts-1")
+        assert (result.outcome, result.reason) == ("unknown_provider", "unknown_provider")
+        stored = await h.get("ts-1")
+        assert stored.state is State.ACTIVE and stored.refresh_token.reveal() == old
+        assert stored.next_refresh_at >= before + SCHEDULE.backoff_max
+        assert stored.lease_owner is None
+        assert h.idp.ledger.requests == 0
+        assert h.failures("unknown_provider", provider="removed-from-config") == 1
+        assert logs.outcome_line("ts-1")["level"] == "warning"
 
 
 # --------------------------------------------------------------------------- not sent
@@ -634,24 +660,7 @@ async def test_short_retry_after_inside_the_window_waits_then_resends(
         assert stored.refresh_token.reveal() != old
         assert h.idp.ledger.is_live(stored.refresh_token.reveal())
         assert h.failures("rate_limited") == 1
-
-
-@pytest.mark.xfail(
-    reason="bug (policy.decide): a 429/503 on the first send of a series is answered with "
-    "RetryNow(grace=True), so refresherd_grace_retries_total counts a retry of a token the IdP "
-    "said it did not process, and the retry is journaled as send 2 of a grace series",
-    strict=True,
-)
-@pytest.mark.anyio
-async def test_short_retry_after_is_not_counted_as_a_grace_retry(
-    tmp_path: Path, logs: LogCapture
-) -> None:
-    async with harness(tmp_path, grace_period=5.0) as h:
-        await h.add("ts-1")
-        h.idp.faults.add(FaultKind.RETRY_AFTER, status=429, retry_after=1)
-        result = await h.refresher.refresh("ts-1")
-        assert result.outcome == "refreshed"
-        assert h.grace_retries() == 0
+        assert h.grace_retries() == 0  # a resend of an unprocessed token, not a grace retry
 
 
 # --------------------------------------------------------------------------- invalid_grant
@@ -756,6 +765,38 @@ async def test_invalid_grant_after_a_sibling_stored_a_newer_grant_adopts_it(
         assert logs.at_level("error") == []
 
 
+@pytest.mark.anyio
+async def test_invalid_grant_inside_the_window_of_an_unresolved_attempt_retries_once(
+    tmp_path: Path, logs: LogCapture
+) -> None:
+    # The IdP honours no grace period although the provider config promises one: the rotated
+    # token of the lost answer is gone, and the old one is refused. One retry, then give up
+    # with a reason that says an unresolved attempt preceded it.
+    async with harness(tmp_path, grace_period=4.0, idp_grace_period=0.0) as h:
+        old = await h.add("ts-1")
+        h.idp.faults.add(FaultKind.DROP_AFTER_ROTATE)
+        result = await h.refresher.refresh("ts-1")
+
+        assert result.outcome == "invalidated"
+        assert result.reason == "invalid_grant_after_unresolved_attempt"
+        assert h.idp.ledger.requests == 3  # the lost answer, then invalid_grant twice
+        assert h.idp.ledger.invalid_grants == 2
+        stored = await h.get("ts-1")
+        assert stored.state is State.INVALIDATED
+        assert stored.invalid_reason == "invalid_grant_after_unresolved_attempt"
+        assert stored.refresh_token.reveal() == old
+        assert stored.attempt is None
+        reason = "invalid_grant_after_unresolved_attempt"
+        assert h.metric("refresherd_invalidations_total", provider=PROVIDER, reason=reason) == 1
+        assert h.grace_retries() == 2
+        assert [line["reason"] for line in logs.events("refresh retry")] == [
+            "network_error",
+            "invalid_grant",
+        ]
+        [error] = logs.at_level("error")
+        assert error["event"] == "refresh" and error["reason"] == reason
+
+
 # --------------------------------------------------------------------------- invalid_client
 
 
@@ -772,8 +813,7 @@ async def test_invalid_client_opens_the_provider_circuit_and_a_probe_closes_it(
         result = await h.refresher.refresh("ts-1")
         assert result.outcome == "circuit_open"
         assert result.reason == "invalid_client"
-        assert_unchanged(before_1, await h.get("ts-1"))
-        assert (await h.get("ts-1")).lease_owner is None
+        assert_unchanged(before_1, await h.get("ts-1"), error_noted=True)
         assert h.metric("refresherd_provider_circuit_open", provider=PROVIDER) == 1
         assert h.failures("invalid_client") == 1
         assert h.metric("refresherd_invalidations_total", provider=PROVIDER, reason="x") == 0
@@ -789,8 +829,7 @@ async def test_invalid_client_opens_the_provider_circuit_and_a_probe_closes_it(
         blocked = await h.refresher.refresh("ts-2")
         assert blocked.outcome == "circuit_open"
         assert h.idp.ledger.requests == requests
-        assert_unchanged(before_2, await h.get("ts-2"))
-        assert (await h.get("ts-2")).lease_owner is None
+        assert_unchanged(before_2, await h.get("ts-2"))  # not even sent
 
         # The first probe after the pause meets the same wrong secret: open again, longer.
         outcomes: list[str] = []
@@ -810,7 +849,7 @@ async def test_invalid_client_opens_the_provider_circuit_and_a_probe_closes_it(
             reopened = await probe_until_sent()
         assert reopened.outcome == "circuit_open"
         assert h.metric("refresherd_provider_circuit_open", provider=PROVIDER) == 1
-        assert_unchanged(before_2, await h.get("ts-2"))
+        assert_unchanged(before_2, await h.get("ts-2"), error_noted=True)
 
         # The operator fixes the secret; the next probe succeeds and closes the circuit.
         h.idp.set_client_secret(CLIENT_ID, CLIENT_SECRET)
@@ -864,6 +903,36 @@ async def test_a_probe_cancelled_midway_does_not_keep_the_provider_paused(
                 await anyio.sleep(0.05)
         assert result.outcome == "refreshed"
         assert h.metric("refresherd_provider_circuit_open", provider=PROVIDER) == 0
+
+
+@pytest.mark.anyio
+async def test_invalid_client_leaves_no_unresolved_attempt_behind(
+    tmp_path: Path, logs: LogCapture
+) -> None:
+    # invalid_client is a definite "not processed": the send must not count as the first of a
+    # grace series. Otherwise a later invalid_grant (the customer revoked us meanwhile) looks
+    # like the aftermath of a lost answer: a useless resend and the wrong invalidation reason.
+    async with harness(tmp_path, grace_period=4.0) as h:
+        old = await h.add("ts-1")
+        before = await h.get("ts-1")
+        h.idp.set_client_secret(CLIENT_ID, ROTATED_SECRET)
+        assert (await h.refresher.refresh("ts-1")).outcome == "circuit_open"
+        stored = await h.get("ts-1")
+        assert stored.attempt is None
+        assert stored.state is before.state and stored.version == before.version
+        assert stored.next_refresh_at == before.next_refresh_at
+        assert stored.failures == before.failures
+        assert stored.refresh_token.reveal() == old and stored.access_token == before.access_token
+        assert stored.last_error is not None and stored.last_error.startswith("invalid_client")
+
+        h.idp.set_client_secret(CLIENT_ID, CLIENT_SECRET)
+        h.idp.revoke(old)
+        sent = h.idp.ledger.requests
+        with anyio.fail_after(DEADLINE):
+            while (result := await h.refresher.refresh("ts-1")).outcome == "circuit_open":
+                await anyio.sleep(0.05)
+        assert (result.outcome, result.reason) == ("invalidated", "invalid_grant")
+        assert h.idp.ledger.requests == sent + 1
 
 
 # --------------------------------------------------------------------------- other 4xx

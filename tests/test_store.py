@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import sqlite3
 import stat
+import subprocess
+import sys
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -248,6 +253,72 @@ async def test_a_directory_is_not_a_database(tmp_path: Path) -> None:
     with pytest.raises(StoreError) as info:
         await Store.open(path)
     assert str(path) in str(info.value)
+
+
+# A process that may not touch the database: as root, drop to nobody first (root reads all).
+UNPRIVILEGED_OPEN = r"""
+import os, sys
+from pathlib import Path
+import anyio
+from refresherd.store import Store, StoreError
+
+if os.geteuid() == 0:
+    os.setgid(65534)
+    os.setuid(65534)
+
+async def main() -> None:
+    try:
+        store = await Store.open(Path(sys.argv[1]), create=sys.argv[2] == "create")
+    except StoreError as exc:
+        print(f"StoreError: {exc}")
+    else:
+        await store.close()
+        print("opened")
+
+anyio.run(main)
+"""
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory that other users may pass through (pytest's tmp_path is 0700)."""
+    base = Path(tempfile.mkdtemp(prefix="refresherd-test-"))
+    base.chmod(0o711)
+    try:
+        yield base
+    finally:
+        for path in (base, *base.rglob("*")):
+            path.chmod(0o700)
+        shutil.rmtree(base)
+
+
+@pytest.mark.parametrize("where", ["file", "directory"])
+@pytest.mark.parametrize("mode", ["create", "existing"])
+def test_a_database_we_may_not_open_is_a_clear_store_error(
+    shared_dir: Path, where: str, mode: str
+) -> None:
+    """Run as the wrong user (a CLI command without sudo): one clear StoreError naming the path,
+    not "does not exist", and no thread traceback at exit."""
+    private = shared_dir / "private"
+    private.mkdir(mode=0o700)
+    db_path = (shared_dir if where == "file" else private) / "refresherd.db"
+    with plain(db_path) as conn:
+        conn.execute("CREATE TABLE t (x)")
+    db_path.chmod(0o600)
+    if os.geteuid() != 0:  # we are an ordinary user already: take our own access away
+        (db_path if where == "file" else private).chmod(0)
+    proc = subprocess.run(
+        [sys.executable, "-c", UNPRIVILEGED_OPEN, str(db_path), mode],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"StoreError: database {db_path}: "), proc.stdout
+    assert "Permission denied" in proc.stdout
+    assert "does not exist" not in proc.stdout and "no such file" not in proc.stdout
+    assert "Traceback" not in proc.stderr and "Exception in thread" not in proc.stderr
 
 
 # ---- the read contract -------------------------------------------------------------------------
