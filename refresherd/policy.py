@@ -18,6 +18,8 @@ from refresherd.model import Attempt, Failure, FailureKind, RefreshTokenUsage
 MAX_GRACE_SENDS: Final = 3
 # No attempt gets less time than this: shorter only turns a slow IdP into more grace mints.
 MIN_ATTEMPT_TIMEOUT: Final = 1.0
+# Time kept back at the end of a non-final attempt to journal and start the next send.
+RETRY_LEAD: Final = 1.0
 
 
 def grace_safety(grace_period: float) -> float:
@@ -81,20 +83,27 @@ def attempt_timeout(
 ) -> float:
     """Per-attempt timeout, planned so that a retry of a one-time token still starts in grace.
 
-    A non-final attempt gets at most half of what is left of the window; the attempt after which
-    no retry could start anyway gets the full ``request_timeout``. ``attempt.sends`` counts this
-    send too, and :func:`decide` allows a retry while ``sends < MAX_GRACE_SENDS``: the final
-    send is number MAX_GRACE_SENDS.
+    A non-final attempt may use what is left of the window but ``retry_lead``: a lost answer
+    (reset, dropped connection) fails fast and leaves room for more sends, while a slow IdP is
+    not abandoned early — an abandoned request that the IdP is still processing would meet our
+    retry there, a second use of one token and another token minted against the per-user cap.
+    The final send (number MAX_GRACE_SENDS, or one after which no retry could start anyway)
+    gets the full ``request_timeout``. ``attempt.sends`` counts this send too.
     """
     deadline = grace_deadline(attempt, grace_period)
     if usage is RefreshTokenUsage.REUSE or deadline is None:
         return request_timeout
     assert attempt is not None
-    remaining = deadline - now
-    half = remaining / 2.0
-    if attempt.sends >= MAX_GRACE_SENDS or half < MIN_ATTEMPT_TIMEOUT:
+    budget = attempt_budget(deadline - now)
+    if attempt.sends >= MAX_GRACE_SENDS or budget < MIN_ATTEMPT_TIMEOUT:
         return request_timeout
-    return min(request_timeout, half)
+    return min(request_timeout, budget)
+
+
+def attempt_budget(remaining: float) -> float:
+    """Of ``remaining`` seconds of window, what one attempt may use and still leave time to
+    journal and start the next send inside the window."""
+    return remaining - min(RETRY_LEAD, remaining / 4.0)
 
 
 @dataclass(frozen=True, slots=True)

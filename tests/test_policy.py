@@ -21,6 +21,7 @@ from refresherd.policy import (
     Invalidate,
     OpenCircuit,
     RetryNow,
+    attempt_budget,
     attempt_timeout,
     backoff_delay,
     circuit_delay,
@@ -280,7 +281,7 @@ def test_first_attempt_leaves_room_for_a_retry_inside_grace(
     deadline = grace_deadline(first, grace)
     assert deadline == started + grace - grace_safety(grace)
     assert 0 < timeout <= request_timeout
-    if (deadline - started) / 2 >= MIN_ATTEMPT_TIMEOUT:
+    if attempt_budget(deadline - started) >= MIN_ATTEMPT_TIMEOUT:
         # A window wide enough to split: the retry after a timeout still starts in it.
         assert started + timeout < deadline
     else:
@@ -316,7 +317,7 @@ def test_every_non_final_attempt_leaves_room_for_the_next_one(
         if sends == MAX_GRACE_SENDS:
             assert timeout == request_timeout  # the last attempt gets all its time
             break
-        if (deadline - now) / 2 < MIN_ATTEMPT_TIMEOUT:
+        if attempt_budget(deadline - now) < MIN_ATTEMPT_TIMEOUT:
             assert timeout == request_timeout
             break
         now += timeout
@@ -343,9 +344,26 @@ def test_attempt_timeouts_concrete_15_second_grace() -> None:
             attempt=series(sends=sends),
         )
 
-    assert timeout(1, NOW) == 7.0  # half of the 14 s left
-    assert timeout(2, NOW + 7.0) == 3.5  # the third send can still start at NOW + 10.5
-    assert timeout(3, NOW + 10.5) == 10.0  # the last send gets the full request timeout
+    assert timeout(1, NOW) == 10.0  # 13 s of the 14 s left would do; the request timeout is less
+    assert timeout(2, NOW + 10.0) == 3.0  # 4 s left, 1 s kept to start the third send
+    assert timeout(3, NOW + 13.0) == 10.0  # the last send gets the full request timeout
+
+
+def test_a_slow_idp_is_not_abandoned_early_in_a_short_window() -> None:
+    # Visma Connect's shortest grace, 5 s: window 4 s. The first attempt waits 3 s (not 2 s),
+    # and the one retry a timeout leaves room for still starts a second before the deadline.
+    first = attempt_timeout(
+        usage=ONE_TIME, grace_period=5.0, request_timeout=10.0, now=NOW, attempt=series()
+    )
+    assert first == 3.0
+    second = attempt_timeout(
+        usage=ONE_TIME,
+        grace_period=5.0,
+        request_timeout=10.0,
+        now=NOW + 3.0,
+        attempt=series(sends=2),
+    )
+    assert second == 10.0
 
 
 def test_reuse_and_no_grace_get_the_request_timeout() -> None:
@@ -373,10 +391,10 @@ def test_last_attempt_gets_the_request_timeout() -> None:
 
 
 def test_narrow_window_gets_the_request_timeout() -> None:
-    # grace 2 s: safety 0.4 s, 0.8 s half < MIN_ATTEMPT_TIMEOUT; no point in splitting it
+    # grace 1.5 s: safety 0.3 s, window 1.2 s, budget 0.9 s < MIN_ATTEMPT_TIMEOUT
     assert (
         attempt_timeout(
-            usage=ONE_TIME, grace_period=2.0, request_timeout=10.0, now=NOW, attempt=series()
+            usage=ONE_TIME, grace_period=1.5, request_timeout=10.0, now=NOW, attempt=series()
         )
         == 10.0
     )
