@@ -164,18 +164,19 @@ class Daemon:
         server_stop = anyio.Event()
         server_done = anyio.Event()
         app = App(metrics=rt.metrics, liveness=self._liveness, readiness=self._readiness)
-        log.info(
-            "refresherd started",
-            database=str(config.daemon.database),
-            owner=rt.owner,
-            providers=sorted(config.providers),
-            listen=f"{self.listen_address[0]}:{self.listen_address[1]}"
-            if self.listen_address
-            else None,
-        )
         async with anyio.create_task_group() as tg:
             self._tg = tg
-            tg.start_soon(self._signals, tg.cancel_scope)
+            # Handlers first: from the "started" line on, a signal is handled, never fatal.
+            await tg.start(self._signals, tg.cancel_scope)
+            log.info(
+                "refresherd started",
+                database=str(config.daemon.database),
+                owner=rt.owner,
+                providers=sorted(config.providers),
+                listen=f"{self.listen_address[0]}:{self.listen_address[1]}"
+                if self.listen_address
+                else None,
+            )
             tg.start_soon(self._heartbeat)
             tg.start_soon(self._gauges, rt)
             if sock is not None:
@@ -231,8 +232,14 @@ class Daemon:
             await server_done.wait()
         root.cancel()
 
-    async def _signals(self, root: anyio.CancelScope) -> None:
+    async def _signals(
+        self,
+        root: anyio.CancelScope,
+        *,
+        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            task_status.started()
             async for signum in signals:
                 if signum == signal.SIGHUP:
                     await self.reload()

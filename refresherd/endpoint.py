@@ -287,7 +287,13 @@ class TokenEndpoint:
             limits=limits,
             transport=transport,
             follow_redirects=False,
-            headers={"User-Agent": USER_AGENT, "Accept": "application/json"},
+            # identity: a token response is small, and a compressed one could expand past the
+            # body limit in memory before the limit is checked.
+            headers={
+                "User-Agent": USER_AGENT,
+                "Accept": "application/json",
+                "Accept-Encoding": "identity",
+            },
             trust_env=False,
         )
 
