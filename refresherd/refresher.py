@@ -389,10 +389,13 @@ class Refresher:
                 await anyio.sleep(delay)
                 delay = min(delay * 2, PERSIST_RETRY_MAX)
         if saved is None:
+            current = await self.store.get(ts.id)
+            if current is None:
+                # Removed (`tokens remove`) while our request was out: nothing to keep.
+                return RefreshResult("not_found", detail="removed during the refresh")
             # Someone stored a newer version while our request was out (our lease had lapsed).
             # Theirs is the live chain; ours is discarded and counted.
             self.metrics.refresh_failures.labels(ts.provider, "lost_race").inc()
-            current = await self.store.get(ts.id)
             return RefreshResult(
                 "adopted",
                 token_set=current,
