@@ -59,6 +59,7 @@ class RefreshResult:
     reason: str | None = None
     detail: str | None = None
     coalesced: bool = False
+    attempt: int | None = None  # sends of the refresh token in this refresh's attempt series
 
     @property
     def ok(self) -> bool:
@@ -406,7 +407,7 @@ class Refresher:
         if self.circuits.close(ts.provider):
             self.metrics.circuit_open.labels(ts.provider).set(0)
             log.info("provider circuit closed", provider=ts.provider)
-        return RefreshResult("refreshed", token_set=saved, detail=f"sends={sends}")
+        return RefreshResult("refreshed", token_set=saved, detail=f"sends={sends}", attempt=sends)
 
     async def _sibling_grant(self, ts: TokenSet) -> RefreshResult | None:
         """After invalid_grant: did another worker refresh this set meanwhile? Then adopt."""
@@ -471,7 +472,11 @@ class Refresher:
                 self.metrics.storage_errors.inc()
                 await self._release_quietly(ts.id)
             return RefreshResult(
-                "circuit_open", token_set=ts, reason=failure.reason, detail=failure.detail
+                "circuit_open",
+                attempt=sends,
+                token_set=ts,
+                reason=failure.reason,
+                detail=failure.detail,
             )
         if isinstance(decision, policy.Invalidate):
             state, next_at, reason = State.INVALIDATED, now, decision.reason
@@ -503,14 +508,18 @@ class Refresher:
             self.metrics.storage_errors.inc()
             await self._release_quietly(ts.id)
             return RefreshResult(
-                "storage_error", token_set=ts, reason=failure.reason, detail=str(exc)
+                "storage_error", attempt=sends, token_set=ts, reason=failure.reason, detail=str(exc)
             )
         if not recorded:
             return await self._moved_on(ts)
         if state is State.INVALIDATED:
             self.metrics.invalidations.labels(ts.provider, reason).inc()
-            return RefreshResult("invalidated", token_set=ts, reason=reason, detail=failure.detail)
-        return RefreshResult("failed", token_set=ts, reason=failure.reason, detail=failure.detail)
+            return RefreshResult(
+                "invalidated", token_set=ts, reason=reason, detail=failure.detail, attempt=sends
+            )
+        return RefreshResult(
+            "failed", token_set=ts, reason=failure.reason, detail=failure.detail, attempt=sends
+        )
 
     async def _unknown_provider(self, ts: TokenSet) -> RefreshResult:
         # A config change dropped the provider: keep the set, look again much later.
@@ -545,6 +554,8 @@ class Refresher:
             "outcome": result.outcome,
             "duration": round(duration, 4),
         }
+        if result.attempt is not None:
+            fields["attempt"] = result.attempt
         if result.reason:
             fields["reason"] = result.reason
         if result.detail:
