@@ -7,6 +7,7 @@ journal entry makes the next start recover it) and exit 0. SIGHUP reloads the co
 
 from __future__ import annotations
 
+import functools
 import signal
 import socket
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -18,10 +19,10 @@ from typing import Final
 import anyio
 import anyio.abc
 
-from refresherd import logs
+from refresherd import logs, ownership
 from refresherd.config import Config, ConfigError, ProviderConfig, load_config
 from refresherd.endpoint import TokenEndpoint
-from refresherd.metrics import Metrics
+from refresherd.metrics import INVALIDATION_REASONS, Metrics
 from refresherd.model import State
 from refresherd.ownership import OwnerLock
 from refresherd.refresher import Clock, Refresher, SystemClock
@@ -33,6 +34,8 @@ from refresherd.store import Store, StoreError
 log = logs.get_logger("refresherd.daemon")
 
 GAUGE_INTERVAL: Final = 10.0
+# The gauge task's readiness check (refresherd_ready) gives up on a database this slow.
+READINESS_TIMEOUT: Final = 5.0
 HEARTBEAT_INTERVAL: Final = 1.0
 # The event loop is called stuck when the heartbeat is this late.
 LIVENESS_LIMIT: Final = 15.0
@@ -81,6 +84,7 @@ async def open_runtime(
             owner=owner,
             lease_duration=config.daemon.lease_duration,
             clock=clock,
+            owner_alive=functools.partial(ownership.is_alive, config.daemon.database),
         )
         yield Runtime(config, store, owner, metrics, endpoints, refresher)
     finally:
@@ -310,7 +314,9 @@ class Daemon:
         logs.configure(new.log.level, new.log.format)
         # Refreshes in flight may still use a retired endpoint: close it once they are done.
         if retired:
-            await self._close_later(retired, max(p.request_timeout for p in old.providers.values()))
+            # A retry series may run through a whole grace window.
+            longest = max(p.request_timeout + p.grace_period for p in old.providers.values())
+            await self._close_later(retired, longest)
 
     async def _close_later(self, endpoints: list[TokenEndpoint], delay: float) -> None:
         async def close() -> None:
@@ -330,6 +336,9 @@ class Daemon:
         for name in self.config.providers:
             rt.metrics.refresh_success.labels(name)
             rt.metrics.grace_retries.labels(name)
+            rt.metrics.token_sets_expired.labels(name)
+            for reason in INVALIDATION_REASONS:
+                rt.metrics.invalidations.labels(name, reason)
             rt.metrics.circuit_open.labels(name).set(
                 1 if rt.refresher.circuits.is_open(name) else 0
             )
@@ -352,6 +361,7 @@ class Daemon:
         while True:
             try:
                 counts = await rt.store.counts()
+                expired = await rt.store.expired_counts(now=self.clock.wall())
             except StoreError as exc:
                 log.warning("cannot count token sets", error=str(exc))
             else:
@@ -361,6 +371,12 @@ class Daemon:
                         rt.metrics.token_sets.labels(provider, state.value).set(
                             counts.get((provider, state.value), 0)
                         )
+                    rt.metrics.token_sets_expired.labels(provider).set(expired.get(provider, 0))
+            # What /readyz would say, also when nothing polls /readyz (a scrape of /metrics only).
+            problems = ["timed out"]
+            with anyio.move_on_after(READINESS_TIMEOUT):
+                problems = await self._readiness()
+            rt.metrics.ready.set(0 if problems else 1)
             await anyio.sleep(GAUGE_INTERVAL)
 
     def _liveness(self) -> list[str]:

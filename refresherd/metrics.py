@@ -6,10 +6,15 @@ vocabulary in the code. A token-set id is never a label.
 
 from __future__ import annotations
 
+from typing import Final
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Token requests take 50 ms to a few seconds; the upper buckets catch timeouts.
 DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# The reasons of refresherd_invalidations_total (policy.decide). Their series exist from the
+# start, so that increase() sees the first invalidation after a restart, too.
+INVALIDATION_REASONS: Final = ("invalid_grant", "invalid_grant_after_unresolved_attempt")
 
 
 class Metrics:
@@ -45,6 +50,12 @@ class Metrics:
             "refresherd_token_sets",
             "Token sets in the database, by provider and state.",
             ["provider", "state"],
+            registry=r,
+        )
+        self.token_sets_expired = Gauge(
+            "refresherd_token_sets_expired",
+            "Active or failing token sets whose access token has expired (expires_at < now).",
+            ["provider"],
             registry=r,
         )
         self.singleflight_coalesced = Counter(

@@ -137,7 +137,20 @@ class OpenCircuit:
     """Our client credentials were refused: pause the whole provider, touch no token set."""
 
 
-Decision = RetryNow | Backoff | Invalidate | OpenCircuit
+@dataclass(frozen=True, slots=True)
+class SuspectProvider:
+    """An invalid_grant that is one of a storm: pause the provider, keep the token set."""
+
+
+Decision = RetryNow | Backoff | Invalidate | OpenCircuit | SuspectProvider
+
+# Refused refresh tokens of one provider in a row, with no success in between, from which on
+# invalid_grant is taken for a configuration problem rather than a customer's revocation.
+INVALID_GRANT_STORM: Final = 3
+
+
+def invalid_grant_storm(streak: int) -> bool:
+    return streak >= INVALID_GRANT_STORM
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,15 +205,26 @@ def decide(failure: Failure, ctx: FailureContext, cfg: ScheduleConfig, rand: flo
             assert deadline is not None
             return RetryNow(delay=min(0.5, max(deadline - ctx.now, 0.0) / 2), grace=True)
         return backoff(ctx.failures + 1)
+    # After an earlier send that may have consumed the token, an answer that says "not
+    # processed" must not push the next send past the window: that would lose the token.
+    earlier_unresolved = ctx.attempt is not None and ctx.attempt.sends > 1
+    if (
+        in_grace
+        and earlier_unresolved
+        and kind in (FailureKind.RATE_LIMITED, FailureKind.OAUTH_ERROR)
+    ):
+        assert deadline is not None
+        room = deadline - ctx.now
+        wait = failure.retry_after if failure.retry_after is not None else 0.5
+        return RetryNow(delay=min(max(wait, 0.0), room / 2), grace=True)
     if kind is FailureKind.RATE_LIMITED:
         if failure.retry_after is None:
             return backoff(ctx.failures + 1)
         wait = min(max(failure.retry_after, 0.0), cfg.retry_after_max)
         if in_grace and deadline is not None and ctx.now + wait < deadline:
-            # The IdP processed nothing: a grace retry only if an earlier send of the series
-            # may have consumed the token; after a 429 on the first send it is a plain resend.
-            assert ctx.attempt is not None
-            return RetryNow(delay=wait, grace=ctx.attempt.sends > 1)
+            # The IdP processed nothing, and nothing earlier in the series was sent: a plain
+            # resend as told, not a grace retry.
+            return RetryNow(delay=wait, grace=False)
         # "Retry-After: 0" (or a date in the past) must not become a tight loop of refreshes.
         return Backoff(at=ctx.now + max(wait, cfg.min_interval))
     # Any other OAuth error or unexpected 4xx: not processed, probably a configuration problem;

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
@@ -29,6 +29,8 @@ log = get_logger("refresherd.refresher")
 # A grant we hold but could not persist is retried at this pace until storage answers.
 PERSIST_RETRY_INITIAL: Final = 0.2
 PERSIST_RETRY_MAX: Final = 5.0
+# How long a received grant is held while the database refuses it, shutdown included.
+PERSIST_DEADLINE: Final = 30.0
 
 
 class Clock(Protocol):
@@ -82,6 +84,16 @@ class ProviderCircuits:
 
     def __init__(self) -> None:
         self._circuits: dict[str, _Circuit] = {}
+        self._invalid_grant_streak: dict[str, int] = {}
+
+    def note_invalid_grant(self, provider: str) -> int:
+        """Count a refused refresh token; returns the provider's streak without a success."""
+        streak = self._invalid_grant_streak.get(provider, 0) + 1
+        self._invalid_grant_streak[provider] = streak
+        return streak
+
+    def note_success(self, provider: str) -> None:
+        self._invalid_grant_streak.pop(provider, None)
 
     def blocked(self, now: float) -> list[str]:
         return [
@@ -143,6 +155,7 @@ class Refresher:
         lease_duration: float,
         clock: Clock | None = None,
         rng: random.Random | None = None,
+        owner_alive: Callable[[str], bool] | None = None,
     ) -> None:
         self.store = store
         self.providers = dict(providers)
@@ -155,6 +168,9 @@ class Refresher:
         self.rng = rng or random.Random()
         self.circuits = ProviderCircuits()
         self._flights: dict[str, _Flight] = {}
+        # Is the process behind a lease owner id still alive? Unknown means alive: never send
+        # a token that another live process may be sending.
+        self.owner_alive = owner_alive or (lambda owner: True)
 
     def reconfigure(
         self,
@@ -229,6 +245,11 @@ class Refresher:
         endpoint = self.endpoints.get(ts.provider)
         if provider is None or endpoint is None:
             return await self._unknown_provider(ts)
+        if self._sent_elsewhere(ts, provider, now):
+            # A live process (paused past its lease, say) sent this very token moments ago and
+            # has not resolved it. Sending it too would be a second use; look again shortly.
+            await self._defer_quietly(ts.id, now + 1.0)
+            return RefreshResult("leased", token_set=ts, reason="attempt_in_flight_elsewhere")
         if not self.circuits.admit(ts.provider, now):
             await self._release_quietly(ts.id)
             return RefreshResult("circuit_open", token_set=ts, reason="invalid_client")
@@ -252,6 +273,25 @@ class Refresher:
             self.metrics.refresh_duration.labels(ts.provider).observe(duration)
         self._log_outcome(ts, result, duration)
         return result
+
+    def _sent_elsewhere(self, ts: TokenSet, provider: ProviderConfig, now: float) -> bool:
+        attempt = ts.attempt
+        if attempt is None or attempt.owner == self.owner or attempt.version != ts.version:
+            return False
+        grace = (
+            provider.grace_period
+            if provider.refresh_token_usage is RefreshTokenUsage.ONE_TIME
+            else 0.0
+        )
+        deadline = policy.grace_deadline(attempt, grace)
+        in_window = deadline is not None and now < deadline
+        return in_window and self.owner_alive(attempt.owner)
+
+    async def _defer_quietly(self, token_set_id: str, until: float) -> None:
+        try:
+            await self.store.defer(token_set_id, owner=self.owner, next_refresh_at=until)
+        except StoreError:
+            self.metrics.storage_errors.inc()
 
     async def _keep_lease(self, token_set_id: str) -> None:
         """Renew our lease while the refresh runs, so a slow IdP does not cost us the row."""
@@ -305,10 +345,18 @@ class Refresher:
                 return await self._persist(ts, grant, sends=attempt.sends)
 
             self.metrics.refresh_failures.labels(ts.provider, failure.reason).inc()
+            storm = False
             if failure.kind is FailureKind.INVALID_GRANT:
                 sibling = await self._sibling_grant(ts)
                 if sibling is not None:
                     return sibling
+                storm = policy.invalid_grant_storm(self.circuits.note_invalid_grant(ts.provider))
+            if storm:
+                # Several different token sets refused in a row, none accepted in between: far
+                # more likely our configuration (another app's credentials, a wrong token_url
+                # or realm) than that many customers revoking at once. Pause the provider and
+                # keep the token sets, instead of invalidating a whole customer base.
+                return await self._record(ts, failure, policy.SuspectProvider(), attempt.sends)
             if failure.kind is not FailureKind.CLIENT_REJECTED and self.circuits.close(ts.provider):
                 self.metrics.circuit_open.labels(ts.provider).set(0)
                 log.info("provider circuit closed", provider=ts.provider)
@@ -361,34 +409,52 @@ class Refresher:
         )
         # The IdP may omit refresh_token: then the old one stays valid (re-use tokens).
         refresh_token = grant.refresh_token or ts.refresh_token
+        saved: TokenSet | None = None
+        stored = False
         delay = PERSIST_RETRY_INITIAL
-        while True:
-            try:
-                saved = await self.store.save_grant(
-                    ts.id,
-                    owner=self.owner,
-                    expected_version=ts.version,
-                    access_token=grant.access_token,
-                    refresh_token=refresh_token,
-                    token_type=grant.token_type,
-                    scope=grant.scope,
-                    expires_at=expires_at,
-                    next_refresh_at=next_at,
-                    now=now,
-                )
-                break
-            except StoreError as exc:
-                # We hold the only copy of a rotated token: keep trying, loudly.
-                self.metrics.storage_errors.inc()
-                log.error(
-                    "cannot persist grant, retrying",
-                    token_set=ts.id,
-                    provider=ts.provider,
-                    error=str(exc),
-                    retry_in=delay,
-                )
-                await anyio.sleep(delay)
-                delay = min(delay * 2, PERSIST_RETRY_MAX)
+        # We hold the only copy of a rotated token: shutdown waits for it (bounded), and a
+        # failing store is retried, loudly, rather than the grant dropped.
+        with anyio.CancelScope(shield=True), anyio.move_on_after(PERSIST_DEADLINE):
+            while True:
+                try:
+                    saved = await self.store.save_grant(
+                        ts.id,
+                        owner=self.owner,
+                        expected_version=ts.version,
+                        sent_refresh_token=ts.refresh_token,
+                        access_token=grant.access_token,
+                        refresh_token=refresh_token,
+                        token_type=grant.token_type,
+                        scope=grant.scope,
+                        expires_at=expires_at,
+                        next_refresh_at=next_at,
+                        now=now,
+                    )
+                    stored = True
+                    break
+                except StoreError as exc:
+                    self.metrics.storage_errors.inc()
+                    log.error(
+                        "cannot persist grant, retrying",
+                        token_set=ts.id,
+                        provider=ts.provider,
+                        error=str(exc),
+                        retry_in=delay,
+                    )
+                    await anyio.sleep(delay)
+                    delay = min(delay * 2, PERSIST_RETRY_MAX)
+        if not stored:
+            self.metrics.refresh_failures.labels(ts.provider, "storage_error").inc()
+            log.critical(
+                "grant not persisted: the database refused it for too long; the journal keeps "
+                "the attempt, and a retry inside the IdP's grace window may still recover it",
+                token_set=ts.id,
+                provider=ts.provider,
+                waited=PERSIST_DEADLINE,
+            )
+            return RefreshResult(
+                "storage_error", token_set=ts, reason="storage_error", attempt=sends
+            )
         if saved is None:
             current = await self.store.get(ts.id)
             if current is None:
@@ -404,6 +470,7 @@ class Refresher:
                 detail="a newer grant was stored concurrently",
             )
         self.metrics.refresh_success.labels(ts.provider).inc()
+        self.circuits.note_success(ts.provider)
         if self.circuits.close(ts.provider):
             self.metrics.circuit_open.labels(ts.provider).set(0)
             log.info("provider circuit closed", provider=ts.provider)
@@ -478,7 +545,18 @@ class Refresher:
                 reason=failure.reason,
                 detail=failure.detail,
             )
-        if isinstance(decision, policy.Invalidate):
+        if isinstance(decision, policy.SuspectProvider):
+            until = self.circuits.open(ts.provider, now, self.schedule, self.rng.random())
+            self.metrics.circuit_open.labels(ts.provider).set(1)
+            log.error(
+                "provider circuit open: several token sets in a row were refused with "
+                "invalid_grant; check the provider's client_id, secret and token_url. "
+                "Token sets are kept (failing), not invalidated",
+                provider=ts.provider,
+                paused_for=round(until - now, 1),
+            )
+            state, next_at, reason = State.FAILING, until, None
+        elif isinstance(decision, policy.Invalidate):
             state, next_at, reason = State.INVALIDATED, now, decision.reason
         else:
             assert isinstance(decision, policy.Backoff)

@@ -393,6 +393,16 @@ class Store:
         )
         return {(r[0], r[1]): r[2] for r in rows}
 
+    async def expired_counts(self, *, now: float) -> dict[str, int]:
+        """Per provider, the token sets still in use (not invalidated) whose access token has
+        expired: one aggregate query; a set without a known expiry is not counted."""
+        rows = await self._read(
+            "SELECT provider, count(*) FROM token_sets"
+            " WHERE state != 'invalidated' AND expires_at < ? GROUP BY provider",
+            (now,),
+        )
+        return {r[0]: r[1] for r in rows}
+
     # ---- scheduling and leases -------------------------------------------------------------
 
     async def next_due_at(
@@ -512,7 +522,9 @@ class Store:
         An attempt series of the same version that started at or after ``keep_since`` (that is,
         whose grace window is still open) is continued: its start time is kept, because the
         IdP counts the window from the first use. Returns None if the set changed or our lease
-        is gone — then nothing may be sent.
+        is gone or has expired: then nothing may be sent. The set is also made due now, so that
+        should this process die before the attempt is resolved, any daemon picks it up as soon
+        as the lease is free, inside the window.
         """
         rows = await self._write(
             "UPDATE token_sets SET"
@@ -520,9 +532,10 @@ class Store:
             "   AND attempt_started_at >= :keep_since THEN attempt_started_at ELSE :now END,"
             " attempt_sends = CASE WHEN attempt_version = :version"
             "   AND attempt_started_at >= :keep_since THEN attempt_sends + 1 ELSE 1 END,"
-            " attempt_version = :version, attempt_owner = :owner"
+            " attempt_version = :version, attempt_owner = :owner,"
+            " next_refresh_at = min(next_refresh_at, :now)"
             " WHERE id = :id AND version = :version AND lease_owner = :owner"
-            " AND state != 'invalidated'"
+            " AND lease_until >= :now AND state != 'invalidated'"
             " RETURNING attempt_version, attempt_started_at, attempt_owner, attempt_sends",
             {
                 "id": token_set_id,
@@ -543,6 +556,7 @@ class Store:
         *,
         owner: str,
         expected_version: int,
+        sent_refresh_token: Secret,
         access_token: Secret,
         refresh_token: Secret,
         token_type: str | None,
@@ -553,9 +567,10 @@ class Store:
     ) -> TokenSet | None:
         """Compare-and-swap the new grant in. None: the set moved on (or was removed) meanwhile.
 
-        The compare is on the version only, not on the lease: if our lease was taken over while
-        our request was out, our rotated token is still the one the IdP handed out, and the
-        version proves nobody stored a newer one.
+        The compare is on the version and the refresh token we sent (a set removed and added
+        again under the same id starts at version 1 again), not on the lease: if our lease was
+        taken over while our request was out, our rotated token is still the one the IdP handed
+        out, and the compare proves nobody stored a newer one.
         """
         rows = await self._write(
             "UPDATE token_sets SET access_token = :access, refresh_token = :refresh,"
@@ -566,11 +581,12 @@ class Store:
             " attempt_owner = NULL, attempt_sends = NULL,"
             " lease_owner = CASE WHEN lease_owner = :owner THEN NULL ELSE lease_owner END,"
             " lease_until = CASE WHEN lease_owner = :owner THEN NULL ELSE lease_until END"
-            " WHERE id = :id AND version = :version RETURNING *",
+            " WHERE id = :id AND version = :version AND refresh_token = :sent RETURNING *",
             {
                 "id": token_set_id,
                 "owner": owner,
                 "version": expected_version,
+                "sent": sent_refresh_token.reveal(),
                 "access": access_token.reveal(),
                 "refresh": refresh_token.reveal(),
                 "token_type": token_type,
@@ -603,11 +619,12 @@ class Store:
             " failures = :failures, invalid_reason = :reason, updated_at = :now,"
             " attempt_version = CASE WHEN :resolve THEN NULL ELSE attempt_version END,"
             " attempt_started_at = CASE WHEN :resolve THEN NULL ELSE attempt_started_at END,"
-            " attempt_owner = CASE WHEN :resolve THEN NULL ELSE attempt_owner END,"
             " attempt_sends = CASE WHEN :resolve THEN NULL ELSE attempt_sends END,"
-            " lease_owner = CASE WHEN lease_owner = :owner THEN NULL ELSE lease_owner END,"
-            " lease_until = CASE WHEN lease_owner = :owner THEN NULL ELSE lease_until END"
-            " WHERE id = :id AND version = :version RETURNING id",
+            " attempt_owner = CASE WHEN :resolve THEN NULL ELSE attempt_owner END,"
+            " lease_owner = NULL, lease_until = NULL"
+            # Only while we hold the lease: a worker whose lease lapsed must not overwrite the
+            # state, or clear the journal, of the one that took over.
+            " WHERE id = :id AND version = :version AND lease_owner = :owner RETURNING id",
             {
                 "id": token_set_id,
                 "owner": owner,

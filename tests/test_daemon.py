@@ -323,6 +323,7 @@ CONTRACT = {
     "refresherd_refresh_duration_seconds_sum": {"provider"},
     "refresherd_refresh_duration_seconds_count": {"provider"},
     "refresherd_token_sets": {"provider", "state"},
+    "refresherd_token_sets_expired": {"provider"},
     "refresherd_singleflight_coalesced_total": set(),
     "refresherd_grace_retries_total": {"provider"},
 }
@@ -488,6 +489,44 @@ def test_idp_down_backs_off_then_recovers(
         what="recovery after the IdP returned",
     )
     assert_ledger_clean(idp)
+    assert daemon.stop() == 0
+
+
+def test_expired_token_sets_gauge_counts_sets_past_expiry_until_refreshed(
+    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons
+) -> None:
+    idp = idp_factory(serve=False, port=free_port())  # down: nothing gets refreshed yet
+    other = idp_factory("other")
+    db = tmp_path / "tokens.db"
+    config = write_config(
+        tmp_path / "c.toml",
+        database=db,
+        providers={"p": idp.provider(), "q": other.provider()},
+        schedule={"backoff_initial": "1s", "backoff_max": "2s"},
+    )
+    lines = idp.token_lines("p", 3)
+    for line in lines[:2]:  # two whose access token expired a minute ago; one still fresh
+        del line["expires_in"]
+        line["expires_at"] = time.time() - 60
+    import_tokens(config, lines)
+    daemon = daemons(config)
+
+    def expired(provider: str) -> float:
+        return metric(daemon.metrics(), "refresherd_token_sets_expired", provider=provider)
+
+    wait_until(lambda: expired("p") == 2, what="two expired token sets in the gauge")
+    text = daemon.metrics()
+    assert 'refresherd_token_sets_expired{provider="q"} 0.0' in text
+    # Set by the same periodic task, without anyone asking /readyz.
+    assert metric(text, "refresherd_ready") == 1
+    # Invalidation series exist from the start, so increase() (alerts) sees the first one.
+    for reason in ("invalid_grant", "invalid_grant_after_unresolved_attempt"):
+        assert f'refresherd_invalidations_total{{provider="q",reason="{reason}"}} 0.0' in text
+
+    idp.start()
+    wait_until(lambda: expired("p") == 0, what="the gauge to drop once they were refreshed")
+    rows = read_rows(db)
+    assert rows["ts-0000"]["version"] >= 2 and rows["ts-0001"]["version"] >= 2
     assert daemon.stop() == 0
 
 

@@ -754,3 +754,34 @@ def test_circuit_delay_monotone_and_bounded(o1: int, o2: int, rand: float) -> No
     lo, hi = sorted((o1, o2))
     assert circuit_delay(lo, CFG, rand) <= circuit_delay(hi, CFG, rand) <= CFG.circuit_backoff_max
     assert circuit_delay(lo, CFG, rand) >= CFG.circuit_backoff_initial / 2
+
+
+# ---- after an unresolved send, "not processed" answers keep the next send inside the window --
+
+
+@pytest.mark.parametrize(
+    ("kind", "retry_after"),
+    [
+        (FailureKind.RATE_LIMITED, 120.0),
+        (FailureKind.RATE_LIMITED, None),
+        (FailureKind.OAUTH_ERROR, None),
+    ],
+)
+def test_not_processed_after_an_unresolved_send_retries_inside_the_window(
+    kind: FailureKind, retry_after: float | None
+) -> None:
+    # Send 1 got no usable answer (the IdP may have rotated); send 2 was refused unprocessed
+    # with 29 s of the window left. Waiting as told (or a long backoff) would lose the token.
+    c = ctx(now=NOW + 1.0, attempt=series(sends=2), grace_period=31.0)
+    deadline = grace_deadline(c.attempt, c.grace_period)
+    assert deadline is not None
+    decision = decide(failure(kind, retry_after), c, CFG, 0.5)
+    assert isinstance(decision, RetryNow) and decision.grace
+    assert c.now + decision.delay < deadline
+
+
+def test_a_first_send_refused_unprocessed_is_a_plain_resend_or_backoff() -> None:
+    first = ctx(now=NOW + 1.0, attempt=series(sends=1), grace_period=31.0)
+    resend = decide(failure(FailureKind.RATE_LIMITED, 2.0), first, CFG, 0.5)
+    assert resend == RetryNow(delay=2.0, grace=False)
+    assert isinstance(decide(failure(FailureKind.OAUTH_ERROR), first, CFG, 0.5), Backoff)

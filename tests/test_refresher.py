@@ -9,6 +9,7 @@ Nothing here is timed: waits are polls with generous deadlines, and the grace pe
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -27,6 +28,7 @@ import pytest
 import structlog
 
 from refresherd import logs as refresher_logs
+from refresherd import ownership
 from refresherd.config import ProviderConfig, ScheduleConfig
 from refresherd.endpoint import Ambiguous, TokenEndpoint
 from refresherd.metrics import Metrics
@@ -205,6 +207,7 @@ class Harness:
             owner=owner,
             lease_duration=30.0,
             rng=random.Random(2),
+            owner_alive=functools.partial(ownership.is_alive, self.store.path),
         )
         self.extra_refreshers.append(other)
         return other
@@ -281,6 +284,9 @@ async def harness(
                 owner="owner-a",
                 lease_duration=30.0,
                 rng=random.Random(1),
+                # No owner in this module holds a lock file: each counts as gone once it
+                # stops holding the lease, as a crashed process would.
+                owner_alive=functools.partial(ownership.is_alive, store.path),
             )
             h = Harness(store, idp, metrics, providers, endpoints, refresher)
             try:
@@ -732,6 +738,7 @@ async def test_invalid_grant_after_a_sibling_stored_a_newer_grant_adopts_it(
                 "ts-1",
                 owner="owner-sibling",
                 expected_version=1,
+                sent_refresh_token=Secret(old),
                 access_token=grant.access_token,
                 refresh_token=grant.refresh_token,
                 token_type=grant.token_type,
@@ -1164,6 +1171,90 @@ async def test_a_fault_in_one_token_set_does_not_touch_others(
 
 
 # --------------------------------------------------------------------------- secrets
+
+
+# ---- review fixes: provider-wide invalid_grant, another live owner's attempt -------------------
+
+
+@pytest.mark.anyio
+async def test_an_invalid_grant_storm_pauses_the_provider_instead_of_invalidating_everyone(
+    tmp_path: Path, logs: LogCapture
+) -> None:
+    """Another app's tokens, a wrong realm: the IdP answers invalid_grant for every set. The
+    first refusals invalidate (one could be a customer's revocation); from the third in a row
+    with no success between, the provider is paused and the sets are kept."""
+    async with harness(tmp_path) as h:
+        for n in range(1, 6):
+            await h.add(f"ts-{n}")
+        for n in range(1, 6):
+            h.idp.revoke((await h.get(f"ts-{n}")).refresh_token.reveal())
+        outcomes = [(await h.refresher.refresh(f"ts-{n}")).outcome for n in range(1, 6)]
+        assert outcomes == ["invalidated", "invalidated", "failed", "circuit_open", "circuit_open"]
+        assert (await h.get("ts-3")).state is State.FAILING
+        for n in (4, 5):
+            assert (await h.get(f"ts-{n}")).state is State.ACTIVE  # never sent
+        assert h.idp.ledger.requests == 3
+        assert h.metric("refresherd_provider_circuit_open", provider=PROVIDER) == 1
+        assert (
+            h.metric("refresherd_invalidations_total", provider=PROVIDER, reason="invalid_grant")
+            == 2
+        )
+        [line] = [e for e in logs.lines() if "several token sets in a row" in e.get("event", "")]
+        assert line["level"] == "error" and line["provider"] == PROVIDER
+
+
+@pytest.mark.anyio
+async def test_a_success_between_refusals_resets_the_storm_count(tmp_path: Path) -> None:
+    async with harness(tmp_path) as h:
+        for n in range(1, 5):
+            await h.add(f"ts-{n}")
+        for n in (1, 2, 4):
+            h.idp.revoke((await h.get(f"ts-{n}")).refresh_token.reveal())
+        outcomes = [(await h.refresher.refresh(f"ts-{n}")).outcome for n in range(1, 5)]
+        assert outcomes == ["invalidated", "invalidated", "refreshed", "invalidated"]
+
+
+@pytest.mark.anyio
+async def test_a_live_owners_unresolved_attempt_is_not_sent_again(tmp_path: Path) -> None:
+    """A process paused past its lease (SIGSTOP) still lives and may still be sending: the set
+    is not refreshed by anyone else while that attempt's window is open."""
+    async with harness(tmp_path, grace_period=20.0) as h:
+        await h.add("ts-1")
+        with ownership.OwnerLock(h.store.path) as paused:
+            t0 = time.time()
+            assert isinstance(
+                await h.store.claim("ts-1", owner=paused, now=t0, lease_until=t0 + 60),
+                TokenSet,
+            )
+            assert await h.store.begin_attempt(
+                "ts-1", owner=paused, version=1, now=t0, keep_since=math.inf
+            )
+            # Its lease lapses (paused), the row is free to claim again.
+            await h.store.renew_lease("ts-1", owner=paused, lease_until=t0 - 1)
+            result = await h.refresher.refresh("ts-1")
+            assert result.outcome == "leased"
+            assert result.reason == "attempt_in_flight_elsewhere"
+            assert h.idp.ledger.requests == 0
+            stored = await h.get("ts-1")
+            assert stored.lease_owner is None and stored.next_refresh_at > t0
+        # The owner is gone now: its attempt is continued, inside the window.
+        result = await h.refresher.refresh("ts-1")
+        assert result.outcome == "refreshed"
+        assert h.idp.ledger.requests == 1
+
+
+@pytest.mark.anyio
+async def test_an_interrupted_manual_refresh_is_due_at_once(tmp_path: Path) -> None:
+    """`refresherd refresh ID` journaled a send, then died: whatever its plan said, the set is
+    due now, so that a daemon continues the attempt inside the grace window."""
+    async with harness(tmp_path) as h:
+        await h.add("ts-1")
+        planned = (await h.get("ts-1")).next_refresh_at
+        t0 = time.time()
+        assert planned > t0 + 60
+        await h.store.claim("ts-1", owner="owner-cli", now=t0, lease_until=t0 + 60)
+        await h.store.begin_attempt("ts-1", owner="owner-cli", version=1, now=t0, keep_since=0)
+        assert (await h.get("ts-1")).next_refresh_at <= t0
 
 
 def test_no_token_or_client_secret_in_any_log_line_of_this_module() -> None:

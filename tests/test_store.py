@@ -364,6 +364,7 @@ async def test_read_contract_view_with_plain_sqlite_while_open(store: Store, db_
         "a",
         owner=ME,
         expected_version=ts.version,
+        sent_refresh_token=ts.refresh_token,
         access_token=Secret("AT-new-s3cr3t"),
         refresh_token=Secret("RT-new-s3cr3t"),
         token_type="Bearer",
@@ -491,6 +492,7 @@ async def test_counts_by_provider_and_state(store: Store) -> None:
     await store.add_many(
         [new("a"), new("b"), new("c", provider="okta"), new("d", provider="okta")], now=NOW
     )
+    await leased(store, "d")
     await store.record_failure(
         "d",
         owner=ME,
@@ -508,6 +510,40 @@ async def test_counts_by_provider_and_state(store: Store) -> None:
         ("okta", "active"): 1,
         ("okta", "invalidated"): 1,
     }
+
+
+@pytest.mark.anyio
+async def test_expired_counts_active_and_failing_sets_past_their_expiry(store: Store) -> None:
+    assert await store.expired_counts(now=NOW) == {}
+    await store.add_many(
+        [
+            new("fresh", expires_at=NOW + 60),
+            new("expired", expires_at=NOW - 1),
+            new("failing", expires_at=NOW - 600),
+            new("gone", expires_at=NOW - 600),
+            new("unknown", access=False),  # no access token, no expiry: not "past expiry"
+            new("okta-expired", provider="okta", expires_at=NOW - 5),
+        ],
+        now=NOW - 3600,
+    )
+    for token_set_id, state in (("failing", State.FAILING), ("gone", State.INVALIDATED)):
+        await leased(store, token_set_id)
+        assert await store.record_failure(
+            token_set_id,
+            owner=ME,
+            expected_version=1,
+            state=state,
+            next_refresh_at=NOW + 60,
+            error="oauth_error: no",
+            failures=1,
+            invalid_reason="invalid_grant" if state is State.INVALIDATED else None,
+            now=NOW,
+            resolve_attempt=True,
+        )
+    assert await store.expired_counts(now=NOW) == {"visma": 2, "okta": 1}
+    # The boundary: a token that expires exactly now is not yet past its expiry.
+    assert await store.expired_counts(now=NOW - 5) == {"visma": 1}
+    assert await store.expired_counts(now=NOW + 3600) == {"visma": 3, "okta": 1}
 
 
 # ---- claims and leases -------------------------------------------------------------------------
@@ -563,6 +599,7 @@ async def test_claim_not_found_and_invalidated(store: Store) -> None:
         "not_found"
     )
     await store.add(new("a"), now=NOW)
+    await leased(store, "a")
     await store.record_failure(
         "a",
         owner=ME,
@@ -637,6 +674,7 @@ async def _claim_due_fixture(store: Store) -> None:
     )
     await leased(store, "leased", OTHER, until=NOW + 60)
     await leased(store, "expired-lease", OTHER, until=NOW - 1)
+    await leased(store, "invalid")
     await store.record_failure(
         "invalid",
         owner=ME,
@@ -832,21 +870,12 @@ async def test_begin_attempt_refused_when_the_version_moved(store: Store, db_pat
 
 
 @pytest.mark.anyio
-async def test_begin_attempt_refused_when_invalidated(store: Store) -> None:
+async def test_begin_attempt_refused_when_invalidated(store: Store, db_path: Path) -> None:
     await store.add(new("a"), now=NOW)
     await leased(store, "a")
-    await store.record_failure(
-        "a",
-        owner=OTHER,  # keeps our lease in place
-        expected_version=1,
-        state=State.INVALIDATED,
-        next_refresh_at=NOW,
-        error="invalid_grant",
-        failures=1,
-        invalid_reason="invalid_grant",
-        now=NOW,
-        resolve_attempt=True,
-    )
+    # Invalidated behind our back while our lease stays in place (only possible by hand).
+    with plain(db_path) as conn:
+        conn.execute("UPDATE token_sets SET state = 'invalidated' WHERE id = 'a'")
     assert await store.begin_attempt("a", owner=ME, version=1, now=NOW, keep_since=NOW - 29) is None
 
 
@@ -927,6 +956,7 @@ async def _save(store: Store, version: int, *, scope: str | None = None, owner: 
         "a",
         owner=owner,
         expected_version=version,
+        sent_refresh_token=Secret(refresh_value("a")),
         access_token=Secret("AT-granted-s3cr3t"),
         refresh_token=Secret("RT-granted-s3cr3t"),
         token_type="bearer",
@@ -1078,14 +1108,26 @@ async def test_record_failure_with_a_stale_version_writes_nothing(
 
 
 @pytest.mark.anyio
-async def test_record_failure_bounds_the_error_and_keeps_others_leases(store: Store) -> None:
+async def test_record_failure_bounds_the_error(store: Store) -> None:
     await store.add(new("a"), now=NOW)
-    await leased(store, "a", OTHER)
+    await leased(store, "a")
     assert await _fail(store, resolve=False, error="x" * 5000) is True
     ts = await store.get("a")
     assert ts is not None
     assert ts.last_error == "x" * 500
-    assert ts.lease_owner == OTHER
+    assert ts.lease_owner is None
+
+
+@pytest.mark.anyio
+async def test_record_failure_without_our_lease_writes_nothing(store: Store, db_path: Path) -> None:
+    """A worker whose lease lapsed (paused, storage trouble) must not overwrite the state or
+    clear the journal of the worker that took over."""
+    await store.add(new("a"), now=NOW)
+    await leased(store, "a", OTHER)
+    await store.begin_attempt("a", owner=OTHER, version=1, now=NOW, keep_since=NOW - 29)
+    before = raw_row(db_path, "a")
+    assert await _fail(store, resolve=True, state=State.INVALIDATED) is False
+    assert raw_row(db_path, "a") == before
 
 
 # ---- change signal -----------------------------------------------------------------------------
@@ -1143,6 +1185,7 @@ async def test_store_errors_never_carry_token_values(store: Store, db_path: Path
             "a",
             owner=ME,
             expected_version=ts.version,
+            sent_refresh_token=ts.refresh_token,
             access_token=Secret("AT-frozen-s3cr3t"),
             refresh_token=Secret("RT-frozen-s3cr3t"),
             token_type=None,

@@ -1,0 +1,323 @@
+"""deploy/prometheus: the scrape config and the alert rules, checked and unit-tested by promtool,
+and a real Prometheus server (Debian's package) scraping a real daemon through that scrape
+config, with those rules loaded and the Grafana dashboard's queries run against it."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from conftest import (
+    DaemonProcess,
+    IdPHandle,
+    free_port,
+    import_tokens,
+    parse_metrics,
+    wait_until,
+    write_config,
+)
+from deploy_support import (
+    DEPLOY,
+    PROMETHEUS_METRICS,
+    dashboard_panels,
+    exported_metric_names,
+    load_dashboard,
+    promql_metric_names,
+    substitute,
+    variable_queries,
+)
+
+PROMETHEUS_DIR = DEPLOY / "prometheus"
+PROMETHEUS_YML = PROMETHEUS_DIR / "prometheus.yml"
+ALERTS = PROMETHEUS_DIR / "alerts.yml"
+RULE_TESTS = sorted(PROMETHEUS_DIR.glob("*_test.yml"))
+PROMETHEUS = Path("/usr/bin/prometheus")
+PROMTOOL = shutil.which("promtool")
+needs_promtool = pytest.mark.skipif(
+    PROMTOOL is None, reason="promtool is not installed (.ci/run installs Debian's prometheus)"
+)
+needs_prometheus = pytest.mark.skipif(
+    not PROMETHEUS.exists(),
+    reason="/usr/bin/prometheus is not installed (.ci/run installs Debian's prometheus)",
+)
+
+# Exported once absolute refresh-token lifetimes are built (a separate issue); until then the
+# rule that uses it (RefresherdRefreshTokensExpireSoon) has nothing to match. See alerts.yml.
+PENDING_METRICS = {"refresherd_refresh_token_expires_soonest_timestamp_seconds": "lifetimes"}
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    groups = yaml.safe_load(ALERTS.read_text(encoding="utf-8"))["groups"]
+    return [rule for group in groups for rule in group["rules"]]
+
+
+def promtool(*args: str) -> subprocess.CompletedProcess[str]:
+    assert PROMTOOL is not None
+    return subprocess.run(
+        [PROMTOOL, *args],
+        cwd=PROMETHEUS_DIR,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+# --------------------------------------------------------------------------- promtool
+
+
+@needs_promtool
+def test_promtool_checks_the_scrape_config_and_the_rules() -> None:
+    for args in (("check", "config", PROMETHEUS_YML.name), ("check", "rules", ALERTS.name)):
+        result = promtool(*args)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+@needs_promtool
+@pytest.mark.parametrize("test_file", RULE_TESTS, ids=[p.name for p in RULE_TESTS])
+def test_promtool_unit_tests_of_the_alert_rules(test_file: Path) -> None:
+    result = promtool("test", "rules", test_file.name)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_alert_fires_in_a_unit_test_and_stays_silent_in_another() -> None:
+    assert RULE_TESTS, "deploy/prometheus has no *_test.yml"
+    fires: set[str] = set()
+    silent: set[str] = set()
+    for test_file in RULE_TESTS:
+        for case in yaml.safe_load(test_file.read_text(encoding="utf-8"))["tests"]:
+            for check in case.get("alert_rule_test", []):
+                (fires if check.get("exp_alerts") else silent).add(check["alertname"])
+    names = {rule["alert"] for rule in alert_rules()}
+    assert names, "alerts.yml has no alerting rule"
+    assert names - fires == set(), "alerts never seen firing in a unit test"
+    assert names - silent == set(), "alerts never seen silent in a unit test"
+    assert fires | silent <= names, "unit tests of alerts that do not exist"
+
+
+def test_the_issue_s_alerts_exist_with_severity_and_text() -> None:
+    rules = {rule["alert"]: rule for rule in alert_rules()}
+    wanted = {
+        "failure ratio": "RefresherdRefreshFailureRatioHigh",
+        "invalidations": "RefresherdTokenSetsInvalidated",
+        "token sets past expiry": "RefresherdTokenSetsExpired",
+        "absolute refresh-token expiry": "RefresherdRefreshTokensExpireSoon",
+        "provider circuit open": "RefresherdProviderCircuitOpen",
+        "daemon down": "RefresherdDown",
+        "daemon not scraped": "RefresherdNotScraped",
+    }
+    assert set(wanted.values()) <= set(rules), set(wanted.values()) - set(rules)
+    for name, rule in rules.items():
+        assert rule["labels"]["severity"] in ("warning", "critical"), name
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"], name
+
+
+def test_rules_use_only_metrics_refresherd_exports() -> None:
+    exported = exported_metric_names()
+    for pending in PENDING_METRICS:
+        assert pending not in exported, f"{pending} is exported now: drop it from PENDING_METRICS"
+    for rule in alert_rules():
+        unknown = promql_metric_names(rule["expr"]) - exported - PROMETHEUS_METRICS
+        if rule["alert"] == "RefresherdRefreshTokensExpireSoon":
+            unknown -= set(PENDING_METRICS)
+        assert not unknown, f"{rule['alert']} uses metrics refresherd does not export: {unknown}"
+
+
+def test_the_scrape_job_is_the_one_the_rules_and_dashboard_select() -> None:
+    config = yaml.safe_load(PROMETHEUS_YML.read_text(encoding="utf-8"))
+    (job,) = config["scrape_configs"]
+    assert job["job_name"] == "refresherd"
+    assert config["rule_files"] == [ALERTS.name]
+    assert 'up{job="refresherd"}' in ALERTS.read_text(encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- a real Prometheus
+
+
+class PrometheusAPI:
+    def __init__(self, base: str, process: subprocess.Popen[bytes], log: Path) -> None:
+        self.base = base
+        self.process = process
+        self.log = log
+
+    def get(self, path: str, **params: str) -> dict[str, Any]:
+        response = httpx.get(self.base + path, params=params, timeout=10)
+        body: dict[str, Any] = response.json()
+        assert response.status_code == 200 and body["status"] == "success", (path, params, body)
+        return body["data"]  # type: ignore[no-any-return]
+
+    def query(self, promql: str) -> list[dict[str, Any]]:
+        data = self.get("/api/v1/query", query=promql)
+        assert data["resultType"] in ("vector", "scalar"), data
+        return data["result"] if data["resultType"] == "vector" else [{"value": data["result"]}]
+
+    def value(self, promql: str) -> float | None:
+        result = self.query(promql)
+        return float(result[0]["value"][1]) if result else None
+
+    def tail(self) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-30:])
+
+
+@contextlib.contextmanager
+def running_prometheus(tmp_path: Path, config: dict[str, Any]) -> Iterator[PrometheusAPI]:
+    config_file = tmp_path / "prometheus.yml"
+    config_file.write_text(yaml.safe_dump(config), encoding="utf-8")
+    port = free_port()
+    log = tmp_path / "prometheus.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [
+                str(PROMETHEUS),
+                f"--config.file={config_file}",
+                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    api = PrometheusAPI(f"http://127.0.0.1:{port}", process, log)
+    try:
+
+        def ready() -> bool:
+            if process.poll() is not None:
+                pytest.fail(f"prometheus exited with {process.returncode}:\n{api.tail()}")
+            try:
+                return httpx.get(api.base + "/-/ready", timeout=2).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_until(ready, what="Prometheus to be ready")
+        yield api
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+@needs_prometheus
+def test_prometheus_scrapes_a_running_daemon(
+    tmp_path: Path,
+    idp_factory: Callable[..., IdPHandle],
+    daemons: Callable[..., DaemonProcess],
+) -> None:
+    # 4-second access tokens: the daemon refreshes every few seconds, so the counter grows.
+    idp = idp_factory(access_token_lifetime=4.0)
+    config = write_config(
+        tmp_path / "c.toml",
+        database=tmp_path / "tokens.db",
+        providers={"p": idp.provider()},
+        schedule={"min_margin": "1s"},
+    )
+    import_tokens(config, idp.token_lines("p", 3, with_access_token=False))
+    daemon = daemons(config)
+    host, port = daemon.address or ("", 0)
+
+    # deploy/prometheus/prometheus.yml as shipped, with this daemon as its target, a 1 s pace,
+    # and alerts.yml loaded from the repository.
+    prometheus_config = yaml.safe_load(PROMETHEUS_YML.read_text(encoding="utf-8"))
+    prometheus_config["global"].update(scrape_interval="1s", evaluation_interval="1s")
+    prometheus_config["rule_files"] = [str(ALERTS)]
+    (job,) = prometheus_config["scrape_configs"]
+    job["scrape_timeout"] = "1s"
+    job["static_configs"] = [{"targets": [f"{host}:{port}"]}]
+
+    with running_prometheus(tmp_path, prometheus_config) as api:
+        success = 'refresherd_refresh_success_total{job="refresherd", provider="p"}'
+        first = wait_until(
+            lambda: api.value(success), interval=0.5, what=f"a first sample of {success}"
+        )
+        wait_until(
+            lambda: (api.value(success) or 0) > first,
+            interval=0.5,
+            what=f"{success} to grow past {first}",
+        )
+        assert api.value('up{job="refresherd"}') == 1
+
+        # Every name Prometheus got from refresherd is one metrics.py makes (ALERTS* and scrape_*
+        # are Prometheus's own: RefresherdNotScraped is pending until the first scrape).
+        names = api.get("/api/v1/label/__name__/values", **{"match[]": '{job="refresherd"}'})
+        scraped = {name for name in names if name.startswith("refresherd_")}
+        assert set(names) - scraped <= {"up", "ALERTS", "ALERTS_FOR_STATE"} | {
+            name for name in names if name.startswith("scrape_")
+        }
+        assert scraped and scraped <= exported_metric_names(), scraped - exported_metric_names()
+
+        check_alert_rules_are_loaded_and_quiet(api)
+        check_dashboard_queries(api)
+
+    assert daemon.stop() == 0
+
+
+def check_alert_rules_are_loaded_and_quiet(api: PrometheusAPI) -> None:
+    """alerts.yml loaded and evaluated without error; a healthy daemon raises none of the alerts
+    that say it is down, unscraped, unready or locked out."""
+
+    def evaluated() -> list[dict[str, Any]] | None:
+        groups = api.get("/api/v1/rules")["groups"]
+        rules = [rule for group in groups for rule in group["rules"]]
+        return rules if rules and all(r["health"] == "ok" for r in rules) else None
+
+    rules = wait_until(evaluated, interval=0.5, what="every alert rule evaluated without error")
+    assert {r["name"] for r in rules} == {r["alert"] for r in alert_rules()}
+    states = {r["name"]: r["state"] for r in rules}
+    for name in (
+        "RefresherdDown",
+        "RefresherdNotScraped",
+        "RefresherdNotReady",
+        "RefresherdProviderCircuitOpen",
+        "RefresherdTokenSetsInvalidated",
+    ):
+        assert states[name] == "inactive", (name, states[name])
+
+
+# Panels that may show nothing while every refresh succeeds.
+QUIET_PANELS = {"Failure ratio by reason", "Config reloads"}
+
+
+def check_dashboard_queries(api: PrometheusAPI) -> None:
+    """Prometheus parses and runs every query of the Grafana dashboard; every panel but those
+    that show failures has data from the healthy daemon; the variables find their values."""
+    dashboard = load_dashboard()
+    for panel in dashboard_panels(dashboard):
+        results = [api.query(substitute(t["expr"])) for t in panel["targets"]]
+        if panel["title"] not in QUIET_PANELS:
+            assert any(results), f"panel {panel['title']!r} has no data"
+    expected = {"job": "refresherd", "instance": None, "provider": "p"}
+    for name, query in variable_queries(dashboard):
+        inner = query.removeprefix("label_values(").removesuffix(")")
+        selector, _, label = inner.rpartition(",")
+        series = api.get("/api/v1/series", **{"match[]": substitute(selector.strip())})
+        values = {s.get(label.strip()) for s in series}
+        assert values - {None}, f"variable {name}: {query} finds no values"
+        if expected[name] is not None:
+            assert expected[name] in values, (name, values)
+
+
+def test_the_live_metrics_names_are_the_ones_the_helpers_know(
+    tmp_path: Path,
+    idp_factory: Callable[..., IdPHandle],
+    daemons: Callable[..., DaemonProcess],
+) -> None:
+    """The exported names the rule and dashboard checks rely on match a live /metrics."""
+    idp = idp_factory()
+    config = write_config(
+        tmp_path / "c.toml", database=tmp_path / "tokens.db", providers={"p": idp.provider()}
+    )
+    daemon = daemons(config)
+    live = {name for name, _ in parse_metrics(daemon.metrics()) if name.startswith("refresherd_")}
+    assert live <= exported_metric_names(), live - exported_metric_names()
+    assert daemon.stop() == 0
