@@ -28,6 +28,7 @@ from conftest import (
 
 from refresherd.config import EX_CONFIG, DaemonConfig, parse_duration
 from refresherd.daemon import SERVER_STOP_TIMEOUT
+from refresherd.refresher import PERSIST_DEADLINE
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "refresherd.service"
@@ -105,8 +106,11 @@ def test_the_unit_declares_notify_watchdog_restart_user_directories_and_reload()
         "run",
     ]
     assert shlex.split(one(u, "ExecReload")) == ["/bin/kill", "-HUP", "$MAINPID"]
-    # systemd must wait longer than the daemon's own drain plus the listener's close.
-    drain = DaemonConfig(database=Path("x")).shutdown_timeout + SERVER_STOP_TIMEOUT
+    # systemd must wait longer than the daemon's own drain, a grant still being persisted at the
+    # drain deadline, and the listener's close.
+    drain = (
+        DaemonConfig(database=Path("x")).shutdown_timeout + PERSIST_DEADLINE + SERVER_STOP_TIMEOUT
+    )
     assert seconds(one(u, "TimeoutStopSec")) > drain
     # The example config keeps its database in the StateDirectory.
     example = (ROOT / "config.example.toml").read_text(encoding="utf-8")
