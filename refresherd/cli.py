@@ -150,7 +150,19 @@ async def _refresh(config: Config, token_set_id: str) -> int:
     return _fail(message, EX_FAILURE)
 
 
-def token_set_json(ts: TokenSet, *, reveal: bool) -> dict[str, Any]:
+def _lifetime(config: Config, provider: str) -> float | None:
+    p = config.providers.get(provider)
+    return p.refresh_token_lifetime if p is not None else None
+
+
+def token_set_json(
+    ts: TokenSet, *, reveal: bool, refresh_token_lifetime: float | None = None
+) -> dict[str, Any]:
+    """``refresh_token_lifetime``: the provider's configured absolute lifetime, counted from the
+    token set's creation where the IdP did not state the refresh token's expiry itself."""
+    refresh_expires = ts.refresh_expires_at
+    if refresh_expires is None and refresh_token_lifetime is not None:
+        refresh_expires = ts.created_at + refresh_token_lifetime
     data: dict[str, Any] = {
         "id": ts.id,
         "provider": ts.provider,
@@ -168,6 +180,7 @@ def token_set_json(ts: TokenSet, *, reveal: bool) -> dict[str, Any]:
         "updated_at": rfc3339(ts.updated_at),
         "leased_by": ts.lease_owner if ts.lease_until and ts.lease_until > time.time() else None,
         "unresolved_attempt_since": rfc3339(ts.attempt.started_at) if ts.attempt else None,
+        "refresh_token_expires_at": rfc3339(refresh_expires),
     }
     if reveal:
         data["access_token"] = ts.access_token.reveal() if ts.access_token else None
@@ -253,13 +266,15 @@ async def _tokens(config: Config, args: argparse.Namespace) -> int:
     store = await Store.open(config.daemon.database, create=False)
     try:
         if action == "list":
-            await _list(store, as_json=args.json, reveal=args.reveal)
+            await _list(store, config, as_json=args.json, reveal=args.reveal)
             return 0
         if action == "show":
             ts = await store.get(args.id)
             if ts is None:
                 return _fail(f"no token set with id {args.id!r}", EX_NOINPUT)
-            data = token_set_json(ts, reveal=args.reveal)
+            data = token_set_json(
+                ts, reveal=args.reveal, refresh_token_lifetime=_lifetime(config, ts.provider)
+            )
             if args.json:
                 print(json.dumps(data, indent=2))
             else:
@@ -285,21 +300,26 @@ async def _first_existing(store: Store, items: Sequence[NewTokenSet]) -> str | N
     return None
 
 
-async def _list(store: Store, *, as_json: bool, reveal: bool) -> None:
+async def _list(store: Store, config: Config, *, as_json: bool, reveal: bool) -> None:
     """Stream page by page: never every token set in memory at once."""
     out = sys.stdout
     if as_json:
         out.write("[")
         first = True
         async for ts in store.iterate():
-            out.write(("\n" if first else ",\n") + json.dumps(token_set_json(ts, reveal=reveal)))
+            data = token_set_json(
+                ts, reveal=reveal, refresh_token_lifetime=_lifetime(config, ts.provider)
+            )
+            out.write(("\n" if first else ",\n") + json.dumps(data))
             first = False
         out.write("\n]\n" if not first else "]\n")
         return
     columns = _COLUMNS + (("access_token", "refresh_token") if reveal else ())
     out.write("\t".join(columns) + "\n")
     async for ts in store.iterate():
-        row = token_set_json(ts, reveal=reveal)
+        row = token_set_json(
+            ts, reveal=reveal, refresh_token_lifetime=_lifetime(config, ts.provider)
+        )
         out.write("\t".join("" if row[c] is None else str(row[c]) for c in columns) + "\n")
 
 

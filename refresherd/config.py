@@ -91,6 +91,9 @@ class ProviderConfig:
     connect_timeout: float = 5.0
     scope: str | None = None
     max_connections: int = 20
+    # Absolute refresh-token lifetime, counted from the first authorization (the token set's
+    # creation) and never extended by rotation; None: unknown, or the IdP says per response.
+    refresh_token_lifetime: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,6 +272,7 @@ _PROVIDER_KEYS: Final = (
     "connect_timeout",
     "scope",
     "max_connections",
+    "refresh_token_lifetime",
 )
 # A top-level key that belongs to a section gets "put it under [section]" instead of a guess.
 _SECTION_OF_KEY: Final = {
@@ -466,6 +470,9 @@ def _parse_provider(name: str, t: _Table) -> ProviderConfig:
     connect_timeout = t.duration("connect_timeout", d.connect_timeout, positive=True)
     scope = t.optional_string("scope")
     max_connections = t.integer("max_connections", d.max_connections, minimum=1)
+    lifetime = None
+    if t.data.get("refresh_token_lifetime") is not None:
+        lifetime = t.duration("refresh_token_lifetime", 0.0, positive=True)
     # Last, so that a typo elsewhere is reported before any secret file is touched.
     client_secret = _client_secret(t)
     return ProviderConfig(
@@ -480,6 +487,7 @@ def _parse_provider(name: str, t: _Table) -> ProviderConfig:
         connect_timeout=connect_timeout,
         scope=scope,
         max_connections=max_connections,
+        refresh_token_lifetime=lifetime,
     )
 
 

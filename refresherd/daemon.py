@@ -7,6 +7,7 @@ journal entry makes the next start recover it) and exit 0. SIGHUP reloads the co
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import signal
 import socket
@@ -362,6 +363,9 @@ class Daemon:
             try:
                 counts = await rt.store.counts()
                 expired = await rt.store.expired_counts(now=self.clock.wall())
+                soonest = await rt.store.refresh_expiry_soonest(
+                    {n: p.refresh_token_lifetime for n, p in self.config.providers.items()}
+                )
             except StoreError as exc:
                 log.warning("cannot count token sets", error=str(exc))
             else:
@@ -372,6 +376,14 @@ class Daemon:
                             counts.get((provider, state.value), 0)
                         )
                     rt.metrics.token_sets_expired.labels(provider).set(expired.get(provider, 0))
+                    # Absent, not 0, where no expiry is known: 0 would read as "long expired".
+                    if provider in soonest:
+                        rt.metrics.refresh_token_expires_soonest.labels(provider).set(
+                            soonest[provider]
+                        )
+                    else:
+                        with contextlib.suppress(KeyError):
+                            rt.metrics.refresh_token_expires_soonest.remove(provider)
             # What /readyz would say, also when nothing polls /readyz (a scrape of /metrics only).
             problems = ["timed out"]
             with anyio.move_on_after(READINESS_TIMEOUT):

@@ -195,7 +195,21 @@ def parse_grant(body: bytes) -> Grant:
         refresh_token=Secret(refresh) if refresh else None,
         scope=scope,
         id_token=Secret(id_token) if id_token else None,
+        refresh_expires_in=_informational_seconds(
+            data.get("refresh_token_expires_in", data.get("refresh_expires_in"))
+        ),
     )
+
+
+def _informational_seconds(value: object) -> float | None:
+    """A lifetime we only report (the refresh token's): anything unusable is ignored, never a
+    reason to distrust a grant that carries a rotated token. 0 means "does not expire"
+    (Keycloak's offline tokens)."""
+    try:
+        seconds = _parse_expires_in(value)
+    except ValueError:
+        return None
+    return seconds if seconds else None
 
 
 def _encodable(text: str) -> bool:

@@ -134,7 +134,21 @@ def token_set_from_json(
         next_refresh_at=next_at,
         token_type=token_type,
         scope=scope,
+        refresh_expires_at=_refresh_expires_at(data, now),
     )
+
+
+def _refresh_expires_at(data: Mapping[str, Any], now: float) -> float | None:
+    """The refresh token's own lifetime, where the IdP states it. Informational: a value that
+    cannot be read is left out rather than refusing the token set."""
+    for key in ("refresh_token_expires_in", "refresh_expires_in"):
+        try:
+            seconds = _number(data, key)
+        except ValueError:
+            continue
+        if seconds is not None and 0 < seconds <= 10 * 365 * 86400:
+            return now + seconds
+    return None
 
 
 def parse_single(

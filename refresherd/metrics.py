@@ -58,6 +58,13 @@ class Metrics:
             ["provider"],
             registry=r,
         )
+        self.refresh_token_expires_soonest = Gauge(
+            "refresherd_refresh_token_expires_soonest_timestamp_seconds",
+            "Soonest absolute refresh-token expiry among a provider's live token sets (Unix "
+            "time): that customer must authorize again before it. Absent where unknown.",
+            ["provider"],
+            registry=r,
+        )
         self.singleflight_coalesced = Counter(
             "refresherd_singleflight_coalesced",
             "Refresh requests that joined a refresh already in flight instead of starting one.",

@@ -83,6 +83,9 @@ class Grant:
     refresh_token: Secret | None = None
     scope: str | None = None
     id_token: Secret | None = None
+    # Some IdPs say how long the refresh token lives (refresh_token_expires_in, Keycloak's
+    # refresh_expires_in).
+    refresh_expires_in: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +125,7 @@ class TokenSet:
     lease_owner: str | None = None
     lease_until: float | None = None
     attempt: Attempt | None = None
+    refresh_expires_at: float | None = None  # absolute refresh-token expiry, if known
     extra: dict[str, str] = field(default_factory=dict)
 
 

@@ -429,6 +429,11 @@ class Refresher:
                         expires_at=expires_at,
                         next_refresh_at=next_at,
                         now=now,
+                        refresh_expires_at=(
+                            now + grant.refresh_expires_in
+                            if grant.refresh_expires_in is not None
+                            else None
+                        ),
                     )
                     stored = True
                     break

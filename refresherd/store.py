@@ -67,6 +67,11 @@ MIGRATIONS: Final[tuple[str, ...]] = (
                state, updated_at
         FROM token_sets;
     """,
+    """
+    -- The refresh token's absolute expiry where known (from the IdP's response or the token
+    -- set's import); the provider's configured lifetime counts from created_at otherwise.
+    ALTER TABLE token_sets ADD COLUMN refresh_expires_at REAL;
+    """,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -89,6 +94,7 @@ class NewTokenSet:
     next_refresh_at: float
     token_type: str | None = None
     scope: str | None = None
+    refresh_expires_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +136,7 @@ def _row_to_token_set(row: sqlite3.Row) -> TokenSet:
         lease_owner=row["lease_owner"],
         lease_until=row["lease_until"],
         attempt=attempt,
+        refresh_expires_at=row["refresh_expires_at"],
     )
 
 
@@ -310,6 +317,7 @@ class Store:
                 "scope": n.scope,
                 "expires_at": n.expires_at,
                 "next_refresh_at": n.next_refresh_at,
+                "refresh_expires_at": n.refresh_expires_at,
                 "now": now,
             }
             for n in items
@@ -320,9 +328,10 @@ class Store:
                     async with self._transaction():
                         await self._conn.executemany(
                             "INSERT INTO token_sets (id, provider, access_token, refresh_token,"
-                            " token_type, scope, expires_at, next_refresh_at, created_at,"
-                            " updated_at) VALUES (:id, :provider, :access_token, :refresh_token,"
-                            " :token_type, :scope, :expires_at, :next_refresh_at, :now, :now)",
+                            " token_type, scope, expires_at, next_refresh_at, refresh_expires_at,"
+                            " created_at, updated_at) VALUES (:id, :provider, :access_token,"
+                            " :refresh_token, :token_type, :scope, :expires_at, :next_refresh_at,"
+                            " :refresh_expires_at, :now, :now)",
                             rows,
                         )
                 except sqlite3.IntegrityError as exc:
@@ -386,6 +395,20 @@ class Store:
             "DELETE FROM token_sets WHERE id = :id RETURNING id", {"id": token_set_id}
         )
         return bool(rows)
+
+    async def refresh_expiry_soonest(self, lifetimes: dict[str, float | None]) -> dict[str, float]:
+        """Per provider, the soonest absolute refresh-token expiry among live token sets: the
+        IdP-stated one where known, else created_at + the provider's configured lifetime."""
+        result: dict[str, float] = {}
+        for provider, lifetime in lifetimes.items():
+            rows = await self._read(
+                "SELECT min(coalesce(refresh_expires_at, created_at + :lifetime))"
+                " FROM token_sets WHERE provider = :provider AND state != 'invalidated'",
+                {"provider": provider, "lifetime": lifetime},
+            )
+            if rows and rows[0][0] is not None:
+                result[provider] = float(rows[0][0])
+        return result
 
     async def counts(self) -> dict[tuple[str, str], int]:
         rows = await self._read(
@@ -564,6 +587,7 @@ class Store:
         expires_at: float | None,
         next_refresh_at: float,
         now: float,
+        refresh_expires_at: float | None = None,
     ) -> TokenSet | None:
         """Compare-and-swap the new grant in. None: the set moved on (or was removed) meanwhile.
 
@@ -575,6 +599,7 @@ class Store:
         rows = await self._write(
             "UPDATE token_sets SET access_token = :access, refresh_token = :refresh,"
             " token_type = :token_type, scope = coalesce(:scope, scope), expires_at = :expires_at,"
+            " refresh_expires_at = coalesce(:refresh_expires_at, refresh_expires_at),"
             " state = 'active', version = version + 1, next_refresh_at = :next,"
             " updated_at = :now, last_refresh_at = :now, last_error = NULL, failures = 0,"
             " invalid_reason = NULL, attempt_version = NULL, attempt_started_at = NULL,"
@@ -587,6 +612,7 @@ class Store:
                 "owner": owner,
                 "version": expected_version,
                 "sent": sent_refresh_token.reveal(),
+                "refresh_expires_at": refresh_expires_at,
                 "access": access_token.reveal(),
                 "refresh": refresh_token.reveal(),
                 "token_type": token_type,

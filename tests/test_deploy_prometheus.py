@@ -8,6 +8,7 @@ import contextlib
 import shutil
 import signal
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -48,10 +49,6 @@ needs_prometheus = pytest.mark.skipif(
     not PROMETHEUS.exists(),
     reason="/usr/bin/prometheus is not installed (.ci/run installs Debian's prometheus)",
 )
-
-# Exported once absolute refresh-token lifetimes are built (a separate issue); until then the
-# rule that uses it (RefresherdRefreshTokensExpireSoon) has nothing to match. See alerts.yml.
-PENDING_METRICS = {"refresherd_refresh_token_expires_soonest_timestamp_seconds": "lifetimes"}
 
 
 def alert_rules() -> list[dict[str, Any]]:
@@ -122,12 +119,8 @@ def test_the_issue_s_alerts_exist_with_severity_and_text() -> None:
 
 def test_rules_use_only_metrics_refresherd_exports() -> None:
     exported = exported_metric_names()
-    for pending in PENDING_METRICS:
-        assert pending not in exported, f"{pending} is exported now: drop it from PENDING_METRICS"
     for rule in alert_rules():
         unknown = promql_metric_names(rule["expr"]) - exported - PROMETHEUS_METRICS
-        if rule["alert"] == "RefresherdRefreshTokensExpireSoon":
-            unknown -= set(PENDING_METRICS)
         assert not unknown, f"{rule['alert']} uses metrics refresherd does not export: {unknown}"
 
 
@@ -219,10 +212,12 @@ def test_prometheus_scrapes_a_running_daemon(
     config = write_config(
         tmp_path / "c.toml",
         database=tmp_path / "tokens.db",
-        providers={"p": idp.provider()},
+        # An absolute refresh-token lifetime: the soonest expiry is exported and alerted on.
+        providers={"p": idp.provider(refresh_token_lifetime="30d")},
         schedule={"min_margin": "1s"},
     )
     import_tokens(config, idp.token_lines("p", 3, with_access_token=False))
+    imported_at = time.time()
     daemon = daemons(config)
     host, port = daemon.address or ("", 0)
 
@@ -246,6 +241,14 @@ def test_prometheus_scrapes_a_running_daemon(
             what=f"{success} to grow past {first}",
         )
         assert api.value('up{job="refresherd"}') == 1
+        soonest = wait_until(
+            lambda: api.value(
+                'refresherd_refresh_token_expires_soonest_timestamp_seconds{provider="p"}'
+            ),
+            interval=0.5,
+            what="the soonest absolute refresh-token expiry",
+        )
+        assert imported_at + 30 * 86400 - 60 <= soonest <= time.time() + 30 * 86400
 
         # Every name Prometheus got from refresherd is one metrics.py makes (ALERTS* and scrape_*
         # are Prometheus's own: RefresherdNotScraped is pending until the first scrape).
