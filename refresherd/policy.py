@@ -31,6 +31,11 @@ def grace_safety(grace_period: float) -> float:
     return min(1.0, grace_period * 0.2)
 
 
+def effective_grace(usage: RefreshTokenUsage, grace_period: float) -> float:
+    """Only a one-time token has a grace window that matters: a re-use token is never spent."""
+    return grace_period if usage is RefreshTokenUsage.ONE_TIME else 0.0
+
+
 def grace_deadline(attempt: Attempt | None, grace_period: float) -> float | None:
     """Wall time by which a retry of ``attempt`` must have started, or None if there is none."""
     if attempt is None or grace_period <= 0:

@@ -21,7 +21,7 @@ from refresherd.config import ProviderConfig, ScheduleConfig
 from refresherd.endpoint import EndpointError, TokenEndpoint
 from refresherd.logs import get_logger
 from refresherd.metrics import Metrics
-from refresherd.model import Failure, FailureKind, Grant, RefreshTokenUsage, State, TokenSet
+from refresherd.model import Failure, FailureKind, Grant, State, TokenSet
 from refresherd.store import ClaimRefused, Store, StoreError
 
 log = get_logger("refresherd.refresher")
@@ -278,11 +278,7 @@ class Refresher:
         attempt = ts.attempt
         if attempt is None or attempt.owner == self.owner or attempt.version != ts.version:
             return False
-        grace = (
-            provider.grace_period
-            if provider.refresh_token_usage is RefreshTokenUsage.ONE_TIME
-            else 0.0
-        )
+        grace = policy.effective_grace(provider.refresh_token_usage, provider.grace_period)
         deadline = policy.grace_deadline(attempt, grace)
         in_window = deadline is not None and now < deadline
         return in_window and self.owner_alive(attempt.owner)
@@ -307,11 +303,7 @@ class Refresher:
     async def _attempts(
         self, ts: TokenSet, provider: ProviderConfig, endpoint: TokenEndpoint
     ) -> RefreshResult:
-        grace = (
-            provider.grace_period
-            if provider.refresh_token_usage is RefreshTokenUsage.ONE_TIME
-            else 0.0
-        )
+        grace = policy.effective_grace(provider.refresh_token_usage, provider.grace_period)
         invalid_grant_retried = False
         while True:
             now = self.clock.wall()
