@@ -21,6 +21,7 @@ import anyio
 from refresherd import logs
 from refresherd.config import EX_CONFIG, Config, ConfigError, load_config, resolve_config_path
 from refresherd.daemon import Daemon, open_runtime
+from refresherd.discovery import EX_UNAVAILABLE, DiscoveryError
 from refresherd.intake import InputError, parse_lines, parse_single
 from refresherd.model import TokenSet, rfc3339
 from refresherd.store import NewTokenSet, Store, StoreError, TokenSetExists
@@ -115,6 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return anyio.run(_tokens, config, args)
     except StoreError as exc:
         return _fail(str(exc), EX_FAILURE)
+    except DiscoveryError as exc:
+        return _fail(str(exc), EX_UNAVAILABLE)
 
 
 async def _refresh(config: Config, token_set_id: str) -> int:

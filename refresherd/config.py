@@ -18,6 +18,7 @@ from typing import Final
 from urllib.parse import urlsplit
 
 from refresherd.model import AuthMethod, RefreshTokenUsage, Secret
+from refresherd.presets import PRESETS, apply_preset
 
 # The project targets 3.11+, but the fallback keeps the loader importable on an older interpreter.
 if sys.version_info >= (3, 11):  # noqa: UP036
@@ -81,6 +82,7 @@ class ScheduleConfig:
 @dataclass(frozen=True, slots=True)
 class ProviderConfig:
     name: str
+    # Empty when ``issuer`` is given: discovery (refresherd.discovery) fills it in at start.
     token_url: str
     client_id: str
     client_secret: Secret = field(repr=False)
@@ -94,6 +96,12 @@ class ProviderConfig:
     # Absolute refresh-token lifetime, counted from the first authorization (the token set's
     # creation) and never extended by rotation; None: unknown, or the IdP says per response.
     refresh_token_lifetime: float | None = None
+    # OpenID Connect issuer whose discovery document names the token endpoint.
+    issuer: str | None = None
+    # From the discovery document, when there is one.
+    revocation_url: str | None = None
+    # The preset this provider's defaults came from, if any.
+    preset: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,7 +270,9 @@ _SECRET_KEYS: Final = (
     "client_secret_credential",
 )
 _PROVIDER_KEYS: Final = (
+    "preset",
     "token_url",
+    "issuer",
     "client_id",
     *_SECRET_KEYS,
     "auth_method",
@@ -456,10 +466,18 @@ def _parse_providers(t: _Table) -> dict[str, ProviderConfig]:
 
 def _parse_provider(name: str, t: _Table) -> ProviderConfig:
     d = _PROVIDER_DEFAULTS
-    token_url = t.required_string(
-        "token_url", 'the token endpoint URL, such as "https://connect.visma.com/connect/token"'
-    )
-    _check_token_url(t, token_url)
+    preset = t.optional_string("preset")
+    if preset is not None:
+        if preset not in PRESETS:
+            known = ", ".join(json.dumps(p) for p in PRESETS)
+            close = [p for p in PRESETS if p.startswith(preset.lower())] or (
+                difflib.get_close_matches(preset, list(PRESETS), n=1, cutoff=0.5)
+            )
+            hint = f'; did you mean "{close[0]}"?' if close else ""
+            raise t.error("preset", f"unknown preset {_show(preset)}{hint} (known: {known})")
+        # Preset values first, explicit keys over them; validated alike.
+        t = _Table(t.ctx, t.path, apply_preset(preset, t.data), _PROVIDER_KEYS)
+    token_url, issuer = _endpoint(t, preset)
     client_id = t.required_string("client_id", "the OAuth client id")
     auth_method = AuthMethod(t.choice("auth_method", tuple(AuthMethod), d.auth_method.value))
     usage = RefreshTokenUsage(
@@ -488,37 +506,73 @@ def _parse_provider(name: str, t: _Table) -> ProviderConfig:
         scope=scope,
         max_connections=max_connections,
         refresh_token_lifetime=lifetime,
+        issuer=issuer,
+        preset=preset,
     )
 
 
-def _check_token_url(t: _Table, url: str) -> None:
-    example = 'an https URL such as "https://connect.visma.com/connect/token"'
-    if any(ch.isspace() or not ch.isprintable() for ch in url):
-        raise t.error(
-            "token_url", f"expected {example}, got a value with spaces or control characters"
+def _endpoint(t: _Table, preset: str | None) -> tuple[str, str | None]:
+    """``(token_url, issuer)``: exactly one of them given; token_url empty with an issuer."""
+    token_url = t.optional_string("token_url")
+    issuer = t.optional_string("issuer")
+    if token_url is not None and issuer is not None:
+        raise t.ctx.error(
+            t.key(None),
+            "expected token_url or issuer, not both (issuer finds the token endpoint through "
+            "its /.well-known/openid-configuration document)",
         )
+    if issuer is not None:
+        _check_token_url(t, issuer, key="issuer", example="https://YOUR-ORG.okta.com")
+        if urlsplit(issuer).query:
+            raise t.error("issuer", f"expected an issuer URL without a ?query, got {_show(issuer)}")
+        return "", issuer
+    if token_url is None:
+        example = PRESETS[preset].issuer_example if preset is not None else None
+        if example is not None:
+            raise t.error(
+                "token_url",
+                f'is required: preset "{preset}" needs issuer = "{example}" or token_url '
+                "(the tenant's token endpoint)",
+            )
+        raise t.error(
+            "token_url",
+            "is required: expected the token endpoint URL, such as "
+            '"https://connect.visma.com/connect/token" (or an OpenID Connect issuer = "https://...")',
+        )
+    _check_token_url(t, token_url)
+    return token_url, None
+
+
+def _check_token_url(
+    t: _Table,
+    url: str,
+    *,
+    key: str = "token_url",
+    example: str = "https://connect.visma.com/connect/token",
+) -> None:
+    example = f'an https URL such as "{example}"'
+    if any(ch.isspace() or not ch.isprintable() for ch in url):
+        raise t.error(key, f"expected {example}, got a value with spaces or control characters")
     try:
         parts = urlsplit(url)
         host = parts.hostname
         _ = parts.port  # raises ValueError for a port out of range
     except ValueError:
-        raise t.error("token_url", f"expected {example}, got an unparsable URL") from None
+        raise t.error(key, f"expected {example}, got an unparsable URL") from None
     if "@" in parts.netloc:
         # Checked before any message repeats the URL: user info may hold a password.
         raise t.error(
-            "token_url",
+            key,
             "expected a URL without a user name or password; "
             "credentials go in client_id and client_secret",
         )
     if parts.scheme not in ("http", "https") or not host:
-        raise t.error("token_url", f"expected {example}, got {_show(url)}")
+        raise t.error(key, f"expected {example}, got {_show(url)}")
     if parts.fragment:
-        raise t.error(
-            "token_url", f"expected a URL without a #fragment (RFC 6749, 3.2), got {_show(url)}"
-        )
+        raise t.error(key, f"expected a URL without a #fragment (RFC 6749, 3.2), got {_show(url)}")
     if parts.scheme == "http" and not _is_loopback(host):
         raise t.error(
-            "token_url",
+            key,
             f"expected {example}: plain http is allowed only for loopback hosts "
             "(127.0.0.0/8, ::1, localhost) because the client secret and refresh tokens "
             f"would travel in clear, got {_show(url)}",

@@ -13,7 +13,7 @@ import signal
 import socket
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Final
 
@@ -22,6 +22,7 @@ import anyio.abc
 
 from refresherd import logs, ownership
 from refresherd.config import Config, ConfigError, ProviderConfig, load_config
+from refresherd.discovery import EX_UNAVAILABLE, DiscoveryError, resolve_providers
 from refresherd.endpoint import TokenEndpoint
 from refresherd.metrics import INVALIDATION_REASONS, Metrics
 from refresherd.model import State
@@ -48,6 +49,13 @@ def build_endpoints(providers: Mapping[str, ProviderConfig]) -> dict[str, TokenE
     return {name: TokenEndpoint(p) for name, p in providers.items()}
 
 
+async def resolve_config(config: Config, *, fresh: bool = False) -> Config:
+    """``config`` with the token URLs of providers given by ``issuer`` discovered."""
+    if not any(p.issuer is not None and not p.token_url for p in config.providers.values()):
+        return config
+    return replace(config, providers=await resolve_providers(config.providers, fresh=fresh))
+
+
 def max_grace(config: Config) -> float:
     return max((p.grace_period for p in config.providers.values()), default=0.0)
 
@@ -68,7 +76,11 @@ class Runtime:
 async def open_runtime(
     config: Config, *, clock: Clock | None = None, metrics: Metrics | None = None
 ) -> AsyncIterator[Runtime]:
-    """Open the store, register as a lease owner and build the refresher; undo it all on exit."""
+    """Open the store, register as a lease owner and build the refresher; undo it all on exit.
+
+    Providers configured by ``issuer`` are resolved first (:class:`DiscoveryError` if one cannot).
+    """
+    config = await resolve_config(config)
     store = await Store.open(config.daemon.database)
     lock = OwnerLock(config.daemon.database, config.daemon.instance_name)
     endpoints: dict[str, TokenEndpoint] = {}
@@ -129,6 +141,16 @@ class Daemon:
         config = self.config
         for warning in config.warnings:
             log.warning("config", warning=warning)
+        try:
+            config = self.config = await resolve_config(config)
+        except DiscoveryError as exc:
+            log.error(
+                "cannot discover the token endpoint",
+                provider=exc.provider,
+                url=exc.url,
+                error=str(exc),
+            )
+            return EX_UNAVAILABLE
         sock = None
         if config.server.enabled:
             try:
@@ -270,8 +292,8 @@ class Daemon:
             log.warning("reload requested but the config did not come from a file")
             return
         try:
-            new = load_config(self.config_path)
-        except ConfigError as exc:
+            new = await resolve_config(load_config(self.config_path), fresh=True)
+        except (ConfigError, DiscoveryError) as exc:
             rt.metrics.config_reloads.labels("error").inc()
             log.error("reload failed, keeping the running config", error=str(exc))
             return
