@@ -18,8 +18,15 @@ from typing import Any, Final
 
 import anyio
 
-from refresherd import logs
-from refresherd.config import EX_CONFIG, Config, ConfigError, load_config, resolve_config_path
+from refresherd import logs, policy
+from refresherd.config import (
+    EX_CONFIG,
+    Config,
+    ConfigError,
+    ProviderConfig,
+    load_config,
+    resolve_config_path,
+)
 from refresherd.daemon import Daemon, open_runtime
 from refresherd.discovery import EX_UNAVAILABLE, DiscoveryError
 from refresherd.intake import InputError, parse_lines, parse_single
@@ -153,19 +160,19 @@ async def _refresh(config: Config, token_set_id: str) -> int:
     return _fail(message, EX_FAILURE)
 
 
-def _lifetime(config: Config, provider: str) -> float | None:
-    p = config.providers.get(provider)
-    return p.refresh_token_lifetime if p is not None else None
-
-
 def token_set_json(
-    ts: TokenSet, *, reveal: bool, refresh_token_lifetime: float | None = None
+    ts: TokenSet, *, reveal: bool, provider: ProviderConfig | None = None
 ) -> dict[str, Any]:
-    """``refresh_token_lifetime``: the provider's configured absolute lifetime, counted from the
-    token set's creation where the IdP did not state the refresh token's expiry itself."""
+    """``provider``: the token set's provider config, for the effective policy (the set's own
+    values where it has them, else the provider's) and the refresh token's expiry, which counts
+    from the set's creation where the IdP did not state it. None: the provider is no longer
+    configured, so only the set's own values are known."""
+    lifetime = ts.refresh_token_lifetime
+    if lifetime is None and provider is not None:
+        lifetime = provider.refresh_token_lifetime
     refresh_expires = ts.refresh_expires_at
-    if refresh_expires is None and refresh_token_lifetime is not None:
-        refresh_expires = ts.created_at + refresh_token_lifetime
+    if refresh_expires is None and lifetime is not None:
+        refresh_expires = ts.created_at + lifetime
     data: dict[str, Any] = {
         "id": ts.id,
         "provider": ts.provider,
@@ -184,11 +191,53 @@ def token_set_json(
         "leased_by": ts.lease_owner if ts.lease_until and ts.lease_until > time.time() else None,
         "unresolved_attempt_since": rfc3339(ts.attempt.started_at) if ts.attempt else None,
         "refresh_token_expires_at": rfc3339(refresh_expires),
+        "policy": policy_json(ts, provider),
     }
     if reveal:
         data["access_token"] = ts.access_token.reveal() if ts.access_token else None
         data["refresh_token"] = ts.refresh_token.reveal()
     return data
+
+
+def policy_json(ts: TokenSet, provider: ProviderConfig | None) -> dict[str, Any]:
+    """The policy the daemon refreshes ``ts`` under, and where each value comes from: a set
+    authorized after an IdP setting change carries its own values (``token_set``)."""
+    own: dict[str, Any] = {
+        "refresh_token_usage": ts.refresh_token_usage.value if ts.refresh_token_usage else None,
+        "grace_period": ts.grace_period,
+        "refresh_token_lifetime": ts.refresh_token_lifetime,
+    }
+    if provider is not None:
+        eff = policy.effective_policy(ts, provider)
+        values: dict[str, Any] = {
+            "refresh_token_usage": eff.usage.value,
+            "grace_period": eff.grace_period,
+            "refresh_token_lifetime": eff.refresh_token_lifetime,
+        }
+    else:
+        values = dict(own)
+    sources = {
+        key: "token_set" if own[key] is not None else ("provider" if provider else None)
+        for key in own
+    }
+    return {**values, "source": sources}
+
+
+def _show_text(data: dict[str, Any]) -> None:
+    """``key  value`` lines; the policy object flattened to ``policy.<key>  value (source)``."""
+    rows: list[tuple[str, Any]] = []
+    for key, value in data.items():
+        if key == "policy":
+            for name, item in value.items():
+                if name != "source":
+                    where = value["source"][name]
+                    shown = "" if item is None else item
+                    rows.append((f"policy.{name}", f"{shown} ({where})" if where else shown))
+        else:
+            rows.append((key, value))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {'' if value is None else value}")
 
 
 _COLUMNS = ("id", "provider", "state", "expires_at", "last_refresh_at", "last_error")
@@ -276,14 +325,12 @@ async def _tokens(config: Config, args: argparse.Namespace) -> int:
             if ts is None:
                 return _fail(f"no token set with id {args.id!r}", EX_NOINPUT)
             data = token_set_json(
-                ts, reveal=args.reveal, refresh_token_lifetime=_lifetime(config, ts.provider)
+                ts, reveal=args.reveal, provider=config.providers.get(ts.provider)
             )
             if args.json:
                 print(json.dumps(data, indent=2))
             else:
-                width = max(len(k) for k in data)
-                for key, value in data.items():
-                    print(f"{key:<{width}}  {'' if value is None else value}")
+                _show_text(data)
             return 0
         if action == "remove":
             if not await store.remove(args.id):
@@ -310,9 +357,7 @@ async def _list(store: Store, config: Config, *, as_json: bool, reveal: bool) ->
         out.write("[")
         first = True
         async for ts in store.iterate():
-            data = token_set_json(
-                ts, reveal=reveal, refresh_token_lifetime=_lifetime(config, ts.provider)
-            )
+            data = token_set_json(ts, reveal=reveal, provider=config.providers.get(ts.provider))
             out.write(("\n" if first else ",\n") + json.dumps(data))
             first = False
         out.write("\n]\n" if not first else "]\n")
@@ -320,9 +365,7 @@ async def _list(store: Store, config: Config, *, as_json: bool, reveal: bool) ->
     columns = _COLUMNS + (("access_token", "refresh_token") if reveal else ())
     out.write("\t".join(columns) + "\n")
     async for ts in store.iterate():
-        row = token_set_json(
-            ts, reveal=reveal, refresh_token_lifetime=_lifetime(config, ts.provider)
-        )
+        row = token_set_json(ts, reveal=reveal, provider=config.providers.get(ts.provider))
         out.write("\t".join("" if row[c] is None else str(row[c]) for c in columns) + "\n")
 
 

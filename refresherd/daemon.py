@@ -24,6 +24,7 @@ from refresherd import logs, ownership
 from refresherd.config import Config, ConfigError, ProviderConfig, load_config
 from refresherd.discovery import EX_UNAVAILABLE, DiscoveryError, resolve_providers
 from refresherd.endpoint import TokenEndpoint
+from refresherd.intake import MAX_GRACE_PERIOD
 from refresherd.metrics import INVALIDATION_REASONS, Metrics
 from refresherd.model import State
 from refresherd.ownership import OwnerLock
@@ -337,8 +338,15 @@ class Daemon:
         logs.configure(new.log.level, new.log.format)
         # Refreshes in flight may still use a retired endpoint: close it once they are done.
         if retired:
-            # A retry series may run through a whole grace window.
-            longest = max(p.request_timeout + p.grace_period for p in old.providers.values())
+            # A retry series may run through a whole grace window: the provider's, or a token
+            # set's own (per-set policy), which may be longer.
+            try:
+                set_grace = await rt.store.max_set_grace_period()
+            except StoreError:
+                set_grace = MAX_GRACE_PERIOD  # unknown: assume the longest a set may carry
+            longest = max(
+                p.request_timeout + max(p.grace_period, set_grace) for p in old.providers.values()
+            )
             await self._close_later(retired, longest)
 
     async def _close_later(self, endpoints: list[TokenEndpoint], delay: float) -> None:

@@ -14,8 +14,8 @@ from datetime import datetime
 from typing import IO, Any
 
 from refresherd import policy
-from refresherd.config import ScheduleConfig
-from refresherd.model import Secret, validate_token_set_id
+from refresherd.config import ConfigError, ScheduleConfig, parse_duration
+from refresherd.model import RefreshTokenUsage, Secret, validate_token_set_id
 from refresherd.store import NewTokenSet
 
 MAX_LINE_BYTES = 1024 * 1024
@@ -69,6 +69,56 @@ def _number(data: Mapping[str, Any], key: str) -> float | None:
     return number
 
 
+# The same bounds the provider config puts on these settings (config.py).
+MAX_GRACE_PERIOD = 600.0
+
+
+def _duration(data: Mapping[str, Any], key: str) -> float | None:
+    """A per-set policy duration: seconds as a JSON number, or a string such as ``"30s"``
+    read exactly as the config file reads durations (config.parse_duration)."""
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            seconds = parse_duration(value, file="input", key=key)
+        except ConfigError as exc:
+            # ConfigError names a file; here the caller's InputError names the line.
+            raise ValueError(f"{key}: {exc.message}") from None
+    else:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f'{key} must be a number of seconds or a duration such as "30s"')
+        number = _number(data, key)  # finite, and fits a float
+        assert number is not None
+        seconds = number
+    if seconds < 0:
+        raise ValueError(f"{key} must not be negative")
+    return seconds
+
+
+def _policy(
+    data: Mapping[str, Any],
+) -> tuple[RefreshTokenUsage | None, float | None, float | None]:
+    """The optional per-set policy: (refresh_token_usage, grace_period, lifetime)."""
+    usage: RefreshTokenUsage | None = None
+    raw = data.get("refresh_token_usage")
+    if raw is not None:
+        choices = ", ".join(repr(u.value) for u in RefreshTokenUsage)
+        if not isinstance(raw, str) or raw not in set(RefreshTokenUsage):
+            raise ValueError(f"refresh_token_usage must be one of {choices}")
+        usage = RefreshTokenUsage(raw)
+    grace = _duration(data, "grace_period")
+    if grace is not None and grace > MAX_GRACE_PERIOD:
+        raise ValueError("grace_period must be at most 10m")
+    lifetime = _duration(data, "refresh_token_lifetime")
+    if lifetime is not None:
+        if lifetime <= 0:
+            raise ValueError("refresh_token_lifetime must be positive")
+        if lifetime > MAX_LIFETIME:
+            raise ValueError("refresh_token_lifetime is larger than ten years")
+    return usage, grace, lifetime
+
+
 def _expires_at(data: Mapping[str, Any], now: float) -> tuple[float | None, float | None]:
     """(expires_at, lifetime) from ``expires_in`` (preferred) or ``expires_at``."""
     expires_in = _number(data, "expires_in")
@@ -120,6 +170,7 @@ def token_set_from_json(
     token_type = _optional_str(data, "token_type")
     scope = _optional_str(data, "scope")
     expires_at, lifetime = _expires_at(data, now)
+    usage, grace_period, refresh_token_lifetime = _policy(data)
     # Without an access token there is nothing to keep fresh yet: due at once.
     plan_expiry = expires_at if access is not None else None
     next_at = policy.plan_next_refresh(
@@ -135,6 +186,9 @@ def token_set_from_json(
         token_type=token_type,
         scope=scope,
         refresh_expires_at=_refresh_expires_at(data, now),
+        refresh_token_usage=usage,
+        grace_period=grace_period,
+        refresh_token_lifetime=refresh_token_lifetime,
     )
 
 

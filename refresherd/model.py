@@ -126,6 +126,11 @@ class TokenSet:
     lease_until: float | None = None
     attempt: Attempt | None = None
     refresh_expires_at: float | None = None  # absolute refresh-token expiry, if known
+    # Per-set policy (None: the provider's applies). An IdP setting change only affects token
+    # sets authorized after it, so sets of one provider may differ (policy.effective_policy).
+    refresh_token_usage: RefreshTokenUsage | None = None
+    grace_period: float | None = None
+    refresh_token_lifetime: float | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
 

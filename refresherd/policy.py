@@ -7,10 +7,10 @@ tested without a network (tests/test_policy.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
-from refresherd.config import ScheduleConfig
-from refresherd.model import Attempt, Failure, FailureKind, RefreshTokenUsage
+from refresherd.config import ProviderConfig, ScheduleConfig
+from refresherd.model import Attempt, Failure, FailureKind, RefreshTokenUsage, TokenSet
 
 # How many sends one refresh may make inside a grace window. Each send that the IdP processes
 # mints another refresh token counted against its per-user cap, so the window is a recovery path
@@ -20,6 +20,31 @@ MAX_GRACE_SENDS: Final = 3
 MIN_ATTEMPT_TIMEOUT: Final = 1.0
 # Time kept back at the end of a non-final attempt to journal and start the next send.
 RETRY_LEAD: Final = 1.0
+
+
+class EffectivePolicy(NamedTuple):
+    usage: RefreshTokenUsage
+    grace_period: float
+    refresh_token_lifetime: float | None
+
+
+def effective_policy(ts: TokenSet, provider: ProviderConfig) -> EffectivePolicy:
+    """The policy a token set is refreshed under: its own value where it has one, else its
+    provider's. An IdP setting change applies only to sets authorized after it, so the sets
+    authorized before keep the provider's (old) values and the newer ones carry theirs."""
+    return EffectivePolicy(
+        usage=(
+            ts.refresh_token_usage
+            if ts.refresh_token_usage is not None
+            else provider.refresh_token_usage
+        ),
+        grace_period=ts.grace_period if ts.grace_period is not None else provider.grace_period,
+        refresh_token_lifetime=(
+            ts.refresh_token_lifetime
+            if ts.refresh_token_lifetime is not None
+            else provider.refresh_token_lifetime
+        ),
+    )
 
 
 def grace_safety(grace_period: float) -> float:

@@ -278,7 +278,8 @@ class Refresher:
         attempt = ts.attempt
         if attempt is None or attempt.owner == self.owner or attempt.version != ts.version:
             return False
-        grace = policy.effective_grace(provider.refresh_token_usage, provider.grace_period)
+        eff = policy.effective_policy(ts, provider)
+        grace = policy.effective_grace(eff.usage, eff.grace_period)
         deadline = policy.grace_deadline(attempt, grace)
         in_window = deadline is not None and now < deadline
         return in_window and self.owner_alive(attempt.owner)
@@ -303,7 +304,9 @@ class Refresher:
     async def _attempts(
         self, ts: TokenSet, provider: ProviderConfig, endpoint: TokenEndpoint
     ) -> RefreshResult:
-        grace = policy.effective_grace(provider.refresh_token_usage, provider.grace_period)
+        # The set's own policy where it has one (an IdP change applies to newer sets only).
+        eff = policy.effective_policy(ts, provider)
+        grace = policy.effective_grace(eff.usage, eff.grace_period)
         invalid_grant_retried = False
         while True:
             now = self.clock.wall()
@@ -323,7 +326,7 @@ class Refresher:
             if attempt is None:
                 return await self._moved_on(ts)
             timeout = policy.attempt_timeout(
-                usage=provider.refresh_token_usage,
+                usage=eff.usage,
                 grace_period=grace,
                 request_timeout=provider.request_timeout,
                 now=now,
@@ -356,7 +359,7 @@ class Refresher:
                 failure,
                 policy.FailureContext(
                     now=self.clock.wall(),
-                    usage=provider.refresh_token_usage,
+                    usage=eff.usage,
                     grace_period=grace,
                     attempt=attempt,
                     failures=ts.failures,

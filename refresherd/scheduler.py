@@ -90,8 +90,10 @@ class Scheduler:
 
     async def _recover(self, tg: anyio.abc.TaskGroup) -> None:
         """Crash recovery: journaled attempts whose grace window may still be open go first."""
-        since = self.clock.wall() - self.max_grace_period
         try:
+            # A token set may carry a grace period longer than any provider's (per-set policy).
+            window = max(self.max_grace_period, await self.store.max_set_grace_period())
+            since = self.clock.wall() - window
             ids = await self.store.unresolved_attempts(since=since)
         except StoreError as exc:
             log.error("cannot read the journal for crash recovery", error=str(exc))

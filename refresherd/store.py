@@ -19,7 +19,7 @@ from typing import Any, Final
 import aiosqlite
 import anyio
 
-from refresherd.model import Attempt, Secret, State, TokenSet
+from refresherd.model import Attempt, RefreshTokenUsage, Secret, State, TokenSet
 
 BUSY_TIMEOUT_MS: Final = 5000
 READ_CONTRACT_VIEW: Final = "refresherd_access_tokens"
@@ -72,6 +72,14 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     -- set's import); the provider's configured lifetime counts from created_at otherwise.
     ALTER TABLE token_sets ADD COLUMN refresh_expires_at REAL;
     """,
+    """
+    -- Per-token-set policy: an IdP setting change applies only to token sets authorized after
+    -- it, so a set may carry its own values. NULL means: the provider's configured value.
+    ALTER TABLE token_sets ADD COLUMN refresh_token_usage TEXT
+        CHECK (refresh_token_usage IN ('one_time', 'reuse'));
+    ALTER TABLE token_sets ADD COLUMN grace_period REAL;
+    ALTER TABLE token_sets ADD COLUMN refresh_token_lifetime REAL;
+    """,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -95,6 +103,10 @@ class NewTokenSet:
     token_type: str | None = None
     scope: str | None = None
     refresh_expires_at: float | None = None
+    # Per-set policy overrides; None: the provider's value applies.
+    refresh_token_usage: RefreshTokenUsage | None = None
+    grace_period: float | None = None
+    refresh_token_lifetime: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +128,7 @@ def _row_to_token_set(row: sqlite3.Row) -> TokenSet:
             sends=row["attempt_sends"] or 0,
         )
     access = row["access_token"]
+    usage = row["refresh_token_usage"]
     return TokenSet(
         id=row["id"],
         provider=row["provider"],
@@ -137,6 +150,9 @@ def _row_to_token_set(row: sqlite3.Row) -> TokenSet:
         lease_until=row["lease_until"],
         attempt=attempt,
         refresh_expires_at=row["refresh_expires_at"],
+        refresh_token_usage=RefreshTokenUsage(usage) if usage is not None else None,
+        grace_period=row["grace_period"],
+        refresh_token_lifetime=row["refresh_token_lifetime"],
     )
 
 
@@ -318,6 +334,9 @@ class Store:
                 "expires_at": n.expires_at,
                 "next_refresh_at": n.next_refresh_at,
                 "refresh_expires_at": n.refresh_expires_at,
+                "usage": n.refresh_token_usage.value if n.refresh_token_usage else None,
+                "grace_period": n.grace_period,
+                "lifetime": n.refresh_token_lifetime,
                 "now": now,
             }
             for n in items
@@ -329,9 +348,10 @@ class Store:
                         await self._conn.executemany(
                             "INSERT INTO token_sets (id, provider, access_token, refresh_token,"
                             " token_type, scope, expires_at, next_refresh_at, refresh_expires_at,"
+                            " refresh_token_usage, grace_period, refresh_token_lifetime,"
                             " created_at, updated_at) VALUES (:id, :provider, :access_token,"
                             " :refresh_token, :token_type, :scope, :expires_at, :next_refresh_at,"
-                            " :refresh_expires_at, :now, :now)",
+                            " :refresh_expires_at, :usage, :grace_period, :lifetime, :now, :now)",
                             rows,
                         )
                 except sqlite3.IntegrityError as exc:
@@ -398,11 +418,13 @@ class Store:
 
     async def refresh_expiry_soonest(self, lifetimes: dict[str, float | None]) -> dict[str, float]:
         """Per provider, the soonest absolute refresh-token expiry among live token sets: the
-        IdP-stated one where known, else created_at + the provider's configured lifetime."""
+        IdP-stated one where known, else created_at + the set's own lifetime (per-set policy)
+        or, failing that, the provider's configured lifetime."""
         result: dict[str, float] = {}
         for provider, lifetime in lifetimes.items():
             rows = await self._read(
-                "SELECT min(coalesce(refresh_expires_at, created_at + :lifetime))"
+                "SELECT min(coalesce(refresh_expires_at,"
+                " created_at + coalesce(refresh_token_lifetime, :lifetime)))"
                 " FROM token_sets WHERE provider = :provider AND state != 'invalidated'",
                 {"provider": provider, "lifetime": lifetime},
             )
@@ -524,6 +546,13 @@ class Store:
         for owner in owners:
             total += await self.release_all(owner=owner)
         return total
+
+    async def max_set_grace_period(self) -> float:
+        """The largest per-set grace period (0 if none): crash recovery must look back at least
+        that far, or a set whose own window outlasts its provider's would be left unrecovered."""
+        rows = await self._read("SELECT max(grace_period) FROM token_sets")
+        value = rows[0][0] if rows else None
+        return float(value) if value is not None else 0.0
 
     async def unresolved_attempts(self, *, since: float) -> list[str]:
         """Ids with a journaled attempt started at or after ``since`` (crash recovery)."""
