@@ -532,3 +532,30 @@ def daemons(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
     for daemon in made:
         if daemon.running():
             daemon.kill()
+
+
+# --------------------------------------------------------------------------- the notify socket
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path) -> Iterator[tuple[socket.socket, str]]:
+    """A datagram socket standing in for systemd's $NOTIFY_SOCKET: (socket, path)."""
+    path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(0.1)
+    try:
+        yield sock, path
+    finally:
+        sock.close()
+
+
+def drain_notifications(sock: socket.socket) -> list[str]:
+    """Every notification line waiting on ``sock`` (sd_notify sends lines in one datagram)."""
+    messages: list[str] = []
+    while True:
+        try:
+            data = sock.recv(4096)
+        except TimeoutError:
+            return messages
+        messages.extend(data.decode().splitlines())

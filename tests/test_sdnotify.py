@@ -6,35 +6,12 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-from conftest import DaemonProcess, IdPHandle, wait_until, write_config
+from conftest import DaemonProcess, IdPHandle, drain_notifications, wait_until, write_config
 
 from refresherd.sdnotify import Notifier
-
-
-@pytest.fixture
-def notify_socket(tmp_path: Path) -> Iterator[tuple[socket.socket, str]]:
-    path = str(tmp_path / "notify.sock")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(path)
-    sock.settimeout(0.2)
-    try:
-        yield sock, path
-    finally:
-        sock.close()
-
-
-def _drain(sock: socket.socket) -> list[str]:
-    messages: list[str] = []
-    while True:
-        try:
-            data = sock.recv(4096)
-        except TimeoutError:
-            return messages
-        messages.extend(data.decode().splitlines())
 
 
 def test_without_notify_socket_nothing_is_sent() -> None:
@@ -48,7 +25,7 @@ def test_messages_reach_a_path_socket(notify_socket: tuple[socket.socket, str]) 
     sock, path = notify_socket
     notifier = Notifier(env={"NOTIFY_SOCKET": path})
     notifier.notify("READY=1", "STATUS=hello")
-    assert _drain(sock) == ["READY=1", "STATUS=hello"]
+    assert drain_notifications(sock) == ["READY=1", "STATUS=hello"]
 
 
 def test_messages_reach_an_abstract_socket() -> None:
@@ -91,17 +68,17 @@ def test_daemon_sends_ready_watchdog_stopping_in_order(
     received: list[str] = []
 
     def watchdog_seen_twice() -> bool:
-        received.extend(_drain(sock))
+        received.extend(drain_notifications(sock))
         return received.count("WATCHDOG=1") >= 2
 
     wait_until(watchdog_seen_twice, what="READY=1 and two WATCHDOG=1 pings")
     daemon.send_signal(signal.SIGHUP)
     wait_until(
-        lambda: received.extend(_drain(sock)) or "RELOADING=1" in received,
+        lambda: received.extend(drain_notifications(sock)) or "RELOADING=1" in received,
         what="RELOADING=1 after SIGHUP",
     )
     assert daemon.stop() == 0
-    received.extend(_drain(sock))
+    received.extend(drain_notifications(sock))
 
     assert "READY=1" in received and "STOPPING=1" in received, received
     ready = received.index("READY=1")

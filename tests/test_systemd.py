@@ -13,13 +13,14 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from conftest import (
     DaemonProcess,
     IdPHandle,
+    drain_notifications,
     read_rows,
     run_cli,
     wait_until,
@@ -181,28 +182,6 @@ def test_systemd_analyze_security_rates_the_unit_ok() -> None:
 # --------------------------------------------------------------------------- run as systemd would
 
 
-@pytest.fixture
-def notify_socket(tmp_path: Path) -> Iterator[tuple[socket.socket, str]]:
-    path = str(tmp_path / "notify.sock")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(path)
-    sock.settimeout(0.1)
-    try:
-        yield sock, path
-    finally:
-        sock.close()
-
-
-def _drain(sock: socket.socket) -> list[str]:
-    messages: list[str] = []
-    while True:
-        try:
-            data = sock.recv(4096)
-        except TimeoutError:
-            return messages
-        messages.extend(data.decode().splitlines())
-
-
 def test_the_daemon_keeps_the_units_promises(
     tmp_path: Path,
     notify_socket: tuple[socket.socket, str],
@@ -238,7 +217,7 @@ def test_the_daemon_keeps_the_units_promises(
     received: list[str] = []
 
     def seen(message: str, count: int = 1) -> bool:
-        received.extend(_drain(sock))
+        received.extend(drain_notifications(sock))
         return received.count(message) >= count
 
     wait_until(lambda: seen("READY=1"), what="READY=1")
@@ -259,6 +238,6 @@ def test_the_daemon_keeps_the_units_promises(
 
     daemon.send_signal(signal.SIGTERM)
     assert daemon.wait_exit(timeout=seconds(one(UNIT_ENTRIES, "TimeoutStopSec"))) == 0
-    received.extend(_drain(sock))
+    received.extend(drain_notifications(sock))
     ready, first_watchdog = received.index("READY=1"), received.index("WATCHDOG=1")
     assert ready < first_watchdog < received.index("STOPPING=1"), received
