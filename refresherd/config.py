@@ -570,7 +570,7 @@ def _check_token_url(
         raise t.error(key, f"expected {example}, got {_show(url)}")
     if parts.fragment:
         raise t.error(key, f"expected a URL without a #fragment (RFC 6749, 3.2), got {_show(url)}")
-    if parts.scheme == "http" and not _is_loopback(host):
+    if parts.scheme == "http" and not is_loopback(host):
         raise t.error(
             key,
             f"expected {example}: plain http is allowed only for loopback hosts "
@@ -579,7 +579,8 @@ def _check_token_url(
         )
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """localhost or a loopback address: the only hosts plain http is allowed to."""
     if host == "localhost":
         return True
     try:

@@ -8,7 +8,6 @@ back to the cached document if the issuer cannot be reached then.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -19,7 +18,7 @@ import anyio
 import httpx
 
 from refresherd import logs
-from refresherd.config import ProviderConfig
+from refresherd.config import ProviderConfig, is_loopback
 
 log = logs.get_logger("refresherd.discovery")
 
@@ -69,14 +68,7 @@ def _secure(url: str) -> bool:
         return False
     if parts.scheme == "https":
         return True
-    if parts.scheme != "http":
-        return False
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return parts.scheme == "http" and is_loopback(host)
 
 
 async def resolve(
