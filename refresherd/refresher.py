@@ -186,13 +186,6 @@ class Refresher:
         self.schedule = schedule
         self.lease_duration = lease_duration
 
-    @property
-    def in_flight(self) -> int:
-        return len(self._flights)
-
-    def is_in_flight(self, token_set_id: str) -> bool:
-        return token_set_id in self._flights
-
     async def refresh(self, token_set_id: str, *, scheduled: bool = False) -> RefreshResult:
         """Refresh now, or join the refresh of this token set that is already in flight."""
         flight = self._flights.get(token_set_id)
