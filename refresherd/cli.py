@@ -167,12 +167,12 @@ def token_set_json(
     values where it has them, else the provider's) and the refresh token's expiry, which counts
     from the set's creation where the IdP did not state it. None: the provider is no longer
     configured, so only the set's own values are known."""
-    lifetime = ts.refresh_token_lifetime
-    if lifetime is None and provider is not None:
-        lifetime = provider.refresh_token_lifetime
-    refresh_expires = ts.refresh_expires_at
-    if refresh_expires is None and lifetime is not None:
-        refresh_expires = ts.created_at + lifetime
+    if provider is not None:
+        refresh_expires = policy.refresh_token_expires_at(ts, policy.effective_policy(ts, provider))
+    else:
+        refresh_expires = ts.refresh_expires_at
+        if refresh_expires is None and ts.refresh_token_lifetime is not None:
+            refresh_expires = ts.created_at + ts.refresh_token_lifetime
     data: dict[str, Any] = {
         "id": ts.id,
         "provider": ts.provider,
@@ -206,6 +206,8 @@ def policy_json(ts: TokenSet, provider: ProviderConfig | None) -> dict[str, Any]
         "refresh_token_usage": ts.refresh_token_usage.value if ts.refresh_token_usage else None,
         "grace_period": ts.grace_period,
         "refresh_token_lifetime": ts.refresh_token_lifetime,
+        "refresh_token_idle_lifetime": ts.refresh_token_idle_lifetime,
+        "refresh_mode": ts.refresh_mode.value if ts.refresh_mode else None,
     }
     if provider is not None:
         eff = policy.effective_policy(ts, provider)
@@ -213,6 +215,9 @@ def policy_json(ts: TokenSet, provider: ProviderConfig | None) -> dict[str, Any]
             "refresh_token_usage": eff.usage.value,
             "grace_period": eff.grace_period,
             "refresh_token_lifetime": eff.refresh_token_lifetime,
+            "refresh_token_idle_lifetime": eff.refresh_token_idle_lifetime,
+            # keep_alive without a known idle lifetime runs on the access token's cadence.
+            "refresh_mode": eff.mode.value,
         }
     else:
         values = dict(own)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Final
 from urllib.parse import urlsplit
 
-from refresherd.model import AuthMethod, RefreshTokenUsage, Secret
+from refresherd.model import AuthMethod, RefreshMode, RefreshTokenUsage, Secret
 from refresherd.presets import PRESETS, apply_preset
 
 # The project targets 3.11+, but the fallback keeps the loader importable on an older interpreter.
@@ -77,6 +77,8 @@ class ScheduleConfig:
     retry_after_max: float = 600.0
     circuit_backoff_initial: float = 30.0
     circuit_backoff_max: float = 1800.0
+    # How long before a refresh token's absolute expiry it is reported (log line, hook).
+    refresh_token_expiry_warning: float = 7 * 86400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +98,11 @@ class ProviderConfig:
     # Absolute refresh-token lifetime, counted from the first authorization (the token set's
     # creation) and never extended by rotation; None: unknown, or the IdP says per response.
     refresh_token_lifetime: float | None = None
+    # Sliding lifetime: the refresh token dies when unused for this long; None: none known.
+    refresh_token_idle_lifetime: float | None = None
+    # access_token: keep a fresh access token; keep_alive: refresh only as often as the idle
+    # lifetime requires (needs refresh_token_idle_lifetime).
+    refresh_mode: RefreshMode = RefreshMode.ACCESS_TOKEN
     # OpenID Connect issuer whose discovery document names the token endpoint.
     issuer: str | None = None
     # From the discovery document, when there is one.
@@ -262,6 +269,7 @@ _SCHEDULE_KEYS: Final = (
     "retry_after_max",
     "circuit_backoff_initial",
     "circuit_backoff_max",
+    "refresh_token_expiry_warning",
 )
 _SECRET_KEYS: Final = (
     "client_secret",
@@ -283,6 +291,8 @@ _PROVIDER_KEYS: Final = (
     "scope",
     "max_connections",
     "refresh_token_lifetime",
+    "refresh_token_idle_lifetime",
+    "refresh_mode",
 )
 # A top-level key that belongs to a section gets "put it under [section]" instead of a guess.
 _SECTION_OF_KEY: Final = {
@@ -422,6 +432,9 @@ def _parse_schedule(t: _Table) -> ScheduleConfig:
             "circuit_backoff_initial", d.circuit_backoff_initial, positive=True
         ),
         circuit_backoff_max=t.duration("circuit_backoff_max", d.circuit_backoff_max, positive=True),
+        refresh_token_expiry_warning=t.duration(
+            "refresh_token_expiry_warning", d.refresh_token_expiry_warning
+        ),
     )
     # Checked on the built values so that a default on one side counts too.
     for low, high in (
@@ -491,6 +504,16 @@ def _parse_provider(name: str, t: _Table) -> ProviderConfig:
     lifetime = None
     if t.data.get("refresh_token_lifetime") is not None:
         lifetime = t.duration("refresh_token_lifetime", 0.0, positive=True)
+    idle_lifetime = None
+    if t.data.get("refresh_token_idle_lifetime") is not None:
+        idle_lifetime = t.duration("refresh_token_idle_lifetime", 0.0, positive=True)
+    mode = RefreshMode(t.choice("refresh_mode", tuple(RefreshMode), d.refresh_mode.value))
+    if mode is RefreshMode.KEEP_ALIVE and idle_lifetime is None:
+        raise t.error(
+            "refresh_mode",
+            'is "keep_alive", which refreshes only as often as the sliding lifetime requires: '
+            'expected refresh_token_idle_lifetime too (such as "30d")',
+        )
     # Last, so that a typo elsewhere is reported before any secret file is touched.
     client_secret = _client_secret(t)
     return ProviderConfig(
@@ -506,6 +529,8 @@ def _parse_provider(name: str, t: _Table) -> ProviderConfig:
         scope=scope,
         max_connections=max_connections,
         refresh_token_lifetime=lifetime,
+        refresh_token_idle_lifetime=idle_lifetime,
+        refresh_mode=mode,
         issuer=issuer,
         preset=preset,
     )

@@ -24,6 +24,7 @@ from refresherd import logs, ownership
 from refresherd.config import Config, ConfigError, ProviderConfig, load_config
 from refresherd.discovery import EX_UNAVAILABLE, DiscoveryError, resolve_providers
 from refresherd.endpoint import TokenEndpoint
+from refresherd.expiry import ExpiryWatcher
 from refresherd.intake import MAX_GRACE_PERIOD
 from refresherd.metrics import INVALIDATION_REASONS, Metrics
 from refresherd.model import State
@@ -207,6 +208,7 @@ class Daemon:
             )
             tg.start_soon(self._heartbeat)
             tg.start_soon(self._gauges, rt)
+            tg.start_soon(self._expiry_watcher(rt).run)
             if sock is not None:
                 tg.start_soon(self._serve, app, sock, server_stop, server_done)
             else:
@@ -368,6 +370,7 @@ class Daemon:
             rt.metrics.refresh_success.labels(name)
             rt.metrics.grace_retries.labels(name)
             rt.metrics.token_sets_expired.labels(name)
+            rt.metrics.refresh_tokens_expiring.labels(name)
             for reason in INVALIDATION_REASONS:
                 rt.metrics.invalidations.labels(name, reason)
             rt.metrics.circuit_open.labels(name).set(
@@ -375,6 +378,15 @@ class Daemon:
             )
             for state in State:
                 rt.metrics.token_sets.labels(name, state.value)
+
+    def _expiry_watcher(self, rt: Runtime) -> ExpiryWatcher:
+        return ExpiryWatcher(
+            store=rt.store,
+            metrics=rt.metrics,
+            clock=self.clock,
+            providers=lambda: self.config.providers,
+            schedule=lambda: self.config.schedule,
+        )
 
     async def _heartbeat(self) -> None:
         """Proves the event loop runs: for /healthz, and for systemd's watchdog."""

@@ -7,16 +7,19 @@ are ignored, so a token response can be piped in as it came.
 
 from __future__ import annotations
 
+import enum
 import json
 import math
 from collections.abc import Iterator, Mapping
 from datetime import datetime
-from typing import IO, Any
+from typing import IO, Any, NamedTuple, TypeVar
 
 from refresherd import policy
 from refresherd.config import ConfigError, ScheduleConfig, parse_duration
-from refresherd.model import RefreshTokenUsage, Secret, validate_token_set_id
+from refresherd.model import RefreshMode, RefreshTokenUsage, Secret, validate_token_set_id
 from refresherd.store import NewTokenSet
+
+_E = TypeVar("_E", bound=enum.StrEnum)
 
 MAX_LINE_BYTES = 1024 * 1024
 # No access token lives this long (the same bound as endpoint.parse_expires_in).
@@ -96,27 +99,47 @@ def _duration(data: Mapping[str, Any], key: str) -> float | None:
     return seconds
 
 
-def _policy(
-    data: Mapping[str, Any],
-) -> tuple[RefreshTokenUsage | None, float | None, float | None]:
-    """The optional per-set policy: (refresh_token_usage, grace_period, lifetime)."""
-    usage: RefreshTokenUsage | None = None
-    raw = data.get("refresh_token_usage")
-    if raw is not None:
-        choices = ", ".join(repr(u.value) for u in RefreshTokenUsage)
-        if not isinstance(raw, str) or raw not in set(RefreshTokenUsage):
-            raise ValueError(f"refresh_token_usage must be one of {choices}")
-        usage = RefreshTokenUsage(raw)
+class SetPolicy(NamedTuple):
+    """The optional per-set policy of a token response; None: the provider's value applies."""
+
+    usage: RefreshTokenUsage | None
+    grace_period: float | None
+    lifetime: float | None
+    idle_lifetime: float | None
+    mode: RefreshMode | None
+
+
+def _choice(data: Mapping[str, Any], key: str, kind: type[_E]) -> _E | None:
+    raw = data.get(key)
+    if raw is None:
+        return None
+    if not isinstance(raw, str) or raw not in {m.value for m in kind}:
+        choices = ", ".join(repr(m.value) for m in kind)
+        raise ValueError(f"{key} must be one of {choices}")
+    return kind(raw)
+
+
+def _lifetime(data: Mapping[str, Any], key: str) -> float | None:
+    lifetime = _duration(data, key)
+    if lifetime is not None:
+        if lifetime <= 0:
+            raise ValueError(f"{key} must be positive")
+        if lifetime > MAX_LIFETIME:
+            raise ValueError(f"{key} is larger than ten years")
+    return lifetime
+
+
+def _policy(data: Mapping[str, Any]) -> SetPolicy:
     grace = _duration(data, "grace_period")
     if grace is not None and grace > MAX_GRACE_PERIOD:
         raise ValueError("grace_period must be at most 10m")
-    lifetime = _duration(data, "refresh_token_lifetime")
-    if lifetime is not None:
-        if lifetime <= 0:
-            raise ValueError("refresh_token_lifetime must be positive")
-        if lifetime > MAX_LIFETIME:
-            raise ValueError("refresh_token_lifetime is larger than ten years")
-    return usage, grace, lifetime
+    return SetPolicy(
+        usage=_choice(data, "refresh_token_usage", RefreshTokenUsage),
+        grace_period=grace,
+        lifetime=_lifetime(data, "refresh_token_lifetime"),
+        idle_lifetime=_lifetime(data, "refresh_token_idle_lifetime"),
+        mode=_choice(data, "refresh_mode", RefreshMode),
+    )
 
 
 def _expires_at(data: Mapping[str, Any], now: float) -> tuple[float | None, float | None]:
@@ -170,7 +193,7 @@ def token_set_from_json(
     token_type = _optional_str(data, "token_type")
     scope = _optional_str(data, "scope")
     expires_at, lifetime = _expires_at(data, now)
-    usage, grace_period, refresh_token_lifetime = _policy(data)
+    set_policy = _policy(data)
     # Without an access token there is nothing to keep fresh yet: due at once.
     plan_expiry = expires_at if access is not None else None
     next_at = policy.plan_next_refresh(
@@ -186,9 +209,11 @@ def token_set_from_json(
         token_type=token_type,
         scope=scope,
         refresh_expires_at=_refresh_expires_at(data, now),
-        refresh_token_usage=usage,
-        grace_period=grace_period,
-        refresh_token_lifetime=refresh_token_lifetime,
+        refresh_token_usage=set_policy.usage,
+        grace_period=set_policy.grace_period,
+        refresh_token_lifetime=set_policy.lifetime,
+        refresh_token_idle_lifetime=set_policy.idle_lifetime,
+        refresh_mode=set_policy.mode,
     )
 
 

@@ -65,6 +65,13 @@ class Metrics:
             ["provider"],
             registry=r,
         )
+        self.refresh_tokens_expiring = Gauge(
+            "refresherd_refresh_tokens_expiring",
+            "Live token sets whose refresh token reaches its absolute expiry within the warning "
+            "horizon ([schedule] refresh_token_expiry_warning), or has reached it.",
+            ["provider"],
+            registry=r,
+        )
         self.singleflight_coalesced = Counter(
             "refresherd_singleflight_coalesced",
             "Refresh requests that joined a refresh already in flight instead of starting one.",

@@ -68,6 +68,15 @@ class RefreshTokenUsage(enum.StrEnum):
     REUSE = "reuse"  # the same refresh token comes back
 
 
+class RefreshMode(enum.StrEnum):
+    """What refreshing a token set is for."""
+
+    # Keep a fresh access token at all times (refresh ahead of each access-token expiry).
+    ACCESS_TOKEN = "access_token"
+    # Keep only the refresh token alive: refresh as rarely as its sliding (idle) lifetime allows.
+    KEEP_ALIVE = "keep_alive"
+
+
 class AuthMethod(enum.StrEnum):
     CLIENT_SECRET_POST = "client_secret_post"
     CLIENT_SECRET_BASIC = "client_secret_basic"
@@ -131,6 +140,10 @@ class TokenSet:
     refresh_token_usage: RefreshTokenUsage | None = None
     grace_period: float | None = None
     refresh_token_lifetime: float | None = None
+    refresh_token_idle_lifetime: float | None = None  # sliding: dies unused for this long
+    refresh_mode: RefreshMode | None = None
+    # The absolute refresh-token expiry that the "expiring soon" warning was given for.
+    expiry_warned_for: float | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
 

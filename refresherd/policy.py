@@ -10,7 +10,15 @@ from dataclasses import dataclass
 from typing import Final, NamedTuple
 
 from refresherd.config import ProviderConfig, ScheduleConfig
-from refresherd.model import Attempt, Failure, FailureKind, RefreshTokenUsage, TokenSet
+from refresherd.model import (
+    Attempt,
+    Failure,
+    FailureKind,
+    RefreshMode,
+    RefreshTokenUsage,
+    State,
+    TokenSet,
+)
 
 # How many sends one refresh may make inside a grace window. Each send that the IdP processes
 # mints another refresh token counted against its per-user cap, so the window is a recovery path
@@ -26,12 +34,24 @@ class EffectivePolicy(NamedTuple):
     usage: RefreshTokenUsage
     grace_period: float
     refresh_token_lifetime: float | None
+    refresh_token_idle_lifetime: float | None
+    # keep_alive only where an idle lifetime is known: without one there is no cadence to keep
+    # but the access token's, which is the safe (more frequent) side.
+    mode: RefreshMode
 
 
 def effective_policy(ts: TokenSet, provider: ProviderConfig) -> EffectivePolicy:
     """The policy a token set is refreshed under: its own value where it has one, else its
     provider's. An IdP setting change applies only to sets authorized after it, so the sets
     authorized before keep the provider's (old) values and the newer ones carry theirs."""
+    idle = (
+        ts.refresh_token_idle_lifetime
+        if ts.refresh_token_idle_lifetime is not None
+        else provider.refresh_token_idle_lifetime
+    )
+    mode = ts.refresh_mode if ts.refresh_mode is not None else provider.refresh_mode
+    if idle is None:
+        mode = RefreshMode.ACCESS_TOKEN
     return EffectivePolicy(
         usage=(
             ts.refresh_token_usage
@@ -44,6 +64,8 @@ def effective_policy(ts: TokenSet, provider: ProviderConfig) -> EffectivePolicy:
             if ts.refresh_token_lifetime is not None
             else provider.refresh_token_lifetime
         ),
+        refresh_token_idle_lifetime=idle,
+        mode=mode,
     )
 
 
@@ -93,6 +115,88 @@ def plan_next_refresh(
     lead = max(life - margin, 0.0)
     planned = expires_at - margin - rand * cfg.jitter * lead
     return max(planned, earliest)
+
+
+def plan_after_refresh(
+    *,
+    now: float,
+    access_expires_at: float,
+    access_lifetime: float,
+    eff: EffectivePolicy,
+    cfg: ScheduleConfig,
+    rand: float,
+) -> float:
+    """When to refresh next, right after a refresh at ``now``.
+
+    ``access_token`` mode: ahead of the access token's expiry, and never later than the sliding
+    lifetime allows. ``keep_alive`` mode: only ahead of the end of the sliding lifetime, which
+    each refresh restarts. The same fraction, margin and jitter rules apply to both.
+    """
+    not_before = now + cfg.min_interval
+    idle_at = None
+    if eff.refresh_token_idle_lifetime is not None:
+        idle_at = plan_next_refresh(
+            now=now,
+            expires_at=now + eff.refresh_token_idle_lifetime,
+            lifetime=eff.refresh_token_idle_lifetime,
+            cfg=cfg,
+            rand=rand,
+            not_before=not_before,
+        )
+    if eff.mode is RefreshMode.KEEP_ALIVE and idle_at is not None:
+        return idle_at
+    access_at = plan_next_refresh(
+        now=now,
+        expires_at=access_expires_at,
+        lifetime=access_lifetime,
+        cfg=cfg,
+        rand=rand,
+        not_before=not_before,
+    )
+    return access_at if idle_at is None else min(access_at, idle_at)
+
+
+def keep_alive_at(
+    ts: TokenSet, eff: EffectivePolicy, cfg: ScheduleConfig, rand: float
+) -> float | None:
+    """In keep-alive mode, when the sliding lifetime next needs a refresh, counted from the last
+    refresh or, before any, from the set's creation; ``rand`` is the jitter as in
+    :func:`plan_next_refresh` (1.0 gives the earliest time it may be planned for). None when
+    the set is not kept alive this way, or must be refreshed now regardless: it is failing, or
+    a journaled attempt is unresolved (that one must go on)."""
+    if (
+        eff.mode is not RefreshMode.KEEP_ALIVE
+        or eff.refresh_token_idle_lifetime is None
+        or ts.attempt is not None
+        or ts.state is not State.ACTIVE
+    ):
+        return None
+    last_use = ts.last_refresh_at if ts.last_refresh_at is not None else ts.created_at
+    idle = eff.refresh_token_idle_lifetime
+    return plan_next_refresh(
+        now=last_use, expires_at=last_use + idle, lifetime=idle, cfg=cfg, rand=rand
+    )
+
+
+def refresh_token_expires_at(ts: TokenSet, eff: EffectivePolicy) -> float | None:
+    """The refresh token's absolute expiry: what the IdP said, else creation + the lifetime."""
+    if ts.refresh_expires_at is not None:
+        return ts.refresh_expires_at
+    if eff.refresh_token_lifetime is not None:
+        return ts.created_at + eff.refresh_token_lifetime
+    return None
+
+
+def expiry_warning_due(
+    *, expires_at: float | None, warned_for: float | None, now: float, horizon: float
+) -> bool:
+    """Whether to say now that a refresh token's absolute expiry is near: once it is within
+    ``horizon``, once per expiry. An expiry that moved later by more than the horizon since the
+    last warning (the customer authorized again) is a new one; smaller moves (an IdP stating a
+    rolling expiry at each refresh) are not warned again."""
+    if expires_at is None or expires_at - now > horizon:
+        return False
+    return warned_for is None or expires_at > warned_for + horizon
 
 
 def backoff_delay(failures: int, *, initial: float, maximum: float, rand: float) -> float:

@@ -77,6 +77,8 @@ PRESETS: Final[Mapping[str, Preset]] = MappingProxyType(
                 # expires, so a retry with it after a lost response is safe for a good while.
                 refresh_token_usage="one_time",
                 grace_period="5m",
+                # Unused for 90 days (the default inactivity lifetime), the refresh token dies.
+                refresh_token_idle_lifetime="90d",
             ),
             _preset(
                 "google",
@@ -86,6 +88,8 @@ PRESETS: Final[Mapping[str, Preset]] = MappingProxyType(
                 # Google does not rotate refresh tokens.
                 refresh_token_usage="reuse",
                 grace_period="0s",
+                # Unused for six months, a refresh token stops working.
+                refresh_token_idle_lifetime="180d",
             ),
         )
     }

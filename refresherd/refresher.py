@@ -243,6 +243,16 @@ class Refresher:
             # has not resolved it. Sending it too would be a second use; look again shortly.
             await self._defer_quietly(ts.id, now + 1.0)
             return RefreshResult("leased", token_set=ts, reason="attempt_in_flight_elsewhere")
+        if scheduled:
+            # Keep-alive: planned from the access token at import, or before the provider was
+            # switched to keep-alive; only the sliding lifetime decides when to spend the token.
+            eff = policy.effective_policy(ts, provider)
+            earliest = policy.keep_alive_at(ts, eff, self.schedule, rand=1.0)
+            if earliest is not None and now < earliest:
+                planned = policy.keep_alive_at(ts, eff, self.schedule, rand=self.rng.random())
+                assert planned is not None
+                await self._defer_quietly(ts.id, planned)
+                return RefreshResult("deferred", token_set=ts, reason="keep_alive")
         if not self.circuits.admit(ts.provider, now):
             await self._release_quietly(ts.id)
             return RefreshResult("circuit_open", token_set=ts, reason="invalid_client")
@@ -330,7 +340,7 @@ class Refresher:
             except EndpointError as exc:
                 failure = exc.failure
             else:
-                return await self._persist(ts, grant, sends=attempt.sends)
+                return await self._persist(ts, eff, grant, sends=attempt.sends)
 
             self.metrics.refresh_failures.labels(ts.provider, failure.reason).inc()
             storm = False
@@ -381,19 +391,21 @@ class Refresher:
 
     # ---- outcomes ----------------------------------------------------------------------------
 
-    async def _persist(self, ts: TokenSet, grant: Grant, *, sends: int) -> RefreshResult:
+    async def _persist(
+        self, ts: TokenSet, eff: policy.EffectivePolicy, grant: Grant, *, sends: int
+    ) -> RefreshResult:
         now = self.clock.wall()
         lifetime = (
             grant.expires_in if grant.expires_in is not None else self.schedule.default_expires_in
         )
         expires_at = now + grant.expires_in if grant.expires_in is not None else None
-        next_at = policy.plan_next_refresh(
+        next_at = policy.plan_after_refresh(
             now=now,
-            expires_at=now + lifetime,
-            lifetime=lifetime,
+            access_expires_at=now + lifetime,
+            access_lifetime=lifetime,
+            eff=eff,
             cfg=self.schedule,
             rand=self.rng.random(),
-            not_before=now + self.schedule.min_interval,
         )
         # The IdP may omit refresh_token: then the old one stays valid (re-use tokens).
         refresh_token = grant.refresh_token or ts.refresh_token

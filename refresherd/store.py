@@ -19,7 +19,7 @@ from typing import Any, Final
 import aiosqlite
 import anyio
 
-from refresherd.model import Attempt, RefreshTokenUsage, Secret, State, TokenSet
+from refresherd.model import Attempt, RefreshMode, RefreshTokenUsage, Secret, State, TokenSet
 
 BUSY_TIMEOUT_MS: Final = 5000
 READ_CONTRACT_VIEW: Final = "refresherd_access_tokens"
@@ -80,6 +80,14 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     ALTER TABLE token_sets ADD COLUMN grace_period REAL;
     ALTER TABLE token_sets ADD COLUMN refresh_token_lifetime REAL;
     """,
+    """
+    -- Sliding lifetime and keep-alive mode per token set (NULL: the provider's), and when the
+    -- absolute refresh-token expiry the "expiring soon" warning was given for (once per expiry).
+    ALTER TABLE token_sets ADD COLUMN refresh_token_idle_lifetime REAL;
+    ALTER TABLE token_sets ADD COLUMN refresh_mode TEXT
+        CHECK (refresh_mode IN ('access_token', 'keep_alive'));
+    ALTER TABLE token_sets ADD COLUMN expiry_warned_for REAL;
+    """,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -107,6 +115,8 @@ class NewTokenSet:
     refresh_token_usage: RefreshTokenUsage | None = None
     grace_period: float | None = None
     refresh_token_lifetime: float | None = None
+    refresh_token_idle_lifetime: float | None = None
+    refresh_mode: RefreshMode | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +139,7 @@ def _row_to_token_set(row: sqlite3.Row) -> TokenSet:
         )
     access = row["access_token"]
     usage = row["refresh_token_usage"]
+    mode = row["refresh_mode"]
     return TokenSet(
         id=row["id"],
         provider=row["provider"],
@@ -153,6 +164,9 @@ def _row_to_token_set(row: sqlite3.Row) -> TokenSet:
         refresh_token_usage=RefreshTokenUsage(usage) if usage is not None else None,
         grace_period=row["grace_period"],
         refresh_token_lifetime=row["refresh_token_lifetime"],
+        refresh_token_idle_lifetime=row["refresh_token_idle_lifetime"],
+        refresh_mode=RefreshMode(mode) if mode is not None else None,
+        expiry_warned_for=row["expiry_warned_for"],
     )
 
 
@@ -337,6 +351,8 @@ class Store:
                 "usage": n.refresh_token_usage.value if n.refresh_token_usage else None,
                 "grace_period": n.grace_period,
                 "lifetime": n.refresh_token_lifetime,
+                "idle_lifetime": n.refresh_token_idle_lifetime,
+                "mode": n.refresh_mode.value if n.refresh_mode else None,
                 "now": now,
             }
             for n in items
@@ -349,9 +365,11 @@ class Store:
                             "INSERT INTO token_sets (id, provider, access_token, refresh_token,"
                             " token_type, scope, expires_at, next_refresh_at, refresh_expires_at,"
                             " refresh_token_usage, grace_period, refresh_token_lifetime,"
+                            " refresh_token_idle_lifetime, refresh_mode,"
                             " created_at, updated_at) VALUES (:id, :provider, :access_token,"
                             " :refresh_token, :token_type, :scope, :expires_at, :next_refresh_at,"
-                            " :refresh_expires_at, :usage, :grace_period, :lifetime, :now, :now)",
+                            " :refresh_expires_at, :usage, :grace_period, :lifetime,"
+                            " :idle_lifetime, :mode, :now, :now)",
                             rows,
                         )
                 except sqlite3.IntegrityError as exc:
@@ -431,6 +449,46 @@ class Store:
             if rows and rows[0][0] is not None:
                 result[provider] = float(rows[0][0])
         return result
+
+    async def refresh_expiring(
+        self, provider: str, *, lifetime: float | None, until: float, limit: int = 500
+    ) -> list[tuple[TokenSet, float]]:
+        """A provider's live token sets whose absolute refresh-token expiry (as in
+        :meth:`refresh_expiry_soonest`) is at or before ``until`` and was not yet warned about
+        at that very expiry, soonest first, with that expiry; at most ``limit``."""
+        rows = await self._read(
+            "SELECT * FROM (SELECT *, coalesce(refresh_expires_at, created_at"
+            " + coalesce(refresh_token_lifetime, :lifetime)) AS refresh_expiry FROM token_sets"
+            " WHERE provider = :provider AND state != 'invalidated')"
+            " WHERE refresh_expiry <= :until"
+            " AND (expiry_warned_for IS NULL OR refresh_expiry != expiry_warned_for)"
+            " ORDER BY refresh_expiry LIMIT :limit",
+            {"provider": provider, "lifetime": lifetime, "until": until, "limit": limit},
+        )
+        return [(_row_to_token_set(r), float(r["refresh_expiry"])) for r in rows]
+
+    async def refresh_expiring_counts(
+        self, lifetimes: dict[str, float | None], *, until: float
+    ) -> dict[str, int]:
+        """Per provider, the live token sets whose absolute refresh-token expiry is at or
+        before ``until``."""
+        result: dict[str, int] = {}
+        for provider, lifetime in lifetimes.items():
+            rows = await self._read(
+                "SELECT count(*) FROM token_sets WHERE provider = :provider"
+                " AND state != 'invalidated' AND coalesce(refresh_expires_at,"
+                " created_at + coalesce(refresh_token_lifetime, :lifetime)) <= :until",
+                {"provider": provider, "lifetime": lifetime, "until": until},
+            )
+            result[provider] = int(rows[0][0]) if rows else 0
+        return result
+
+    async def mark_expiry_warned(self, token_set_id: str, *, expires_at: float) -> None:
+        """Remember that the warning for this absolute expiry was given."""
+        await self._write(
+            "UPDATE token_sets SET expiry_warned_for = :expires WHERE id = :id RETURNING id",
+            {"id": token_set_id, "expires": expires_at},
+        )
 
     async def counts(self) -> dict[tuple[str, str], int]:
         rows = await self._read(

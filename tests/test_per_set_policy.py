@@ -101,7 +101,7 @@ def test_a_version_2_database_gains_the_policy_columns(tmp_path: Path) -> None:
     async def reopen() -> None:
         store = await Store.open(path)
         try:
-            assert await store.schema_version() == SCHEMA_VERSION == 3
+            assert await store.schema_version() == SCHEMA_VERSION
             old = await store.get("old")
             assert old is not None and old.refresh_expires_at == 99
             # Sets authorized before the change carry nothing: the provider's policy applies.
@@ -205,8 +205,8 @@ async def test_effective_policy_prefers_the_sets_own_values(tmp_path: Path) -> N
     finally:
         await store.close()
     p = provider(usage="reuse", grace=0.0, lifetime=86400.0)
-    assert policy.effective_policy(own, p) == (RefreshTokenUsage.ONE_TIME, 7.0, 86400.0)
-    assert policy.effective_policy(plain, p) == (RefreshTokenUsage.REUSE, 0.0, 86400.0)
+    assert policy.effective_policy(own, p)[:3] == (RefreshTokenUsage.ONE_TIME, 7.0, 86400.0)
+    assert policy.effective_policy(plain, p)[:3] == (RefreshTokenUsage.REUSE, 0.0, 86400.0)
 
 
 async def test_the_gauge_query_uses_a_sets_own_lifetime(tmp_path: Path) -> None:
@@ -353,10 +353,14 @@ def test_tokens_show_reports_the_effective_policy_and_its_sources(
         "refresh_token_usage": "one_time",
         "grace_period": 30.0,
         "refresh_token_lifetime": 30 * 86400.0,
+        "refresh_token_idle_lifetime": None,
+        "refresh_mode": "access_token",
         "source": {
             "refresh_token_usage": "token_set",
             "grace_period": "token_set",
             "refresh_token_lifetime": "provider",
+            "refresh_token_idle_lifetime": "provider",
+            "refresh_mode": "provider",
         },
     }
     listed = run_cli(config, "tokens", "list", "--json")
