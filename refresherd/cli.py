@@ -13,7 +13,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, Final
 
 import anyio
@@ -25,14 +25,16 @@ from refresherd.config import (
     ConfigError,
     ProviderConfig,
     load_config,
+    parse_duration,
     resolve_config_path,
 )
 from refresherd.daemon import Daemon, open_runtime
 from refresherd.discovery import EX_UNAVAILABLE, DiscoveryError
 from refresherd.intake import InputError, parse_lines, parse_single
-from refresherd.model import TokenSet, rfc3339
+from refresherd.model import State, TokenSet, rfc3339
 from refresherd.store import NewTokenSet, Store, StoreError, TokenSetExists
 
+EX_USAGE: Final = 64
 EX_DATAERR: Final = 65
 EX_NOINPUT: Final = 66
 EX_TEMPFAIL: Final = 75
@@ -68,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     lst = tsub.add_parser("list", help="list token sets (no token values unless --reveal)")
     lst.add_argument("--json", action="store_true")
     lst.add_argument("--reveal", action="store_true", help="include token values")
+    lst.add_argument(
+        "--expiring-within",
+        metavar="DURATION",
+        help='only sets whose refresh token reaches its absolute expiry within DURATION ("14d")',
+    )
     show = tsub.add_parser("show", help="show one token set")
     show.add_argument("id")
     show.add_argument("--json", action="store_true")
@@ -245,7 +252,15 @@ def _show_text(data: dict[str, Any]) -> None:
         print(f"{key:<{width}}  {'' if value is None else value}")
 
 
-_COLUMNS = ("id", "provider", "state", "expires_at", "last_refresh_at", "last_error")
+_COLUMNS = (
+    "id",
+    "provider",
+    "state",
+    "expires_at",
+    "last_refresh_at",
+    "refresh_token_expires_at",
+    "last_error",
+)
 
 
 def _read_input(config: Config, args: argparse.Namespace) -> list[NewTokenSet] | int:
@@ -323,7 +338,15 @@ async def _tokens(config: Config, args: argparse.Namespace) -> int:
     store = await Store.open(config.daemon.database, create=False)
     try:
         if action == "list":
-            await _list(store, config, as_json=args.json, reveal=args.reveal)
+            within = None
+            if args.expiring_within is not None:
+                try:
+                    within = parse_duration(
+                        args.expiring_within, file="tokens list", key="--expiring-within"
+                    )
+                except ConfigError as exc:
+                    return _fail(str(exc), EX_USAGE)
+            await _list(store, config, as_json=args.json, reveal=args.reveal, within=within)
             return 0
         if action == "show":
             ts = await store.get(args.id)
@@ -355,13 +378,31 @@ async def _first_existing(store: Store, items: Sequence[NewTokenSet]) -> str | N
     return None
 
 
-async def _list(store: Store, config: Config, *, as_json: bool, reveal: bool) -> None:
-    """Stream page by page: never every token set in memory at once."""
+async def _list(
+    store: Store, config: Config, *, as_json: bool, reveal: bool, within: float | None = None
+) -> None:
+    """Stream page by page: never every token set in memory at once. ``within``: only the sets
+    whose refresh token's absolute expiry is that close (or past)."""
     out = sys.stdout
+    horizon = None if within is None else time.time() + within
+
+    async def selected() -> AsyncIterator[TokenSet]:
+        async for ts in store.iterate():
+            if horizon is not None:
+                provider = config.providers.get(ts.provider)
+                expires = (
+                    policy.refresh_token_expires_at(ts, policy.effective_policy(ts, provider))
+                    if provider is not None
+                    else ts.refresh_expires_at
+                )
+                if expires is None or expires > horizon or ts.state is State.INVALIDATED:
+                    continue
+            yield ts
+
     if as_json:
         out.write("[")
         first = True
-        async for ts in store.iterate():
+        async for ts in selected():
             data = token_set_json(ts, reveal=reveal, provider=config.providers.get(ts.provider))
             out.write(("\n" if first else ",\n") + json.dumps(data))
             first = False
@@ -369,7 +410,7 @@ async def _list(store: Store, config: Config, *, as_json: bool, reveal: bool) ->
         return
     columns = _COLUMNS + (("access_token", "refresh_token") if reveal else ())
     out.write("\t".join(columns) + "\n")
-    async for ts in store.iterate():
+    async for ts in selected():
         row = token_set_json(ts, reveal=reveal, provider=config.providers.get(ts.provider))
         out.write("\t".join("" if row[c] is None else str(row[c]) for c in columns) + "\n")
 

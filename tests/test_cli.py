@@ -328,7 +328,8 @@ def test_tokens_list_and_show(setup: Setup) -> None:
     assert_no_token_values(proc.stdout, setup.idp)
     header, *lines = proc.stdout.splitlines()
     assert header.split("\t") == [
-        "id", "provider", "state", "expires_at", "last_refresh_at", "last_error",
+        "id", "provider", "state", "expires_at", "last_refresh_at", "refresh_token_expires_at",
+        "last_error",
     ]  # fmt: skip
     assert sorted(line.split("\t")[0] for line in lines) == ["one", "two"]
 

@@ -434,6 +434,18 @@ def test_the_daemon_warns_once_ahead_of_an_absolute_expiry(
         schedule={"refresh_token_expiry_warning": "2h"},
     )
     import_tokens(config, idp.token_lines("p", 3))
+    # Before any daemon ran, the CLI lists what expires within a horizon.
+    listed = run_cli(config, "tokens", "list", "--expiring-within", "2h", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert len(json.loads(listed.stdout)) == 3
+    assert (
+        json.loads(run_cli(config, "tokens", "list", "--expiring-within", "30m", "--json").stdout)
+        == []
+    )
+    text = run_cli(config, "tokens", "list", "--expiring-within", "2h").stdout.splitlines()
+    assert "refresh_token_expires_at" in text[0].split("\t") and len(text) == 4
+    bad = run_cli(config, "tokens", "list", "--expiring-within", "soon")
+    assert bad.returncode == 64 and "--expiring-within" in bad.stderr
     daemon = daemons(config)
     lines = daemon.wait_for_event("refresh token expiring", count=3)
     assert sorted(line["token_set"] for line in lines) == ["ts-0000", "ts-0001", "ts-0002"]
