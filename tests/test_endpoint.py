@@ -14,8 +14,9 @@ import traceback
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from email.utils import formatdate
+from functools import partial
 from typing import Any
 
 import anyio
@@ -432,6 +433,62 @@ async def test_lost_connection_after_sending_is_ambiguous(kind: FaultKind) -> No
     assert exc.failure.kind is FailureKind.AMBIGUOUS
     assert exc.failure.reason == "network_error"
     assert "connection" in str(exc)
+
+
+@pytest.mark.anyio
+async def test_reset_on_a_kept_alive_connection_is_ambiguous_and_not_resent() -> None:
+    # The second request reuses the first one's connection; the IdP resets it after reading.
+    # aiohttp retries a request on a stale pooled connection for idempotent methods only: a
+    # POST must surface as Ambiguous, once, never be sent again or be called NotSent.
+    async with serving_idp() as idp:
+        token = str(idp.issue("alice")["refresh_token"])
+        async with endpoint_for(provider_for(idp.token_url)) as ep:
+            grant = await ep.refresh(Secret(token), timeout=3.0)
+            assert grant.refresh_token is not None
+            idp.faults.add(FaultKind.RESET)
+            exc = await refresh_error(ep, grant.refresh_token.reveal())
+        assert idp.ledger.connections == 1
+        assert idp.ledger.requests == 2
+    assert isinstance(exc, Ambiguous)
+    assert exc.failure.reason == "network_error"
+
+
+@pytest.mark.anyio
+async def test_waiting_past_the_timeout_for_a_pooled_connection_is_not_sent() -> None:
+    # max_connections is the provider's pool: with its one connection busy, the second
+    # refresh waits for it, gives up, and has sent nothing.
+    async with serving_idp() as idp:
+        slow = str(idp.issue("alice")["refresh_token"])
+        other = str(idp.issue("bob")["refresh_token"])
+        idp.faults.add(FaultKind.SLOW, delay=3.0)
+        provider = replace(provider_for(idp.token_url, timeout=5.0), max_connections=1)
+        async with endpoint_for(provider) as ep, anyio.create_task_group() as tg:
+            tg.start_soon(partial(ep.refresh, Secret(slow), timeout=5.0))
+            await anyio.sleep(0.3)  # let the slow one take the only connection
+            exc = await refresh_error(ep, other, timeout=0.5)
+            assert idp.ledger.requests == 1
+    assert isinstance(exc, NotSent)
+    assert exc.failure.reason == "connect_error"
+    assert idp.ledger.is_live(other)
+
+
+@pytest.mark.anyio
+async def test_concurrent_refreshes_share_at_most_max_connections() -> None:
+    async with serving_idp() as idp:
+        tokens = [str(idp.issue(f"user{i}")["refresh_token"]) for i in range(6)]
+        idp.faults.add(FaultKind.SLOW, delay=0.2, times=6)
+        provider = replace(provider_for(idp.token_url), max_connections=2)
+        grants: list[Grant] = []
+
+        async def one(token: str) -> None:
+            grants.append(await ep.refresh(Secret(token), timeout=3.0))
+
+        async with endpoint_for(provider) as ep, anyio.create_task_group() as tg:
+            for token in tokens:
+                tg.start_soon(one, token)
+        assert len(grants) == 6
+        assert idp.ledger.refreshes == 6
+        assert idp.ledger.connections == 2
 
 
 @pytest.mark.anyio
