@@ -443,6 +443,21 @@ async def test_slow_times_out_the_client_but_the_work_happens(process_first: boo
 
 
 @pytest.mark.anyio
+async def test_latency_holds_every_token_request_before_it_is_handled() -> None:
+    # A distant IdP for benchmarks: nothing is counted or rotated while the request waits.
+    async with serving(timeout=0.2, latency=1.5) as (idp, client):
+        token = str(idp.issue()["refresh_token"])
+        with pytest.raises(httpx.ReadTimeout):
+            await refresh(client, idp, token)
+        assert idp.ledger.requests == 0
+        with anyio.fail_after(3):
+            while idp.ledger.refreshes == 0:
+                await anyio.sleep(0.05)
+    with pytest.raises(ValueError, match="latency"):
+        FakeIdP(latency=-1.0)
+
+
+@pytest.mark.anyio
 async def test_overlapping_requests_with_one_token_count_as_concurrent_uses() -> None:
     async with serving() as (idp, client):
         token = str(idp.issue()["refresh_token"])

@@ -31,6 +31,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--refresh-token-lifetime", type=float, default=None, metavar="SECONDS")
     p.add_argument("--refresh-token-idle-lifetime", type=float, default=None, metavar="SECONDS")
     p.add_argument("--max-refresh-tokens-per-user", type=int, default=None, metavar="N")
+    p.add_argument(
+        "--latency",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="delay every token request by this much, as a distant IdP's round trip",
+    )
     p.add_argument("--client-id", default=None, help="default: refresherd")
     p.add_argument(
         "--client-secret-file",
@@ -70,6 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         refresh_token_lifetime=args.refresh_token_lifetime,
         refresh_token_idle_lifetime=args.refresh_token_idle_lifetime,
         max_refresh_tokens_per_user=args.max_refresh_tokens_per_user,
+        latency=args.latency,
     )
     anyio.run(_serve, idp, list(args.issue))
     return 0

@@ -571,6 +571,7 @@ class FakeIdP:
         refresh_token_idle_lifetime: float | None = None,
         max_refresh_tokens_per_user: int | None = None,
         reuse_returns_refresh_token: bool = True,
+        latency: float = 0.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if usage not in ("one_time", "reuse"):
@@ -589,6 +590,11 @@ class FakeIdP:
         self.refresh_token_idle_lifetime = refresh_token_idle_lifetime
         self.max_refresh_tokens_per_user = max_refresh_tokens_per_user
         self.reuse_returns_refresh_token = reuse_returns_refresh_token
+        if latency < 0:
+            raise ValueError("latency must be >= 0")
+        # Seconds each token request waits before it is handled: a distant IdP's round trip,
+        # for benchmarks (bench/) that need requests in flight the way production has them.
+        self.latency = latency
         self._clock = clock
         self.faults = FaultPlan()
         self.ledger = Ledger(clock)
@@ -820,6 +826,8 @@ class FakeIdP:
         request: h11.Request,
         body: bytes,
     ) -> bool:
+        if self.latency:
+            await anyio.sleep(self.latency)
         fault = self.faults._draw()
         kind = fault.kind if fault is not None else None
         with self._lock:
