@@ -95,6 +95,10 @@ class ProviderConfig:
     connect_timeout: float = 5.0
     scope: str | None = None
     max_connections: int = 20
+    # Politeness (refresherd.throttle): refreshes in flight at once and sends per second to
+    # this IdP; None: no limit beyond max_connections and [daemon] concurrency.
+    max_concurrent_refreshes: int | None = None
+    max_requests_per_second: float | None = None
     # Absolute refresh-token lifetime, counted from the first authorization (the token set's
     # creation) and never extended by rotation; None: unknown, or the IdP says per response.
     refresh_token_lifetime: float | None = None
@@ -290,6 +294,8 @@ _PROVIDER_KEYS: Final = (
     "connect_timeout",
     "scope",
     "max_connections",
+    "max_concurrent_refreshes",
+    "max_requests_per_second",
     "refresh_token_lifetime",
     "refresh_token_idle_lifetime",
     "refresh_mode",
@@ -501,6 +507,12 @@ def _parse_provider(name: str, t: _Table) -> ProviderConfig:
     connect_timeout = t.duration("connect_timeout", d.connect_timeout, positive=True)
     scope = t.optional_string("scope")
     max_connections = t.integer("max_connections", d.max_connections, minimum=1)
+    max_concurrent = None
+    if t.data.get("max_concurrent_refreshes") is not None:
+        max_concurrent = t.integer("max_concurrent_refreshes", 0, minimum=1)
+    per_second = None
+    if t.data.get("max_requests_per_second") is not None:
+        per_second = t.number("max_requests_per_second", 0.0, 0.01, 1_000_000.0)
     lifetime = None
     if t.data.get("refresh_token_lifetime") is not None:
         lifetime = t.duration("refresh_token_lifetime", 0.0, positive=True)
@@ -528,6 +540,8 @@ def _parse_provider(name: str, t: _Table) -> ProviderConfig:
         connect_timeout=connect_timeout,
         scope=scope,
         max_connections=max_connections,
+        max_concurrent_refreshes=max_concurrent,
+        max_requests_per_second=per_second,
         refresh_token_lifetime=lifetime,
         refresh_token_idle_lifetime=idle_lifetime,
         refresh_mode=mode,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
@@ -23,6 +24,7 @@ from refresherd.logs import get_logger
 from refresherd.metrics import Metrics
 from refresherd.model import Failure, FailureKind, Grant, State, TokenSet
 from refresherd.store import ClaimRefused, Store, StoreError
+from refresherd.throttle import Throttles
 
 log = get_logger("refresherd.refresher")
 
@@ -167,6 +169,7 @@ class Refresher:
         self.clock = clock or SystemClock()
         self.rng = rng or random.Random()
         self.circuits = ProviderCircuits()
+        self.throttles = Throttles()
         self._flights: dict[str, _Flight] = {}
         # Is the process behind a lease owner id still alive? Unknown means alive: never send
         # a token that another live process may be sending.
@@ -264,7 +267,11 @@ class Refresher:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._keep_lease, ts.id)
                 try:
-                    result = await self._attempts(ts, provider, endpoint)
+                    # Before the first send is journalled, so waiting costs no grace time;
+                    # retries inside the refresh keep this slot (refresherd.throttle).
+                    throttle = self.throttles.of(provider)
+                    async with throttle.slot() if throttle else nullcontext():
+                        result = await self._attempts(ts, provider, endpoint)
                 finally:
                     tg.cancel_scope.cancel()
         finally:

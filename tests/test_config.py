@@ -209,6 +209,14 @@ def test_example_config_parses() -> None:
     assert config.warnings == ()
 
 
+def test_politeness_limits_are_off_unless_set(tmp_path: Path) -> None:
+    p = load(tmp_path, MINIMAL).providers["visma"]
+    assert (p.max_concurrent_refreshes, p.max_requests_per_second) == (None, None)
+    text = with_provider("max_concurrent_refreshes = 8\nmax_requests_per_second = 2.5")
+    p = load(tmp_path, text).providers["visma"]
+    assert (p.max_concurrent_refreshes, p.max_requests_per_second) == (8, 2.5)
+
+
 def test_example_config_shows_every_key() -> None:
     text = (REPO / "config.example.toml").read_text(encoding="utf-8")
     keys = [
@@ -219,6 +227,7 @@ def test_example_config_shows_every_key() -> None:
         "token_url", "client_id", "client_secret", "client_secret_file", "client_secret_env",
         "client_secret_credential", "auth_method", "refresh_token_usage", "grace_period",
         "request_timeout", "connect_timeout", "scope", "max_connections",
+        "max_concurrent_refreshes", "max_requests_per_second",
         "refresh_token_lifetime", "preset", "issuer",
     ]  # fmt: skip
     for key in keys:
@@ -317,6 +326,12 @@ def test_resolve_config_path() -> None:
          ["expected an integer of at least 1, got 0"]),
         (with_provider("max_connections = -1"), "providers.visma.max_connections",
          ["at least 1, got -1"]),
+        (with_provider("max_concurrent_refreshes = 0"),
+         "providers.visma.max_concurrent_refreshes", ["expected an integer of at least 1, got 0"]),
+        (with_provider("max_requests_per_second = 0"), "providers.visma.max_requests_per_second",
+         ["expected a number from 0.01 to 1000000.0, got 0"]),
+        (with_provider("max_requests_per_second = '10/s'"),
+         "providers.visma.max_requests_per_second", ["expected a number, got a string"]),
         (MINIMAL + "[schedule]\nrefresh_fraction = 0.99\n", "schedule.refresh_fraction",
          ["expected a number from 0.1 to 0.95, got 0.99"]),
         (MINIMAL + "[schedule]\njitter = nan\n", "schedule.jitter",
