@@ -79,6 +79,9 @@ class ScheduleConfig:
     circuit_backoff_max: float = 1800.0
     # How long before a refresh token's absolute expiry it is reported (log line, hook).
     refresh_token_expiry_warning: float = 7 * 86400.0
+    # `tokens import`: spread each set's first refresh over this fraction of the time until its
+    # planned refresh (policy.plan_imported_refresh), so a bulk import is no hourly herd.
+    import_spread: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,6 +277,7 @@ _SCHEDULE_KEYS: Final = (
     "circuit_backoff_initial",
     "circuit_backoff_max",
     "refresh_token_expiry_warning",
+    "import_spread",
 )
 _SECRET_KEYS: Final = (
     "client_secret",
@@ -441,6 +445,7 @@ def _parse_schedule(t: _Table) -> ScheduleConfig:
         refresh_token_expiry_warning=t.duration(
             "refresh_token_expiry_warning", d.refresh_token_expiry_warning
         ),
+        import_spread=t.number("import_spread", d.import_spread, 0.0, 1.0),
     )
     # Checked on the built values so that a default on one side counts too.
     for low, high in (

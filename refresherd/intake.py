@@ -182,7 +182,10 @@ def token_set_from_json(
     now: float,
     schedule: ScheduleConfig,
     rand: float,
+    imported: bool = False,
 ) -> NewTokenSet:
+    """``imported``: one of many added together (``tokens import``), whose first refreshes
+    are spread out (policy.plan_imported_refresh)."""
     if not isinstance(data, dict):
         raise ValueError("expected a JSON object (a token response)")
     refresh = data.get("refresh_token")
@@ -196,9 +199,8 @@ def token_set_from_json(
     set_policy = _policy(data)
     # Without an access token there is nothing to keep fresh yet: due at once.
     plan_expiry = expires_at if access is not None else None
-    next_at = policy.plan_next_refresh(
-        now=now, expires_at=plan_expiry, lifetime=lifetime, cfg=schedule, rand=rand
-    )
+    plan = policy.plan_imported_refresh if imported else policy.plan_next_refresh
+    next_at = plan(now=now, expires_at=plan_expiry, lifetime=lifetime, cfg=schedule, rand=rand)
     return NewTokenSet(
         id=validate_token_set_id(token_set_id),
         provider=provider,
@@ -312,6 +314,7 @@ def parse_lines(
                     now=now,
                     schedule=schedule,
                     rand=next(rand),
+                    imported=True,
                 )
             )
         except ValueError as exc:

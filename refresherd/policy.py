@@ -117,6 +117,32 @@ def plan_next_refresh(
     return max(planned, earliest)
 
 
+def plan_imported_refresh(
+    *,
+    now: float,
+    expires_at: float | None,
+    lifetime: float | None,
+    cfg: ScheduleConfig,
+    rand: float,
+) -> float:
+    """:func:`plan_next_refresh` for a set that comes in with many others (``tokens import``).
+
+    Sets imported together with one lifetime would come due within ``jitter`` of the lead of
+    each other, and stay so: each refresh plans the next one lifetime on, so a bulk import of
+    one-hour tokens would be a herd every hour. Here the window the first refresh is drawn from
+    grows to ``import_spread`` of the time until the unjittered plan (the whole of it by
+    default): a uniform spread that later refreshes keep, at the cost of one early refresh.
+    """
+    jittered = plan_next_refresh(
+        now=now, expires_at=expires_at, lifetime=lifetime, cfg=cfg, rand=rand
+    )
+    if expires_at is None or cfg.import_spread <= 0:
+        return jittered
+    latest = plan_next_refresh(now=now, expires_at=expires_at, lifetime=lifetime, cfg=cfg, rand=0.0)
+    spread = latest - rand * cfg.import_spread * max(latest - now, 0.0)
+    return max(min(jittered, spread), now)
+
+
 def plan_after_refresh(
     *,
     now: float,

@@ -222,7 +222,8 @@ def test_example_config_shows_every_key() -> None:
     keys = [
         "database", "concurrency", "lease_duration", "shutdown_timeout", "poll_interval",
         "instance_name", "listen", "enabled", "level", "format", "refresh_fraction",
-        "min_margin", "jitter", "min_interval", "default_expires_in", "backoff_initial",
+        "min_margin", "jitter", "import_spread", "min_interval", "default_expires_in",
+        "backoff_initial",
         "backoff_max", "retry_after_max", "circuit_backoff_initial", "circuit_backoff_max",
         "token_url", "client_id", "client_secret", "client_secret_file", "client_secret_env",
         "client_secret_credential", "auth_method", "refresh_token_usage", "grace_period",
