@@ -1,0 +1,590 @@
+"""refresherd benchmarks, one command each (docs/benchmarks.md has the figures).
+
+    python bench/run.py throughput [--sets 3000] [--latency 0]        # (a) and (c)
+    python bench/run.py scale [--sizes 10000,100000,1000000]          # (b) and (c)
+
+Everything runs on loopback against refresherd.testing's FakeIdP, served from its own process
+(bench/idp_process.py) so that its CPU is not counted as the client's. ``throughput`` refreshes
+the same token sets with the daemon (a real ``refresherd run`` process) and with two bare loops
+in this process, an httpx one and an aiohttp one, each at its best concurrency; ``scale``
+imports N token sets with ``refresherd tokens import``, makes a window of them due at a fixed
+rate, starts the daemon and measures start-up, memory and lateness. ``--out FILE`` writes the
+report as JSON too. No figure here is asserted anywhere: tests/test_bench_smoke.py only checks
+that a tiny run produces its report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+CLIENT_ID = "bench"
+CLIENT_SECRET = "bench-client-secret"
+PROVIDER = "bench"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# --------------------------------------------------------------------------- processes
+
+
+@dataclass
+class IdP:
+    process: subprocess.Popen[str]
+    token_url: str
+    tokens: list[dict[str, Any]]
+
+
+@contextmanager
+def fake_idp(workdir: Path, *, tokens: int, latency: float, usage: str = "reuse") -> Iterator[IdP]:
+    out = workdir / "idp-tokens.jsonl"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            str(BENCH / "idp_process.py"),
+            "--tokens",
+            str(tokens),
+            "--out",
+            str(out),
+            "--latency",
+            str(latency),
+            "--usage",
+            usage,
+            "--client-secret",
+            CLIENT_SECRET,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        if not line:
+            raise RuntimeError("the fake IdP process did not start")
+        token_url = json.loads(line)["token_url"]
+        with out.open(encoding="utf-8") as f:
+            issued = [json.loads(row) for row in f]
+        yield IdP(process, token_url, issued)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_config(
+    workdir: Path,
+    token_url: str,
+    *,
+    concurrency: int,
+    usage: str,
+    log_level: str,
+    import_spread: float = 1.0,
+) -> tuple[Path, int]:
+    port = free_port()
+    secret = workdir / "client-secret"
+    secret.write_text(CLIENT_SECRET, encoding="utf-8")
+    secret.chmod(0o600)
+    config = workdir / "config.toml"
+    config.write_text(
+        f"""[daemon]
+database = "{workdir / "tokens.db"}"
+concurrency = {concurrency}
+
+[server]
+listen = "127.0.0.1:{port}"
+
+[log]
+level = "{log_level}"
+format = "json"
+
+[schedule]
+import_spread = {import_spread}
+
+[providers.{PROVIDER}]
+token_url = "{token_url}"
+client_id = "{CLIENT_ID}"
+client_secret_file = "{secret}"
+refresh_token_usage = "{usage}"
+grace_period = "30s"
+max_connections = {concurrency}
+""",
+        encoding="utf-8",
+    )
+    return config, port
+
+
+def refresherd(config: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "refresherd", "--config", str(config), *args]
+
+
+def import_tokens(config: Path, lines: Path) -> float:
+    """Seconds `refresherd tokens import` takes for the file."""
+    started = time.perf_counter()
+    subprocess.run(refresherd(config, "tokens", "import", str(lines)), check=True)
+    return time.perf_counter() - started
+
+
+@dataclass
+class Daemon:
+    process: subprocess.Popen[bytes]
+    port: int
+    startup: float
+
+    def metrics(self) -> dict[str, float]:
+        return scrape(self.port)
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+    def status(self, key: str) -> int:
+        """A /proc/<pid>/status value in kB (VmRSS, VmHWM)."""
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+        raise KeyError(key)
+
+
+@contextmanager
+def daemon(config: Path, port: int, workdir: Path) -> Iterator[Daemon]:
+    log = (workdir / "daemon.log").open("wb")
+    started = time.perf_counter()
+    process = subprocess.Popen(refresherd(config, "run"), stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"the daemon exited ({process.returncode}); see {log.name}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("the daemon did not become ready")
+            time.sleep(0.02)
+        yield Daemon(process, port, time.perf_counter() - started)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+def scrape(port: int) -> dict[str, float]:
+    """Prometheus text as {'name{labels}': value}."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
+def successes(metrics: dict[str, float]) -> float:
+    return metrics.get(f'refresherd_refresh_success_total{{provider="{PROVIDER}"}}', 0.0)
+
+
+def failures(metrics: dict[str, float]) -> float:
+    prefix = "refresherd_refresh_failures_total{"
+    return sum(v for k, v in metrics.items() if k.startswith(prefix))
+
+
+def histogram_quantile(metrics: dict[str, float], name: str, q: float) -> float | None:
+    """Prometheus' histogram_quantile over one unlabelled histogram."""
+    buckets: list[tuple[float, float]] = []
+    for key, value in metrics.items():
+        if key.startswith(name + "_bucket{le="):
+            le = key.split('le="', 1)[1].split('"', 1)[0]
+            buckets.append((float("inf") if le == "+Inf" else float(le), value))
+    buckets.sort()
+    if not buckets or buckets[-1][1] == 0:
+        return None
+    rank = q * buckets[-1][1]
+    lower, below = 0.0, 0.0
+    for upper, count in buckets:
+        if count >= rank:
+            if upper == float("inf"):
+                return lower
+            return lower + (upper - lower) * (rank - below) / max(count - below, 1e-9)
+        lower, below = upper, count
+    return None
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+# --------------------------------------------------------------------------- bare loops
+
+
+def _form(refresh_token: str) -> dict[str, str]:
+    return {
+        "grant_type": "refresh_token",
+        "refresh_token": refresh_token,
+        "client_id": CLIENT_ID,
+        "client_secret": CLIENT_SECRET,
+    }
+
+
+async def _drive(n: int, concurrency: int, one: Callable[[int], Any]) -> None:
+    next_index = 0
+
+    async def worker() -> None:
+        nonlocal next_index
+        while next_index < n:
+            i = next_index
+            next_index += 1
+            await one(i)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+
+async def _aiohttp_loop(url: str, tokens: Sequence[str], n: int, concurrency: int) -> None:
+    import aiohttp
+
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def one(i: int) -> None:
+            async with session.post(url, data=_form(tokens[i % len(tokens)])) as response:
+                body = await response.read()
+                if response.status != 200:
+                    raise RuntimeError(f"HTTP {response.status}: {body[:200]!r}")
+                json.loads(body)
+
+        await _drive(n, concurrency, one)
+
+
+async def _httpx_loop(url: str, tokens: Sequence[str], n: int, concurrency: int) -> None:
+    import httpx
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(limits=limits, trust_env=False) as client:
+
+        async def one(i: int) -> None:
+            response = await client.post(url, data=_form(tokens[i % len(tokens)]))
+            if response.status_code != 200:
+                raise RuntimeError(f"HTTP {response.status_code}")
+            response.json()
+
+        await _drive(n, concurrency, one)
+
+
+LOOPS = {"aiohttp": _aiohttp_loop, "httpx": _httpx_loop}
+
+
+def bare_loop(
+    client: str, url: str, tokens: Sequence[str], n: int, concurrency: int
+) -> dict[str, float]:
+    cpu, wall = time.process_time(), time.perf_counter()
+    asyncio.run(LOOPS[client](url, tokens, n, concurrency))
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return {
+        "concurrency": concurrency,
+        "refreshes": n,
+        "per_second": n / wall,
+        "cpu_ms_per_refresh": 1000 * cpu / n,
+    }
+
+
+# --------------------------------------------------------------------------- (a) + (c)
+
+
+def throughput(args: argparse.Namespace) -> dict[str, Any]:
+    n = args.sets
+    levels = [int(c) for c in args.concurrency.split(",")]
+    report: dict[str, Any] = {
+        "benchmark": "throughput",
+        "sets": n,
+        "latency_s": args.latency,
+        "bare": {},
+    }
+    with tempfile.TemporaryDirectory(prefix="refresherd-bench-") as tmp:
+        workdir = Path(tmp)
+        with fake_idp(workdir, tokens=n, latency=args.latency) as idp:
+            tokens = [str(t["refresh_token"]) for t in idp.tokens]
+            bare_loop("aiohttp", idp.token_url, tokens, min(n, 200), 4)  # warm-up
+            for client in ("httpx", "aiohttp"):
+                runs = [bare_loop(client, idp.token_url, tokens, n, c) for c in levels]
+                best = max(runs, key=lambda r: r["per_second"])
+                report["bare"][client] = {"runs": runs, "best": best}
+            # The daemon refreshes the same sets once each: all due at once (no access token).
+            lines = workdir / "import.jsonl"
+            with lines.open("w", encoding="utf-8") as f:
+                for i, token in enumerate(tokens):
+                    row = {"id": f"ts-{i}", "provider": PROVIDER, "refresh_token": token}
+                    f.write(json.dumps(row) + "\n")
+            config, port = write_config(
+                workdir,
+                idp.token_url,
+                concurrency=args.daemon_concurrency,
+                usage="reuse",
+                log_level=args.log_level,
+            )
+            report["import_s"] = import_tokens(config, lines)
+            with daemon(config, port, workdir) as d:
+                report["startup_s"] = d.startup
+                first = None
+                cpu0 = d.cpu_seconds()
+                done0 = 0.0
+                deadline = time.monotonic() + max(120.0, n / 50)
+                while True:
+                    m = d.metrics()
+                    done = successes(m) + failures(m)
+                    now = time.perf_counter()
+                    if first is None and done > 0:
+                        first, done0, cpu0 = now, done, d.cpu_seconds()
+                    if done >= n or time.monotonic() > deadline:
+                        break
+                    time.sleep(0.05)
+                elapsed = now - (first or now)
+                counted = done - done0
+                report["daemon"] = {
+                    "concurrency": args.daemon_concurrency,
+                    "refreshes": int(successes(m)),
+                    "failures": int(failures(m)),
+                    "per_second": counted / elapsed if elapsed > 0 else None,
+                    "cpu_ms_per_refresh": (
+                        1000 * (d.cpu_seconds() - cpu0) / counted if counted else None
+                    ),
+                    "rss_mb": d.status("VmRSS") / 1024,
+                }
+    daemon_rate = report["daemon"]["per_second"] or 0.0
+    report["ratio_vs_aiohttp"] = daemon_rate / report["bare"]["aiohttp"]["best"]["per_second"]
+    report["ratio_vs_httpx"] = daemon_rate / report["bare"]["httpx"]["best"]["per_second"]
+    return report
+
+
+def print_throughput(r: dict[str, Any]) -> None:
+    print(f"\n## throughput: {r['sets']} refreshes, IdP latency {r['latency_s'] * 1000:.0f} ms\n")
+    print("| client | concurrency | refreshes/s | CPU ms/refresh |")
+    print("|---|---:|---:|---:|")
+    for client, data in r["bare"].items():
+        for run in data["runs"]:
+            mark = " (best)" if run is data["best"] or run == data["best"] else ""
+            print(
+                f"| bare {client}{mark} | {run['concurrency']} | {run['per_second']:.0f} |"
+                f" {run['cpu_ms_per_refresh']:.2f} |"
+            )
+    d = r["daemon"]
+    rate = f"{d['per_second']:.0f}" if d["per_second"] else "n/a"
+    cpu = f"{d['cpu_ms_per_refresh']:.2f}" if d["cpu_ms_per_refresh"] else "n/a"
+    print(f"| refresherd daemon | {d['concurrency']} | {rate} | {cpu} |")
+    print(
+        f"\ndaemon / bare aiohttp = {r['ratio_vs_aiohttp']:.2f}; "
+        f"daemon / bare httpx = {r['ratio_vs_httpx']:.2f}; "
+        f"failures {d['failures']}; import {r['import_s']:.2f} s; start-up {r['startup_s']:.2f} s"
+    )
+
+
+# --------------------------------------------------------------------------- (b) + (c)
+
+
+def scale_one(args: argparse.Namespace, size: int) -> dict[str, Any]:
+    window = min(size, int(args.rate * args.window))
+    with tempfile.TemporaryDirectory(prefix="refresherd-bench-") as tmp:
+        workdir = Path(tmp)
+        with fake_idp(workdir, tokens=window, latency=args.latency, usage="one_time") as idp:
+            lines = workdir / "import.jsonl"
+            with lines.open("w", encoding="utf-8") as f:
+                for i in range(size):
+                    if i < window:
+                        row = dict(idp.tokens[i])
+                    else:  # never due during the run: the IdP need not know them
+                        row = {
+                            "refresh_token": f"rt_filler_{i:07d}_{os.urandom(12).hex()}",
+                            "access_token": f"at_filler_{i:07d}_{os.urandom(12).hex()}",
+                            "token_type": "Bearer",
+                            "expires_in": 3600,
+                        }
+                    row.update(id=f"ts-{i:07d}", provider=PROVIDER)
+                    f.write(json.dumps(row) + "\n")
+            # import_spread = 0: the filler stays due 43-48 minutes out, after the run.
+            config, port = write_config(
+                workdir,
+                idp.token_url,
+                concurrency=args.daemon_concurrency,
+                usage="one_time",
+                log_level=args.log_level,
+                import_spread=0.0,
+            )
+            import_s = import_tokens(config, lines)
+            lines.unlink()
+            # The window: `window` sets due one after another at `rate` per second, from t0.
+            t0 = time.time() + args.lead
+            planned = {f"ts-{i:07d}": t0 + i / args.rate for i in range(window)}
+            with sqlite3.connect(workdir / "tokens.db") as db:
+                db.executemany(
+                    "UPDATE token_sets SET next_refresh_at = ? WHERE id = ?",
+                    [(at, ts) for ts, at in planned.items()],
+                )
+            with daemon(config, port, workdir) as d:
+                rss_idle = d.status("VmRSS")
+                cpu0, done0 = d.cpu_seconds(), 0.0
+                end = t0 + window / args.rate
+                deadline = end + args.drain
+                while time.time() < deadline:
+                    m = d.metrics()
+                    if time.time() < t0:
+                        cpu0, done0 = d.cpu_seconds(), successes(m) + failures(m)
+                    elif successes(m) + failures(m) >= window:
+                        break
+                    time.sleep(0.1)
+                m = d.metrics()
+                done = successes(m) + failures(m) - done0
+                cpu = d.cpu_seconds() - cpu0
+                rss, hwm = d.status("VmRSS"), d.status("VmHWM")
+                startup = d.startup
+            with sqlite3.connect(workdir / "tokens.db") as db:
+                rows = db.execute(
+                    "SELECT id, last_refresh_at FROM token_sets WHERE last_refresh_at IS NOT NULL"
+                ).fetchall()
+    late = [at - planned[ts] for ts, at in rows if ts in planned]
+    return {
+        "sets": size,
+        "due_in_window": window,
+        "due_rate_per_s": args.rate,
+        "latency_s": args.latency,
+        "import_s": import_s,
+        "startup_s": startup,
+        "rss_mb_after_start": rss_idle / 1024,
+        "rss_mb": rss / 1024,
+        "peak_rss_mb": hwm / 1024,
+        "refreshed": len(late),
+        "failures": int(failures(m)),
+        # Completion time minus planned time, per set, from the database (includes the IdP's
+        # latency); and the daemon's own histogram (start minus planned, bucketed).
+        "lateness_p50_s": percentile(late, 0.5) if late else None,
+        "lateness_p99_s": percentile(late, 0.99) if late else None,
+        "lateness_max_s": max(late) if late else None,
+        "histogram_lateness_p50_s": histogram_quantile(
+            m, "refresherd_refresh_lateness_seconds", 0.5
+        ),
+        "histogram_lateness_p99_s": histogram_quantile(
+            m, "refresherd_refresh_lateness_seconds", 0.99
+        ),
+        "cpu_ms_per_refresh": 1000 * cpu / done if done else None,
+        "mean_lateness_s": statistics.fmean(late) if late else None,
+    }
+
+
+def scale(args: argparse.Namespace) -> dict[str, Any]:
+    sizes = [int(s) for s in args.sizes.split(",")]
+    results = []
+    for size in sizes:
+        results.append(scale_one(args, size))
+        print_scale_row(results[-1], header=len(results) == 1)
+    return {"benchmark": "scale", "runs": results}
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def print_scale_row(r: dict[str, Any], *, header: bool) -> None:
+    if header:
+        print(
+            f"\n## scale: {r['due_rate_per_s']:.0f} due/s, IdP latency "
+            f"{r['latency_s'] * 1000:.0f} ms\n"
+        )
+        print(
+            "| token sets | import s | start-up s | RSS MB (peak) | refreshed / due |"
+            " lateness p50 s | p99 s | max s | CPU ms/refresh |"
+        )
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(
+        f"| {r['sets']:,} | {r['import_s']:.1f} | {r['startup_s']:.2f} |"
+        f" {r['rss_mb']:.0f} ({r['peak_rss_mb']:.0f}) |"
+        f" {r['refreshed']:,} / {r['due_in_window']:,} |"
+        f" {_fmt(r['lateness_p50_s'], '.3f')} | {_fmt(r['lateness_p99_s'], '.3f')} |"
+        f" {_fmt(r['lateness_max_s'], '.3f')} | {_fmt(r['cpu_ms_per_refresh'], '.2f')} |",
+        flush=True,
+    )
+
+
+# --------------------------------------------------------------------------- main
+
+
+def machine() -> dict[str, Any]:
+    model = "unknown"
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": model,
+        "python": sys.version.split()[0],
+        "load_1m": os.getloadavg()[0],
+    }
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python bench/run.py", description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, help="also write the report as JSON here")
+    p.add_argument("--log-level", default="info", help="the daemon's (default: info, as run)")
+    p.add_argument("--daemon-concurrency", type=int, default=64)
+    sub = p.add_subparsers(dest="benchmark", required=True)
+    t = sub.add_parser("throughput", help="(a)+(c): daemon vs bare httpx and aiohttp loops")
+    t.add_argument("--sets", type=int, default=3000)
+    t.add_argument("--latency", type=float, default=0.0, help="IdP latency, seconds")
+    t.add_argument("--concurrency", default="4,16,64", help="bare-loop levels to try")
+    s = sub.add_parser("scale", help="(b)+(c): import, start-up, memory, lateness")
+    s.add_argument("--sizes", default="10000,100000,1000000")
+    s.add_argument("--rate", type=float, default=350.0, help="refreshes due per second")
+    s.add_argument("--window", type=float, default=30.0, help="seconds of due refreshes")
+    s.add_argument("--latency", type=float, default=0.05, help="IdP latency, seconds")
+    s.add_argument("--lead", type=float, default=15.0, help="seconds from import to first due")
+    s.add_argument("--drain", type=float, default=30.0, help="seconds to wait after the window")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    report = throughput(args) if args.benchmark == "throughput" else scale(args)
+    report["machine"] = machine()
+    if args.benchmark == "throughput":
+        print_throughput(report)
+    print(f"\nmachine: {json.dumps(report['machine'])}")
+    if args.out is not None:
+        args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

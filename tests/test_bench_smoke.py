@@ -1,0 +1,70 @@
+"""bench/run.py works end to end on a tiny run: it starts the fake IdP and the daemon, refreshes,
+and writes its report. Nothing about speed is checked (benchmarks are separate from tests)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "bench" / "run.py"
+
+
+def run_bench(tmp_path: Path, *args: str) -> dict[str, object]:
+    out = tmp_path / "report.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCH), "--out", str(out), "--log-level", "warning", *args],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=REPO,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "machine:" in done.stdout
+    report = json.loads(out.read_text(encoding="utf-8"))
+    assert isinstance(report, dict)
+    return report
+
+
+@pytest.mark.slow
+def test_throughput_bench_reports_daemon_and_bare_loops(tmp_path: Path) -> None:
+    report = run_bench(tmp_path, "throughput", "--sets", "200", "--concurrency", "4")
+    daemon = report["daemon"]
+    assert isinstance(daemon, dict)
+    # Every set was refreshed exactly once, none failed: the daemon did the real work.
+    assert (daemon["refreshes"], daemon["failures"]) == (200, 0)
+    bare = report["bare"]
+    assert isinstance(bare, dict) and set(bare) == {"httpx", "aiohttp"}
+    for key in ("ratio_vs_aiohttp", "ratio_vs_httpx", "import_s", "startup_s", "machine"):
+        assert key in report
+
+
+@pytest.mark.slow
+def test_scale_bench_reports_lateness_memory_and_startup(tmp_path: Path) -> None:
+    report = run_bench(
+        tmp_path,
+        "scale",
+        "--sizes",
+        "300",
+        "--rate",
+        "50",
+        "--window",
+        "2",
+        "--latency",
+        "0.01",
+        "--lead",
+        "4",
+        "--drain",
+        "20",
+    )
+    runs = report["runs"]
+    assert isinstance(runs, list) and len(runs) == 1
+    run = runs[0]
+    # The 100 sets of the window were refreshed, the 200 others (due an hour out) were not.
+    assert (run["due_in_window"], run["refreshed"], run["failures"]) == (100, 100, 0)
+    for key in ("import_s", "startup_s", "rss_mb", "lateness_p99_s", "cpu_ms_per_refresh"):
+        assert run[key] is not None
