@@ -172,6 +172,67 @@ class Daemon:
 
 
 @contextmanager
+def profiled(pid: int, out: Path | None, seconds: float) -> Iterator[None]:
+    """py-spy (if installed) sampling ``pid`` for ``seconds``, every thread, idle included, as
+    folded stacks; ``summarize_profile`` prints where the time went."""
+    if out is None:
+        yield
+        return
+    spy = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("py-spy")),
+            "record",
+            "--pid",
+            str(pid),
+            "--duration",
+            str(max(1, int(seconds))),
+            "--idle",
+            "--threads",
+            "--format",
+            "raw",
+            "--nonblocking",
+            "--output",
+            str(out),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield
+    finally:
+        spy.wait()
+        summarize_profile(out)
+
+
+def summarize_profile(path: Path, top: int = 25) -> None:
+    """Per thread: the share of samples in each of our (and the libraries') frames."""
+    if not path.exists():
+        print(f"(no profile: is py-spy installed? {path})")
+        return
+    total: dict[str, int] = {}
+    inclusive: dict[tuple[str, str], int] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")
+        thread, n = frames[0], int(count)
+        total[thread] = total.get(thread, 0) + n
+        seen = set()
+        for frame in frames[1:]:
+            name = frame.split(" (")[0]
+            where = frame.rsplit("/", 1)[-1].split(":")[0] if "(" in frame else ""
+            key = (thread, f"{name} ({where}")
+            if key not in seen:
+                seen.add(key)
+                inclusive[key] = inclusive.get(key, 0) + n
+    print(f"\nprofile {path}:")
+    for thread, n in sorted(total.items(), key=lambda kv: -kv[1]):
+        print(f"  {thread}: {n} samples")
+        rows = sorted(((v, k[1]) for k, v in inclusive.items() if k[0] == thread), reverse=True)
+        for v, name in rows[:top]:
+            print(f"    {100 * v / n:5.1f}%  {name}")
+
+
+@contextmanager
 def daemon(config: Path, port: int, workdir: Path) -> Iterator[Daemon]:
     log = (workdir / "daemon.log").open("wb")
     started = time.perf_counter()
@@ -356,7 +417,10 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
                 log_level=args.log_level,
             )
             report["import_s"] = import_tokens(config, lines)
-            with daemon(config, port, workdir) as d:
+            with (
+                daemon(config, port, workdir) as d,
+                profiled(d.process.pid, args.profile, args.profile_seconds),
+            ):
                 report["startup_s"] = d.startup
                 first = None
                 cpu0 = d.cpu_seconds()
@@ -452,7 +516,10 @@ def scale_one(args: argparse.Namespace, size: int) -> dict[str, Any]:
                     "UPDATE token_sets SET next_refresh_at = ? WHERE id = ?",
                     [(at, ts) for ts, at in planned.items()],
                 )
-            with daemon(config, port, workdir) as d:
+            with (
+                daemon(config, port, workdir) as d,
+                profiled(d.process.pid, args.profile, args.lead + window / args.rate),
+            ):
                 rss_idle = d.status("VmRSS")
                 cpu0, done0 = d.cpu_seconds(), 0.0
                 end = t0 + window / args.rate
@@ -559,6 +626,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="also write the report as JSON here")
     p.add_argument("--log-level", default="info", help="the daemon's (default: info, as run)")
     p.add_argument("--daemon-concurrency", type=int, default=64)
+    p.add_argument("--profile", type=Path, help="py-spy the daemon into this file (raw)")
+    p.add_argument("--profile-seconds", type=float, default=10.0)
     sub = p.add_subparsers(dest="benchmark", required=True)
     t = sub.add_parser("throughput", help="(a)+(c): daemon vs bare httpx and aiohttp loops")
     t.add_argument("--sets", type=int, default=3000)
