@@ -8,11 +8,12 @@ refresher promise "persisted before used or reported".
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -189,11 +190,35 @@ def _create_private_file(path: Path) -> None:
     os.close(fd)
 
 
+@dataclass(slots=True, eq=False)
+class _PendingWrite:
+    sql: str
+    params: dict[str, Any]
+    rows: list[sqlite3.Row] = field(default_factory=list)
+    error: sqlite3.Error | None = None
+    done: bool = False
+
+
+def _fail_all(batch: list[_PendingWrite], exc: sqlite3.Error) -> None:
+    for item in batch:
+        item.rows = []
+        item.error = exc
+        item.done = True
+
+
 class Store:
     def __init__(self, path: Path, conn: aiosqlite.Connection) -> None:
         self.path = path
         self._conn = conn
         self._lock = anyio.Lock()
+        # Writes waiting for the next group commit (see _write), and what it achieved: single
+        # writes asked for and transactions committed (writes / commits = the group size).
+        self._pending: list[_PendingWrite] = []
+        self.writes = 0
+        self.commits = 0
+        # Opened on first use by _report.
+        self._report_conn: aiosqlite.Connection | None = None
+        self._report_lock = anyio.Lock()
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -270,7 +295,11 @@ class Store:
                 await self._conn.execute(f"PRAGMA user_version = {index + 1}")
 
     async def close(self) -> None:
-        await self._conn.close()
+        try:
+            if self._report_conn is not None:
+                await self._report_conn.close()
+        finally:
+            await self._conn.close()
 
     async def schema_version(self) -> int:
         return int(await self._fetch_value("PRAGMA user_version"))
@@ -311,21 +340,87 @@ class Store:
 
     async def _write(self, sql: str, params: dict[str, Any]) -> list[sqlite3.Row]:
         """One statement, committed before returning, shielded from cancellation: a write that
-        SQLite may already have committed must not be abandoned half-way by its caller."""
+        SQLite may already have committed must not be abandoned half-way by its caller.
+
+        Group commit: writes that arrive while another batch holds the lock queue up, and the
+        first of them to get the lock commits all that are queued in one transaction — one
+        fsync for many grants under load, one statement alone (no BEGIN) when there is none.
+        """
+        item = _PendingWrite(sql, params)
+        self._pending.append(item)
+        self.writes += 1
         with anyio.CancelScope(shield=True):
             async with self._lock:
-                try:
-                    async with self._conn.execute(sql, params) as cur:
-                        rows = list(await cur.fetchall())
-                except sqlite3.Error as exc:
-                    raise StoreError(f"database {self.path}: {exc}") from exc
-        return rows
+                if not item.done:
+                    batch, self._pending = self._pending, []
+                    await self._commit_batch(batch)
+        if item.error is not None:
+            raise StoreError(f"database {self.path}: {item.error}") from item.error
+        return item.rows
+
+    async def _commit_batch(self, batch: list[_PendingWrite]) -> None:
+        """Run ``batch`` as one transaction; every item ends done, with rows or an error. The
+        caller holds the lock. An error that ends the transaction fails every item in it (none
+        of them is committed); one that only undoes its own statement fails that item alone."""
+        if len(batch) == 1:
+            item = batch[0]
+            try:
+                item.rows = list(await self._conn.execute_fetchall(item.sql, item.params))
+            except sqlite3.Error as exc:
+                item.error = exc
+            else:
+                self.commits += 1
+            item.done = True
+            return
+        try:
+            await self._conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            _fail_all(batch, exc)
+            return
+        for item in batch:
+            try:
+                # One hop to SQLite's thread per statement (execute + fetch + close).
+                item.rows = list(await self._conn.execute_fetchall(item.sql, item.params))
+            except sqlite3.Error as exc:
+                item.error = exc
+                if not self._conn.in_transaction:
+                    _fail_all(batch, exc)
+                    return
+        try:
+            await self._conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                await self._conn.execute("ROLLBACK")
+            _fail_all(batch, exc)
+            return
+        self.commits += 1
+        for item in batch:
+            item.done = True
 
     async def _read(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[Any]:
         async with self._lock:
             try:
-                async with self._conn.execute(sql, params) as cur:
-                    return list(await cur.fetchall())
+                return list(await self._conn.execute_fetchall(sql, params))
+            except sqlite3.Error as exc:
+                raise StoreError(f"database {self.path}: {exc}") from exc
+
+    async def _report(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[Any]:
+        """A read for gauges and listings, on a second connection (its own thread; WAL lets it
+        read beside the writer), so that scanning many token sets never delays a claim or a
+        grant on the main connection."""
+        async with self._report_lock:
+            try:
+                if self._report_conn is None:
+                    conn = await aiosqlite.connect(str(self.path), isolation_level=None)
+                    try:
+                        conn.row_factory = sqlite3.Row
+                        await conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+                        await conn.execute("PRAGMA query_only = 1")
+                    except BaseException:
+                        await conn.close()
+                        raise
+                    self._report_conn = conn
+                return list(await self._report_conn.execute_fetchall(sql, params))
             except sqlite3.Error as exc:
                 raise StoreError(f"database {self.path}: {exc}") from exc
 
@@ -411,9 +506,9 @@ class Store:
     async def page(self, *, after: str | None = None, limit: int = 500) -> list[TokenSet]:
         """Token sets in id order after ``after``: keyset pagination, never all in memory."""
         if after is None:
-            rows = await self._read("SELECT * FROM token_sets ORDER BY id LIMIT ?", (limit,))
+            rows = await self._report("SELECT * FROM token_sets ORDER BY id LIMIT ?", (limit,))
         else:
-            rows = await self._read(
+            rows = await self._report(
                 "SELECT * FROM token_sets WHERE id > ? ORDER BY id LIMIT ?", (after, limit)
             )
         return [_row_to_token_set(r) for r in rows]
@@ -440,7 +535,7 @@ class Store:
         or, failing that, the provider's configured lifetime."""
         result: dict[str, float] = {}
         for provider, lifetime in lifetimes.items():
-            rows = await self._read(
+            rows = await self._report(
                 "SELECT min(coalesce(refresh_expires_at,"
                 " created_at + coalesce(refresh_token_lifetime, :lifetime)))"
                 " FROM token_sets WHERE provider = :provider AND state != 'invalidated'",
@@ -456,7 +551,7 @@ class Store:
         """A provider's live token sets whose absolute refresh-token expiry (as in
         :meth:`refresh_expiry_soonest`) is at or before ``until`` and was not yet warned about
         at that very expiry, soonest first, with that expiry; at most ``limit``."""
-        rows = await self._read(
+        rows = await self._report(
             "SELECT * FROM (SELECT *, coalesce(refresh_expires_at, created_at"
             " + coalesce(refresh_token_lifetime, :lifetime)) AS refresh_expiry FROM token_sets"
             " WHERE provider = :provider AND state != 'invalidated')"
@@ -474,7 +569,7 @@ class Store:
         before ``until``."""
         result: dict[str, int] = {}
         for provider, lifetime in lifetimes.items():
-            rows = await self._read(
+            rows = await self._report(
                 "SELECT count(*) FROM token_sets WHERE provider = :provider"
                 " AND state != 'invalidated' AND coalesce(refresh_expires_at,"
                 " created_at + coalesce(refresh_token_lifetime, :lifetime)) <= :until",
@@ -491,7 +586,7 @@ class Store:
         )
 
     async def counts(self) -> dict[tuple[str, str], int]:
-        rows = await self._read(
+        rows = await self._report(
             "SELECT provider, state, count(*) FROM token_sets GROUP BY provider, state"
         )
         return {(r[0], r[1]): r[2] for r in rows}
@@ -499,7 +594,7 @@ class Store:
     async def expired_counts(self, *, now: float) -> dict[str, int]:
         """Per provider, the token sets still in use (not invalidated) whose access token has
         expired: one aggregate query; a set without a known expiry is not counted."""
-        rows = await self._read(
+        rows = await self._report(
             "SELECT provider, count(*) FROM token_sets"
             " WHERE state != 'invalidated' AND expires_at < ? GROUP BY provider",
             (now,),
