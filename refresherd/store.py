@@ -9,6 +9,7 @@ refresher promise "persisted before used or reported".
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import sqlite3
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -92,6 +93,25 @@ MIGRATIONS: Final[tuple[str, ...]] = (
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
+# The columns a new token set is inserted with (add_many, import_stream).
+_COLUMNS: Final = (
+    "id, provider, access_token, refresh_token, token_type, scope, expires_at, next_refresh_at,"
+    " refresh_expires_at, refresh_token_usage, grace_period, refresh_token_lifetime,"
+    " refresh_token_idle_lifetime, refresh_mode, created_at, updated_at"
+)
+_INSERT: Final = (
+    "INSERT INTO {table} (" + _COLUMNS + ") VALUES (:id, :provider, :access_token,"
+    " :refresh_token, :token_type, :scope, :expires_at, :next_refresh_at, :refresh_expires_at,"
+    " :usage, :grace_period, :lifetime, :idle_lifetime, :mode, :now, :now)"
+)
+# import_stream's staging table: the inserted columns, with the key that catches a repeated id.
+_STAGING: Final = (
+    "CREATE TEMP TABLE import_staging (id TEXT PRIMARY KEY NOT NULL, provider, access_token,"
+    " refresh_token, token_type, scope, expires_at, next_refresh_at, refresh_expires_at,"
+    " refresh_token_usage, grace_period, refresh_token_lifetime, refresh_token_idle_lifetime,"
+    " refresh_mode, created_at, updated_at)"
+)
+
 
 class StoreError(Exception):
     """The database could not do what was asked. Never carries a token value."""
@@ -118,6 +138,26 @@ class NewTokenSet:
     refresh_token_lifetime: float | None = None
     refresh_token_idle_lifetime: float | None = None
     refresh_mode: RefreshMode | None = None
+
+
+def _insert_params(n: NewTokenSet, now: float) -> dict[str, Any]:
+    return {
+        "id": n.id,
+        "provider": n.provider,
+        "access_token": n.access_token.reveal() if n.access_token else None,
+        "refresh_token": n.refresh_token.reveal(),
+        "token_type": n.token_type,
+        "scope": n.scope,
+        "expires_at": n.expires_at,
+        "next_refresh_at": n.next_refresh_at,
+        "refresh_expires_at": n.refresh_expires_at,
+        "usage": n.refresh_token_usage.value if n.refresh_token_usage else None,
+        "grace_period": n.grace_period,
+        "lifetime": n.refresh_token_lifetime,
+        "idle_lifetime": n.refresh_token_idle_lifetime,
+        "mode": n.refresh_mode.value if n.refresh_mode else None,
+        "now": now,
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -432,41 +472,12 @@ class Store:
     async def add_many(self, items: Iterable[NewTokenSet], *, now: float) -> int:
         """Insert all or nothing. An id that exists already (or twice) raises TokenSetExists."""
         items = list(items)
-        rows = [
-            {
-                "id": n.id,
-                "provider": n.provider,
-                "access_token": n.access_token.reveal() if n.access_token else None,
-                "refresh_token": n.refresh_token.reveal(),
-                "token_type": n.token_type,
-                "scope": n.scope,
-                "expires_at": n.expires_at,
-                "next_refresh_at": n.next_refresh_at,
-                "refresh_expires_at": n.refresh_expires_at,
-                "usage": n.refresh_token_usage.value if n.refresh_token_usage else None,
-                "grace_period": n.grace_period,
-                "lifetime": n.refresh_token_lifetime,
-                "idle_lifetime": n.refresh_token_idle_lifetime,
-                "mode": n.refresh_mode.value if n.refresh_mode else None,
-                "now": now,
-            }
-            for n in items
-        ]
+        rows = [_insert_params(n, now) for n in items]
         with anyio.CancelScope(shield=True):
             async with self._lock:
                 try:
                     async with self._transaction():
-                        await self._conn.executemany(
-                            "INSERT INTO token_sets (id, provider, access_token, refresh_token,"
-                            " token_type, scope, expires_at, next_refresh_at, refresh_expires_at,"
-                            " refresh_token_usage, grace_period, refresh_token_lifetime,"
-                            " refresh_token_idle_lifetime, refresh_mode,"
-                            " created_at, updated_at) VALUES (:id, :provider, :access_token,"
-                            " :refresh_token, :token_type, :scope, :expires_at, :next_refresh_at,"
-                            " :refresh_expires_at, :usage, :grace_period, :lifetime,"
-                            " :idle_lifetime, :mode, :now, :now)",
-                            rows,
-                        )
+                        await self._conn.executemany(_INSERT.format(table="token_sets"), rows)
                 except sqlite3.IntegrityError as exc:
                     try:
                         message = await self._conflict([n.id for n in items])
@@ -478,6 +489,75 @@ class Store:
                 except sqlite3.Error as exc:
                     raise StoreError(f"database {self.path}: {exc}") from exc
         return len(rows)
+
+    async def import_stream(self, items: Iterable[tuple[str, NewTokenSet]], *, now: float) -> int:
+        """Insert all or nothing, from an iterable of any size, in bounded memory.
+
+        The rows go to a staging table in this connection's temporary database first (on disk
+        when large, with no lock on the token database), so a bad input line, raised by
+        ``items``, leaves the database untouched; then one ``INSERT … SELECT`` moves them in,
+        holding the write lock only for that. Each item comes with where it was read (a line),
+        for the error. Raises TokenSetExists naming the first id that is stored already or
+        appears twice in the input (with its ``where``).
+        """
+        # The lock for the whole import: its staging transaction must not meet another
+        # coroutine's writes on this connection.
+        async with self._lock:
+            try:
+                await self._conn.execute("DROP TABLE IF EXISTS temp.import_staging")
+                await self._conn.execute(_STAGING)
+                try:
+                    count = await self._stage(items, now)
+                    with anyio.CancelScope(shield=True):
+                        async with self._transaction():
+                            await self._move_staged()
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await self._conn.execute("DROP TABLE IF EXISTS temp.import_staging")
+            except sqlite3.Error as exc:
+                raise StoreError(f"database {self.path}: {exc}") from exc
+        return count
+
+    async def _move_staged(self) -> None:
+        try:
+            await self._conn.execute(
+                f"INSERT INTO main.token_sets ({_COLUMNS})"
+                f" SELECT {_COLUMNS} FROM temp.import_staging"
+            )
+        except sqlite3.IntegrityError:
+            taken = await self._fetch_value(
+                "SELECT s.id FROM temp.import_staging s"
+                " JOIN main.token_sets t ON t.id = s.id LIMIT 1"
+            )
+            if taken is None:
+                raise
+            raise TokenSetExists(f"token set {taken!r} exists already (remove it first)") from None
+
+    async def _stage(self, items: Iterable[tuple[str, NewTokenSet]], now: float) -> int:
+        count = 0
+        iterator = iter(items)
+        await self._conn.execute("BEGIN")
+        try:
+            while chunk := list(itertools.islice(iterator, 5000)):
+                try:
+                    await self._conn.executemany(
+                        _INSERT.format(table="temp.import_staging"),
+                        [_insert_params(n, now) for _, n in chunk],
+                    )
+                except sqlite3.IntegrityError:
+                    # executemany stops at the failing row: the ones before it are in.
+                    done = await self._fetch_value("SELECT count(*) FROM temp.import_staging")
+                    where, repeated = chunk[done - count]
+                    raise TokenSetExists(
+                        f"{where}: token set {repeated.id!r} appears twice in the input"
+                    ) from None
+                count += len(chunk)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._conn.execute("ROLLBACK")
+            raise
+        await self._conn.execute("COMMIT")
+        return count
 
     async def _conflict(self, ids: Sequence[str]) -> str | None:
         """Name the first of ``ids`` that is stored already or repeats an earlier one (SQLite's

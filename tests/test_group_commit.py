@@ -4,14 +4,14 @@ committed before its caller hears of it, and a failure confined to what it reall
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import anyio
 import pytest
 
 from refresherd.model import Secret
-from refresherd.store import NewTokenSet, Store, StoreError
+from refresherd.store import NewTokenSet, Store, StoreError, TokenSetExists
 
 NOW = 1_700_000_000.0
 OWNER = "host-a-1-00000000"
@@ -146,3 +146,48 @@ async def test_a_full_disk_fails_every_write_of_the_group_and_commits_none(
     await store._write("PRAGMA max_page_count = 1073741823", {})
     await grant(store, 0)
     assert committed_refresh_token(store.path, "s0") == "rt-0-2"
+
+
+# --------------------------------------------------------------------------- streamed import
+
+
+def numbered(ids: list[str]) -> list[tuple[str, NewTokenSet]]:
+    return [
+        (
+            f"in:{n}",
+            NewTokenSet(
+                id=token_set_id,
+                provider="p",
+                refresh_token=Secret(f"rt-{token_set_id}"),
+                access_token=None,
+                expires_at=None,
+                next_refresh_at=NOW,
+            ),
+        )
+        for n, token_set_id in enumerate(ids, start=1)
+    ]
+
+
+@pytest.mark.anyio
+async def test_a_streamed_import_is_all_or_nothing_across_chunks(store: Store) -> None:
+    before = await store.counts()
+    ids = [f"x{i}" for i in range(12_000)]
+    # A repeat in a later chunk than its first appearance, named with where it was read.
+    with pytest.raises(TokenSetExists, match=r"in:11001: token set 'x7' appears twice"):
+        await store.import_stream(numbered([*ids[:11_000], "x7"]), now=NOW)
+    # An id the database holds already.
+    with pytest.raises(TokenSetExists, match="'s5' exists already"):
+        await store.import_stream(numbered([*ids, "s5"]), now=NOW)
+
+    # A bad line raised by the input itself, half-way.
+    def broken() -> Iterator[tuple[str, NewTokenSet]]:
+        yield from numbered(ids[:7000])
+        raise ValueError("in:7001: not valid JSON")
+
+    with pytest.raises(ValueError, match="in:7001"):
+        await store.import_stream(broken(), now=NOW)
+    assert await store.counts() == before
+    assert await store.import_stream(numbered(ids), now=NOW) == 12_000
+    assert (await store.counts())[("p", "active")] == 64 + 12_000
+    # Nothing is left behind: a second import on the same connection works the same way.
+    assert await store.import_stream(numbered(["y1", "y2"]), now=NOW) == 2
