@@ -235,11 +235,11 @@ class _PendingWrite:
     sql: str
     params: dict[str, Any]
     rows: list[sqlite3.Row] = field(default_factory=list)
-    error: sqlite3.Error | None = None
+    error: BaseException | None = None
     done: bool = False
 
 
-def _fail_all(batch: list[_PendingWrite], exc: sqlite3.Error) -> None:
+def _fail_all(batch: list[_PendingWrite], exc: BaseException) -> None:
     for item in batch:
         item.rows = []
         item.error = exc
@@ -391,9 +391,18 @@ class Store:
         self.writes += 1
         with anyio.CancelScope(shield=True):
             async with self._lock:
+                # Not done means still pending: a leader marks every item of its batch done,
+                # however its batch ends.
                 if not item.done:
                     batch, self._pending = self._pending, []
-                    await self._commit_batch(batch)
+                    try:
+                        await self._commit_batch(batch)
+                    except BaseException as exc:
+                        _fail_all([i for i in batch if not i.done], exc)
+                        with contextlib.suppress(Exception):
+                            if self._conn.in_transaction:
+                                await self._conn.execute("ROLLBACK")
+                        raise
         if item.error is not None:
             raise StoreError(f"database {self.path}: {item.error}") from item.error
         return item.rows
