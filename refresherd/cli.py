@@ -30,7 +30,7 @@ from refresherd.config import (
 )
 from refresherd.daemon import Daemon, open_runtime
 from refresherd.discovery import EX_UNAVAILABLE, DiscoveryError
-from refresherd.intake import InputError, parse_lines, parse_single
+from refresherd.intake import InputError, iter_lines, parse_single
 from refresherd.model import State, TokenSet, rfc3339
 from refresherd.store import NewTokenSet, Store, StoreError, TokenSetExists
 
@@ -264,52 +264,66 @@ _COLUMNS = (
 
 
 def _read_input(config: Config, args: argparse.Namespace) -> list[NewTokenSet] | int:
-    """Parse what `tokens add` / `tokens import` were given, before touching the database."""
-    now = time.time()
-    rng = random.Random()
-    if args.tokens_command == "add":
-        if args.provider not in config.providers:
-            known = ", ".join(sorted(config.providers))
-            return _fail(
-                f"provider {args.provider!r} is not configured (known: {known})", EX_CONFIG
+    """Parse what `tokens add` was given, before touching the database."""
+    if args.provider not in config.providers:
+        known = ", ".join(sorted(config.providers))
+        return _fail(f"provider {args.provider!r} is not configured (known: {known})", EX_CONFIG)
+    try:
+        return [
+            parse_single(
+                sys.stdin.read(),
+                token_set_id=args.id,
+                provider=args.provider,
+                now=time.time(),
+                schedule=config.schedule,
+                rand=random.random(),
             )
-        try:
-            return [
-                parse_single(
-                    sys.stdin.read(),
-                    token_set_id=args.id,
-                    provider=args.provider,
-                    now=now,
-                    schedule=config.schedule,
-                    rand=rng.random(),
-                )
-            ]
-        except ValueError as exc:
-            return _fail(f"tokens add {args.id}: {exc}", EX_DATAERR)
+        ]
+    except ValueError as exc:
+        return _fail(f"tokens add {args.id}: {exc}", EX_DATAERR)
+
+
+async def _import(config: Config, args: argparse.Namespace) -> int:
+    """`tokens import`: streamed into the database all or nothing, in bounded memory, so that a
+    million lines need no more memory than a hundred."""
     source = "stdin" if args.file == "-" else args.file
     try:
-        stream = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")  # noqa: SIM115
+        # Blocking reads are fine here: the CLI does nothing else meanwhile.
+        stream = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")  # noqa: ASYNC230, SIM115
     except OSError as exc:
         return _fail(f"tokens import: cannot read {args.file}: {exc.strerror}", EX_NOINPUT)
+    now = time.time()
+    rng = random.Random()
+    items = iter_lines(
+        stream,
+        source=source,
+        providers=config.providers,
+        now=now,
+        schedule=config.schedule,
+        rand=iter(rng.random, None),
+    )
     try:
-        return parse_lines(
-            stream,
-            source=source,
-            providers=config.providers,
-            now=now,
-            schedule=config.schedule,
-            rand=iter(rng.random, None),
-        )
+        store = await Store.open(config.daemon.database)
+        try:
+            count = await store.import_stream(items, now=now)
+        finally:
+            await store.close()
     except (InputError, UnicodeDecodeError) as exc:
+        return _fail(f"tokens import: {exc}; nothing was imported", EX_DATAERR)
+    except TokenSetExists as exc:
         return _fail(f"tokens import: {exc}; nothing was imported", EX_DATAERR)
     finally:
         if stream is not sys.stdin:
             stream.close()
+    print(f"imported {count} token set(s)")
+    return 0
 
 
 async def _tokens(config: Config, args: argparse.Namespace) -> int:
     action = args.tokens_command
-    if action in ("add", "import"):
+    if action == "import":
+        return await _import(config, args)
+    if action == "add":
         items = _read_input(config, args)
         if isinstance(items, int):
             return items

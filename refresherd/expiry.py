@@ -26,6 +26,8 @@ from refresherd.store import Store, StoreError
 log = get_logger("refresherd.expiry")
 
 SCAN_INTERVAL: Final = 60.0
+# At most this share of the time goes to scanning (a million sets stretch the interval).
+SCAN_DUTY: Final = 0.05
 # Sets handled per query: the scan's memory is bounded by this, not by the number of sets.
 BATCH: Final = 500
 
@@ -54,12 +56,14 @@ class ExpiryWatcher:
 
     async def run(self) -> None:
         while True:
+            started = self.clock.monotonic()
             try:
                 await self.scan()
             except StoreError as exc:
                 self.metrics.storage_errors.inc()
                 log.warning("cannot check refresh-token expiry", error=str(exc))
-            await anyio.sleep(SCAN_INTERVAL)
+            took = self.clock.monotonic() - started
+            await anyio.sleep(max(SCAN_INTERVAL, took / SCAN_DUTY))
 
     async def scan(self) -> int:
         """One pass; returns how many token sets were warned about."""

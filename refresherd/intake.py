@@ -274,8 +274,33 @@ def parse_lines(
     rand: Iterator[float],
 ) -> list[NewTokenSet]:
     """JSON Lines of ``{"id", "provider", ...token response}``; the first bad line raises."""
-    items: list[NewTokenSet] = []
-    seen: set[str] = set()
+    return [
+        item
+        for _, item in iter_lines(
+            stream,
+            source=source,
+            providers=providers,
+            now=now,
+            schedule=schedule,
+            rand=rand,
+            seen=set(),
+        )
+    ]
+
+
+def iter_lines(
+    stream: IO[str],
+    *,
+    source: str,
+    providers: Mapping[str, object],
+    now: float,
+    schedule: ScheduleConfig,
+    rand: Iterator[float],
+    seen: set[str] | None = None,
+) -> Iterator[tuple[str, NewTokenSet]]:
+    """:func:`parse_lines` one ``(where, token set)`` at a time, for inputs too large to hold
+    in memory. An id repeated in the input is reported here only where ``seen`` is given (it
+    grows with the input); otherwise the store's import reports it, with its ``where``."""
     for number, line in enumerate(stream, start=1):
         where = f"{source}:{number}"
         if len(line) > MAX_LINE_BYTES:
@@ -303,20 +328,19 @@ def parse_lines(
             if provider not in providers:
                 known = ", ".join(sorted(providers))
                 raise ValueError(f"provider {provider!r} is not configured (known: {known})")
-            if token_set_id in seen:
-                raise ValueError(f"id {token_set_id!r} appears twice in the input")
-            seen.add(token_set_id)
-            items.append(
-                token_set_from_json(
-                    data,
-                    token_set_id=token_set_id,
-                    provider=provider,
-                    now=now,
-                    schedule=schedule,
-                    rand=next(rand),
-                    imported=True,
-                )
+            if seen is not None:
+                if token_set_id in seen:
+                    raise ValueError(f"id {token_set_id!r} appears twice in the input")
+                seen.add(token_set_id)
+            item = token_set_from_json(
+                data,
+                token_set_id=token_set_id,
+                provider=provider,
+                now=now,
+                schedule=schedule,
+                rand=next(rand),
+                imported=True,
             )
         except ValueError as exc:
             raise InputError(where, str(exc)) from None
-    return items
+        yield where, item

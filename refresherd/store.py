@@ -8,11 +8,13 @@ refresher promise "persisted before used or reported".
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
 import sqlite3
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -91,6 +93,25 @@ MIGRATIONS: Final[tuple[str, ...]] = (
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
+# The columns a new token set is inserted with (add_many, import_stream).
+_COLUMNS: Final = (
+    "id, provider, access_token, refresh_token, token_type, scope, expires_at, next_refresh_at,"
+    " refresh_expires_at, refresh_token_usage, grace_period, refresh_token_lifetime,"
+    " refresh_token_idle_lifetime, refresh_mode, created_at, updated_at"
+)
+_INSERT: Final = (
+    "INSERT INTO {table} (" + _COLUMNS + ") VALUES (:id, :provider, :access_token,"
+    " :refresh_token, :token_type, :scope, :expires_at, :next_refresh_at, :refresh_expires_at,"
+    " :usage, :grace_period, :lifetime, :idle_lifetime, :mode, :now, :now)"
+)
+# import_stream's staging table: the inserted columns, with the key that catches a repeated id.
+_STAGING: Final = (
+    "CREATE TEMP TABLE import_staging (id TEXT PRIMARY KEY NOT NULL, provider, access_token,"
+    " refresh_token, token_type, scope, expires_at, next_refresh_at, refresh_expires_at,"
+    " refresh_token_usage, grace_period, refresh_token_lifetime, refresh_token_idle_lifetime,"
+    " refresh_mode, created_at, updated_at)"
+)
+
 
 class StoreError(Exception):
     """The database could not do what was asked. Never carries a token value."""
@@ -117,6 +138,26 @@ class NewTokenSet:
     refresh_token_lifetime: float | None = None
     refresh_token_idle_lifetime: float | None = None
     refresh_mode: RefreshMode | None = None
+
+
+def _insert_params(n: NewTokenSet, now: float) -> dict[str, Any]:
+    return {
+        "id": n.id,
+        "provider": n.provider,
+        "access_token": n.access_token.reveal() if n.access_token else None,
+        "refresh_token": n.refresh_token.reveal(),
+        "token_type": n.token_type,
+        "scope": n.scope,
+        "expires_at": n.expires_at,
+        "next_refresh_at": n.next_refresh_at,
+        "refresh_expires_at": n.refresh_expires_at,
+        "usage": n.refresh_token_usage.value if n.refresh_token_usage else None,
+        "grace_period": n.grace_period,
+        "lifetime": n.refresh_token_lifetime,
+        "idle_lifetime": n.refresh_token_idle_lifetime,
+        "mode": n.refresh_mode.value if n.refresh_mode else None,
+        "now": now,
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,11 +230,35 @@ def _create_private_file(path: Path) -> None:
     os.close(fd)
 
 
+@dataclass(slots=True, eq=False)
+class _PendingWrite:
+    sql: str
+    params: dict[str, Any]
+    rows: list[sqlite3.Row] = field(default_factory=list)
+    error: BaseException | None = None
+    done: bool = False
+
+
+def _fail_all(batch: list[_PendingWrite], exc: BaseException) -> None:
+    for item in batch:
+        item.rows = []
+        item.error = exc
+        item.done = True
+
+
 class Store:
     def __init__(self, path: Path, conn: aiosqlite.Connection) -> None:
         self.path = path
         self._conn = conn
         self._lock = anyio.Lock()
+        # Writes waiting for the next group commit (see _write), and what it achieved: single
+        # writes asked for and transactions committed (writes / commits = the group size).
+        self._pending: list[_PendingWrite] = []
+        self.writes = 0
+        self.commits = 0
+        # Opened on first use by _report.
+        self._report_conn: aiosqlite.Connection | None = None
+        self._report_lock = anyio.Lock()
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -270,7 +335,11 @@ class Store:
                 await self._conn.execute(f"PRAGMA user_version = {index + 1}")
 
     async def close(self) -> None:
-        await self._conn.close()
+        try:
+            if self._report_conn is not None:
+                await self._report_conn.close()
+        finally:
+            await self._conn.close()
 
     async def schema_version(self) -> int:
         return int(await self._fetch_value("PRAGMA user_version"))
@@ -311,21 +380,96 @@ class Store:
 
     async def _write(self, sql: str, params: dict[str, Any]) -> list[sqlite3.Row]:
         """One statement, committed before returning, shielded from cancellation: a write that
-        SQLite may already have committed must not be abandoned half-way by its caller."""
+        SQLite may already have committed must not be abandoned half-way by its caller.
+
+        Group commit: writes that arrive while another batch holds the lock queue up, and the
+        first of them to get the lock commits all that are queued in one transaction — one
+        fsync for many grants under load, one statement alone (no BEGIN) when there is none.
+        """
+        item = _PendingWrite(sql, params)
+        self._pending.append(item)
+        self.writes += 1
         with anyio.CancelScope(shield=True):
             async with self._lock:
-                try:
-                    async with self._conn.execute(sql, params) as cur:
-                        rows = list(await cur.fetchall())
-                except sqlite3.Error as exc:
-                    raise StoreError(f"database {self.path}: {exc}") from exc
-        return rows
+                # Not done means still pending: a leader marks every item of its batch done,
+                # however its batch ends.
+                if not item.done:
+                    batch, self._pending = self._pending, []
+                    try:
+                        await self._commit_batch(batch)
+                    except BaseException as exc:
+                        _fail_all([i for i in batch if not i.done], exc)
+                        with contextlib.suppress(Exception):
+                            if self._conn.in_transaction:
+                                await self._conn.execute("ROLLBACK")
+                        raise
+        if item.error is not None:
+            raise StoreError(f"database {self.path}: {item.error}") from item.error
+        return item.rows
+
+    async def _commit_batch(self, batch: list[_PendingWrite]) -> None:
+        """Run ``batch`` as one transaction; every item ends done, with rows or an error. The
+        caller holds the lock. An error that ends the transaction fails every item in it (none
+        of them is committed); one that only undoes its own statement fails that item alone."""
+        if len(batch) == 1:
+            item = batch[0]
+            try:
+                item.rows = list(await self._conn.execute_fetchall(item.sql, item.params))
+            except sqlite3.Error as exc:
+                item.error = exc
+            else:
+                self.commits += 1
+            item.done = True
+            return
+        try:
+            await self._conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            _fail_all(batch, exc)
+            return
+        for item in batch:
+            try:
+                # One hop to SQLite's thread per statement (execute + fetch + close).
+                item.rows = list(await self._conn.execute_fetchall(item.sql, item.params))
+            except sqlite3.Error as exc:
+                item.error = exc
+                if not self._conn.in_transaction:
+                    _fail_all(batch, exc)
+                    return
+        try:
+            await self._conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                await self._conn.execute("ROLLBACK")
+            _fail_all(batch, exc)
+            return
+        self.commits += 1
+        for item in batch:
+            item.done = True
 
     async def _read(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[Any]:
         async with self._lock:
             try:
-                async with self._conn.execute(sql, params) as cur:
-                    return list(await cur.fetchall())
+                return list(await self._conn.execute_fetchall(sql, params))
+            except sqlite3.Error as exc:
+                raise StoreError(f"database {self.path}: {exc}") from exc
+
+    async def _report(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[Any]:
+        """A read for gauges and listings, on a second connection (its own thread; WAL lets it
+        read beside the writer), so that scanning many token sets never delays a claim or a
+        grant on the main connection."""
+        async with self._report_lock:
+            try:
+                if self._report_conn is None:
+                    conn = await aiosqlite.connect(str(self.path), isolation_level=None)
+                    try:
+                        conn.row_factory = sqlite3.Row
+                        await conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+                        await conn.execute("PRAGMA query_only = 1")
+                    except BaseException:
+                        await conn.close()
+                        raise
+                    self._report_conn = conn
+                return list(await self._report_conn.execute_fetchall(sql, params))
             except sqlite3.Error as exc:
                 raise StoreError(f"database {self.path}: {exc}") from exc
 
@@ -337,41 +481,12 @@ class Store:
     async def add_many(self, items: Iterable[NewTokenSet], *, now: float) -> int:
         """Insert all or nothing. An id that exists already (or twice) raises TokenSetExists."""
         items = list(items)
-        rows = [
-            {
-                "id": n.id,
-                "provider": n.provider,
-                "access_token": n.access_token.reveal() if n.access_token else None,
-                "refresh_token": n.refresh_token.reveal(),
-                "token_type": n.token_type,
-                "scope": n.scope,
-                "expires_at": n.expires_at,
-                "next_refresh_at": n.next_refresh_at,
-                "refresh_expires_at": n.refresh_expires_at,
-                "usage": n.refresh_token_usage.value if n.refresh_token_usage else None,
-                "grace_period": n.grace_period,
-                "lifetime": n.refresh_token_lifetime,
-                "idle_lifetime": n.refresh_token_idle_lifetime,
-                "mode": n.refresh_mode.value if n.refresh_mode else None,
-                "now": now,
-            }
-            for n in items
-        ]
+        rows = [_insert_params(n, now) for n in items]
         with anyio.CancelScope(shield=True):
             async with self._lock:
                 try:
                     async with self._transaction():
-                        await self._conn.executemany(
-                            "INSERT INTO token_sets (id, provider, access_token, refresh_token,"
-                            " token_type, scope, expires_at, next_refresh_at, refresh_expires_at,"
-                            " refresh_token_usage, grace_period, refresh_token_lifetime,"
-                            " refresh_token_idle_lifetime, refresh_mode,"
-                            " created_at, updated_at) VALUES (:id, :provider, :access_token,"
-                            " :refresh_token, :token_type, :scope, :expires_at, :next_refresh_at,"
-                            " :refresh_expires_at, :usage, :grace_period, :lifetime,"
-                            " :idle_lifetime, :mode, :now, :now)",
-                            rows,
-                        )
+                        await self._conn.executemany(_INSERT.format(table="token_sets"), rows)
                 except sqlite3.IntegrityError as exc:
                     try:
                         message = await self._conflict([n.id for n in items])
@@ -383,6 +498,75 @@ class Store:
                 except sqlite3.Error as exc:
                     raise StoreError(f"database {self.path}: {exc}") from exc
         return len(rows)
+
+    async def import_stream(self, items: Iterable[tuple[str, NewTokenSet]], *, now: float) -> int:
+        """Insert all or nothing, from an iterable of any size, in bounded memory.
+
+        The rows go to a staging table in this connection's temporary database first (on disk
+        when large, with no lock on the token database), so a bad input line, raised by
+        ``items``, leaves the database untouched; then one ``INSERT … SELECT`` moves them in,
+        holding the write lock only for that. Each item comes with where it was read (a line),
+        for the error. Raises TokenSetExists naming the first id that is stored already or
+        appears twice in the input (with its ``where``).
+        """
+        # The lock for the whole import: its staging transaction must not meet another
+        # coroutine's writes on this connection.
+        async with self._lock:
+            try:
+                await self._conn.execute("DROP TABLE IF EXISTS temp.import_staging")
+                await self._conn.execute(_STAGING)
+                try:
+                    count = await self._stage(items, now)
+                    with anyio.CancelScope(shield=True):
+                        async with self._transaction():
+                            await self._move_staged()
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await self._conn.execute("DROP TABLE IF EXISTS temp.import_staging")
+            except sqlite3.Error as exc:
+                raise StoreError(f"database {self.path}: {exc}") from exc
+        return count
+
+    async def _move_staged(self) -> None:
+        try:
+            await self._conn.execute(
+                f"INSERT INTO main.token_sets ({_COLUMNS})"
+                f" SELECT {_COLUMNS} FROM temp.import_staging"
+            )
+        except sqlite3.IntegrityError:
+            taken = await self._fetch_value(
+                "SELECT s.id FROM temp.import_staging s"
+                " JOIN main.token_sets t ON t.id = s.id LIMIT 1"
+            )
+            if taken is None:
+                raise
+            raise TokenSetExists(f"token set {taken!r} exists already (remove it first)") from None
+
+    async def _stage(self, items: Iterable[tuple[str, NewTokenSet]], now: float) -> int:
+        count = 0
+        iterator = iter(items)
+        await self._conn.execute("BEGIN")
+        try:
+            while chunk := list(itertools.islice(iterator, 5000)):
+                try:
+                    await self._conn.executemany(
+                        _INSERT.format(table="temp.import_staging"),
+                        [_insert_params(n, now) for _, n in chunk],
+                    )
+                except sqlite3.IntegrityError:
+                    # executemany stops at the failing row: the ones before it are in.
+                    done = await self._fetch_value("SELECT count(*) FROM temp.import_staging")
+                    where, repeated = chunk[done - count]
+                    raise TokenSetExists(
+                        f"{where}: token set {repeated.id!r} appears twice in the input"
+                    ) from None
+                count += len(chunk)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._conn.execute("ROLLBACK")
+            raise
+        await self._conn.execute("COMMIT")
+        return count
 
     async def _conflict(self, ids: Sequence[str]) -> str | None:
         """Name the first of ``ids`` that is stored already or repeats an earlier one (SQLite's
@@ -411,9 +595,9 @@ class Store:
     async def page(self, *, after: str | None = None, limit: int = 500) -> list[TokenSet]:
         """Token sets in id order after ``after``: keyset pagination, never all in memory."""
         if after is None:
-            rows = await self._read("SELECT * FROM token_sets ORDER BY id LIMIT ?", (limit,))
+            rows = await self._report("SELECT * FROM token_sets ORDER BY id LIMIT ?", (limit,))
         else:
-            rows = await self._read(
+            rows = await self._report(
                 "SELECT * FROM token_sets WHERE id > ? ORDER BY id LIMIT ?", (after, limit)
             )
         return [_row_to_token_set(r) for r in rows]
@@ -440,7 +624,7 @@ class Store:
         or, failing that, the provider's configured lifetime."""
         result: dict[str, float] = {}
         for provider, lifetime in lifetimes.items():
-            rows = await self._read(
+            rows = await self._report(
                 "SELECT min(coalesce(refresh_expires_at,"
                 " created_at + coalesce(refresh_token_lifetime, :lifetime)))"
                 " FROM token_sets WHERE provider = :provider AND state != 'invalidated'",
@@ -456,7 +640,7 @@ class Store:
         """A provider's live token sets whose absolute refresh-token expiry (as in
         :meth:`refresh_expiry_soonest`) is at or before ``until`` and was not yet warned about
         at that very expiry, soonest first, with that expiry; at most ``limit``."""
-        rows = await self._read(
+        rows = await self._report(
             "SELECT * FROM (SELECT *, coalesce(refresh_expires_at, created_at"
             " + coalesce(refresh_token_lifetime, :lifetime)) AS refresh_expiry FROM token_sets"
             " WHERE provider = :provider AND state != 'invalidated')"
@@ -474,7 +658,7 @@ class Store:
         before ``until``."""
         result: dict[str, int] = {}
         for provider, lifetime in lifetimes.items():
-            rows = await self._read(
+            rows = await self._report(
                 "SELECT count(*) FROM token_sets WHERE provider = :provider"
                 " AND state != 'invalidated' AND coalesce(refresh_expires_at,"
                 " created_at + coalesce(refresh_token_lifetime, :lifetime)) <= :until",
@@ -491,7 +675,7 @@ class Store:
         )
 
     async def counts(self) -> dict[tuple[str, str], int]:
-        rows = await self._read(
+        rows = await self._report(
             "SELECT provider, state, count(*) FROM token_sets GROUP BY provider, state"
         )
         return {(r[0], r[1]): r[2] for r in rows}
@@ -499,7 +683,7 @@ class Store:
     async def expired_counts(self, *, now: float) -> dict[str, int]:
         """Per provider, the token sets still in use (not invalidated) whose access token has
         expired: one aggregate query; a set without a known expiry is not counted."""
-        rows = await self._read(
+        rows = await self._report(
             "SELECT provider, count(*) FROM token_sets"
             " WHERE state != 'invalidated' AND expires_at < ? GROUP BY provider",
             (now,),

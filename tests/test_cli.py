@@ -269,7 +269,7 @@ def test_tokens_import_is_all_or_nothing(setup: Setup, tmp_path: Path) -> None:
     body = import_line(setup.idp, "a") + "\n" + import_line(setup.idp, "existing") + "\n"
     proc = setup.cli("tokens", "import", "-", input=body)
     assert proc.returncode == 65
-    assert "'existing' exists already" in proc.stderr and "nothing was added" in proc.stderr
+    assert "'existing' exists already" in proc.stderr and "nothing was imported" in proc.stderr
     assert set(read_rows(setup.db)) == {"existing"}
 
     proc = setup.cli("tokens", "import", str(tmp_path / "absent.jsonl"))
