@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import Any, Final
-from urllib.parse import quote_plus
+from urllib.parse import quote_plus, urlencode
 
 import aiohttp
 import anyio
@@ -338,7 +338,7 @@ class TokenEndpoint:
         form = {"grant_type": "refresh_token", "refresh_token": refresh_token.reveal()}
         if p.scope:
             form["scope"] = p.scope
-        headers: dict[str, str] = {}
+        headers = {"Content-Type": "application/x-www-form-urlencoded"}
         if p.auth_method is AuthMethod.CLIENT_SECRET_BASIC:
             # RFC 6749 2.3.1: id and secret are form-urlencoded before the Basic encoding.
             pair = f"{quote_plus(p.client_id)}:{quote_plus(p.client_secret.reveal())}"
@@ -388,7 +388,8 @@ class TokenEndpoint:
             with anyio.fail_after(timeout + 1.0):
                 async with session.post(
                     p.token_url,
-                    data=form,
+                    # Encoded here: aiohttp's FormData path costs more CPU than the request.
+                    data=urlencode(form).encode("ascii"),
                     headers=headers,
                     allow_redirects=False,
                     timeout=client_timeout,
