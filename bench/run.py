@@ -204,32 +204,61 @@ def profiled(pid: int, out: Path | None, seconds: float) -> Iterator[None]:
         summarize_profile(out)
 
 
-def summarize_profile(path: Path, top: int = 25) -> None:
-    """Per thread: the share of samples in each of our (and the libraries') frames."""
+# Where a sample of the daemon's threads is, by the first matching frame from the top.
+_CATEGORIES = (
+    ("idle (waiting for I/O)", ("EpollSelector.select", "core.py:59)")),
+    ("HTTP: endpoint.py + aiohttp", ("(refresherd/endpoint.py", "aiohttp/")),
+    ("SQLite: store.py + aiosqlite", ("(refresherd/store.py", "aiosqlite/")),
+    ("logging: structlog", ("structlog/", "refresherd/logs.py")),
+    ("metrics: prometheus_client + /metrics", ("prometheus_client/", "refresherd/server.py")),
+    ("scheduler.py", ("(refresherd/scheduler.py",)),
+    ("refresher.py + policy.py", ("(refresherd/refresher.py", "(refresherd/policy.py")),
+    ("anyio + asyncio machinery", ("anyio/", "asyncio/")),
+)
+
+
+def summarize_profile(path: Path) -> dict[str, dict[str, float]]:
+    """Per thread, the share of samples in each category: the innermost frame of our code or
+    a library decides (SQL run from refresher.py counts as SQLite), then idle, then the loop."""
     if not path.exists():
         print(f"(no profile: is py-spy installed? {path})")
-        return
-    total: dict[str, int] = {}
-    inclusive: dict[tuple[str, str], int] = {}
+        return {}
+    shares: dict[str, dict[str, float]] = {}
     for line in path.read_text(encoding="utf-8").splitlines():
         stack, _, count = line.rpartition(" ")
         frames = stack.split(";")
-        thread, n = frames[0], int(count)
-        total[thread] = total.get(thread, 0) + n
-        seen = set()
-        for frame in frames[1:]:
-            name = frame.split(" (")[0]
-            where = frame.rsplit("/", 1)[-1].split(":")[0] if "(" in frame else ""
-            key = (thread, f"{name} ({where}")
-            if key not in seen:
-                seen.add(key)
-                inclusive[key] = inclusive.get(key, 0) + n
-    print(f"\nprofile {path}:")
-    for thread, n in sorted(total.items(), key=lambda kv: -kv[1]):
-        print(f"  {thread}: {n} samples")
-        rows = sorted(((v, k[1]) for k, v in inclusive.items() if k[0] == thread), reverse=True)
-        for v, name in rows[:top]:
-            print(f"    {100 * v / n:5.1f}%  {name}")
+        thread = frames[0].split(":")[-1].strip() or frames[0]
+        category = "other"
+        # Idle if the innermost frame waits; else our code and its libraries (innermost
+        # wins), then the event loop.
+        for candidates in (_CATEGORIES[:1], _CATEGORIES[1:-1], _CATEGORIES[-1:]):
+            if candidates is _CATEGORIES[:1]:
+                if any(m in frames[-1] for m in candidates[0][1]):
+                    category = candidates[0][0]
+                    break
+                continue
+            found = next(
+                (
+                    name
+                    for frame in reversed(frames[1:])
+                    for name, marks in candidates
+                    if any(m in frame for m in marks)
+                ),
+                None,
+            )
+            if found is not None:
+                category = found
+                break
+        per = shares.setdefault(thread, {})
+        per[category] = per.get(category, 0) + int(count)
+    print(f"\nprofile {path} (share of samples per thread):")
+    for thread, per in shares.items():
+        total = sum(per.values())
+        print(f"  {thread} ({total} samples)")
+        for category, n in sorted(per.items(), key=lambda kv: -kv[1]):
+            per[category] = n / total
+            print(f"    {100 * n / total:5.1f}%  {category}")
+    return shares
 
 
 @contextmanager
