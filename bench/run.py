@@ -139,7 +139,18 @@ max_connections = {concurrency}
     return config, port
 
 
+SWITCH_INTERVAL: float | None = None
+
+
 def refresherd(config: Path, *args: str) -> list[str]:
+    if SWITCH_INTERVAL is not None:
+        # An experiment (--switch-interval): how long the main thread may keep the GIL from
+        # aiosqlite's thread bounds every database round trip under load.
+        code = (
+            f"import sys; sys.setswitchinterval({SWITCH_INTERVAL}); "
+            "from refresherd.cli import main; sys.argv[0] = 'refresherd'; sys.exit(main())"
+        )
+        return [sys.executable, "-c", code, "--config", str(config), *args]
     return [sys.executable, "-m", "refresherd", "--config", str(config), *args]
 
 
@@ -657,6 +668,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--daemon-concurrency", type=int, default=64)
     p.add_argument("--profile", type=Path, help="py-spy the daemon into this file (raw)")
     p.add_argument("--profile-seconds", type=float, default=10.0)
+    p.add_argument(
+        "--switch-interval",
+        type=float,
+        help="run the daemon with sys.setswitchinterval(this) (an experiment; default 0.005)",
+    )
     sub = p.add_subparsers(dest="benchmark", required=True)
     t = sub.add_parser("throughput", help="(a)+(c): daemon vs bare httpx and aiohttp loops")
     t.add_argument("--sets", type=int, default=3000)
@@ -674,6 +690,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    global SWITCH_INTERVAL
+    SWITCH_INTERVAL = args.switch_interval
     report = throughput(args) if args.benchmark == "throughput" else scale(args)
     report["machine"] = machine()
     if args.benchmark == "throughput":
