@@ -543,24 +543,51 @@ class Store:
             raise TokenSetExists(f"token set {taken!r} exists already (remove it first)") from None
 
     async def _stage(self, items: Iterable[tuple[str, NewTokenSet]], now: float) -> int:
+        """Insert ``items`` into the staging table, chunk by chunk: SQLite inserts one chunk in
+        its thread while the next is parsed here, so parsing and inserting overlap."""
         count = 0
+        failure: Exception | None = None
+        send, receive = anyio.create_memory_object_stream[list[tuple[str, NewTokenSet]]](1)
+
+        async def insert(scope: anyio.CancelScope) -> None:
+            nonlocal count, failure
+            async with receive:
+                async for chunk in receive:
+                    try:
+                        await self._conn.executemany(
+                            _INSERT.format(table="temp.import_staging"),
+                            [_insert_params(n, now) for _, n in chunk],
+                        )
+                    except sqlite3.IntegrityError:
+                        # executemany stops at the failing row: the ones before it are in.
+                        done = await self._fetch_value("SELECT count(*) FROM temp.import_staging")
+                        where, repeated = chunk[done - count]
+                        failure = TokenSetExists(
+                            f"{where}: token set {repeated.id!r} appears twice in the input"
+                        )
+                        scope.cancel()
+                        return
+                    except sqlite3.Error as exc:
+                        failure = exc
+                        scope.cancel()
+                        return
+                    count += len(chunk)
+
         iterator = iter(items)
         await self._conn.execute("BEGIN")
         try:
-            while chunk := list(itertools.islice(iterator, 5000)):
-                try:
-                    await self._conn.executemany(
-                        _INSERT.format(table="temp.import_staging"),
-                        [_insert_params(n, now) for _, n in chunk],
-                    )
-                except sqlite3.IntegrityError:
-                    # executemany stops at the failing row: the ones before it are in.
-                    done = await self._fetch_value("SELECT count(*) FROM temp.import_staging")
-                    where, repeated = chunk[done - count]
-                    raise TokenSetExists(
-                        f"{where}: token set {repeated.id!r} appears twice in the input"
-                    ) from None
-                count += len(chunk)
+            # Errors are carried out of the group by hand, so callers see them unwrapped.
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(insert, tg.cancel_scope)
+                async with send:
+                    try:
+                        while chunk := list(itertools.islice(iterator, 5000)):
+                            await send.send(chunk)
+                    except Exception as exc:  # a bad input line, raised by ``items``
+                        failure = exc
+                        tg.cancel_scope.cancel()
+            if failure is not None:
+                raise failure
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self._conn.execute("ROLLBACK")
