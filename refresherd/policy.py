@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Final, NamedTuple
 
 from refresherd.config import ProviderConfig, ScheduleConfig
-from refresherd.model import Attempt, Failure, FailureKind, RefreshTokenUsage, TokenSet
+from refresherd.model import Attempt, Failure, FailureKind, RefreshTokenUsage, State, TokenSet
 
 # How many sends one refresh may make inside a grace window. Each send that the IdP processes
 # mints another refresh token counted against its per-user cap, so the window is a recovery path
@@ -270,3 +270,50 @@ def circuit_delay(openings: int, cfg: ScheduleConfig, rand: float) -> float:
         maximum=cfg.circuit_backoff_max,
         rand=rand,
     )
+
+
+# ---- the token API: serve the stored access token, or refresh first? ------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Serve:
+    """The stored access token is good: hand it out."""
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshFirst:
+    """Expired, missing, or inside the refresh margin: refresh (single-flight), then answer."""
+
+
+@dataclass(frozen=True, slots=True)
+class Unavailable:
+    """Expired while the set is backing off after failures: refreshing again now would only
+    hammer a failing IdP. ``retry_at`` is the planned next attempt."""
+
+    retry_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class NeedsAuthorization:
+    """Invalidated: only a new authorization by the customer helps."""
+
+    reason: str | None
+
+
+AccessDecision = Serve | RefreshFirst | Unavailable | NeedsAuthorization
+
+
+def access_decision(ts: TokenSet, *, now: float) -> AccessDecision:
+    """What GET /v1/tokens/{id} does with a stored set.
+
+    "Inside the refresh margin" is the plan the refresher stored (``next_refresh_at``, from
+    :func:`plan_next_refresh` or a backoff), so the API and the scheduler share one rule.
+    """
+    if ts.state is State.INVALIDATED:
+        return NeedsAuthorization(ts.invalid_reason)
+    expired = ts.access_token is None or (ts.expires_at is not None and ts.expires_at <= now)
+    if ts.state is State.FAILING and ts.next_refresh_at > now:
+        return Unavailable(ts.next_refresh_at) if expired else Serve()
+    if expired or ts.next_refresh_at <= now:
+        return RefreshFirst()
+    return Serve()
