@@ -50,9 +50,16 @@ class JSON(JSONResponse):
         self.headers["cache-control"] = "no-store"
 
 
-def error(status: int, code: str, message: str, **fields: Any) -> JSON:
+def error(
+    status: int,
+    code: str,
+    message: str,
+    *,
+    headers: dict[str, str] | None = None,
+    **fields: Any,
+) -> JSON:
     """The API's error shape: a stable ``error`` code and a human ``message``."""
-    return JSON({"error": code, "message": message, **fields}, status)
+    return JSON({"error": code, "message": message, **fields}, status, headers=headers)
 
 
 _HTTP_ERRORS: Final = {404: "not_found", 405: "method_not_allowed"}
