@@ -28,6 +28,7 @@ from refresherd.api import BearerAuth, TokenApi
 from refresherd.config import Config, ConfigError, ProviderConfig, load_config
 from refresherd.discovery import EX_UNAVAILABLE, DiscoveryError, resolve_providers
 from refresherd.endpoint import TokenEndpoint
+from refresherd.hooks import Hooks
 from refresherd.intake import MAX_GRACE_PERIOD
 from refresherd.metrics import INVALIDATION_REASONS, Metrics
 from refresherd.model import State
@@ -224,6 +225,12 @@ class Daemon:
             )
             tg.start_soon(self._heartbeat)
             tg.start_soon(self._gauges, rt)
+            if config.hooks.enabled:
+                hooks = Hooks(
+                    store=rt.store, config=config.hooks, metrics=rt.metrics, clock=self.clock
+                )
+                rt.refresher.events = hooks
+                tg.start_soon(self._notify, hooks)
             if sockets:
                 tg.start_soon(self._serve, app, sockets, server_stop, server_done)
             else:
@@ -236,6 +243,15 @@ class Daemon:
                 self.on_ready(self)
         log.info("refresherd stopped")
         return 0
+
+    @staticmethod
+    async def _notify(hooks: Hooks) -> None:
+        """The hook dispatcher; cancelled at shutdown, its queue kept in the database."""
+        try:
+            await hooks.run()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await hooks.aclose()
 
     def _app(self, rt: Runtime, scheduler: Scheduler) -> Starlette:
         """Health and metrics, and the token API when ``[api] enabled``: one app."""
@@ -352,6 +368,7 @@ class Daemon:
             (new.daemon.database != old.daemon.database, "daemon.database"),
             (new.server != old.server, "server.listen"),
             (new.api != old.api, "api"),
+            (new.hooks != old.hooks, "hooks"),
         ):
             if changed:
                 log.warning("this setting only takes effect after a restart", key=what)

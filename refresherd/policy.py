@@ -317,3 +317,26 @@ def access_decision(ts: TokenSet, *, now: float) -> AccessDecision:
     if expired or ts.next_refresh_at <= now:
         return RefreshFirst()
     return Serve()
+
+
+# ---- hooks: when to try a notification again ---------------------------------------------------
+
+
+def hook_retry_at(
+    *,
+    attempts: int,
+    created_at: float,
+    now: float,
+    initial: float,
+    maximum: float,
+    give_up_after: float,
+    rand: float,
+) -> float | None:
+    """When to try a failed notification again, or None to give up.
+
+    Exponential backoff with jitter after the ``attempts``-th failure; given up once the next
+    try would start more than ``give_up_after`` after the event was raised (a receiver down for
+    longer is told nothing more about events that old).
+    """
+    at = now + backoff_delay(attempts, initial=initial, maximum=maximum, rand=rand)
+    return at if at - created_at <= give_up_after else None

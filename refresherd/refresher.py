@@ -40,6 +40,14 @@ class Clock(Protocol):
     def monotonic(self) -> float: ...
 
 
+class EventSink(Protocol):
+    """Where token-set events go (refresherd.hooks.Hooks); never raises for a lost event."""
+
+    async def enqueue(
+        self, event_type: str, token_set_id: str, provider: str, **fields: object
+    ) -> str | None: ...
+
+
 class SystemClock:
     """Wall clock for expiries (they are shared with the IdP), monotonic for durations."""
 
@@ -172,6 +180,8 @@ class Refresher:
         self._flights: dict[str, _Flight] = {}
         self._flight_group: anyio.abc.TaskGroup | None = None
         self._closing: anyio.Event | None = None
+        # Notifications of invalidations and recoveries (set by the daemon when hooks are on).
+        self.events: EventSink | None = None
         self._closed = False
         # Is the process behind a lease owner id still alive? Unknown means alive: never send
         # a token that another live process may be sending.
@@ -514,6 +524,14 @@ class Refresher:
                 detail="a newer grant was stored concurrently",
             )
         self.metrics.refresh_success.labels(ts.provider).inc()
+        if ts.failures and self.events is not None:
+            await self.events.enqueue(
+                "token_set.recovered",
+                ts.id,
+                ts.provider,
+                failures=ts.failures,
+                last_error=ts.last_error,
+            )
         self.circuits.note_success(ts.provider)
         if self.circuits.close(ts.provider):
             self.metrics.circuit_open.labels(ts.provider).set(0)
@@ -636,6 +654,14 @@ class Refresher:
             return await self._moved_on(ts)
         if state is State.INVALIDATED:
             self.metrics.invalidations.labels(ts.provider, reason).inc()
+            if self.events is not None:
+                await self.events.enqueue(
+                    "token_set.invalidated",
+                    ts.id,
+                    ts.provider,
+                    reason=reason,
+                    detail=failure.detail,
+                )
             return RefreshResult(
                 "invalidated", token_set=ts, reason=reason, detail=failure.detail, attempt=sends
             )
