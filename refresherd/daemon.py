@@ -139,6 +139,8 @@ class Daemon:
         self.listen_address: tuple[str, int] | None = None
         self.notifier = Notifier()
         self._ready = False
+        # Notifications (None without a [hooks] target): await self.hooks.enqueue(...).
+        self.hooks: Hooks | None = None
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -229,7 +231,7 @@ class Daemon:
                 hooks = Hooks(
                     store=rt.store, config=config.hooks, metrics=rt.metrics, clock=self.clock
                 )
-                rt.refresher.events = hooks
+                rt.refresher.events = self.hooks = hooks
                 tg.start_soon(self._notify, hooks)
             if sockets:
                 tg.start_soon(self._serve, app, sockets, server_stop, server_done)
