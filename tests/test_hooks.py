@@ -292,3 +292,38 @@ def test_recovery_after_failures_runs_the_command_hook(
     assert "server_error" in event["last_error"]
     assert daemon.events("notification failed, will retry", target="command")
     assert daemon.stop() == 0
+
+
+@pytest.mark.anyio
+async def test_a_command_that_hangs_is_killed_and_finally_given_up(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path / "tokens.db")
+    metrics = Metrics()
+    pid_file = tmp_path / "hook.pid"
+    hang = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(600)"
+    config = HooksConfig(
+        command=(sys.executable, "-c", hang),
+        command_timeout=0.5,
+        backoff_initial=0.05,
+        backoff_max=0.05,
+        give_up_after=0.01,  # the first failure is the last
+    )
+    hooks = Hooks(store=store, config=config, metrics=metrics)
+    given_up = {"target": "command", "outcome": "given_up"}
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(hooks.run)
+            assert await hooks.enqueue("token_set.invalidated", "ts-1", PROVIDER, reason="x")
+            with anyio.fail_after(60):
+                while not metrics.registry.get_sample_value(
+                    "refresherd_hook_deliveries_total", given_up
+                ):
+                    await anyio.sleep(0.05)
+            tg.cancel_scope.cancel()
+        assert await store.pending_hooks() == 0
+        # The hung process was killed, not left behind.
+        pid = int(pid_file.read_text())
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    finally:
+        await hooks.aclose()
+        await store.close()
