@@ -29,6 +29,7 @@ from conftest import (
 )
 
 from refresherd.api import openapi_document
+from refresherd.testing import FaultKind
 
 IdPFactory = Callable[..., IdPHandle]
 Daemons = Callable[..., DaemonProcess]
@@ -373,3 +374,33 @@ def test_no_bearer_or_token_value_in_the_daemon_output(
     bearer = client.headers["Authorization"].removeprefix("Bearer ")
     for value in (bearer, "guess", str(issued["access_token"]), str(issued["refresh_token"])):
         assert value not in text
+
+
+def test_provider_unavailable_while_backing_off_and_a_valid_token_still_served(
+    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons
+) -> None:
+    handle = idp_factory(grace_period=5.0, usage="reuse")
+    config, bearer = api_config(tmp_path, handle)
+    with config.open("a") as fh:
+        # A long backoff: after one failure the sets wait, and the API must not hammer the IdP.
+        fh.write('\n[schedule]\nbackoff_initial = "1h"\nbackoff_max = "2h"\n')
+    handle.faults.add(FaultKind.SERVER_ERROR, times=2)
+    daemon = daemons(config)
+    client = Client(daemon, bearer)
+    expired, fresh = handle.token_lines(PROVIDER, 2)
+    expired["expires_in"] = 0  # expired now: due at once
+    fresh["expires_in"] = 30  # inside the 60 s margin: due at once, but still valid
+    import_tokens(config, [expired, fresh])
+    wait_until(
+        lambda: {r["state"] for r in read_rows(tmp_path / "tokens.db").values()} == {"failing"},
+        what="both sets to fail once and back off",
+    )
+    requests = handle.ledger.requests
+    response = client.get("ts-0000")
+    assert (response.status_code, response.json()["error"]) == (503, "provider_unavailable")
+    assert int(response.headers["retry-after"]) > 3000
+    response = client.get("ts-0001")
+    assert response.status_code == 200, response.text
+    assert response.json()["access_token"] == fresh["access_token"]
+    assert response.json()["state"] == "failing"
+    assert handle.ledger.requests == requests  # backing off: nothing sent for the API
