@@ -327,3 +327,23 @@ async def test_a_command_that_hangs_is_killed_and_finally_given_up(tmp_path: Pat
     finally:
         await hooks.aclose()
         await store.close()
+
+
+@pytest.mark.anyio
+async def test_only_the_configured_event_types_are_queued(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path / "tokens.db")
+    config = HooksConfig(command=("true",), events=("token_set.invalidated",))
+    hooks = Hooks(store=store, config=config, metrics=Metrics())
+    try:
+        assert await hooks.enqueue("refresh_token.expiring", "ts-1", PROVIDER) is None
+        assert await hooks.enqueue("token_set.invalidated", "ts-1", PROVIDER) is not None
+        assert await store.pending_hooks() == 1
+        with pytest.raises(ValueError, match="unknown event type"):
+            await hooks.enqueue("token_set.deleted", "ts-1", PROVIDER)
+        # No target at all: nothing is queued.
+        idle = Hooks(store=store, config=HooksConfig(), metrics=Metrics())
+        assert await idle.enqueue("token_set.invalidated", "ts-1", PROVIDER) is None
+        await idle.aclose()
+    finally:
+        await hooks.aclose()
+        await store.close()
