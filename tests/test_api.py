@@ -404,3 +404,27 @@ def test_provider_unavailable_while_backing_off_and_a_valid_token_still_served(
     assert response.json()["access_token"] == fresh["access_token"]
     assert response.json()["state"] == "failing"
     assert handle.ledger.requests == requests  # backing off: nothing sent for the API
+
+
+def test_a_unix_socket_path_that_is_not_a_stale_socket_is_refused(
+    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons
+) -> None:
+    handle = idp_factory(grace_period=5.0)
+    path = tmp_path / "api.sock"
+    path.write_text("not a socket: must not be deleted\n")
+    config, _ = api_config(tmp_path, handle, api={"unix_socket": str(path)})
+    daemon = daemons(config, start=False).start(wait_listening=False)
+    assert daemon.wait_exit() == 1
+    [line] = daemon.events("cannot listen")
+    assert line["socket"] == str(path) and "not a socket" in line["error"]
+    assert path.read_text() == "not a socket: must not be deleted\n"
+    # A stale socket (its daemon killed) is replaced, and removed again at exit.
+    path.unlink()
+    first = daemons(config, "first")
+    first.wait_for_event("listening", socket=str(path))
+    first.kill()
+    assert stat.S_ISSOCK(path.stat().st_mode)
+    second = daemons(config, "second")
+    second.wait_for_event("listening", socket=str(path))
+    assert second.stop() == 0
+    assert not path.exists()
