@@ -1,4 +1,7 @@
-"""The only module that speaks HTTP to an IdP: one refresh-token request, one typed outcome.
+"""The only module that speaks HTTP to an IdP: one token request, one typed outcome.
+
+Three requests: refresh (``grant_type=refresh_token``), the authorization-code exchange the
+token API offers, and RFC 7009 revocation.
 
 Every failure raises an :class:`EndpointError` subclass whose ``failure`` says, above all,
 whether the IdP may have consumed the refresh token (DESIGN.md's failure table). No token or
@@ -315,10 +318,14 @@ class TokenEndpoint:
         await self._client.aclose()
 
     def _request(self, refresh_token: Secret, timeout: float) -> httpx.Request:
-        p = self.provider
         form = {"grant_type": "refresh_token", "refresh_token": refresh_token.reveal()}
-        if p.scope:
-            form["scope"] = p.scope
+        if self.provider.scope:
+            form["scope"] = self.provider.scope
+        return self._client_request(self.provider.token_url, form, timeout)
+
+    def _client_request(self, url: str, form: dict[str, str], timeout: float) -> httpx.Request:
+        """A form POST to ``url`` with the client authenticated by the pinned method."""
+        p = self.provider
         headers: dict[str, str] = {}
         if p.auth_method is AuthMethod.CLIENT_SECRET_BASIC:
             # RFC 6749 2.3.1: id and secret are form-urlencoded before the Basic encoding.
@@ -329,7 +336,7 @@ class TokenEndpoint:
             form["client_secret"] = p.client_secret.reveal()
         return self._client.build_request(
             "POST",
-            p.token_url,
+            url,
             data=form,
             headers=headers,
             timeout=httpx.Timeout(timeout, connect=min(p.connect_timeout, timeout)),
@@ -355,6 +362,76 @@ class TokenEndpoint:
         if status >= 500:
             raise Ambiguous("server_error", f"HTTP {status}", status=status)
         raise _oauth_error(status, body, (refresh_token, self.provider.client_secret))
+
+    async def exchange_code(
+        self,
+        code: Secret,
+        *,
+        redirect_uri: str,
+        code_verifier: Secret | None,
+        timeout: float,
+    ) -> Grant:
+        """POST grant_type=authorization_code (RFC 6749 4.1.3, RFC 7636 4.5).
+
+        Raises the same typed errors as :meth:`refresh`; an authorization code is single-use,
+        so an :class:`Ambiguous` answer means the user must authorize again.
+        """
+        form = {
+            "grant_type": "authorization_code",
+            "code": code.reveal(),
+            "redirect_uri": redirect_uri,
+        }
+        if code_verifier is not None:
+            form["code_verifier"] = code_verifier.reveal()
+        request = self._client_request(self.provider.token_url, form, timeout)
+        status, headers, body = await self._send(request, timeout)
+        secrets = tuple(s for s in (code, code_verifier, self.provider.client_secret) if s)
+        if 200 <= status < 300:
+            try:
+                grant = parse_grant(body)
+            except ValueError as exc:
+                raise Ambiguous(
+                    "malformed_response", f"HTTP {status}: {exc}", status=status
+                ) from None
+            if grant.refresh_token is None:
+                # Nothing to keep fresh: refresherd exists for the refresh token.
+                raise OAuthError(
+                    "no_refresh_token",
+                    f"HTTP {status}: the token response has no refresh_token "
+                    "(does the client ask for offline_access?)",
+                    status=status,
+                )
+            return grant
+        raise self._failure(status, headers, body, secrets)
+
+    async def revoke(self, token: Secret, *, timeout: float) -> None:
+        """RFC 7009: revoke a refresh token at the provider's revocation endpoint.
+
+        200 means revoked (or unknown to the IdP, which is as good). Raises the typed errors
+        otherwise; ``ValueError`` if the provider has no revocation endpoint.
+        """
+        url = self.provider.revocation_url
+        if not url:
+            raise ValueError(f"provider {self.provider.name!r} has no revocation_url")
+        form = {"token": token.reveal(), "token_type_hint": "refresh_token"}
+        request = self._client_request(url, form, timeout)
+        status, headers, body = await self._send(request, timeout)
+        if 200 <= status < 300:
+            return
+        raise self._failure(status, headers, body, (token, self.provider.client_secret))
+
+    @staticmethod
+    def _failure(
+        status: int, headers: httpx.Headers, body: bytes, secrets: tuple[Secret, ...]
+    ) -> EndpointError:
+        if status == 429 or (status == 503 and headers.get("retry-after") is not None):
+            retry_after = parse_retry_after(headers.get("retry-after"))
+            return RateLimited(
+                "rate_limited", f"HTTP {status}", status=status, retry_after=retry_after
+            )
+        if status >= 500:
+            return Ambiguous("server_error", f"HTTP {status}", status=status)
+        return _oauth_error(status, body, secrets)
 
     async def _send(
         self, request: httpx.Request, timeout: float
