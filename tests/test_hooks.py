@@ -347,3 +347,45 @@ async def test_only_the_configured_event_types_are_queued(tmp_path: Path) -> Non
     finally:
         await hooks.aclose()
         await store.close()
+
+
+def test_an_absolute_expiry_within_the_horizon_reaches_the_webhook_once(
+    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons
+) -> None:
+    handle = idp_factory()
+    secret, secret_file = new_secret(tmp_path)
+    with receiver() as r:
+        config = write_config(
+            tmp_path / "config.toml",
+            database=tmp_path / "tokens.db",
+            providers={PROVIDER: handle.provider(refresh_token_lifetime="1h")},
+            schedule={"refresh_token_expiry_warning": "2h"},
+        )
+        with config.open("a") as fh:
+            fh.write(
+                f"\n[hooks]\nwebhook_url = {toml_value(r.url)}\n"
+                f"webhook_secret_file = {toml_value(str(secret_file))}\n"
+            )
+        import_tokens(config, handle.token_lines(PROVIDER, 2))
+        daemon = daemons(config)
+        wait_until(lambda: len(r.received) >= 2, what="two refresh_token.expiring events")
+        for headers, body in r.received:
+            verify(secret, headers, body)
+        events = sorted(r.events(), key=lambda e: e["token_set"])
+        assert [e["type"] for e in events] == ["refresh_token.expiring"] * 2
+        assert [e["token_set"] for e in events] == ["ts-0000", "ts-0001"]
+        assert all(e["provider"] == PROVIDER and e["refresh_expires_at"] for e in events)
+        assert daemon.stop() == 0
+        # A restart does not announce the same expiry again.
+        again = daemons(config, name="again")
+        again.wait_for_event("listening")
+        wait_until(
+            lambda: (
+                metric(again.metrics(), "refresherd_refresh_tokens_expiring", provider=PROVIDER)
+                == 2
+                or None
+            ),
+            what="the expiry scan after the restart",
+        )
+        assert again.stop() == 0
+        assert len(r.received) == 2
