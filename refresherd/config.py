@@ -11,7 +11,7 @@ import re
 import stat
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Final
@@ -57,6 +57,41 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 9469
     enabled: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class ApiConfig:
+    """The token API (/v1/*) on the server's listener and, if set, on a unix socket."""
+
+    enabled: bool = False
+    # Required when enabled: every /v1 request carries it as "Authorization: Bearer ...".
+    bearer_token: Secret | None = field(default=None, repr=False)
+    unix_socket: Path | None = None
+    unix_socket_mode: int = 0o600
+    # Serve /v1 on the TCP listener too (false: only on the unix socket).
+    tcp: bool = True
+    # How long GET /v1/tokens/{id} waits for a refresh it triggered or joined.
+    wait_timeout: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class HooksConfig:
+    """Notifications of token-set events: a webhook and/or a command (refresherd.hooks)."""
+
+    webhook_url: str | None = None
+    webhook_secret: Secret | None = field(default=None, repr=False)
+    webhook_timeout: float = 10.0
+    command: tuple[str, ...] = ()
+    command_timeout: float = 30.0
+    events: tuple[str, ...] = ()  # empty: every event type
+    backoff_initial: float = 1.0
+    backoff_max: float = 300.0
+    # A notification still undelivered this long after it was raised is given up (recorded).
+    give_up_after: float = 7 * 86400.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.webhook_url is not None or bool(self.command)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +159,8 @@ class Config:
     daemon: DaemonConfig
     server: ServerConfig = field(default_factory=ServerConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    hooks: HooksConfig = field(default_factory=HooksConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     providers: dict[str, ProviderConfig] = field(default_factory=dict)
     # Things worth saying at start that do not stop it (e.g. a secret file readable by others).
@@ -254,7 +291,7 @@ def load_config(path: Path | str, *, env: Mapping[str, str] | None = None) -> Co
     )
 
 
-_SECTIONS: Final = ("daemon", "server", "log", "schedule", "providers")
+_SECTIONS: Final = ("daemon", "server", "api", "hooks", "log", "schedule", "providers")
 _DAEMON_KEYS: Final = (
     "database",
     "concurrency",
@@ -265,6 +302,33 @@ _DAEMON_KEYS: Final = (
 )
 _SERVER_KEYS: Final = ("listen", "enabled")
 _LOG_KEYS: Final = ("level", "format")
+_API_KEYS: Final = (
+    "enabled",
+    "bearer_token_file",
+    "bearer_token_credential",
+    "unix_socket",
+    "unix_socket_mode",
+    "tcp",
+    "wait_timeout",
+)
+_HOOKS_KEYS: Final = (
+    "webhook_url",
+    "webhook_secret_file",
+    "webhook_secret_credential",
+    "webhook_timeout",
+    "command",
+    "command_timeout",
+    "events",
+    "backoff_initial",
+    "backoff_max",
+    "give_up_after",
+)
+# Event types a hook can be told about (refresherd.hooks.EVENT_TYPES names the same).
+HOOK_EVENTS: Final = (
+    "token_set.invalidated",
+    "token_set.recovered",
+    "refresh_token.expiring",
+)
 _SCHEDULE_KEYS: Final = (
     "refresh_fraction",
     "min_margin",
@@ -289,6 +353,7 @@ _PROVIDER_KEYS: Final = (
     "preset",
     "token_url",
     "issuer",
+    "revocation_url",
     "client_id",
     *_SECRET_KEYS,
     "auth_method",
@@ -312,6 +377,8 @@ _SECTION_OF_KEY: Final = {
         ("server", _SERVER_KEYS),
         ("log", _LOG_KEYS),
         ("schedule", _SCHEDULE_KEYS),
+        ("api", _API_KEYS),
+        ("hooks", _HOOKS_KEYS),
         ("providers.NAME", _PROVIDER_KEYS),
     )
     for key in keys
@@ -352,10 +419,15 @@ def parse_config(text: str, *, source: str, base_dir: Path, env: Mapping[str, st
     log = _parse_log(root.table("log"))
     schedule = _parse_schedule(root.table("schedule"))
     providers = _parse_providers(root.table("providers"))
+    # Last, so that a typo elsewhere is reported before any secret file is touched.
+    api = _parse_api(root.table("api"))
+    hooks = _parse_hooks(root.table("hooks"))
     return Config(
         source=source,
         daemon=daemon,
         server=server,
+        api=api,
+        hooks=hooks,
         log=log,
         schedule=schedule,
         providers=providers,
@@ -416,6 +488,120 @@ def _parse_listen(t: _Table, value: str) -> tuple[str, int]:
     if host is None or not valid_port or int(port_text) > 65535:
         raise t.error("listen", f"{expected}, got {_show(value)}")
     return host, int(port_text)
+
+
+def _parse_api(t: _Table) -> ApiConfig:
+    d = ApiConfig()
+    enabled = t.boolean("enabled", d.enabled)
+    unix_socket = t.optional_string("unix_socket")
+    mode_text = t.optional_string("unix_socket_mode")
+    mode = d.unix_socket_mode
+    if mode_text is not None:
+        if mode_text not in ("0600", "0660"):
+            raise t.error(
+                "unix_socket_mode",
+                f'expected "0600" (owner only) or "0660" (owner and group), got {_show(mode_text)}',
+            )
+        mode = int(mode_text, 8)
+    tcp = t.boolean("tcp", d.tcp)
+    if not tcp and unix_socket is None and enabled:
+        raise t.error("tcp", "is false but no unix_socket is set: the API would be unreachable")
+    wait_timeout = t.duration("wait_timeout", d.wait_timeout, positive=True, maximum=300.0)
+    bearer = _secret(t, "bearer_token", required=enabled, what="the API's bearer token")
+    return ApiConfig(
+        enabled=enabled,
+        bearer_token=bearer,
+        unix_socket=t.ctx.base_dir / unix_socket if unix_socket is not None else None,
+        unix_socket_mode=mode,
+        tcp=tcp,
+        wait_timeout=wait_timeout,
+    )
+
+
+def _parse_hooks(t: _Table) -> HooksConfig:
+    d = HooksConfig()
+    url = t.optional_string("webhook_url")
+    if url is not None:
+        _check_token_url(t, url, key="webhook_url", example="https://hooks.example.com/refresherd")
+    command: tuple[str, ...] = ()
+    raw = t.data.get("command")
+    if raw is not None:
+        if (
+            not isinstance(raw, list)
+            or not raw
+            or not all(isinstance(part, str) and part for part in raw)
+        ):
+            raise t.error(
+                "command",
+                'expected a non-empty array of strings such as ["/usr/local/bin/on-event"] '
+                "(the event comes as JSON on stdin)",
+            )
+        command = (str(t.ctx.base_dir / raw[0]) if "/" in raw[0] else raw[0], *raw[1:])
+    events: tuple[str, ...] = ()
+    raw_events = t.data.get("events")
+    if raw_events is not None:
+        options = ", ".join(json.dumps(e) for e in HOOK_EVENTS)
+        if not isinstance(raw_events, list) or not all(e in HOOK_EVENTS for e in raw_events):
+            raise t.error("events", f"expected an array of event types from {options}")
+        events = tuple(str(e) for e in raw_events)
+    hooks = HooksConfig(
+        webhook_url=url,
+        webhook_timeout=t.duration("webhook_timeout", d.webhook_timeout, positive=True),
+        command=command,
+        command_timeout=t.duration("command_timeout", d.command_timeout, positive=True),
+        events=events,
+        backoff_initial=t.duration("backoff_initial", d.backoff_initial, positive=True),
+        backoff_max=t.duration("backoff_max", d.backoff_max, positive=True),
+        give_up_after=t.duration("give_up_after", d.give_up_after, positive=True),
+    )
+    if hooks.backoff_initial > hooks.backoff_max:
+        raise t.error(
+            "backoff_initial",
+            f"expected at most {t.key('backoff_max')} ({format_duration(hooks.backoff_max)}), "
+            f"got {format_duration(hooks.backoff_initial)}",
+        )
+    secret = _secret(t, "webhook_secret", required=url is not None, what="the webhook's HMAC key")
+    if secret is not None and url is None:
+        raise t.error("webhook_url", "is required when a webhook secret is set")
+    return replace(hooks, webhook_secret=secret)
+
+
+def _secret(t: _Table, prefix: str, *, required: bool, what: str) -> Secret | None:
+    """``<prefix>_file`` or ``<prefix>_credential``, read as client secrets are."""
+    keys = (f"{prefix}_file", f"{prefix}_credential")
+    given = [key for key in keys if key in t.data]
+    if len(given) > 1:
+        raise t.ctx.error(t.key(None), f"expected one of {' and '.join(keys)}, got both")
+    if not given:
+        if required:
+            raise t.ctx.error(
+                t.key(None), f"expected {keys[0]} or {keys[1]} holding {what}, got neither"
+            )
+        return None
+    kind = given[0]
+    key = t.key(kind)
+    ctx = t.ctx
+    if kind.endswith("_file"):
+        path = ctx.base_dir / t.required_string(kind, "the path of a file holding the secret")
+        secret, mode = _read_secret_file(ctx, key, path)
+        if mode & (stat.S_IRGRP | stat.S_IROTH):
+            ctx.warnings.append(
+                f"{ctx.source}: {key}: {path} is readable by group or others "
+                f"(mode {mode:04o}); expected mode 0600 or 0400 (chmod 600 {path})"
+            )
+        return secret
+    name = t.required_string(kind, "the name of a systemd credential")
+    if "/" in name or name in (".", "..") or "\0" in name:
+        raise ctx.error(key, f"expected a systemd credential name without '/', got {_show(name)}")
+    directory = ctx.env.get("CREDENTIALS_DIRECTORY")
+    if not directory:
+        raise ctx.error(
+            key,
+            "CREDENTIALS_DIRECTORY is not set; expected refresherd to run under a systemd unit "
+            f"with LoadCredential={name}:... (or use {prefix}_file)",
+        )
+    secret, _ = _read_secret_file(ctx, key, Path(directory) / name)
+    return secret
 
 
 def _parse_log(t: _Table) -> LogConfig:
@@ -531,6 +717,11 @@ def _parse_provider(name: str, t: _Table) -> ProviderConfig:
             'is "keep_alive", which refreshes only as often as the sliding lifetime requires: '
             'expected refresh_token_idle_lifetime too (such as "30d")',
         )
+    # RFC 7009 revocation endpoint (DELETE /v1/tokens/{id}?revoke=true); discovery fills it
+    # for providers given by issuer.
+    revocation_url = t.optional_string("revocation_url")
+    if revocation_url is not None:
+        _check_token_url(t, revocation_url, key="revocation_url")
     # Last, so that a typo elsewhere is reported before any secret file is touched.
     client_secret = _client_secret(t)
     return ProviderConfig(
@@ -551,6 +742,7 @@ def _parse_provider(name: str, t: _Table) -> ProviderConfig:
         refresh_token_idle_lifetime=idle_lifetime,
         refresh_mode=mode,
         issuer=issuer,
+        revocation_url=revocation_url,
         preset=preset,
     )
 
@@ -770,6 +962,8 @@ class _Table:
         allowed = {
             "daemon": _DAEMON_KEYS,
             "server": _SERVER_KEYS,
+            "api": _API_KEYS,
+            "hooks": _HOOKS_KEYS,
             "log": _LOG_KEYS,
             "schedule": _SCHEDULE_KEYS,
         }.get(name)

@@ -19,20 +19,25 @@ from typing import Final
 
 import anyio
 import anyio.abc
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.routing import BaseRoute
 
 from refresherd import logs, ownership
+from refresherd.api import BearerAuth, TokenApi
 from refresherd.config import Config, ConfigError, ProviderConfig, load_config
 from refresherd.discovery import EX_UNAVAILABLE, DiscoveryError, resolve_providers
 from refresherd.endpoint import TokenEndpoint
 from refresherd.expiry import ExpiryWatcher
+from refresherd.hooks import Hooks
 from refresherd.intake import MAX_GRACE_PERIOD
 from refresherd.metrics import INVALIDATION_REASONS, Metrics
-from refresherd.model import State
+from refresherd.model import State, TokenSet, rfc3339
 from refresherd.ownership import OwnerLock
 from refresherd.refresher import Clock, Refresher, SystemClock
 from refresherd.scheduler import Scheduler
 from refresherd.sdnotify import Notifier
-from refresherd.server import App, bind_socket, serve
+from refresherd.server import bind_socket, bind_unix_socket, build_app, serve
 from refresherd.store import Store, StoreError
 
 log = logs.get_logger("refresherd.daemon")
@@ -138,6 +143,8 @@ class Daemon:
         self.listen_address: tuple[str, int] | None = None
         self.notifier = Notifier()
         self._ready = False
+        # Notifications (None without a [hooks] target): await self.hooks.enqueue(...).
+        self.hooks: Hooks | None = None
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -157,6 +164,13 @@ class Daemon:
             )
             return EX_UNAVAILABLE
         sock = None
+        unix_sock = None
+        if config.api.enabled and config.api.unix_socket is not None:
+            try:
+                unix_sock = bind_unix_socket(config.api.unix_socket, config.api.unix_socket_mode)
+            except OSError as exc:
+                log.error("cannot listen", socket=str(config.api.unix_socket), error=str(exc))
+                return 1
         if config.server.enabled:
             try:
                 sock = bind_socket(config.server.host, config.server.port)
@@ -166,20 +180,26 @@ class Daemon:
                     address=f"{config.server.host}:{config.server.port}",
                     error=str(exc),
                 )
+                if unix_sock is not None:
+                    unix_sock.close()
                 return 1
             self.listen_address = sock.getsockname()[:2]
+        sockets = [s for s in (sock, unix_sock) if s is not None]
         try:
             async with open_runtime(config, clock=self.clock) as rt:
                 self._rt = rt
-                return await self._run(rt, sock)
+                return await self._run(rt, sockets)
         except StoreError as exc:
             log.error("cannot use the database", error=str(exc))
             return 1
         finally:
-            if sock is not None:
-                sock.close()
+            for s in sockets:
+                s.close()
+            if unix_sock is not None and config.api.unix_socket is not None:
+                with contextlib.suppress(OSError):
+                    config.api.unix_socket.unlink()
 
-    async def _run(self, rt: Runtime, sock: socket.socket | None) -> int:
+    async def _run(self, rt: Runtime, sockets: list[socket.socket]) -> int:
         config = self.config
         self._init_metrics(rt)
         scheduler = Scheduler(
@@ -195,7 +215,7 @@ class Daemon:
         self._scheduler = scheduler
         server_stop = anyio.Event()
         server_done = anyio.Event()
-        app = App(metrics=rt.metrics, liveness=self._liveness, readiness=self._readiness)
+        app = self._app(rt, scheduler)
         async with anyio.create_task_group() as tg:
             self._tg = tg
             # Handlers first: from the "started" line on, a signal is handled, never fatal.
@@ -211,9 +231,15 @@ class Daemon:
             )
             tg.start_soon(self._heartbeat)
             tg.start_soon(self._gauges, rt)
+            if config.hooks.enabled:
+                hooks = Hooks(
+                    store=rt.store, config=config.hooks, metrics=rt.metrics, clock=self.clock
+                )
+                rt.refresher.events = self.hooks = hooks
+                tg.start_soon(self._notify, hooks)
             tg.start_soon(self._expiry_watcher(rt).run)
-            if sock is not None:
-                tg.start_soon(self._serve, app, sock, server_stop, server_done)
+            if sockets:
+                tg.start_soon(self._serve, app, sockets, server_stop, server_done)
             else:
                 server_done.set()
             await tg.start(self._work, scheduler, server_stop, server_done, tg.cancel_scope)
@@ -226,11 +252,47 @@ class Daemon:
         return 0
 
     @staticmethod
+    async def _notify(hooks: Hooks) -> None:
+        """The hook dispatcher; cancelled at shutdown, its queue kept in the database."""
+        try:
+            await hooks.run()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await hooks.aclose()
+
+    def _app(self, rt: Runtime, scheduler: Scheduler) -> Starlette:
+        """Health and metrics, and the token API when ``[api] enabled``: one app."""
+        api = self.config.api
+        routes: list[BaseRoute] = []
+        middleware: list[Middleware] = []
+        if api.enabled:
+            assert api.bearer_token is not None  # the config requires it
+            token_api = TokenApi(
+                store=rt.store,
+                refresher=rt.refresher,
+                config=api,
+                clock=self.clock,
+                wake=scheduler.wake,
+            )
+            routes = token_api.routes()
+            middleware = [Middleware(BearerAuth, bearer=api.bearer_token, tcp=api.tcp)]
+        return build_app(
+            metrics=rt.metrics,
+            liveness=self._liveness,
+            readiness=self._readiness,
+            api_routes=routes,
+            middleware=middleware,
+        )
+
+    @staticmethod
     async def _serve(
-        app: App, sock: socket.socket, server_stop: anyio.Event, server_done: anyio.Event
+        app: Starlette,
+        sockets: list[socket.socket],
+        server_stop: anyio.Event,
+        server_done: anyio.Event,
     ) -> None:
         try:
-            await serve(app, sock, server_stop)
+            await serve(app, sockets, server_stop)
         finally:
             server_done.set()
 
@@ -244,13 +306,18 @@ class Daemon:
         task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         """Run the scheduler until asked to stop, drain in-flight refreshes, end everything."""
+        assert self._rt is not None
+        refresher = self._rt.refresher
         async with anyio.create_task_group() as work:
+            # Flights live in the work group: the drain deadline below bounds them too.
+            await work.start(refresher.run)
             await work.start(scheduler.run)
             task_status.started()
             await self._stop.wait()
             log.info("shutting down", in_flight=scheduler.running)
             self.notifier.notify("STOPPING=1", "STATUS=draining in-flight refreshes")
             scheduler.stop()
+            refresher.close()
             # Bounded drain: refreshes in flight may finish and persist until the deadline.
             work.cancel_scope.deadline = anyio.current_time() + self.config.daemon.shutdown_timeout
         if work.cancel_scope.cancelled_caught:
@@ -307,6 +374,8 @@ class Daemon:
         for changed, what in (
             (new.daemon.database != old.daemon.database, "daemon.database"),
             (new.server != old.server, "server.listen"),
+            (new.api != old.api, "api"),
+            (new.hooks != old.hooks, "hooks"),
         ):
             if changed:
                 log.warning("this setting only takes effect after a restart", key=what)
@@ -383,12 +452,25 @@ class Daemon:
                 rt.metrics.token_sets.labels(name, state.value)
 
     def _expiry_watcher(self, rt: Runtime) -> ExpiryWatcher:
+        hooks = self.hooks
+
+        async def expiring(ts: TokenSet, expires_at: float) -> None:
+            if hooks is not None:
+                await hooks.enqueue(
+                    "refresh_token.expiring",
+                    ts.id,
+                    ts.provider,
+                    refresh_expires_at=expires_at,
+                    refresh_expires_at_rfc3339=rfc3339(expires_at),
+                )
+
         return ExpiryWatcher(
             store=rt.store,
             metrics=rt.metrics,
             clock=self.clock,
             providers=lambda: self.config.providers,
             schedule=lambda: self.config.schedule,
+            on_expiring=expiring if hooks is not None else None,
         )
 
     async def _heartbeat(self) -> None:

@@ -1,4 +1,7 @@
-"""The only module that speaks HTTP to an IdP: one refresh-token request, one typed outcome.
+"""The only module that speaks HTTP to an IdP: one token request, one typed outcome.
+
+Three requests: refresh (``grant_type=refresh_token``), the authorization-code exchange the
+token API offers, and RFC 7009 revocation.
 
 Every failure raises an :class:`EndpointError` subclass whose ``failure`` says, above all,
 whether the IdP may have consumed the refresh token (DESIGN.md's failure table). No token or
@@ -333,11 +336,9 @@ class TokenEndpoint:
         if self._session is not None:
             await self._session.close()
 
-    def _form(self, refresh_token: Secret) -> tuple[dict[str, str], dict[str, str]]:
+    def _client_request(self, form: dict[str, str]) -> tuple[bytes, dict[str, str]]:
+        """A form body and headers with the client authenticated by the pinned method."""
         p = self.provider
-        form = {"grant_type": "refresh_token", "refresh_token": refresh_token.reveal()}
-        if p.scope:
-            form["scope"] = p.scope
         headers = {"Content-Type": "application/x-www-form-urlencoded"}
         if p.auth_method is AuthMethod.CLIENT_SECRET_BASIC:
             # RFC 6749 2.3.1: id and secret are form-urlencoded before the Basic encoding.
@@ -346,12 +347,15 @@ class TokenEndpoint:
         else:
             form["client_id"] = p.client_id
             form["client_secret"] = p.client_secret.reveal()
-        return form, headers
+        # Encoded here: aiohttp's FormData path costs more CPU than the request.
+        return urlencode(form).encode("ascii"), headers
 
     async def refresh(self, refresh_token: Secret, *, timeout: float) -> Grant:
         """POST grant_type=refresh_token. Returns the grant or raises an EndpointError."""
-        form, headers = self._form(refresh_token)
-        status, response_headers, body = await self._send(form, headers, timeout)
+        form = {"grant_type": "refresh_token", "refresh_token": refresh_token.reveal()}
+        if self.provider.scope:
+            form["scope"] = self.provider.scope
+        status, headers, body = await self._send(self.provider.token_url, form, timeout)
         if 200 <= status < 300:
             try:
                 return parse_grant(body)
@@ -360,26 +364,87 @@ class TokenEndpoint:
                 raise Ambiguous(
                     "malformed_response", f"HTTP {status}: {exc}", status=status
                 ) from None
-        if status == 429 or (status == 503 and response_headers.get("retry-after") is not None):
-            retry_after = parse_retry_after(response_headers.get("retry-after"))
-            raise RateLimited(
+        raise self._failure(status, headers, body, (refresh_token, self.provider.client_secret))
+
+    async def exchange_code(
+        self,
+        code: Secret,
+        *,
+        redirect_uri: str,
+        code_verifier: Secret | None,
+        timeout: float,
+    ) -> Grant:
+        """POST grant_type=authorization_code (RFC 6749 4.1.3, RFC 7636 4.5).
+
+        Raises the same typed errors as :meth:`refresh`; an authorization code is single-use,
+        so an :class:`Ambiguous` answer means the user must authorize again.
+        """
+        form = {
+            "grant_type": "authorization_code",
+            "code": code.reveal(),
+            "redirect_uri": redirect_uri,
+        }
+        if code_verifier is not None:
+            form["code_verifier"] = code_verifier.reveal()
+        status, headers, body = await self._send(self.provider.token_url, form, timeout)
+        secrets = tuple(s for s in (code, code_verifier, self.provider.client_secret) if s)
+        if 200 <= status < 300:
+            try:
+                grant = parse_grant(body)
+            except ValueError as exc:
+                raise Ambiguous(
+                    "malformed_response", f"HTTP {status}: {exc}", status=status
+                ) from None
+            if grant.refresh_token is None:
+                # Nothing to keep fresh: refresherd exists for the refresh token.
+                raise OAuthError(
+                    "no_refresh_token",
+                    f"HTTP {status}: the token response has no refresh_token "
+                    "(does the client ask for offline_access?)",
+                    status=status,
+                )
+            return grant
+        raise self._failure(status, headers, body, secrets)
+
+    async def revoke(self, token: Secret, *, timeout: float) -> None:
+        """RFC 7009: revoke a refresh token at the provider's revocation endpoint.
+
+        200 means revoked (or unknown to the IdP, which is as good). Raises the typed errors
+        otherwise; ``ValueError`` if the provider has no revocation endpoint.
+        """
+        url = self.provider.revocation_url
+        if not url:
+            raise ValueError(f"provider {self.provider.name!r} has no revocation_url")
+        form = {"token": token.reveal(), "token_type_hint": "refresh_token"}
+        status, headers, body = await self._send(url, form, timeout)
+        if 200 <= status < 300:
+            return
+        raise self._failure(status, headers, body, (token, self.provider.client_secret))
+
+    @staticmethod
+    def _failure(
+        status: int, headers: Mapping[str, str], body: bytes, secrets: tuple[Secret, ...]
+    ) -> EndpointError:
+        if status == 429 or (status == 503 and headers.get("retry-after") is not None):
+            retry_after = parse_retry_after(headers.get("retry-after"))
+            return RateLimited(
                 "rate_limited", f"HTTP {status}", status=status, retry_after=retry_after
             )
         if status >= 500:
-            raise Ambiguous("server_error", f"HTTP {status}", status=status)
-        raise _oauth_error(status, body, (refresh_token, self.provider.client_secret))
+            return Ambiguous("server_error", f"HTTP {status}", status=status)
+        return _oauth_error(status, body, secrets)
 
     async def _send(
-        self, form: dict[str, str], headers: dict[str, str], timeout: float
+        self, url: str, form: dict[str, str], timeout: float
     ) -> tuple[int, Mapping[str, str], bytes]:
         session = self._open()
-        p = self.provider
+        body, headers = self._client_request(form)
         client_timeout = aiohttp.ClientTimeout(
             total=None,
             # aiohttp's "connect" covers waiting for a pooled connection too (httpx's pool
             # timeout); both fail before anything is sent.
             connect=timeout,
-            sock_connect=min(p.connect_timeout, timeout),
+            sock_connect=min(self.provider.connect_timeout, timeout),
             sock_read=timeout,
         )
         # The overall bound covers a server that trickles bytes and so never trips the read
@@ -387,15 +452,10 @@ class TokenEndpoint:
         try:
             with anyio.fail_after(timeout + 1.0):
                 async with session.post(
-                    p.token_url,
-                    # Encoded here: aiohttp's FormData path costs more CPU than the request.
-                    data=urlencode(form).encode("ascii"),
-                    headers=headers,
-                    allow_redirects=False,
-                    timeout=client_timeout,
+                    url, data=body, headers=headers, allow_redirects=False, timeout=client_timeout
                 ) as response:
-                    body = await self._read_bounded(response)
-                    return response.status, response.headers, body
+                    content = await self._read_bounded(response)
+                    return response.status, response.headers, content
         except (aiohttp.ConnectionTimeoutError, aiohttp.ClientConnectorError) as exc:
             # Raised only by the connector, before a byte of the request is written (aiohttp
             # never retries a POST, so no later failure is relabelled as one of these).

@@ -117,6 +117,18 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.hook_deliveries = Counter(
+            "refresherd_hook_deliveries",
+            "Notification delivery attempts by target (webhook, command) and outcome "
+            "(delivered, failed: retried later, given_up, lost: could not be queued).",
+            ["target", "outcome"],
+            registry=r,
+        )
+        self.hook_queue = Gauge(
+            "refresherd_hook_queue",
+            "Notifications queued and not yet delivered or given up.",
+            registry=r,
+        )
         self.ready = Gauge(
             "refresherd_ready",
             "1 while the database and config are usable (what /readyz says).",

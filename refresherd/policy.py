@@ -400,3 +400,73 @@ def circuit_delay(openings: int, cfg: ScheduleConfig, rand: float) -> float:
         maximum=cfg.circuit_backoff_max,
         rand=rand,
     )
+
+
+# ---- the token API: serve the stored access token, or refresh first? ------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Serve:
+    """The stored access token is good: hand it out."""
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshFirst:
+    """Expired, missing, or inside the refresh margin: refresh (single-flight), then answer."""
+
+
+@dataclass(frozen=True, slots=True)
+class Unavailable:
+    """Expired while the set is backing off after failures: refreshing again now would only
+    hammer a failing IdP. ``retry_at`` is the planned next attempt."""
+
+    retry_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class NeedsAuthorization:
+    """Invalidated: only a new authorization by the customer helps."""
+
+    reason: str | None
+
+
+AccessDecision = Serve | RefreshFirst | Unavailable | NeedsAuthorization
+
+
+def access_decision(ts: TokenSet, *, now: float) -> AccessDecision:
+    """What GET /v1/tokens/{id} does with a stored set.
+
+    "Inside the refresh margin" is the plan the refresher stored (``next_refresh_at``, from
+    :func:`plan_next_refresh` or a backoff), so the API and the scheduler share one rule.
+    """
+    if ts.state is State.INVALIDATED:
+        return NeedsAuthorization(ts.invalid_reason)
+    expired = ts.access_token is None or (ts.expires_at is not None and ts.expires_at <= now)
+    if ts.state is State.FAILING and ts.next_refresh_at > now:
+        return Unavailable(ts.next_refresh_at) if expired else Serve()
+    if expired or ts.next_refresh_at <= now:
+        return RefreshFirst()
+    return Serve()
+
+
+# ---- hooks: when to try a notification again ---------------------------------------------------
+
+
+def hook_retry_at(
+    *,
+    attempts: int,
+    created_at: float,
+    now: float,
+    initial: float,
+    maximum: float,
+    give_up_after: float,
+    rand: float,
+) -> float | None:
+    """When to try a failed notification again, or None to give up.
+
+    Exponential backoff with jitter after the ``attempts``-th failure; given up once the next
+    try would start more than ``give_up_after`` after the event was raised (a receiver down for
+    longer is told nothing more about events that old).
+    """
+    at = now + backoff_delay(attempts, initial=initial, maximum=maximum, rand=rand)
+    return at if at - created_at <= give_up_after else None

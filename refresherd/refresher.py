@@ -8,6 +8,7 @@ logs, waiters); on failure let :mod:`refresherd.policy` decide and record that d
 
 from __future__ import annotations
 
+import functools
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Final, Protocol
 
 import anyio
+import anyio.abc
 
 from refresherd import policy
 from refresherd.config import ProviderConfig, ScheduleConfig
@@ -38,6 +40,14 @@ PERSIST_DEADLINE: Final = 30.0
 class Clock(Protocol):
     def wall(self) -> float: ...
     def monotonic(self) -> float: ...
+
+
+class EventSink(Protocol):
+    """Where token-set events go (refresherd.hooks.Hooks); never raises for a lost event."""
+
+    async def enqueue(
+        self, event_type: str, token_set_id: str, provider: str, **fields: object
+    ) -> str | None: ...
 
 
 class SystemClock:
@@ -171,6 +181,11 @@ class Refresher:
         self.circuits = ProviderCircuits()
         self.throttles = Throttles()
         self._flights: dict[str, _Flight] = {}
+        self._flight_group: anyio.abc.TaskGroup | None = None
+        self._closing: anyio.Event | None = None
+        # Notifications of invalidations and recoveries (set by the daemon when hooks are on).
+        self.events: EventSink | None = None
+        self._closed = False
         # Is the process behind a lease owner id still alive? Unknown means alive: never send
         # a token that another live process may be sending.
         self.owner_alive = owner_alive or (lambda owner: True)
@@ -189,6 +204,30 @@ class Refresher:
         self.schedule = schedule
         self.lease_duration = lease_duration
 
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Own the task group every refresh flies in, until :meth:`close`.
+
+        Callers of :meth:`refresh` only wait on a flight, so a caller that goes away (an API
+        client that disconnects) never cancels a refresh half-way nor fails its waiters.
+        After :meth:`close` this returns once the flights in the air have landed; the owner
+        bounds that wait by cancelling. Without ``run`` (the CLI's one-off refresh, unit
+        tests) a refresh flies in its first caller's task.
+        """
+        self._closing = closing = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            self._flight_group = tg
+            task_status.started()
+            await closing.wait()
+            self._flight_group = None
+
+    def close(self) -> None:
+        """Take no more refreshes (shutdown); :meth:`run` returns when the last one lands."""
+        self._closed = True
+        if self._closing is not None:
+            self._closing.set()
+
     async def refresh(self, token_set_id: str, *, scheduled: bool = False) -> RefreshResult:
         """Refresh now, or join the refresh of this token set that is already in flight."""
         flight = self._flights.get(token_set_id)
@@ -203,12 +242,34 @@ class Refresher:
                 detail=flight.result.detail,
                 coalesced=True,
             )
+        if self._closed:
+            return RefreshResult("failed", reason="cancelled", detail="shutdown")
         flight = _Flight()
         self._flights[token_set_id] = flight
         self.metrics.in_flight.set(len(self._flights))
+        if self._flight_group is None:
+            await self._fly(token_set_id, flight, scheduled, owned=False)
+        else:
+            self._flight_group.start_soon(
+                functools.partial(self._fly, token_set_id, flight, scheduled, owned=True),
+                name=f"flight {token_set_id}",
+            )
+            await flight.done.wait()
+        assert flight.result is not None
+        return flight.result
+
+    async def _fly(
+        self, token_set_id: str, flight: _Flight, scheduled: bool, *, owned: bool
+    ) -> None:
         try:
             flight.result = await self._refresh_once(token_set_id, scheduled=scheduled)
-            return flight.result
+        except Exception:
+            if not owned:
+                raise  # the caller's task: the scheduler logs it and releases the lease
+            # In the flight group an escaping error would end every other flight with it.
+            log.exception("refresh crashed", token_set=token_set_id)
+            await self._release_quietly(token_set_id)
+            flight.result = RefreshResult("failed", reason="internal_error")
         finally:
             if flight.result is None:
                 flight.result = RefreshResult("failed", reason="cancelled", detail="shutdown")
@@ -482,6 +543,14 @@ class Refresher:
                 detail="a newer grant was stored concurrently",
             )
         self.metrics.refresh_success.labels(ts.provider).inc()
+        if ts.failures and self.events is not None:
+            await self.events.enqueue(
+                "token_set.recovered",
+                ts.id,
+                ts.provider,
+                failures=ts.failures,
+                last_error=ts.last_error,
+            )
         self.circuits.note_success(ts.provider)
         if self.circuits.close(ts.provider):
             self.metrics.circuit_open.labels(ts.provider).set(0)
@@ -604,6 +673,14 @@ class Refresher:
             return await self._moved_on(ts)
         if state is State.INVALIDATED:
             self.metrics.invalidations.labels(ts.provider, reason).inc()
+            if self.events is not None:
+                await self.events.enqueue(
+                    "token_set.invalidated",
+                    ts.id,
+                    ts.provider,
+                    reason=reason,
+                    detail=failure.detail,
+                )
             return RefreshResult(
                 "invalidated", token_set=ts, reason=reason, detail=failure.detail, attempt=sends
             )

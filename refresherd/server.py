@@ -1,4 +1,5 @@
-"""One ASGI app on one listener: /metrics, /healthz, /readyz — served by Hypercorn.
+"""One ASGI app (Starlette) on one server (Hypercorn): /metrics, /healthz, /readyz and the
+token API, on the TCP listener and, if configured, a unix socket too.
 
 Hypercorn runs inside the daemon's root task group with a shutdown trigger of ours, so it
 installs no signal handlers and ends when the daemon does.
@@ -8,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+import stat
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, Final
 
 import anyio
 import anyio.abc
@@ -19,90 +23,99 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.config import Sockets
 from hypercorn.utils import wrap_app
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
 
 from refresherd.logs import get_logger
 from refresherd.metrics import Metrics
 
 log = get_logger("refresherd.server")
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 ReadinessCheck = Callable[[], Awaitable[list[str]]]
 LivenessCheck = Callable[[], list[str]]
 
 
-async def _respond(
-    send: Send, status: int, body: bytes, content_type: str = "application/json"
-) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", content_type.encode()),
-                (b"content-length", str(len(body)).encode()),
-                (b"cache-control", b"no-store"),
-            ],
-        }
+class JSON(JSONResponse):
+    """Sorted keys and a trailing newline (curl-friendly); never cached: it may hold a token."""
+
+    def render(self, content: Any) -> bytes:
+        return (json.dumps(content, sort_keys=True) + "\n").encode()
+
+    def __init__(self, content: Any, status_code: int = 200, **kw: Any) -> None:
+        super().__init__(content, status_code, **kw)
+        self.headers["cache-control"] = "no-store"
+
+
+def error(
+    status: int,
+    code: str,
+    message: str,
+    *,
+    headers: dict[str, str] | None = None,
+    **fields: Any,
+) -> JSON:
+    """The API's error shape: a stable ``error`` code and a human ``message``."""
+    return JSON({"error": code, "message": message, **fields}, status, headers=headers)
+
+
+_HTTP_ERRORS: Final = {404: "not_found", 405: "method_not_allowed"}
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = _HTTP_ERRORS.get(exc.status_code, "http_error")
+    return JSON({"error": code}, exc.status_code, headers=exc.headers)
+
+
+def build_app(
+    *,
+    metrics: Metrics,
+    liveness: LivenessCheck,
+    readiness: ReadinessCheck,
+    api_routes: Sequence[BaseRoute] = (),
+    middleware: Sequence[Middleware] = (),
+) -> Starlette:
+    """The one ASGI app: health, metrics and, when enabled, the token API (refresherd.api)."""
+
+    async def metrics_endpoint(request: Request) -> Response:
+        body = generate_latest(metrics.registry)
+        return Response(body, media_type=CONTENT_TYPE_LATEST, headers={"cache-control": "no-store"})
+
+    async def healthz(request: Request) -> Response:
+        dead = liveness()
+        return JSON(
+            {"status": "ok" if not dead else "unhealthy", "problems": dead},
+            200 if not dead else 503,
+        )
+
+    async def readyz(request: Request) -> Response:
+        problems: list[str] = []
+        with anyio.move_on_after(5.0) as scope_:
+            problems = await readiness()
+        if scope_.cancelled_caught:
+            problems = ["readiness check timed out (database not answering)"]
+        metrics.ready.set(0 if problems else 1)
+        return JSON(
+            {"status": "ready" if not problems else "not_ready", "problems": problems},
+            200 if not problems else 503,
+        )
+
+    get = ["GET", "HEAD"]
+    routes: list[BaseRoute] = [
+        Route("/metrics", metrics_endpoint, methods=get),
+        Route("/healthz", healthz, methods=get),
+        Route("/readyz", readyz, methods=get),
+        *api_routes,
+    ]
+    return Starlette(
+        routes=routes,
+        middleware=list(middleware),
+        exception_handlers={HTTPException: _http_error},
     )
-    await send({"type": "http.response.body", "body": body})
-
-
-def _json(payload: dict[str, Any]) -> bytes:
-    return (json.dumps(payload, sort_keys=True) + "\n").encode()
-
-
-class App:
-    """The ASGI application. Routes are few and fixed, so no framework is needed yet."""
-
-    def __init__(
-        self, *, metrics: Metrics, liveness: LivenessCheck, readiness: ReadinessCheck
-    ) -> None:
-        self.metrics = metrics
-        self.liveness = liveness
-        self.readiness = readiness
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        if scope["type"] != "http":
-            return
-        path, method = scope["path"], scope["method"]
-        if method not in ("GET", "HEAD"):
-            await _respond(send, 405, _json({"error": "method_not_allowed"}))
-        elif path == "/metrics":
-            body = generate_latest(self.metrics.registry)
-            await _respond(send, 200, body, CONTENT_TYPE_LATEST)
-        elif path == "/healthz":
-            dead = self.liveness()
-            await _respond(
-                send,
-                200 if not dead else 503,
-                _json({"status": "ok" if not dead else "unhealthy", "problems": dead}),
-            )
-        elif path == "/readyz":
-            problems: list[str] = []
-            with anyio.move_on_after(5.0) as scope_:
-                problems = await self.readiness()
-            if scope_.cancelled_caught:
-                problems = ["readiness check timed out (database not answering)"]
-            self.metrics.ready.set(0 if problems else 1)
-            status = 200 if not problems else 503
-            await _respond(
-                send,
-                status,
-                _json({"status": "ready" if not problems else "not_ready", "problems": problems}),
-            )
-        else:
-            await _respond(send, 404, _json({"error": "not_found"}))
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -121,24 +134,66 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def bind_unix_socket(path: Path, mode: int) -> socket.socket:
+    """A listening unix socket at ``path`` with permission bits ``mode`` (0600 or 0660).
+
+    A stale socket file (left by a killed daemon) is replaced; anything else at ``path`` is
+    an error rather than deleted. The socket is created under a umask that already gives
+    ``mode``, so there is no moment in which others could connect.
+    """
+    try:
+        if stat.S_ISSOCK(path.lstat().st_mode):
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(str(path))
+            except OSError:
+                path.unlink()  # nobody listens: stale
+            else:
+                raise OSError(f"{path}: another process is listening on this socket")
+            finally:
+                probe.close()
+        else:
+            raise OSError(f"{path}: exists and is not a socket")
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o777 & ~mode)
+    try:
+        sock.bind(str(path))
+    except OSError:
+        sock.close()
+        raise
+    finally:
+        os.umask(old)
+    os.chmod(path, mode)
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
 async def serve(
-    app: App,
-    sock: socket.socket,
+    app: Starlette,
+    sockets: Sequence[socket.socket],
     shutdown: anyio.Event,
 ) -> None:
-    """Serve ``app`` on ``sock`` until ``shutdown`` is set or the task is cancelled."""
+    """Serve ``app`` on ``sockets`` until ``shutdown`` is set or the task is cancelled."""
     config = HypercornConfig()
+    # No access log: request lines are not needed, and a query string could carry anything.
     config.accesslog = None
     config.errorlog = None
     config.graceful_timeout = 2.0
     config.keep_alive_timeout = 5.0
-    host, port = sock.getsockname()[:2]
-    log.info("listening", address=f"{host}:{port}")
+    for sock in sockets:
+        if sock.family == socket.AF_UNIX:
+            log.info("listening", socket=sock.getsockname())
+        else:
+            host, port = sock.getsockname()[:2]
+            log.info("listening", address=f"{host}:{port}")
     try:
         await worker_serve(
             wrap_app(app, config.wsgi_max_body_size, "asgi"),  # type: ignore[arg-type]
             config,
-            sockets=Sockets(secure_sockets=[], insecure_sockets=[sock], quic_sockets=[]),
+            sockets=Sockets(secure_sockets=[], insecure_sockets=list(sockets), quic_sockets=[]),
             shutdown_trigger=shutdown.wait,
         )
     except asyncio.InvalidStateError:

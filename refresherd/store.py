@@ -90,6 +90,27 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         CHECK (refresh_mode IN ('access_token', 'keep_alive'));
     ALTER TABLE token_sets ADD COLUMN expiry_warned_for REAL;
     """,
+    """
+    -- The hook queue (refresherd.hooks): one row per event and target, kept until delivered
+    -- or given up, so that no notification is lost across restarts. Payloads hold no secrets.
+    -- next_attempt_at doubles as the claim: a dispatcher moves it past its delivery timeout.
+    CREATE TABLE hook_deliveries (
+        id INTEGER PRIMARY KEY,
+        event_id TEXT NOT NULL,
+        target TEXT NOT NULL CHECK (target IN ('webhook', 'command')),
+        event_type TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL NOT NULL,
+        last_error TEXT,
+        delivered_at REAL,
+        given_up_at REAL,
+        UNIQUE (event_id, target)
+    ) STRICT;
+    CREATE INDEX hook_deliveries_due ON hook_deliveries (next_attempt_at)
+        WHERE delivered_at IS NULL AND given_up_at IS NULL;
+    """,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -158,6 +179,19 @@ def _insert_params(n: NewTokenSet, now: float) -> dict[str, Any]:
         "mode": n.refresh_mode.value if n.refresh_mode else None,
         "now": now,
     }
+
+
+@dataclass(frozen=True, slots=True)
+class HookDelivery:
+    """One queued notification for one target, as claimed for delivery."""
+
+    id: int
+    event_id: str
+    target: str  # "webhook" | "command"
+    event_type: str
+    payload: str  # the event as JSON text
+    created_at: float
+    attempts: int  # including the one this claim is for
 
 
 @dataclass(frozen=True, slots=True)
@@ -543,24 +577,51 @@ class Store:
             raise TokenSetExists(f"token set {taken!r} exists already (remove it first)") from None
 
     async def _stage(self, items: Iterable[tuple[str, NewTokenSet]], now: float) -> int:
+        """Insert ``items`` into the staging table, chunk by chunk: SQLite inserts one chunk in
+        its thread while the next is parsed here, so parsing and inserting overlap."""
         count = 0
+        failure: Exception | None = None
+        send, receive = anyio.create_memory_object_stream[list[tuple[str, NewTokenSet]]](1)
+
+        async def insert(scope: anyio.CancelScope) -> None:
+            nonlocal count, failure
+            async with receive:
+                async for chunk in receive:
+                    try:
+                        await self._conn.executemany(
+                            _INSERT.format(table="temp.import_staging"),
+                            [_insert_params(n, now) for _, n in chunk],
+                        )
+                    except sqlite3.IntegrityError:
+                        # executemany stops at the failing row: the ones before it are in.
+                        done = await self._fetch_value("SELECT count(*) FROM temp.import_staging")
+                        where, repeated = chunk[done - count]
+                        failure = TokenSetExists(
+                            f"{where}: token set {repeated.id!r} appears twice in the input"
+                        )
+                        scope.cancel()
+                        return
+                    except sqlite3.Error as exc:
+                        failure = exc
+                        scope.cancel()
+                        return
+                    count += len(chunk)
+
         iterator = iter(items)
         await self._conn.execute("BEGIN")
         try:
-            while chunk := list(itertools.islice(iterator, 5000)):
-                try:
-                    await self._conn.executemany(
-                        _INSERT.format(table="temp.import_staging"),
-                        [_insert_params(n, now) for _, n in chunk],
-                    )
-                except sqlite3.IntegrityError:
-                    # executemany stops at the failing row: the ones before it are in.
-                    done = await self._fetch_value("SELECT count(*) FROM temp.import_staging")
-                    where, repeated = chunk[done - count]
-                    raise TokenSetExists(
-                        f"{where}: token set {repeated.id!r} appears twice in the input"
-                    ) from None
-                count += len(chunk)
+            # Errors are carried out of the group by hand, so callers see them unwrapped.
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(insert, tg.cancel_scope)
+                async with send:
+                    try:
+                        while chunk := list(itertools.islice(iterator, 5000)):
+                            await send.send(chunk)
+                    except Exception as exc:  # a bad input line, raised by ``items``
+                        failure = exc
+                        tg.cancel_scope.cancel()
+            if failure is not None:
+                raise failure
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self._conn.execute("ROLLBACK")
@@ -944,6 +1005,81 @@ class Store:
             " lease_owner = NULL, lease_until = NULL WHERE id = :id AND lease_owner = :owner",
             {"id": token_set_id, "owner": owner, "next": next_refresh_at},
         )
+
+    # ---- the hook queue (refresherd.hooks) ----------------------------------------------------
+
+    async def enqueue_hook(
+        self,
+        *,
+        event_id: str,
+        event_type: str,
+        payload: str,
+        targets: Sequence[str],
+        now: float,
+    ) -> None:
+        """Queue one event for each target, due at once; an event id queued already is kept."""
+        with anyio.CancelScope(shield=True):
+            async with self._lock:
+                try:
+                    async with self._transaction():
+                        await self._conn.executemany(
+                            "INSERT OR IGNORE INTO hook_deliveries (event_id, target, event_type,"
+                            " payload, created_at, next_attempt_at)"
+                            " VALUES (?, ?, ?, ?, ?, ?)",
+                            [(event_id, t, event_type, payload, now, now) for t in targets],
+                        )
+                except sqlite3.Error as exc:
+                    raise StoreError(f"database {self.path}: {exc}") from exc
+
+    async def claim_hook_deliveries(
+        self, *, now: float, until: float, limit: int
+    ) -> list[HookDelivery]:
+        """Due deliveries, claimed until ``until`` (a dispatcher that dies leaves them due
+        again then: at least once) with their attempt counted."""
+        rows = await self._write(
+            "UPDATE hook_deliveries SET next_attempt_at = :until, attempts = attempts + 1"
+            " WHERE id IN (SELECT id FROM hook_deliveries WHERE delivered_at IS NULL"
+            " AND given_up_at IS NULL AND next_attempt_at <= :now"
+            " ORDER BY next_attempt_at LIMIT :limit)"
+            " RETURNING id, event_id, target, event_type, payload, created_at, attempts",
+            {"now": now, "until": until, "limit": limit},
+        )
+        return sorted((HookDelivery(*tuple(r)) for r in rows), key=lambda d: (d.created_at, d.id))
+
+    async def hook_delivered(self, delivery_id: int, *, now: float) -> None:
+        await self._write(
+            "UPDATE hook_deliveries SET delivered_at = :now, last_error = NULL WHERE id = :id",
+            {"id": delivery_id, "now": now},
+        )
+
+    async def hook_failed(
+        self, delivery_id: int, *, error: str, next_attempt_at: float | None, now: float
+    ) -> None:
+        """Record a failed attempt: due again at ``next_attempt_at``, or given up (None)."""
+        await self._write(
+            "UPDATE hook_deliveries SET last_error = :error,"
+            " next_attempt_at = COALESCE(:next, next_attempt_at),"
+            " given_up_at = CASE WHEN :next IS NULL THEN :now ELSE NULL END WHERE id = :id",
+            {"id": delivery_id, "error": error[:500], "next": next_attempt_at, "now": now},
+        )
+
+    async def next_hook_due(self) -> float | None:
+        value = await self._fetch_locked(
+            "SELECT MIN(next_attempt_at) FROM hook_deliveries"
+            " WHERE delivered_at IS NULL AND given_up_at IS NULL"
+        )
+        return None if value is None else float(value)
+
+    async def pending_hooks(self) -> int:
+        value = await self._fetch_locked(
+            "SELECT COUNT(*) FROM hook_deliveries"
+            " WHERE delivered_at IS NULL AND given_up_at IS NULL"
+        )
+        return int(value or 0)
+
+    async def _fetch_locked(self, sql: str) -> Any:
+        rows = await self._read(sql)
+        return rows[0][0] if rows else None
 
 
 def _exclude(providers: Sequence[str]) -> tuple[str, dict[str, Any]]:

@@ -716,3 +716,92 @@ def test_secret_not_in_error_from_non_utf8_config(tmp_path: Path) -> None:
         load_config(path, env=ENV)
     assert SECRET not in str(info.value)
     assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+# --- [api] and [hooks] ---------------------------------------------------------------------
+
+
+def test_api_and_hooks_tables(tmp_path: Path) -> None:
+    bearer = tmp_path / "api.bearer"
+    bearer.write_text("b34r3r\n")
+    bearer.chmod(0o600)
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "hook-key").write_text("k3y\n")
+    config = load(
+        tmp_path,
+        MINIMAL
+        + """
+[api]
+enabled = true
+bearer_token_file = "api.bearer"
+unix_socket = "run/api.sock"
+unix_socket_mode = "0660"
+tcp = false
+wait_timeout = "30s"
+
+[hooks]
+webhook_url = "https://hooks.example.com/x"
+webhook_secret_credential = "hook-key"
+command = ["bin/on-event", "--quiet"]
+events = ["token_set.invalidated"]
+backoff_initial = "2s"
+backoff_max = "1m"
+give_up_after = "1d"
+""",
+        env={**ENV, "CREDENTIALS_DIRECTORY": str(creds)},
+    )
+    api, hooks = config.api, config.hooks
+    assert api.enabled and api.bearer_token == Secret("b34r3r")
+    assert (api.unix_socket, api.unix_socket_mode, api.tcp, api.wait_timeout) == (
+        tmp_path / "run/api.sock",
+        0o660,
+        False,
+        30.0,
+    )
+    assert hooks.webhook_secret == Secret("k3y") and hooks.enabled
+    assert hooks.command == (str(tmp_path / "bin/on-event"), "--quiet")
+    assert hooks.events == ("token_set.invalidated",)
+    assert (hooks.backoff_initial, hooks.backoff_max, hooks.give_up_after) == (2.0, 60.0, 86400.0)
+    assert "b34r3r" not in repr(config) and "k3y" not in repr(config)
+    # Off by default.
+    default = load(tmp_path, MINIMAL)
+    assert not default.api.enabled and not default.hooks.enabled
+
+
+@pytest.mark.parametrize(
+    ("extra", "key", "expected"),
+    [
+        ("[api]\nenabled = true\n", "api", ["bearer_token_file or bearer_token_credential"]),
+        ('[api]\nunix_socket_mode = "0666"\n', "api.unix_socket_mode", ['"0600"', '"0660"']),
+        ("[api]\nenabled = true\ntcp = false\n", "api.tcp", ["unix_socket"]),
+        ('[api]\nbearer = "x"\n', "api.bearer", ["unknown key"]),
+        ('[hooks]\nwebhook_url = "http://example.com/x"\n', "hooks.webhook_url", ["loopback"]),
+        ('[hooks]\ncommand = "script.sh"\n', "hooks.command", ["array of strings"]),
+        ('[hooks]\nevents = ["token_set.deleted"]\n', "hooks.events", ["token_set.invalidated"]),
+        (
+            '[hooks]\nwebhook_url = "https://h.example/x"\n',
+            "hooks",
+            ["webhook_secret_file or webhook_secret_credential"],
+        ),
+        (
+            '[hooks]\ncommand = ["x"]\nbackoff_initial = "1m"\nbackoff_max = "1s"\n',
+            "hooks.backoff_initial",
+            ["at most hooks.backoff_max"],
+        ),
+    ],
+)
+def test_api_and_hooks_errors(tmp_path: Path, extra: str, key: str, expected: list[str]) -> None:
+    assert_error(load_error(tmp_path, MINIMAL + "\n" + extra), tmp_path, key, *expected)
+
+
+def test_example_config_shows_api_and_hooks_keys() -> None:
+    text = (REPO / "config.example.toml").read_text(encoding="utf-8")
+    keys = [
+        "bearer_token_file", "bearer_token_credential", "unix_socket", "unix_socket_mode",
+        "tcp", "wait_timeout", "webhook_url", "webhook_secret_file",
+        "webhook_secret_credential", "webhook_timeout", "command", "command_timeout", "events",
+        "give_up_after", "revocation_url",
+    ]  # fmt: skip
+    for key in keys:
+        assert re.search(rf"^#? ?{key} = ", text, re.MULTILINE), key

@@ -8,6 +8,7 @@ the refresh token?) and its message (it names what was wrong, and holds no token
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import time
 import traceback
@@ -1058,3 +1059,75 @@ async def test_undecodable_content_encoding_is_ambiguous_malformed() -> None:
     assert isinstance(exc, Ambiguous)
     assert exc.failure.reason == "malformed_response"
     assert "Content-Encoding" in str(exc)
+
+
+# ------------------------------------------------------------- code exchange, revocation
+
+REDIRECT = "https://app.example/callback"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("auth_method", list(AuthMethod))
+async def test_exchange_code_returns_the_grant_and_is_one_time(auth_method: AuthMethod) -> None:
+    async with serving_idp() as idp:
+        verifier = "verifier-" + "v" * 40
+        challenge = (
+            base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest())
+            .rstrip(b"=")
+            .decode()
+        )
+        code = idp.authorize("u1", redirect_uri=REDIRECT, code_challenge=challenge)
+        async with endpoint_for(provider_for(idp.token_url, auth_method=auth_method)) as endpoint:
+            grant = await endpoint.exchange_code(
+                Secret(code), redirect_uri=REDIRECT, code_verifier=Secret(verifier), timeout=5
+            )
+            assert grant.refresh_token is not None
+            assert idp.ledger.is_live(grant.refresh_token.reveal())
+            with pytest.raises(InvalidGrant) as info:
+                await endpoint.exchange_code(
+                    Secret(code), redirect_uri=REDIRECT, code_verifier=Secret(verifier), timeout=5
+                )
+            assert_no_secret(info.value, code, verifier)
+
+
+@pytest.mark.anyio
+async def test_exchange_code_failures_are_typed() -> None:
+    async with serving_idp() as idp:
+        code = idp.authorize(redirect_uri=REDIRECT)
+        wrong = provider_for(idp.token_url, client_secret="not-the-secret")
+        async with endpoint_for(wrong) as endpoint:
+            with pytest.raises(ClientRejected) as rejected:
+                await endpoint.exchange_code(
+                    Secret(code), redirect_uri=REDIRECT, code_verifier=None, timeout=5
+                )
+            assert_no_secret(rejected.value, code, "not-the-secret")
+        idp.faults.add(FaultKind.SERVER_ERROR)
+        async with endpoint_for(provider_for(idp.token_url)) as endpoint:
+            with pytest.raises(Ambiguous):
+                await endpoint.exchange_code(
+                    Secret(code), redirect_uri=REDIRECT, code_verifier=None, timeout=5
+                )
+    async with endpoint_for(provider_for(f"http://127.0.0.1:{closed_port()}/t")) as endpoint:
+        with pytest.raises(NotSent):
+            await endpoint.exchange_code(
+                Secret("c"), redirect_uri=REDIRECT, code_verifier=None, timeout=5
+            )
+
+
+@pytest.mark.anyio
+async def test_revoke_kills_the_refresh_token_at_the_idp() -> None:
+    async with serving_idp() as idp:
+        token = str(idp.issue()["refresh_token"])
+        provider = replace(provider_for(idp.token_url), revocation_url=idp.revocation_url)
+        async with endpoint_for(provider) as endpoint:
+            await endpoint.revoke(Secret(token), timeout=5)
+            assert not idp.ledger.is_live(token)
+            assert idp.ledger.revocations == 1
+        wrong = replace(provider, client_secret=Secret("nope"))
+        async with endpoint_for(wrong) as endpoint:
+            with pytest.raises(ClientRejected) as info:
+                await endpoint.revoke(Secret(token), timeout=5)
+            assert_no_secret(info.value, token, "nope")
+        async with endpoint_for(provider_for(idp.token_url)) as endpoint:
+            with pytest.raises(ValueError, match="no revocation_url"):
+                await endpoint.revoke(Secret(token), timeout=5)

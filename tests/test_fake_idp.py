@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import signal
@@ -230,7 +231,7 @@ async def test_request_validation_and_routes() -> None:
         response = await client.post(idp.token_url, json=as_json)
         assert (response.status_code, response.json()["error"]) == (400, "invalid_request")
 
-        response = await refresh(client, idp, token, grant_type="authorization_code")
+        response = await refresh(client, idp, token, grant_type="password")
         assert (response.status_code, response.json()["error"]) == (400, "unsupported_grant_type")
 
         response = await refresh(client, idp, "")
@@ -583,3 +584,98 @@ def test_cli_serves_until_sigterm(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _s256(verifier: str) -> str:
+    digest = hashlib.sha256(verifier.encode()).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+async def exchange(
+    client: httpx.AsyncClient, idp: FakeIdP, code: str, **form: str
+) -> httpx.Response:
+    data = {
+        "grant_type": "authorization_code",
+        "code": code,
+        "client_id": CLIENT_ID,
+        "client_secret": CLIENT_SECRET,
+        **form,
+    }
+    return await client.post(idp.token_url, data=data)
+
+
+@pytest.mark.anyio
+async def test_authorization_code_grant_is_one_time_and_bound_to_redirect_and_pkce() -> None:
+    clients = {CLIENT_ID: CLIENT_SECRET, "other": "other-secret"}
+    redirect = "https://app.example/callback"
+    verifier = "v" * 50
+    async with serving(clients=clients) as (idp, client):
+        code = idp.authorize("alice", redirect_uri=redirect, code_challenge=_s256(verifier))
+        response = await exchange(client, idp, code, redirect_uri=redirect, code_verifier=verifier)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["token_type"] == "Bearer" and body["access_token"] and body["refresh_token"]
+        assert idp.ledger.is_live(body["refresh_token"])
+        assert idp.ledger.live_refresh_tokens("alice") == {body["refresh_token"]}
+        assert idp.ledger.code_exchanges == 1
+        # The refresh token it minted refreshes like any other.
+        refreshed = await refresh(client, idp, body["refresh_token"])
+        assert refreshed.status_code == 200
+
+        # One time only.
+        again = await exchange(client, idp, code, redirect_uri=redirect, code_verifier=verifier)
+        assert (again.status_code, again.json()["error"]) == (400, "invalid_grant")
+
+        # Bound to its redirect_uri, its PKCE challenge and its client; a failed try burns it.
+        for form, client_id in (
+            ({"redirect_uri": "https://evil.example/cb", "code_verifier": verifier}, CLIENT_ID),
+            ({"redirect_uri": redirect, "code_verifier": "w" * 50}, CLIENT_ID),
+            ({"redirect_uri": redirect}, CLIENT_ID),
+            ({"redirect_uri": redirect, "code_verifier": verifier}, "other"),
+        ):
+            fresh = idp.authorize(redirect_uri=redirect, code_challenge=_s256(verifier))
+            data = {"grant_type": "authorization_code", "code": fresh, **form}
+            secret = clients[client_id]
+            response = await client.post(
+                idp.token_url, data={**data, "client_id": client_id, "client_secret": secret}
+            )
+            assert (response.status_code, response.json()["error"]) == (400, "invalid_grant"), form
+        # Without PKCE, redirect_uri alone binds it; an unknown code is invalid_grant too.
+        plain = idp.authorize(redirect_uri=redirect)
+        assert (await exchange(client, idp, plain, redirect_uri=redirect)).status_code == 200
+        response = await exchange(client, idp, "code_made_up", redirect_uri=redirect)
+        assert (response.status_code, response.json()["error"]) == (400, "invalid_grant")
+        assert idp.ledger.code_exchanges == 2
+        # Codes count as issued secrets (the suite's leak scan looks for them).
+        assert code in idp.ledger.issued_tokens()
+
+
+@pytest.mark.anyio
+async def test_authorization_code_expires() -> None:
+    clock = FakeClock()
+    async with serving(clock=clock) as (idp, client):
+        code = idp.authorize(redirect_uri="https://app.example/cb", code_lifetime=30)
+        clock.advance(31)
+        response = await exchange(client, idp, code, redirect_uri="https://app.example/cb")
+        assert (response.status_code, response.json()["error"]) == (400, "invalid_grant")
+        assert "expired" in response.json()["error_description"]
+
+
+@pytest.mark.anyio
+async def test_hold_requests_keeps_token_requests_waiting_until_released() -> None:
+    async with serving() as (idp, client):
+        token = str(idp.issue()["refresh_token"])
+        idp.hold_requests()
+        results: list[httpx.Response] = []
+
+        async def one() -> None:
+            results.append(await refresh(client, idp, token))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(one)
+            while idp.held_requests < 1:
+                await anyio.sleep(0.01)
+            assert idp.ledger.refreshes == 0 and not results
+            idp.release_requests()
+        assert [r.status_code for r in results] == [200]
+        assert idp.held_requests == 0 and idp.ledger.refreshes == 1

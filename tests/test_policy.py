@@ -10,8 +10,17 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from refresherd import policy
 from refresherd.config import ScheduleConfig
-from refresherd.model import Attempt, Failure, FailureKind, RefreshTokenUsage
+from refresherd.model import (
+    Attempt,
+    Failure,
+    FailureKind,
+    RefreshTokenUsage,
+    Secret,
+    State,
+    TokenSet,
+)
 from refresherd.policy import (
     MAX_GRACE_SENDS,
     MIN_ATTEMPT_TIMEOUT,
@@ -785,3 +794,60 @@ def test_a_first_send_refused_unprocessed_is_a_plain_resend_or_backoff() -> None
     resend = decide(failure(FailureKind.RATE_LIMITED, 2.0), first, CFG, 0.5)
     assert resend == RetryNow(delay=2.0, grace=False)
     assert isinstance(decide(failure(FailureKind.OAUTH_ERROR), first, CFG, 0.5), Backoff)
+
+
+def test_hook_retry_backs_off_exponentially_and_gives_up_after_the_horizon() -> None:
+    common = {"created_at": 1000.0, "initial": 1.0, "maximum": 60.0, "give_up_after": 300.0}
+    delays = [
+        policy.hook_retry_at(attempts=n, now=1000.0, rand=1.0, **common) - 1000.0  # type: ignore[operator]
+        for n in range(1, 9)
+    ]
+    assert delays == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0]
+    # Equal jitter: never below half the step.
+    assert policy.hook_retry_at(attempts=3, now=1000.0, rand=0.0, **common) == 1002.0
+    # Past the horizon: give up.
+    assert policy.hook_retry_at(attempts=9, now=1250.0, rand=1.0, **common) is None
+    assert policy.hook_retry_at(attempts=9, now=1240.0, rand=1.0, **common) == 1300.0
+
+
+def _stored(**kw: object) -> TokenSet:
+    fields: dict[str, object] = {
+        "id": "ts",
+        "provider": "p",
+        "refresh_token": Secret("rt"),
+        "access_token": Secret("at"),
+        "expires_at": NOW + 3600,
+        "state": State.ACTIVE,
+        "version": 1,
+        "next_refresh_at": NOW + 2880,
+        "created_at": NOW - 10,
+        "updated_at": NOW - 10,
+    }
+    fields.update(kw)
+    return TokenSet(**fields)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("stored", "expected"),
+    [
+        (_stored(), policy.Serve()),
+        # Inside the margin: the stored plan says due, the API refreshes as the scheduler would.
+        (_stored(next_refresh_at=NOW - 1), policy.RefreshFirst()),
+        (_stored(expires_at=NOW - 1, next_refresh_at=NOW + 5), policy.RefreshFirst()),
+        (_stored(access_token=None, expires_at=None, next_refresh_at=NOW), policy.RefreshFirst()),
+        # Failing and backing off: a still valid token is served, an expired one is not, and
+        # the IdP is not hammered before the planned retry.
+        (_stored(state=State.FAILING, next_refresh_at=NOW + 30), policy.Serve()),
+        (
+            _stored(state=State.FAILING, expires_at=NOW - 1, next_refresh_at=NOW + 30),
+            policy.Unavailable(NOW + 30),
+        ),
+        (_stored(state=State.FAILING, next_refresh_at=NOW - 1), policy.RefreshFirst()),
+        (
+            _stored(state=State.INVALIDATED, invalid_reason="invalid_grant"),
+            policy.NeedsAuthorization("invalid_grant"),
+        ),
+    ],
+)
+def test_access_decision(stored: TokenSet, expected: policy.AccessDecision) -> None:
+    assert policy.access_decision(stored, now=NOW) == expected

@@ -1267,3 +1267,49 @@ def test_no_token_or_client_secret_in_any_log_line_of_this_module() -> None:
     assert len(values) > 20  # the scan has something to look for
     assert "refresh" in text  # and something to look in
     assert _leaks(text, values) == []
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_caller_does_not_cancel_the_flight_nor_fail_its_waiters(
+    tmp_path: Path,
+) -> None:
+    """With Refresher.run, a refresh flies in the refresher's task group: the first caller
+    (an API client that disconnects, say) can go away without touching it."""
+    async with harness(tmp_path, usage="reuse") as h, anyio.create_task_group() as tg:
+        await tg.start(h.refresher.run)
+        await h.add("ts-1")
+        h.idp.hold_requests()
+        results: list[RefreshResult] = []
+
+        first = anyio.CancelScope()
+
+        async def first_caller() -> None:
+            with first:
+                await h.refresher.refresh("ts-1")
+
+        async def waiter() -> None:
+            results.append(await h.refresher.refresh("ts-1"))
+
+        tg.start_soon(first_caller)
+        with anyio.fail_after(60):
+            while h.idp.held_requests < 1:
+                await anyio.sleep(0.01)
+        tg.start_soon(waiter)
+        with anyio.fail_after(60):
+            while h.metric("refresherd_singleflight_coalesced_total") < 1:
+                await anyio.sleep(0.01)
+        first.cancel()  # the caller that started the flight goes away
+        with anyio.fail_after(60):
+            while not first.cancelled_caught:
+                await anyio.sleep(0.01)
+        assert not results  # the waiter still waits: the request is held at the IdP
+        # The request is still at the IdP: released, it completes and is persisted.
+        h.idp.release_requests()
+        with anyio.fail_after(60):
+            while not results:
+                await anyio.sleep(0.01)
+        [result] = results
+        assert result.outcome == "refreshed"
+        assert h.idp.ledger.refreshes == 1
+        assert (await h.get("ts-1")).version == 2
+        h.refresher.close()

@@ -154,10 +154,8 @@ async def test_reopen_is_idempotent_and_keeps_data(db_path: Path) -> None:
         finally:
             await store.close()
     with plain(db_path) as conn:
-        assert (
-            conn.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table'").fetchone()[0]
-            == 1
-        )
+        tables = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+        assert sorted(name for (name,) in tables) == ["hook_deliveries", "token_sets"]
 
 
 @pytest.mark.anyio
@@ -1205,3 +1203,40 @@ async def test_store_errors_never_carry_token_values(store: Store, db_path: Path
     for message in messages:
         assert_no_secret(message)
     assert await store.get("fresh-1") is None
+
+
+@pytest.mark.anyio
+async def test_hook_queue_claims_retries_and_finishes(store: Store) -> None:
+    await store.enqueue_hook(
+        event_id="e1",
+        event_type="token_set.invalidated",
+        payload="{}",
+        targets=["webhook", "command"],
+        now=NOW,
+    )
+    # The same event queued again (a retried enqueue) is one delivery per target still.
+    await store.enqueue_hook(
+        event_id="e1",
+        event_type="token_set.invalidated",
+        payload="{}",
+        targets=["webhook"],
+        now=NOW,
+    )
+    assert await store.pending_hooks() == 2
+    claimed = await store.claim_hook_deliveries(now=NOW, until=NOW + 30, limit=10)
+    assert [(d.event_id, d.target, d.attempts) for d in claimed] == [
+        ("e1", "webhook", 1),
+        ("e1", "command", 1),
+    ]
+    # Claimed: invisible until the claim lapses (a dead dispatcher's claim does).
+    assert await store.claim_hook_deliveries(now=NOW + 29, until=NOW + 60, limit=10) == []
+    webhook, command = claimed
+    await store.hook_delivered(webhook.id, now=NOW + 1)
+    await store.hook_failed(command.id, error="exit status 3", next_attempt_at=NOW + 5, now=NOW + 1)
+    assert await store.next_hook_due() == NOW + 5
+    [again] = await store.claim_hook_deliveries(now=NOW + 5, until=NOW + 35, limit=10)
+    assert (again.id, again.attempts) == (command.id, 2)
+    await store.hook_failed(command.id, error="exit status 3", next_attempt_at=None, now=NOW + 6)
+    assert await store.pending_hooks() == 0
+    assert await store.next_hook_due() is None
+    assert await store.claim_hook_deliveries(now=NOW + 1e6, until=NOW + 2e6, limit=10) == []

@@ -16,6 +16,7 @@ import base64
 import binascii
 import email.utils
 import enum
+import hashlib
 import hmac
 import http
 import itertools
@@ -252,7 +253,22 @@ _COUNTERS: Final = (
     "invalid_clients",
     "revocations",
     "cap_revocations",
+    "code_exchanges",
 )
+
+
+@dataclass
+class _Code:
+    """A one-time authorization code, as the authorization endpoint would have sent it."""
+
+    user: str
+    client_id: str
+    redirect_uri: str
+    scope: str
+    code_challenge: str | None
+    code_challenge_method: str
+    expires_at: float
+    used: bool = False
 
 
 class _Flight:
@@ -284,6 +300,7 @@ class Ledger:
         self._faults: dict[str, int] = {}
         self._events: list[dict[str, object]] = []
         self._in_flight: dict[str, list[_Flight]] = {}
+        self._codes: dict[str, _Code] = {}
 
     # -- queries ------------------------------------------------------------------------
 
@@ -327,7 +344,7 @@ class Ledger:
     def issued_tokens(self) -> set[str]:
         """Every access and refresh token value ever minted (to scan logs for leaks)."""
         with self._lock:
-            return set(self._tokens) | set(self._access)
+            return set(self._tokens) | set(self._access) | set(self._codes)
 
     @property
     def events(self) -> list[dict[str, object]]:
@@ -389,6 +406,11 @@ class Ledger:
     def revocations(self) -> int:
         """Revocation requests at the endpoint plus revoke() and revoke_user() calls."""
         return self._counts["revocations"]
+
+    @property
+    def code_exchanges(self) -> int:
+        """Authorization codes exchanged for tokens (grant_type=authorization_code)."""
+        return self._counts["code_exchanges"]
 
     @property
     def cap_revocations(self) -> int:
@@ -539,6 +561,16 @@ def _parse_form(request: h11.Request, body: bytes) -> dict[str, str]:
     return form
 
 
+def _pkce_ok(challenge: str, method: str, verifier: str | None) -> bool:
+    if verifier is None:
+        return False
+    if method == "plain":
+        return hmac.compare_digest(challenge.encode(), verifier.encode())
+    digest = hashlib.sha256(verifier.encode("ascii", "replace")).digest()
+    computed = base64.urlsafe_b64encode(digest).rstrip(b"=")
+    return hmac.compare_digest(challenge.encode(), computed)
+
+
 def _peek_refresh_token(request: h11.Request, body: bytes) -> str | None:
     try:
         return _parse_form(request, body).get("refresh_token")
@@ -551,6 +583,9 @@ def _peek_refresh_token(request: h11.Request, body: bytes) -> str | None:
 
 class FakeIdP:
     """A fake OAuth 2.0 IdP serving ``/connect/token`` and ``/connect/revocation``.
+
+    The token endpoint takes ``refresh_token`` and ``authorization_code`` grants; codes come
+    from :meth:`authorize`, standing in for the user's consent at the authorization endpoint.
 
     Run it with ``await task_group.start(idp.serve)`` or, from synchronous code,
     ``with running_in_thread(idp):``. The token settings (``usage``, ``grace_period``,
@@ -601,6 +636,10 @@ class FakeIdP:
         self._lock = self.ledger._lock  # one lock for all token state
         self._user_seq = itertools.count(1)
         self._bound: tuple[str, int] | None = None
+        # Open unless a test holds token requests (hold_requests) to build up concurrency.
+        self._gate = threading.Event()
+        self._gate.set()
+        self._held = 0
 
     def __repr__(self) -> str:
         where = self.url if self._bound else "not serving"
@@ -645,6 +684,42 @@ class FakeIdP:
             self.ledger._event("issue", family=family.id, user=user)
             return self._token_response(family, token.value, family.scope)
 
+    def authorize(
+        self,
+        user: str | None = None,
+        *,
+        redirect_uri: str,
+        client_id: str | None = None,
+        scope: str = "openid offline_access",
+        code_challenge: str | None = None,
+        code_challenge_method: str = "S256",
+        code_lifetime: float = 60.0,
+    ) -> str:
+        """What the authorization endpoint does when ``user`` consents: a one-time code for
+        ``client_id``, bound to ``redirect_uri`` and, with PKCE (RFC 7636), to
+        ``code_challenge``. The client exchanges it with ``grant_type=authorization_code``."""
+        if code_challenge_method not in ("S256", "plain"):
+            raise ValueError("code_challenge_method must be 'S256' or 'plain'")
+        with self._lock:
+            if client_id is None:
+                client_id = next(iter(self._clients))
+            elif client_id not in self._clients:
+                raise KeyError(f"unknown client {client_id!r}")
+            if user is None:
+                user = f"user-{next(self._user_seq)}"
+            code = "code_" + secrets.token_urlsafe(24)
+            self.ledger._codes[code] = _Code(
+                user=user,
+                client_id=client_id,
+                redirect_uri=redirect_uri,
+                scope=scope,
+                code_challenge=code_challenge,
+                code_challenge_method=code_challenge_method,
+                expires_at=self._clock() + code_lifetime,
+            )
+            self.ledger._event("authorize", user=user)
+            return code
+
     def revoke(self, refresh_token: str) -> None:
         """Revoke one token (refresh or access). Raises KeyError for a value never minted."""
         with self._lock:
@@ -663,6 +738,20 @@ class FakeIdP:
                         token.revoked = True
             self.ledger._count("revocations")
             self.ledger._event("revoke_user", user=user)
+
+    def hold_requests(self) -> None:
+        """Token requests from now on wait, unanswered, until :meth:`release_requests`: a test
+        can then see how many requests a client made at once (:attr:`held_requests`)."""
+        self._gate.clear()
+
+    def release_requests(self) -> None:
+        self._gate.set()
+
+    @property
+    def held_requests(self) -> int:
+        """Token requests waiting at the gate of :meth:`hold_requests`."""
+        with self._lock:
+            return self._held
 
     def set_client_secret(self, client_id: str, secret: str) -> None:
         """Rotate (or add) a client's secret; the old one then gets ``invalid_client``."""
@@ -826,6 +915,16 @@ class FakeIdP:
         request: h11.Request,
         body: bytes,
     ) -> bool:
+        if not self._gate.is_set():
+            with self._lock:
+                self._held += 1
+            try:
+                # A threading.Event: released from the test's thread, not this loop's.
+                while not self._gate.is_set():  # noqa: ASYNC110
+                    await anyio.sleep(0.01)
+            finally:
+                with self._lock:
+                    self._held -= 1
         if self.latency:
             await anyio.sleep(self.latency)
         fault = self.faults._draw()
@@ -908,10 +1007,14 @@ class FakeIdP:
             if grant_type is None:
                 self.ledger._event("invalid_request", fault=fault_name)
                 return _oauth_error(400, "invalid_request", "grant_type is missing")
+            if grant_type == "authorization_code":
+                return self._exchange_code(client_id, form, fault_name)
             if grant_type != "refresh_token":
                 self.ledger._event("unsupported_grant_type", fault=fault_name)
                 return _oauth_error(
-                    400, "unsupported_grant_type", "only refresh_token is supported"
+                    400,
+                    "unsupported_grant_type",
+                    "only refresh_token and authorization_code are supported",
                 )
             presented = form.get("refresh_token")
             if presented is None:
@@ -962,6 +1065,41 @@ class FakeIdP:
         ledger._count("refreshes")
         ledger._event(outcome, family=family.id, fault=fault)
         return _json_reply(200, self._token_response(family, returned, granted))
+
+    def _exchange_code(self, client_id: str, form: Mapping[str, str], fault: str | None) -> _Reply:
+        """RFC 6749 4.1.3 with RFC 7636 4.6: a code is good once, for its client, its
+        redirect_uri and (with PKCE) the verifier of its challenge."""
+        ledger = self.ledger
+        value, redirect_uri = form.get("code"), form.get("redirect_uri")
+        if value is None or redirect_uri is None:
+            ledger._event("invalid_request", fault=fault)
+            return _oauth_error(400, "invalid_request", "code and redirect_uri are required")
+        code = ledger._codes.get(value)
+        problem = None
+        if code is None or code.client_id != client_id:
+            problem = "unknown"
+        elif code.used:
+            problem = "used"
+        elif self._clock() >= code.expires_at:
+            problem = "expired"
+        elif code.redirect_uri != redirect_uri:
+            problem = "redirect_uri_mismatch"
+        elif code.code_challenge is not None and not _pkce_ok(
+            code.code_challenge, code.code_challenge_method, form.get("code_verifier")
+        ):
+            problem = "pkce_failed"
+        if problem is not None or code is None:
+            if code is not None and problem != "unknown":
+                code.used = True  # a failed redemption burns the code too
+            ledger._count("invalid_grants")
+            ledger._event("invalid_grant", reason=f"code_{problem}", fault=fault)
+            return _oauth_error(400, "invalid_grant", f"authorization code {problem}")
+        code.used = True
+        family = ledger._new_family(code.user, client_id, code.scope, self._policy())
+        token = ledger._mint_refresh(family, self.max_refresh_tokens_per_user)
+        ledger._count("code_exchanges")
+        ledger._event("code_exchanged", family=family.id, user=code.user, fault=fault)
+        return _json_reply(200, self._token_response(family, token.value, family.scope))
 
     def _token_response(
         self, family: _Family, refresh_token: str | None, scope: str
@@ -1072,7 +1210,8 @@ class FakeIdP:
             "issuer": self.url,
             "token_endpoint": self.token_url,
             "revocation_endpoint": self.revocation_url,
-            "grant_types_supported": ["refresh_token"],
+            "grant_types_supported": ["authorization_code", "refresh_token"],
+            "code_challenge_methods_supported": ["S256", "plain"],
             "token_endpoint_auth_methods_supported": ["client_secret_post", "client_secret_basic"],
             "revocation_endpoint_auth_methods_supported": [
                 "client_secret_post",

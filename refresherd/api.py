@@ -1,0 +1,481 @@
+"""The token API (/v1/*): applications get a valid access token on demand.
+
+Routes are Starlette routes mounted on the one app of :mod:`refresherd.server`. A GET of a
+token that is due (``policy.access_decision``) joins the refresher's single-flight refresh and
+waits for it, bounded by ``api.wait_timeout``; the refresh itself flies in the refresher's own
+task group, so a client that gives up never cancels it. Errors are JSON with a stable ``error``
+code (see ``openapi.json``). No token value is ever logged.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import random
+from collections.abc import Callable
+from importlib import resources
+from typing import Any, Final
+
+import anyio
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from refresherd import policy
+from refresherd.config import ApiConfig
+from refresherd.endpoint import ClientRejected, EndpointError, InvalidGrant
+from refresherd.intake import token_set_from_json
+from refresherd.logs import get_logger
+from refresherd.model import Secret, State, TokenSet, rfc3339, validate_token_set_id
+from refresherd.refresher import Clock, Refresher
+from refresherd.server import JSON, error
+from refresherd.store import NewTokenSet, Store, StoreError, TokenSetExists
+
+log = get_logger("refresherd.api")
+
+API_PREFIX: Final = "/v1/"
+# A request body is a token response or a code: a few kilobytes. More is not one of those.
+MAX_BODY: Final = 64 * 1024
+# While another process holds the lease, look for its result at this pace.
+LEASE_POLL: Final = 0.1
+
+
+def openapi_document() -> bytes:
+    """The API's OpenAPI document, as shipped in the package (refresherd/openapi.json)."""
+    return resources.files("refresherd").joinpath("openapi.json").read_bytes()
+
+
+class BearerAuth:
+    """ASGI middleware: every /v1 request needs ``Authorization: Bearer <token>``.
+
+    Compared in constant time. /metrics, /healthz, /readyz and /openapi.json stay open. With
+    ``tcp = false`` the API is answered only on the unix socket (404 over TCP).
+    """
+
+    def __init__(self, app: ASGIApp, *, bearer: Secret, tcp: bool) -> None:
+        self.app = app
+        self._expected = ("Bearer " + bearer.reveal()).encode()
+        self._tcp = tcp
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(API_PREFIX):
+            await self.app(scope, receive, send)
+            return
+        server = scope.get("server")
+        over_tcp = server is not None and server[1] is not None
+        if over_tcp and not self._tcp:
+            await error(404, "not_found", "the API is served on the unix socket only")(
+                scope, receive, send
+            )
+            return
+        given = b""
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                given = value
+                break
+        if not hmac.compare_digest(given, self._expected):
+            response = error(
+                401,
+                "unauthorized",
+                "a valid 'Authorization: Bearer ...' header is required",
+                headers={"www-authenticate": 'Bearer realm="refresherd"'},
+            )
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def token_json(ts: TokenSet, now: float) -> dict[str, Any]:
+    """What GET returns: the access token and its expiry (never the refresh token)."""
+    return {
+        "id": ts.id,
+        "provider": ts.provider,
+        "access_token": ts.access_token.reveal() if ts.access_token is not None else None,
+        "token_type": ts.token_type or "Bearer",
+        "scope": ts.scope,
+        "expires_at": ts.expires_at,
+        "expires_at_rfc3339": rfc3339(ts.expires_at),
+        "expires_in": max(int(ts.expires_at - now), 0) if ts.expires_at is not None else None,
+        "state": ts.state.value,
+    }
+
+
+def summary_json(ts_id: str, provider: str, next_refresh_at: float) -> dict[str, Any]:
+    return {
+        "id": ts_id,
+        "provider": provider,
+        "next_refresh_at": next_refresh_at,
+        "next_refresh_at_rfc3339": rfc3339(next_refresh_at),
+    }
+
+
+class TokenApi:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        refresher: Refresher,
+        config: ApiConfig,
+        clock: Clock,
+        wake: Callable[[], None],
+        rng: random.Random | None = None,
+    ) -> None:
+        self.store = store
+        self.refresher = refresher
+        self.config = config
+        self.clock = clock
+        self.wake = wake
+        self.rng = rng or random.Random()
+
+    def routes(self) -> list[BaseRoute]:
+        return [
+            Route("/openapi.json", self.openapi, methods=["GET", "HEAD"]),
+            Route("/v1/tokens", self.register, methods=["POST"]),
+            Route("/v1/tokens/{id}", self.get_token, methods=["GET"]),
+            Route("/v1/tokens/{id}", self.delete_token, methods=["DELETE"]),
+            Route("/v1/tokens/{id}/exchange", self.exchange, methods=["POST"]),
+        ]
+
+    async def openapi(self, request: Request) -> Response:
+        return Response(openapi_document(), media_type="application/json")
+
+    # ---- GET /v1/tokens/{id} ---------------------------------------------------------------
+
+    async def get_token(self, request: Request) -> Response:
+        token_set_id = request.path_params["id"]
+        try:
+            ts = await self.store.get(token_set_id)
+        except StoreError:
+            return _storage_unavailable()
+        if ts is None:
+            return _unknown(token_set_id)
+        now = self.clock.wall()
+        decision = policy.access_decision(ts, now=now)
+        if isinstance(decision, policy.RefreshFirst):
+            with anyio.move_on_after(self.config.wait_timeout):
+                return await self._refresh_and_answer(ts)
+            return error(
+                504,
+                "timeout",
+                f"the refresh did not finish within {self.config.wait_timeout:g}s; "
+                "it continues, ask again",
+            )
+        return self._answer(ts, decision, now)
+
+    async def _refresh_and_answer(self, ts: TokenSet) -> Response:
+        while True:
+            result = await self.refresher.refresh(ts.id)
+            if result.outcome == "leased":
+                # Another daemon on this database is refreshing it: wait for its result.
+                current = await self._wait_for_other_owner(ts)
+                if current is None:
+                    return _unknown(ts.id)
+                if current.version != ts.version or current.state is State.INVALIDATED:
+                    ts = current
+                    break
+                continue
+            if result.outcome == "not_found":
+                return _unknown(ts.id)
+            current_or_none = (
+                result.token_set if result.ok else await self._reread(ts.id, fallback=ts)
+            )
+            if current_or_none is None:
+                return _unknown(ts.id)
+            ts = current_or_none
+            if not result.ok and ts.state is not State.INVALIDATED:
+                now = self.clock.wall()
+                if ts.access_token is not None and (ts.expires_at is None or ts.expires_at > now):
+                    # The refresh failed but the token still works: better than nothing.
+                    return JSON(token_json(ts, now))
+                return error(
+                    503,
+                    "provider_unavailable",
+                    "the identity provider could not refresh this token set now; "
+                    "refresherd keeps retrying",
+                    reason=result.reason,
+                )
+            break
+        now = self.clock.wall()
+        return self._answer(ts, policy.access_decision(ts, now=now), now)
+
+    async def _wait_for_other_owner(self, ts: TokenSet) -> TokenSet | None:
+        while True:
+            await anyio.sleep(LEASE_POLL)
+            current = await self._reread(ts.id, fallback=ts)
+            if current is None:
+                return None
+            lease_free = current.lease_owner is None or (
+                current.lease_until is not None and current.lease_until <= self.clock.wall()
+            )
+            if current.version != ts.version or current.state is State.INVALIDATED or lease_free:
+                return current
+
+    async def _reread(self, token_set_id: str, *, fallback: TokenSet) -> TokenSet | None:
+        try:
+            return await self.store.get(token_set_id)
+        except StoreError:
+            return fallback
+
+    def _answer(self, ts: TokenSet, decision: policy.AccessDecision, now: float) -> Response:
+        if isinstance(decision, policy.NeedsAuthorization):
+            return error(
+                409,
+                "invalidated",
+                "the identity provider refused this token set's refresh token: the customer "
+                "must authorize again (POST /v1/tokens/{id}/exchange or POST /v1/tokens)",
+                reason=decision.reason,
+            )
+        if isinstance(decision, policy.Unavailable):
+            return error(
+                503,
+                "provider_unavailable",
+                "the access token has expired and refreshes are failing; refresherd retries "
+                f"at {rfc3339(decision.retry_at)}",
+                retry_at=decision.retry_at,
+                headers={"retry-after": str(max(int(decision.retry_at - now) + 1, 1))},
+            )
+        expired = ts.access_token is None or (ts.expires_at is not None and ts.expires_at <= now)
+        if isinstance(decision, policy.RefreshFirst) and expired:
+            # Just refreshed and still expired: the IdP handed out a token already dead.
+            return error(503, "provider_unavailable", "no valid access token after refresh")
+        # Still inside the margin after a refresh: a lifetime shorter than the margin; serve.
+        return JSON(token_json(ts, now))
+
+    # ---- POST /v1/tokens -------------------------------------------------------------------
+
+    async def register(self, request: Request) -> Response:
+        data = await _json_body(request)
+        if isinstance(data, Response):
+            return data
+        token_set_id, provider = data.get("id"), data.get("provider")
+        if not isinstance(token_set_id, str) or not isinstance(provider, str):
+            return _invalid("id and provider are required strings")
+        if provider not in self.refresher.providers:
+            return _unknown_provider(provider, self.refresher.providers)
+        now = self.clock.wall()
+        try:
+            new = token_set_from_json(
+                data,
+                token_set_id=token_set_id,
+                provider=provider,
+                now=now,
+                schedule=self.refresher.schedule,
+                rand=self.rng.random(),
+            )
+        except ValueError as exc:
+            return _invalid(str(exc))
+        try:
+            await self.store.add(new, now=now)
+        except TokenSetExists:
+            return _exists(token_set_id)
+        except StoreError:
+            return _storage_unavailable()
+        self.wake()
+        log.info("token set registered", token_set=new.id, provider=provider, via="api")
+        return JSON(summary_json(new.id, provider, new.next_refresh_at), 201)
+
+    # ---- DELETE /v1/tokens/{id} ------------------------------------------------------------
+
+    async def delete_token(self, request: Request) -> Response:
+        token_set_id = request.path_params["id"]
+        revoke_param = request.query_params.get("revoke", "false")
+        if revoke_param not in ("true", "false"):
+            return _invalid("revoke must be true or false")
+        try:
+            ts = await self.store.get(token_set_id)
+        except StoreError:
+            return _storage_unavailable()
+        if ts is None:
+            return _unknown(token_set_id)
+        revoked = False
+        if revoke_param == "true":
+            provider = self.refresher.providers.get(ts.provider)
+            endpoint = self.refresher.endpoints.get(ts.provider)
+            if provider is None or endpoint is None or not provider.revocation_url:
+                return error(
+                    400,
+                    "revocation_unsupported",
+                    f"provider {ts.provider!r} has no revocation_url; delete without "
+                    "?revoke=true, or configure one",
+                )
+            try:
+                await endpoint.revoke(ts.refresh_token, timeout=provider.request_timeout)
+            except EndpointError as exc:
+                # Kept: a set deleted here but alive at the IdP would be lost to both.
+                log.warning(
+                    "revocation failed, token set kept",
+                    token_set=ts.id,
+                    provider=ts.provider,
+                    reason=exc.failure.reason,
+                    detail=exc.failure.detail,
+                )
+                return error(
+                    503,
+                    "provider_unavailable",
+                    "the revocation endpoint did not confirm; the token set is kept, try again",
+                    reason=exc.failure.reason,
+                )
+            revoked = True
+        try:
+            removed = await self.store.remove(token_set_id)
+        except StoreError:
+            return _storage_unavailable()
+        if not removed:
+            return _unknown(token_set_id)
+        log.info("token set removed", token_set=ts.id, provider=ts.provider, revoked=revoked)
+        return JSON({"id": ts.id, "removed": True, "revoked": revoked})
+
+    # ---- POST /v1/tokens/{id}/exchange -----------------------------------------------------
+
+    async def exchange(self, request: Request) -> Response:
+        token_set_id = request.path_params["id"]
+        try:
+            validate_token_set_id(token_set_id)
+        except ValueError as exc:
+            return _invalid(str(exc))
+        data = await _json_body(request)
+        if isinstance(data, Response):
+            return data
+        provider_name, code = data.get("provider"), data.get("code")
+        redirect_uri, verifier = data.get("redirect_uri"), data.get("code_verifier")
+        if not all(isinstance(v, str) and v for v in (provider_name, code, redirect_uri)):
+            return _invalid("provider, code and redirect_uri are required non-empty strings")
+        if verifier is not None and (not isinstance(verifier, str) or not verifier):
+            return _invalid("code_verifier must be a non-empty string when given")
+        assert isinstance(provider_name, str) and isinstance(code, str)
+        assert isinstance(redirect_uri, str)
+        provider = self.refresher.providers.get(provider_name)
+        endpoint = self.refresher.endpoints.get(provider_name)
+        if provider is None or endpoint is None:
+            return _unknown_provider(provider_name, self.refresher.providers)
+        try:
+            if await self.store.get(token_set_id) is not None:
+                # Checked before the code is spent: a code is good only once.
+                return _exists(token_set_id)
+        except StoreError:
+            return _storage_unavailable()
+        try:
+            grant = await endpoint.exchange_code(
+                Secret(code),
+                redirect_uri=redirect_uri,
+                code_verifier=Secret(verifier) if isinstance(verifier, str) else None,
+                timeout=provider.request_timeout,
+            )
+        except EndpointError as exc:
+            failure = exc.failure
+            log.warning(
+                "authorization code exchange failed",
+                token_set=token_set_id,
+                provider=provider_name,
+                reason=failure.reason,
+                detail=failure.detail,
+            )
+            if isinstance(exc, InvalidGrant):
+                return error(
+                    400,
+                    "invalid_grant",
+                    "the provider refused the code (used, expired, or redirect_uri or "
+                    "code_verifier do not match)",
+                )
+            if isinstance(exc, ClientRejected):
+                return error(
+                    503, "provider_unavailable", "the provider refused our client credentials"
+                )
+            if failure.reason in ("oauth_error", "no_refresh_token"):
+                return error(400, "exchange_refused", failure.detail)
+            return error(
+                503,
+                "provider_unavailable",
+                "the provider did not answer the exchange usably",
+                reason=failure.reason,
+            )
+        # The grant as a token response, read by the same parser as `tokens add`.
+        response: dict[str, Any] = {
+            "access_token": grant.access_token.reveal(),
+            "token_type": grant.token_type,
+            "refresh_token": grant.refresh_token.reveal() if grant.refresh_token else None,
+        }
+        if grant.expires_in is not None:
+            response["expires_in"] = grant.expires_in
+        if grant.scope is not None:
+            response["scope"] = grant.scope
+        if grant.refresh_expires_in is not None:
+            response["refresh_token_expires_in"] = grant.refresh_expires_in
+        now = self.clock.wall()
+        try:
+            new = token_set_from_json(
+                response,
+                token_set_id=token_set_id,
+                provider=provider_name,
+                now=now,
+                schedule=self.refresher.schedule,
+                rand=self.rng.random(),
+            )
+        except ValueError as exc:
+            return error(502, "exchange_refused", f"the provider's token response: {exc}")
+        try:
+            await self.store.add(new, now=now)
+        except TokenSetExists:
+            return _exists(token_set_id)
+        except StoreError:
+            return _storage_unavailable()
+        self.wake()
+        log.info("token set registered", token_set=new.id, provider=provider_name, via="exchange")
+        body = summary_json(new.id, provider_name, new.next_refresh_at)
+        body.update(token_json(_as_token_set(new, now), now))
+        return JSON(body, 201)
+
+
+def _as_token_set(new: NewTokenSet, now: float) -> TokenSet:
+    return TokenSet(
+        id=new.id,
+        provider=new.provider,
+        refresh_token=new.refresh_token,
+        access_token=new.access_token,
+        expires_at=new.expires_at,
+        state=State.ACTIVE,
+        version=1,
+        next_refresh_at=new.next_refresh_at,
+        created_at=now,
+        updated_at=now,
+        token_type=new.token_type,
+        scope=new.scope,
+    )
+
+
+async def _json_body(request: Request) -> dict[str, Any] | Response:
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY:
+            return error(413, "invalid_request", f"the body is larger than {MAX_BODY} bytes")
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        # Never echo the body: it holds tokens.
+        return _invalid("the body is not valid JSON")
+    if not isinstance(data, dict):
+        return _invalid("the body must be a JSON object")
+    return data
+
+
+def _invalid(message: str) -> Response:
+    return error(400, "invalid_request", message)
+
+
+def _unknown(token_set_id: str) -> Response:
+    return error(404, "unknown_token_set", f"no token set with id {token_set_id!r}")
+
+
+def _exists(token_set_id: str) -> Response:
+    return error(409, "exists", f"token set {token_set_id!r} exists already (delete it first)")
+
+
+def _unknown_provider(name: str, providers: Any) -> Response:
+    known = ", ".join(sorted(providers))
+    return error(400, "unknown_provider", f"provider {name!r} is not configured (known: {known})")
+
+
+def _storage_unavailable() -> Response:
+    return error(503, "storage_unavailable", "the database is not answering")

@@ -1,0 +1,430 @@
+"""The token API end to end: a real ``refresherd run`` process, a real FakeIdP on loopback,
+real HTTP over TCP and over the unix socket."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import stat
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from conftest import (
+    LEAKS,
+    DaemonProcess,
+    IdPHandle,
+    import_tokens,
+    metric,
+    read_rows,
+    run_cli,
+    toml_value,
+    wait_until,
+    write_config,
+)
+
+from refresherd.api import openapi_document
+from refresherd.testing import FaultKind
+
+IdPFactory = Callable[..., IdPHandle]
+Daemons = Callable[..., DaemonProcess]
+PROVIDER = "idp"
+REDIRECT = "https://app.example/callback"
+
+
+def new_bearer(directory: Path) -> tuple[str, Path]:
+    """A random bearer in a 0600 file; registered with the leak scan."""
+    bearer = "api_" + os.urandom(18).hex()
+    LEAKS.add_secret(bearer)
+    path = directory / "api.bearer"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(bearer + "\n")
+    return bearer, path
+
+
+def api_config(
+    tmp_path: Path,
+    handle: IdPHandle,
+    *,
+    api: dict[str, object] | None = None,
+    **provider: object,
+) -> tuple[Path, str]:
+    bearer, bearer_file = new_bearer(tmp_path)
+    config = write_config(
+        tmp_path / "config.toml",
+        database=tmp_path / "tokens.db",
+        providers={PROVIDER: handle.provider(**provider)},
+    )
+    table = {"enabled": True, "bearer_token_file": str(bearer_file), **(api or {})}
+    with config.open("a") as fh:
+        fh.write("\n[api]\n")
+        for key, value in table.items():
+            fh.write(f"{key} = {toml_value(value)}\n")
+    return config, bearer
+
+
+class Client:
+    """The application's side: httpx with the bearer, over TCP or a unix socket."""
+
+    def __init__(self, daemon: DaemonProcess, bearer: str, *, uds: Path | None = None):
+        self.daemon = daemon
+        self.headers = {"Authorization": f"Bearer {bearer}"}
+        transport = httpx.HTTPTransport(uds=str(uds)) if uds is not None else None
+        self.base = "http://refresherd" if uds is not None else daemon.url("")
+        self.http = httpx.Client(transport=transport, timeout=60)
+
+    def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        return self.http.request(method, self.base + path, headers=self.headers, **kw)
+
+    def get(self, token_set_id: str) -> httpx.Response:
+        return self.request("GET", f"/v1/tokens/{token_set_id}")
+
+
+def start(
+    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons, usage: str = "one_time", **kw: Any
+) -> tuple[IdPHandle, DaemonProcess, Client, Path]:
+    # A held request of a one-time token would be given up inside its grace window and resent;
+    # the tests that hold requests use re-use tokens, whose attempt gets request_timeout.
+    handle = idp_factory(grace_period=5.0, usage=usage)
+    config, bearer = api_config(tmp_path, handle, **kw)
+    daemon = daemons(config)
+    return handle, daemon, Client(daemon, bearer), config
+
+
+def test_get_serves_a_fresh_token_without_asking_the_idp(
+    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons
+) -> None:
+    handle, _daemon, client, config = start(tmp_path, idp_factory, daemons)
+    lines = handle.token_lines(PROVIDER, 1)
+    import_tokens(config, lines)
+    response = client.get("ts-0000")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["access_token"] == lines[0]["access_token"]
+    assert body["token_type"] == "Bearer" and body["state"] == "active"
+    assert 3500 < body["expires_in"] <= 3600 and body["expires_at_rfc3339"].endswith("Z")
+    assert "refresh_token" not in body
+    assert response.headers["cache-control"] == "no-store"
+    assert handle.ledger.refreshes == 0
+
+
+def test_errors_are_json_with_stable_codes_and_the_bearer_is_required(
+    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons
+) -> None:
+    handle, daemon, client, config = start(tmp_path, idp_factory, daemons)
+    response = client.get("nope")
+    assert (response.status_code, response.json()["error"]) == (404, "unknown_token_set")
+
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic eDp5"}):
+        response = httpx.get(daemon.url("/v1/tokens/nope"), headers=headers)
+        assert (response.status_code, response.json()["error"]) == (401, "unauthorized")
+        assert response.headers["www-authenticate"].startswith("Bearer")
+    # Health, metrics and the OpenAPI document stay open.
+    for path in ("/healthz", "/metrics", "/openapi.json"):
+        assert httpx.get(daemon.url(path)).status_code == 200, path
+
+    response = client.request("POST", "/v1/tokens", content=b"{not json")
+    assert (response.status_code, response.json()["error"]) == (400, "invalid_request")
+    response = client.request(
+        "POST", "/v1/tokens", json={"id": "a", "provider": "elsewhere", "refresh_token": "x"}
+    )
+    assert (response.status_code, response.json()["error"]) == (400, "unknown_provider")
+    response = client.request("POST", "/v1/tokens", json={"id": "a", "provider": PROVIDER})
+    assert (response.status_code, response.json()["error"]) == (400, "invalid_request")
+    assert "refresh_token" in response.json()["message"]
+
+    # Invalidated: the IdP refuses the refresh token; the API says authorization is needed.
+    lines = handle.token_lines(PROVIDER, 1, with_access_token=False)
+    handle.idp.revoke(str(lines[0]["refresh_token"]))
+    import_tokens(config, lines)
+    wait_until(
+        lambda: read_rows(tmp_path / "tokens.db")["ts-0000"]["state"] == "invalidated",
+        what="the revoked set to be invalidated",
+    )
+    response = client.get("ts-0000")
+    assert (response.status_code, response.json()["error"]) == (409, "invalidated")
+    assert response.json()["reason"] == "invalid_grant"
+
+
+def test_register_then_get_refreshes_a_set_without_access_token(
+    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons
+) -> None:
+    handle, _daemon, client, config = start(tmp_path, idp_factory, daemons)
+    issued = handle.idp.issue(user="alice")
+    body = {"id": "alice", "provider": PROVIDER, "refresh_token": issued["refresh_token"]}
+    response = client.request("POST", "/v1/tokens", json=body)
+    assert response.status_code == 201, response.text
+    assert response.json()["id"] == "alice"
+    again = client.request("POST", "/v1/tokens", json=body)
+    assert (again.status_code, again.json()["error"]) == (409, "exists")
+    # Due at once (no access token): the GET gets a refreshed token, by whichever of the
+    # scheduler and the API started the refresh; either way, one refresh.
+    response = client.get("alice")
+    assert response.status_code == 200, response.text
+    assert response.json()["access_token"] in handle.ledger.issued_tokens()
+    assert response.json()["access_token"] != issued["access_token"]
+    assert handle.ledger.refreshes == 1
+    # The CLI sees the same set (one store, one parser).
+    shown = run_cli(config, "tokens", "show", "alice", "--json")
+    assert json.loads(shown.stdout)["provider"] == PROVIDER
+
+
+def test_burst_of_1000_gets_causes_exactly_one_refresh(
+    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons
+) -> None:
+    handle, daemon, client, config = start(
+        tmp_path,
+        idp_factory,
+        daemons,
+        usage="reuse",
+        api={"wait_timeout": "2m"},
+        request_timeout="2m",
+    )
+    # An access token inside the refresh margin is due for the API but must not be refreshed
+    # by the scheduler first: the IdP holds every token request until the burst is in.
+    handle.idp.hold_requests()
+    lines = handle.token_lines(PROVIDER, 1, with_access_token=False)
+    import_tokens(config, lines)
+    wait_until(lambda: handle.idp.held_requests == 1, what="the scheduler's refresh to be held")
+    results: list[httpx.Response] = []
+
+    async def burst() -> None:
+        limits = httpx.Limits(max_connections=1000, max_keepalive_connections=1000)
+        async with (
+            httpx.AsyncClient(limits=limits, timeout=120, headers=client.headers) as http,
+            httpx.AsyncClient(timeout=60) as scraper,
+            anyio.create_task_group() as tg,
+        ):
+
+            async def one() -> None:
+                results.append(await http.get(daemon.url("/v1/tokens/ts-0000")))
+
+            for _ in range(1000):
+                tg.start_soon(one)
+            # Every request of the burst has joined the held refresh before the IdP answers.
+            while True:
+                coalesced = metric(
+                    (await scraper.get(daemon.url("/metrics"))).text,
+                    "refresherd_singleflight_coalesced_total",
+                )
+                if coalesced >= 1000:
+                    break
+                await anyio.sleep(0.1)
+            handle.idp.release_requests()
+
+    anyio.run(burst)
+    assert len(results) == 1000
+    assert {r.status_code for r in results} == {200}
+    tokens = {r.json()["access_token"] for r in results}
+    assert len(tokens) == 1
+    # One refresh at the IdP, for the scheduler's flight and 1000 API callers that joined it.
+    assert handle.ledger.refreshes == 1
+    assert handle.ledger.requests == 1
+    assert metric(daemon.metrics(), "refresherd_singleflight_coalesced_total") == 1000
+
+
+def test_a_client_that_gives_up_does_not_cancel_the_refresh(
+    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons
+) -> None:
+    handle, daemon, client, config = start(
+        tmp_path,
+        idp_factory,
+        daemons,
+        usage="reuse",
+        api={"wait_timeout": "1s"},
+        request_timeout="2m",
+    )
+    handle.idp.hold_requests()
+    import_tokens(config, handle.token_lines(PROVIDER, 1, with_access_token=False))
+    wait_until(lambda: handle.idp.held_requests == 1, what="a refresh to be held")
+    # The API's wait is bounded: timeout, and the refresh goes on.
+    response = client.get("ts-0000")
+    assert (response.status_code, response.json()["error"]) == (504, "timeout")
+    # A client that disconnects mid-wait does not cancel the refresh either.
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.get(daemon.url("/v1/tokens/ts-0000"), headers=client.headers, timeout=0.3)
+    handle.idp.release_requests()
+    wait_until(
+        lambda: read_rows(tmp_path / "tokens.db")["ts-0000"]["access_token"] is not None,
+        what="the held refresh to be persisted",
+    )
+    response = client.get("ts-0000")
+    assert response.status_code == 200
+    assert handle.ledger.refreshes == 1
+    assert daemon.events("refresh", outcome="refreshed")
+
+
+def _s256(verifier: str) -> str:
+    return (
+        base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+    )
+
+
+def test_exchange_stores_the_token_set_and_delete_revokes_it(
+    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons
+) -> None:
+    handle = idp_factory(grace_period=5.0)
+    config, bearer = api_config(tmp_path, handle, revocation_url=handle.idp.revocation_url)
+    daemon = daemons(config)
+    client = Client(daemon, bearer)
+    verifier = "verifier-" + "x" * 40
+    code = handle.idp.authorize("bob", redirect_uri=REDIRECT, code_challenge=_s256(verifier))
+    exchange = {
+        "provider": PROVIDER,
+        "code": code,
+        "redirect_uri": REDIRECT,
+        "code_verifier": verifier,
+    }
+    response = client.request("POST", "/v1/tokens/bob/exchange", json=exchange)
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert body["id"] == "bob" and body["access_token"] and "refresh_token" not in body
+    assert handle.ledger.code_exchanges == 1
+    refresh_token = read_rows(tmp_path / "tokens.db")["bob"]["refresh_token"]
+    assert handle.ledger.live_refresh_tokens("bob") == {refresh_token}
+    assert client.get("bob").json()["access_token"] == body["access_token"]
+
+    # The code is spent: a second exchange under another id is refused by the IdP.
+    response = client.request("POST", "/v1/tokens/bob2/exchange", json=exchange)
+    assert (response.status_code, response.json()["error"]) == (400, "invalid_grant")
+    # An id in use is refused before the code is spent.
+    fresh = handle.idp.authorize("bob", redirect_uri=REDIRECT)
+    response = client.request(
+        "POST", "/v1/tokens/bob/exchange", json={**exchange, "code": fresh, "code_verifier": None}
+    )
+    assert (response.status_code, response.json()["error"]) == (409, "exists")
+
+    # DELETE with revoke: revoked at the IdP (RFC 7009), then removed.
+    response = client.request("DELETE", "/v1/tokens/bob", params={"revoke": "true"})
+    assert response.status_code == 200, response.text
+    assert response.json() == {"id": "bob", "removed": True, "revoked": True}
+    assert not handle.ledger.is_live(refresh_token)
+    assert "bob" not in read_rows(tmp_path / "tokens.db")
+    response = client.request("DELETE", "/v1/tokens/bob")
+    assert (response.status_code, response.json()["error"]) == (404, "unknown_token_set")
+
+
+def test_delete_keeps_the_set_when_revocation_is_not_possible(
+    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons
+) -> None:
+    handle, _daemon, client, config = start(tmp_path, idp_factory, daemons)
+    import_tokens(config, handle.token_lines(PROVIDER, 1))
+    response = client.request("DELETE", "/v1/tokens/ts-0000", params={"revoke": "true"})
+    assert (response.status_code, response.json()["error"]) == (400, "revocation_unsupported")
+    assert "ts-0000" in read_rows(tmp_path / "tokens.db")
+    response = client.request("DELETE", "/v1/tokens/ts-0000")
+    assert response.json() == {"id": "ts-0000", "removed": True, "revoked": False}
+
+
+def test_unix_socket_only_api(tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons) -> None:
+    sock = tmp_path / "api.sock"
+    handle, daemon, client, config = start(
+        tmp_path,
+        idp_factory,
+        daemons,
+        api={"unix_socket": str(sock), "unix_socket_mode": "0660", "tcp": False},
+    )
+    daemon.wait_for_event("listening", socket=str(sock))
+    assert stat.S_IMODE(sock.stat().st_mode) == 0o660 and stat.S_ISSOCK(sock.stat().st_mode)
+    import_tokens(config, handle.token_lines(PROVIDER, 1))
+    over_unix = Client(daemon, client.headers["Authorization"].removeprefix("Bearer "), uds=sock)
+    response = over_unix.get("ts-0000")
+    assert response.status_code == 200, response.text
+    # The same one server answers health and metrics on the socket, and no /v1 over TCP.
+    assert over_unix.http.get("http://refresherd/healthz").status_code == 200
+    assert (client.get("ts-0000").status_code, client.get("x").json()["error"]) == (
+        404,
+        "not_found",
+    )
+    assert httpx.get(daemon.url("/metrics")).status_code == 200
+    assert daemon.stop() == 0
+    assert not sock.exists()
+
+
+def test_served_openapi_document_is_the_one_in_the_repo(
+    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons
+) -> None:
+    _handle, daemon, _client, _config = start(tmp_path, idp_factory, daemons)
+    served = httpx.get(daemon.url("/openapi.json"))
+    assert served.status_code == 200
+    in_repo = (Path(__file__).parent.parent / "refresherd" / "openapi.json").read_bytes()
+    assert served.content == in_repo == openapi_document()
+    paths = json.loads(in_repo)["paths"]
+    assert {"/v1/tokens", "/v1/tokens/{id}", "/v1/tokens/{id}/exchange"} <= set(paths)
+
+
+def test_no_bearer_or_token_value_in_the_daemon_output(
+    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons
+) -> None:
+    handle, daemon, client, _config = start(tmp_path, idp_factory, daemons)
+    issued = handle.idp.issue(user="carol")
+    client.request("POST", "/v1/tokens", json={"id": "carol", "provider": PROVIDER, **issued})
+    assert client.get("carol").status_code == 200
+    client.request("DELETE", "/v1/tokens/carol")
+    httpx.get(daemon.url("/v1/tokens/carol"), headers={"Authorization": "Bearer guess"})
+    assert daemon.stop() == 0
+    text = daemon.log_text()
+    assert daemon.events("token set registered", token_set="carol", via="api")
+    bearer = client.headers["Authorization"].removeprefix("Bearer ")
+    for value in (bearer, "guess", str(issued["access_token"]), str(issued["refresh_token"])):
+        assert value not in text
+
+
+def test_provider_unavailable_while_backing_off_and_a_valid_token_still_served(
+    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons
+) -> None:
+    handle = idp_factory(grace_period=5.0, usage="reuse")
+    config, bearer = api_config(tmp_path, handle)
+    with config.open("a") as fh:
+        # A long backoff: after one failure the sets wait, and the API must not hammer the IdP.
+        fh.write('\n[schedule]\nbackoff_initial = "1h"\nbackoff_max = "2h"\n')
+    handle.faults.add(FaultKind.SERVER_ERROR, times=2)
+    daemon = daemons(config)
+    client = Client(daemon, bearer)
+    expired, fresh = handle.token_lines(PROVIDER, 2)
+    expired["expires_in"] = 0  # expired now: due at once
+    fresh["expires_in"] = 30  # inside the 60 s margin: due at once, but still valid
+    import_tokens(config, [expired, fresh])
+    wait_until(
+        lambda: {r["state"] for r in read_rows(tmp_path / "tokens.db").values()} == {"failing"},
+        what="both sets to fail once and back off",
+    )
+    requests = handle.ledger.requests
+    response = client.get("ts-0000")
+    assert (response.status_code, response.json()["error"]) == (503, "provider_unavailable")
+    assert int(response.headers["retry-after"]) > 3000
+    response = client.get("ts-0001")
+    assert response.status_code == 200, response.text
+    assert response.json()["access_token"] == fresh["access_token"]
+    assert response.json()["state"] == "failing"
+    assert handle.ledger.requests == requests  # backing off: nothing sent for the API
+
+
+def test_a_unix_socket_path_that_is_not_a_stale_socket_is_refused(
+    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons
+) -> None:
+    handle = idp_factory(grace_period=5.0)
+    path = tmp_path / "api.sock"
+    path.write_text("not a socket: must not be deleted\n")
+    config, _ = api_config(tmp_path, handle, api={"unix_socket": str(path)})
+    daemon = daemons(config, start=False).start(wait_listening=False)
+    assert daemon.wait_exit() == 1
+    [line] = daemon.events("cannot listen")
+    assert line["socket"] == str(path) and "not a socket" in line["error"]
+    assert path.read_text() == "not a socket: must not be deleted\n"
+    # A stale socket (its daemon killed) is replaced, and removed again at exit.
+    path.unlink()
+    first = daemons(config, "first")
+    first.wait_for_event("listening", socket=str(path))
+    first.kill()
+    assert stat.S_ISSOCK(path.stat().st_mode)
+    second = daemons(config, "second")
+    second.wait_for_event("listening", socket=str(path))
+    assert second.stop() == 0
+    assert not path.exists()

@@ -1,0 +1,391 @@
+"""Hooks against real receivers on loopback: an HTTP server (down for a while, then up, across
+a daemon restart) and a real script run as the command hook."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import http.server
+import json
+import os
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from conftest import (
+    LEAKS,
+    DaemonProcess,
+    IdPHandle,
+    free_port,
+    import_tokens,
+    metric,
+    read_rows,
+    toml_value,
+    wait_until,
+    write_config,
+)
+
+from refresherd.config import HooksConfig
+from refresherd.hooks import SIGNATURE_HEADER, Hooks
+from refresherd.metrics import Metrics
+from refresherd.model import Secret
+from refresherd.store import Store
+from refresherd.testing import FaultKind
+
+IdPFactory = Callable[..., IdPHandle]
+Daemons = Callable[..., DaemonProcess]
+PROVIDER = "idp"
+
+# The command hook: appends the event it reads on stdin to events.jsonl next to itself; fails
+# (exit 3) the first time, so that the retry path runs too.
+SCRIPT = """\
+import pathlib, sys
+here = pathlib.Path(__file__).parent
+event = sys.stdin.read()
+marker = here / "failed-once"
+if not marker.exists():
+    marker.write_text("")
+    sys.exit(3)
+with open(here / "events.jsonl", "a") as fh:
+    fh.write(event.strip() + "\\n")
+"""
+
+
+class Receiver:
+    """A webhook receiver: a real HTTP server on loopback, recording what it is sent."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.received: list[tuple[dict[str, str], bytes]] = []
+        self._server: http.server.ThreadingHTTPServer | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hook"
+
+    def start(self) -> Receiver:
+        received = self.received
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                received.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+    def events(self) -> list[dict[str, Any]]:
+        return [json.loads(body) for _, body in self.received]
+
+
+@contextmanager
+def receiver(port: int | None = None, *, start: bool = True) -> Iterator[Receiver]:
+    r = Receiver(port or free_port())
+    if start:
+        r.start()
+    try:
+        yield r
+    finally:
+        r.stop()
+
+
+def new_secret(directory: Path) -> tuple[str, Path]:
+    secret = "whk_" + os.urandom(16).hex()
+    LEAKS.add_secret(secret)
+    path = directory / "webhook.secret"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secret + "\n")
+    return secret, path
+
+
+def verify(secret: str, headers: dict[str, str], body: bytes) -> None:
+    expected = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    assert hmac.compare_digest(headers[SIGNATURE_HEADER.lower()], expected)
+    event = json.loads(body)
+    assert headers["x-refresherd-event-id"] == event["id"]
+    assert headers["x-refresherd-event"] == event["type"]
+    assert headers["content-type"] == "application/json"
+
+
+def script(directory: Path) -> list[str]:
+    path = directory / "on_event.py"
+    path.write_text(SCRIPT)
+    return [sys.executable, str(path)]
+
+
+def hooks_config(
+    tmp_path: Path, handle: IdPHandle, hooks: dict[str, object], **schedule: object
+) -> Path:
+    config = write_config(
+        tmp_path / "config.toml",
+        database=tmp_path / "tokens.db",
+        providers={PROVIDER: handle.provider()},
+        schedule=schedule or None,
+    )
+    with config.open("a") as fh:
+        fh.write("\n[hooks]\n")
+        for key, value in hooks.items():
+            if isinstance(value, list):
+                fh.write(f"{key} = [{', '.join(toml_value(v) for v in value)}]\n")
+            else:
+                fh.write(f"{key} = {toml_value(value)}\n")
+    return config
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.mark.anyio
+async def test_enqueue_delivers_a_signed_webhook_and_runs_the_command(tmp_path: Path) -> None:
+    """The call the expiry detection makes (Hooks.enqueue), against real receivers."""
+    secret, _ = new_secret(tmp_path)
+    store = await Store.open(tmp_path / "tokens.db")
+    metrics = Metrics()
+    with receiver() as r:
+        config = HooksConfig(
+            webhook_url=r.url,
+            webhook_secret=Secret(secret),
+            command=tuple(script(tmp_path)),
+            backoff_initial=0.05,
+            backoff_max=0.2,
+        )
+        hooks = Hooks(store=store, config=config, metrics=metrics)
+        try:
+            async with anyio.create_task_group() as tg:
+                await tg.start(hooks.run)
+                event_id = await hooks.enqueue(
+                    "refresh_token.expiring",
+                    "ts-1",
+                    PROVIDER,
+                    refresh_expires_at=1_900_000_000.0,
+                    refresh_expires_at_rfc3339="2030-03-17T17:46:40Z",
+                )
+                assert event_id is not None
+                events_file = tmp_path / "events.jsonl"
+                with anyio.fail_after(60):
+                    while not (r.received and events_file.exists()):
+                        await anyio.sleep(0.05)
+                tg.cancel_scope.cancel()
+        finally:
+            await hooks.aclose()
+            await store.close()
+    [(headers, body)] = r.received
+    verify(secret, headers, body)
+    event = json.loads(body)
+    assert event == {
+        "id": event_id,
+        "type": "refresh_token.expiring",
+        "token_set": "ts-1",
+        "provider": PROVIDER,
+        "occurred_at": event["occurred_at"],
+        "refresh_expires_at": 1_900_000_000.0,
+        "refresh_expires_at_rfc3339": "2030-03-17T17:46:40Z",
+    }
+    # The command failed once (exit 3), was retried, and got the same event on stdin.
+    [line] = (tmp_path / "events.jsonl").read_text().splitlines()
+    assert json.loads(line) == event
+    sample = metrics.registry.get_sample_value
+    assert (
+        sample("refresherd_hook_deliveries_total", {"target": "command", "outcome": "failed"}) == 1
+    )
+    assert (
+        sample("refresherd_hook_deliveries_total", {"target": "webhook", "outcome": "delivered"})
+        == 1
+    )
+    assert (
+        sample("refresherd_hook_deliveries_total", {"target": "command", "outcome": "delivered"})
+        == 1
+    )
+
+
+def test_invalidation_reaches_a_receiver_that_was_down_across_a_restart(
+    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons
+) -> None:
+    handle = idp_factory(grace_period=5.0)
+    secret, secret_file = new_secret(tmp_path)
+    port = free_port()
+    config = hooks_config(
+        tmp_path,
+        handle,
+        {
+            "webhook_url": f"http://127.0.0.1:{port}/hook",
+            "webhook_secret_file": str(secret_file),
+            "backoff_initial": "100ms",
+            "backoff_max": "500ms",
+        },
+    )
+    lines = handle.token_lines(PROVIDER, 1, with_access_token=False)
+    handle.idp.revoke(str(lines[0]["refresh_token"]))
+    first = daemons(config, "first")
+    import_tokens(config, lines)
+    # The receiver is down: the daemon keeps trying, with backoff.
+    first.wait_for_event("notification failed, will retry", count=2, target="webhook")
+    assert read_rows(tmp_path / "tokens.db")["ts-0000"]["state"] == "invalidated"
+    assert first.stop() == 0
+    # Queued in the database, not lost with the process.
+    with receiver(port) as r:
+        second = daemons(config, "second")
+        wait_until(lambda: r.received, what="the webhook to be delivered after the restart")
+        second.wait_for_event("notification delivered", target="webhook")
+        text = second.metrics()
+        assert (
+            metric(text, "refresherd_hook_deliveries_total", target="webhook", outcome="delivered")
+            == 1
+        )
+        assert second.stop() == 0
+    headers, body = r.received[0]
+    verify(secret, headers, body)
+    event = json.loads(body)
+    assert event["type"] == "token_set.invalidated"
+    assert (event["token_set"], event["provider"], event["reason"]) == (
+        "ts-0000",
+        PROVIDER,
+        "invalid_grant",
+    )
+    # At least once: every copy received is the same event (same id), for receivers to dedupe.
+    assert {json.loads(b)["id"] for _, b in r.received} == {event["id"]}
+    # No token in the payload.
+    for token in (lines[0]["refresh_token"], lines[0].get("access_token")):
+        assert token is None or str(token) not in body.decode()
+
+
+def test_recovery_after_failures_runs_the_command_hook(
+    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons
+) -> None:
+    handle = idp_factory(grace_period=5.0, usage="reuse")
+    config = hooks_config(
+        tmp_path,
+        handle,
+        {"command": script(tmp_path), "backoff_initial": "100ms", "backoff_max": "500ms"},
+        backoff_initial="500ms",
+        backoff_max="1s",
+    )
+    handle.faults.add(FaultKind.SERVER_ERROR, times=2)
+    daemon = daemons(config)
+    import_tokens(config, handle.token_lines(PROVIDER, 1, with_access_token=False))
+    events_file = tmp_path / "events.jsonl"
+    wait_until(events_file.exists, what="the command hook to record the recovery")
+    daemon.wait_for_event("notification delivered", target="command")
+    [line] = events_file.read_text().splitlines()
+    event = json.loads(line)
+    assert event["type"] == "token_set.recovered"
+    assert (event["token_set"], event["failures"]) == ("ts-0000", 2)
+    assert "server_error" in event["last_error"]
+    assert daemon.events("notification failed, will retry", target="command")
+    assert daemon.stop() == 0
+
+
+@pytest.mark.anyio
+async def test_a_command_that_hangs_is_killed_and_finally_given_up(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path / "tokens.db")
+    metrics = Metrics()
+    pid_file = tmp_path / "hook.pid"
+    hang = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(600)"
+    config = HooksConfig(
+        command=(sys.executable, "-c", hang),
+        command_timeout=0.5,
+        backoff_initial=0.05,
+        backoff_max=0.05,
+        give_up_after=0.01,  # the first failure is the last
+    )
+    hooks = Hooks(store=store, config=config, metrics=metrics)
+    given_up = {"target": "command", "outcome": "given_up"}
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(hooks.run)
+            assert await hooks.enqueue("token_set.invalidated", "ts-1", PROVIDER, reason="x")
+            with anyio.fail_after(60):
+                while not metrics.registry.get_sample_value(
+                    "refresherd_hook_deliveries_total", given_up
+                ):
+                    await anyio.sleep(0.05)
+            tg.cancel_scope.cancel()
+        assert await store.pending_hooks() == 0
+        # The hung process was killed, not left behind.
+        pid = int(pid_file.read_text())
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    finally:
+        await hooks.aclose()
+        await store.close()
+
+
+@pytest.mark.anyio
+async def test_only_the_configured_event_types_are_queued(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path / "tokens.db")
+    config = HooksConfig(command=("true",), events=("token_set.invalidated",))
+    hooks = Hooks(store=store, config=config, metrics=Metrics())
+    try:
+        assert await hooks.enqueue("refresh_token.expiring", "ts-1", PROVIDER) is None
+        assert await hooks.enqueue("token_set.invalidated", "ts-1", PROVIDER) is not None
+        assert await store.pending_hooks() == 1
+        with pytest.raises(ValueError, match="unknown event type"):
+            await hooks.enqueue("token_set.deleted", "ts-1", PROVIDER)
+        # No target at all: nothing is queued.
+        idle = Hooks(store=store, config=HooksConfig(), metrics=Metrics())
+        assert await idle.enqueue("token_set.invalidated", "ts-1", PROVIDER) is None
+        await idle.aclose()
+    finally:
+        await hooks.aclose()
+        await store.close()
+
+
+def test_an_absolute_expiry_within_the_horizon_reaches_the_webhook_once(
+    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons
+) -> None:
+    handle = idp_factory()
+    secret, secret_file = new_secret(tmp_path)
+    with receiver() as r:
+        config = write_config(
+            tmp_path / "config.toml",
+            database=tmp_path / "tokens.db",
+            providers={PROVIDER: handle.provider(refresh_token_lifetime="1h")},
+            schedule={"refresh_token_expiry_warning": "2h"},
+        )
+        with config.open("a") as fh:
+            fh.write(
+                f"\n[hooks]\nwebhook_url = {toml_value(r.url)}\n"
+                f"webhook_secret_file = {toml_value(str(secret_file))}\n"
+            )
+        import_tokens(config, handle.token_lines(PROVIDER, 2))
+        daemon = daemons(config)
+        wait_until(lambda: len(r.received) >= 2, what="two refresh_token.expiring events")
+        for headers, body in r.received:
+            verify(secret, headers, body)
+        events = sorted(r.events(), key=lambda e: e["token_set"])
+        assert [e["type"] for e in events] == ["refresh_token.expiring"] * 2
+        assert [e["token_set"] for e in events] == ["ts-0000", "ts-0001"]
+        assert all(e["provider"] == PROVIDER and e["refresh_expires_at"] for e in events)
+        assert daemon.stop() == 0
+        # A restart does not announce the same expiry again.
+        again = daemons(config, name="again")
+        again.wait_for_event("listening")
+        wait_until(
+            lambda: (
+                metric(again.metrics(), "refresherd_refresh_tokens_expiring", provider=PROVIDER)
+                == 2
+                or None
+            ),
+            what="the expiry scan after the restart",
+        )
+        assert again.stop() == 0
+        assert len(r.received) == 2
