@@ -30,7 +30,7 @@ from refresherd.logs import get_logger
 from refresherd.model import Secret, State, TokenSet, rfc3339, validate_token_set_id
 from refresherd.refresher import Clock, Refresher
 from refresherd.server import JSON, error
-from refresherd.store import NewTokenSet, Store, StoreError, TokenSetExists
+from refresherd.store import ClaimRefused, NewTokenSet, Store, StoreError, TokenSetExists
 
 log = get_logger("refresherd.api")
 
@@ -288,41 +288,60 @@ class TokenApi:
             return _storage_unavailable()
         if ts is None:
             return _unknown(token_set_id)
-        revoked = False
-        if revoke_param == "true":
-            provider = self.refresher.providers.get(ts.provider)
-            endpoint = self.refresher.endpoints.get(ts.provider)
-            if provider is None or endpoint is None or not provider.revocation_url:
-                return error(
-                    400,
-                    "revocation_unsupported",
-                    f"provider {ts.provider!r} has no revocation_url; delete without "
-                    "?revoke=true, or configure one",
-                )
-            try:
-                await endpoint.revoke(ts.refresh_token, timeout=provider.request_timeout)
-            except EndpointError as exc:
-                # Kept: a set deleted here but alive at the IdP would be lost to both.
-                log.warning(
-                    "revocation failed, token set kept",
-                    token_set=ts.id,
-                    provider=ts.provider,
-                    reason=exc.failure.reason,
-                    detail=exc.failure.detail,
-                )
-                return error(
-                    503,
-                    "provider_unavailable",
-                    "the revocation endpoint did not confirm; the token set is kept, try again",
-                    reason=exc.failure.reason,
-                )
-            revoked = True
+        if revoke_param == "false":
+            return await self._remove(ts, revoked=False)
+        provider = self.refresher.providers.get(ts.provider)
+        endpoint = self.refresher.endpoints.get(ts.provider)
+        if provider is None or endpoint is None or not provider.revocation_url:
+            return error(
+                400,
+                "revocation_unsupported",
+                f"provider {ts.provider!r} has no revocation_url; delete without "
+                "?revoke=true, or configure one",
+            )
+        # Held against every refresh while revoking: a rotation meanwhile would leave the new
+        # refresh token alive at the IdP after we revoked the old one and forgot the set.
         try:
-            removed = await self.store.remove(token_set_id)
+            async with self.refresher.exclusive(token_set_id) as held:
+                if isinstance(held, ClaimRefused):
+                    if held.reason == "not_found":
+                        return _unknown(token_set_id)
+                    if held.reason == "leased":
+                        return error(
+                            409,
+                            "busy",
+                            "another refresherd process is refreshing this token set; try again",
+                        )
+                    # Invalidated: the IdP refuses this refresh token already.
+                    return await self._remove(ts, revoked=False)
+                try:
+                    await endpoint.revoke(held.refresh_token, timeout=provider.request_timeout)
+                except EndpointError as exc:
+                    # Kept: a set deleted here but alive at the IdP would be lost to both.
+                    log.warning(
+                        "revocation failed, token set kept",
+                        token_set=ts.id,
+                        provider=ts.provider,
+                        reason=exc.failure.reason,
+                        detail=exc.failure.detail,
+                    )
+                    return error(
+                        503,
+                        "provider_unavailable",
+                        "the revocation endpoint did not confirm; the token set is kept, try again",
+                        reason=exc.failure.reason,
+                    )
+                return await self._remove(ts, revoked=True)
+        except StoreError:
+            return _storage_unavailable()
+
+    async def _remove(self, ts: TokenSet, *, revoked: bool) -> Response:
+        try:
+            removed = await self.store.remove(ts.id)
         except StoreError:
             return _storage_unavailable()
         if not removed:
-            return _unknown(token_set_id)
+            return _unknown(ts.id)
         log.info("token set removed", token_set=ts.id, provider=ts.provider, revoked=revoked)
         return JSON({"id": ts.id, "removed": True, "revoked": revoked})
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import functools
 import random
 import time
-from collections.abc import Callable, Mapping
-from contextlib import nullcontext
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
@@ -152,6 +152,9 @@ class ProviderCircuits:
 class _Flight:
     done: anyio.Event = field(default_factory=anyio.Event)
     result: RefreshResult | None = None
+    # An exclusive hold (Refresher.exclusive), not a refresh: callers wait for it to end and
+    # then look again, rather than take its result.
+    hold: bool = False
 
 
 class Refresher:
@@ -230,7 +233,8 @@ class Refresher:
 
     async def refresh(self, token_set_id: str, *, scheduled: bool = False) -> RefreshResult:
         """Refresh now, or join the refresh of this token set that is already in flight."""
-        flight = self._flights.get(token_set_id)
+        while (flight := self._flights.get(token_set_id)) is not None and flight.hold:
+            await flight.done.wait()
         if flight is not None:
             self.metrics.singleflight_coalesced.inc()
             await flight.done.wait()
@@ -257,6 +261,32 @@ class Refresher:
             await flight.done.wait()
         assert flight.result is not None
         return flight.result
+
+    @asynccontextmanager
+    async def exclusive(self, token_set_id: str) -> AsyncIterator[TokenSet | ClaimRefused]:
+        """Hold a token set against every refresh while the body runs (revoking and removing
+        it, say): wait for a refresh of it in flight here to land, stand in its single-flight
+        slot (a refresh asked for meanwhile waits, then finds what the body left), and hold
+        its lease (other processes keep out). Yields the set as read under the lease, or why
+        it could not be leased. The lease is released at the end unless the set is gone."""
+        while (flight := self._flights.get(token_set_id)) is not None:
+            await flight.done.wait()
+        mine = _Flight(hold=True)
+        self._flights[token_set_id] = mine
+        try:
+            now = self.clock.wall()
+            claimed = await self.store.claim(
+                token_set_id, owner=self.owner, now=now, lease_until=now + self.lease_duration
+            )
+            try:
+                yield claimed
+            finally:
+                if not isinstance(claimed, ClaimRefused):
+                    with anyio.CancelScope(shield=True):
+                        await self._release_quietly(token_set_id)
+        finally:
+            del self._flights[token_set_id]
+            mine.done.set()
 
     async def _fly(
         self, token_set_id: str, flight: _Flight, scheduled: bool, *, owned: bool

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import stat
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -398,7 +399,8 @@ def test_provider_unavailable_while_backing_off_and_a_valid_token_still_served(
     requests = handle.ledger.requests
     response = client.get("ts-0000")
     assert (response.status_code, response.json()["error"]) == (503, "provider_unavailable")
-    assert int(response.headers["retry-after"]) > 3000
+    # Backoff has "equal jitter": between half and all of backoff_initial (1 h).
+    assert 1800 - 60 < int(response.headers["retry-after"]) <= 3600
     response = client.get("ts-0001")
     assert response.status_code == 200, response.text
     assert response.json()["access_token"] == fresh["access_token"]
@@ -428,3 +430,36 @@ def test_a_unix_socket_path_that_is_not_a_stale_socket_is_refused(
     second.wait_for_event("listening", socket=str(path))
     assert second.stop() == 0
     assert not path.exists()
+
+
+def test_delete_with_revoke_waits_for_a_refresh_in_flight_and_revokes_its_result(
+    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons
+) -> None:
+    # Rotating tokens without a grace window: the old token dies at the rotation, so a
+    # revocation of the token read before the rotation would leave the new one alive.
+    handle = idp_factory(grace_period=0.0, usage="one_time")
+    config, bearer = api_config(tmp_path, handle, revocation_url=handle.idp.revocation_url)
+    daemon = daemons(config)
+    client = Client(daemon, bearer)
+    handle.idp.hold_requests()
+    import_tokens(config, handle.token_lines(PROVIDER, 1, with_access_token=False))
+    wait_until(lambda: handle.idp.held_requests == 1, what="the scheduler's refresh at the IdP")
+
+    answers: list[httpx.Response] = []
+
+    def delete() -> None:
+        answers.append(client.request("DELETE", "/v1/tokens/ts-0000", params={"revoke": "true"}))
+
+    worker = threading.Thread(target=delete)
+    worker.start()
+    worker.join(timeout=1.0)
+    assert worker.is_alive() and not answers  # waiting for the refresh to land
+    handle.idp.release_requests()
+    worker.join(timeout=30)
+    [response] = answers
+    assert response.status_code == 200, response.text
+    assert response.json() == {"id": "ts-0000", "removed": True, "revoked": True}
+    assert handle.ledger.refreshes == 1 and handle.ledger.revocations == 1
+    # The refresh token the rotation minted was the one revoked: nothing is left alive.
+    assert handle.ledger.live_refresh_tokens("ts-0000") == set()
+    assert "ts-0000" not in read_rows(tmp_path / "tokens.db")
