@@ -294,7 +294,7 @@ class TokenEndpoint:
     """A provider's token endpoint, with its own connection pool and pinned auth method.
 
     HTTP is aiohttp's: at the 20-60 requests in flight that 1M token sets need against an IdP
-    50-150 ms away, httpx's pool costs 3-10x more CPU per request (docs/benchmarks.md). Its
+    50-150 ms away, httpx's pool costs 6-30x more CPU per request (docs/benchmarks.md). Its
     exceptions are classified here, not by an adapter: whether the request may have left
     (NotSent vs Ambiguous) must follow from where aiohttp failed, and nothing else.
     """
