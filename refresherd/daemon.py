@@ -32,6 +32,7 @@ from refresherd.refresher import Clock, Refresher, SystemClock
 from refresherd.scheduler import Scheduler
 from refresherd.sdnotify import Notifier
 from refresherd.server import App, bind_socket, serve
+from refresherd.storage_health import StorageReason
 from refresherd.store import Store, StoreError
 
 log = logs.get_logger("refresherd.daemon")
@@ -212,6 +213,8 @@ class Daemon:
             else:
                 server_done.set()
             await tg.start(self._work, scheduler, server_stop, server_done, tg.cancel_scope)
+            # A grant the database refuses is held until it takes it (until shutdown starts).
+            rt.refresher.hold_grants = True
             # The store is open and migrated, the listener bound, the scheduler running.
             self.notifier.notify("READY=1", "STATUS=refreshing token sets")
             self._ready = True
@@ -244,6 +247,9 @@ class Daemon:
             task_status.started()
             await self._stop.wait()
             log.info("shutting down", in_flight=scheduler.running)
+            if self._rt is not None:
+                # From now on a grant storage refuses is held for refresher.PERSIST_DEADLINE.
+                self._rt.refresher.hold_grants = False
             self.notifier.notify("STOPPING=1", "STATUS=draining in-flight refreshes")
             scheduler.stop()
             # Bounded drain: refreshes in flight may finish and persist until the deadline.
@@ -375,6 +381,11 @@ class Daemon:
             )
             for state in State:
                 rt.metrics.token_sets.labels(name, state.value)
+        rt.metrics.storage_writable.set(0 if rt.refresher.storage.paused else 1)
+        for reason in StorageReason:
+            rt.metrics.storage_pauses.labels(reason.value)
+        for result in ("ok", "failed"):
+            rt.metrics.storage_probes.labels(result)
 
     async def _heartbeat(self) -> None:
         """Proves the event loop runs: for /healthz, and for systemd's watchdog."""
@@ -414,12 +425,22 @@ class Daemon:
                     else:
                         with contextlib.suppress(KeyError):
                             rt.metrics.refresh_token_expires_soonest.remove(provider)
+            await self._checkpoint(rt)
             # What /readyz would say, also when nothing polls /readyz (a scrape of /metrics only).
             problems = ["timed out"]
             with anyio.move_on_after(READINESS_TIMEOUT):
                 problems = await self._readiness()
             rt.metrics.ready.set(0 if problems else 1)
             await anyio.sleep(GAUGE_INTERVAL)
+
+    async def _checkpoint(self, rt: Runtime) -> None:
+        """A passive checkpoint, so the WAL is copied back while the daemon is idle, too (a
+        long-lived reader may have held it back); the file's size is a gauge."""
+        try:
+            await rt.store.checkpoint()
+        except StoreError as exc:
+            log.warning("cannot checkpoint the database", error=str(exc))
+        rt.metrics.wal_bytes.set(rt.store.wal_bytes())
 
     def _liveness(self) -> list[str]:
         late = self.clock.monotonic() - self._beat
@@ -439,4 +460,16 @@ class Daemon:
             problems.append(f"database: {exc}")
         if self._scheduler is not None and not self._scheduler.storage_ok:
             problems.append("database: the scheduler cannot read it")
+        health = self._rt.refresher.storage
+        if health.paused and health.reason is not None:
+            problems.append(
+                f"storage: the database refuses writes ({health.reason.value}); refreshes are "
+                f"paused until it takes them again: {health.detail}"
+            )
+        held = self._rt.refresher.unpersisted_grants
+        if held:
+            problems.append(
+                f"storage: {held} received grant(s) held in memory, not yet persisted; "
+                "do not kill refresherd"
+            )
         return problems

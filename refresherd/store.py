@@ -20,8 +20,12 @@ import aiosqlite
 import anyio
 
 from refresherd.model import Attempt, RefreshTokenUsage, Secret, State, TokenSet
+from refresherd.storage_health import StorageReason, classify
 
 BUSY_TIMEOUT_MS: Final = 5000
+# A checkpoint that a long-lived reader held back lets the WAL grow; once it completes, the
+# next writer truncates the file back to this size instead of keeping its peak for ever.
+JOURNAL_SIZE_LIMIT: Final = 4 * 1024 * 1024
 READ_CONTRACT_VIEW: Final = "refresherd_access_tokens"
 # Ids per ``IN (...)`` query: well below SQLite's bound-parameter limit.
 _ID_CHUNK: Final = 500
@@ -80,12 +84,34 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     ALTER TABLE token_sets ADD COLUMN grace_period REAL;
     ALTER TABLE token_sets ADD COLUMN refresh_token_lifetime REAL;
     """,
+    # (Allocated number 6: the storage-faults work; renumbered at merge.)
+    """
+    -- One row a paused daemon rewrites to learn whether the database takes writes again: a
+    -- real page write, so a full disk or a read-only file fails it, and a held lock blocks it.
+    CREATE TABLE storage_probe (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        probed_at REAL NOT NULL,
+        owner TEXT NOT NULL
+    ) STRICT;
+    """,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 
 class StoreError(Exception):
-    """The database could not do what was asked. Never carries a token value."""
+    """The database could not do what was asked. Never carries a token value.
+
+    ``reason`` classifies SQLite's error (disk full, read-only, locked...) for the storage
+    pause and its metric; OTHER where the error did not come from SQLite.
+    """
+
+    def __init__(self, message: str, *, reason: StorageReason = StorageReason.OTHER) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def _sqlite_error(path: Path, exc: sqlite3.Error) -> StoreError:
+    return StoreError(f"database {path}: {exc}", reason=classify(exc))
 
 
 class TokenSetExists(StoreError):
@@ -219,9 +245,10 @@ class Store:
             if str(mode).lower() != "wal":
                 raise StoreError(f"database {self.path}: cannot switch to WAL (got {mode})")
             await self._conn.execute("PRAGMA synchronous = FULL")
+            await self._conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
             await self._migrate()
         except sqlite3.Error as exc:
-            raise StoreError(f"database {self.path}: {exc}") from exc
+            raise _sqlite_error(self.path, exc) from exc
 
     async def _switch_to_wal(self) -> Any:
         """``PRAGMA journal_mode = WAL``, retried while another connection holds a lock.
@@ -267,7 +294,30 @@ class Store:
             async with self._lock:
                 await self._fetch_value("SELECT count(*) FROM sqlite_master")
         except sqlite3.Error as exc:
-            raise StoreError(f"database {self.path}: {exc}") from exc
+            raise _sqlite_error(self.path, exc) from exc
+
+    async def probe_write(self, *, owner: str, now: float) -> None:
+        """One harmless committed write (the storage_probe row); StoreError if it fails."""
+        await self._write(
+            "INSERT INTO storage_probe (id, probed_at, owner) VALUES (1, :now, :owner)"
+            " ON CONFLICT (id) DO UPDATE SET probed_at = excluded.probed_at,"
+            " owner = excluded.owner",
+            {"now": now, "owner": owner},
+        )
+
+    async def checkpoint(self) -> tuple[int, int]:
+        """A passive WAL checkpoint (never waits for readers or writers): returns the WAL's
+        frames and how many of them are now in the database file."""
+        rows = await self._read("PRAGMA wal_checkpoint(PASSIVE)")
+        _, log_frames, checkpointed = rows[0]
+        return int(log_frames), int(checkpointed)
+
+    def wal_bytes(self) -> int:
+        """The size of the -wal file now (0 if there is none)."""
+        try:
+            return os.stat(f"{self.path}-wal").st_size
+        except FileNotFoundError:
+            return 0
 
     async def data_version(self) -> int:
         """Changes whenever another connection commits (cheap cross-process change signal)."""
@@ -304,7 +354,7 @@ class Store:
                     async with self._conn.execute(sql, params) as cur:
                         rows = list(await cur.fetchall())
                 except sqlite3.Error as exc:
-                    raise StoreError(f"database {self.path}: {exc}") from exc
+                    raise _sqlite_error(self.path, exc) from exc
         return rows
 
     async def _read(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[Any]:
@@ -313,7 +363,7 @@ class Store:
                 async with self._conn.execute(sql, params) as cur:
                     return list(await cur.fetchall())
             except sqlite3.Error as exc:
-                raise StoreError(f"database {self.path}: {exc}") from exc
+                raise _sqlite_error(self.path, exc) from exc
 
     # ---- token sets: add, read, remove -----------------------------------------------------
 
@@ -360,10 +410,10 @@ class Store:
                     except sqlite3.Error:
                         message = None
                     if message is None:
-                        raise StoreError(f"database {self.path}: {exc}") from exc
+                        raise _sqlite_error(self.path, exc) from exc
                     raise TokenSetExists(message) from exc
                 except sqlite3.Error as exc:
-                    raise StoreError(f"database {self.path}: {exc}") from exc
+                    raise _sqlite_error(self.path, exc) from exc
         return len(rows)
 
     async def _conflict(self, ids: Sequence[str]) -> str | None:
