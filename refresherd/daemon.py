@@ -436,10 +436,11 @@ class Daemon:
     async def _checkpoint(self, rt: Runtime) -> None:
         """A passive checkpoint, so the WAL is copied back while the daemon is idle, too (a
         long-lived reader may have held it back); the file's size is a gauge."""
-        try:
-            await rt.store.checkpoint()
-        except StoreError as exc:
-            log.warning("cannot checkpoint the database", error=str(exc))
+        if not rt.refresher.storage.paused:  # a paused store is probed, not written to
+            try:
+                await rt.store.checkpoint()
+            except StoreError as exc:
+                log.warning("cannot checkpoint the database", error=str(exc))
         rt.metrics.wal_bytes.set(rt.store.wal_bytes())
 
     def _liveness(self) -> list[str]:
@@ -454,18 +455,21 @@ class Daemon:
             problems.append("shutting down")
         if self._rt is None:
             return [*problems, "not started"]
-        try:
-            await self._rt.store.ping()
-        except StoreError as exc:
-            problems.append(f"database: {exc}")
-        if self._scheduler is not None and not self._scheduler.storage_ok:
-            problems.append("database: the scheduler cannot read it")
         health = self._rt.refresher.storage
         if health.paused and health.reason is not None:
+            # Known without asking the database, which may be locked: a ping would only queue
+            # behind the blocked writes and time the answer out.
             problems.append(
                 f"storage: the database refuses writes ({health.reason.value}); refreshes are "
                 f"paused until it takes them again: {health.detail}"
             )
+        else:
+            try:
+                await self._rt.store.ping()
+            except StoreError as exc:
+                problems.append(f"database: {exc}")
+        if self._scheduler is not None and not self._scheduler.storage_ok:
+            problems.append("database: the scheduler cannot read it")
         held = self._rt.refresher.unpersisted_grants
         if held:
             problems.append(

@@ -224,8 +224,9 @@ class Refresher:
 
     # ---- storage health ----------------------------------------------------------------------
 
-    def storage_failed(self, exc: StoreError) -> None:
-        """Count a failed database operation and pause refreshes (logged once per pause)."""
+    def storage_failed(self, exc: StoreError, *, during: str) -> None:
+        """Count a failed database operation and pause refreshes (logged once per pause).
+        ``during`` names the operation, for the log."""
         self.metrics.storage_errors.inc()
         if self.storage.note_failure(exc.reason, str(exc), now=self.clock.monotonic()):
             self.metrics.storage_writable.set(0)
@@ -233,6 +234,7 @@ class Refresher:
             log.error(
                 "storage refuses writes: refreshes paused until a probe write succeeds",
                 reason=exc.reason.value,
+                during=during,
                 error=str(exc),
                 unpersisted_grants=self._unpersisted,
             )
@@ -279,7 +281,7 @@ class Refresher:
                 token_set_id, owner=self.owner, now=now, lease_until=now + self.lease_duration
             )
         except StoreError as exc:
-            self.storage_failed(exc)
+            self.storage_failed(exc, during="claim")
             log.error("refresh", token_set=token_set_id, outcome="storage_error", error=str(exc))
             return RefreshResult("storage_error", detail=str(exc))
         if isinstance(claimed, ClaimRefused):
@@ -337,7 +339,7 @@ class Refresher:
         try:
             await self.store.defer(token_set_id, owner=self.owner, next_refresh_at=until)
         except StoreError as exc:
-            self.storage_failed(exc)
+            self.storage_failed(exc, during="defer")
 
     async def _keep_lease(self, token_set_id: str) -> None:
         """Renew our lease while the refresh runs, so a slow IdP does not cost us the row."""
@@ -347,7 +349,7 @@ class Refresher:
                 until = self.clock.wall() + self.lease_duration
                 await self.store.renew_lease(token_set_id, owner=self.owner, lease_until=until)
             except StoreError as exc:
-                self.storage_failed(exc)
+                self.storage_failed(exc, during="lease renewal")
                 log.warning("lease renewal failed", token_set=token_set_id, error=str(exc))
 
     async def _attempts(
@@ -366,7 +368,7 @@ class Refresher:
                 )
             except StoreError as exc:
                 # Nothing was sent: without a journal entry, nothing may be.
-                self.storage_failed(exc)
+                self.storage_failed(exc, during="journal")
                 self.metrics.refresh_failures.labels(ts.provider, "storage_error").inc()
                 await self._release_quietly(ts.id)
                 return RefreshResult(
@@ -490,7 +492,7 @@ class Refresher:
                         held = True
                         self._unpersisted += 1
                         self.metrics.unpersisted_grants.set(self._unpersisted)
-                    self.storage_failed(exc)
+                    self.storage_failed(exc, during="persist")
                     log.error(
                         "cannot persist grant, holding it and retrying",
                         token_set=ts.id,
@@ -607,7 +609,7 @@ class Refresher:
                     resolve_attempt=sends <= 1,
                 )
             except StoreError as exc:
-                self.storage_failed(exc)
+                self.storage_failed(exc, during="record failure")
                 await self._release_quietly(ts.id)
             return RefreshResult(
                 "circuit_open",
@@ -654,7 +656,7 @@ class Refresher:
                 resolve_attempt=resolve,
             )
         except StoreError as exc:
-            self.storage_failed(exc)
+            self.storage_failed(exc, during="record failure")
             await self._release_quietly(ts.id)
             return RefreshResult(
                 "storage_error", attempt=sends, token_set=ts, reason=failure.reason, detail=str(exc)
@@ -694,7 +696,7 @@ class Refresher:
         try:
             await self.store.release(token_set_id, owner=self.owner)
         except StoreError as exc:
-            self.storage_failed(exc)
+            self.storage_failed(exc, during="release")
 
     def _log_outcome(self, ts: TokenSet, result: RefreshResult, duration: float) -> None:
         fields = {

@@ -87,8 +87,8 @@ class Scheduler:
                     self.storage_ok = True
                 except StoreError as exc:
                     self.storage_ok = False
-                    self.refresher.storage_failed(exc)
-                    log.error("scheduler cannot use the database", error=str(exc))
+                    # Logged once, by the pause it starts.
+                    self.refresher.storage_failed(exc, during="scheduling")
                     await self._wait(STORAGE_RETRY)
 
     async def _probe_storage(self) -> None:
