@@ -429,6 +429,7 @@ class Refresher:
                     token_set=ts.id,
                     provider=ts.provider,
                     reason=failure.reason,
+                    detail=failure.detail,
                     attempt=attempt.sends,
                     delay=round(decision.delay, 3),
                     grace=decision.grace,
