@@ -23,6 +23,7 @@ import anyio.abc
 from refresherd import logs, ownership
 from refresherd.config import Config, ConfigError, ProviderConfig, load_config
 from refresherd.discovery import EX_UNAVAILABLE, DiscoveryError, resolve_providers
+from refresherd.encryption import cipher_for
 from refresherd.endpoint import TokenEndpoint
 from refresherd.intake import MAX_GRACE_PERIOD
 from refresherd.metrics import INVALIDATION_REASONS, Metrics
@@ -83,7 +84,7 @@ async def open_runtime(
     Providers configured by ``issuer`` are resolved first (:class:`DiscoveryError` if one cannot).
     """
     config = await resolve_config(config)
-    store = await Store.open(config.daemon.database)
+    store = await Store.open(config.daemon.database, cipher=cipher_for(config.encryption))
     lock = OwnerLock(config.daemon.database, config.daemon.instance_name)
     endpoints: dict[str, TokenEndpoint] = {}
     try:

@@ -19,6 +19,7 @@ from typing import Any, Final
 import aiosqlite
 import anyio
 
+from refresherd.encryption import EncryptionError, TokenCipher
 from refresherd.model import Attempt, RefreshTokenUsage, Secret, State, TokenSet
 from refresherd.storage_health import StorageReason, classify
 
@@ -144,7 +145,7 @@ class ClaimRefused:
     until: float | None = None
 
 
-def _row_to_token_set(row: sqlite3.Row) -> TokenSet:
+def _row_to_token_set(row: sqlite3.Row, cipher: TokenCipher | None = None) -> TokenSet:
     attempt = None
     if row["attempt_started_at"] is not None:
         attempt = Attempt(
@@ -154,11 +155,19 @@ def _row_to_token_set(row: sqlite3.Row) -> TokenSet:
             sends=row["attempt_sends"] or 0,
         )
     access = row["access_token"]
+    refresh = row["refresh_token"]
+    if cipher is not None:
+        try:
+            refresh = cipher.open(refresh, row_id=row["id"], column="refresh_token")
+            if access is not None:
+                access = cipher.open(access, row_id=row["id"], column="access_token")
+        except EncryptionError as exc:
+            raise StoreError(str(exc)) from None
     usage = row["refresh_token_usage"]
     return TokenSet(
         id=row["id"],
         provider=row["provider"],
-        refresh_token=Secret(row["refresh_token"]),
+        refresh_token=Secret(refresh),
         access_token=Secret(access) if access is not None else None,
         expires_at=row["expires_at"],
         state=State(row["state"]),
@@ -202,15 +211,21 @@ def _create_private_file(path: Path) -> None:
 
 
 class Store:
-    def __init__(self, path: Path, conn: aiosqlite.Connection) -> None:
+    def __init__(
+        self, path: Path, conn: aiosqlite.Connection, cipher: TokenCipher | None = None
+    ) -> None:
         self.path = path
         self._conn = conn
         self._lock = anyio.Lock()
+        # Seals the token columns when set (encryption at rest); None: plaintext.
+        self.cipher = cipher
 
     # ---- lifecycle -------------------------------------------------------------------------
 
     @classmethod
-    async def open(cls, path: Path, *, create: bool = True) -> Store:
+    async def open(
+        cls, path: Path, *, create: bool = True, cipher: TokenCipher | None = None
+    ) -> Store:
         path = Path(path)
         try:
             if create:
@@ -230,9 +245,10 @@ class Store:
         except sqlite3.Error as exc:
             raise StoreError(f"database {path}: cannot open: {exc}") from exc
         conn.row_factory = sqlite3.Row
-        store = cls(path, conn)
+        store = cls(path, conn, cipher)
         try:
             await store._setup()
+            await store._check_keys()
         except BaseException:
             await conn.close()
             raise
@@ -284,6 +300,102 @@ class Store:
 
     async def close(self) -> None:
         await self._conn.close()
+
+    # ---- encryption at rest ----------------------------------------------------------------
+
+    def _token_set(self, row: sqlite3.Row) -> TokenSet:
+        return _row_to_token_set(row, self.cipher)
+
+    def _seal(self, value: str, row_id: str, column: str) -> str:
+        if self.cipher is None:
+            return value
+        return self.cipher.seal(value, row_id=row_id, column=column)
+
+    async def sealed_key_ids(self) -> set[str]:
+        """The ids of the keys that token values in the database are sealed under."""
+        rows = await self._read(
+            "SELECT DISTINCT substr(refresh_token, 8, 16) FROM token_sets"
+            " WHERE refresh_token LIKE 'enc:v1:%'"
+            " UNION SELECT DISTINCT substr(access_token, 8, 16) FROM token_sets"
+            " WHERE access_token LIKE 'enc:v1:%'"
+        )
+        return {r[0] for r in rows}
+
+    async def _check_keys(self) -> None:
+        """Refuse to start with a key set that cannot open every stored value: a token read
+        as its ciphertext would be sent to the IdP as if it were the token."""
+        used = await self.sealed_key_ids()
+        if not used:
+            return
+        if self.cipher is None:
+            raise StoreError(
+                f"database {self.path}: token values are encrypted (key(s) "
+                f"{', '.join(sorted(used))}); configure [encryption] key_file"
+            )
+        missing = used - self.cipher.key_ids
+        if missing:
+            raise StoreError(
+                f"database {self.path}: token values are sealed with key(s) "
+                f"{', '.join(sorted(missing))}, which the config does not hold (configured: "
+                f"{', '.join(sorted(self.cipher.key_ids))}); add the old key to [encryption] "
+                "previous_key_files"
+            )
+
+    async def rekey(self, *, batch: int = 200) -> int:
+        """Seal every token value that is plaintext or sealed under an older key with the
+        current key, batch by batch; returns how many token sets changed. Each row is
+        compare-and-swapped on its stored values, so a refresh that lands meanwhile wins."""
+        cipher = self.cipher
+        if cipher is None:
+            raise StoreError("rekey needs [encryption] key_file in the config")
+        changed = 0
+        after = ""
+        while True:
+            rows = await self._read(
+                "SELECT id, access_token, refresh_token FROM token_sets WHERE id > ?"
+                " ORDER BY id LIMIT ?",
+                (after, batch),
+            )
+            if not rows:
+                return changed
+            after = rows[-1][0]
+            updates = []
+            for row_id, access, refresh in rows:
+                if cipher.is_current(refresh) and (access is None or cipher.is_current(access)):
+                    continue
+                plain = _row_plain(cipher, row_id, access, refresh)
+                updates.append(
+                    {
+                        "id": row_id,
+                        "old_access": access,
+                        "old_refresh": refresh,
+                        "access": None
+                        if plain[0] is None
+                        else cipher.seal(plain[0], row_id=row_id, column="access_token"),
+                        "refresh": cipher.seal(plain[1], row_id=row_id, column="refresh_token"),
+                    }
+                )
+            if updates:
+                changed += await self._rekey_batch(updates)
+
+    async def _rekey_batch(self, updates: list[dict[str, Any]]) -> int:
+        done = 0
+        with anyio.CancelScope(shield=True):
+            async with self._lock:
+                try:
+                    async with self._transaction():
+                        for params in updates:
+                            async with self._conn.execute(
+                                "UPDATE token_sets SET access_token = :access,"
+                                " refresh_token = :refresh WHERE id = :id"
+                                " AND refresh_token = :old_refresh"
+                                " AND access_token IS :old_access RETURNING id",
+                                params,
+                            ) as cur:
+                                done += len(list(await cur.fetchall()))
+                except sqlite3.Error as exc:
+                    raise _sqlite_error(self.path, exc) from exc
+        return done
 
     async def schema_version(self) -> int:
         return int(await self._fetch_value("PRAGMA user_version"))
@@ -377,8 +489,10 @@ class Store:
             {
                 "id": n.id,
                 "provider": n.provider,
-                "access_token": n.access_token.reveal() if n.access_token else None,
-                "refresh_token": n.refresh_token.reveal(),
+                "access_token": self._seal(n.access_token.reveal(), n.id, "access_token")
+                if n.access_token
+                else None,
+                "refresh_token": self._seal(n.refresh_token.reveal(), n.id, "refresh_token"),
                 "token_type": n.token_type,
                 "scope": n.scope,
                 "expires_at": n.expires_at,
@@ -438,7 +552,7 @@ class Store:
 
     async def get(self, token_set_id: str) -> TokenSet | None:
         rows = await self._read("SELECT * FROM token_sets WHERE id = ?", (token_set_id,))
-        return _row_to_token_set(rows[0]) if rows else None
+        return self._token_set(rows[0]) if rows else None
 
     async def page(self, *, after: str | None = None, limit: int = 500) -> list[TokenSet]:
         """Token sets in id order after ``after``: keyset pagination, never all in memory."""
@@ -448,7 +562,7 @@ class Store:
             rows = await self._read(
                 "SELECT * FROM token_sets WHERE id > ? ORDER BY id LIMIT ?", (after, limit)
             )
-        return [_row_to_token_set(r) for r in rows]
+        return [self._token_set(r) for r in rows]
 
     async def iterate(self, *, page_size: int = 500) -> AsyncIterator[TokenSet]:
         after: str | None = None
@@ -551,7 +665,7 @@ class Store:
             {"id": token_set_id, "owner": owner, "until": lease_until, "now": now},
         )
         if rows:
-            return _row_to_token_set(rows[0])
+            return self._token_set(rows[0])
         current = await self.get(token_set_id)
         if current is None:
             return ClaimRefused("not_found")
@@ -675,7 +789,7 @@ class Store:
         taken over while our request was out, our rotated token is still the one the IdP handed
         out, and the compare proves nobody stored a newer one.
         """
-        rows = await self._write(
+        sql = (
             "UPDATE token_sets SET access_token = :access, refresh_token = :refresh,"
             " token_type = :token_type, scope = coalesce(:scope, scope), expires_at = :expires_at,"
             " refresh_expires_at = coalesce(:refresh_expires_at, refresh_expires_at),"
@@ -685,23 +799,58 @@ class Store:
             " attempt_owner = NULL, attempt_sends = NULL,"
             " lease_owner = CASE WHEN lease_owner = :owner THEN NULL ELSE lease_owner END,"
             " lease_until = CASE WHEN lease_owner = :owner THEN NULL ELSE lease_until END"
-            " WHERE id = :id AND version = :version AND refresh_token = :sent RETURNING *",
-            {
-                "id": token_set_id,
-                "owner": owner,
-                "version": expected_version,
-                "sent": sent_refresh_token.reveal(),
-                "refresh_expires_at": refresh_expires_at,
-                "access": access_token.reveal(),
-                "refresh": refresh_token.reveal(),
-                "token_type": token_type,
-                "scope": scope,
-                "expires_at": expires_at,
-                "next": next_refresh_at,
-                "now": now,
-            },
+            " WHERE id = :id AND version = :version AND refresh_token = :sent RETURNING *"
         )
-        return _row_to_token_set(rows[0]) if rows else None
+        params = {
+            "id": token_set_id,
+            "owner": owner,
+            "version": expected_version,
+            "sent": sent_refresh_token.reveal(),
+            "refresh_expires_at": refresh_expires_at,
+            "access": self._seal(access_token.reveal(), token_set_id, "access_token"),
+            "refresh": self._seal(refresh_token.reveal(), token_set_id, "refresh_token"),
+            "token_type": token_type,
+            "scope": scope,
+            "expires_at": expires_at,
+            "next": next_refresh_at,
+            "now": now,
+        }
+        if self.cipher is None:
+            rows = await self._write(sql, params)
+        else:
+            rows = await self._sealed_compare_and_swap(sql, params, sent_refresh_token)
+        return self._token_set(rows[0]) if rows else None
+
+    async def _sealed_compare_and_swap(
+        self, sql: str, params: dict[str, Any], sent: Secret
+    ) -> list[sqlite3.Row]:
+        """save_grant's statement when values are sealed: a nonce makes every sealing differ,
+        so the stored refresh token is opened and compared here, and the statement then
+        compares on its stored form, all in one transaction."""
+        assert self.cipher is not None
+        with anyio.CancelScope(shield=True):
+            async with self._lock:
+                try:
+                    async with self._transaction():
+                        async with self._conn.execute(
+                            "SELECT refresh_token FROM token_sets WHERE id = :id", params
+                        ) as cur:
+                            row = await cur.fetchone()
+                        if row is None:
+                            return []
+                        try:
+                            stored = self.cipher.open(
+                                row[0], row_id=params["id"], column="refresh_token"
+                            )
+                        except EncryptionError as exc:
+                            raise StoreError(str(exc)) from None
+                        if stored != sent.reveal():
+                            return []
+                        async with self._conn.execute(sql, {**params, "sent": row[0]}) as cur:
+                            rows = list(await cur.fetchall())
+                except sqlite3.Error as exc:
+                    raise _sqlite_error(self.path, exc) from exc
+        return rows
 
     async def record_failure(
         self,
@@ -752,6 +901,18 @@ class Store:
             " lease_owner = NULL, lease_until = NULL WHERE id = :id AND lease_owner = :owner",
             {"id": token_set_id, "owner": owner, "next": next_refresh_at},
         )
+
+
+def _row_plain(
+    cipher: TokenCipher, row_id: str, access: str | None, refresh: str
+) -> tuple[str | None, str]:
+    try:
+        return (
+            None if access is None else cipher.open(access, row_id=row_id, column="access_token"),
+            cipher.open(refresh, row_id=row_id, column="refresh_token"),
+        )
+    except EncryptionError as exc:
+        raise StoreError(str(exc)) from None
 
 
 def _exclude(providers: Sequence[str]) -> tuple[str, dict[str, Any]]:

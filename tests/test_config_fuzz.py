@@ -108,6 +108,7 @@ _SECTIONS = {
     "log": config_module._LOG_KEYS,
     "schedule": config_module._SCHEDULE_KEYS,
     "providers.idp": config_module._PROVIDER_KEYS,
+    "encryption": config_module._ENCRYPTION_KEYS,
 }
 
 
