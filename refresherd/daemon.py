@@ -309,6 +309,7 @@ class Daemon:
         for changed, what in (
             (new.daemon.database != old.daemon.database, "daemon.database"),
             (new.server != old.server, "server.listen"),
+            (new.encryption != old.encryption, "encryption"),
         ):
             if changed:
                 log.warning("this setting only takes effect after a restart", key=what)
