@@ -213,9 +213,10 @@ class Daemon:
                 tg.start_soon(self._serve, app, sock, server_stop, server_done)
             else:
                 server_done.set()
-            await tg.start(self._work, scheduler, server_stop, server_done, tg.cancel_scope)
-            # A grant the database refuses is held until it takes it (until shutdown starts).
+            # A grant the database refuses is held until it takes it (until shutdown starts);
+            # set before the scheduler starts, whose crash recovery may refresh at once.
             rt.refresher.hold_grants = True
+            await tg.start(self._work, scheduler, server_stop, server_done, tg.cancel_scope)
             # The store is open and migrated, the listener bound, the scheduler running.
             self.notifier.notify("READY=1", "STATUS=refreshing token sets")
             self._ready = True

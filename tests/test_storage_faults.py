@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 from collections.abc import Callable, Iterator
@@ -360,3 +361,63 @@ def test_a_daemon_started_on_an_unwritable_database_says_so_and_exits(
         subprocess.run(["chattr", "-i", str(db)], check=False)
     assert read_rows(db) == before
     assert idp.ledger.requests == 0
+
+
+def hold_a_grant(idp: IdPHandle, daemon: DaemonProcess, lock: HeldLock) -> None:
+    """Take the write lock while the IdP's (rotating) answer is on its way: the daemon ends
+    up holding a grant the database refuses."""
+    idp.faults.add(FaultKind.SLOW, delay=2.0, process_first=True)
+    wait_until(
+        lambda: idp.ledger.faults_injected.get("slow", 0) >= 1, what="the slow request to arrive"
+    )
+    lock.break_()
+    daemon.wait_for_event(HELD)
+
+
+def test_sigterm_with_a_held_grant_waits_for_storage_and_stores_it(
+    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons
+) -> None:
+    db = tmp_path / "tokens.db"
+    idp, daemon = start_daemon(tmp_path, db, idp_factory, daemons)
+    lock = HeldLock(db)
+    try:
+        hold_a_grant(idp, daemon, lock)
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait_for_event("shutting down")
+        assert daemon.running()  # the held grant keeps the process up
+    finally:
+        lock.repair()
+    assert daemon.wait_exit() == 0
+    assert not [e for e in daemon.lines() if str(e.get("event")).startswith("grant not persisted")]
+    assert_nothing_lost(idp, db)
+
+
+def test_a_held_grant_lost_at_shutdown_is_recovered_from_the_journal_inside_grace(
+    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons
+) -> None:
+    """Exhaustion: SIGTERM, and storage refuses the held grant for PERSIST_DEADLINE more. The
+    grant is lost from memory (a critical line says so); the journal entry is not. The next
+    start retries the old refresh token first, inside the IdP's grace window: it is accepted
+    again and nothing is lost."""
+    db = tmp_path / "tokens.db"
+    idp, daemon = start_daemon(tmp_path, db, idp_factory, daemons, grace=300)
+    lock = HeldLock(db)
+    try:
+        hold_a_grant(idp, daemon, lock)
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait_exit(timeout=PERSIST_DEADLINE * 4) == 0
+    finally:
+        lock.repair()
+    (lost,) = [e for e in daemon.lines() if str(e.get("event")).startswith("grant not persisted")]
+    assert lost["level"] == "critical"
+    journaled = [r for r in read_rows(db).values() if r["attempt_started_at"] is not None]
+    assert len(journaled) == 1
+    token_set_id = journaled[0]["id"]
+    reuses = idp.ledger.reuses_in_grace
+    config = tmp_path / "refresherd.toml"
+    again = daemons(config, "again")
+    again.wait_for_event("recovering unresolved attempt", token_set=token_set_id)
+    again.wait_for_event("refresh", token_set=token_set_id, outcome="refreshed")
+    assert idp.ledger.reuses_in_grace == reuses + 1
+    assert again.stop() == 0
+    assert_nothing_lost(idp, db)
