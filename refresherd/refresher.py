@@ -34,6 +34,8 @@ PERSIST_RETRY_MAX: Final = 5.0
 # during shutdown, and in processes that do not set ``hold_grants`` (the CLI). A running daemon
 # holds it for as long as the database refuses it.
 PERSIST_DEADLINE: Final = 30.0
+# A held grant's failed persist attempts are logged at most this often.
+PERSIST_LOG_INTERVAL: Final = 60.0
 
 
 class Clock(Protocol):
@@ -462,6 +464,8 @@ class Refresher:
         # Counted from when nothing holds the grant any more (shutdown, or not a daemon).
         limit_from: float | None = None
         held = False
+        failed_attempts = 0
+        logged_at = float("-inf")
         # We hold the only copy of a rotated token: shutdown waits for it (bounded), and a
         # failing store is retried, loudly, rather than the grant dropped. A running daemon
         # holds it for as long as storage refuses it (refreshes are paused meanwhile).
@@ -494,14 +498,19 @@ class Refresher:
                         self._unpersisted += 1
                         self.metrics.unpersisted_grants.set(self._unpersisted)
                     self.storage_failed(exc, during="persist")
-                    log.error(
-                        "cannot persist grant, holding it and retrying",
-                        token_set=ts.id,
-                        provider=ts.provider,
-                        reason=exc.reason.value,
-                        error=str(exc),
-                        retry_in=delay,
-                    )
+                    failed_attempts += 1
+                    # The first failure, then once a minute: an outage of hours stays readable.
+                    if self.clock.monotonic() - logged_at >= PERSIST_LOG_INTERVAL:
+                        logged_at = self.clock.monotonic()
+                        log.error(
+                            "cannot persist grant, holding it and retrying",
+                            token_set=ts.id,
+                            provider=ts.provider,
+                            reason=exc.reason.value,
+                            error=str(exc),
+                            attempts=failed_attempts,
+                            retry_in=delay,
+                        )
                 mono = self.clock.monotonic()
                 if self.hold_grants:
                     limit_from = None

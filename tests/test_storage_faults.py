@@ -28,6 +28,7 @@ from conftest import (
 )
 
 from refresherd.refresher import PERSIST_DEADLINE
+from refresherd.storage_health import PROBE_INITIAL, probe_delay
 from refresherd.store import BUSY_TIMEOUT_MS, JOURNAL_SIZE_LIMIT
 from refresherd.testing import FaultKind
 
@@ -263,10 +264,18 @@ def test_a_grant_refused_for_longer_than_the_persist_deadline_is_held_until_stor
         status, problems = readyz(daemon)
         assert status == 503
         assert any("1 received grant(s) held in memory" in p for p in problems), problems
-        # Each persist attempt waits out the busy timeout: this many attempts outlast the
-        # deadline after which a process that does not hold grants would give up.
-        attempts = int(PERSIST_DEADLINE / (BUSY_TIMEOUT_MS / 1000)) + 2
-        daemon.wait_for_event(HELD, count=attempts, timeout=PERSIST_DEADLINE * 4)
+        # Outlast the deadline after which a process that does not hold grants gives up: the
+        # fifth probe fails no sooner than its four predecessors' delays plus five busy
+        # timeouts after the pause began (1 + 2 + 4 + 8 + 5 * 5 = 40 s).
+        wait_until(
+            lambda: (
+                metric(daemon.metrics(), "refresherd_storage_probes_total", result="failed") >= 5
+            ),
+            timeout=PERSIST_DEADLINE * 4,
+            what="the lock to outlast the persist deadline",
+        )
+        outlasted = PROBE_INITIAL + sum(probe_delay(n) for n in range(1, 4))
+        assert outlasted + 5 * BUSY_TIMEOUT_MS / 1000 > PERSIST_DEADLINE
         dropped = [
             e for e in daemon.lines() if str(e.get("event")).startswith("grant not persisted")
         ]
