@@ -30,6 +30,7 @@ from refresherd.config import (
 )
 from refresherd.daemon import Daemon, open_runtime
 from refresherd.discovery import EX_UNAVAILABLE, DiscoveryError
+from refresherd.encryption import cipher_for
 from refresherd.intake import InputError, iter_lines, parse_single
 from refresherd.model import State, TokenSet, rfc3339
 from refresherd.store import NewTokenSet, Store, StoreError, TokenSetExists
@@ -84,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     refresh = sub.add_parser("refresh", help="refresh one token set now (same path as the daemon)")
     refresh.add_argument("id")
+    sub.add_parser(
+        "rekey",
+        help="seal every stored token with [encryption]'s current key (after a key rotation, "
+        "or to encrypt rows stored before encryption was turned on)",
+    )
 
     demo = sub.add_parser(
         "demo", help="run the daemon against the built-in fake IdP on loopback (no config needed)"
@@ -127,11 +133,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "refresh":
             return anyio.run(_refresh, config, args.id)
+        if args.command == "rekey":
+            return anyio.run(_rekey, config)
         return anyio.run(_tokens, config, args)
     except StoreError as exc:
         return _fail(str(exc), EX_FAILURE)
     except DiscoveryError as exc:
         return _fail(str(exc), EX_UNAVAILABLE)
+
+
+async def _rekey(config: Config) -> int:
+    cipher = cipher_for(config.encryption)
+    if cipher is None:
+        return _fail("rekey: the config has no [encryption] key_file or key_credential", EX_CONFIG)
+    store = await Store.open(config.daemon.database, create=False, cipher=cipher)
+    try:
+        changed = await store.rekey()
+        left = await store.sealed_key_ids()
+    finally:
+        await store.close()
+    print(f"sealed {changed} token set(s) with key {cipher.current_id}")
+    print(f"keys in use now: {', '.join(sorted(left)) or 'none'}")
+    return 0
 
 
 async def _refresh(config: Config, token_set_id: str) -> int:
@@ -303,7 +326,7 @@ async def _import(config: Config, args: argparse.Namespace) -> int:
         rand=iter(rng.random, None),
     )
     try:
-        store = await Store.open(config.daemon.database)
+        store = await Store.open(config.daemon.database, cipher=cipher_for(config.encryption))
         try:
             count = await store.import_stream(items, now=now)
         finally:
@@ -327,7 +350,7 @@ async def _tokens(config: Config, args: argparse.Namespace) -> int:
         items = _read_input(config, args)
         if isinstance(items, int):
             return items
-        store = await Store.open(config.daemon.database)
+        store = await Store.open(config.daemon.database, cipher=cipher_for(config.encryption))
         try:
             count = await store.add_many(items, now=time.time())
         except TokenSetExists:
@@ -349,7 +372,9 @@ async def _tokens(config: Config, args: argparse.Namespace) -> int:
             print(f"imported {count} token set(s)")
         return 0
 
-    store = await Store.open(config.daemon.database, create=False)
+    store = await Store.open(
+        config.daemon.database, create=False, cipher=cipher_for(config.encryption)
+    )
     try:
         if action == "list":
             within = None

@@ -53,6 +53,14 @@ class DaemonConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class EncryptionConfig:
+    """Keys for the token columns: ``key`` seals, ``previous_keys`` only open (rotation)."""
+
+    key: Secret
+    previous_keys: tuple[Secret, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 9469
@@ -163,6 +171,8 @@ class Config:
     hooks: HooksConfig = field(default_factory=HooksConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     providers: dict[str, ProviderConfig] = field(default_factory=dict)
+    # None: token columns are stored in plaintext.
+    encryption: EncryptionConfig | None = None
     # Things worth saying at start that do not stop it (e.g. a secret file readable by others).
     warnings: tuple[str, ...] = ()
 
@@ -291,7 +301,17 @@ def load_config(path: Path | str, *, env: Mapping[str, str] | None = None) -> Co
     )
 
 
-_SECTIONS: Final = ("daemon", "server", "api", "hooks", "log", "schedule", "providers")
+_SECTIONS: Final = (
+    "daemon",
+    "server",
+    "api",
+    "hooks",
+    "log",
+    "schedule",
+    "providers",
+    "encryption",
+)
+_ENCRYPTION_KEYS: Final = ("key_file", "key_credential", "previous_key_files")
 _DAEMON_KEYS: Final = (
     "database",
     "concurrency",
@@ -422,6 +442,7 @@ def parse_config(text: str, *, source: str, base_dir: Path, env: Mapping[str, st
     # Last, so that a typo elsewhere is reported before any secret file is touched.
     api = _parse_api(root.table("api"))
     hooks = _parse_hooks(root.table("hooks"))
+    encryption = _parse_encryption(root.table("encryption"))
     return Config(
         source=source,
         daemon=daemon,
@@ -431,6 +452,7 @@ def parse_config(text: str, *, source: str, base_dir: Path, env: Mapping[str, st
         log=log,
         schedule=schedule,
         providers=providers,
+        encryption=encryption,
         warnings=tuple(ctx.warnings),
     )
 
@@ -885,6 +907,64 @@ def _client_secret(t: _Table) -> Secret:
     return secret
 
 
+def _parse_encryption(t: _Table) -> EncryptionConfig | None:
+    if not t.data:
+        return None
+    ctx = t.ctx
+    given = [k for k in ("key_file", "key_credential") if k in t.data]
+    if len(given) != 1:
+        found = " and ".join(given) if given else "none"
+        raise ctx.error(
+            t.key(None), f"expected exactly one of key_file, key_credential, got {found}"
+        )
+    if given[0] == "key_file":
+        path = ctx.base_dir / t.required_string("key_file", "the path of a file holding the key")
+        key = _encryption_key(ctx, t.key("key_file"), path)
+    else:
+        name = t.required_string("key_credential", "the name of a systemd credential")
+        directory = ctx.env.get("CREDENTIALS_DIRECTORY")
+        if "/" in name or name in (".", "..") or "\0" in name:
+            raise ctx.error(
+                t.key("key_credential"),
+                f"expected a systemd credential name without '/', got {_show(name)}",
+            )
+        if not directory:
+            raise ctx.error(
+                t.key("key_credential"),
+                "CREDENTIALS_DIRECTORY is not set; expected refresherd to run under a systemd "
+                f"unit with LoadCredential={name}:... (or use key_file)",
+            )
+        key = _encryption_key(ctx, t.key("key_credential"), Path(directory) / name)
+    previous = t.data.get("previous_key_files", [])
+    if not isinstance(previous, list) or not all(isinstance(p, str) and p for p in previous):
+        raise ctx.error(
+            t.key("previous_key_files"),
+            f"expected a list of file paths, got {_type_name(previous)}",
+        )
+    old = tuple(
+        _encryption_key(ctx, f"{t.key('previous_key_files')}[{i}]", ctx.base_dir / p)
+        for i, p in enumerate(previous)
+    )
+    return EncryptionConfig(key=key, previous_keys=old)
+
+
+def _encryption_key(ctx: _Context, key: str, path: Path) -> Secret:
+    """A key file's content, checked to be 32 bytes of base64; a warning if others may read it."""
+    from refresherd.encryption import decode_key  # the cryptography import only when used
+
+    secret, mode = _read_secret_file(ctx, key, path)
+    try:
+        decode_key(secret.reveal())
+    except ValueError as exc:
+        raise ctx.error(key, f"{path}: {exc}") from None
+    if mode & (stat.S_IRGRP | stat.S_IROTH):
+        ctx.warnings.append(
+            f"{ctx.source}: {key}: {path} is readable by group or others "
+            f"(mode {mode:04o}); expected mode 0600 or 0400 (chmod 600 {path})"
+        )
+    return secret
+
+
 def _read_secret_file(ctx: _Context, key: str, path: Path) -> tuple[Secret, int]:
     """The secret in ``path`` (trailing newlines stripped) and the file's permission bits."""
     try:
@@ -966,6 +1046,7 @@ class _Table:
             "hooks": _HOOKS_KEYS,
             "log": _LOG_KEYS,
             "schedule": _SCHEDULE_KEYS,
+            "encryption": _ENCRYPTION_KEYS,
         }.get(name)
         # Provider names are free; _parse_providers checks them.
         return _Table(self.ctx, (*self.path, name), value, allowed or tuple(value))

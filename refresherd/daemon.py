@@ -27,6 +27,7 @@ from refresherd import logs, ownership
 from refresherd.api import BearerAuth, TokenApi
 from refresherd.config import Config, ConfigError, ProviderConfig, load_config
 from refresherd.discovery import EX_UNAVAILABLE, DiscoveryError, resolve_providers
+from refresherd.encryption import cipher_for
 from refresherd.endpoint import TokenEndpoint
 from refresherd.expiry import ExpiryWatcher
 from refresherd.hooks import Hooks
@@ -38,6 +39,7 @@ from refresherd.refresher import Clock, Refresher, SystemClock
 from refresherd.scheduler import Scheduler
 from refresherd.sdnotify import Notifier
 from refresherd.server import bind_socket, bind_unix_socket, build_app, serve
+from refresherd.storage_health import StorageReason
 from refresherd.store import Store, StoreError
 
 log = logs.get_logger("refresherd.daemon")
@@ -91,7 +93,7 @@ async def open_runtime(
     Providers configured by ``issuer`` are resolved first (:class:`DiscoveryError` if one cannot).
     """
     config = await resolve_config(config)
-    store = await Store.open(config.daemon.database)
+    store = await Store.open(config.daemon.database, cipher=cipher_for(config.encryption))
     lock = OwnerLock(config.daemon.database, config.daemon.instance_name)
     endpoints: dict[str, TokenEndpoint] = {}
     try:
@@ -242,6 +244,9 @@ class Daemon:
                 tg.start_soon(self._serve, app, sockets, server_stop, server_done)
             else:
                 server_done.set()
+            # A grant the database refuses is held until it takes it (until shutdown starts);
+            # set before the scheduler starts, whose crash recovery may refresh at once.
+            rt.refresher.hold_grants = True
             await tg.start(self._work, scheduler, server_stop, server_done, tg.cancel_scope)
             # The store is open and migrated, the listener bound, the scheduler running.
             self.notifier.notify("READY=1", "STATUS=refreshing token sets")
@@ -315,6 +320,9 @@ class Daemon:
             task_status.started()
             await self._stop.wait()
             log.info("shutting down", in_flight=scheduler.running)
+            if self._rt is not None:
+                # From now on a grant storage refuses is held for refresher.PERSIST_DEADLINE.
+                self._rt.refresher.hold_grants = False
             self.notifier.notify("STOPPING=1", "STATUS=draining in-flight refreshes")
             scheduler.stop()
             refresher.close()
@@ -376,6 +384,7 @@ class Daemon:
             (new.server != old.server, "server.listen"),
             (new.api != old.api, "api"),
             (new.hooks != old.hooks, "hooks"),
+            (new.encryption != old.encryption, "encryption"),
         ):
             if changed:
                 log.warning("this setting only takes effect after a restart", key=what)
@@ -450,6 +459,11 @@ class Daemon:
             )
             for state in State:
                 rt.metrics.token_sets.labels(name, state.value)
+        rt.metrics.storage_writable.set(0 if rt.refresher.storage.paused else 1)
+        for reason in StorageReason:
+            rt.metrics.storage_pauses.labels(reason.value)
+        for result in ("ok", "failed"):
+            rt.metrics.storage_probes.labels(result)
 
     def _expiry_watcher(self, rt: Runtime) -> ExpiryWatcher:
         hooks = self.hooks
@@ -513,12 +527,23 @@ class Daemon:
                         with contextlib.suppress(KeyError):
                             rt.metrics.refresh_token_expires_soonest.remove(provider)
             took = self.clock.monotonic() - started
+            await self._checkpoint(rt)
             # What /readyz would say, also when nothing polls /readyz (a scrape of /metrics only).
             problems = ["timed out"]
             with anyio.move_on_after(READINESS_TIMEOUT):
                 problems = await self._readiness()
             rt.metrics.ready.set(0 if problems else 1)
             await anyio.sleep(max(GAUGE_INTERVAL, took / GAUGE_DUTY))
+
+    async def _checkpoint(self, rt: Runtime) -> None:
+        """A passive checkpoint, so the WAL is copied back while the daemon is idle, too (a
+        long-lived reader may have held it back); the file's size is a gauge."""
+        if not rt.refresher.storage.paused:  # a paused store is probed, not written to
+            try:
+                await rt.store.checkpoint()
+            except StoreError as exc:
+                log.warning("cannot checkpoint the database", error=str(exc))
+        rt.metrics.wal_bytes.set(rt.store.wal_bytes())
 
     def _liveness(self) -> list[str]:
         late = self.clock.monotonic() - self._beat
@@ -532,10 +557,25 @@ class Daemon:
             problems.append("shutting down")
         if self._rt is None:
             return [*problems, "not started"]
-        try:
-            await self._rt.store.ping()
-        except StoreError as exc:
-            problems.append(f"database: {exc}")
+        health = self._rt.refresher.storage
+        if health.paused and health.reason is not None:
+            # Known without asking the database, which may be locked: a ping would only queue
+            # behind the blocked writes and time the answer out.
+            problems.append(
+                f"storage: the database refuses writes ({health.reason.value}); refreshes are "
+                f"paused until it takes them again: {health.detail}"
+            )
+        else:
+            try:
+                await self._rt.store.ping()
+            except StoreError as exc:
+                problems.append(f"database: {exc}")
         if self._scheduler is not None and not self._scheduler.storage_ok:
             problems.append("database: the scheduler cannot read it")
+        held = self._rt.refresher.unpersisted_grants
+        if held:
+            problems.append(
+                f"storage: {held} received grant(s) held in memory, not yet persisted; "
+                "do not kill refresherd"
+            )
         return problems

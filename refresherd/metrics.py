@@ -106,6 +106,35 @@ class Metrics:
             "Database operations that failed.",
             registry=r,
         )
+        # Storage faults (storage_health): refreshes pause while the database refuses writes.
+        self.storage_writable = Gauge(
+            "refresherd_storage_writable",
+            "0 while the database refuses writes and refreshes are paused; 1 otherwise.",
+            registry=r,
+        )
+        self.storage_pauses = Counter(
+            "refresherd_storage_pauses",
+            "Times refreshes were paused because the database refused a write, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.storage_probes = Counter(
+            "refresherd_storage_probes",
+            "Probe writes made while paused, by result (ok ends the pause).",
+            ["result"],
+            registry=r,
+        )
+        self.unpersisted_grants = Gauge(
+            "refresherd_unpersisted_grants",
+            "Grants received from an IdP and held in memory because the database refuses "
+            "them: their rotated refresh tokens exist nowhere else.",
+            registry=r,
+        )
+        self.wal_bytes = Gauge(
+            "refresherd_database_wal_bytes",
+            "Size of the database's write-ahead log file.",
+            registry=r,
+        )
         self.in_flight = Gauge(
             "refresherd_refreshes_in_flight",
             "Refreshes currently running.",

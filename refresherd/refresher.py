@@ -25,6 +25,7 @@ from refresherd.endpoint import EndpointError, TokenEndpoint
 from refresherd.logs import get_logger
 from refresherd.metrics import Metrics
 from refresherd.model import Failure, FailureKind, Grant, State, TokenSet
+from refresherd.storage_health import StorageHealth
 from refresherd.store import ClaimRefused, Store, StoreError
 from refresherd.throttle import Throttles
 
@@ -33,8 +34,12 @@ log = get_logger("refresherd.refresher")
 # A grant we hold but could not persist is retried at this pace until storage answers.
 PERSIST_RETRY_INITIAL: Final = 0.2
 PERSIST_RETRY_MAX: Final = 5.0
-# How long a received grant is held while the database refuses it, shutdown included.
+# How long a received grant is held while the database refuses it once nothing else holds it:
+# during shutdown, and in processes that do not set ``hold_grants`` (the CLI). A running daemon
+# holds it for as long as the database refuses it.
 PERSIST_DEADLINE: Final = 30.0
+# A held grant's failed persist attempts are logged at most this often.
+PERSIST_LOG_INTERVAL: Final = 60.0
 
 
 class Clock(Protocol):
@@ -65,7 +70,7 @@ class RefreshResult:
     """What became of one refresh request. ``outcome`` is a bounded vocabulary:
 
     refreshed, adopted, failed, invalidated, circuit_open, leased, not_found, lease_lost,
-    storage_error, unknown_provider.
+    storage_error, storage_paused, unknown_provider.
     """
 
     outcome: str
@@ -183,6 +188,12 @@ class Refresher:
         self.rng = rng or random.Random()
         self.circuits = ProviderCircuits()
         self.throttles = Throttles()
+        # Is the database taking writes? While it is not, no refresh starts (storage_health).
+        self.storage = StorageHealth()
+        # True while a daemon runs: a grant the database refuses is then held until it takes
+        # it, not only for PERSIST_DEADLINE. The daemon clears it when it starts to shut down.
+        self.hold_grants = False
+        self._unpersisted = 0
         self._flights: dict[str, _Flight] = {}
         self._flight_group: anyio.abc.TaskGroup | None = None
         self._closing: anyio.Event | None = None
@@ -307,17 +318,66 @@ class Refresher:
             self.metrics.in_flight.set(len(self._flights))
             flight.done.set()
 
+    # ---- storage health ----------------------------------------------------------------------
+
+    def storage_failed(self, exc: StoreError, *, during: str) -> None:
+        """Count a failed database operation and pause refreshes (logged once per pause).
+        ``during`` names the operation, for the log."""
+        self.metrics.storage_errors.inc()
+        if self.storage.note_failure(exc.reason, str(exc), now=self.clock.monotonic()):
+            self.metrics.storage_writable.set(0)
+            self.metrics.storage_pauses.labels(exc.reason.value).inc()
+            log.error(
+                "storage refuses writes: refreshes paused until a probe write succeeds",
+                reason=exc.reason.value,
+                during=during,
+                error=str(exc),
+                unpersisted_grants=self._unpersisted,
+            )
+
+    def _storage_ok(self) -> None:
+        paused_since = self.storage.paused_since
+        if self.storage.note_recovered():
+            self.metrics.storage_writable.set(1)
+            assert paused_since is not None
+            log.warning(
+                "storage takes writes again: refreshes resume",
+                paused_for=round(self.clock.monotonic() - paused_since, 1),
+            )
+
+    async def probe_storage(self) -> bool:
+        """One harmless write; a success ends the pause. Returns whether storage took it."""
+        try:
+            await self.store.probe_write(owner=self.owner, now=self.clock.wall())
+        except StoreError as exc:
+            self.metrics.storage_errors.inc()
+            self.metrics.storage_probes.labels("failed").inc()
+            self.storage.note_probe_failed(exc.reason, str(exc), now=self.clock.monotonic())
+            log.debug("storage probe failed", reason=exc.reason.value, error=str(exc))
+            return False
+        self.metrics.storage_probes.labels("ok").inc()
+        self._storage_ok()
+        return True
+
+    @property
+    def unpersisted_grants(self) -> int:
+        return self._unpersisted
+
     # ---- one refresh -------------------------------------------------------------------------
 
     async def _refresh_once(self, token_set_id: str, *, scheduled: bool) -> RefreshResult:
         started = self.clock.monotonic()
         now = self.clock.wall()
+        if self.storage.paused:
+            # The journal could not be written, so nothing could be sent: do not even claim.
+            reason = self.storage.reason.value if self.storage.reason else "other"
+            return RefreshResult("storage_paused", reason=reason, detail=self.storage.detail)
         try:
             claimed = await self.store.claim(
                 token_set_id, owner=self.owner, now=now, lease_until=now + self.lease_duration
             )
         except StoreError as exc:
-            self.metrics.storage_errors.inc()
+            self.storage_failed(exc, during="claim")
             log.error("refresh", token_set=token_set_id, outcome="storage_error", error=str(exc))
             return RefreshResult("storage_error", detail=str(exc))
         if isinstance(claimed, ClaimRefused):
@@ -388,8 +448,8 @@ class Refresher:
     async def _defer_quietly(self, token_set_id: str, until: float) -> None:
         try:
             await self.store.defer(token_set_id, owner=self.owner, next_refresh_at=until)
-        except StoreError:
-            self.metrics.storage_errors.inc()
+        except StoreError as exc:
+            self.storage_failed(exc, during="defer")
 
     async def _keep_lease(self, token_set_id: str) -> None:
         """Renew our lease while the refresh runs, so a slow IdP does not cost us the row."""
@@ -399,7 +459,7 @@ class Refresher:
                 until = self.clock.wall() + self.lease_duration
                 await self.store.renew_lease(token_set_id, owner=self.owner, lease_until=until)
             except StoreError as exc:
-                self.metrics.storage_errors.inc()
+                self.storage_failed(exc, during="lease renewal")
                 log.warning("lease renewal failed", token_set=token_set_id, error=str(exc))
 
     async def _attempts(
@@ -418,7 +478,7 @@ class Refresher:
                 )
             except StoreError as exc:
                 # Nothing was sent: without a journal entry, nothing may be.
-                self.metrics.storage_errors.inc()
+                self.storage_failed(exc, during="journal")
                 self.metrics.refresh_failures.labels(ts.provider, "storage_error").inc()
                 await self._release_quietly(ts.id)
                 return RefreshResult(
@@ -479,6 +539,7 @@ class Refresher:
                     token_set=ts.id,
                     provider=ts.provider,
                     reason=failure.reason,
+                    detail=failure.detail,
                     attempt=attempt.sends,
                     delay=round(decision.delay, 3),
                     grace=decision.grace,
@@ -510,9 +571,15 @@ class Refresher:
         saved: TokenSet | None = None
         stored = False
         delay = PERSIST_RETRY_INITIAL
+        # Counted from when nothing holds the grant any more (shutdown, or not a daemon).
+        limit_from: float | None = None
+        held = False
+        failed_attempts = 0
+        logged_at = float("-inf")
         # We hold the only copy of a rotated token: shutdown waits for it (bounded), and a
-        # failing store is retried, loudly, rather than the grant dropped.
-        with anyio.CancelScope(shield=True), anyio.move_on_after(PERSIST_DEADLINE):
+        # failing store is retried, loudly, rather than the grant dropped. A running daemon
+        # holds it for as long as storage refuses it (refreshes are paused meanwhile).
+        with anyio.CancelScope(shield=True):
             while True:
                 try:
                     saved = await self.store.save_grant(
@@ -536,16 +603,39 @@ class Refresher:
                     stored = True
                     break
                 except StoreError as exc:
-                    self.metrics.storage_errors.inc()
-                    log.error(
-                        "cannot persist grant, retrying",
-                        token_set=ts.id,
-                        provider=ts.provider,
-                        error=str(exc),
-                        retry_in=delay,
-                    )
-                    await anyio.sleep(delay)
-                    delay = min(delay * 2, PERSIST_RETRY_MAX)
+                    if not held:
+                        held = True
+                        self._unpersisted += 1
+                        self.metrics.unpersisted_grants.set(self._unpersisted)
+                    self.storage_failed(exc, during="persist")
+                    failed_attempts += 1
+                    # The first failure, then once a minute: an outage of hours stays readable.
+                    if self.clock.monotonic() - logged_at >= PERSIST_LOG_INTERVAL:
+                        logged_at = self.clock.monotonic()
+                        log.error(
+                            "cannot persist grant, holding it and retrying",
+                            token_set=ts.id,
+                            provider=ts.provider,
+                            reason=exc.reason.value,
+                            error=str(exc),
+                            attempts=failed_attempts,
+                            retry_in=delay,
+                        )
+                mono = self.clock.monotonic()
+                if self.hold_grants:
+                    limit_from = None
+                elif limit_from is None:
+                    limit_from = mono
+                if limit_from is not None and mono - limit_from >= PERSIST_DEADLINE:
+                    break
+                await anyio.sleep(delay)
+                delay = min(delay * 2, PERSIST_RETRY_MAX)
+            if held:
+                self._unpersisted -= 1
+                self.metrics.unpersisted_grants.set(self._unpersisted)
+        if stored:
+            # The grant went in: storage takes writes (again, if a pause was on).
+            self._storage_ok()
         if not stored:
             self.metrics.refresh_failures.labels(ts.provider, "storage_error").inc()
             log.critical(
@@ -646,8 +736,8 @@ class Refresher:
                     now=now,
                     resolve_attempt=sends <= 1,
                 )
-            except StoreError:
-                self.metrics.storage_errors.inc()
+            except StoreError as exc:
+                self.storage_failed(exc, during="record failure")
                 await self._release_quietly(ts.id)
             return RefreshResult(
                 "circuit_open",
@@ -694,7 +784,7 @@ class Refresher:
                 resolve_attempt=resolve,
             )
         except StoreError as exc:
-            self.metrics.storage_errors.inc()
+            self.storage_failed(exc, during="record failure")
             await self._release_quietly(ts.id)
             return RefreshResult(
                 "storage_error", attempt=sends, token_set=ts, reason=failure.reason, detail=str(exc)
@@ -741,8 +831,8 @@ class Refresher:
     async def _release_quietly(self, token_set_id: str) -> None:
         try:
             await self.store.release(token_set_id, owner=self.owner)
-        except StoreError:
-            self.metrics.storage_errors.inc()
+        except StoreError as exc:
+            self.storage_failed(exc, during="release")
 
     def _log_outcome(self, ts: TokenSet, result: RefreshResult, duration: float) -> None:
         fields = {

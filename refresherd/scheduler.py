@@ -79,14 +79,29 @@ class Scheduler:
             await self._reap_dead_owners(force=True)
             await self._recover(tg)
             while not self._stopping:
+                if self.refresher.storage.paused:
+                    await self._probe_storage()
+                    continue
                 try:
                     await self._tick(tg)
                     self.storage_ok = True
                 except StoreError as exc:
                     self.storage_ok = False
-                    self.metrics.storage_errors.inc()
-                    log.error("scheduler cannot read the database", error=str(exc))
+                    # Logged once, by the pause it starts.
+                    self.refresher.storage_failed(exc, during="scheduling")
                     await self._wait(STORAGE_RETRY)
+
+    async def _probe_storage(self) -> None:
+        """Paused (storage refused a write): claim nothing, send nothing; probe with one
+        harmless write when due, and wait for the next probe (or a stop, or a wake-up)."""
+        health = self.refresher.storage
+        if health.probe_due(self.clock.monotonic()) and await self.refresher.probe_storage():
+            self.storage_ok = True
+            return
+        if health.paused:
+            await self._wait(
+                min(max(health.next_probe_at - self.clock.monotonic(), 0.05), self.poll_interval)
+            )
 
     async def _recover(self, tg: anyio.abc.TaskGroup) -> None:
         """Crash recovery: journaled attempts whose grace window may still be open go first."""

@@ -21,9 +21,14 @@ from typing import Any, Final
 import aiosqlite
 import anyio
 
+from refresherd.encryption import EncryptionError, TokenCipher
 from refresherd.model import Attempt, RefreshMode, RefreshTokenUsage, Secret, State, TokenSet
+from refresherd.storage_health import StorageReason, classify
 
 BUSY_TIMEOUT_MS: Final = 5000
+# A checkpoint that a long-lived reader held back lets the WAL grow; once it completes, the
+# next writer truncates the file back to this size instead of keeping its peak for ever.
+JOURNAL_SIZE_LIMIT: Final = 4 * 1024 * 1024
 READ_CONTRACT_VIEW: Final = "refresherd_access_tokens"
 # Ids per ``IN (...)`` query: well below SQLite's bound-parameter limit.
 _ID_CHUNK: Final = 500
@@ -111,6 +116,15 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     CREATE INDEX hook_deliveries_due ON hook_deliveries (next_attempt_at)
         WHERE delivered_at IS NULL AND given_up_at IS NULL;
     """,
+    """
+    -- One row a paused daemon rewrites to learn whether the database takes writes again: a
+    -- real page write, so a full disk or a read-only file fails it, and a held lock blocks it.
+    CREATE TABLE storage_probe (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        probed_at REAL NOT NULL,
+        owner TEXT NOT NULL
+    ) STRICT;
+    """,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -135,7 +149,19 @@ _STAGING: Final = (
 
 
 class StoreError(Exception):
-    """The database could not do what was asked. Never carries a token value."""
+    """The database could not do what was asked. Never carries a token value.
+
+    ``reason`` classifies SQLite's error (disk full, read-only, locked...) for the storage
+    pause and its metric; OTHER where the error did not come from SQLite.
+    """
+
+    def __init__(self, message: str, *, reason: StorageReason = StorageReason.OTHER) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def _sqlite_error(path: Path, exc: sqlite3.Error) -> StoreError:
+    return StoreError(f"database {path}: {exc}", reason=classify(exc))
 
 
 class TokenSetExists(StoreError):
@@ -161,26 +187,6 @@ class NewTokenSet:
     refresh_mode: RefreshMode | None = None
 
 
-def _insert_params(n: NewTokenSet, now: float) -> dict[str, Any]:
-    return {
-        "id": n.id,
-        "provider": n.provider,
-        "access_token": n.access_token.reveal() if n.access_token else None,
-        "refresh_token": n.refresh_token.reveal(),
-        "token_type": n.token_type,
-        "scope": n.scope,
-        "expires_at": n.expires_at,
-        "next_refresh_at": n.next_refresh_at,
-        "refresh_expires_at": n.refresh_expires_at,
-        "usage": n.refresh_token_usage.value if n.refresh_token_usage else None,
-        "grace_period": n.grace_period,
-        "lifetime": n.refresh_token_lifetime,
-        "idle_lifetime": n.refresh_token_idle_lifetime,
-        "mode": n.refresh_mode.value if n.refresh_mode else None,
-        "now": now,
-    }
-
-
 @dataclass(frozen=True, slots=True)
 class HookDelivery:
     """One queued notification for one target, as claimed for delivery."""
@@ -203,7 +209,7 @@ class ClaimRefused:
     until: float | None = None
 
 
-def _row_to_token_set(row: sqlite3.Row) -> TokenSet:
+def _row_to_token_set(row: sqlite3.Row, cipher: TokenCipher | None = None) -> TokenSet:
     attempt = None
     if row["attempt_started_at"] is not None:
         attempt = Attempt(
@@ -213,12 +219,20 @@ def _row_to_token_set(row: sqlite3.Row) -> TokenSet:
             sends=row["attempt_sends"] or 0,
         )
     access = row["access_token"]
+    refresh = row["refresh_token"]
+    if cipher is not None:
+        try:
+            refresh = cipher.open(refresh, row_id=row["id"], column="refresh_token")
+            if access is not None:
+                access = cipher.open(access, row_id=row["id"], column="access_token")
+        except EncryptionError as exc:
+            raise StoreError(str(exc)) from None
     usage = row["refresh_token_usage"]
     mode = row["refresh_mode"]
     return TokenSet(
         id=row["id"],
         provider=row["provider"],
-        refresh_token=Secret(row["refresh_token"]),
+        refresh_token=Secret(refresh),
         access_token=Secret(access) if access is not None else None,
         expires_at=row["expires_at"],
         state=State(row["state"]),
@@ -281,7 +295,9 @@ def _fail_all(batch: list[_PendingWrite], exc: BaseException) -> None:
 
 
 class Store:
-    def __init__(self, path: Path, conn: aiosqlite.Connection) -> None:
+    def __init__(
+        self, path: Path, conn: aiosqlite.Connection, cipher: TokenCipher | None = None
+    ) -> None:
         self.path = path
         self._conn = conn
         self._lock = anyio.Lock()
@@ -293,11 +309,15 @@ class Store:
         # Opened on first use by _report.
         self._report_conn: aiosqlite.Connection | None = None
         self._report_lock = anyio.Lock()
+        # Seals the token columns when set (encryption at rest); None: plaintext.
+        self.cipher = cipher
 
     # ---- lifecycle -------------------------------------------------------------------------
 
     @classmethod
-    async def open(cls, path: Path, *, create: bool = True) -> Store:
+    async def open(
+        cls, path: Path, *, create: bool = True, cipher: TokenCipher | None = None
+    ) -> Store:
         path = Path(path)
         try:
             if create:
@@ -317,9 +337,10 @@ class Store:
         except sqlite3.Error as exc:
             raise StoreError(f"database {path}: cannot open: {exc}") from exc
         conn.row_factory = sqlite3.Row
-        store = cls(path, conn)
+        store = cls(path, conn, cipher)
         try:
             await store._setup()
+            await store._check_keys()
         except BaseException:
             await conn.close()
             raise
@@ -332,9 +353,10 @@ class Store:
             if str(mode).lower() != "wal":
                 raise StoreError(f"database {self.path}: cannot switch to WAL (got {mode})")
             await self._conn.execute("PRAGMA synchronous = FULL")
+            await self._conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
             await self._migrate()
         except sqlite3.Error as exc:
-            raise StoreError(f"database {self.path}: {exc}") from exc
+            raise _sqlite_error(self.path, exc) from exc
 
     async def _switch_to_wal(self) -> Any:
         """``PRAGMA journal_mode = WAL``, retried while another connection holds a lock.
@@ -375,6 +397,122 @@ class Store:
         finally:
             await self._conn.close()
 
+    # ---- encryption at rest ----------------------------------------------------------------
+
+    def _token_set(self, row: sqlite3.Row) -> TokenSet:
+        return _row_to_token_set(row, self.cipher)
+
+    def _insert_params(self, n: NewTokenSet, now: float) -> dict[str, Any]:
+        access = n.access_token.reveal() if n.access_token else None
+        return {
+            "id": n.id,
+            "provider": n.provider,
+            "access_token": None if access is None else self._seal(access, n.id, "access_token"),
+            "refresh_token": self._seal(n.refresh_token.reveal(), n.id, "refresh_token"),
+            "token_type": n.token_type,
+            "scope": n.scope,
+            "expires_at": n.expires_at,
+            "next_refresh_at": n.next_refresh_at,
+            "refresh_expires_at": n.refresh_expires_at,
+            "usage": n.refresh_token_usage.value if n.refresh_token_usage else None,
+            "grace_period": n.grace_period,
+            "lifetime": n.refresh_token_lifetime,
+            "idle_lifetime": n.refresh_token_idle_lifetime,
+            "mode": n.refresh_mode.value if n.refresh_mode else None,
+            "now": now,
+        }
+
+    def _seal(self, value: str, row_id: str, column: str) -> str:
+        if self.cipher is None:
+            return value
+        return self.cipher.seal(value, row_id=row_id, column=column)
+
+    async def sealed_key_ids(self) -> set[str]:
+        """The ids of the keys that token values in the database are sealed under."""
+        rows = await self._read(
+            "SELECT DISTINCT substr(refresh_token, 8, 16) FROM token_sets"
+            " WHERE refresh_token LIKE 'enc:v1:%'"
+            " UNION SELECT DISTINCT substr(access_token, 8, 16) FROM token_sets"
+            " WHERE access_token LIKE 'enc:v1:%'"
+        )
+        return {r[0] for r in rows}
+
+    async def _check_keys(self) -> None:
+        """Refuse to start with a key set that cannot open every stored value: a token read
+        as its ciphertext would be sent to the IdP as if it were the token."""
+        used = await self.sealed_key_ids()
+        if not used:
+            return
+        if self.cipher is None:
+            raise StoreError(
+                f"database {self.path}: token values are encrypted (key(s) "
+                f"{', '.join(sorted(used))}); configure [encryption] key_file"
+            )
+        missing = used - self.cipher.key_ids
+        if missing:
+            raise StoreError(
+                f"database {self.path}: token values are sealed with key(s) "
+                f"{', '.join(sorted(missing))}, which the config does not hold (configured: "
+                f"{', '.join(sorted(self.cipher.key_ids))}); add the old key to [encryption] "
+                "previous_key_files"
+            )
+
+    async def rekey(self, *, batch: int = 200) -> int:
+        """Seal every token value that is plaintext or sealed under an older key with the
+        current key, batch by batch; returns how many token sets changed. Each row is
+        compare-and-swapped on its stored values, so a refresh that lands meanwhile wins."""
+        cipher = self.cipher
+        if cipher is None:
+            raise StoreError("rekey needs [encryption] key_file in the config")
+        changed = 0
+        after = ""
+        while True:
+            rows = await self._read(
+                "SELECT id, access_token, refresh_token FROM token_sets WHERE id > ?"
+                " ORDER BY id LIMIT ?",
+                (after, batch),
+            )
+            if not rows:
+                return changed
+            after = rows[-1][0]
+            updates = []
+            for row_id, access, refresh in rows:
+                if cipher.is_current(refresh) and (access is None or cipher.is_current(access)):
+                    continue
+                plain = _row_plain(cipher, row_id, access, refresh)
+                updates.append(
+                    {
+                        "id": row_id,
+                        "old_access": access,
+                        "old_refresh": refresh,
+                        "access": None
+                        if plain[0] is None
+                        else cipher.seal(plain[0], row_id=row_id, column="access_token"),
+                        "refresh": cipher.seal(plain[1], row_id=row_id, column="refresh_token"),
+                    }
+                )
+            if updates:
+                changed += await self._rekey_batch(updates)
+
+    async def _rekey_batch(self, updates: list[dict[str, Any]]) -> int:
+        done = 0
+        with anyio.CancelScope(shield=True):
+            async with self._lock:
+                try:
+                    async with self._transaction():
+                        for params in updates:
+                            async with self._conn.execute(
+                                "UPDATE token_sets SET access_token = :access,"
+                                " refresh_token = :refresh WHERE id = :id"
+                                " AND refresh_token = :old_refresh"
+                                " AND access_token IS :old_access RETURNING id",
+                                params,
+                            ) as cur:
+                                done += len(list(await cur.fetchall()))
+                except sqlite3.Error as exc:
+                    raise _sqlite_error(self.path, exc) from exc
+        return done
+
     async def schema_version(self) -> int:
         return int(await self._fetch_value("PRAGMA user_version"))
 
@@ -384,7 +522,30 @@ class Store:
             async with self._lock:
                 await self._fetch_value("SELECT count(*) FROM sqlite_master")
         except sqlite3.Error as exc:
-            raise StoreError(f"database {self.path}: {exc}") from exc
+            raise _sqlite_error(self.path, exc) from exc
+
+    async def probe_write(self, *, owner: str, now: float) -> None:
+        """One harmless committed write (the storage_probe row); StoreError if it fails."""
+        await self._write(
+            "INSERT INTO storage_probe (id, probed_at, owner) VALUES (1, :now, :owner)"
+            " ON CONFLICT (id) DO UPDATE SET probed_at = excluded.probed_at,"
+            " owner = excluded.owner",
+            {"now": now, "owner": owner},
+        )
+
+    async def checkpoint(self) -> tuple[int, int]:
+        """A passive WAL checkpoint (never waits for readers or writers): returns the WAL's
+        frames and how many of them are now in the database file."""
+        rows = await self._read("PRAGMA wal_checkpoint(PASSIVE)")
+        _, log_frames, checkpointed = rows[0]
+        return int(log_frames), int(checkpointed)
+
+    def wal_bytes(self) -> int:
+        """The size of the -wal file now (0 if there is none)."""
+        try:
+            return os.stat(f"{self.path}-wal").st_size
+        except FileNotFoundError:
+            return 0
 
     async def data_version(self) -> int:
         """Changes whenever another connection commits (cheap cross-process change signal)."""
@@ -437,6 +598,8 @@ class Store:
                             if self._conn.in_transaction:
                                 await self._conn.execute("ROLLBACK")
                         raise
+        if isinstance(item.error, sqlite3.Error):
+            raise _sqlite_error(self.path, item.error) from item.error
         if item.error is not None:
             raise StoreError(f"database {self.path}: {item.error}") from item.error
         return item.rows
@@ -485,7 +648,7 @@ class Store:
             try:
                 return list(await self._conn.execute_fetchall(sql, params))
             except sqlite3.Error as exc:
-                raise StoreError(f"database {self.path}: {exc}") from exc
+                raise _sqlite_error(self.path, exc) from exc
 
     async def _report(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[Any]:
         """A read for gauges and listings, on a second connection (its own thread; WAL lets it
@@ -505,7 +668,7 @@ class Store:
                     self._report_conn = conn
                 return list(await self._report_conn.execute_fetchall(sql, params))
             except sqlite3.Error as exc:
-                raise StoreError(f"database {self.path}: {exc}") from exc
+                raise _sqlite_error(self.path, exc) from exc
 
     # ---- token sets: add, read, remove -----------------------------------------------------
 
@@ -515,7 +678,7 @@ class Store:
     async def add_many(self, items: Iterable[NewTokenSet], *, now: float) -> int:
         """Insert all or nothing. An id that exists already (or twice) raises TokenSetExists."""
         items = list(items)
-        rows = [_insert_params(n, now) for n in items]
+        rows = [self._insert_params(n, now) for n in items]
         with anyio.CancelScope(shield=True):
             async with self._lock:
                 try:
@@ -527,10 +690,10 @@ class Store:
                     except sqlite3.Error:
                         message = None
                     if message is None:
-                        raise StoreError(f"database {self.path}: {exc}") from exc
+                        raise _sqlite_error(self.path, exc) from exc
                     raise TokenSetExists(message) from exc
                 except sqlite3.Error as exc:
-                    raise StoreError(f"database {self.path}: {exc}") from exc
+                    raise _sqlite_error(self.path, exc) from exc
         return len(rows)
 
     async def import_stream(self, items: Iterable[tuple[str, NewTokenSet]], *, now: float) -> int:
@@ -558,7 +721,7 @@ class Store:
                     with anyio.CancelScope(shield=True):
                         await self._conn.execute("DROP TABLE IF EXISTS temp.import_staging")
             except sqlite3.Error as exc:
-                raise StoreError(f"database {self.path}: {exc}") from exc
+                raise _sqlite_error(self.path, exc) from exc
         return count
 
     async def _move_staged(self) -> None:
@@ -590,7 +753,7 @@ class Store:
                     try:
                         await self._conn.executemany(
                             _INSERT.format(table="temp.import_staging"),
-                            [_insert_params(n, now) for _, n in chunk],
+                            [self._insert_params(n, now) for _, n in chunk],
                         )
                     except sqlite3.IntegrityError:
                         # executemany stops at the failing row: the ones before it are in.
@@ -651,7 +814,7 @@ class Store:
 
     async def get(self, token_set_id: str) -> TokenSet | None:
         rows = await self._read("SELECT * FROM token_sets WHERE id = ?", (token_set_id,))
-        return _row_to_token_set(rows[0]) if rows else None
+        return self._token_set(rows[0]) if rows else None
 
     async def page(self, *, after: str | None = None, limit: int = 500) -> list[TokenSet]:
         """Token sets in id order after ``after``: keyset pagination, never all in memory."""
@@ -661,7 +824,7 @@ class Store:
             rows = await self._report(
                 "SELECT * FROM token_sets WHERE id > ? ORDER BY id LIMIT ?", (after, limit)
             )
-        return [_row_to_token_set(r) for r in rows]
+        return [self._token_set(r) for r in rows]
 
     async def iterate(self, *, page_size: int = 500) -> AsyncIterator[TokenSet]:
         after: str | None = None
@@ -710,7 +873,7 @@ class Store:
             " ORDER BY refresh_expiry LIMIT :limit",
             {"provider": provider, "lifetime": lifetime, "until": until, "limit": limit},
         )
-        return [(_row_to_token_set(r), float(r["refresh_expiry"])) for r in rows]
+        return [(self._token_set(r), float(r["refresh_expiry"])) for r in rows]
 
     async def refresh_expiring_counts(
         self, lifetimes: dict[str, float | None], *, until: float
@@ -804,7 +967,7 @@ class Store:
             {"id": token_set_id, "owner": owner, "until": lease_until, "now": now},
         )
         if rows:
-            return _row_to_token_set(rows[0])
+            return self._token_set(rows[0])
         current = await self.get(token_set_id)
         if current is None:
             return ClaimRefused("not_found")
@@ -928,7 +1091,7 @@ class Store:
         taken over while our request was out, our rotated token is still the one the IdP handed
         out, and the compare proves nobody stored a newer one.
         """
-        rows = await self._write(
+        sql = (
             "UPDATE token_sets SET access_token = :access, refresh_token = :refresh,"
             " token_type = :token_type, scope = coalesce(:scope, scope), expires_at = :expires_at,"
             " refresh_expires_at = coalesce(:refresh_expires_at, refresh_expires_at),"
@@ -938,23 +1101,58 @@ class Store:
             " attempt_owner = NULL, attempt_sends = NULL,"
             " lease_owner = CASE WHEN lease_owner = :owner THEN NULL ELSE lease_owner END,"
             " lease_until = CASE WHEN lease_owner = :owner THEN NULL ELSE lease_until END"
-            " WHERE id = :id AND version = :version AND refresh_token = :sent RETURNING *",
-            {
-                "id": token_set_id,
-                "owner": owner,
-                "version": expected_version,
-                "sent": sent_refresh_token.reveal(),
-                "refresh_expires_at": refresh_expires_at,
-                "access": access_token.reveal(),
-                "refresh": refresh_token.reveal(),
-                "token_type": token_type,
-                "scope": scope,
-                "expires_at": expires_at,
-                "next": next_refresh_at,
-                "now": now,
-            },
+            " WHERE id = :id AND version = :version AND refresh_token = :sent RETURNING *"
         )
-        return _row_to_token_set(rows[0]) if rows else None
+        params = {
+            "id": token_set_id,
+            "owner": owner,
+            "version": expected_version,
+            "sent": sent_refresh_token.reveal(),
+            "refresh_expires_at": refresh_expires_at,
+            "access": self._seal(access_token.reveal(), token_set_id, "access_token"),
+            "refresh": self._seal(refresh_token.reveal(), token_set_id, "refresh_token"),
+            "token_type": token_type,
+            "scope": scope,
+            "expires_at": expires_at,
+            "next": next_refresh_at,
+            "now": now,
+        }
+        if self.cipher is None:
+            rows = await self._write(sql, params)
+        else:
+            rows = await self._sealed_compare_and_swap(sql, params, sent_refresh_token)
+        return self._token_set(rows[0]) if rows else None
+
+    async def _sealed_compare_and_swap(
+        self, sql: str, params: dict[str, Any], sent: Secret
+    ) -> list[sqlite3.Row]:
+        """save_grant's statement when values are sealed: a nonce makes every sealing differ,
+        so the stored refresh token is opened and compared here, and the statement then
+        compares on its stored form, all in one transaction."""
+        assert self.cipher is not None
+        with anyio.CancelScope(shield=True):
+            async with self._lock:
+                try:
+                    async with self._transaction():
+                        async with self._conn.execute(
+                            "SELECT refresh_token FROM token_sets WHERE id = :id", params
+                        ) as cur:
+                            row = await cur.fetchone()
+                        if row is None:
+                            return []
+                        try:
+                            stored = self.cipher.open(
+                                row[0], row_id=params["id"], column="refresh_token"
+                            )
+                        except EncryptionError as exc:
+                            raise StoreError(str(exc)) from None
+                        if stored != sent.reveal():
+                            return []
+                        async with self._conn.execute(sql, {**params, "sent": row[0]}) as cur:
+                            rows = list(await cur.fetchall())
+                except sqlite3.Error as exc:
+                    raise _sqlite_error(self.path, exc) from exc
+        return rows
 
     async def record_failure(
         self,
@@ -1029,7 +1227,7 @@ class Store:
                             [(event_id, t, event_type, payload, now, now) for t in targets],
                         )
                 except sqlite3.Error as exc:
-                    raise StoreError(f"database {self.path}: {exc}") from exc
+                    raise _sqlite_error(self.path, exc) from exc
 
     async def claim_hook_deliveries(
         self, *, now: float, until: float, limit: int
@@ -1080,6 +1278,18 @@ class Store:
     async def _fetch_locked(self, sql: str) -> Any:
         rows = await self._read(sql)
         return rows[0][0] if rows else None
+
+
+def _row_plain(
+    cipher: TokenCipher, row_id: str, access: str | None, refresh: str
+) -> tuple[str | None, str]:
+    try:
+        return (
+            None if access is None else cipher.open(access, row_id=row_id, column="access_token"),
+            cipher.open(refresh, row_id=row_id, column="refresh_token"),
+        )
+    except EncryptionError as exc:
+        raise StoreError(str(exc)) from None
 
 
 def _exclude(providers: Sequence[str]) -> tuple[str, dict[str, Any]]:

@@ -8,7 +8,9 @@
 - :func:`run_cli`: one ``refresherd`` command as a subprocess.
 
 Every byte a refresherd process of this suite writes (daemon logs, CLI output other than
-``--reveal``) and every FakeIdP made through these fixtures is registered in :data:`LEAKS`. At
+``--reveal``, every answer of a daemon's HTTP listener: metrics with their labels, /readyz
+problems) and the argv of every refresherd process it starts, and every FakeIdP made through
+these fixtures, are registered in :data:`LEAKS`. At
 the end of the session one check scans all of that output for every token value those IdPs ever
 issued and for every client secret: a leak fails the run (``_no_secret_leaked_anywhere``).
 """
@@ -79,6 +81,7 @@ class LeakRegistry:
     outputs: list[tuple[str, bytes]] = field(default_factory=list)
     idps: list[FakeIdP] = field(default_factory=list)
     secrets: set[str] = field(default_factory=set)
+    findings: list[str] = field(default_factory=list)
 
     def add_file(self, path: Path) -> None:
         self.files.append(path)
@@ -86,6 +89,12 @@ class LeakRegistry:
     def add_output(self, label: str, data: bytes) -> None:
         if data:
             self.outputs.append((label, data))
+
+    def check_now(self, label: str, data: bytes) -> None:
+        """Scan ``data`` at once and keep only what is found: for output polled many times
+        (metrics), which would cost too much memory kept until the session's end. A secret in
+        it must exist already, so nothing is missed by not waiting."""
+        self.findings.extend(self._findings(label, data, self.needles()))
 
     def add_idp(self, idp: FakeIdP) -> None:
         self.idps.append(idp)
@@ -105,7 +114,7 @@ class LeakRegistry:
     def scan(self) -> list[str]:
         """Human-readable findings. The leaked value is never repeated, only fingerprinted."""
         kinds = self.needles()
-        problems: list[str] = []
+        problems: list[str] = list(self.findings)
         sources: list[tuple[str, bytes]] = []
         for path in self.files:
             try:
@@ -114,12 +123,18 @@ class LeakRegistry:
                 problems.append(f"{path}: registered log file cannot be read ({exc.strerror})")
         sources.extend(self.outputs)
         for label, data in sources:
-            for needle, offset in find_leaks(data, set(kinds)):
-                fingerprint = hashlib.sha256(needle).hexdigest()[:12]
-                problems.append(
-                    f"{label}: byte {offset}: a {kinds[needle]} (sha256 {fingerprint}...) "
-                    "appears in refresherd's output"
-                )
+            problems.extend(self._findings(label, data, kinds))
+        return problems
+
+    @staticmethod
+    def _findings(label: str, data: bytes, kinds: dict[bytes, str]) -> list[str]:
+        problems = []
+        for needle, offset in find_leaks(data, set(kinds)):
+            fingerprint = hashlib.sha256(needle).hexdigest()[:12]
+            problems.append(
+                f"{label}: byte {offset}: a {kinds[needle]} (sha256 {fingerprint}...) "
+                "appears in refresherd's output"
+            )
         return problems
 
     @property
@@ -318,8 +333,10 @@ def run_cli(
     timeout: float = DEADLINE,
 ) -> subprocess.CompletedProcess[str]:
     """Run one ``refresherd`` command; its output joins the leak scan (stdout unless --reveal)."""
+    argv = refresherd_argv(config, *args)
+    LEAKS.add_output("argv of refresherd " + " ".join(args), "\0".join(argv).encode())
     proc = subprocess.run(
-        refresherd_argv(config, *args),
+        argv,
         input=input if input is not None else "",
         capture_output=True,
         text=True,
@@ -395,9 +412,11 @@ class DaemonProcess:
     def start(self, *, wait_listening: bool = True) -> DaemonProcess:
         assert self.proc is None, "start() once per DaemonProcess"
         LEAKS.add_file(self.log_path)
+        argv = refresherd_argv(self.config, "run")
+        LEAKS.add_output(f"argv of the daemon logging to {self.log_path}", "\0".join(argv).encode())
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                refresherd_argv(self.config, "run"),
+                argv,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -508,7 +527,9 @@ class DaemonProcess:
         return f"http://{host}:{port}{path}"
 
     def get(self, path: str) -> httpx.Response:
-        return httpx.get(self.url(path), timeout=30)
+        response = httpx.get(self.url(path), timeout=30)
+        LEAKS.check_now(f"GET {path} of the daemon logging to {self.log_path}", response.content)
+        return response
 
     def metrics(self) -> str:
         response = self.get("/metrics")

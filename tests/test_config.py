@@ -229,7 +229,8 @@ def test_example_config_shows_every_key() -> None:
         "client_secret_credential", "auth_method", "refresh_token_usage", "grace_period",
         "request_timeout", "connect_timeout", "scope", "max_connections",
         "max_concurrent_refreshes", "max_requests_per_second",
-        "refresh_token_lifetime", "preset", "issuer",
+        "refresh_token_lifetime", "preset", "issuer", "key_file", "key_credential",
+        "previous_key_files",
     ]  # fmt: skip
     for key in keys:
         assert re.search(rf"^#? ?{key} = ", text, re.MULTILINE), key

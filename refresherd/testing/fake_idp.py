@@ -73,6 +73,17 @@ class FaultKind(enum.StrEnum):
     INVALID_CLIENT = "invalid_client"
     SERVER_ERROR = "server_error"
     GARBAGE_AFTER_ROTATE = "garbage_after_rotate"
+    # The grant is processed (the token rotates), then its answer is spoilt on the way out.
+    TRUNCATED_AFTER_ROTATE = "truncated_after_rotate"  # a complete 200 whose JSON is cut short
+    HUGE_AFTER_ROTATE = "huge_after_rotate"  # the JSON grant padded to HUGE_BODY_BYTES
+    WRONG_TYPES_AFTER_ROTATE = "wrong_types_after_rotate"  # access_token a number, and so on
+    DUPLICATE_KEYS_AFTER_ROTATE = "duplicate_keys_after_rotate"  # refresh_token twice
+    # The grant as usual, without a Content-Type header (clients should still read it).
+    NO_CONTENT_TYPE = "no_content_type"
+
+
+# HUGE_AFTER_ROTATE's body size: twice what refresherd reads of a token response.
+HUGE_BODY_BYTES: Final = 2 * 1024 * 1024
 
 
 # The parameters each kind takes; the others take none.
@@ -524,6 +535,42 @@ def _text_reply(status: int, content_type: str, body: bytes, **headers: str) -> 
     hdrs = [("Content-Type", content_type)]
     hdrs.extend((k.replace("_", "-"), v) for k, v in headers.items())
     return _Reply(status, body, hdrs)
+
+
+_SPOILT_REPLIES: Final = frozenset(
+    {
+        FaultKind.TRUNCATED_AFTER_ROTATE,
+        FaultKind.HUGE_AFTER_ROTATE,
+        FaultKind.WRONG_TYPES_AFTER_ROTATE,
+        FaultKind.DUPLICATE_KEYS_AFTER_ROTATE,
+        FaultKind.NO_CONTENT_TYPE,
+    }
+)
+
+
+def _spoil(kind: FaultKind, reply: _Reply) -> _Reply:
+    """``reply`` (a processed token request) spoilt as ``kind`` says. Only a successful grant
+    is spoilt: an error reply goes out as it is."""
+    if reply.status != 200:
+        return reply
+    body = reply.body
+    headers = list(reply.headers)
+    if kind is FaultKind.TRUNCATED_AFTER_ROTATE:
+        body = body[: len(body) // 2]
+    elif kind is FaultKind.HUGE_AFTER_ROTATE:
+        padding = HUGE_BODY_BYTES - len(body)
+        body = body[:-1] + b', "padding": "' + b"x" * max(padding, 0) + b'"}'
+    elif kind is FaultKind.WRONG_TYPES_AFTER_ROTATE:
+        payload = json.loads(body)
+        payload.update(access_token=12345, expires_in="soon", token_type=["Bearer"])
+        body = json.dumps(payload).encode()
+    elif kind is FaultKind.DUPLICATE_KEYS_AFTER_ROTATE:
+        body = (
+            body[:-1] + b', "refresh_token": "rt-duplicate-' + secrets.token_hex(8).encode() + b'"}'
+        )
+    else:  # NO_CONTENT_TYPE
+        headers = [(k, v) for k, v in headers if k.lower() != "content-type"]
+    return _Reply(reply.status, body, headers, reply.close)
 
 
 class _BadRequest(Exception):
@@ -980,6 +1027,9 @@ class FakeIdP:
                 return False
             if kind is FaultKind.ERROR_AFTER_ROTATE:
                 await self._send(conn, stream, self._internal_error())
+                return True
+            if kind in _SPOILT_REPLIES:
+                await self._send(conn, stream, _spoil(kind, reply))
                 return True
             # GARBAGE_AFTER_ROTATE: a 200 that is not JSON, as from a misconfigured proxy.
             await self._send(conn, stream, _text_reply(200, "text/html; charset=utf-8", _HTML_BODY))
