@@ -333,13 +333,14 @@ class Refresher:
                 unpersisted_grants=self._unpersisted,
             )
 
-    def _storage_ok(self) -> None:
+    def _storage_ok(self, *, via: str) -> None:
         paused_since = self.storage.paused_since
         if self.storage.note_recovered():
             self.metrics.storage_writable.set(1)
             assert paused_since is not None
             log.warning(
                 "storage takes writes again: refreshes resume",
+                via=via,
                 paused_for=round(self.clock.monotonic() - paused_since, 1),
             )
 
@@ -354,7 +355,7 @@ class Refresher:
             log.debug("storage probe failed", reason=exc.reason.value, error=str(exc))
             return False
         self.metrics.storage_probes.labels("ok").inc()
-        self._storage_ok()
+        self._storage_ok(via="probe")
         return True
 
     @property
@@ -629,7 +630,7 @@ class Refresher:
                 self.metrics.unpersisted_grants.set(self._unpersisted)
         if stored:
             # The grant went in: storage takes writes (again, if a pause was on).
-            self._storage_ok()
+            self._storage_ok(via="grant")
         if not stored:
             self.metrics.refresh_failures.labels(ts.provider, "storage_error").inc()
             log.critical(
