@@ -113,6 +113,7 @@ def test_three_daemons_and_cli_refreshes_never_present_one_token_twice(
         assert daemon.stop() == 0
     stopped = time.monotonic()
 
+    print("CLI outcomes:", dict(outcomes), "ledger:", idp.ledger.snapshot())
     # Every CLI call either refreshed the set or found it leased/adopted: nothing else.
     assert set(outcomes) <= {"0:refreshed", "0:adopted", "75:leased"}, outcomes
     assert outcomes["0:refreshed"] >= 5, outcomes
