@@ -19,9 +19,9 @@ from email.utils import parsedate_to_datetime
 from typing import Any, Final
 from urllib.parse import quote_plus
 
-import anyio
 import httpx
 
+from refresherd import deadlines
 from refresherd.config import ProviderConfig
 from refresherd.model import AuthMethod, Failure, FailureKind, Grant, Secret
 
@@ -339,7 +339,9 @@ class TokenEndpoint:
             url,
             data=form,
             headers=headers,
-            timeout=httpx.Timeout(timeout, connect=min(p.connect_timeout, timeout)),
+            # Reads, writes and the pool are bounded by _send's deadline instead, which a
+            # pause of the process does not trip before a waiting answer is read.
+            timeout=httpx.Timeout(None, connect=min(p.connect_timeout, timeout)),
         )
 
     async def refresh(self, refresh_token: Secret, *, timeout: float) -> Grant:
@@ -436,10 +438,12 @@ class TokenEndpoint:
     async def _send(
         self, request: httpx.Request, timeout: float
     ) -> tuple[int, httpx.Headers, bytes]:
-        # The overall bound covers a server that trickles bytes and so never trips the read
-        # timeout; if it fires, the request was sent and the outcome is unknown.
+        # One bound for the whole exchange (a server that trickles bytes included); if it fires,
+        # the request was sent and the outcome is unknown. It is deadlines.fail_after, not
+        # anyio's: after a SIGSTOP or a frozen VM the answer may be waiting, with a rotated
+        # refresh token in it, and must be read rather than timed out at once.
         try:
-            with anyio.fail_after(timeout + 1.0):
+            async with deadlines.fail_after(timeout):
                 response = await self._client.send(request, stream=True)
                 try:
                     body = await self._read_bounded(response)
