@@ -21,9 +21,9 @@ from typing import Any, Final
 from urllib.parse import quote_plus, urlencode
 
 import aiohttp
-import anyio
 from aiohttp.http_exceptions import ContentEncodingError
 
+from refresherd import deadlines
 from refresherd.config import ProviderConfig
 from refresherd.model import AuthMethod, Failure, FailureKind, Grant, Secret
 
@@ -44,6 +44,8 @@ _KNOWN_FIELDS: Final = frozenset(
 REDACTED: Final = "[redacted]"
 MAX_RETRY_AFTER: Final = 24 * 3600.0
 USER_AGENT: Final = "refresherd/0.1"
+# How much sooner than the request's deadline a wait for a connection gives up (NotSent).
+CONNECT_MARGIN: Final = 0.25
 
 
 class EndpointError(Exception):
@@ -326,7 +328,7 @@ class TokenEndpoint:
                 trust_env=False,
                 # A token endpoint has no use for cookies, and a jar only grows.
                 cookie_jar=aiohttp.DummyCookieJar(),
-                # Ours is the only deadline (anyio.fail_after in _send), per request.
+                # Ours is the only overall deadline (deadlines.fail_after in _send).
                 timeout=aiohttp.ClientTimeout(total=None),
             )
         return self._session
@@ -441,21 +443,27 @@ class TokenEndpoint:
         body, headers = self._client_request(form)
         client_timeout = aiohttp.ClientTimeout(
             total=None,
-            # aiohttp's "connect" covers waiting for a pooled connection too (httpx's pool
-            # timeout); both fail before anything is sent.
-            connect=timeout,
+            # aiohttp's "connect" covers waiting for a pooled connection too; both end before
+            # anything is sent, so it ends a little before the overall deadline: a wait that
+            # sent nothing is then NotSent, not Ambiguous.
+            connect=max(timeout - CONNECT_MARGIN, timeout / 2),
             sock_connect=min(self.provider.connect_timeout, timeout),
-            sock_read=timeout,
+            # No read timeout of aiohttp's own: see the deadline below.
+            sock_read=None,
         )
-        # The overall bound covers a server that trickles bytes and so never trips the read
-        # timeout; if it fires, the request was sent and the outcome is unknown.
+        # One bound for the whole exchange (a server that trickles bytes included); if it fires,
+        # the request was sent and the outcome is unknown. It is deadlines.fail_after, not
+        # anyio's: after a SIGSTOP or a frozen VM the answer may be waiting, with a rotated
+        # refresh token in it, and must be read rather than timed out at once.
         try:
-            with anyio.fail_after(timeout + 1.0):
-                async with session.post(
+            async with (
+                deadlines.fail_after(timeout),
+                session.post(
                     url, data=body, headers=headers, allow_redirects=False, timeout=client_timeout
-                ) as response:
-                    content = await self._read_bounded(response)
-                    return response.status, response.headers, content
+                ) as response,
+            ):
+                content = await self._read_bounded(response)
+                return response.status, response.headers, content
         except (aiohttp.ConnectionTimeoutError, aiohttp.ClientConnectorError) as exc:
             # Raised only by the connector, before a byte of the request is written (aiohttp
             # never retries a POST, so no later failure is relabelled as one of these).
@@ -466,14 +474,12 @@ class TokenEndpoint:
             raise Ambiguous(
                 "malformed_response", f"response body over {MAX_BODY_BYTES} bytes"
             ) from None
-        except TimeoutError:  # aiohttp's read timeout is one too
+        except TimeoutError:
             raise Ambiguous("timeout", f"no answer within {timeout:.1f}s") from None
-        except aiohttp.ClientPayloadError as exc:
-            if isinstance(exc.__cause__, ContentEncodingError):
-                raise Ambiguous(
-                    "malformed_response", "cannot decode the response body (Content-Encoding)"
-                ) from None
-            raise Ambiguous("network_error", f"connection failed: {type(exc).__name__}") from None
+        except _Undecodable:
+            raise Ambiguous(
+                "malformed_response", "cannot decode the response body (Content-Encoding)"
+            ) from None
         except (aiohttp.ClientError, OSError) as exc:
             # Anything else once the request may have left: unknown outcome.
             raise Ambiguous("network_error", f"connection failed: {type(exc).__name__}") from None
@@ -486,13 +492,24 @@ class TokenEndpoint:
             raise _BodyTooLarge()
         chunks: list[bytes] = []
         size = 0
-        async for chunk in response.content.iter_chunked(65536):
-            size += len(chunk)
-            if size > MAX_BODY_BYTES:
-                response.close()
-                raise _BodyTooLarge()
-            chunks.append(chunk)
+        try:
+            async for chunk in response.content.iter_chunked(65536):
+                size += len(chunk)
+                if size > MAX_BODY_BYTES:
+                    response.close()
+                    raise _BodyTooLarge()
+                chunks.append(chunk)
+        except aiohttp.ClientPayloadError as exc:
+            # Told apart here, while the cause is still attached (the deadline's task group
+            # re-raises without it).
+            if isinstance(exc.__cause__, ContentEncodingError):
+                raise _Undecodable() from None
+            raise
         return b"".join(chunks)
+
+
+class _Undecodable(Exception):
+    """A body its declared Content-Encoding cannot decode."""
 
 
 class _BodyTooLarge(Exception):

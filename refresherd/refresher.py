@@ -24,7 +24,7 @@ from refresherd.config import ProviderConfig, ScheduleConfig
 from refresherd.endpoint import EndpointError, TokenEndpoint
 from refresherd.logs import get_logger
 from refresherd.metrics import Metrics
-from refresherd.model import Failure, FailureKind, Grant, State, TokenSet
+from refresherd.model import Failure, FailureKind, Grant, RefreshTokenUsage, State, TokenSet
 from refresherd.storage_health import StorageHealth
 from refresherd.store import ClaimRefused, Store, StoreError
 from refresherd.throttle import Throttles
@@ -335,13 +335,14 @@ class Refresher:
                 unpersisted_grants=self._unpersisted,
             )
 
-    def _storage_ok(self) -> None:
+    def _storage_ok(self, *, via: str) -> None:
         paused_since = self.storage.paused_since
         if self.storage.note_recovered():
             self.metrics.storage_writable.set(1)
             assert paused_since is not None
             log.warning(
                 "storage takes writes again: refreshes resume",
+                via=via,
                 paused_for=round(self.clock.monotonic() - paused_since, 1),
             )
 
@@ -356,7 +357,7 @@ class Refresher:
             log.debug("storage probe failed", reason=exc.reason.value, error=str(exc))
             return False
         self.metrics.storage_probes.labels("ok").inc()
-        self._storage_ok()
+        self._storage_ok(via="probe")
         return True
 
     @property
@@ -392,7 +393,7 @@ class Refresher:
         endpoint = self.endpoints.get(ts.provider)
         if provider is None or endpoint is None:
             return await self._unknown_provider(ts)
-        if self._sent_elsewhere(ts, provider, now):
+        if self._sent_elsewhere(ts, provider):
             # A live process (paused past its lease, say) sent this very token moments ago and
             # has not resolved it. Sending it too would be a second use; look again shortly.
             await self._defer_quietly(ts.id, now + 1.0)
@@ -435,15 +436,18 @@ class Refresher:
         self._log_outcome(ts, result, duration)
         return result
 
-    def _sent_elsewhere(self, ts: TokenSet, provider: ProviderConfig, now: float) -> bool:
+    def _sent_elsewhere(self, ts: TokenSet, provider: ProviderConfig) -> bool:
         attempt = ts.attempt
         if attempt is None or attempt.owner == self.owner or attempt.version != ts.version:
             return False
-        eff = policy.effective_policy(ts, provider)
-        grace = policy.effective_grace(eff.usage, eff.grace_period)
-        deadline = policy.grace_deadline(attempt, grace)
-        in_window = deadline is not None and now < deadline
-        return in_window and self.owner_alive(attempt.owner)
+        # A re-use token is not spent by a send: a second one is harmless.
+        if policy.effective_policy(ts, provider).usage is not RefreshTokenUsage.ONE_TIME:
+            return False
+        # The IdP may have rotated the token already, its answer waiting in that live (paused)
+        # process, which stores it when it resumes. Inside the grace window our send would race
+        # it; after the window it would be a reuse outside grace, which kills the token set. So
+        # the attempt is left to its owner for as long as that lives (tests/test_races.py).
+        return self.owner_alive(attempt.owner)
 
     async def _defer_quietly(self, token_set_id: str, until: float) -> None:
         try:
@@ -635,7 +639,7 @@ class Refresher:
                 self.metrics.unpersisted_grants.set(self._unpersisted)
         if stored:
             # The grant went in: storage takes writes (again, if a pause was on).
-            self._storage_ok()
+            self._storage_ok(via="grant")
         if not stored:
             self.metrics.refresh_failures.labels(ts.provider, "storage_error").inc()
             log.critical(

@@ -29,6 +29,9 @@ REAP_INTERVAL: Final = 2.0
 # How often a sleeping scheduler looks for commits by other processes (e.g. `tokens add`).
 CHANGE_CHECK_INTERVAL: Final = 0.1
 STORAGE_RETRY: Final = 1.0
+# A fall of wall time against monotonic time by more than this, between two ticks, is a step of
+# the wall clock back (NTP); slewing moves it by milliseconds at most.
+CLOCK_STEP: Final = 2.0
 
 
 class Scheduler:
@@ -56,6 +59,7 @@ class Scheduler:
         self._stopping = False
         self._running = 0
         self._last_reap = float("-inf")
+        self._clock_offset: float | None = None
         self.storage_ok = True
 
     def wake(self) -> None:
@@ -75,6 +79,12 @@ class Scheduler:
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         async with anyio.create_task_group() as tg:
+            # Before "started" (and so before /readyz says ready): from then on a clock step
+            # is measured against this first reading.
+            try:
+                await self._notice_clock_step_back()
+            except StoreError as exc:
+                log.error("cannot check the database for a clock step", error=str(exc))
             task_status.started()
             await self._reap_dead_owners(force=True)
             await self._recover(tg)
@@ -119,6 +129,7 @@ class Scheduler:
 
     async def _tick(self, tg: anyio.abc.TaskGroup) -> None:
         await self._reap_dead_owners()
+        await self._notice_clock_step_back()
         now = self.clock.wall()
         blocked = self.refresher.circuits.blocked(now)
         free = self.concurrency - self._running
@@ -142,6 +153,26 @@ class Scheduler:
         next_at = await self.store.next_due_at(now=now, exclude_providers=blocked)
         delay = self.poll_interval if next_at is None else next_at - self.clock.wall()
         await self._wait(min(max(delay, 0.0), self.poll_interval))
+
+    async def _notice_clock_step_back(self) -> None:
+        """After a step of the wall clock back (and at start: the daemon may have been down
+        when it happened), sets planned on the old clock are due at once, each refreshed once.
+
+        A step forward needs nothing: the sets planned before it are simply due, once each.
+        Sleeps and timeouts use the monotonic clock, which no step moves.
+        """
+        offset = self.clock.wall() - self.clock.monotonic()
+        previous, self._clock_offset = self._clock_offset, offset
+        if previous is not None and previous - offset <= CLOCK_STEP:
+            return
+        now = self.clock.wall()
+        moved = await self.store.make_due_written_after(now=now, limit=now + CLOCK_STEP)
+        if moved:
+            log.warning(
+                "wall clock stepped back: token sets planned on the old clock are due now",
+                token_sets=moved,
+                step=round(previous - offset, 1) if previous is not None else None,
+            )
 
     def _start(self, tg: anyio.abc.TaskGroup, token_set_id: str) -> None:
         self._running += 1

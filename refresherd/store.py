@@ -955,6 +955,20 @@ class Store:
         )
         return [r[0] for r in sorted(rows, key=lambda r: r[1])]
 
+    async def make_due_written_after(self, *, now: float, limit: float) -> int:
+        """Make due now every set last written at a wall time after ``limit`` (> ``now``).
+
+        Such a row was written before the wall clock was stepped back (NTP): its planned time,
+        taken on the old clock, may lie up to the size of the step too far ahead, past the
+        access token's real expiry. One refresh re-plans it on the current clock.
+        """
+        rows = await self._write(
+            "UPDATE token_sets SET next_refresh_at = :now WHERE state != 'invalidated'"
+            " AND updated_at > :limit AND next_refresh_at > :now RETURNING id",
+            {"now": now, "limit": limit},
+        )
+        return len(rows)
+
     async def claim(
         self, token_set_id: str, *, owner: str, now: float, lease_until: float
     ) -> TokenSet | ClaimRefused:

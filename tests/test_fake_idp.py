@@ -492,6 +492,19 @@ async def test_random_faults_and_clear() -> None:
             idp.faults.add(FaultKind.RESET, delay=1)
 
 
+@pytest.mark.anyio
+async def test_random_faults_once_per_token_answer_the_retry() -> None:
+    async with serving() as (idp, client):
+        first, second = (str(idp.issue()["refresh_token"]) for _ in range(2))
+        idp.faults.random(1.0, kinds=[FaultKind.ERROR_AFTER_ROTATE], seed=1, once_per_token=True)
+        # Each token's first request is faulted (500 after rotating), its retry is answered.
+        assert (await refresh(client, idp, first)).status_code == 500
+        assert (await refresh(client, idp, first)).status_code == 200
+        assert (await refresh(client, idp, second)).status_code == 500
+        assert idp.ledger.faults_injected == {"error_after_rotate": 2}
+        assert idp.ledger.reuses_in_grace == 1
+
+
 # ------------------------------------------------------------------ transport and threads
 
 

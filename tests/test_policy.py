@@ -503,6 +503,20 @@ def test_ambiguous_reuse_backs_off() -> None:
     assert_backoff(decision, INSIDE, failures=1, rand=0.1)
 
 
+def test_four_lost_answers_early_in_a_5s_window_still_get_a_fifth_send() -> None:
+    """From the chaos run (docs/reliability.md): a dropped answer, a timeout, a 500 and a crash
+    recovery's dropped answer used up a budget of three sends while a 5 s window (Visma
+    Connect's shortest) was still open; the next send, a new series outside the window, met
+    invalid_grant and the token set was lost. With sends left, the fifth starts in the window."""
+    decision = decide(
+        failure(FailureKind.AMBIGUOUS),
+        ctx(now=NOW + 3.5, grace_period=5.0, attempt=series(sends=4)),
+        CFG,
+        0.5,
+    )
+    assert decision == RetryNow(delay=0.0, grace=True)
+
+
 def test_ambiguous_grace_budget_is_max_grace_sends() -> None:
     for sends in range(1, MAX_GRACE_SENDS):
         decision = decide(failure(FailureKind.AMBIGUOUS), ctx(attempt=series(sends=sends)), CFG, 0)

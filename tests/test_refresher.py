@@ -28,7 +28,7 @@ import pytest
 import structlog
 
 from refresherd import logs as refresher_logs
-from refresherd import ownership
+from refresherd import ownership, policy
 from refresherd.config import ProviderConfig, ScheduleConfig
 from refresherd.endpoint import Ambiguous, TokenEndpoint
 from refresherd.metrics import Metrics
@@ -538,15 +538,16 @@ async def test_grace_budget_spent_backs_off_and_keeps_the_journal(
 ) -> None:
     async with harness(tmp_path, grace_period=4.0) as h:
         old = await h.add("ts-1")
-        h.idp.faults.add(FaultKind.DROP_AFTER_ROTATE, times=3)
+        budget = policy.MAX_GRACE_SENDS
+        h.idp.faults.add(FaultKind.DROP_AFTER_ROTATE, times=budget)
         result = await h.refresher.refresh("ts-1")
         assert (result.outcome, result.reason) == ("failed", "network_error")
-        assert h.idp.ledger.requests == 3  # a small budget, not a retry loop
+        assert h.idp.ledger.requests == budget  # a small budget, not a retry loop
         stored = await h.get("ts-1")
         assert stored.state is State.FAILING and stored.refresh_token.reveal() == old
-        assert stored.attempt is not None and stored.attempt.sends == 3  # kept for recovery
-        assert h.grace_retries() == 2
-        assert h.failures("network_error") == 3
+        assert stored.attempt is not None and stored.attempt.sends == budget  # kept for recovery
+        assert h.grace_retries() == budget - 1
+        assert h.failures("network_error") == budget
         assert logs.outcome_line("ts-1")["level"] == "warning"
 
 

@@ -724,6 +724,28 @@ async def test_claim_due_excludes_several_providers(store: Store) -> None:
 
 
 @pytest.mark.anyio
+async def test_make_due_written_after_moves_only_rows_written_on_a_clock_ahead(
+    store: Store, db_path: Path
+) -> None:
+    """After the wall clock stepped back an hour: rows written on the old clock are due now;
+    rows written since, rows due anyway and invalidated rows are left alone."""
+    # "due" was planned so early that it is due on the new clock as well.
+    await store.add_many([new("old", due=NOW + 3000), new("due", due=NOW - 3600)], now=NOW)
+    await store.add_many([new("new", due=NOW + 30), new("dead", due=NOW + 3000)], now=NOW - 3600)
+    with plain(db_path) as conn:
+        conn.execute("UPDATE token_sets SET state = 'invalidated' WHERE id = 'dead'")
+        conn.execute("UPDATE token_sets SET updated_at = ? WHERE id = 'dead'", (NOW,))
+    stepped = NOW - 3600 + 10  # the clock now, an hour behind the one "old" was written with
+    assert await store.make_due_written_after(now=stepped, limit=stepped + 2) == 1
+    assert raw_row(db_path, "old")["next_refresh_at"] == stepped
+    assert raw_row(db_path, "due")["next_refresh_at"] == NOW - 3600
+    assert raw_row(db_path, "new")["next_refresh_at"] == NOW + 30
+    assert raw_row(db_path, "dead")["next_refresh_at"] == NOW + 3000
+    # Idempotent: several daemons noticing one step move nothing twice.
+    assert await store.make_due_written_after(now=stepped, limit=stepped + 2) == 0
+
+
+@pytest.mark.anyio
 async def test_next_due_at(store: Store) -> None:
     assert await store.next_due_at(now=NOW) is None
     await _claim_due_fixture(store)

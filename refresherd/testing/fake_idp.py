@@ -132,6 +132,8 @@ class FaultPlan:
         self._kinds: tuple[FaultKind, ...] = ()
         self._params: Mapping[str, Any] = {}
         self._rng = _random.Random()
+        self._once_per_token = False
+        self._faulted: set[str] = set()
 
     def add(self, kind: FaultKind, *, times: int = 1, **params: Any) -> None:
         """Apply ``kind`` to the next ``times`` token requests (after those already queued)."""
@@ -146,12 +148,16 @@ class FaultPlan:
         rate: float,
         kinds: Sequence[FaultKind] | None = None,
         seed: int | None = None,
+        once_per_token: bool = False,
         **params: Any,
     ) -> None:
         """Give each token request a fault with probability ``rate`` once the FIFO is empty.
 
         ``params`` go to the kinds that take them (``delay`` to SLOW, ``status`` to
         RETRY_AFTER, ...). A second call replaces the first; ``rate=0`` turns it off.
+        ``once_per_token``: a refresh token gets at most one random fault, so that its retries
+        are answered (incidents then strike refreshes independently; without it, every retry
+        inside a grace window can fail too, and a client's last chance with it).
         """
         if not 0.0 <= rate <= 1.0:
             raise ValueError("rate must be within [0, 1]")
@@ -169,6 +175,8 @@ class FaultPlan:
             self._kinds = chosen
             self._params = dict(params)
             self._rng = _random.Random(seed)
+            self._once_per_token = once_per_token
+            self._faulted = set()
 
     def clear(self) -> None:
         """Forget queued faults and the random rate."""
@@ -184,12 +192,16 @@ class FaultPlan:
         with self._lock:
             return len(self._queue)
 
-    def _draw(self) -> Fault | None:
+    def _draw(self, refresh_token: str | None = None) -> Fault | None:
         with self._lock:
             if self._queue:
                 return self._queue.popleft()
+            if self._once_per_token and refresh_token in self._faulted:
+                return None
             if self._rate > 0 and self._rng.random() < self._rate:
                 kind = self._rng.choice(self._kinds)
+                if self._once_per_token and refresh_token is not None:
+                    self._faulted.add(refresh_token)
                 return _make_fault(kind, self._params, strict=False)
             return None
 
@@ -974,7 +986,7 @@ class FakeIdP:
                     self._held -= 1
         if self.latency:
             await anyio.sleep(self.latency)
-        fault = self.faults._draw()
+        fault = self.faults._draw(_peek_refresh_token(request, body))
         kind = fault.kind if fault is not None else None
         with self._lock:
             self.ledger._count("requests")
