@@ -49,6 +49,8 @@ def run_with_a_clock_step(
         database=db,
         providers={"p": idp.provider()},
         daemon={"poll_interval": "500ms"},
+        # Plans as for single sets: no import spread, so none is due before the step.
+        schedule={"import_spread": 0.0},
     )
     import_tokens(config, idp.token_lines("p", SETS))
     offset = tmp_path / "faketime"
