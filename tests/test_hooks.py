@@ -180,9 +180,17 @@ async def test_enqueue_delivers_a_signed_webhook_and_runs_the_command(tmp_path: 
                     refresh_expires_at_rfc3339="2030-03-17T17:46:40Z",
                 )
                 assert event_id is not None
-                events_file = tmp_path / "events.jsonl"
+
+                # Done when both deliveries are recorded: the script's file may exist before
+                # its line is written, and its exit is seen after that.
+                def delivered(target: str) -> float | None:
+                    return metrics.registry.get_sample_value(
+                        "refresherd_hook_deliveries_total",
+                        {"target": target, "outcome": "delivered"},
+                    )
+
                 with anyio.fail_after(60):
-                    while not (r.received and events_file.exists()):
+                    while not (delivered("webhook") and delivered("command")):
                         await anyio.sleep(0.05)
                 tg.cancel_scope.cancel()
         finally:
