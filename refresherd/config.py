@@ -605,24 +605,8 @@ def _secret(t: _Table, prefix: str, *, required: bool, what: str) -> Secret | No
     ctx = t.ctx
     if kind.endswith("_file"):
         path = ctx.base_dir / t.required_string(kind, "the path of a file holding the secret")
-        secret, mode = _read_secret_file(ctx, key, path)
-        if mode & (stat.S_IRGRP | stat.S_IROTH):
-            ctx.warnings.append(
-                f"{ctx.source}: {key}: {path} is readable by group or others "
-                f"(mode {mode:04o}); expected mode 0600 or 0400 (chmod 600 {path})"
-            )
-        return secret
-    name = t.required_string(kind, "the name of a systemd credential")
-    if "/" in name or name in (".", "..") or "\0" in name:
-        raise ctx.error(key, f"expected a systemd credential name without '/', got {_show(name)}")
-    directory = ctx.env.get("CREDENTIALS_DIRECTORY")
-    if not directory:
-        raise ctx.error(
-            key,
-            "CREDENTIALS_DIRECTORY is not set; expected refresherd to run under a systemd unit "
-            f"with LoadCredential={name}:... (or use {prefix}_file)",
-        )
-    secret, _ = _read_secret_file(ctx, key, Path(directory) / name)
+        return _secret_file(ctx, key, path)
+    secret, _ = _read_secret_file(ctx, key, _credential_path(t, kind, instead=f"{prefix}_file"))
     return secret
 
 
@@ -868,13 +852,7 @@ def _client_secret(t: _Table) -> Secret:
         return Secret(value)
     if kind == "client_secret_file":
         path = ctx.base_dir / t.required_string(kind, "the path of a file holding the secret")
-        secret, mode = _read_secret_file(ctx, key, path)
-        if mode & (stat.S_IRGRP | stat.S_IROTH):
-            ctx.warnings.append(
-                f"{ctx.source}: {key}: {path} is readable by group or others "
-                f"(mode {mode:04o}); expected mode 0600 or 0400 (chmod 600 {path})"
-            )
-        return secret
+        return _secret_file(ctx, key, path)
     if kind == "client_secret_env":
         name = t.required_string(kind, "the name of an environment variable")
         if not _ENV_VAR_NAME.fullmatch(name):
@@ -892,18 +870,8 @@ def _client_secret(t: _Table) -> Secret:
             )
         return Secret(env_value)
     # client_secret_credential
-    name = t.required_string(kind, "the name of a systemd credential")
-    if "/" in name or name in (".", "..") or "\0" in name:
-        raise ctx.error(key, f"expected a systemd credential name without '/', got {_show(name)}")
-    directory = ctx.env.get("CREDENTIALS_DIRECTORY")
-    if not directory:
-        raise ctx.error(
-            key,
-            "CREDENTIALS_DIRECTORY is not set; expected refresherd to run under a systemd unit "
-            f"with LoadCredential={name}:... or SetCredential={name}:... "
-            "(or use client_secret_file)",
-        )
-    secret, _ = _read_secret_file(ctx, key, Path(directory) / name)
+    path = _credential_path(t, kind, instead="client_secret_file")
+    secret, _ = _read_secret_file(ctx, key, path)
     return secret
 
 
@@ -921,20 +889,8 @@ def _parse_encryption(t: _Table) -> EncryptionConfig | None:
         path = ctx.base_dir / t.required_string("key_file", "the path of a file holding the key")
         key = _encryption_key(ctx, t.key("key_file"), path)
     else:
-        name = t.required_string("key_credential", "the name of a systemd credential")
-        directory = ctx.env.get("CREDENTIALS_DIRECTORY")
-        if "/" in name or name in (".", "..") or "\0" in name:
-            raise ctx.error(
-                t.key("key_credential"),
-                f"expected a systemd credential name without '/', got {_show(name)}",
-            )
-        if not directory:
-            raise ctx.error(
-                t.key("key_credential"),
-                "CREDENTIALS_DIRECTORY is not set; expected refresherd to run under a systemd "
-                f"unit with LoadCredential={name}:... (or use key_file)",
-            )
-        key = _encryption_key(ctx, t.key("key_credential"), Path(directory) / name)
+        path = _credential_path(t, "key_credential", instead="key_file")
+        key = _encryption_key(ctx, t.key("key_credential"), path)
     previous = t.data.get("previous_key_files", [])
     if not isinstance(previous, list) or not all(isinstance(p, str) and p for p in previous):
         raise ctx.error(
@@ -952,17 +908,40 @@ def _encryption_key(ctx: _Context, key: str, path: Path) -> Secret:
     """A key file's content, checked to be 32 bytes of base64; a warning if others may read it."""
     from refresherd.encryption import decode_key  # the cryptography import only when used
 
-    secret, mode = _read_secret_file(ctx, key, path)
+    secret = _secret_file(ctx, key, path)
     try:
         decode_key(secret.reveal())
     except ValueError as exc:
         raise ctx.error(key, f"{path}: {exc}") from None
+    return secret
+
+
+def _secret_file(ctx: _Context, key: str, path: Path) -> Secret:
+    """The secret in ``path``; a warning (not an error) if group or others may read it."""
+    secret, mode = _read_secret_file(ctx, key, path)
     if mode & (stat.S_IRGRP | stat.S_IROTH):
         ctx.warnings.append(
             f"{ctx.source}: {key}: {path} is readable by group or others "
             f"(mode {mode:04o}); expected mode 0600 or 0400 (chmod 600 {path})"
         )
     return secret
+
+
+def _credential_path(t: _Table, kind: str, *, instead: str) -> Path:
+    """Where the systemd credential named by key ``kind`` is: $CREDENTIALS_DIRECTORY/NAME.
+    ``instead``: the key to suggest when not running under systemd."""
+    ctx, key = t.ctx, t.key(kind)
+    name = t.required_string(kind, "the name of a systemd credential")
+    if "/" in name or name in (".", "..") or "\0" in name:
+        raise ctx.error(key, f"expected a systemd credential name without '/', got {_show(name)}")
+    directory = ctx.env.get("CREDENTIALS_DIRECTORY")
+    if not directory:
+        raise ctx.error(
+            key,
+            "CREDENTIALS_DIRECTORY is not set; expected refresherd to run under a systemd unit "
+            f"with LoadCredential={name}:... or SetCredential={name}:... (or use {instead})",
+        )
+    return Path(directory) / name
 
 
 def _read_secret_file(ctx: _Context, key: str, path: Path) -> tuple[Secret, int]:
