@@ -255,25 +255,37 @@ class TokenApi:
             return _unknown_provider(provider, self.refresher.providers)
         now = self.clock.wall()
         try:
-            new = token_set_from_json(
-                data,
-                token_set_id=token_set_id,
-                provider=provider,
-                now=now,
-                schedule=self.refresher.schedule,
-                rand=self.rng.random(),
-            )
+            new = self._new_token_set(data, token_set_id, provider, now)
         except ValueError as exc:
             return _invalid(str(exc))
+        if (refused := await self._add(new, now, via="api")) is not None:
+            return refused
+        return JSON(summary_json(new.id, provider, new.next_refresh_at), 201)
+
+    def _new_token_set(
+        self, response: dict[str, Any], token_set_id: str, provider: str, now: float
+    ) -> NewTokenSet:
+        """A token response parsed as `tokens add` parses it; ValueError names what is wrong."""
+        return token_set_from_json(
+            response,
+            token_set_id=token_set_id,
+            provider=provider,
+            now=now,
+            schedule=self.refresher.schedule,
+            rand=self.rng.random(),
+        )
+
+    async def _add(self, new: NewTokenSet, now: float, *, via: str) -> Response | None:
+        """Store a new set and wake the scheduler: None when stored, else the error answer."""
         try:
             await self.store.add(new, now=now)
         except TokenSetExists:
-            return _exists(token_set_id)
+            return _exists(new.id)
         except StoreError:
             return _storage_unavailable()
         self.wake()
-        log.info("token set registered", token_set=new.id, provider=provider, via="api")
-        return JSON(summary_json(new.id, provider, new.next_refresh_at), 201)
+        log.info("token set registered", token_set=new.id, provider=new.provider, via=via)
+        return None
 
     # ---- DELETE /v1/tokens/{id} ------------------------------------------------------------
 
@@ -423,24 +435,11 @@ class TokenApi:
             response["refresh_token_expires_in"] = grant.refresh_expires_in
         now = self.clock.wall()
         try:
-            new = token_set_from_json(
-                response,
-                token_set_id=token_set_id,
-                provider=provider_name,
-                now=now,
-                schedule=self.refresher.schedule,
-                rand=self.rng.random(),
-            )
+            new = self._new_token_set(response, token_set_id, provider_name, now)
         except ValueError as exc:
             return error(502, "exchange_refused", f"the provider's token response: {exc}")
-        try:
-            await self.store.add(new, now=now)
-        except TokenSetExists:
-            return _exists(token_set_id)
-        except StoreError:
-            return _storage_unavailable()
-        self.wake()
-        log.info("token set registered", token_set=new.id, provider=provider_name, via="exchange")
+        if (refused := await self._add(new, now, via="exchange")) is not None:
+            return refused
         body = summary_json(new.id, provider_name, new.next_refresh_at)
         body.update(token_json(_as_token_set(new, now), now))
         return JSON(body, 201)
