@@ -128,6 +128,12 @@ MIGRATIONS: Final[tuple[str, ...]] = (
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
+# A row's absolute refresh-token expiry, as policy.refresh_token_expires_at computes it: the
+# IdP-stated one, else creation + the set's own lifetime, else the provider's (:lifetime).
+_REFRESH_EXPIRY: Final = (
+    "coalesce(refresh_expires_at, created_at + coalesce(refresh_token_lifetime, :lifetime))"
+)
+
 # The columns a new token set is inserted with (add_many, import_stream).
 _COLUMNS: Final = (
     "id, provider, access_token, refresh_token, token_type, scope, expires_at, next_refresh_at,"
@@ -857,9 +863,8 @@ class Store:
         result: dict[str, float] = {}
         for provider, lifetime in lifetimes.items():
             rows = await self._report(
-                "SELECT min(coalesce(refresh_expires_at,"
-                " created_at + coalesce(refresh_token_lifetime, :lifetime)))"
-                " FROM token_sets WHERE provider = :provider AND state != 'invalidated'",
+                f"SELECT min({_REFRESH_EXPIRY}) FROM token_sets"
+                " WHERE provider = :provider AND state != 'invalidated'",
                 {"provider": provider, "lifetime": lifetime},
             )
             if rows and rows[0][0] is not None:
@@ -873,8 +878,7 @@ class Store:
         :meth:`refresh_expiry_soonest`) is at or before ``until`` and was not yet warned about
         at that very expiry, soonest first, with that expiry; at most ``limit``."""
         rows = await self._report(
-            "SELECT * FROM (SELECT *, coalesce(refresh_expires_at, created_at"
-            " + coalesce(refresh_token_lifetime, :lifetime)) AS refresh_expiry FROM token_sets"
+            f"SELECT * FROM (SELECT *, {_REFRESH_EXPIRY} AS refresh_expiry FROM token_sets"
             " WHERE provider = :provider AND state != 'invalidated')"
             " WHERE refresh_expiry <= :until"
             " AND (expiry_warned_for IS NULL OR refresh_expiry != expiry_warned_for)"
@@ -892,8 +896,7 @@ class Store:
         for provider, lifetime in lifetimes.items():
             rows = await self._report(
                 "SELECT count(*) FROM token_sets WHERE provider = :provider"
-                " AND state != 'invalidated' AND coalesce(refresh_expires_at,"
-                " created_at + coalesce(refresh_token_lifetime, :lifetime)) <= :until",
+                f" AND state != 'invalidated' AND {_REFRESH_EXPIRY} <= :until",
                 {"provider": provider, "lifetime": lifetime, "until": until},
             )
             result[provider] = int(rows[0][0]) if rows else 0
