@@ -197,12 +197,7 @@ def token_set_json(
     values where it has them, else the provider's) and the refresh token's expiry, which counts
     from the set's creation where the IdP did not state it. None: the provider is no longer
     configured, so only the set's own values are known."""
-    if provider is not None:
-        refresh_expires = policy.refresh_token_expires_at(ts, policy.effective_policy(ts, provider))
-    else:
-        refresh_expires = ts.refresh_expires_at
-        if refresh_expires is None and ts.refresh_token_lifetime is not None:
-            refresh_expires = ts.created_at + ts.refresh_token_lifetime
+    refresh_expires = _refresh_token_expires_at(ts, provider)
     data: dict[str, Any] = {
         "id": ts.id,
         "provider": ts.provider,
@@ -227,6 +222,16 @@ def token_set_json(
         data["access_token"] = ts.access_token.reveal() if ts.access_token else None
         data["refresh_token"] = ts.refresh_token.reveal()
     return data
+
+
+def _refresh_token_expires_at(ts: TokenSet, provider: ProviderConfig | None) -> float | None:
+    """The absolute refresh-token expiry that `tokens show` prints and `list --expiring-within`
+    selects by; without the provider's config only the set's own values count."""
+    if provider is not None:
+        return policy.refresh_token_expires_at(ts, policy.effective_policy(ts, provider))
+    if ts.refresh_expires_at is None and ts.refresh_token_lifetime is not None:
+        return ts.created_at + ts.refresh_token_lifetime
+    return ts.refresh_expires_at
 
 
 def policy_json(ts: TokenSet, provider: ProviderConfig | None) -> dict[str, Any]:
@@ -428,12 +433,7 @@ async def _list(
     async def selected() -> AsyncIterator[TokenSet]:
         async for ts in store.iterate():
             if horizon is not None:
-                provider = config.providers.get(ts.provider)
-                expires = (
-                    policy.refresh_token_expires_at(ts, policy.effective_policy(ts, provider))
-                    if provider is not None
-                    else ts.refresh_expires_at
-                )
+                expires = _refresh_token_expires_at(ts, config.providers.get(ts.provider))
                 if expires is None or expires > horizon or ts.state is State.INVALIDATED:
                     continue
             yield ts
