@@ -83,12 +83,17 @@ def fake_idp(workdir: Path, *, tokens: int, latency: float, usage: str = "reuse"
             issued = [json.loads(row) for row in f]
         yield IdP(process, token_url, issued)
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process, timeout=10)
+
+
+def stop(process: subprocess.Popen[Any], *, timeout: float) -> None:
+    """SIGTERM, then SIGKILL if it has not ended within ``timeout`` seconds."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def free_port() -> int:
@@ -293,12 +298,7 @@ def daemon(config: Path, port: int, workdir: Path) -> Iterator[Daemon]:
             time.sleep(0.02)
         yield Daemon(process, port, time.perf_counter() - started)
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process, timeout=60)
         log.close()
 
 

@@ -732,16 +732,22 @@ class FakeIdP:
     ) -> dict[str, object]:
         """Authorize ``user`` (a new token family) and return the token response for it."""
         with self._lock:
-            if client_id is None:
-                client_id = next(iter(self._clients))
-            elif client_id not in self._clients:
-                raise KeyError(f"unknown client {client_id!r}")
-            if user is None:
-                user = f"user-{next(self._user_seq)}"
+            client_id, user = self._client_and_user(client_id, user)
             family = self.ledger._new_family(user, client_id, scope, self._policy())
             token = self.ledger._mint_refresh(family, self.max_refresh_tokens_per_user)
             self.ledger._event("issue", family=family.id, user=user)
             return self._token_response(family, token.value, family.scope)
+
+    def _client_and_user(self, client_id: str | None, user: str | None) -> tuple[str, str]:
+        """The client (default: the first registered) and user (default: a new one) of an
+        authorization; the caller holds the lock."""
+        if client_id is None:
+            client_id = next(iter(self._clients))
+        elif client_id not in self._clients:
+            raise KeyError(f"unknown client {client_id!r}")
+        if user is None:
+            user = f"user-{next(self._user_seq)}"
+        return client_id, user
 
     def authorize(
         self,
@@ -760,12 +766,7 @@ class FakeIdP:
         if code_challenge_method not in ("S256", "plain"):
             raise ValueError("code_challenge_method must be 'S256' or 'plain'")
         with self._lock:
-            if client_id is None:
-                client_id = next(iter(self._clients))
-            elif client_id not in self._clients:
-                raise KeyError(f"unknown client {client_id!r}")
-            if user is None:
-                user = f"user-{next(self._user_seq)}"
+            client_id, user = self._client_and_user(client_id, user)
             code = "code_" + secrets.token_urlsafe(24)
             self.ledger._codes[code] = _Code(
                 user=user,
