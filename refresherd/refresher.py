@@ -393,7 +393,9 @@ class Refresher:
         endpoint = self.endpoints.get(ts.provider)
         if provider is None or endpoint is None:
             return await self._unknown_provider(ts)
-        if self._sent_elsewhere(ts, provider):
+        # The set's own policy where it has one (an IdP change applies to newer sets only).
+        eff = policy.effective_policy(ts, provider)
+        if self._sent_elsewhere(ts, eff):
             # A live process (paused past its lease, say) sent this very token moments ago and
             # has not resolved it. Sending it too would be a second use; look again shortly.
             await self._defer_quietly(ts.id, now + 1.0)
@@ -401,7 +403,6 @@ class Refresher:
         if scheduled:
             # Keep-alive: planned from the access token at import, or before the provider was
             # switched to keep-alive; only the sliding lifetime decides when to spend the token.
-            eff = policy.effective_policy(ts, provider)
             earliest = policy.keep_alive_at(ts, eff, self.schedule, rand=1.0)
             if earliest is not None and now < earliest:
                 planned = policy.keep_alive_at(ts, eff, self.schedule, rand=self.rng.random())
@@ -423,7 +424,7 @@ class Refresher:
                     # retries inside the refresh keep this slot (refresherd.throttle).
                     throttle = self.throttles.of(provider)
                     async with throttle.slot() if throttle else nullcontext():
-                        result = await self._attempts(ts, provider, endpoint)
+                        result = await self._attempts(ts, eff, provider, endpoint)
                 finally:
                     tg.cancel_scope.cancel()
         finally:
@@ -436,12 +437,12 @@ class Refresher:
         self._log_outcome(ts, result, duration)
         return result
 
-    def _sent_elsewhere(self, ts: TokenSet, provider: ProviderConfig) -> bool:
+    def _sent_elsewhere(self, ts: TokenSet, eff: policy.EffectivePolicy) -> bool:
         attempt = ts.attempt
         if attempt is None or attempt.owner == self.owner or attempt.version != ts.version:
             return False
         # A re-use token is not spent by a send: a second one is harmless.
-        if policy.effective_policy(ts, provider).usage is not RefreshTokenUsage.ONE_TIME:
+        if eff.usage is not RefreshTokenUsage.ONE_TIME:
             return False
         # The IdP may have rotated the token already, its answer waiting in that live (paused)
         # process, which stores it when it resumes. Inside the grace window our send would race
@@ -467,10 +468,12 @@ class Refresher:
                 log.warning("lease renewal failed", token_set=token_set_id, error=str(exc))
 
     async def _attempts(
-        self, ts: TokenSet, provider: ProviderConfig, endpoint: TokenEndpoint
+        self,
+        ts: TokenSet,
+        eff: policy.EffectivePolicy,
+        provider: ProviderConfig,
+        endpoint: TokenEndpoint,
     ) -> RefreshResult:
-        # The set's own policy where it has one (an IdP change applies to newer sets only).
-        eff = policy.effective_policy(ts, provider)
         grace = policy.effective_grace(eff.usage, eff.grace_period)
         invalid_grant_retried = False
         while True:
