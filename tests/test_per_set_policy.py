@@ -20,9 +20,10 @@ from typing import Any
 import anyio
 import pytest
 from conftest import IdPHandle, import_tokens, run_cli, write_config
+from test_refresher import SCHEDULE  # the refresher tests' schedule, shared
 
 from refresherd import ownership, policy
-from refresherd.config import ProviderConfig, ScheduleConfig
+from refresherd.config import ProviderConfig
 from refresherd.endpoint import TokenEndpoint
 from refresherd.intake import InputError, parse_lines, token_set_from_json
 from refresherd.metrics import Metrics
@@ -34,18 +35,6 @@ from refresherd.testing import FakeIdP, FaultKind
 NOW = 1_700_000_000.0
 CLIENT_ID = "refresherd-test"
 CLIENT_SECRET = "cs_per-set-policy-3b7e"
-SCHEDULE = ScheduleConfig(
-    refresh_fraction=0.8,
-    min_margin=60.0,
-    jitter=0.1,
-    min_interval=1.0,
-    default_expires_in=3600.0,
-    backoff_initial=10.0,
-    backoff_max=600.0,
-    retry_after_max=20.0,
-    circuit_backoff_initial=1.0,
-    circuit_backoff_max=2.0,
-)
 
 
 pytestmark = pytest.mark.anyio
