@@ -361,6 +361,19 @@ def import_tokens(config: Path, lines: Sequence[Mapping[str, object]]) -> None:
 # --------------------------------------------------------------------------- the database
 
 
+def database_at_version(path: Path, version: int) -> sqlite3.Connection:
+    """A database as refresherd left it at schema ``version`` (the first ``version``
+    migrations), open for the test to add old rows; use it as a context manager."""
+    from refresherd.store import MIGRATIONS, _split_sql
+
+    conn = sqlite3.connect(path)
+    for migration in MIGRATIONS[:version]:
+        for statement in _split_sql(migration):
+            conn.execute(statement)
+    conn.execute(f"PRAGMA user_version = {version}")
+    return conn
+
+
 def read_rows(database: Path) -> dict[str, dict[str, Any]]:
     """Every token set as stored, by id (a plain read, as an application of ours would do)."""
     conn = sqlite3.connect(database, timeout=30)

@@ -19,7 +19,7 @@ from typing import Any
 
 import anyio
 import pytest
-from conftest import IdPHandle, import_tokens, run_cli, write_config
+from conftest import IdPHandle, database_at_version, import_tokens, run_cli, write_config
 from test_refresher import SCHEDULE  # the refresher tests' schedule, shared
 
 from refresherd import ownership, policy
@@ -29,7 +29,7 @@ from refresherd.intake import InputError, parse_lines, token_set_from_json
 from refresherd.metrics import Metrics
 from refresherd.model import RefreshTokenUsage, Secret, State
 from refresherd.refresher import Refresher
-from refresherd.store import MIGRATIONS, SCHEMA_VERSION, NewTokenSet, Store, _split_sql
+from refresherd.store import SCHEMA_VERSION, NewTokenSet, Store
 from refresherd.testing import FakeIdP, FaultKind
 
 NOW = 1_700_000_000.0
@@ -77,11 +77,7 @@ def parse(**fields: object) -> NewTokenSet:
 
 def test_a_version_2_database_gains_the_policy_columns(tmp_path: Path) -> None:
     path = tmp_path / "v2.db"
-    with sqlite3.connect(path) as conn:
-        for migration in MIGRATIONS[:2]:
-            for statement in _split_sql(migration):
-                conn.execute(statement)
-        conn.execute("PRAGMA user_version = 2")
+    with database_at_version(path, 2) as conn:
         conn.execute(
             "INSERT INTO token_sets (id, provider, refresh_token, next_refresh_at, created_at,"
             " updated_at, refresh_expires_at) VALUES ('old', 'p', 'rt-old', 0, 0, 0, 99)"

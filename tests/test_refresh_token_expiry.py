@@ -4,13 +4,20 @@ configured lifetime; kept across rotations; reported by `tokens show` and a gaug
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import DaemonProcess, IdPHandle, import_tokens, run_cli, wait_until, write_config
+from conftest import (
+    DaemonProcess,
+    IdPHandle,
+    database_at_version,
+    import_tokens,
+    run_cli,
+    wait_until,
+    write_config,
+)
 
 from refresherd.config import ScheduleConfig
 from refresherd.endpoint import parse_grant
@@ -125,13 +132,8 @@ def test_an_old_database_is_migrated_to_carry_the_column(tmp_path: Path) -> None
     """A version-1 database (as the first release wrote it) gains the column on open."""
     import anyio
 
-    from refresherd.store import MIGRATIONS, _split_sql
-
     path = tmp_path / "v1.db"
-    with sqlite3.connect(path) as conn:
-        for statement in _split_sql(MIGRATIONS[0]):
-            conn.execute(statement)
-        conn.execute("PRAGMA user_version = 1")
+    with database_at_version(path, 1) as conn:
         conn.execute(
             "INSERT INTO token_sets (id, provider, refresh_token, next_refresh_at, created_at,"
             " updated_at) VALUES ('old', 'p', 'rt-old', 0, 0, 0)"

@@ -14,6 +14,7 @@ import pytest
 from conftest import (
     DaemonProcess,
     IdPHandle,
+    database_at_version,
     import_tokens,
     metric,
     read_rows,
@@ -28,7 +29,7 @@ from refresherd.expiry import ExpiryWatcher
 from refresherd.intake import token_set_from_json
 from refresherd.metrics import Metrics
 from refresherd.model import Attempt, RefreshMode, Secret, State, TokenSet
-from refresherd.store import MIGRATIONS, SCHEMA_VERSION, Store, _split_sql
+from refresherd.store import SCHEMA_VERSION, Store
 
 NOW = 1_700_000_000.0
 DAY = 86400.0
@@ -349,11 +350,7 @@ async def test_the_watcher_warns_once_per_expiry_and_again_after_a_new_authoriza
 
 def test_a_version_3_database_gains_the_sliding_lifetime_columns(tmp_path: Path) -> None:
     path = tmp_path / "v3.db"
-    with sqlite3.connect(path) as conn:
-        for migration in MIGRATIONS[:3]:
-            for statement in _split_sql(migration):
-                conn.execute(statement)
-        conn.execute("PRAGMA user_version = 3")
+    with database_at_version(path, 3) as conn:
         conn.execute(
             "INSERT INTO token_sets (id, provider, refresh_token, next_refresh_at, created_at,"
             " updated_at, grace_period) VALUES ('old', 'p', 'rt-old', 0, 0, 0, 7)"
