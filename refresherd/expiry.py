@@ -91,8 +91,7 @@ class ExpiryWatcher:
                     await self._warn(ts, expires_at, now)
                 # Sets not due (an expiry that moved a little) are marked too, so that the
                 # query does not return them again; their warning was given already.
-                for ts, expires_at in batch:
-                    await self.store.mark_expiry_warned(ts.id, expires_at=expires_at)
+                await self.store.mark_expiry_warned([(ts.id, e) for ts, e in batch])
                 warned += len(due)
                 if len(batch) < BATCH:
                     break

@@ -902,12 +902,21 @@ class Store:
             result[provider] = int(rows[0][0]) if rows else 0
         return result
 
-    async def mark_expiry_warned(self, token_set_id: str, *, expires_at: float) -> None:
-        """Remember that the warning for this absolute expiry was given."""
-        await self._write(
-            "UPDATE token_sets SET expiry_warned_for = :expires WHERE id = :id RETURNING id",
-            {"id": token_set_id, "expires": expires_at},
-        )
+    async def mark_expiry_warned(self, warned: Sequence[tuple[str, float]]) -> None:
+        """Remember, for each ``(token set id, absolute expiry)``, that the warning for that
+        expiry was given: one transaction for the whole batch, not a commit per set."""
+        if not warned:
+            return
+        with anyio.CancelScope(shield=True):
+            async with self._lock:
+                try:
+                    async with self._transaction():
+                        await self._conn.executemany(
+                            "UPDATE token_sets SET expiry_warned_for = ? WHERE id = ?",
+                            [(expires_at, token_set_id) for token_set_id, expires_at in warned],
+                        )
+                except sqlite3.Error as exc:
+                    raise _sqlite_error(self.path, exc) from exc
 
     async def counts(self) -> dict[tuple[str, str], int]:
         rows = await self._report(
