@@ -255,12 +255,15 @@ async def test_a_directory_is_not_a_database(tmp_path: Path) -> None:
 
 
 # A process that may not touch the database: as root, drop to nobody first (root reads all).
+# Everything is imported before that (anyio loads its event-loop backend on first run), so
+# that the checkout may sit in a directory nobody cannot enter, such as one from mktemp -d.
 UNPRIVILEGED_OPEN = r"""
 import os, sys
 from pathlib import Path
 import anyio
 from refresherd.store import Store, StoreError
 
+anyio.run(anyio.sleep, 0)
 if os.geteuid() == 0:
     os.setgid(65534)
     os.setuid(65534)
