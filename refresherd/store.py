@@ -23,7 +23,27 @@ import anyio
 
 from refresherd.encryption import EncryptionError, TokenCipher
 from refresherd.model import Attempt, RefreshMode, RefreshTokenUsage, Secret, State, TokenSet
-from refresherd.storage_health import StorageReason, classify
+from refresherd.ownership import OwnerLock, is_alive
+from refresherd.storage_health import classify
+from refresherd.store_contract import (
+    HOOK_DELIVERY_COLUMNS,
+    TOKEN_SET_COLUMNS,
+    ClaimRefused,
+    HookDelivery,
+    NewTokenSet,
+    Row,
+    StoreError,
+    TokenSetExists,
+)
+
+__all__ = [
+    "ClaimRefused",
+    "HookDelivery",
+    "NewTokenSet",
+    "Store",
+    "StoreError",
+    "TokenSetExists",
+]
 
 BUSY_TIMEOUT_MS: Final = 5000
 # A checkpoint that a long-lived reader held back lets the WAL grow; once it completes, the
@@ -154,65 +174,8 @@ _STAGING: Final = (
 )
 
 
-class StoreError(Exception):
-    """The database could not do what was asked. Never carries a token value.
-
-    ``reason`` classifies SQLite's error (disk full, read-only, locked...) for the storage
-    pause and its metric; OTHER where the error did not come from SQLite.
-    """
-
-    def __init__(self, message: str, *, reason: StorageReason = StorageReason.OTHER) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
 def _sqlite_error(path: Path, exc: sqlite3.Error) -> StoreError:
     return StoreError(f"database {path}: {exc}", reason=classify(exc))
-
-
-class TokenSetExists(StoreError):
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class NewTokenSet:
-    id: str
-    provider: str
-    refresh_token: Secret
-    access_token: Secret | None
-    expires_at: float | None
-    next_refresh_at: float
-    token_type: str | None = None
-    scope: str | None = None
-    refresh_expires_at: float | None = None
-    # Per-set policy overrides; None: the provider's value applies.
-    refresh_token_usage: RefreshTokenUsage | None = None
-    grace_period: float | None = None
-    refresh_token_lifetime: float | None = None
-    refresh_token_idle_lifetime: float | None = None
-    refresh_mode: RefreshMode | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class HookDelivery:
-    """One queued notification for one target, as claimed for delivery."""
-
-    id: int
-    event_id: str
-    target: str  # "webhook" | "command"
-    event_type: str
-    payload: str  # the event as JSON text
-    created_at: float
-    attempts: int  # including the one this claim is for
-
-
-@dataclass(frozen=True, slots=True)
-class ClaimRefused:
-    """Why a claim did not succeed: the set is gone, invalidated, or leased by someone else."""
-
-    reason: str  # "not_found" | "invalidated" | "leased"
-    owner: str | None = None
-    until: float | None = None
 
 
 def _row_to_token_set(row: sqlite3.Row, cipher: TokenCipher | None = None) -> TokenSet:
@@ -436,6 +399,30 @@ class Store:
                 await self._report_conn.close()
         finally:
             await self._conn.close()
+
+    @property
+    def location(self) -> str:
+        return str(self.path)
+
+    # ---- owners ----------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def owner(self, name: str | None) -> AsyncIterator[str]:
+        """Hold an owner identity (an flock next to the database, refresherd.ownership) for
+        the life of the context; yields the owner id leases are taken under."""
+        lock = OwnerLock(self.path, name)
+        owner = lock.acquire()
+        try:
+            yield owner
+        finally:
+            lock.release()
+
+    async def owner_alive(self, owner: str) -> bool:
+        return is_alive(self.path, owner)
+
+    async def owner_lost(self) -> None:
+        # The kernel holds an flock for as long as this process lives: it cannot be lost.
+        await anyio.sleep_forever()
 
     # ---- encryption at rest ----------------------------------------------------------------
 
@@ -1312,6 +1299,49 @@ class Store:
     async def _fetch_locked(self, sql: str) -> Any:
         rows = await self._read(sql)
         return rows[0][0] if rows else None
+
+    # ---- moving a whole database (refresherd migrate) -------------------------------------
+
+    async def export_rows(self, table: str, *, batch: int = 1000) -> AsyncIterator[list[Row]]:
+        columns, key = _table_columns(table)
+        after: Any = None
+        while True:
+            where = "" if after is None else f" WHERE {key} > :after"
+            rows = await self._report(
+                f"SELECT {', '.join(columns)} FROM {table}{where} ORDER BY {key} LIMIT :limit",
+                {"after": after, "limit": batch},
+            )
+            if not rows:
+                return
+            yield [tuple(r) for r in rows]
+            if len(rows) < batch:
+                return
+            after = rows[-1][key]
+
+    async def load_rows(self, table: str, rows: AsyncIterator[list[Row]]) -> int:
+        columns, _ = _table_columns(table)
+        sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+        count = 0
+        async with self._lock:
+            try:
+                async with self._transaction():
+                    if await self._fetch_value(f"SELECT count(*) FROM {table}"):
+                        raise StoreError(f"database {self.path}: table {table} is not empty")
+                    async for chunk in rows:
+                        await self._conn.executemany(sql, chunk)
+                        count += len(chunk)
+            except sqlite3.Error as exc:
+                raise _sqlite_error(self.path, exc) from exc
+        return count
+
+
+def _table_columns(table: str) -> tuple[tuple[str, ...], str]:
+    """The columns ``refresherd migrate`` moves for ``table``, and its key."""
+    if table == "token_sets":
+        return TOKEN_SET_COLUMNS, "id"
+    if table == "hook_deliveries":
+        return HOOK_DELIVERY_COLUMNS, "id"
+    raise ValueError(f"not a table refresherd moves: {table!r}")
 
 
 def _row_plain(

@@ -1,0 +1,317 @@
+"""The one store interface, and the values that cross it, whichever database is behind it.
+
+Two implementations keep this contract: :class:`refresherd.store.Store` (SQLite, one host) and
+:class:`refresherd.pgstore.PostgresStore` (PostgreSQL, a fleet). The rest of the daemon talks
+to a :class:`TokenStore` and never learns which one it has; :func:`open_store` picks it from
+the configured location. The contract, for both:
+
+- Every write is committed before it returns (durable before a token is used or reported);
+  concurrent writes may share one commit (group commit).
+- Leases: a token set is worked on only under an unexpired lease; claims skip leased rows.
+- Compare-and-swap: a grant is stored only over the version and refresh token it was sent for.
+- The journal (``begin_attempt``) is committed before a refresh token leaves.
+- Owners: every process that takes leases holds an owner identity for as long as it lives
+  (:meth:`TokenStore.owner`); :meth:`TokenStore.owner_alive` tells a dead owner from a live
+  one at once, without waiting for its leases to expire.
+- Errors are :class:`StoreError` and never carry a token value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from refresherd.model import Attempt, RefreshMode, RefreshTokenUsage, Secret, State, TokenSet
+from refresherd.storage_health import StorageReason
+
+
+class StoreError(Exception):
+    """The database could not do what was asked. Never carries a token value.
+
+    ``reason`` classifies the database's error (disk full, read-only, locked, unreachable...)
+    for the storage pause and its metric; OTHER where the error did not come from the database.
+    """
+
+    def __init__(self, message: str, *, reason: StorageReason = StorageReason.OTHER) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class TokenSetExists(StoreError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class NewTokenSet:
+    id: str
+    provider: str
+    refresh_token: Secret
+    access_token: Secret | None
+    expires_at: float | None
+    next_refresh_at: float
+    token_type: str | None = None
+    scope: str | None = None
+    refresh_expires_at: float | None = None
+    # Per-set policy overrides; None: the provider's value applies.
+    refresh_token_usage: RefreshTokenUsage | None = None
+    grace_period: float | None = None
+    refresh_token_lifetime: float | None = None
+    refresh_token_idle_lifetime: float | None = None
+    refresh_mode: RefreshMode | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HookDelivery:
+    """One queued notification for one target, as claimed for delivery."""
+
+    id: int
+    event_id: str
+    target: str  # "webhook" | "command"
+    event_type: str
+    payload: str  # the event as JSON text
+    created_at: float
+    attempts: int  # including the one this claim is for
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimRefused:
+    """Why a claim did not succeed: the set is gone, invalidated, or leased by someone else."""
+
+    reason: str  # "not_found" | "invalidated" | "leased"
+    owner: str | None = None
+    until: float | None = None
+
+
+# The columns ``refresherd migrate`` copies, table by table, with their values as stored
+# (token values stay sealed as they are: a sealing names its row and column, not the database).
+TOKEN_SET_COLUMNS: tuple[str, ...] = (
+    "id",
+    "provider",
+    "access_token",
+    "refresh_token",
+    "token_type",
+    "scope",
+    "expires_at",
+    "state",
+    "version",
+    "next_refresh_at",
+    "created_at",
+    "updated_at",
+    "last_refresh_at",
+    "last_error",
+    "failures",
+    "invalid_reason",
+    "lease_owner",
+    "lease_until",
+    "attempt_version",
+    "attempt_started_at",
+    "attempt_owner",
+    "attempt_sends",
+    "refresh_expires_at",
+    "refresh_token_usage",
+    "grace_period",
+    "refresh_token_lifetime",
+    "refresh_token_idle_lifetime",
+    "refresh_mode",
+    "expiry_warned_for",
+)
+HOOK_DELIVERY_COLUMNS: tuple[str, ...] = (
+    "id",
+    "event_id",
+    "target",
+    "event_type",
+    "payload",
+    "created_at",
+    "attempts",
+    "next_attempt_at",
+    "last_error",
+    "delivered_at",
+    "given_up_at",
+)
+# A row as ``export_rows`` yields it and ``load_rows`` takes it: values in the order above.
+Row = tuple[Any, ...]
+
+
+class TokenStore(Protocol):
+    """What the daemon, the CLI and the API need of a store (see the module docstring)."""
+
+    @property
+    def location(self) -> str:
+        """Where the database is, for messages: a path, or a URL without its password."""
+        ...
+
+    cipher: Any
+
+    async def close(self) -> None: ...
+
+    # ---- owners (who holds a lease, and are they alive?) --------------------------------
+    def owner(self, name: str | None) -> AbstractAsyncContextManager[str]:
+        """Register this process as a lease owner for the life of the context; yields its id."""
+        ...
+
+    async def owner_alive(self, owner: str) -> bool:
+        """False only when ``owner`` is known to be gone; anything uncertain counts as alive."""
+        ...
+
+    async def owner_lost(self) -> None:
+        """Return if this process's own owner registration is lost (its leases may be taken
+        over by others from then on); never returns while it holds."""
+        ...
+
+    # ---- health and housekeeping --------------------------------------------------------
+    async def schema_version(self) -> int: ...
+    async def ping(self) -> None: ...
+    async def probe_write(self, *, owner: str, now: float) -> None: ...
+    async def checkpoint(self) -> tuple[int, int]: ...
+    def wal_bytes(self) -> int: ...
+    async def data_version(self) -> int: ...
+
+    # ---- encryption at rest -------------------------------------------------------------
+    async def sealed_key_ids(self) -> set[str]: ...
+    async def rekey(self, *, batch: int = 200) -> int: ...
+
+    # ---- token sets ---------------------------------------------------------------------
+    async def add(self, new: NewTokenSet, *, now: float) -> None: ...
+    async def add_many(self, items: Iterable[NewTokenSet], *, now: float) -> int: ...
+    async def import_stream(
+        self, items: Iterable[tuple[str, NewTokenSet]], *, now: float
+    ) -> int: ...
+    async def get(self, token_set_id: str) -> TokenSet | None: ...
+    async def page(self, *, after: str | None = None, limit: int = 500) -> list[TokenSet]: ...
+    def iterate(self, *, page_size: int = 500) -> AsyncIterator[TokenSet]: ...
+    async def remove(self, token_set_id: str) -> bool: ...
+    async def refresh_expiry_soonest(
+        self, lifetimes: dict[str, float | None]
+    ) -> dict[str, float]: ...
+    async def refresh_expiring(
+        self, provider: str, *, lifetime: float | None, until: float, limit: int = 500
+    ) -> list[tuple[TokenSet, float]]: ...
+    async def refresh_expiring_counts(
+        self, lifetimes: dict[str, float | None], *, until: float
+    ) -> dict[str, int]: ...
+    async def mark_expiry_warned(self, warned: Sequence[tuple[str, float]]) -> None: ...
+    async def counts(self) -> dict[tuple[str, str], int]: ...
+    async def expired_counts(self, *, now: float) -> dict[str, int]: ...
+
+    # ---- scheduling and leases ----------------------------------------------------------
+    async def next_due_at(
+        self, *, now: float, exclude_providers: Sequence[str] = ()
+    ) -> float | None: ...
+    async def claim_due(
+        self,
+        *,
+        owner: str,
+        now: float,
+        lease_until: float,
+        limit: int,
+        exclude_providers: Sequence[str] = (),
+    ) -> list[str]: ...
+    async def make_due_written_after(self, *, now: float, limit: float) -> int: ...
+    async def claim(
+        self, token_set_id: str, *, owner: str, now: float, lease_until: float
+    ) -> TokenSet | ClaimRefused: ...
+    async def renew_lease(self, token_set_id: str, *, owner: str, lease_until: float) -> bool: ...
+    async def release(self, token_set_id: str, *, owner: str) -> None: ...
+    async def release_all(self, *, owner: str) -> int: ...
+    async def lease_holders(self, *, now: float) -> set[str]: ...
+    async def clear_leases_of(self, owners: Iterable[str]) -> int: ...
+    async def max_set_grace_period(self) -> float: ...
+    async def unresolved_attempts(self, *, since: float) -> list[str]: ...
+
+    # ---- the refresh itself -------------------------------------------------------------
+    async def begin_attempt(
+        self, token_set_id: str, *, owner: str, version: int, now: float, keep_since: float
+    ) -> Attempt | None: ...
+    async def save_grant(
+        self,
+        token_set_id: str,
+        *,
+        owner: str,
+        expected_version: int,
+        sent_refresh_token: Secret,
+        access_token: Secret,
+        refresh_token: Secret,
+        token_type: str | None,
+        scope: str | None,
+        expires_at: float | None,
+        next_refresh_at: float,
+        now: float,
+        refresh_expires_at: float | None = None,
+    ) -> TokenSet | None: ...
+    async def record_failure(
+        self,
+        token_set_id: str,
+        *,
+        owner: str,
+        expected_version: int,
+        state: State,
+        next_refresh_at: float,
+        error: str,
+        failures: int,
+        invalid_reason: str | None,
+        now: float,
+        resolve_attempt: bool,
+    ) -> bool: ...
+    async def defer(self, token_set_id: str, *, owner: str, next_refresh_at: float) -> None: ...
+
+    # ---- the hook queue -----------------------------------------------------------------
+    async def enqueue_hook(
+        self,
+        *,
+        event_id: str,
+        event_type: str,
+        payload: str,
+        targets: Sequence[str],
+        now: float,
+    ) -> None: ...
+    async def claim_hook_deliveries(
+        self, *, now: float, until: float, limit: int
+    ) -> list[HookDelivery]: ...
+    async def hook_delivered(self, delivery_id: int, *, now: float) -> None: ...
+    async def hook_failed(
+        self, delivery_id: int, *, error: str, next_attempt_at: float | None, now: float
+    ) -> None: ...
+    async def next_hook_due(self) -> float | None: ...
+    async def pending_hooks(self) -> int: ...
+
+    # ---- moving a whole database (refresherd migrate) -----------------------------------
+    def export_rows(self, table: str, *, batch: int = 1000) -> AsyncIterator[list[Row]]:
+        """Every row of ``table`` ("token_sets" or "hook_deliveries") as stored, in batches,
+        with the columns of TOKEN_SET_COLUMNS / HOOK_DELIVERY_COLUMNS in that order."""
+        ...
+
+    async def load_rows(self, table: str, rows: AsyncIterator[list[Row]]) -> int:
+        """Insert rows as ``export_rows`` yields them, all or nothing, into an empty table
+        (StoreError otherwise); returns how many."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class PostgresLocation:
+    """A PostgreSQL database: ``dsn`` as libpq takes it (it may hold a password, so it is a
+    Secret and never printed), ``display`` the same URL without the password."""
+
+    dsn: Secret
+    display: str
+
+    def __str__(self) -> str:
+        return self.display
+
+
+# Where the token sets live: a SQLite file, or a PostgreSQL database.
+Location = Path | PostgresLocation
+
+
+async def open_store(location: Location, *, create: bool = True, cipher: Any = None) -> TokenStore:
+    """Open the store at ``location``; ``create`` makes a missing SQLite file (PostgreSQL
+    databases are never created, only migrated)."""
+    if isinstance(location, PostgresLocation):
+        from refresherd.pgstore import PostgresStore
+
+        return await PostgresStore.open(location, create=create, cipher=cipher)
+    from refresherd.store import Store
+
+    return await Store.open(location, create=create, cipher=cipher)
