@@ -30,7 +30,13 @@ from refresherd.logs import get_logger
 from refresherd.model import Secret, State, TokenSet, rfc3339, validate_token_set_id
 from refresherd.refresher import Clock, Refresher
 from refresherd.server import JSON, error
-from refresherd.store import ClaimRefused, NewTokenSet, Store, StoreError, TokenSetExists
+from refresherd.store_contract import (
+    ClaimRefused,
+    NewTokenSet,
+    StoreError,
+    TokenSetExists,
+    TokenStore,
+)
 
 log = get_logger("refresherd.api")
 
@@ -114,7 +120,7 @@ class TokenApi:
     def __init__(
         self,
         *,
-        store: Store,
+        store: TokenStore,
         refresher: Refresher,
         config: ApiConfig,
         clock: Clock,

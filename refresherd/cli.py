@@ -33,7 +33,13 @@ from refresherd.discovery import EX_UNAVAILABLE, DiscoveryError
 from refresherd.encryption import cipher_for
 from refresherd.intake import InputError, iter_lines, parse_single
 from refresherd.model import State, TokenSet, rfc3339
-from refresherd.store import NewTokenSet, Store, StoreError, TokenSetExists
+from refresherd.store_contract import (
+    NewTokenSet,
+    StoreError,
+    TokenSetExists,
+    TokenStore,
+    open_store,
+)
 
 EX_USAGE: Final = 64
 EX_DATAERR: Final = 65
@@ -146,7 +152,7 @@ async def _rekey(config: Config) -> int:
     cipher = cipher_for(config.encryption)
     if cipher is None:
         return _fail("rekey: the config has no [encryption] key_file or key_credential", EX_CONFIG)
-    store = await Store.open(config.daemon.database, create=False, cipher=cipher)
+    store = await open_store(config.daemon.database, create=False, cipher=cipher)
     try:
         changed = await store.rekey()
         left = await store.sealed_key_ids()
@@ -331,7 +337,7 @@ async def _import(config: Config, args: argparse.Namespace) -> int:
         rand=iter(rng.random, None),
     )
     try:
-        store = await Store.open(config.daemon.database, cipher=cipher_for(config.encryption))
+        store = await open_store(config.daemon.database, cipher=cipher_for(config.encryption))
         try:
             count = await store.import_stream(items, now=now)
         finally:
@@ -355,7 +361,7 @@ async def _tokens(config: Config, args: argparse.Namespace) -> int:
         items = _read_input(config, args)
         if isinstance(items, int):
             return items
-        store = await Store.open(config.daemon.database, cipher=cipher_for(config.encryption))
+        store = await open_store(config.daemon.database, cipher=cipher_for(config.encryption))
         try:
             count = await store.add_many(items, now=time.time())
         except TokenSetExists:
@@ -377,7 +383,7 @@ async def _tokens(config: Config, args: argparse.Namespace) -> int:
             print(f"imported {count} token set(s)")
         return 0
 
-    store = await Store.open(
+    store = await open_store(
         config.daemon.database, create=False, cipher=cipher_for(config.encryption)
     )
     try:
@@ -414,7 +420,7 @@ async def _tokens(config: Config, args: argparse.Namespace) -> int:
     raise AssertionError(action)
 
 
-async def _first_existing(store: Store, items: Sequence[NewTokenSet]) -> str | None:
+async def _first_existing(store: TokenStore, items: Sequence[NewTokenSet]) -> str | None:
     """The first id of ``items`` that the store holds already (to name it in the error)."""
     for item in items:
         if await store.get(item.id) is not None:
@@ -423,7 +429,7 @@ async def _first_existing(store: Store, items: Sequence[NewTokenSet]) -> str | N
 
 
 async def _list(
-    store: Store, config: Config, *, as_json: bool, reveal: bool, within: float | None = None
+    store: TokenStore, config: Config, *, as_json: bool, reveal: bool, within: float | None = None
 ) -> None:
     """Stream page by page: never every token set in memory at once. ``within``: only the sets
     whose refresh token's absolute expiry is that close (or past)."""

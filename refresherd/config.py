@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 from refresherd.model import AuthMethod, RefreshMode, RefreshTokenUsage, Secret
 from refresherd.presets import PRESETS, apply_preset
+from refresherd.store_contract import Location, PostgresLocation, has_password, parse_location
 
 # The project targets 3.11+, but the fallback keeps the loader importable on an older interpreter.
 if sys.version_info >= (3, 11):  # noqa: UP036
@@ -44,7 +45,8 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class DaemonConfig:
-    database: Path
+    # A SQLite file (a Path) or a PostgreSQL database (refresherd.store_contract).
+    database: Location
     concurrency: int = 32
     lease_duration: float = 60.0
     shutdown_timeout: float = 20.0
@@ -314,6 +316,8 @@ _SECTIONS: Final = (
 _ENCRYPTION_KEYS: Final = ("key_file", "key_credential", "previous_key_files")
 _DAEMON_KEYS: Final = (
     "database",
+    "database_password_file",
+    "database_password_credential",
     "concurrency",
     "lease_duration",
     "shutdown_timeout",
@@ -459,11 +463,25 @@ def parse_config(text: str, *, source: str, base_dir: Path, env: Mapping[str, st
 
 def _parse_daemon(t: _Table) -> DaemonConfig:
     d = _DAEMON_DEFAULTS
-    database = t.required_string(
-        "database", 'the path of the SQLite database, such as "/var/lib/refresherd/tokens.db"'
+    text = t.required_string(
+        "database",
+        'the path of the SQLite database, such as "/var/lib/refresherd/tokens.db", or a'
+        ' PostgreSQL URL, such as "postgresql://refresherd@db.internal/refresherd"',
     )
+    password = _secret(t, "database_password", required=False, what="the PostgreSQL password")
+    try:
+        database = parse_location(text, base_dir=t.ctx.base_dir, password=password)
+    except ValueError as exc:
+        raise t.error("database", str(exc)) from None
+    if password is not None and not isinstance(database, PostgresLocation):
+        raise t.error("database", "a database password is for a postgresql:// database only")
+    if has_password(text):
+        t.ctx.warnings.append(
+            f"{t.key('database')}: the URL holds a password; keep it in "
+            "database_password_file (or a systemd credential) instead"
+        )
     return DaemonConfig(
-        database=t.ctx.base_dir / database,
+        database=database,
         concurrency=t.integer("concurrency", d.concurrency, minimum=1),
         lease_duration=t.duration("lease_duration", d.lease_duration, minimum=1.0),
         shutdown_timeout=t.duration("shutdown_timeout", d.shutdown_timeout),

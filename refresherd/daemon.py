@@ -8,7 +8,6 @@ journal entry makes the next start recover it) and exit 0. SIGHUP reloads the co
 from __future__ import annotations
 
 import contextlib
-import functools
 import signal
 import socket
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -23,7 +22,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import BaseRoute
 
-from refresherd import logs, ownership
+from refresherd import logs
 from refresherd.api import BearerAuth, TokenApi
 from refresherd.config import Config, ConfigError, ProviderConfig, load_config
 from refresherd.discovery import EX_UNAVAILABLE, DiscoveryError, resolve_providers
@@ -34,13 +33,12 @@ from refresherd.hooks import Hooks
 from refresherd.intake import MAX_GRACE_PERIOD
 from refresherd.metrics import INVALIDATION_REASONS, Metrics
 from refresherd.model import State, TokenSet, rfc3339
-from refresherd.ownership import OwnerLock
 from refresherd.refresher import Clock, Refresher, SystemClock
 from refresherd.scheduler import Scheduler
 from refresherd.sdnotify import Notifier
 from refresherd.server import bind_socket, bind_unix_socket, build_app, serve
 from refresherd.storage_health import StorageReason
-from refresherd.store import Store, StoreError
+from refresherd.store_contract import StoreError, TokenStore, open_store
 
 log = logs.get_logger("refresherd.daemon")
 
@@ -55,6 +53,8 @@ HEARTBEAT_INTERVAL: Final = 1.0
 LIVENESS_LIMIT: Final = 15.0
 # How long the HTTP listener may take to close after the refreshes have drained.
 SERVER_STOP_TIMEOUT: Final = 5.0
+# Exit status when the owner registration is lost (sysexits EX_TEMPFAIL): restart and retry.
+EX_TEMPFAIL: Final = 75
 
 
 def build_endpoints(providers: Mapping[str, ProviderConfig]) -> dict[str, TokenEndpoint]:
@@ -77,7 +77,7 @@ class Runtime:
     """The parts one refresh needs, shared by the daemon and `refresherd refresh ID`."""
 
     config: Config
-    store: Store
+    store: TokenStore
     owner: str
     metrics: Metrics
     endpoints: dict[str, TokenEndpoint]
@@ -93,35 +93,35 @@ async def open_runtime(
     Providers configured by ``issuer`` are resolved first (:class:`DiscoveryError` if one cannot).
     """
     config = await resolve_config(config)
-    store = await Store.open(config.daemon.database, cipher=cipher_for(config.encryption))
-    lock = OwnerLock(config.daemon.database, config.daemon.instance_name)
+    store = await open_store(config.daemon.database, cipher=cipher_for(config.encryption))
     endpoints: dict[str, TokenEndpoint] = {}
     try:
-        owner = lock.acquire()
-        metrics = metrics or Metrics()
-        endpoints = build_endpoints(config.providers)
-        refresher = Refresher(
-            store=store,
-            providers=config.providers,
-            endpoints=endpoints,
-            schedule=config.schedule,
-            metrics=metrics,
-            owner=owner,
-            lease_duration=config.daemon.lease_duration,
-            clock=clock,
-            owner_alive=functools.partial(ownership.is_alive, config.daemon.database),
-        )
-        yield Runtime(config, store, owner, metrics, endpoints, refresher)
+        async with store.owner(config.daemon.instance_name) as owner:
+            try:
+                metrics = metrics or Metrics()
+                endpoints = build_endpoints(config.providers)
+                refresher = Refresher(
+                    store=store,
+                    providers=config.providers,
+                    endpoints=endpoints,
+                    schedule=config.schedule,
+                    metrics=metrics,
+                    owner=owner,
+                    lease_duration=config.daemon.lease_duration,
+                    clock=clock,
+                )
+                yield Runtime(config, store, owner, metrics, endpoints, refresher)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    try:
+                        await store.release_all(owner=owner)
+                    except StoreError as exc:
+                        log.warning("could not release leases at exit", error=str(exc))
+                    for endpoint in endpoints.values():
+                        await endpoint.aclose()
     finally:
         with anyio.CancelScope(shield=True):
-            try:
-                await store.release_all(owner=lock.owner)
-            except StoreError as exc:
-                log.warning("could not release leases at exit", error=str(exc))
-            for endpoint in endpoints.values():
-                await endpoint.aclose()
             await store.close()
-            lock.release()
 
 
 class Daemon:
@@ -147,6 +147,7 @@ class Daemon:
         self._ready = False
         # Notifications (None without a [hooks] target): await self.hooks.enqueue(...).
         self.hooks: Hooks | None = None
+        self._exit_code = 0
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -208,7 +209,6 @@ class Daemon:
             store=rt.store,
             refresher=rt.refresher,
             metrics=rt.metrics,
-            database=config.daemon.database,
             concurrency=config.daemon.concurrency,
             poll_interval=config.daemon.poll_interval,
             max_grace_period=max_grace(config),
@@ -233,6 +233,7 @@ class Daemon:
             )
             tg.start_soon(self._heartbeat)
             tg.start_soon(self._gauges, rt)
+            tg.start_soon(self._watch_owner, rt)
             if config.hooks.enabled:
                 hooks = Hooks(
                     store=rt.store, config=config.hooks, metrics=rt.metrics, clock=self.clock
@@ -253,8 +254,21 @@ class Daemon:
             self._ready = True
             if self.on_ready is not None:
                 self.on_ready(self)
-        log.info("refresherd stopped")
-        return 0
+        log.info("refresherd stopped", exit_code=self._exit_code)
+        return self._exit_code
+
+    async def _watch_owner(self, rt: Runtime) -> None:
+        """Stop when this process's owner registration is lost (PostgreSQL: the session that
+        holds it ended): other daemons may take our leases over from then on, so no new
+        refresh may start here. Refreshes in flight drain and persist by compare-and-swap."""
+        await rt.store.owner_lost()
+        log.error(
+            "lost the owner registration that keeps this daemon's leases; stopping so that "
+            "a restart registers again",
+            owner=rt.owner,
+        )
+        self._exit_code = EX_TEMPFAIL
+        self.request_stop()
 
     @staticmethod
     async def _notify(hooks: Hooks) -> None:

@@ -26,7 +26,7 @@ from refresherd.config import (
 from refresherd.daemon import Daemon
 from refresherd.intake import token_set_from_json
 from refresherd.model import RefreshTokenUsage, Secret
-from refresherd.store import Store
+from refresherd.store_contract import open_store
 from refresherd.testing import FakeIdP
 
 log = logs.get_logger("refresherd.demo")
@@ -72,7 +72,7 @@ async def run_demo(*, token_sets: int, lifetime: float, listen: str, duration: f
         async with anyio.create_task_group() as tg:
             await tg.start(idp.serve)
             config = demo_config(Path(tmp) / "tokens.db", idp.token_url, client_secret, listen)
-            store = await Store.open(config.daemon.database)
+            store = await open_store(config.daemon.database)
             now = time.time()
             rng = random.Random()
             # Planned as if the customers had authorized at different moments of the last

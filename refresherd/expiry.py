@@ -21,7 +21,7 @@ from refresherd.logs import get_logger
 from refresherd.metrics import Metrics
 from refresherd.model import TokenSet, rfc3339
 from refresherd.refresher import Clock
-from refresherd.store import Store, StoreError
+from refresherd.store_contract import StoreError, TokenStore
 
 log = get_logger("refresherd.expiry")
 
@@ -39,7 +39,7 @@ class ExpiryWatcher:
     def __init__(
         self,
         *,
-        store: Store,
+        store: TokenStore,
         metrics: Metrics,
         clock: Clock,
         providers: Callable[[], Mapping[str, ProviderConfig]],

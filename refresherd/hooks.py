@@ -35,7 +35,7 @@ from refresherd.logs import get_logger
 from refresherd.metrics import Metrics
 from refresherd.model import rfc3339
 from refresherd.refresher import Clock, SystemClock
-from refresherd.store import HookDelivery, Store, StoreError
+from refresherd.store_contract import HookDelivery, StoreError, TokenStore
 
 log = get_logger("refresherd.hooks")
 
@@ -65,7 +65,7 @@ class Hooks:
     def __init__(
         self,
         *,
-        store: Store,
+        store: TokenStore,
         config: HooksConfig,
         metrics: Metrics,
         clock: Clock | None = None,

@@ -17,7 +17,7 @@ from typing import IO, Any, NamedTuple, TypeVar
 from refresherd import policy
 from refresherd.config import ConfigError, ScheduleConfig, parse_duration
 from refresherd.model import RefreshMode, RefreshTokenUsage, Secret, validate_token_set_id
-from refresherd.store import NewTokenSet
+from refresherd.store_contract import NewTokenSet
 
 _E = TypeVar("_E", bound=enum.StrEnum)
 

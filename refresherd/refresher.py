@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Final, Protocol
@@ -26,7 +26,7 @@ from refresherd.logs import get_logger
 from refresherd.metrics import Metrics
 from refresherd.model import Failure, FailureKind, Grant, RefreshTokenUsage, State, TokenSet
 from refresherd.storage_health import StorageHealth
-from refresherd.store import ClaimRefused, Store, StoreError
+from refresherd.store_contract import ClaimRefused, StoreError, TokenStore
 from refresherd.throttle import Throttles
 
 log = get_logger("refresherd.refresher")
@@ -166,7 +166,7 @@ class Refresher:
     def __init__(
         self,
         *,
-        store: Store,
+        store: TokenStore,
         providers: Mapping[str, ProviderConfig],
         endpoints: Mapping[str, TokenEndpoint],
         schedule: ScheduleConfig,
@@ -175,7 +175,6 @@ class Refresher:
         lease_duration: float,
         clock: Clock | None = None,
         rng: random.Random | None = None,
-        owner_alive: Callable[[str], bool] | None = None,
     ) -> None:
         self.store = store
         self.providers = dict(providers)
@@ -200,9 +199,6 @@ class Refresher:
         # Notifications of invalidations and recoveries (set by the daemon when hooks are on).
         self.events: EventSink | None = None
         self._closed = False
-        # Is the process behind a lease owner id still alive? Unknown means alive: never send
-        # a token that another live process may be sending.
-        self.owner_alive = owner_alive or (lambda owner: True)
 
     def reconfigure(
         self,
@@ -395,7 +391,7 @@ class Refresher:
             return await self._unknown_provider(ts)
         # The set's own policy where it has one (an IdP change applies to newer sets only).
         eff = policy.effective_policy(ts, provider)
-        if self._sent_elsewhere(ts, eff):
+        if await self._sent_elsewhere(ts, eff):
             # A live process (paused past its lease, say) sent this very token moments ago and
             # has not resolved it. Sending it too would be a second use; look again shortly.
             await self._defer_quietly(ts.id, now + 1.0)
@@ -437,7 +433,7 @@ class Refresher:
         self._log_outcome(ts, result, duration)
         return result
 
-    def _sent_elsewhere(self, ts: TokenSet, eff: policy.EffectivePolicy) -> bool:
+    async def _sent_elsewhere(self, ts: TokenSet, eff: policy.EffectivePolicy) -> bool:
         attempt = ts.attempt
         if attempt is None or attempt.owner == self.owner or attempt.version != ts.version:
             return False
@@ -448,7 +444,9 @@ class Refresher:
         # process, which stores it when it resumes. Inside the grace window our send would race
         # it; after the window it would be a reuse outside grace, which kills the token set. So
         # the attempt is left to its owner for as long as that lives (tests/test_races.py).
-        return self.owner_alive(attempt.owner)
+        # Unknown counts as alive (TokenStore.owner_alive): never send a token that another
+        # live process may be sending.
+        return await self.store.owner_alive(attempt.owner)
 
     async def _defer_quietly(self, token_set_id: str, until: float) -> None:
         try:

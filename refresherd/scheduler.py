@@ -9,17 +9,15 @@ kept out by the lease.
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 from typing import Final
 
 import anyio
 import anyio.abc
 
-from refresherd import ownership
 from refresherd.logs import get_logger
 from refresherd.metrics import Metrics
 from refresherd.refresher import Clock, Refresher
-from refresherd.store import Store, StoreError
+from refresherd.store_contract import StoreError, TokenStore
 
 log = get_logger("refresherd.scheduler")
 
@@ -38,10 +36,9 @@ class Scheduler:
     def __init__(
         self,
         *,
-        store: Store,
+        store: TokenStore,
         refresher: Refresher,
         metrics: Metrics,
-        database: Path,
         concurrency: int,
         poll_interval: float,
         max_grace_period: float,
@@ -50,7 +47,6 @@ class Scheduler:
         self.store = store
         self.refresher = refresher
         self.metrics = metrics
-        self.database = database
         self.concurrency = concurrency
         self.poll_interval = poll_interval
         self.max_grace_period = max_grace_period
@@ -222,7 +218,7 @@ class Scheduler:
         self._last_reap = mono
         holders = await self.store.lease_holders(now=self.clock.wall())
         holders.discard(self.refresher.owner)
-        dead = [o for o in holders if not ownership.is_alive(self.database, o)]
+        dead = [o for o in holders if not await self.store.owner_alive(o)]
         if dead:
             released = await self.store.clear_leases_of(dead)
             log.info("took over leases of dead owners", owners=dead, token_sets=released)

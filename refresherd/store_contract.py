@@ -23,6 +23,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from refresherd.model import Attempt, RefreshMode, RefreshTokenUsage, Secret, State, TokenSet
 from refresherd.storage_health import StorageReason
@@ -303,6 +304,60 @@ class PostgresLocation:
 
 # Where the token sets live: a SQLite file, or a PostgreSQL database.
 Location = Path | PostgresLocation
+
+_POSTGRES_SCHEMES = ("postgresql", "postgres")
+
+
+def parse_location(text: str, *, base_dir: Path, password: Secret | None = None) -> Location:
+    """A database location as written in a config file or on the command line.
+
+    ``postgresql://user@host:port/dbname?sslmode=require`` (libpq's URL; ``postgres://`` too)
+    names a PostgreSQL database; ``password``, when given, is put into it. ``sqlite:///abs/path``
+    or a plain path (relative to ``base_dir``) names a SQLite file. ValueError says what is wrong.
+    """
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        if not text.strip():
+            raise ValueError("expected a SQLite file path or a postgresql:// URL, got nothing")
+        return base_dir / text
+    scheme = scheme.lower()
+    if scheme == "sqlite":
+        if not rest.startswith("/") or rest == "/":
+            raise ValueError(
+                "expected sqlite:// followed by an absolute path, such as "
+                "sqlite:///var/lib/refresherd/tokens.db"
+            )
+        return Path(rest)
+    if scheme not in _POSTGRES_SCHEMES:
+        raise ValueError(
+            f"unknown database scheme {scheme!r}: expected a SQLite path, sqlite:///path or "
+            "postgresql://user@host/dbname"
+        )
+    parts = urlsplit(text)
+    try:
+        parts.port  # noqa: B018 -- raises on a port that is not a number
+    except ValueError:
+        raise ValueError("the postgresql:// URL has a port that is not a number") from None
+    if not parts.hostname and "host=" not in parts.query:
+        raise ValueError("the postgresql:// URL names no host, such as postgresql://user@host/db")
+    user = unquote(parts.username or "")
+    if password is not None:
+        userinfo = f"{quote(user, safe='')}:{quote(password.reveal(), safe='')}@"
+    elif parts.password is not None:
+        userinfo = f"{quote(user, safe='')}:{quote(unquote(parts.password), safe='')}@"
+    else:
+        userinfo = f"{quote(user, safe='')}@" if user else ""
+    host = parts.netloc.rpartition("@")[2]
+    dsn = urlunsplit((parts.scheme, userinfo + host, parts.path, parts.query, ""))
+    shown = f"{quote(user, safe='')}@" if user else ""
+    display = urlunsplit((parts.scheme, shown + host, parts.path, "", ""))
+    return PostgresLocation(dsn=Secret(dsn), display=display)
+
+
+def has_password(text: str) -> bool:
+    """Does this database URL carry a password itself (rather than from a file)?"""
+    scheme, sep, _ = text.partition("://")
+    return bool(sep) and scheme.lower() in _POSTGRES_SCHEMES and urlsplit(text).password is not None
 
 
 async def open_store(location: Location, *, create: bool = True, cipher: Any = None) -> TokenStore:

@@ -21,6 +21,7 @@ from refresherd.config import (
     resolve_config_path,
 )
 from refresherd.model import AuthMethod, RefreshTokenUsage, Secret
+from refresherd.store_contract import PostgresLocation
 
 REPO = Path(__file__).resolve().parent.parent
 SECRET = "s3cr3t-Val!ue-9f8e7d"  # distinctive, so that any leak is found by substring
@@ -220,7 +221,7 @@ def test_politeness_limits_are_off_unless_set(tmp_path: Path) -> None:
 def test_example_config_shows_every_key() -> None:
     text = (REPO / "config.example.toml").read_text(encoding="utf-8")
     keys = [
-        "database", "concurrency", "lease_duration", "shutdown_timeout", "poll_interval",
+        "database", "database_password_file", "database_password_credential", "concurrency", "lease_duration", "shutdown_timeout", "poll_interval",
         "instance_name", "listen", "enabled", "level", "format", "refresh_fraction",
         "min_margin", "jitter", "import_spread", "min_interval", "default_expires_in",
         "backoff_initial",
@@ -806,3 +807,77 @@ def test_example_config_shows_api_and_hooks_keys() -> None:
     ]  # fmt: skip
     for key in keys:
         assert re.search(rf"^#? ?{key} = ", text, re.MULTILINE), key
+
+
+# ---- [daemon] database: a SQLite file or a PostgreSQL URL ----------------------------------
+
+
+def with_database(line: str) -> str:
+    return MINIMAL.replace('database = "tokens.db"', line)
+
+
+def test_database_sqlite_url_is_an_absolute_path(tmp_path: Path) -> None:
+    config = load(tmp_path, with_database('database = "sqlite:///var/lib/refresherd/t.db"'))
+    assert config.daemon.database == Path("/var/lib/refresherd/t.db")
+
+
+def test_database_postgresql_url(tmp_path: Path) -> None:
+    config = load(
+        tmp_path,
+        with_database(
+            'database = "postgresql://refresherd@db.internal:5433/tokens?sslmode=require"'
+        ),
+    )
+    location = config.daemon.database
+    assert isinstance(location, PostgresLocation)
+    assert location.display == "postgresql://refresherd@db.internal:5433/tokens"
+    assert location.dsn.reveal() == (
+        "postgresql://refresherd@db.internal:5433/tokens?sslmode=require"
+    )
+    assert config.warnings == ()
+
+
+def test_database_password_file_goes_into_the_dsn_only(tmp_path: Path) -> None:
+    password = "pg-pass w/@:" + SECRET
+    (tmp_path / "db-password").write_text(password + "\n")
+    (tmp_path / "db-password").chmod(0o600)
+    config = load(
+        tmp_path,
+        with_database(
+            'database = "postgresql://refresherd@127.0.0.1/tokens"\n'
+            'database_password_file = "db-password"'
+        ),
+    )
+    location = config.daemon.database
+    assert isinstance(location, PostgresLocation)
+    assert SECRET not in str(location) and SECRET not in repr(location)
+    assert SECRET not in repr(config)
+    from urllib.parse import unquote, urlsplit
+
+    assert unquote(urlsplit(location.dsn.reveal()).password or "") == password
+
+
+def test_database_password_in_the_url_warns_and_is_never_shown(tmp_path: Path) -> None:
+    config = load(
+        tmp_path, with_database(f'database = "postgresql://refresherd:{SECRET}@db/tokens"')
+    )
+    assert isinstance(config.daemon.database, PostgresLocation)
+    assert str(config.daemon.database) == "postgresql://refresherd@db/tokens"
+    assert any("database_password_file" in w for w in config.warnings), config.warnings
+    assert all(SECRET not in w for w in config.warnings)
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ('database = "mysql://db/tokens"', ["unknown database scheme 'mysql'"]),
+        ('database = "sqlite://relative.db"', ["absolute path"]),
+        ('database = "postgresql:///tokens"', ["names no host"]),
+        ('database = "postgresql://db:port/tokens"', ["port that is not a number"]),
+        ('database = "tokens.db"\ndatabase_password_file = "pw"', ["postgresql:// database only"]),
+    ],
+)
+def test_database_errors(tmp_path: Path, line: str, expected: list[str]) -> None:
+    (tmp_path / "pw").write_text("x")
+    (tmp_path / "pw").chmod(0o600)
+    assert_error(load_error(tmp_path, with_database(line)), tmp_path, "daemon.database", *expected)

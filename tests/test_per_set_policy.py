@@ -5,7 +5,6 @@ recovery's window and `tokens show`."""
 
 from __future__ import annotations
 
-import functools
 import io
 import json
 import random
@@ -22,7 +21,7 @@ import pytest
 from conftest import IdPHandle, database_at_version, import_tokens, run_cli, write_config
 from test_refresher import SCHEDULE  # the refresher tests' schedule, shared
 
-from refresherd import ownership, policy
+from refresherd import policy
 from refresherd.config import ProviderConfig
 from refresherd.endpoint import TokenEndpoint
 from refresherd.intake import InputError, parse_lines, token_set_from_json
@@ -278,7 +277,6 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
                 owner="owner-a",
                 lease_duration=30.0,
                 rng=random.Random(1),
-                owner_alive=functools.partial(ownership.is_alive, store.path),
             )
             try:
                 yield Rig(store, idp, metrics, refresher)

@@ -9,7 +9,6 @@ Nothing here is timed: waits are polls with generous deadlines, and the grace pe
 
 from __future__ import annotations
 
-import functools
 import io
 import json
 import logging
@@ -207,7 +206,6 @@ class Harness:
             owner=owner,
             lease_duration=30.0,
             rng=random.Random(2),
-            owner_alive=functools.partial(ownership.is_alive, self.store.path),
         )
         self.extra_refreshers.append(other)
         return other
@@ -286,7 +284,6 @@ async def harness(
                 rng=random.Random(1),
                 # No owner in this module holds a lock file: each counts as gone once it
                 # stops holding the lease, as a crashed process would.
-                owner_alive=functools.partial(ownership.is_alive, store.path),
             )
             h = Harness(store, idp, metrics, providers, endpoints, refresher)
             try:
