@@ -14,6 +14,7 @@ import random
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import Any, Final
 
 import anyio
@@ -32,13 +33,17 @@ from refresherd.daemon import Daemon, open_runtime
 from refresherd.discovery import EX_UNAVAILABLE, DiscoveryError
 from refresherd.encryption import cipher_for
 from refresherd.intake import InputError, iter_lines, parse_single
-from refresherd.model import State, TokenSet, rfc3339
+from refresherd.migrate import MigrateRefused, migrate
+from refresherd.model import Secret, State, TokenSet, rfc3339
 from refresherd.store_contract import (
+    Location,
     NewTokenSet,
     StoreError,
     TokenSetExists,
     TokenStore,
+    has_password,
     open_store,
+    parse_location,
 )
 
 EX_USAGE: Final = 64
@@ -97,6 +102,20 @@ def build_parser() -> argparse.ArgumentParser:
         "or to encrypt rows stored before encryption was turned on)",
     )
 
+    mig = sub.add_parser(
+        "migrate",
+        help="move every token set, the journal and the hook queue to another database "
+        "(SQLite <-> PostgreSQL) while no daemon runs",
+    )
+    mig.add_argument("--from", dest="source", required=True, metavar="DATABASE")
+    mig.add_argument("--to", dest="target", required=True, metavar="DATABASE")
+    for side in ("from", "to"):
+        mig.add_argument(
+            f"--{side}-password-file",
+            metavar="PATH",
+            help=f"the PostgreSQL password for --{side} (or PGPASSWORD / ~/.pgpass)",
+        )
+
     demo = sub.add_parser(
         "demo", help="run the daemon against the built-in fake IdP on loopback (no config needed)"
     )
@@ -121,6 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 duration=args.duration,
             )
         )
+    if args.command == "migrate":
+        return _migrate(args)
     path = resolve_config_path(args.config, os.environ)
     try:
         config = load_config(path)
@@ -146,6 +167,48 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(exc), EX_FAILURE)
     except DiscoveryError as exc:
         return _fail(str(exc), EX_UNAVAILABLE)
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    locations: list[Location] = []
+    for flag, text, password_file in (
+        ("--from", args.source, args.from_password_file),
+        ("--to", args.target, args.to_password_file),
+    ):
+        if has_password(text):
+            # argv is visible to every user of the machine (ps, /proc).
+            return _fail(
+                f"migrate: {flag}: the URL holds a password, which must not be on the command "
+                f"line: use {flag}-password-file, PGPASSWORD or ~/.pgpass",
+                EX_USAGE,
+            )
+        password = None
+        if password_file is not None:
+            try:
+                with open(password_file, encoding="utf-8") as f:
+                    password = Secret(f.read().strip())
+            except OSError as exc:
+                return _fail(
+                    f"migrate: {flag}-password-file {password_file}: {exc.strerror}", EX_NOINPUT
+                )
+        try:
+            locations.append(parse_location(text, base_dir=Path.cwd(), password=password))
+        except ValueError as exc:
+            return _fail(f"migrate: {flag}: {exc}", EX_USAGE)
+    source, target = locations
+    if str(source) == str(target):
+        return _fail("migrate: --from and --to name the same database", EX_USAGE)
+    logs.configure("warning", "auto")
+    try:
+        report = anyio.run(migrate, source, target)
+    except MigrateRefused as exc:
+        return _fail(f"migrate: {exc}", EX_TEMPFAIL)
+    except StoreError as exc:
+        return _fail(f"migrate: {exc}", EX_FAILURE)
+    for table, count in report.moved.items():
+        print(f"moved {count} row(s) of {table}")
+    print(f"verified: {target} holds what {source} holds")
+    return 0
 
 
 async def _rekey(config: Config) -> int:

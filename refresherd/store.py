@@ -23,7 +23,7 @@ import anyio
 
 from refresherd.encryption import EncryptionError, TokenCipher
 from refresherd.model import Attempt, RefreshMode, RefreshTokenUsage, Secret, State, TokenSet
-from refresherd.ownership import OwnerLock, is_alive
+from refresherd.ownership import OwnerLock, is_alive, owners_dir
 from refresherd.storage_health import classify
 from refresherd.store_contract import (
     HOOK_DELIVERY_COLUMNS,
@@ -319,7 +319,12 @@ class Store:
 
     @classmethod
     async def open(
-        cls, path: Path, *, create: bool = True, cipher: TokenCipher | None = None
+        cls,
+        path: Path,
+        *,
+        create: bool = True,
+        cipher: TokenCipher | None = None,
+        verify_keys: bool = True,
     ) -> Store:
         path = Path(path)
         try:
@@ -343,7 +348,8 @@ class Store:
         store = cls(path, conn, cipher)
         try:
             await store._setup()
-            await store._check_keys()
+            if verify_keys:
+                await store._check_keys()
         except BaseException:
             await conn.close()
             raise
@@ -419,6 +425,16 @@ class Store:
 
     async def owner_alive(self, owner: str) -> bool:
         return is_alive(self.path, owner)
+
+    async def live_owners(self) -> set[str]:
+        try:
+            names = os.listdir(owners_dir(self.path))
+        except FileNotFoundError:
+            return set()
+        except OSError as exc:
+            raise StoreError(f"database {self.path}: cannot list its owners: {exc}") from exc
+        owners = {n.removesuffix(".lock") for n in names if n.endswith(".lock")}
+        return {o for o in owners if is_alive(self.path, o)}
 
     async def owner_lost(self) -> None:
         # The kernel holds an flock for as long as this process lives: it cannot be lost.

@@ -157,6 +157,10 @@ class TokenStore(Protocol):
         """False only when ``owner`` is known to be gone; anything uncertain counts as alive."""
         ...
 
+    async def live_owners(self) -> set[str]:
+        """The owner ids registered now whose process is alive (running daemons and CLIs)."""
+        ...
+
     async def owner_lost(self) -> None:
         """Return if this process's own owner registration is lost (its leases may be taken
         over by others from then on); never returns while it holds."""
@@ -360,13 +364,19 @@ def has_password(text: str) -> bool:
     return bool(sep) and scheme.lower() in _POSTGRES_SCHEMES and urlsplit(text).password is not None
 
 
-async def open_store(location: Location, *, create: bool = True, cipher: Any = None) -> TokenStore:
+async def open_store(
+    location: Location, *, create: bool = True, cipher: Any = None, verify_keys: bool = True
+) -> TokenStore:
     """Open the store at ``location``; ``create`` makes a missing SQLite file (PostgreSQL
-    databases are never created, only migrated)."""
+    databases are never created, only migrated). ``verify_keys=False`` skips the check that
+    ``cipher`` opens every sealed value: for ``refresherd migrate``, which copies values as
+    they are stored and never opens one."""
     if isinstance(location, PostgresLocation):
         from refresherd.pgstore import PostgresStore
 
-        return await PostgresStore.open(location, create=create, cipher=cipher)
+        return await PostgresStore.open(
+            location, create=create, cipher=cipher, verify_keys=verify_keys
+        )
     from refresherd.store import Store
 
-    return await Store.open(location, create=create, cipher=cipher)
+    return await Store.open(location, create=create, cipher=cipher, verify_keys=verify_keys)

@@ -193,7 +193,7 @@ def toml_value(value: object) -> str:
 def write_config(
     path: Path,
     *,
-    database: Path,
+    database: Path | str,
     providers: Mapping[str, Mapping[str, object]],
     listen: str = "127.0.0.1:0",
     log_level: str = "info",
