@@ -23,6 +23,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import unquote, urlsplit
 
 from refresherd.model import Attempt, RefreshMode, RefreshTokenUsage, Secret, State, TokenSet
 from refresherd.storage_health import StorageReason
@@ -315,3 +316,22 @@ async def open_store(location: Location, *, create: bool = True, cipher: Any = N
     from refresherd.store import Store
 
     return await Store.open(location, create=create, cipher=cipher)
+
+
+def postgres_location(url: str) -> PostgresLocation:
+    """A PostgreSQL location from a libpq URL (``postgresql://user:password@host:port/db``):
+    the URL itself as the secret DSN, and for messages the same URL without its password
+    (neither in the user-info part nor as a ``password=`` query parameter)."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hosts = netloc.rpartition("@")
+        user = userinfo.split(":", 1)[0]
+        netloc = f"{user}@{hosts}" if user else hosts
+    query = "&".join(
+        item
+        for item in parts.query.split("&")
+        if item and unquote(item.partition("=")[0]).strip().lower() != "password"
+    )
+    display = f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
+    return PostgresLocation(dsn=Secret(url), display=display)
