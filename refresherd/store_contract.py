@@ -23,7 +23,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import quote, unquote, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, unquote, urlsplit, urlunsplit
 
 from refresherd.model import Attempt, RefreshMode, RefreshTokenUsage, Secret, State, TokenSet
 from refresherd.storage_health import StorageReason
@@ -361,7 +361,11 @@ def parse_location(text: str, *, base_dir: Path, password: Secret | None = None)
 def has_password(text: str) -> bool:
     """Does this database URL carry a password itself (rather than from a file)?"""
     scheme, sep, _ = text.partition("://")
-    return bool(sep) and scheme.lower() in _POSTGRES_SCHEMES and urlsplit(text).password is not None
+    if not sep or scheme.lower() not in _POSTGRES_SCHEMES:
+        return False
+    parts = urlsplit(text)
+    in_query = any(k.strip().lower() == "password" for k, _ in parse_qsl(parts.query))
+    return parts.password is not None or in_query
 
 
 async def open_store(
@@ -380,3 +384,11 @@ async def open_store(
     from refresherd.store import Store
 
     return await Store.open(location, create=create, cipher=cipher, verify_keys=verify_keys)
+
+
+def postgres_location(url: str) -> PostgresLocation:
+    """A PostgreSQL location from a libpq URL (the password, if any, stays in the DSN)."""
+    location = parse_location(url, base_dir=Path())
+    if not isinstance(location, PostgresLocation):
+        raise ValueError("expected a postgresql:// URL")
+    return location

@@ -35,6 +35,9 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
+
+# PostgreSQL on loopback: postgres_server, postgres_url, store_location (tests/pg_fixtures.py).
+from pg_fixtures import postgres_server, postgres_url, store_location  # noqa: F401
 from prometheus_client.parser import text_string_to_metric_families
 
 from refresherd.testing import FakeIdP, running_in_thread
