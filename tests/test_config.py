@@ -221,7 +221,8 @@ def test_politeness_limits_are_off_unless_set(tmp_path: Path) -> None:
 def test_example_config_shows_every_key() -> None:
     text = (REPO / "config.example.toml").read_text(encoding="utf-8")
     keys = [
-        "database", "database_password_file", "database_password_credential", "concurrency", "lease_duration", "shutdown_timeout", "poll_interval",
+        "database", "database_password_file", "database_password_credential", "concurrency",
+        "lease_duration", "shutdown_timeout", "poll_interval",
         "instance_name", "listen", "enabled", "level", "format", "refresh_fraction",
         "min_margin", "jitter", "import_spread", "min_interval", "default_expires_in",
         "backoff_initial",
