@@ -36,6 +36,9 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 
+# The database once per backend: db (tests/databases.py).
+from databases import Database, PgDatabase, db, read_store_rows  # noqa: F401
+
 # PostgreSQL on loopback: postgres_server, postgres_url, store_location (tests/pg_fixtures.py).
 from pg_fixtures import postgres_server, postgres_url, store_location  # noqa: F401
 from prometheus_client.parser import text_string_to_metric_families
@@ -196,7 +199,7 @@ def toml_value(value: object) -> str:
 def write_config(
     path: Path,
     *,
-    database: Path | str,
+    database: Path | str | PgDatabase,
     providers: Mapping[str, Mapping[str, object]],
     listen: str = "127.0.0.1:0",
     log_level: str = "info",
@@ -204,7 +207,11 @@ def write_config(
     schedule: Mapping[str, object] | None = None,
     server: Mapping[str, object] | None = None,
 ) -> Path:
-    lines = ["[daemon]", f"database = {toml_value(database)}"]
+    if isinstance(database, PgDatabase):
+        lines = ["[daemon]"]
+        lines += [f"{k} = {toml_value(v)}" for k, v in database.config_entries().items()]
+    else:
+        lines = ["[daemon]", f"database = {toml_value(database)}"]
     for key, value in (daemon or {}).items():
         lines.append(f"{key} = {toml_value(value)}")
     lines += ["", "[server]", f"listen = {toml_value(listen)}"]
@@ -377,8 +384,10 @@ def database_at_version(path: Path, version: int) -> sqlite3.Connection:
     return conn
 
 
-def read_rows(database: Path) -> dict[str, dict[str, Any]]:
+def read_rows(database: Path | PgDatabase) -> dict[str, dict[str, Any]]:
     """Every token set as stored, by id (a plain read, as an application of ours would do)."""
+    if isinstance(database, PgDatabase):
+        return read_store_rows(database.location)
     conn = sqlite3.connect(database, timeout=30)
     try:
         conn.row_factory = sqlite3.Row

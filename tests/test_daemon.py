@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from conftest import (
     DaemonProcess,
+    Database,
     IdPHandle,
     free_port,
     import_tokens,
@@ -76,11 +77,10 @@ def assert_stored_tokens_are_the_live_ones(
 
 @pytest.mark.slow
 def test_keeps_200_token_sets_fresh_over_several_cycles(
-    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons
+    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons, db: Database
 ) -> None:
     fast = idp_factory("fast", access_token_lifetime=20, grace_period=5)
     slow = idp_factory("slow", access_token_lifetime=30, grace_period=5)
-    db = tmp_path / "tokens.db"
     config = write_config(
         tmp_path / "refresherd.toml",
         database=db,
@@ -145,10 +145,9 @@ def test_keeps_200_token_sets_fresh_over_several_cycles(
 
 @pytest.mark.slow
 def test_two_daemons_on_one_database(
-    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons
+    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons, db: Database
 ) -> None:
     idp = idp_factory(access_token_lifetime=10, grace_period=5)
-    db = tmp_path / "tokens.db"
     config = write_config(
         tmp_path / "refresherd.toml",
         database=db,
@@ -185,12 +184,11 @@ def test_two_daemons_on_one_database(
 
 
 def test_sigterm_lets_in_flight_refreshes_finish_and_persist(
-    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons
+    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons, db: Database
 ) -> None:
     # A long grace period: the per-attempt timeout is then the full request_timeout (10 s), so
     # the slow answers below are waited for rather than retried.
     idp = idp_factory(grace_period=30)
-    db = tmp_path / "tokens.db"
     config = write_config(tmp_path / "c.toml", database=db, providers={"p": idp.provider()})
     lines = idp.token_lines("p", 6, with_access_token=False)  # due at once
     import_tokens(config, lines)
@@ -216,10 +214,9 @@ def test_sigterm_lets_in_flight_refreshes_finish_and_persist(
 
 
 def test_crash_after_rotation_is_recovered_through_the_grace_window(
-    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons
+    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons, db: Database
 ) -> None:
     idp = idp_factory(grace_period=20)
-    db = tmp_path / "tokens.db"
     config = write_config(tmp_path / "c.toml", database=db, providers={"p": idp.provider()})
     [line] = idp.token_lines("p", 1, with_access_token=False)
     import_tokens(config, [line])
@@ -252,10 +249,9 @@ def test_crash_after_rotation_is_recovered_through_the_grace_window(
 
 
 def test_sighup_reloads_a_valid_config_and_keeps_the_old_one_if_invalid(
-    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons
+    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons, db: Database
 ) -> None:
     idp = idp_factory(access_token_lifetime=6, grace_period=5)
-    db = tmp_path / "tokens.db"
     path = tmp_path / "c.toml"
 
     def configure(**kw: Any) -> Path:
@@ -330,10 +326,9 @@ CONTRACT = {
 
 
 def test_health_readiness_and_the_metrics_contract(
-    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons
+    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons, db: Database
 ) -> None:
     idp = idp_factory()
-    db = tmp_path / "tokens.db"
     config = write_config(tmp_path / "c.toml", database=db, providers={"p": idp.provider()})
     lines = idp.token_lines("p", 3, with_access_token=False)
     import_tokens(config, lines)
@@ -381,10 +376,9 @@ def test_health_readiness_and_the_metrics_contract(
 
 
 def test_invalid_grant_invalidates_the_token_set_once(
-    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons
+    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons, db: Database
 ) -> None:
     idp = idp_factory()
-    db = tmp_path / "tokens.db"
     config = write_config(tmp_path / "c.toml", database=db, providers={"p": idp.provider()})
     lines = idp.token_lines("p", 2, with_access_token=False)
     import_tokens(config, lines)
@@ -413,10 +407,9 @@ def test_invalid_grant_invalidates_the_token_set_once(
 
 
 def test_invalid_client_opens_the_circuit_and_leaves_token_sets_alone(
-    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons
+    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons, db: Database
 ) -> None:
     idp = idp_factory()
-    db = tmp_path / "tokens.db"
     config = write_config(
         tmp_path / "c.toml",
         database=db,
@@ -457,10 +450,9 @@ def test_invalid_client_opens_the_circuit_and_leaves_token_sets_alone(
 
 
 def test_idp_down_backs_off_then_recovers(
-    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons
+    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons, db: Database
 ) -> None:
     idp = idp_factory(serve=False, port=free_port())  # nothing listens there yet
-    db = tmp_path / "tokens.db"
     config = write_config(
         tmp_path / "c.toml",
         database=db,
@@ -493,11 +485,10 @@ def test_idp_down_backs_off_then_recovers(
 
 
 def test_expired_token_sets_gauge_counts_sets_past_expiry_until_refreshed(
-    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons
+    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons, db: Database
 ) -> None:
     idp = idp_factory(serve=False, port=free_port())  # down: nothing gets refreshed yet
     other = idp_factory("other")
-    db = tmp_path / "tokens.db"
     config = write_config(
         tmp_path / "c.toml",
         database=db,
@@ -531,10 +522,9 @@ def test_expired_token_sets_gauge_counts_sets_past_expiry_until_refreshed(
 
 
 def test_a_token_set_added_while_running_is_refreshed_promptly(
-    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons
+    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons, db: Database
 ) -> None:
     idp = idp_factory()
-    db = tmp_path / "tokens.db"
     # A long poll interval: only the daemon noticing the new row can make this prompt.
     config = write_config(
         tmp_path / "c.toml",

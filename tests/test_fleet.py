@@ -8,50 +8,23 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-from urllib.parse import unquote, urlsplit, urlunsplit
 
-import anyio
 import pytest
-from conftest import DaemonProcess, IdPHandle, import_tokens, wait_until, write_config
-
-from refresherd.store_contract import TOKEN_SET_COLUMNS, Location, open_store, parse_location
+from conftest import (
+    DaemonProcess,
+    IdPHandle,
+    PgDatabase,
+    import_tokens,
+    read_rows,
+    wait_until,
+    write_config,
+)
 
 IdPFactory = Callable[..., IdPHandle]
 Daemons = Callable[..., DaemonProcess]
 
 SETS = 10_000
 GRACE = 10.0
-
-
-def config_location(url: str, directory: Path) -> tuple[str, dict[str, object]]:
-    """A daemon's ``database`` line for ``url``, its password moved to a 0600 file, as a
-    deployment would keep it."""
-    parts = urlsplit(url)
-    extra: dict[str, object] = {}
-    if parts.password is not None:
-        secret = directory / "database-password"
-        secret.write_text(unquote(parts.password))
-        secret.chmod(0o600)
-        extra["database_password_file"] = str(secret)
-    host = parts.netloc.rpartition("@")[2]
-    user = f"{parts.username}@" if parts.username else ""
-    return urlunsplit((parts.scheme, user + host, parts.path, parts.query, "")), extra
-
-
-def read_rows_at(location: Location) -> dict[str, dict[str, Any]]:
-    async def read() -> dict[str, dict[str, Any]]:
-        store = await open_store(location, create=False, verify_keys=False)
-        try:
-            return {
-                row[0]: dict(zip(TOKEN_SET_COLUMNS, row, strict=True))
-                async for batch in store.export_rows("token_sets")
-                for row in batch
-            }
-        finally:
-            await store.close()
-
-    return anyio.run(read)
 
 
 def refreshed_by(daemon: DaemonProcess) -> int:
@@ -66,15 +39,14 @@ def test_three_daemons_share_the_work_and_survive_one_killed(
     # it is due at once); 20 ms at the IdP keeps every daemon's 16 slots busy, so the shares
     # measure the claiming, not who happened to wake first.
     idp = idp_factory(access_token_lifetime=3600, grace_period=GRACE, latency=0.02)
-    database, extra = config_location(postgres_url, tmp_path)
+    db = PgDatabase(postgres_url, tmp_path)
     config = write_config(
         tmp_path / "refresherd.toml",
-        database=database,
+        database=db,
         providers={"p": idp.provider()},
-        daemon={"concurrency": 16, "poll_interval": "200ms", "lease_duration": "30s", **extra},
+        daemon={"concurrency": 16, "poll_interval": "200ms", "lease_duration": "30s"},
     )
     import_tokens(config, idp.token_lines("p", SETS, with_access_token=False))
-    location = parse_location(postgres_url, base_dir=tmp_path)
 
     started = time.monotonic()
     fleet = [daemons(config, name) for name in ("a", "b", "c")]
@@ -85,7 +57,7 @@ def test_three_daemons_share_the_work_and_survive_one_killed(
     killed_at = idp.ledger.refreshes
 
     def all_refreshed() -> bool:
-        rows = read_rows_at(location)
+        rows = read_rows(db)
         return all(row["version"] >= 2 for row in rows.values())
 
     wait_until(all_refreshed, timeout=240, interval=1.0, what="every set refreshed")
@@ -107,7 +79,7 @@ def test_three_daemons_share_the_work_and_survive_one_killed(
     assert ledger.reuses_outside_grace == 0, ledger.snapshot()
     assert ledger.invalid_grants == 0, ledger.snapshot()
     # Zero lost: each set's one live refresh token is the stored one; none invalidated.
-    rows = read_rows_at(location)
+    rows = read_rows(db)
     assert len(rows) == SETS
     for token_set_id, row in rows.items():
         assert row["state"] == "active", (token_set_id, row["invalid_reason"])
