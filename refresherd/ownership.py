@@ -24,6 +24,12 @@ def owners_dir(database: Path) -> Path:
     return database.with_name(database.name + ".owners")
 
 
+def new_owner_id(name: str | None = None) -> str:
+    """A fresh owner id, ``<host or name>-<pid>-<8 hex>``: readable, and unique per process."""
+    host = "".join(ch if ch in _SAFE else "-" for ch in (name or socket.gethostname()))[:40]
+    return f"{host}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
 def _lock_path(directory: Path, owner: str) -> Path:
     if not owner or not set(owner) <= _SAFE:
         raise ValueError(f"not an owner id: {owner!r}")
@@ -35,8 +41,7 @@ class OwnerLock:
 
     def __init__(self, database: Path, name: str | None = None) -> None:
         self.directory = owners_dir(database)
-        host = "".join(ch if ch in _SAFE else "-" for ch in (name or socket.gethostname()))[:40]
-        self.owner = f"{host}-{os.getpid()}-{secrets.token_hex(4)}"
+        self.owner = new_owner_id(name)
         self._fd: int | None = None
 
     def acquire(self) -> str:

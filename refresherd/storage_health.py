@@ -29,6 +29,8 @@ class StorageReason(enum.StrEnum):
     LOCKED = "locked"  # SQLITE_BUSY/SQLITE_LOCKED beyond the busy timeout: another writer
     IO_ERROR = "io_error"  # SQLITE_IOERR*: the OS refused a read or write (EIO, EROFS, EPERM)
     CORRUPT = "corrupt"  # SQLITE_CORRUPT, SQLITE_NOTADB
+    # PostgreSQL only: the server cannot be reached, or dropped or refused our connection.
+    UNAVAILABLE = "unavailable"
     OTHER = "other"
 
 
@@ -54,6 +56,43 @@ def classify(error: BaseException) -> StorageReason:
     # Extended codes (SQLITE_IOERR_WRITE, SQLITE_READONLY_DBMOVED...) keep the primary code in
     # their low byte.
     return _BY_PRIMARY_CODE.get(code & 0xFF, StorageReason.OTHER)
+
+
+# PostgreSQL SQLSTATEs (https://www.postgresql.org/docs/current/errcodes-appendix.html): exact
+# codes first, then their two-character class.
+_BY_SQLSTATE: Final[dict[str, StorageReason]] = {
+    "53100": StorageReason.FULL,  # disk_full
+    "53300": StorageReason.UNAVAILABLE,  # too_many_connections
+    "25006": StorageReason.READONLY,  # read_only_sql_transaction (a standby, or read-only)
+    "42501": StorageReason.READONLY,  # insufficient_privilege
+    "55P03": StorageReason.LOCKED,  # lock_not_available (lock_timeout)
+    "40P01": StorageReason.LOCKED,  # deadlock_detected
+    "57P01": StorageReason.UNAVAILABLE,  # admin_shutdown
+    "57P02": StorageReason.UNAVAILABLE,  # crash_shutdown
+    "57P03": StorageReason.UNAVAILABLE,  # cannot_connect_now (starting up, shutting down)
+    "3D000": StorageReason.UNAVAILABLE,  # invalid_catalog_name: no such database
+    "XX001": StorageReason.CORRUPT,  # data_corrupted
+    "XX002": StorageReason.CORRUPT,  # index_corrupted
+}
+_BY_SQLSTATE_CLASS: Final[dict[str, StorageReason]] = {
+    "08": StorageReason.UNAVAILABLE,  # connection_exception
+    "28": StorageReason.READONLY,  # invalid_authorization_specification (as SQLITE_AUTH)
+    "58": StorageReason.IO_ERROR,  # system_error (an I/O error on the server)
+}
+
+
+def classify_postgres(error: BaseException) -> StorageReason:
+    """The reason for a PostgreSQL driver error, from its SQLSTATE (``sqlstate``, as asyncpg
+    sets it); a failure to reach or keep the server (OSError, a timeout) is UNAVAILABLE."""
+    state = getattr(error, "sqlstate", None)
+    if isinstance(state, str) and len(state) == 5:
+        reason = _BY_SQLSTATE.get(state) or _BY_SQLSTATE_CLASS.get(state[:2])
+        if reason is not None:
+            return reason
+        return StorageReason.OTHER
+    if isinstance(error, OSError | TimeoutError):
+        return StorageReason.UNAVAILABLE
+    return StorageReason.OTHER
 
 
 @dataclass(slots=True)
