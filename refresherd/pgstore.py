@@ -315,10 +315,11 @@ class PostgresStore:
         *,
         create: bool = True,
         cipher: TokenCipher | None = None,
+        verify_keys: bool = True,
         pool_size: int = DEFAULT_POOL_SIZE,
     ) -> PostgresStore:
         """Connect, and migrate the schema (``create`` is for SQLite files: a PostgreSQL
-        database is never created here, only migrated)."""
+        database is never created here, only migrated). ``verify_keys``: see open_store."""
         del create
         secret_forms = _passwords(location.dsn.reveal())
         try:
@@ -344,7 +345,8 @@ class PostgresStore:
         store = cls(location, pool, cipher)
         try:
             await store._migrate()
-            await store._check_keys()
+            if verify_keys:
+                await store._check_keys()
         except BaseException:
             pool.terminate()
             raise
@@ -504,6 +506,12 @@ class PostgresStore:
         except _DRIVER_ERRORS:
             return True
         return not free
+
+    async def live_owners(self) -> set[str]:
+        """Registered owners whose advisory lock is held (their session lives)."""
+        with self._errors():
+            rows = await self._read("SELECT owner FROM refresherd_owners")
+        return {r[0] for r in rows if await self.owner_alive(r[0])}
 
     async def owner_lost(self) -> None:
         """Return once our owner connection is gone (closed, terminated, or not answering
