@@ -1350,7 +1350,32 @@ class PostgresStore:
                         "SELECT setval(pg_get_serial_sequence('hook_deliveries', 'id'),"
                         " (SELECT max(id) FROM hook_deliveries))"
                     )
+                if table == "token_sets":
+                    await self._record_gone_owners(conn)
         return count
+
+    @staticmethod
+    async def _record_gone_owners(conn: _Conn) -> None:
+        """Owners the loaded rows name (leases, journaled attempts) were processes of the
+        source database, all gone (migrate refuses while one lives). Recorded with a lock key
+        nobody holds, they read as dead; unknown, they would read as alive for ever, and a
+        journaled attempt of theirs would never be continued."""
+        names = await conn.fetch(
+            "SELECT lease_owner AS o FROM token_sets WHERE lease_owner IS NOT NULL"
+            " UNION SELECT attempt_owner FROM token_sets WHERE attempt_owner IS NOT NULL"
+        )
+        for row in names:
+            while not await conn.fetchval(
+                "INSERT INTO refresherd_owners (owner, lock_key, host, pid, started_at)"
+                " VALUES ($1, $2, 'migrated', $3, 0) ON CONFLICT DO NOTHING RETURNING true",
+                row["o"],
+                secrets.randbits(31),
+                _pid(row["o"]),
+            ):
+                if await conn.fetchval(
+                    "SELECT true FROM refresherd_owners WHERE owner = $1", row["o"]
+                ):
+                    break
 
 
 def _pid(owner: str) -> int:

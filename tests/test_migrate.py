@@ -9,7 +9,8 @@ from typing import Any
 
 import anyio
 import pytest
-from conftest import LEAKS, DaemonProcess, IdPHandle, run_cli, write_config
+from conftest import LEAKS, DaemonProcess, Database, IdPHandle, PgDatabase, run_cli, write_config
+from databases import location_of
 
 from refresherd.encryption import TokenCipher, new_key_text
 from refresherd.model import Secret, State
@@ -113,16 +114,37 @@ async def _plain(location: Location) -> dict[str, tuple[str, str | None]]:
         await store.close()
 
 
-def migrate(source: Location, target: Location) -> Any:
-    return run_cli(None, "migrate", "--from", _arg(source), "--to", _arg(target))
+async def _owner_alive(location: Location, owner: str) -> bool:
+    store = await open_store(location, create=False, verify_keys=False)
+    try:
+        return await store.owner_alive(owner)
+    finally:
+        await store.close()
 
 
-def _arg(location: Location) -> str:
-    return f"sqlite://{location}" if isinstance(location, Path) else str(location)
+def migrate(source: Database, target: Database) -> Any:
+    return run_cli(None, "migrate", *_args("from", source), *_args("to", target))
 
 
-def test_round_trip_moves_everything_and_verifies(tmp_path: Path) -> None:
-    source, middle, back = tmp_path / "a.db", tmp_path / "b.db", tmp_path / "c.db"
+def _args(side: str, database: Database) -> list[str]:
+    """``--from``/``--to`` for ``database``: a PostgreSQL password goes in a file, never argv."""
+    if isinstance(database, Path):
+        return [f"--{side}", f"sqlite://{database}"]
+    entries = database.config_entries()
+    args = [f"--{side}", entries["database"]]
+    if "database_password_file" in entries:
+        args += [f"--{side}-password-file", entries["database_password_file"]]
+    return args
+
+
+@pytest.mark.parametrize("via", ["sqlite", "postgresql"])
+def test_round_trip_moves_everything_and_verifies(
+    tmp_path: Path, request: pytest.FixtureRequest, via: str
+) -> None:
+    source, back = tmp_path / "a.db", tmp_path / "c.db"
+    middle: Database = tmp_path / "b.db"
+    if via == "postgresql":
+        middle = PgDatabase(request.getfixturevalue("postgres_url"), tmp_path)
     anyio.run(_fill, source)
     before = anyio.run(_rows, source)
     assert len(before["token_sets"]) == 120 and len(before["hook_deliveries"]) == 6
@@ -138,9 +160,12 @@ def test_round_trip_moves_everything_and_verifies(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
 
     # Every value of every row, journal and hook queue included, as it was; the source as well.
-    assert anyio.run(_rows, middle) == before
+    assert anyio.run(_rows, location_of(middle)) == before
     assert anyio.run(_rows, back) == before
     assert anyio.run(_rows, source) == before
+    # The processes the journal names belonged to the source: on the other side they read as
+    # gone, so their unresolved attempts are continued, not left to them for ever.
+    assert anyio.run(_owner_alive, location_of(middle), "gone-1-aa") is False
     # Sealed values are opened by the same key on the other side.
     assert anyio.run(_plain, back) == anyio.run(_plain, source)
 
@@ -160,9 +185,10 @@ def test_refuses_while_a_daemon_runs_on_the_source(
     tmp_path: Path,
     idp_factory: Callable[..., IdPHandle],
     daemons: Callable[..., DaemonProcess],
+    db: Database,
 ) -> None:
     idp = idp_factory("p", usage="reuse")
-    source, target = tmp_path / "tokens.db", tmp_path / "moved.db"
+    source, target = db, tmp_path / "moved.db"
     config = write_config(tmp_path / "c.toml", database=source, providers={"p": idp.provider()})
     daemon = daemons(config)  # started: it listens, so it has registered as an owner
 
