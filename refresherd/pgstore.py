@@ -1283,7 +1283,8 @@ class PostgresStore:
         await self._write(
             "UPDATE hook_deliveries SET last_error = :error,"
             " next_attempt_at = coalesce(:next::double precision, next_attempt_at),"
-            " given_up_at = CASE WHEN :next::double precision IS NULL THEN :now ELSE NULL END"
+            " given_up_at = CASE WHEN :next::double precision IS NULL"
+            " THEN :now::double precision ELSE NULL END"
             " WHERE id = :id",
             {"id": delivery_id, "error": error[:500], "next": next_attempt_at, "now": now},
         )
