@@ -392,3 +392,35 @@ async def test_concurrent_grants_are_each_committed_when_they_return(
     finally:
         await reader.close()
     assert seen == {f"s{i}": f"RT-s{i}-2" for i in range(64)}
+
+
+@pytest.mark.anyio
+async def test_a_read_only_database_is_readonly(
+    store: PostgresStore, location: PostgresLocation
+) -> None:
+    """A standby, or a database set read-only: writing fails with READONLY."""
+    await store.add(new("a"), now=NOW)
+    name = location.display.rsplit("/", 1)[1]
+    await fetch(location, f"ALTER DATABASE {name} SET default_transaction_read_only = on")
+    # New sessions take the setting: a store opened now cannot even record its schema check.
+    with pytest.raises(StoreError) as info:
+        await PostgresStore.open(location)
+    assert info.value.reason is StorageReason.READONLY, str(info.value)
+
+
+@pytest.mark.anyio
+async def test_a_row_lock_held_too_long_is_locked(
+    store: PostgresStore, location: PostgresLocation
+) -> None:
+    await store.add(new("a"), now=NOW)
+    conn = await asyncpg.connect(location.dsn.reveal())
+    try:
+        async with conn.transaction():
+            await conn.execute("SELECT id FROM token_sets WHERE id = 'a' FOR UPDATE")
+            # The store waits lock_timeout (pgstore.LOCK_TIMEOUT_MS) for the row, then fails.
+            with pytest.raises(StoreError) as info:
+                await store.claim("a", owner=ME, now=NOW, lease_until=NOW + 60)
+            assert info.value.reason is StorageReason.LOCKED, str(info.value)
+    finally:
+        await conn.close()
+    assert isinstance(await store.claim("a", owner=ME, now=NOW, lease_until=NOW + 60), TokenSet)
