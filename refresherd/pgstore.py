@@ -263,16 +263,27 @@ def _describe(exc: BaseException) -> str:
     """What went wrong, without anything that may quote a value: a server error's primary
     message only (its DETAIL quotes rows), and an argument error without the argument."""
     if isinstance(exc, asyncpg.PostgresError):
-        message = str(getattr(exc, "message", "") or "") or type(exc).__name__
+        # The server's errors carry ``message``; the driver's own (an argument it cannot
+        # encode) only their text, which quotes the argument: cut before it.
+        message = str(getattr(exc, "message", None) or (exc.args[0] if exc.args else ""))
         if message.startswith("invalid input for query argument"):
             message = message.split(":", 1)[0]
-        return message.splitlines()[0] if message else type(exc).__name__
+        return message.splitlines()[0] if message.strip() else type(exc).__name__
     if isinstance(exc, TimeoutError):
         return "no answer in time"
     if isinstance(exc, OSError):
         return exc.strerror or str(exc) or type(exc).__name__
     text = str(exc).splitlines()[0] if str(exc) else ""
     return text or type(exc).__name__
+
+
+class _InputFailed(Exception):
+    """import_stream's input raised ``error`` (a bad line): it reaches the caller as it is,
+    not as a database error, once the transaction is rolled back."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 _DRIVER_ERRORS: Final = (
@@ -767,20 +778,23 @@ class PostgresStore:
         the repeat with its ``where``), and one ``INSERT … SELECT`` moves the rows in; only
         that takes locks on token_sets.
         """
-        with self._errors():
-            async with self._pool.acquire() as conn:
-                transaction = conn.transaction()
-                await transaction.start()
-                try:
-                    await conn.execute(_STAGING)
-                    count = await self._stage(conn, items, now)
-                    with anyio.CancelScope(shield=True):
-                        await self._move_staged(conn)
-                        await transaction.commit()
-                except BaseException:
-                    with anyio.CancelScope(shield=True), contextlib.suppress(*_DRIVER_ERRORS):
-                        await transaction.rollback()
-                    raise
+        try:
+            with self._errors():
+                async with self._pool.acquire() as conn:
+                    transaction = conn.transaction()
+                    await transaction.start()
+                    try:
+                        await conn.execute(_STAGING)
+                        count = await self._stage(conn, items, now)
+                        with anyio.CancelScope(shield=True):
+                            await self._move_staged(conn)
+                            await transaction.commit()
+                    except BaseException:
+                        with anyio.CancelScope(shield=True), contextlib.suppress(*_DRIVER_ERRORS):
+                            await transaction.rollback()
+                        raise
+        except _InputFailed as failed:
+            raise failed.error from None
         return count
 
     async def _stage(
@@ -792,7 +806,13 @@ class PostgresStore:
         columns = ["ord", "source", *_INSERT_COLUMNS]
         count = 0
         iterator = iter(items)
-        while chunk := list(itertools.islice(iterator, _CHUNK)):
+        while True:
+            try:
+                chunk = list(itertools.islice(iterator, _CHUNK))
+            except Exception as exc:  # a bad input line, raised by ``items``
+                raise _InputFailed(exc) from exc
+            if not chunk:
+                return count
             records = [
                 (count + i, where, *self._insert_row(n, now)) for i, (where, n) in enumerate(chunk)
             ]
@@ -800,7 +820,6 @@ class PostgresStore:
                 "import_staging", records=records, columns=columns, timeout=BULK_TIMEOUT
             )
             count += len(chunk)
-        return count
 
     async def _move_staged(self, conn: _Conn) -> None:
         repeated = await conn.fetchrow(

@@ -200,6 +200,14 @@ async def test_a_streamed_import_is_all_or_nothing_across_chunks(any_store: Toke
 
     with pytest.raises(ValueError, match="in:7001"):
         await store.import_stream(broken(), now=NOW)
+
+    # The input file cannot be read any further: its own error, not a database error.
+    def unreadable() -> Iterator[tuple[str, NewTokenSet]]:
+        yield from numbered(ids[:6000])
+        raise OSError(5, "Input/output error")
+
+    with pytest.raises(OSError, match="Input/output error"):
+        await store.import_stream(unreadable(), now=NOW)
     assert await store.counts() == before
     assert await store.import_stream(numbered(ids), now=NOW) == 12_000
     assert (await store.counts())[("p", "active")] == 64 + 12_000
