@@ -631,6 +631,59 @@ async def test_expired_counts_active_and_failing_sets_past_their_expiry(store: T
     assert await store.expired_counts(now=NOW + 3600) == {"visma": 3, "okta": 1}
 
 
+@pytest.mark.anyio
+async def test_refresh_expiring_once_per_expiry(store: TokenStore) -> None:
+    """The expiry watcher's queries: sets whose absolute refresh-token expiry (stated, or
+    created + own lifetime, or created + the provider's) is within the horizon, soonest first,
+    each until it is marked as warned at that very expiry."""
+    day = 86400.0
+    await store.add_many(
+        [
+            NewTokenSet(
+                id=name,
+                provider="visma",
+                refresh_token=Secret(refresh_value(name)),
+                access_token=None,
+                expires_at=None,
+                next_refresh_at=NOW,
+                refresh_expires_at=stated,
+                refresh_token_lifetime=own,
+            )
+            for name, stated, own in (
+                ("stated", NOW + 2 * day, None),
+                ("own", None, 1 * day),
+                ("provider", None, None),
+                ("far", NOW + 90 * day, None),
+            )
+        ],
+        now=NOW,
+    )
+    until = NOW + 5 * day
+    found = await store.refresh_expiring("visma", lifetime=3 * day, until=until)
+    assert [(ts.id, expiry) for ts, expiry in found] == [
+        ("own", NOW + day),
+        ("stated", NOW + 2 * day),
+        ("provider", NOW + 3 * day),
+    ]
+    assert await store.refresh_expiring_counts({"visma": 3 * day, "okta": None}, until=until) == {
+        "visma": 3,
+        "okta": 0,
+    }
+    # Without a provider lifetime, a set with neither a stated nor its own has no known expiry.
+    found = await store.refresh_expiring("visma", lifetime=None, until=until, limit=1)
+    assert [ts.id for ts, _ in found] == ["own"]
+    await store.mark_expiry_warned([("own", NOW + day), ("stated", NOW + 2 * day)])
+    found = await store.refresh_expiring("visma", lifetime=3 * day, until=until)
+    assert [ts.id for ts, _ in found] == ["provider"]
+    # Warned at another expiry than the one it has now: warned again.
+    await store.mark_expiry_warned([("provider", NOW + 7 * day)])
+    assert [
+        ts.id for ts, _ in await store.refresh_expiring("visma", lifetime=3 * day, until=until)
+    ] == ["provider"]
+    assert (await store.get("own")).expiry_warned_for == NOW + day  # type: ignore[union-attr]
+    await store.mark_expiry_warned([])
+
+
 # ---- claims and leases -------------------------------------------------------------------------
 
 
