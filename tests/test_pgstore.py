@@ -155,6 +155,30 @@ async def test_four_daemons_claiming_together_never_share_a_row(
 
 
 @pytest.mark.anyio
+async def test_two_daemons_never_claim_the_same_hook_delivery(location: PostgresLocation) -> None:
+    first = await PostgresStore.open(location)
+    second = await PostgresStore.open(location)
+    try:
+        for n in range(100):
+            await first.enqueue_hook(
+                event_id=f"e{n}", event_type="t", payload="{}", targets=["webhook"], now=NOW
+            )
+        claimed: list[int] = []
+
+        async def dispatcher(store: PostgresStore) -> None:
+            while batch := await store.claim_hook_deliveries(now=NOW, until=NOW + 30, limit=3):
+                claimed.extend(d.id for d in batch)
+
+        async with anyio.create_task_group() as tg:
+            for store in (first, second, first, second):
+                tg.start_soon(dispatcher, store)
+        assert len(claimed) == 100 and len(set(claimed)) == 100
+    finally:
+        await first.close()
+        await second.close()
+
+
+@pytest.mark.anyio
 async def test_claim_due_skips_a_row_another_session_has_locked(
     store: PostgresStore, location: PostgresLocation
 ) -> None:
