@@ -313,6 +313,7 @@ class PostgresStore:
         self._owner_key: int | None = None
         self._owner_gone = anyio.Event()
         self._owner_check = anyio.Lock()
+        self.owner_check_interval = OWNER_CHECK_INTERVAL
 
     def __repr__(self) -> str:
         return f"<PostgresStore {self._location.display}>"
@@ -521,7 +522,7 @@ class PostgresStore:
         within OWNER_CHECK_TIMEOUT, or no longer holding its lock): from then on other daemons
         may take over our leases. Never returns while it holds, nor outside :meth:`owner`."""
         while True:
-            with anyio.move_on_after(OWNER_CHECK_INTERVAL):
+            with anyio.move_on_after(self.owner_check_interval):
                 await self._owner_gone.wait()
                 return
             conn, key = self._owner_conn, self._owner_key
@@ -537,7 +538,7 @@ class PostgresStore:
                         key,
                         timeout=OWNER_CHECK_TIMEOUT,
                     )
-                except (*_DRIVER_ERRORS, asyncpg.exceptions.InterfaceError):
+                except _DRIVER_ERRORS:
                     held = 0
             if not held and self._owner_conn is conn:
                 return

@@ -227,6 +227,22 @@ async def test_an_owner_is_alive_while_its_session_lives(
 
 
 @pytest.mark.anyio
+async def test_owner_lost_checks_that_the_lock_is_still_held(store: PostgresStore) -> None:
+    """Besides the connection's end, a periodic check: the session must still answer and still
+    hold its lock. Here the lock goes while the connection stays (no termination to hear)."""
+    store.owner_check_interval = 0.02
+    async with store.owner(None):
+        with anyio.move_on_after(0.3) as scope:
+            await store.owner_lost()  # many checks, each finding the lock held
+        assert scope.cancelled_caught
+        conn = store._owner_conn
+        assert conn is not None
+        await conn.execute("SELECT pg_advisory_unlock_all()")
+        with anyio.fail_after(30):
+            await store.owner_lost()
+
+
+@pytest.mark.anyio
 async def test_a_terminated_owner_session_is_dead_to_others_and_lost_to_itself(
     store: PostgresStore, location: PostgresLocation
 ) -> None:
