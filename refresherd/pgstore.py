@@ -61,6 +61,7 @@ COMMAND_TIMEOUT: Final = 30.0
 BULK_TIMEOUT: Final = 3600.0
 # Waiting for a row lock longer than this is an error (LOCKED), as SQLite's busy timeout is.
 LOCK_TIMEOUT_MS: Final = 5000
+DEADLOCK_RETRIES: Final = 3
 # How often the owner connection is checked, and how long a check may take before the owner
 # registration counts as lost.
 OWNER_CHECK_INTERVAL: Final = 5.0
@@ -714,7 +715,16 @@ class PostgresStore:
         runs on its own pooled connection: concurrent writes commit together (group commit)."""
         text, args = _bind(sql, params)
         with anyio.CancelScope(shield=True), self._errors():
-            rows = await self._pool.fetch(text, *args)
+            for attempt in range(DEADLOCK_RETRIES + 1):
+                try:
+                    rows = await self._pool.fetch(text, *args)
+                    break
+                except asyncpg.DeadlockDetectedError:
+                    # The server rolled this statement back to break a cycle of row locks
+                    # between multi-row writes (leases, expiry marks): nothing of it was
+                    # committed, so running it again is safe.
+                    if attempt == DEADLOCK_RETRIES:
+                        raise
         return list(rows)
 
     async def _read(self, sql: str, params: dict[str, Any] | None = None) -> list[asyncpg.Record]:

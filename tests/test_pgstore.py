@@ -464,3 +464,43 @@ async def test_a_row_lock_held_too_long_is_locked(
     finally:
         await conn.close()
     assert isinstance(await store.claim("a", owner=ME, now=NOW, lease_until=NOW + 60), TokenSet)
+
+
+@pytest.mark.anyio
+async def test_a_write_the_server_aborts_to_break_a_deadlock_is_run_again(
+    store: PostgresStore, location: PostgresLocation
+) -> None:
+    """Two multi-row writes locking rows in opposite orders: the server aborts one (40P01),
+    which committed nothing; the store runs its statement again instead of pausing storage."""
+    await store.add_many([new("a"), new("b")], now=NOW)
+    for token_set_id in ("a", "b"):
+        await store.claim(token_set_id, owner=ME, now=NOW, lease_until=NOW + 60)
+    other = await asyncpg.connect(location.dsn.reveal())
+    try:
+        transaction = other.transaction()
+        await transaction.start()
+        await other.execute("UPDATE token_sets SET scope = 'other' WHERE id = 'b'")
+        released: list[int] = []
+
+        async def release() -> None:
+            released.append(await store.release_all(owner=ME))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(release)
+            # The store's statement holds "a" and waits for "b"...
+            with anyio.fail_after(30):
+                while not await fetch(
+                    location,
+                    "SELECT 1 FROM pg_stat_activity WHERE application_name = 'refresherd'"
+                    " AND wait_event_type = 'Lock'",
+                ):
+                    await anyio.sleep(0.02)
+            # ...and now the other session wants "a": a cycle, which the server breaks by
+            # aborting the statement that waited first, the store's.
+            await other.execute("UPDATE token_sets SET scope = 'other' WHERE id = 'a'")
+            await transaction.commit()
+        assert released == [2]
+    finally:
+        await other.close()
+    rows = await fetch(location, "SELECT id, scope, lease_owner FROM token_sets ORDER BY id")
+    assert [tuple(r) for r in rows] == [("a", "other", None), ("b", "other", None)]
