@@ -1,11 +1,12 @@
-"""The PostgreSQL test fixtures themselves: a fresh, empty database per test, on loopback."""
+"""The PostgreSQL test fixtures (a fresh, empty database per test, on loopback), and how a
+PostgreSQL location is shown: never with its password."""
 
 from __future__ import annotations
 
 import asyncpg
 import pytest
 
-from refresherd.store_contract import PostgresLocation
+from refresherd.store_contract import PostgresLocation, postgres_location
 
 
 @pytest.fixture
@@ -27,3 +28,33 @@ async def test_postgres_url_is_a_fresh_empty_database(postgres_url: str) -> None
 
 def test_store_location_covers_both_backends(store_location: object) -> None:
     assert isinstance(store_location, PostgresLocation) or str(store_location).endswith(".db")
+
+
+@pytest.mark.parametrize(
+    ("url", "display"),
+    [
+        (
+            "postgresql://u:pw-s3cr3t@db.example:5433/tokens",
+            "postgresql://u@db.example:5433/tokens",
+        ),
+        ("postgres://:pw-s3cr3t@db/tokens", "postgres://db/tokens"),
+        (
+            "postgresql://u@db/t?password=pw-s3cr3t&sslmode=require",
+            "postgresql://u@db/t?sslmode=require",
+        ),
+        ("postgresql://u@db/t?PASS%57ORD=pw-s3cr3t", "postgresql://u@db/t"),
+        ("postgresql:///tokens?host=/run/postgresql", "postgresql:///tokens?host=/run/postgresql"),
+    ],
+)
+def test_a_location_shows_its_url_without_the_password(url: str, display: str) -> None:
+    location = postgres_location(url)
+    assert location.display == display == str(location)
+    assert location.dsn.reveal() == url
+    assert "s3cr3t" not in repr(location)
+
+
+@pytest.mark.parametrize("url", ["host=db password=pw-s3cr3t", "mysql://u:pw-s3cr3t@db/t", ""])
+def test_only_postgresql_urls_are_locations(url: str) -> None:
+    with pytest.raises(ValueError) as info:
+        postgres_location(url)
+    assert "s3cr3t" not in str(info.value)
