@@ -321,14 +321,8 @@ async def open_store(location: Location, *, create: bool = True, cipher: Any = N
 def postgres_location(url: str) -> PostgresLocation:
     """A PostgreSQL location from a libpq URL (``postgresql://user:password@host:port/db``):
     the URL itself as the secret DSN, and for messages the same URL without its password
-    (neither in the user-info part nor as a ``password=`` query parameter). ValueError, which
-    does not repeat the text, for anything but a ``postgresql://`` or ``postgres://`` URL."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        raise ValueError("not a valid postgresql:// URL") from None
-    if parts.scheme not in ("postgresql", "postgres") or not url.startswith(f"{parts.scheme}://"):
-        raise ValueError("expected a postgresql:// URL (libpq's key=value form is not taken)")
+    (neither in the user-info part nor as a ``password=`` query parameter)."""
+    parts = urlsplit(url)
     netloc = parts.netloc
     if "@" in netloc:
         userinfo, _, hosts = netloc.rpartition("@")
