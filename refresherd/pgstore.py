@@ -222,6 +222,14 @@ _STAGING: Final = (
     " created_at double precision, updated_at double precision) ON COMMIT DROP"
 )
 
+# An owner row no token set names, as lease holder or as the owner of a journaled attempt
+# (refresher._sent_elsewhere asks whether that one lives): only such a row may be forgotten.
+_UNREFERENCED: Final = (
+    "NOT EXISTS (SELECT 1 FROM token_sets WHERE lease_owner = o.owner)"
+    " AND NOT EXISTS (SELECT 1 FROM token_sets WHERE attempt_started_at IS NOT NULL"
+    " AND attempt_owner = o.owner)"
+)
+
 # ":name" parameters, but not "::type" casts.
 _PARAM: Final = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
 
@@ -435,12 +443,12 @@ class PostgresStore:
             with anyio.CancelScope(shield=True):
                 self._owner_conn = None
                 conn.remove_termination_listener(self._on_owner_terminated)
-                # Our row stays while leases name us (a clean exit releases them first):
-                # with the lock gone, other daemons then see us as dead, not unknown.
+                # Our row stays while a lease or a journaled attempt names us: with the lock
+                # gone, other daemons then see us as dead, not unknown (which reads as alive:
+                # our attempt would never be continued, our lease never taken over).
                 with contextlib.suppress(*_DRIVER_ERRORS):
                     await self._pool.execute(
-                        "DELETE FROM refresherd_owners WHERE owner = $1 AND NOT EXISTS"
-                        " (SELECT 1 FROM token_sets WHERE lease_owner = $1)",
+                        f"DELETE FROM refresherd_owners o WHERE owner = $1 AND {_UNREFERENCED}",
                         owner,
                     )
                 try:
@@ -473,20 +481,18 @@ class PostgresStore:
             await conn.fetchval("SELECT pg_advisory_unlock($1, $2)", OWNER_LOCK_CLASS, key)
 
     async def _prune_owners(self, me: str) -> None:
-        """Forget owners that are gone and named by no lease (housekeeping: best effort)."""
+        """Forget owners that are gone and named by no token set (housekeeping, best effort)."""
         with anyio.CancelScope(shield=True), contextlib.suppress(*_DRIVER_ERRORS):
             async with self._pool.acquire() as conn:
                 rows = await conn.fetch(
                     "SELECT owner, lock_key FROM refresherd_owners o WHERE owner <> $1"
-                    " AND NOT EXISTS (SELECT 1 FROM token_sets WHERE lease_owner = o.owner)"
-                    " LIMIT 100",
+                    f" AND {_UNREFERENCED} LIMIT 100",
                     me,
                 )
                 for row in rows:
                     if await self._lock_is_free(conn, row["lock_key"]):
                         await conn.execute(
-                            "DELETE FROM refresherd_owners o WHERE owner = $1 AND NOT EXISTS"
-                            " (SELECT 1 FROM token_sets WHERE lease_owner = o.owner)",
+                            f"DELETE FROM refresherd_owners o WHERE owner = $1 AND {_UNREFERENCED}",
                             row["owner"],
                         )
 

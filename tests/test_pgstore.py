@@ -215,11 +215,25 @@ async def test_an_owner_is_alive_while_its_session_lives(
         # owner reads as gone and its lease can be taken over at once.
         assert await other.owner_alive(me) is False
         assert await other.clear_leases_of([me]) == 1
-        # A clean exit (no lease names it) leaves no row behind.
+        # An exit that leaves a journaled attempt behind (its lease released, the IdP's answer
+        # not definitive): a successor asks whether the attempt's owner lives, and must hear
+        # "gone", not "unknown", or it would leave the attempt to it for ever.
+        async with store.owner("daemon-b") as journaling:
+            await store.claim("a", owner=journaling, now=NOW, lease_until=NOW + 600)
+            await store.begin_attempt(
+                "a", owner=journaling, version=1, now=NOW, keep_since=NOW - 30
+            )
+            await store.release("a", owner=journaling)
+        assert await other.owner_alive(journaling) is False
+        # A clean exit (nothing names it) leaves no row behind; nor do gone owners that nothing
+        # names once another owner registers (pruning), while a named one stays.
         async with store.owner(None) as tidy:
             pass
-        rows = await fetch(location, "SELECT owner FROM refresherd_owners")
-        assert tidy not in [r[0] for r in rows]
+        async with other.owner(None):
+            rows = await fetch(location, "SELECT owner FROM refresherd_owners")
+            names = {r[0] for r in rows}
+            assert tidy not in names and me not in names
+            assert journaling in names
         # Never a guess: an owner nobody ever registered counts as alive.
         assert await other.owner_alive("host-x-1-deadbeef") is True
     finally:
