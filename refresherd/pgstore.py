@@ -61,6 +61,7 @@ COMMAND_TIMEOUT: Final = 30.0
 BULK_TIMEOUT: Final = 3600.0
 # Waiting for a row lock longer than this is an error (LOCKED), as SQLite's busy timeout is.
 LOCK_TIMEOUT_MS: Final = 5000
+DEADLOCK_RETRIES: Final = 3
 # How often the owner connection is checked, and how long a check may take before the owner
 # registration counts as lost.
 OWNER_CHECK_INTERVAL: Final = 5.0
@@ -221,6 +222,14 @@ _STAGING: Final = (
     " created_at double precision, updated_at double precision) ON COMMIT DROP"
 )
 
+# An owner row no token set names, as lease holder or as the owner of a journaled attempt
+# (refresher._sent_elsewhere asks whether that one lives): only such a row may be forgotten.
+_UNREFERENCED: Final = (
+    "NOT EXISTS (SELECT 1 FROM token_sets WHERE lease_owner = o.owner)"
+    " AND NOT EXISTS (SELECT 1 FROM token_sets WHERE attempt_started_at IS NOT NULL"
+    " AND attempt_owner = o.owner)"
+)
+
 # ":name" parameters, but not "::type" casts.
 _PARAM: Final = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
 
@@ -263,16 +272,27 @@ def _describe(exc: BaseException) -> str:
     """What went wrong, without anything that may quote a value: a server error's primary
     message only (its DETAIL quotes rows), and an argument error without the argument."""
     if isinstance(exc, asyncpg.PostgresError):
-        message = str(getattr(exc, "message", "") or "") or type(exc).__name__
+        # The server's errors carry ``message``; the driver's own (an argument it cannot
+        # encode) only their text, which quotes the argument: cut before it.
+        message = str(getattr(exc, "message", None) or (exc.args[0] if exc.args else ""))
         if message.startswith("invalid input for query argument"):
             message = message.split(":", 1)[0]
-        return message.splitlines()[0] if message else type(exc).__name__
+        return message.splitlines()[0] if message.strip() else type(exc).__name__
     if isinstance(exc, TimeoutError):
         return "no answer in time"
     if isinstance(exc, OSError):
         return exc.strerror or str(exc) or type(exc).__name__
     text = str(exc).splitlines()[0] if str(exc) else ""
     return text or type(exc).__name__
+
+
+class _InputFailed(Exception):
+    """import_stream's input raised ``error`` (a bad line): it reaches the caller as it is,
+    not as a database error, once the transaction is rolled back."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 _DRIVER_ERRORS: Final = (
@@ -302,6 +322,7 @@ class PostgresStore:
         self._owner_key: int | None = None
         self._owner_gone = anyio.Event()
         self._owner_check = anyio.Lock()
+        self.owner_check_interval = OWNER_CHECK_INTERVAL
 
     def __repr__(self) -> str:
         return f"<PostgresStore {self._location.display}>"
@@ -424,12 +445,12 @@ class PostgresStore:
             with anyio.CancelScope(shield=True):
                 self._owner_conn = None
                 conn.remove_termination_listener(self._on_owner_terminated)
-                # Our row stays while leases name us (a clean exit releases them first):
-                # with the lock gone, other daemons then see us as dead, not unknown.
+                # Our row stays while a lease or a journaled attempt names us: with the lock
+                # gone, other daemons then see us as dead, not unknown (which reads as alive:
+                # our attempt would never be continued, our lease never taken over).
                 with contextlib.suppress(*_DRIVER_ERRORS):
                     await self._pool.execute(
-                        "DELETE FROM refresherd_owners WHERE owner = $1 AND NOT EXISTS"
-                        " (SELECT 1 FROM token_sets WHERE lease_owner = $1)",
+                        f"DELETE FROM refresherd_owners o WHERE owner = $1 AND {_UNREFERENCED}",
                         owner,
                     )
                 try:
@@ -462,20 +483,18 @@ class PostgresStore:
             await conn.fetchval("SELECT pg_advisory_unlock($1, $2)", OWNER_LOCK_CLASS, key)
 
     async def _prune_owners(self, me: str) -> None:
-        """Forget owners that are gone and named by no lease (housekeeping: best effort)."""
+        """Forget owners that are gone and named by no token set (housekeeping, best effort)."""
         with anyio.CancelScope(shield=True), contextlib.suppress(*_DRIVER_ERRORS):
             async with self._pool.acquire() as conn:
                 rows = await conn.fetch(
                     "SELECT owner, lock_key FROM refresherd_owners o WHERE owner <> $1"
-                    " AND NOT EXISTS (SELECT 1 FROM token_sets WHERE lease_owner = o.owner)"
-                    " LIMIT 100",
+                    f" AND {_UNREFERENCED} LIMIT 100",
                     me,
                 )
                 for row in rows:
                     if await self._lock_is_free(conn, row["lock_key"]):
                         await conn.execute(
-                            "DELETE FROM refresherd_owners o WHERE owner = $1 AND NOT EXISTS"
-                            " (SELECT 1 FROM token_sets WHERE lease_owner = o.owner)",
+                            f"DELETE FROM refresherd_owners o WHERE owner = $1 AND {_UNREFERENCED}",
                             row["owner"],
                         )
 
@@ -518,7 +537,7 @@ class PostgresStore:
         within OWNER_CHECK_TIMEOUT, or no longer holding its lock): from then on other daemons
         may take over our leases. Never returns while it holds, nor outside :meth:`owner`."""
         while True:
-            with anyio.move_on_after(OWNER_CHECK_INTERVAL):
+            with anyio.move_on_after(self.owner_check_interval):
                 await self._owner_gone.wait()
                 return
             conn, key = self._owner_conn, self._owner_key
@@ -534,7 +553,7 @@ class PostgresStore:
                         key,
                         timeout=OWNER_CHECK_TIMEOUT,
                     )
-                except (*_DRIVER_ERRORS, asyncpg.exceptions.InterfaceError):
+                except _DRIVER_ERRORS:
                     held = 0
             if not held and self._owner_conn is conn:
                 return
@@ -710,7 +729,16 @@ class PostgresStore:
         runs on its own pooled connection: concurrent writes commit together (group commit)."""
         text, args = _bind(sql, params)
         with anyio.CancelScope(shield=True), self._errors():
-            rows = await self._pool.fetch(text, *args)
+            for attempt in range(DEADLOCK_RETRIES + 1):
+                try:
+                    rows = await self._pool.fetch(text, *args)
+                    break
+                except asyncpg.DeadlockDetectedError:
+                    # The server rolled this statement back to break a cycle of row locks
+                    # between multi-row writes (leases, expiry marks): nothing of it was
+                    # committed, so running it again is safe.
+                    if attempt == DEADLOCK_RETRIES:
+                        raise
         return list(rows)
 
     async def _read(self, sql: str, params: dict[str, Any] | None = None) -> list[asyncpg.Record]:
@@ -775,20 +803,23 @@ class PostgresStore:
         the repeat with its ``where``), and one ``INSERT … SELECT`` moves the rows in; only
         that takes locks on token_sets.
         """
-        with self._errors():
-            async with self._pool.acquire() as conn:
-                transaction = conn.transaction()
-                await transaction.start()
-                try:
-                    await conn.execute(_STAGING)
-                    count = await self._stage(conn, items, now)
-                    with anyio.CancelScope(shield=True):
-                        await self._move_staged(conn)
-                        await transaction.commit()
-                except BaseException:
-                    with anyio.CancelScope(shield=True), contextlib.suppress(*_DRIVER_ERRORS):
-                        await transaction.rollback()
-                    raise
+        try:
+            with self._errors():
+                async with self._pool.acquire() as conn:
+                    transaction = conn.transaction()
+                    await transaction.start()
+                    try:
+                        await conn.execute(_STAGING)
+                        count = await self._stage(conn, items, now)
+                        with anyio.CancelScope(shield=True):
+                            await self._move_staged(conn)
+                            await transaction.commit()
+                    except BaseException:
+                        with anyio.CancelScope(shield=True), contextlib.suppress(*_DRIVER_ERRORS):
+                            await transaction.rollback()
+                        raise
+        except _InputFailed as failed:
+            raise failed.error from None
         return count
 
     async def _stage(
@@ -800,7 +831,13 @@ class PostgresStore:
         columns = ["ord", "source", *_INSERT_COLUMNS]
         count = 0
         iterator = iter(items)
-        while chunk := list(itertools.islice(iterator, _CHUNK)):
+        while True:
+            try:
+                chunk = list(itertools.islice(iterator, _CHUNK))
+            except Exception as exc:  # a bad input line, raised by ``items``
+                raise _InputFailed(exc) from exc
+            if not chunk:
+                return count
             records = [
                 (count + i, where, *self._insert_row(n, now)) for i, (where, n) in enumerate(chunk)
             ]
@@ -808,7 +845,6 @@ class PostgresStore:
                 "import_staging", records=records, columns=columns, timeout=BULK_TIMEOUT
             )
             count += len(chunk)
-        return count
 
     async def _move_staged(self, conn: _Conn) -> None:
         repeated = await conn.fetchrow(
@@ -1291,7 +1327,8 @@ class PostgresStore:
         await self._write(
             "UPDATE hook_deliveries SET last_error = :error,"
             " next_attempt_at = coalesce(:next::double precision, next_attempt_at),"
-            " given_up_at = CASE WHEN :next::double precision IS NULL THEN :now ELSE NULL END"
+            " given_up_at = CASE WHEN :next::double precision IS NULL"
+            " THEN :now::double precision ELSE NULL END"
             " WHERE id = :id",
             {"id": delivery_id, "error": error[:500], "next": next_attempt_at, "now": now},
         )

@@ -33,6 +33,8 @@ import pytest
 from refresherd.store_contract import Location, postgres_location
 
 ENV_URL = "REFRESHERD_TEST_POSTGRES"
+# Tests need no durability across a power cut: no fsync. Benchmarks start with durable ones.
+TEST_SETTINGS = "-c fsync=off -c full_page_writes=off -c max_connections=200 -c shared_buffers=32MB"
 
 
 def postgres_bin_dir() -> Path | None:
@@ -81,7 +83,8 @@ class LocalCluster:
                 f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr}{proc.stdout}{log}"
             )
 
-    def start(self) -> str:
+    def start(self, settings: str = TEST_SETTINGS) -> str:
+        """initdb, then start on a free loopback port with ``settings`` (postgres -c ...)."""
         self._run(
             str(self.bin_dir / "initdb"),
             "-D",
@@ -97,11 +100,7 @@ class LocalCluster:
         # A free port can be taken by someone else before the server binds it: try again.
         for attempt in range(5):
             self.port = _free_port()
-            options = (
-                f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.base}"
-                " -c fsync=off -c full_page_writes=off -c max_connections=200"
-                " -c shared_buffers=32MB"
-            )
+            options = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.base} {settings}"
             try:
                 self._run(
                     str(self.bin_dir / "pg_ctl"),

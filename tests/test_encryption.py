@@ -35,6 +35,7 @@ from refresherd.encryption import (
 )
 from refresherd.model import Secret, TokenSet
 from refresherd.store import NewTokenSet, Store, StoreError
+from refresherd.store_contract import Location, open_store
 
 IdPFactory = Callable[..., IdPHandle]
 Daemons = Callable[..., DaemonProcess]
@@ -195,16 +196,18 @@ async def test_no_plaintext_token_reaches_the_database_files(tmp_path: Path) -> 
 
 
 @pytest.mark.anyio
-async def test_rekey_moves_old_and_plaintext_rows_to_the_current_key(tmp_path: Path) -> None:
-    db = tmp_path / "tokens.db"
-    store = await Store.open(db)  # no encryption yet: plaintext rows
+async def test_rekey_moves_old_and_plaintext_rows_to_the_current_key(
+    store_location: Location,
+) -> None:
+    db = store_location
+    store = await open_store(db)  # no encryption yet: plaintext rows
     await store.add(new("plain"), now=1000.0)
     await store.close()
-    store = await Store.open(db, cipher=TokenCipher(KEY_A))
+    store = await open_store(db, cipher=TokenCipher(KEY_A))
     await store.add(new("under-a"), now=1000.0)
     await store.close()
     rotated = TokenCipher(KEY_B, [KEY_A])
-    store = await Store.open(db, cipher=rotated)
+    store = await open_store(db, cipher=rotated)
     try:
         assert await store.sealed_key_ids() == {TokenCipher(KEY_A).current_id}
         assert await store.rekey(batch=1) == 2
@@ -213,7 +216,7 @@ async def test_rekey_moves_old_and_plaintext_rows_to_the_current_key(tmp_path: P
     finally:
         await store.close()
     # Only the new key is needed now; every value opens.
-    store = await Store.open(db, cipher=TokenCipher(KEY_B))
+    store = await open_store(db, cipher=TokenCipher(KEY_B))
     try:
         for token_set_id in ("plain", "under-a"):
             got = await store.get(token_set_id)

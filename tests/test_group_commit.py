@@ -12,6 +12,7 @@ import pytest
 
 from refresherd.model import Secret
 from refresherd.store import NewTokenSet, Store, StoreError, TokenSetExists
+from refresherd.store_contract import Location, TokenStore, open_store
 
 NOW = 1_700_000_000.0
 OWNER = "host-a-1-00000000"
@@ -22,24 +23,36 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+def sixty_four() -> list[NewTokenSet]:
+    return [
+        NewTokenSet(
+            id=f"s{i}",
+            provider="p",
+            refresh_token=Secret(f"rt-{i}"),
+            access_token=None,
+            expires_at=None,
+            next_refresh_at=NOW,
+        )
+        for i in range(64)
+    ]
+
+
+@pytest.fixture
+async def any_store(store_location: Location) -> AsyncIterator[TokenStore]:
+    """The same 64 token sets, on each backend."""
+    s = await open_store(store_location)
+    try:
+        await s.add_many(sixty_four(), now=NOW)
+        yield s
+    finally:
+        await s.close()
+
+
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[Store]:
     s = await Store.open(tmp_path / "t.db")
     try:
-        await s.add_many(
-            [
-                NewTokenSet(
-                    id=f"s{i}",
-                    provider="p",
-                    refresh_token=Secret(f"rt-{i}"),
-                    access_token=None,
-                    expires_at=None,
-                    next_refresh_at=NOW,
-                )
-                for i in range(64)
-            ],
-            now=NOW,
-        )
+        await s.add_many(sixty_four(), now=NOW)
         yield s
     finally:
         await s.close()
@@ -169,7 +182,8 @@ def numbered(ids: list[str]) -> list[tuple[str, NewTokenSet]]:
 
 
 @pytest.mark.anyio
-async def test_a_streamed_import_is_all_or_nothing_across_chunks(store: Store) -> None:
+async def test_a_streamed_import_is_all_or_nothing_across_chunks(any_store: TokenStore) -> None:
+    store = any_store
     before = await store.counts()
     ids = [f"x{i}" for i in range(12_000)]
     # A repeat in a later chunk than its first appearance, named with where it was read.
@@ -186,6 +200,14 @@ async def test_a_streamed_import_is_all_or_nothing_across_chunks(store: Store) -
 
     with pytest.raises(ValueError, match="in:7001"):
         await store.import_stream(broken(), now=NOW)
+
+    # The input file cannot be read any further: its own error, not a database error.
+    def unreadable() -> Iterator[tuple[str, NewTokenSet]]:
+        yield from numbered(ids[:6000])
+        raise OSError(5, "Input/output error")
+
+    with pytest.raises(OSError, match="Input/output error"):
+        await store.import_stream(unreadable(), now=NOW)
     assert await store.counts() == before
     assert await store.import_stream(numbered(ids), now=NOW) == 12_000
     assert (await store.counts())[("p", "active")] == 64 + 12_000

@@ -29,6 +29,7 @@ from refresherd.metrics import Metrics
 from refresherd.model import RefreshTokenUsage, Secret, State
 from refresherd.refresher import Refresher
 from refresherd.store import SCHEMA_VERSION, NewTokenSet, Store
+from refresherd.store_contract import Location, open_store
 from refresherd.testing import FakeIdP, FaultKind
 
 NOW = 1_700_000_000.0
@@ -193,8 +194,8 @@ async def test_effective_policy_prefers_the_sets_own_values(tmp_path: Path) -> N
     assert policy.effective_policy(plain, p)[:3] == (RefreshTokenUsage.REUSE, 0.0, 86400.0)
 
 
-async def test_the_gauge_query_uses_a_sets_own_lifetime(tmp_path: Path) -> None:
-    store = await Store.open(tmp_path / "t.db")
+async def test_the_gauge_query_uses_a_sets_own_lifetime(store_location: Location) -> None:
+    store = await open_store(store_location)
     try:
         await store.add(parse(refresh_token_lifetime="1d"), now=NOW)
         assert await store.refresh_expiry_soonest({"p": 30 * 86400.0}) == {"p": NOW + 86400.0}

@@ -24,6 +24,7 @@ from refresherd.endpoint import parse_grant
 from refresherd.intake import token_set_from_json
 from refresherd.model import Secret
 from refresherd.store import SCHEMA_VERSION, NewTokenSet, Store
+from refresherd.store_contract import Location, open_store
 
 NOW = 1_700_000_000.0
 DAY = 86400.0
@@ -90,9 +91,9 @@ def new(token_set_id: str, provider: str, refresh_expires_at: float | None) -> N
 
 @pytest.mark.anyio
 async def test_store_keeps_the_expiry_across_rotation_and_reports_the_soonest(
-    tmp_path: Path,
+    store_location: Location,
 ) -> None:
-    store = await Store.open(tmp_path / "t.db")
+    store = await open_store(store_location)
     try:
         assert await store.schema_version() == SCHEMA_VERSION
         await store.add_many(

@@ -7,6 +7,7 @@ import os
 import sqlite3
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from refresherd.storage_health import (
@@ -15,6 +16,7 @@ from refresherd.storage_health import (
     StorageHealth,
     StorageReason,
     classify,
+    classify_postgres,
     probe_delay,
 )
 from refresherd.store import JOURNAL_SIZE_LIMIT, Store, StoreError
@@ -185,3 +187,34 @@ async def test_journal_size_limit_and_passive_checkpoint(tmp_path: Path) -> None
     finally:
         await store.close()
     assert store.wal_bytes() == 0  # the last connection removed the WAL at close
+
+
+# ---- PostgreSQL: by SQLSTATE (the driver's own exception classes carry it) ----------------------
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (asyncpg.exceptions.DiskFullError("no space"), StorageReason.FULL),
+        (asyncpg.exceptions.ReadOnlySQLTransactionError("ro"), StorageReason.READONLY),
+        (asyncpg.exceptions.InsufficientPrivilegeError("denied"), StorageReason.READONLY),
+        (asyncpg.exceptions.InvalidPasswordError("auth"), StorageReason.READONLY),
+        (asyncpg.exceptions.LockNotAvailableError("lock"), StorageReason.LOCKED),
+        (asyncpg.exceptions.DeadlockDetectedError("deadlock"), StorageReason.LOCKED),
+        (asyncpg.exceptions.ConnectionDoesNotExistError("gone"), StorageReason.UNAVAILABLE),
+        (asyncpg.exceptions.ConnectionFailureError("gone"), StorageReason.UNAVAILABLE),
+        (asyncpg.exceptions.AdminShutdownError("terminated"), StorageReason.UNAVAILABLE),
+        (asyncpg.exceptions.CannotConnectNowError("starting"), StorageReason.UNAVAILABLE),
+        (asyncpg.exceptions.TooManyConnectionsError("full"), StorageReason.UNAVAILABLE),
+        (ConnectionRefusedError(111, "refused"), StorageReason.UNAVAILABLE),
+        (TimeoutError(), StorageReason.UNAVAILABLE),
+        (asyncpg.exceptions.PostgresIOError("eio"), StorageReason.IO_ERROR),
+        (asyncpg.exceptions.DataCorruptedError("bad page"), StorageReason.CORRUPT),
+        (asyncpg.exceptions.IndexCorruptedError("bad index"), StorageReason.CORRUPT),
+        (asyncpg.exceptions.UniqueViolationError("dup"), StorageReason.OTHER),
+        (asyncpg.exceptions.RaiseError("a trigger said no"), StorageReason.OTHER),
+        (ValueError("not a database error"), StorageReason.OTHER),
+    ],
+)
+def test_postgres_errors_by_sqlstate(error: BaseException, reason: StorageReason) -> None:
+    assert classify_postgres(error) is reason

@@ -1,4 +1,9 @@
-"""refresherd.store against real SQLite files: schema, read contract, leases, journal, CAS."""
+"""The store contract against real databases: schema, read contract, leases, journal, CAS.
+
+Tests that take ``store`` or ``raw`` run on both backends (``store_location``: a SQLite file and
+a fresh PostgreSQL database); the ones about SQLite's files, pragmas and opening errors take
+``db_path`` and run on SQLite only (tests/test_pgstore.py has PostgreSQL's own).
+"""
 
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ from refresherd.store import (
     StoreError,
     TokenSetExists,
 )
+from refresherd.store_contract import Location, PostgresLocation, TokenStore, open_store
 
 NOW = 1_700_000_000.0
 ME = "host-a-101-0a0a0a0a"
@@ -55,12 +61,83 @@ def db_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-async def store(db_path: Path) -> AsyncIterator[Store]:
+async def sqlite_store(db_path: Path) -> AsyncIterator[Store]:
     s = await Store.open(db_path)
     try:
         yield s
     finally:
         await s.close()
+
+
+@pytest.fixture
+async def store(store_location: Location) -> AsyncIterator[TokenStore]:
+    s = await open_store(store_location)
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+class RawDatabase:
+    """The database as an application (or an operator) sees it, beside the store: plain SQL
+    on a connection of its own. SQL without parameters, valid on both backends."""
+
+    def __init__(self, location: Location) -> None:
+        self.location = location
+        self.backend = "postgresql" if isinstance(location, PostgresLocation) else "sqlite"
+
+    async def fetch(self, sql: str) -> tuple[list[str], list[dict[str, Any]]]:
+        """The column names and the rows of a query."""
+        if isinstance(self.location, PostgresLocation):
+            import asyncpg
+
+            conn = await asyncpg.connect(self.location.dsn.reveal())
+            try:
+                statement = await conn.prepare(sql)
+                columns = [a.name for a in statement.get_attributes()]
+                rows = [dict(r) for r in await statement.fetch()]
+            finally:
+                await conn.close()
+            return columns, rows
+        with plain(self.location) as conn:
+            cur = conn.execute(sql)
+            columns = [d[0] for d in cur.description or ()]
+            return columns, [dict(r) for r in cur.fetchall()]
+
+    async def execute(self, sql: str) -> None:
+        if isinstance(self.location, PostgresLocation):
+            import asyncpg
+
+            conn = await asyncpg.connect(self.location.dsn.reveal())
+            try:
+                await conn.execute(sql)
+            finally:
+                await conn.close()
+            return
+        with plain(self.location) as conn:
+            conn.executescript(sql)
+
+    async def value(self, sql: str) -> Any:
+        _, rows = await self.fetch(sql)
+        return next(iter(rows[0].values())) if rows else None
+
+    async def row(self, token_set_id: str) -> dict[str, Any]:
+        _, rows = await self.fetch(f"SELECT * FROM token_sets WHERE id = '{token_set_id}'")
+        assert len(rows) == 1, token_set_id
+        return rows[0]
+
+    async def tables(self) -> list[str]:
+        if self.backend == "postgresql":
+            sql = "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+        else:
+            sql = "SELECT name FROM sqlite_master WHERE type = 'table'"
+        _, rows = await self.fetch(sql)
+        return sorted(next(iter(r.values())) for r in rows)
+
+
+@pytest.fixture
+def raw(store_location: Location) -> RawDatabase:
+    return RawDatabase(store_location)
 
 
 def refresh_value(token_set_id: str) -> str:
@@ -115,7 +192,7 @@ def assert_no_secret(text: str) -> None:
 
 
 async def leased(
-    store: Store, token_set_id: str, owner: str = ME, until: float = NOW + 60
+    store: TokenStore, token_set_id: str, owner: str = ME, until: float = NOW + 60
 ) -> TokenSet:
     claimed = await store.claim(token_set_id, owner=owner, now=NOW, lease_until=until)
     assert isinstance(claimed, TokenSet), claimed
@@ -141,22 +218,25 @@ async def test_migrates_an_empty_database(db_path: Path) -> None:
 
 
 @pytest.mark.anyio
-async def test_reopen_is_idempotent_and_keeps_data(db_path: Path) -> None:
-    store = await Store.open(db_path)
+async def test_reopen_is_idempotent_and_keeps_data(
+    store_location: Location, raw: RawDatabase
+) -> None:
+    store = await open_store(store_location)
     await store.add(new("a"), now=NOW)
     await store.close()
     for _ in range(2):
-        store = await Store.open(db_path, create=False)
+        store = await open_store(store_location, create=False)
         try:
             assert await store.schema_version() == SCHEMA_VERSION
             ts = await store.get("a")
             assert ts is not None and ts.refresh_token.reveal() == refresh_value("a")
         finally:
             await store.close()
-    with plain(db_path) as conn:
-        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
-        # Each table once: the migrations ran once, not once per open.
-        assert sorted(tables) == ["hook_deliveries", "storage_probe", "token_sets"]
+    # Each table once: the migrations ran once, not once per open.
+    expected = ["hook_deliveries", "storage_probe", "token_sets"]
+    if raw.backend == "postgresql":
+        expected += ["refresherd_owners", "refresherd_schema"]
+    assert await raw.tables() == sorted(expected)
 
 
 @pytest.mark.anyio
@@ -175,7 +255,8 @@ async def test_a_newer_schema_is_refused(db_path: Path) -> None:
 
 
 @pytest.mark.anyio
-async def test_files_are_private(store: Store, db_path: Path) -> None:
+async def test_files_are_private(sqlite_store: Store, db_path: Path) -> None:
+    store = sqlite_store
     await store.add(new("a"), now=NOW)  # a write: the WAL file now exists
     for path in (db_path, Path(f"{db_path}-wal"), Path(f"{db_path}-shm")):
         assert path.exists(), path
@@ -183,7 +264,8 @@ async def test_files_are_private(store: Store, db_path: Path) -> None:
 
 
 @pytest.mark.anyio
-async def test_wal_mode_and_synchronous_full(store: Store, db_path: Path) -> None:
+async def test_wal_mode_and_synchronous_full(sqlite_store: Store, db_path: Path) -> None:
+    store = sqlite_store
     # journal_mode is a property of the file; synchronous is per connection (the store's own).
     with plain(db_path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -327,14 +409,14 @@ def test_a_database_we_may_not_open_is_a_clear_store_error(
 
 
 @pytest.mark.anyio
-async def test_read_contract_view_with_plain_sqlite_while_open(store: Store, db_path: Path) -> None:
+async def test_read_contract_view_with_plain_sql_while_open(
+    store: TokenStore, raw: RawDatabase
+) -> None:
     await store.add_many(
         [new("b", access=False), new("a", expires_at=NOW + 3600.75, scope=None)], now=NOW
     )
-    with plain(db_path) as conn:
-        cur = conn.execute(f"SELECT * FROM {READ_CONTRACT_VIEW} ORDER BY id")
-        assert [d[0] for d in cur.description] == CONTRACT_COLUMNS
-        rows = [dict(r) for r in cur.fetchall()]
+    columns, rows = await raw.fetch(f"SELECT * FROM {READ_CONTRACT_VIEW} ORDER BY id")
+    assert columns == CONTRACT_COLUMNS
     assert rows == [
         {
             "id": "a",
@@ -375,19 +457,18 @@ async def test_read_contract_view_with_plain_sqlite_while_open(store: Store, db_
         next_refresh_at=NOW + 5000,
         now=NOW + 10,
     )
-    with plain(db_path) as conn:
-        row = conn.execute(
-            f"SELECT access_token, expires_at_rfc3339, updated_at FROM {READ_CONTRACT_VIEW}"
-            " WHERE id = 'a'"
-        ).fetchone()
-    assert tuple(row) == ("AT-new-s3cr3t", rfc3339(NOW + 7200), NOW + 10)
+    _, rows = await raw.fetch(
+        f"SELECT access_token, expires_at_rfc3339, updated_at FROM {READ_CONTRACT_VIEW}"
+        " WHERE id = 'a'"
+    )
+    assert tuple(rows[0].values()) == ("AT-new-s3cr3t", rfc3339(NOW + 7200), NOW + 10)
 
 
 # ---- add, get, page, iterate, remove, counts ---------------------------------------------------
 
 
 @pytest.mark.anyio
-async def test_add_and_get(store: Store) -> None:
+async def test_add_and_get(store: TokenStore) -> None:
     assert await store.add_many([new("a"), new("b", access=False, due=NOW)], now=NOW) == 2
     a = await store.get("a")
     assert a is not None
@@ -406,7 +487,7 @@ async def test_add_and_get(store: Store) -> None:
 
 
 @pytest.mark.anyio
-async def test_add_many_with_a_duplicate_inside_inserts_nothing(store: Store) -> None:
+async def test_add_many_with_a_duplicate_inside_inserts_nothing(store: TokenStore) -> None:
     with pytest.raises(TokenSetExists) as info:
         await store.add_many([new("a"), new("b"), new("c"), new("b")], now=NOW)
     assert "'b'" in str(info.value)
@@ -415,20 +496,22 @@ async def test_add_many_with_a_duplicate_inside_inserts_nothing(store: Store) ->
 
 
 @pytest.mark.anyio
-async def test_add_many_against_existing_rows_inserts_nothing(store: Store, db_path: Path) -> None:
+async def test_add_many_against_existing_rows_inserts_nothing(
+    store: TokenStore, raw: RawDatabase
+) -> None:
     await store.add(new("m"), now=NOW)
-    before = raw_row(db_path, "m")
+    before = await raw.row("m")
     with pytest.raises(TokenSetExists) as info:
         await store.add_many([new("a"), new("m"), new("z")], now=NOW + 1)
     assert "'m'" in str(info.value)
     assert "exists" in str(info.value)
     assert_no_secret(str(info.value))
     assert [ts.id for ts in await store.page()] == ["m"]
-    assert raw_row(db_path, "m") == before
+    assert await raw.row("m") == before
 
 
 @pytest.mark.anyio
-async def test_add_one_existing_names_it(store: Store) -> None:
+async def test_add_one_existing_names_it(store: TokenStore) -> None:
     await store.add(new("customer-7"), now=NOW)
     with pytest.raises(TokenSetExists) as info:
         await store.add(new("customer-7"), now=NOW)
@@ -438,7 +521,7 @@ async def test_add_one_existing_names_it(store: Store) -> None:
 
 
 @pytest.mark.anyio
-async def test_add_many_large_batch_with_one_conflict_at_the_end(store: Store) -> None:
+async def test_add_many_large_batch_with_one_conflict_at_the_end(store: TokenStore) -> None:
     await store.add(new("id-01199"), now=NOW)
     batch = [new(f"id-{i:05d}") for i in range(1200)]
     with pytest.raises(TokenSetExists) as info:
@@ -448,12 +531,12 @@ async def test_add_many_large_batch_with_one_conflict_at_the_end(store: Store) -
 
 
 @pytest.mark.anyio
-async def test_add_many_empty(store: Store) -> None:
+async def test_add_many_empty(store: TokenStore) -> None:
     assert await store.add_many([], now=NOW) == 0
 
 
 @pytest.mark.anyio
-async def test_keyset_pagination_over_1200_rows(store: Store) -> None:
+async def test_keyset_pagination_over_1200_rows(store: TokenStore) -> None:
     ids = [f"ts-{i:05d}" for i in range(1200)]
     # inserted out of order; pages come in id order
     await store.add_many([new(i) for i in reversed(ids)], now=NOW)
@@ -474,12 +557,12 @@ async def test_keyset_pagination_over_1200_rows(store: Store) -> None:
 
 
 @pytest.mark.anyio
-async def test_iterate_empty(store: Store) -> None:
+async def test_iterate_empty(store: TokenStore) -> None:
     assert [t async for t in store.iterate()] == []
 
 
 @pytest.mark.anyio
-async def test_remove(store: Store) -> None:
+async def test_remove(store: TokenStore) -> None:
     await store.add_many([new("a"), new("b")], now=NOW)
     assert await store.remove("a") is True
     assert await store.remove("a") is False
@@ -489,7 +572,7 @@ async def test_remove(store: Store) -> None:
 
 
 @pytest.mark.anyio
-async def test_counts_by_provider_and_state(store: Store) -> None:
+async def test_counts_by_provider_and_state(store: TokenStore) -> None:
     assert await store.counts() == {}
     await store.add_many(
         [new("a"), new("b"), new("c", provider="okta"), new("d", provider="okta")], now=NOW
@@ -515,7 +598,7 @@ async def test_counts_by_provider_and_state(store: Store) -> None:
 
 
 @pytest.mark.anyio
-async def test_expired_counts_active_and_failing_sets_past_their_expiry(store: Store) -> None:
+async def test_expired_counts_active_and_failing_sets_past_their_expiry(store: TokenStore) -> None:
     assert await store.expired_counts(now=NOW) == {}
     await store.add_many(
         [
@@ -548,30 +631,82 @@ async def test_expired_counts_active_and_failing_sets_past_their_expiry(store: S
     assert await store.expired_counts(now=NOW + 3600) == {"visma": 3, "okta": 1}
 
 
+@pytest.mark.anyio
+async def test_refresh_expiring_once_per_expiry(store: TokenStore) -> None:
+    """The expiry watcher's queries: sets whose absolute refresh-token expiry (stated, or
+    created + own lifetime, or created + the provider's) is within the horizon, soonest first,
+    each until it is marked as warned at that very expiry."""
+    day = 86400.0
+    await store.add_many(
+        [
+            NewTokenSet(
+                id=name,
+                provider="visma",
+                refresh_token=Secret(refresh_value(name)),
+                access_token=None,
+                expires_at=None,
+                next_refresh_at=NOW,
+                refresh_expires_at=stated,
+                refresh_token_lifetime=own,
+            )
+            for name, stated, own in (
+                ("stated", NOW + 2 * day, None),
+                ("own", None, 1 * day),
+                ("provider", None, None),
+                ("far", NOW + 90 * day, None),
+            )
+        ],
+        now=NOW,
+    )
+    until = NOW + 5 * day
+    found = await store.refresh_expiring("visma", lifetime=3 * day, until=until)
+    assert [(ts.id, expiry) for ts, expiry in found] == [
+        ("own", NOW + day),
+        ("stated", NOW + 2 * day),
+        ("provider", NOW + 3 * day),
+    ]
+    assert await store.refresh_expiring_counts({"visma": 3 * day, "okta": None}, until=until) == {
+        "visma": 3,
+        "okta": 0,
+    }
+    # Without a provider lifetime, a set with neither a stated nor its own has no known expiry.
+    found = await store.refresh_expiring("visma", lifetime=None, until=until, limit=1)
+    assert [ts.id for ts, _ in found] == ["own"]
+    await store.mark_expiry_warned([("own", NOW + day), ("stated", NOW + 2 * day)])
+    found = await store.refresh_expiring("visma", lifetime=3 * day, until=until)
+    assert [ts.id for ts, _ in found] == ["provider"]
+    # Warned at another expiry than the one it has now: warned again.
+    await store.mark_expiry_warned([("provider", NOW + 7 * day)])
+    assert [
+        ts.id for ts, _ in await store.refresh_expiring("visma", lifetime=3 * day, until=until)
+    ] == ["provider"]
+    assert (await store.get("own")).expiry_warned_for == NOW + day  # type: ignore[union-attr]
+    await store.mark_expiry_warned([])
+
+
 # ---- claims and leases -------------------------------------------------------------------------
 
 
 @pytest.mark.anyio
-async def test_claim_reads_the_row_under_the_lease(store: Store, db_path: Path) -> None:
+async def test_claim_reads_the_row_under_the_lease(store: TokenStore, raw: RawDatabase) -> None:
     await store.add(new("a"), now=NOW)
     stale = await store.get("a")
     assert stale is not None
     # a sibling rotates the token between our read and our claim
-    with plain(db_path) as conn:
-        conn.execute(
-            "UPDATE token_sets SET refresh_token = 'RT-rotated-s3cr3t', version = 2 WHERE id = 'a'"
-        )
+    await raw.execute(
+        "UPDATE token_sets SET refresh_token = 'RT-rotated-s3cr3t', version = 2 WHERE id = 'a'"
+    )
     claimed = await store.claim("a", owner=ME, now=NOW, lease_until=NOW + 60)
     assert isinstance(claimed, TokenSet)
     assert claimed.version == 2
     assert claimed.refresh_token == Secret("RT-rotated-s3cr3t")
     assert (claimed.lease_owner, claimed.lease_until) == (ME, NOW + 60)
-    row = raw_row(db_path, "a")
+    row = await raw.row("a")
     assert (row["lease_owner"], row["lease_until"]) == (ME, NOW + 60)
 
 
 @pytest.mark.anyio
-async def test_a_second_owner_is_refused(store: Store) -> None:
+async def test_a_second_owner_is_refused(store: TokenStore) -> None:
     await store.add(new("a"), now=NOW)
     await leased(store, "a", ME, until=NOW + 60)
     refused = await store.claim("a", owner=OTHER, now=NOW + 30, lease_until=NOW + 90)
@@ -585,7 +720,7 @@ async def test_a_second_owner_is_refused(store: Store) -> None:
 
 
 @pytest.mark.anyio
-async def test_an_expired_lease_is_taken(store: Store) -> None:
+async def test_an_expired_lease_is_taken(store: TokenStore) -> None:
     await store.add(new("a"), now=NOW)
     await leased(store, "a", ME, until=NOW + 60)
     taken = await store.claim("a", owner=OTHER, now=NOW + 60.5, lease_until=NOW + 120)
@@ -596,7 +731,7 @@ async def test_an_expired_lease_is_taken(store: Store) -> None:
 
 
 @pytest.mark.anyio
-async def test_claim_not_found_and_invalidated(store: Store) -> None:
+async def test_claim_not_found_and_invalidated(store: TokenStore) -> None:
     assert await store.claim("nope", owner=ME, now=NOW, lease_until=NOW + 60) == ClaimRefused(
         "not_found"
     )
@@ -620,15 +755,17 @@ async def test_claim_not_found_and_invalidated(store: Store) -> None:
 
 
 @pytest.mark.anyio
-async def test_concurrent_claims_from_two_stores_never_share_a_row(db_path: Path) -> None:
-    first = await Store.open(db_path)
-    second = await Store.open(db_path)
+async def test_concurrent_claims_from_two_stores_never_share_a_row(
+    store_location: Location,
+) -> None:
+    first = await open_store(store_location)
+    second = await open_store(store_location)
     try:
         await first.add_many([new(f"ts-{i:03d}", due=NOW - i) for i in range(60)], now=NOW)
         results: dict[str, list[str]] = {}
         single: dict[str, object] = {}
 
-        async def batch(store: Store, owner: str) -> None:
+        async def batch(store: TokenStore, owner: str) -> None:
             got: list[str] = []
             while True:
                 ids = await store.claim_due(owner=owner, now=NOW, lease_until=NOW + 60, limit=7)
@@ -637,7 +774,7 @@ async def test_concurrent_claims_from_two_stores_never_share_a_row(db_path: Path
                 got += ids
             results[owner] = got
 
-        async def one(store: Store, owner: str) -> None:
+        async def one(store: TokenStore, owner: str) -> None:
             single[owner] = await store.claim("solo", owner=owner, now=NOW, lease_until=NOW + 60)
 
         async with anyio.create_task_group() as tg:
@@ -659,7 +796,7 @@ async def test_concurrent_claims_from_two_stores_never_share_a_row(db_path: Path
         await second.close()
 
 
-async def _claim_due_fixture(store: Store) -> None:
+async def _claim_due_fixture(store: TokenStore) -> None:
     await store.add_many(
         [
             new("a", due=NOW - 100),
@@ -692,7 +829,9 @@ async def _claim_due_fixture(store: Store) -> None:
 
 
 @pytest.mark.anyio
-async def test_claim_due_most_overdue_first_within_limit(store: Store, db_path: Path) -> None:
+async def test_claim_due_most_overdue_first_within_limit(
+    store: TokenStore, raw: RawDatabase
+) -> None:
     await _claim_due_fixture(store)
     kw: dict[str, Any] = {"owner": ME, "now": NOW, "lease_until": NOW + 60}
     assert await store.claim_due(limit=0, exclude_providers=["okta"], **kw) == []
@@ -702,20 +841,20 @@ async def test_claim_due_most_overdue_first_within_limit(store: Store, db_path: 
         "b",
     ]
     for token_set_id in ("expired-lease", "a", "b"):
-        row = raw_row(db_path, token_set_id)
+        row = await raw.row(token_set_id)
         assert (row["lease_owner"], row["lease_until"]) == (ME, NOW + 60)
     # our own leased rows are not handed out twice; the rest of what is due comes next
     assert await store.claim_due(limit=10, exclude_providers=["okta"], **kw) == ["c", "now"]
     assert await store.claim_due(limit=10, exclude_providers=["okta"], **kw) == []
     for token_set_id in ("later", "excluded", "invalid"):
-        assert raw_row(db_path, token_set_id)["lease_owner"] is None
-    assert raw_row(db_path, "leased")["lease_owner"] == OTHER
+        assert (await raw.row(token_set_id))["lease_owner"] is None
+    assert (await raw.row("leased"))["lease_owner"] == OTHER
     # without the exclusion, the other provider's set is due too
     assert await store.claim_due(limit=10, **kw) == ["excluded"]
 
 
 @pytest.mark.anyio
-async def test_claim_due_excludes_several_providers(store: Store) -> None:
+async def test_claim_due_excludes_several_providers(store: TokenStore) -> None:
     await store.add_many(
         [new(f"{p}-1", provider=p, due=NOW - 1) for p in ("visma", "okta", "auth0", "keycloak")],
         now=NOW,
@@ -728,28 +867,28 @@ async def test_claim_due_excludes_several_providers(store: Store) -> None:
 
 @pytest.mark.anyio
 async def test_make_due_written_after_moves_only_rows_written_on_a_clock_ahead(
-    store: Store, db_path: Path
+    store: TokenStore, raw: RawDatabase
 ) -> None:
     """After the wall clock stepped back an hour: rows written on the old clock are due now;
     rows written since, rows due anyway and invalidated rows are left alone."""
     # "due" was planned so early that it is due on the new clock as well.
     await store.add_many([new("old", due=NOW + 3000), new("due", due=NOW - 3600)], now=NOW)
     await store.add_many([new("new", due=NOW + 30), new("dead", due=NOW + 3000)], now=NOW - 3600)
-    with plain(db_path) as conn:
-        conn.execute("UPDATE token_sets SET state = 'invalidated' WHERE id = 'dead'")
-        conn.execute("UPDATE token_sets SET updated_at = ? WHERE id = 'dead'", (NOW,))
+    await raw.execute(
+        f"UPDATE token_sets SET state = 'invalidated', updated_at = {NOW!r} WHERE id = 'dead'"
+    )
     stepped = NOW - 3600 + 10  # the clock now, an hour behind the one "old" was written with
     assert await store.make_due_written_after(now=stepped, limit=stepped + 2) == 1
-    assert raw_row(db_path, "old")["next_refresh_at"] == stepped
-    assert raw_row(db_path, "due")["next_refresh_at"] == NOW - 3600
-    assert raw_row(db_path, "new")["next_refresh_at"] == NOW + 30
-    assert raw_row(db_path, "dead")["next_refresh_at"] == NOW + 3000
+    assert (await raw.row("old"))["next_refresh_at"] == stepped
+    assert (await raw.row("due"))["next_refresh_at"] == NOW - 3600
+    assert (await raw.row("new"))["next_refresh_at"] == NOW + 30
+    assert (await raw.row("dead"))["next_refresh_at"] == NOW + 3000
     # Idempotent: several daemons noticing one step move nothing twice.
     assert await store.make_due_written_after(now=stepped, limit=stepped + 2) == 0
 
 
 @pytest.mark.anyio
-async def test_next_due_at(store: Store) -> None:
+async def test_next_due_at(store: TokenStore) -> None:
     assert await store.next_due_at(now=NOW) is None
     await _claim_due_fixture(store)
     # "invalid" (NOW-500) never; "excluded" (NOW-400) unless excluded; "leased" (NOW-200) is
@@ -764,20 +903,20 @@ async def test_next_due_at(store: Store) -> None:
 
 
 @pytest.mark.anyio
-async def test_renew_lease(store: Store, db_path: Path) -> None:
+async def test_renew_lease(store: TokenStore, raw: RawDatabase) -> None:
     await store.add(new("a"), now=NOW)
     await leased(store, "a", ME, until=NOW + 60)
     assert await store.renew_lease("a", owner=ME, lease_until=NOW + 120) is True
-    assert raw_row(db_path, "a")["lease_until"] == NOW + 120
+    assert (await raw.row("a"))["lease_until"] == NOW + 120
     assert await store.renew_lease("a", owner=OTHER, lease_until=NOW + 999) is False
-    assert raw_row(db_path, "a")["lease_until"] == NOW + 120
+    assert (await raw.row("a"))["lease_until"] == NOW + 120
     assert await store.renew_lease("missing", owner=ME, lease_until=NOW + 999) is False
     await store.release("a", owner=ME)
     assert await store.renew_lease("a", owner=ME, lease_until=NOW + 999) is False
 
 
 @pytest.mark.anyio
-async def test_release_release_all_clear_leases_of(store: Store, db_path: Path) -> None:
+async def test_release_release_all_clear_leases_of(store: TokenStore, raw: RawDatabase) -> None:
     await store.add_many([new(x) for x in "abcdef"], now=NOW)
     for token_set_id in "abc":
         await leased(store, token_set_id, ME)
@@ -787,9 +926,9 @@ async def test_release_release_all_clear_leases_of(store: Store, db_path: Path) 
     assert await store.lease_holders(now=NOW) == {ME, OTHER, "third-303-0c0c0c0c"}
 
     await store.release("a", owner=OTHER)  # not theirs: nothing happens
-    assert raw_row(db_path, "a")["lease_owner"] == ME
+    assert (await raw.row("a"))["lease_owner"] == ME
     await store.release("a", owner=ME)
-    row = raw_row(db_path, "a")
+    row = await raw.row("a")
     assert (row["lease_owner"], row["lease_until"]) == (None, None)
 
     assert await store.release_all(owner=ME) == 2
@@ -802,7 +941,7 @@ async def test_release_release_all_clear_leases_of(store: Store, db_path: Path) 
 
 
 @pytest.mark.anyio
-async def test_lease_holders_only_live_leases(store: Store) -> None:
+async def test_lease_holders_only_live_leases(store: TokenStore) -> None:
     await store.add_many([new("a"), new("b")], now=NOW)
     await leased(store, "a", ME, until=NOW + 60)
     await leased(store, "b", OTHER, until=NOW - 1)
@@ -810,36 +949,38 @@ async def test_lease_holders_only_live_leases(store: Store) -> None:
 
 
 @pytest.mark.anyio
-async def test_defer_moves_the_plan_later_and_releases(store: Store, db_path: Path) -> None:
+async def test_defer_moves_the_plan_later_and_releases(store: TokenStore, raw: RawDatabase) -> None:
     await store.add_many([new("a", due=NOW - 5), new("b", due=NOW + 500)], now=NOW)
     await leased(store, "a")
     await leased(store, "b")
-    before = raw_row(db_path, "a")
+    before = await raw.row("a")
     await store.defer("a", owner=ME, next_refresh_at=NOW + 300)
     await store.defer("b", owner=ME, next_refresh_at=NOW + 300)  # never earlier
-    after = raw_row(db_path, "a")
+    after = await raw.row("a")
     assert after["next_refresh_at"] == NOW + 300
     assert (after["lease_owner"], after["lease_until"]) == (None, None)
     changed = {k for k in before if before[k] != after[k]}
     assert changed == {"next_refresh_at", "lease_owner", "lease_until"}
-    assert raw_row(db_path, "b")["next_refresh_at"] == NOW + 500
+    assert (await raw.row("b"))["next_refresh_at"] == NOW + 500
     # someone else's lease: untouched
     await leased(store, "a", OTHER)
     await store.defer("a", owner=ME, next_refresh_at=NOW + 900)
-    assert raw_row(db_path, "a")["lease_owner"] == OTHER
-    assert raw_row(db_path, "a")["next_refresh_at"] == NOW + 300
+    assert (await raw.row("a"))["lease_owner"] == OTHER
+    assert (await raw.row("a"))["next_refresh_at"] == NOW + 300
 
 
 # ---- the journal ---------------------------------------------------------------------------------
 
 
 @pytest.mark.anyio
-async def test_begin_attempt_journals_and_continues_a_series(store: Store, db_path: Path) -> None:
+async def test_begin_attempt_journals_and_continues_a_series(
+    store: TokenStore, raw: RawDatabase
+) -> None:
     await store.add(new("a"), now=NOW)
     await leased(store, "a")
     first = await store.begin_attempt("a", owner=ME, version=1, now=NOW, keep_since=NOW - 29)
     assert first == Attempt(version=1, started_at=NOW, owner=ME, sends=1)
-    row = raw_row(db_path, "a")  # durable: another connection sees it
+    row = await raw.row("a")  # durable: another connection sees it
     assert (row["attempt_version"], row["attempt_started_at"], row["attempt_owner"]) == (
         1,
         NOW,
@@ -862,7 +1003,9 @@ async def test_begin_attempt_journals_and_continues_a_series(store: Store, db_pa
 
 
 @pytest.mark.anyio
-async def test_begin_attempt_without_a_grace_window_always_starts_a_series(store: Store) -> None:
+async def test_begin_attempt_without_a_grace_window_always_starts_a_series(
+    store: TokenStore,
+) -> None:
     await store.add(new("a"), now=NOW)
     await leased(store, "a")
     for i in range(3):
@@ -873,38 +1016,38 @@ async def test_begin_attempt_without_a_grace_window_always_starts_a_series(store
 
 
 @pytest.mark.anyio
-async def test_begin_attempt_refused_without_our_lease(store: Store, db_path: Path) -> None:
+async def test_begin_attempt_refused_without_our_lease(store: TokenStore, raw: RawDatabase) -> None:
     await store.add(new("a"), now=NOW)
     kw: dict[str, Any] = {"version": 1, "now": NOW, "keep_since": NOW - 29}
     assert await store.begin_attempt("a", owner=ME, **kw) is None  # no lease at all
     await leased(store, "a", OTHER)
     assert await store.begin_attempt("a", owner=ME, **kw) is None  # someone else's
-    assert raw_row(db_path, "a")["attempt_started_at"] is None
+    assert (await raw.row("a"))["attempt_started_at"] is None
     assert await store.begin_attempt("missing", owner=ME, **kw) is None
 
 
 @pytest.mark.anyio
-async def test_begin_attempt_refused_when_the_version_moved(store: Store, db_path: Path) -> None:
+async def test_begin_attempt_refused_when_the_version_moved(
+    store: TokenStore, raw: RawDatabase
+) -> None:
     await store.add(new("a"), now=NOW)
     await leased(store, "a")
-    with plain(db_path) as conn:
-        conn.execute("UPDATE token_sets SET version = 2 WHERE id = 'a'")
+    await raw.execute("UPDATE token_sets SET version = 2 WHERE id = 'a'")
     assert await store.begin_attempt("a", owner=ME, version=1, now=NOW, keep_since=NOW - 29) is None
-    assert raw_row(db_path, "a")["attempt_started_at"] is None
+    assert (await raw.row("a"))["attempt_started_at"] is None
 
 
 @pytest.mark.anyio
-async def test_begin_attempt_refused_when_invalidated(store: Store, db_path: Path) -> None:
+async def test_begin_attempt_refused_when_invalidated(store: TokenStore, raw: RawDatabase) -> None:
     await store.add(new("a"), now=NOW)
     await leased(store, "a")
     # Invalidated behind our back while our lease stays in place (only possible by hand).
-    with plain(db_path) as conn:
-        conn.execute("UPDATE token_sets SET state = 'invalidated' WHERE id = 'a'")
+    await raw.execute("UPDATE token_sets SET state = 'invalidated' WHERE id = 'a'")
     assert await store.begin_attempt("a", owner=ME, version=1, now=NOW, keep_since=NOW - 29) is None
 
 
 @pytest.mark.anyio
-async def test_a_successor_continues_a_dead_owners_series(store: Store) -> None:
+async def test_a_successor_continues_a_dead_owners_series(store: TokenStore) -> None:
     """Crash recovery: the journal outlives its owner, and the grace window is counted from the
     first send, whoever made it."""
     await store.add(new("a"), now=NOW)
@@ -920,7 +1063,7 @@ async def test_a_successor_continues_a_dead_owners_series(store: Store) -> None:
 
 
 @pytest.mark.anyio
-async def test_unresolved_attempts_since(store: Store) -> None:
+async def test_unresolved_attempts_since(store: TokenStore) -> None:
     await store.add_many([new(x) for x in ("old", "mid", "new", "none", "dead")], now=NOW)
     for token_set_id, started in (("new", NOW), ("old", NOW - 100), ("mid", NOW - 10)):
         await leased(store, token_set_id)
@@ -950,7 +1093,7 @@ async def test_unresolved_attempts_since(store: Store) -> None:
 # ---- save_grant: compare-and-swap ----------------------------------------------------------------
 
 
-async def _in_flight(store: Store, token_set_id: str = "a") -> TokenSet:
+async def _in_flight(store: TokenStore, token_set_id: str = "a") -> TokenSet:
     """A set that failed once, is leased by us and has a journaled attempt."""
     await store.add(new(token_set_id), now=NOW - 100)
     await leased(store, token_set_id)
@@ -975,7 +1118,9 @@ async def _in_flight(store: Store, token_set_id: str = "a") -> TokenSet:
     return ts
 
 
-async def _save(store: Store, version: int, *, scope: str | None = None, owner: str = ME) -> Any:
+async def _save(
+    store: TokenStore, version: int, *, scope: str | None = None, owner: str = ME
+) -> Any:
     return await store.save_grant(
         "a",
         owner=owner,
@@ -992,18 +1137,19 @@ async def _save(store: Store, version: int, *, scope: str | None = None, owner: 
 
 
 @pytest.mark.anyio
-async def test_save_grant_with_a_stale_version_writes_nothing(store: Store, db_path: Path) -> None:
+async def test_save_grant_with_a_stale_version_writes_nothing(
+    store: TokenStore, raw: RawDatabase
+) -> None:
     await _in_flight(store)
-    before = raw_row(db_path, "a")
+    before = await raw.row("a")
     assert await _save(store, version=2) is None
     assert await _save(store, version=0) is None
-    assert raw_row(db_path, "a") == before
-    with plain(db_path) as conn:
-        assert conn.execute("SELECT count(*) FROM token_sets WHERE id != 'a'").fetchone()[0] == 0
+    assert await raw.row("a") == before
+    assert await raw.value("SELECT count(*) FROM token_sets WHERE id != 'a'") == 0
 
 
 @pytest.mark.anyio
-async def test_save_grant_success(store: Store, db_path: Path) -> None:
+async def test_save_grant_success(store: TokenStore, raw: RawDatabase) -> None:
     ts = await _in_flight(store)
     saved = await _save(store, version=ts.version)
     assert isinstance(saved, TokenSet)
@@ -1026,7 +1172,7 @@ async def test_save_grant_success(store: Store, db_path: Path) -> None:
     assert saved.attempt is None
     assert (saved.lease_owner, saved.lease_until) == (None, None)
     assert saved == await store.get("a")
-    row = raw_row(db_path, "a")
+    row = await raw.row("a")
     assert row["refresh_token"] == "RT-granted-s3cr3t"
     assert all(
         row[c] is None
@@ -1038,7 +1184,7 @@ async def test_save_grant_success(store: Store, db_path: Path) -> None:
 
 
 @pytest.mark.anyio
-async def test_save_grant_keeps_a_lease_that_is_not_ours(store: Store) -> None:
+async def test_save_grant_keeps_a_lease_that_is_not_ours(store: TokenStore) -> None:
     """Our lease lapsed and another owner took the row while our request was out: the version
     still proves our grant is the newest, and their lease stays theirs."""
     ts = await _in_flight(store)
@@ -1050,7 +1196,7 @@ async def test_save_grant_keeps_a_lease_that_is_not_ours(store: Store) -> None:
 
 
 @pytest.mark.anyio
-async def test_save_grant_after_removal_is_none(store: Store) -> None:
+async def test_save_grant_after_removal_is_none(store: TokenStore) -> None:
     ts = await _in_flight(store)
     assert await store.remove("a")
     assert await _save(store, version=ts.version) is None
@@ -1060,7 +1206,7 @@ async def test_save_grant_after_removal_is_none(store: Store) -> None:
 # ---- record_failure ---------------------------------------------------------------------------
 
 
-async def _fail(store: Store, *, version: int = 1, resolve: bool, **kw: Any) -> bool:
+async def _fail(store: TokenStore, *, version: int = 1, resolve: bool, **kw: Any) -> bool:
     args: dict[str, Any] = {
         "owner": ME,
         "expected_version": version,
@@ -1077,7 +1223,7 @@ async def _fail(store: Store, *, version: int = 1, resolve: bool, **kw: Any) -> 
 
 
 @pytest.mark.anyio
-async def test_record_failure_keeps_the_journal_unless_resolved(store: Store) -> None:
+async def test_record_failure_keeps_the_journal_unless_resolved(store: TokenStore) -> None:
     await store.add(new("a"), now=NOW)
     await leased(store, "a")
     attempt = await store.begin_attempt("a", owner=ME, version=1, now=NOW, keep_since=NOW - 29)
@@ -1101,7 +1247,7 @@ async def test_record_failure_keeps_the_journal_unless_resolved(store: Store) ->
 
 
 @pytest.mark.anyio
-async def test_record_failure_invalidates(store: Store) -> None:
+async def test_record_failure_invalidates(store: TokenStore) -> None:
     await store.add(new("a"), now=NOW)
     await leased(store, "a")
     assert await _fail(
@@ -1122,17 +1268,17 @@ async def test_record_failure_invalidates(store: Store) -> None:
 
 @pytest.mark.anyio
 async def test_record_failure_with_a_stale_version_writes_nothing(
-    store: Store, db_path: Path
+    store: TokenStore, raw: RawDatabase
 ) -> None:
     await store.add(new("a"), now=NOW)
     await leased(store, "a")
-    before = raw_row(db_path, "a")
+    before = await raw.row("a")
     assert await _fail(store, version=2, resolve=True) is False
-    assert raw_row(db_path, "a") == before
+    assert await raw.row("a") == before
 
 
 @pytest.mark.anyio
-async def test_record_failure_bounds_the_error(store: Store) -> None:
+async def test_record_failure_bounds_the_error(store: TokenStore) -> None:
     await store.add(new("a"), now=NOW)
     await leased(store, "a")
     assert await _fail(store, resolve=False, error="x" * 5000) is True
@@ -1143,15 +1289,17 @@ async def test_record_failure_bounds_the_error(store: Store) -> None:
 
 
 @pytest.mark.anyio
-async def test_record_failure_without_our_lease_writes_nothing(store: Store, db_path: Path) -> None:
+async def test_record_failure_without_our_lease_writes_nothing(
+    store: TokenStore, raw: RawDatabase
+) -> None:
     """A worker whose lease lapsed (paused, storage trouble) must not overwrite the state or
     clear the journal of the worker that took over."""
     await store.add(new("a"), now=NOW)
     await leased(store, "a", OTHER)
     await store.begin_attempt("a", owner=OTHER, version=1, now=NOW, keep_since=NOW - 29)
-    before = raw_row(db_path, "a")
+    before = await raw.row("a")
     assert await _fail(store, resolve=True, state=State.INVALIDATED) is False
-    assert raw_row(db_path, "a") == before
+    assert await raw.row("a") == before
 
 
 # ---- change signal -----------------------------------------------------------------------------
@@ -1159,20 +1307,22 @@ async def test_record_failure_without_our_lease_writes_nothing(store: Store, db_
 
 @pytest.mark.anyio
 async def test_data_version_changes_after_another_connections_commit(
-    store: Store, db_path: Path
+    store: TokenStore, raw: RawDatabase
 ) -> None:
     start = await store.data_version()
     await store.add(new("own"), now=NOW)
-    assert await store.data_version() == start  # our own commits are not news
-    with plain(db_path) as conn:
-        conn.execute(
-            "INSERT INTO token_sets (id, provider, refresh_token, next_refresh_at, created_at,"
-            " updated_at) VALUES ('ext', 'visma', 'RT-ext-s3cr3t', 0, 0, 0)"
-        )
+    if raw.backend == "sqlite":
+        # SQLite: our own commits are not news (PostgreSQL's counter moves for every writer).
+        assert await store.data_version() == start
+    start = await store.data_version()
+    await raw.execute(
+        "INSERT INTO token_sets (id, provider, refresh_token, next_refresh_at, created_at,"
+        " updated_at) VALUES ('ext', 'visma', 'RT-ext-s3cr3t', 0, 0, 0)"
+    )
     changed = await store.data_version()
     assert changed != start
     assert await store.data_version() == changed
-    other = await Store.open(db_path)
+    other = await open_store(raw.location)
     try:
         await other.add(new("from-other-store"), now=NOW)
     finally:
@@ -1185,7 +1335,7 @@ async def test_data_version_changes_after_another_connections_commit(
 
 
 @pytest.mark.anyio
-async def test_store_errors_never_carry_token_values(store: Store, db_path: Path) -> None:
+async def test_store_errors_never_carry_token_values(store: TokenStore, raw: RawDatabase) -> None:
     await store.add(new("a"), now=NOW)
     ts = await leased(store, "a")
     messages: list[str] = []
@@ -1193,16 +1343,23 @@ async def test_store_errors_never_carry_token_values(store: Store, db_path: Path
         with pytest.raises(TokenSetExists) as exists:
             await store.add_many(batch, now=NOW)
         messages += [str(exists.value), repr(exists.value)]
-    # Writes that SQLite itself refuses (an operator's trigger, say): the bound token values
-    # must not travel into the error.
-    with plain(db_path) as conn:
-        conn.execute(
+    # Writes that the database itself refuses (an operator's trigger, say): the bound token
+    # values must not travel into the error.
+    if raw.backend == "sqlite":
+        await raw.execute(
             "CREATE TRIGGER no_writes BEFORE UPDATE ON token_sets"
-            " BEGIN SELECT RAISE(ABORT, 'writes are frozen'); END"
-        )
-        conn.execute(
+            " BEGIN SELECT RAISE(ABORT, 'writes are frozen'); END;"
             "CREATE TRIGGER no_inserts BEFORE INSERT ON token_sets"
-            " BEGIN SELECT RAISE(ABORT, 'inserts are frozen'); END"
+            " BEGIN SELECT RAISE(ABORT, 'inserts are frozen'); END;"
+        )
+    else:
+        await raw.execute(
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+            " RAISE EXCEPTION '% are frozen', TG_ARGV[0]; END $$;"
+            "CREATE TRIGGER no_writes BEFORE UPDATE ON token_sets"
+            " FOR EACH ROW EXECUTE FUNCTION refuse('writes');"
+            "CREATE TRIGGER no_inserts BEFORE INSERT ON token_sets"
+            " FOR EACH ROW EXECUTE FUNCTION refuse('inserts');"
         )
     with pytest.raises(StoreError) as info:
         await store.save_grant(
@@ -1218,7 +1375,7 @@ async def test_store_errors_never_carry_token_values(store: Store, db_path: Path
             next_refresh_at=NOW,
             now=NOW,
         )
-    assert "writes are frozen" in str(info.value) and str(db_path) in str(info.value)
+    assert "writes are frozen" in str(info.value) and store.location in str(info.value)
     messages += [str(info.value), repr(info.value)]
     # a constraint failure that is not a duplicate id is a StoreError, not TokenSetExists
     with pytest.raises(StoreError) as insert:
@@ -1232,7 +1389,7 @@ async def test_store_errors_never_carry_token_values(store: Store, db_path: Path
 
 
 @pytest.mark.anyio
-async def test_hook_queue_claims_retries_and_finishes(store: Store) -> None:
+async def test_hook_queue_claims_retries_and_finishes(store: TokenStore) -> None:
     await store.enqueue_hook(
         event_id="e1",
         event_type="token_set.invalidated",
