@@ -500,12 +500,18 @@ class PostgresStore:
 
     @staticmethod
     async def _lock_is_free(conn: Any, key: int) -> bool:
-        """Try the owner lock ``key`` from this (other) session: acquired means nobody held it;
-        it is given back at once."""
-        if await conn.fetchval("SELECT pg_try_advisory_lock($1, $2)", OWNER_LOCK_CLASS, key):
-            await conn.fetchval("SELECT pg_advisory_unlock($1, $2)", OWNER_LOCK_CLASS, key)
-            return True
-        return False
+        """Does no session hold the owner lock ``key``? Read from pg_locks, not tried: a probe
+        that took the lock, even for a moment, would make a dead owner look alive to every
+        other probe meanwhile (many refreshes of a fleet ask about one dead owner at once)."""
+        held = await conn.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory'"
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            " AND classid = $1::bigint::oid AND objid = $2::bigint::oid AND objsubid = 2"
+            " AND granted)",
+            OWNER_LOCK_CLASS,
+            key,
+        )
+        return not held
 
     def _on_owner_terminated(self, conn: object) -> None:
         self._owner_gone.set()

@@ -241,6 +241,32 @@ async def test_an_owner_is_alive_while_its_session_lives(
 
 
 @pytest.mark.anyio
+async def test_a_dead_owner_is_dead_to_every_probe_at_once(
+    store: PostgresStore, location: PostgresLocation
+) -> None:
+    """A fleet's refreshes ask about one dead owner all at once (each of its journaled sets,
+    and every daemon's reaper). No probe may make it look alive to another: a set left to a
+    "live" owner waits past its grace window, and its token is then spent for nothing."""
+    other = await PostgresStore.open(location)
+    try:
+        async with store.owner("daemon-a") as gone:
+            await store.add(new("a"), now=NOW)
+            await store.claim("a", owner=gone, now=NOW, lease_until=NOW + 600)
+        answers: list[bool] = []
+
+        async def probe(s: PostgresStore) -> None:
+            for _ in range(20):
+                answers.append(await s.owner_alive(gone))
+
+        async with anyio.create_task_group() as tg:
+            for s in (store, other) * 8:
+                tg.start_soon(probe, s)
+        assert answers == [False] * 320
+    finally:
+        await other.close()
+
+
+@pytest.mark.anyio
 async def test_owner_lost_checks_that_the_lock_is_still_held(store: PostgresStore) -> None:
     """Besides the connection's end, a periodic check: the session must still answer and still
     hold its lock. Here the lock goes while the connection stays (no termination to hear)."""
