@@ -1109,15 +1109,16 @@ class PostgresStore:
         value = await self._value("SELECT max(grace_period) FROM token_sets")
         return float(value) if value is not None else 0.0
 
-    async def unresolved_attempts(self, *, since: float) -> list[str]:
-        """Ids with a journaled attempt started at or after ``since`` (crash recovery)."""
+    async def unresolved_attempts(self, *, since: float) -> list[tuple[str, str]]:
+        """``(id, owner)`` of every journaled attempt started at or after ``since``, oldest
+        first (crash recovery: whose grace window may still be open, and who sent it)."""
         rows = await self._read(
-            "SELECT id FROM token_sets WHERE attempt_started_at IS NOT NULL"
+            "SELECT id, attempt_owner FROM token_sets WHERE attempt_started_at IS NOT NULL"
             " AND attempt_started_at >= :since AND state <> 'invalidated'"
             " ORDER BY attempt_started_at",
             {"since": since},
         )
-        return [r[0] for r in rows]
+        return [(r[0], r[1] or "") for r in rows]
 
     # ---- the refresh itself: journal, grant, failure ---------------------------------------
 

@@ -394,6 +394,12 @@ class Refresher:
         if await self._sent_elsewhere(ts, eff):
             # A live process (paused past its lease, say) sent this very token moments ago and
             # has not resolved it. Sending it too would be a second use; look again shortly.
+            assert ts.attempt is not None
+            log.debug(
+                "refresh left to the live process that sent it",
+                token_set=ts.id,
+                owner=ts.attempt.owner,
+            )
             await self._defer_quietly(ts.id, now + 1.0)
             return RefreshResult("leased", token_set=ts, reason="attempt_in_flight_elsewhere")
         if scheduled:

@@ -82,7 +82,7 @@ class Scheduler:
             except StoreError as exc:
                 log.error("cannot check the database for a clock step", error=str(exc))
             task_status.started()
-            await self._reap_dead_owners(force=True)
+            await self._reap_dead_owners(tg, force=True)
             await self._recover(tg)
             while not self._stopping:
                 if self.refresher.storage.paused:
@@ -109,22 +109,30 @@ class Scheduler:
                 min(max(health.next_probe_at - self.clock.monotonic(), 0.05), self.poll_interval)
             )
 
-    async def _recover(self, tg: anyio.abc.TaskGroup) -> None:
-        """Crash recovery: journaled attempts whose grace window may still be open go first."""
+    async def _recover(self, tg: anyio.abc.TaskGroup, *, dead: set[str] | None = None) -> None:
+        """Crash recovery: journaled attempts whose grace window may still be open go first,
+        ahead of every other due set (a backlog would keep them waiting past the window). At
+        start, those of every process that is gone; after a takeover, those of ``dead``."""
         try:
-            # A token set may carry a grace period longer than any provider's (per-set policy).
-            window = max(self.max_grace_period, await self.store.max_set_grace_period())
-            since = self.clock.wall() - window
-            ids = await self.store.unresolved_attempts(since=since)
+            attempts = await self._open_attempts()
+            for token_set_id, owner in attempts:
+                if dead is not None and owner not in dead:
+                    continue
+                if dead is None and await self.store.owner_alive(owner):
+                    continue  # in flight at a live process: its own to resolve
+                log.info("recovering unresolved attempt", token_set=token_set_id, owner=owner)
+                self._start(tg, token_set_id)
         except StoreError as exc:
             log.error("cannot read the journal for crash recovery", error=str(exc))
-            return
-        for token_set_id in ids:
-            log.info("recovering unresolved attempt", token_set=token_set_id)
-            self._start(tg, token_set_id)
+
+    async def _open_attempts(self) -> list[tuple[str, str]]:
+        """``(id, owner)`` of the journaled attempts whose grace window may still be open."""
+        # A token set may carry a grace period longer than any provider's (per-set policy).
+        window = max(self.max_grace_period, await self.store.max_set_grace_period())
+        return await self.store.unresolved_attempts(since=self.clock.wall() - window)
 
     async def _tick(self, tg: anyio.abc.TaskGroup) -> None:
-        await self._reap_dead_owners()
+        await self._reap_dead_owners(tg)
         await self._notice_clock_step_back()
         now = self.clock.wall()
         blocked = self.refresher.circuits.blocked(now)
@@ -211,14 +219,22 @@ class Scheduler:
                     break
         self._wake = anyio.Event()
 
-    async def _reap_dead_owners(self, *, force: bool = False) -> None:
+    async def _reap_dead_owners(self, tg: anyio.abc.TaskGroup, *, force: bool = False) -> None:
+        """Take over the leases of owners that are gone, and continue at once the attempts
+        they left in flight (inside the IdP's grace window). Owners are those of live leases
+        and of open attempts: a process paused past its lease and then killed holds none."""
         mono = self.clock.monotonic()
         if not force and mono - self._last_reap < REAP_INTERVAL:
             return
         self._last_reap = mono
         holders = await self.store.lease_holders(now=self.clock.wall())
+        holders |= {owner for _, owner in await self._open_attempts() if owner}
         holders.discard(self.refresher.owner)
-        dead = [o for o in holders if not await self.store.owner_alive(o)]
-        if dead:
-            released = await self.store.clear_leases_of(dead)
-            log.info("took over leases of dead owners", owners=dead, token_sets=released)
+        dead = {o for o in holders if not await self.store.owner_alive(o)}
+        if not dead:
+            return
+        released = await self.store.clear_leases_of(dead)
+        if released:
+            log.info("took over leases of dead owners", owners=sorted(dead), token_sets=released)
+        if not force:  # at start, _recover follows and takes every gone owner's attempts
+            await self._recover(tg, dead=dead)

@@ -339,7 +339,12 @@ async def test_connection_errors_never_show_the_password(postgres_url: str) -> N
         text = f"{info.value}\n{info.value!r}\n{info.value.__cause__!r}"
         assert password not in text
         assert location.display in str(info.value)
-        assert info.value.reason is StorageReason.UNAVAILABLE, str(info.value)
+        # A server that checks passwords refuses this one first (readonly: not ours to use);
+        # one that trusts loopback answers that the database does not exist (unavailable).
+        expected = {StorageReason.UNAVAILABLE}
+        if ":1/" not in url:
+            expected.add(StorageReason.READONLY)
+        assert info.value.reason in expected, str(info.value)
 
 
 @pytest.mark.anyio

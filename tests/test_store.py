@@ -1053,7 +1053,7 @@ async def test_a_successor_continues_a_dead_owners_series(store: TokenStore) -> 
     await store.add(new("a"), now=NOW)
     await leased(store, "a", OTHER)
     await store.begin_attempt("a", owner=OTHER, version=1, now=NOW, keep_since=NOW - 29)
-    assert await store.unresolved_attempts(since=NOW - 29) == ["a"]
+    assert await store.unresolved_attempts(since=NOW - 29) == [("a", OTHER)]
     assert await store.clear_leases_of([OTHER]) == 1
     await leased(store, "a", ME)
     attempt = await store.begin_attempt(
@@ -1084,10 +1084,16 @@ async def test_unresolved_attempts_since(store: TokenStore) -> None:
         now=NOW,
         resolve_attempt=False,  # even with the journal kept, an invalidated set is not retried
     )
-    assert await store.unresolved_attempts(since=NOW - 50) == ["mid", "new"]
-    assert await store.unresolved_attempts(since=NOW - 10) == ["mid", "new"]
-    assert await store.unresolved_attempts(since=NOW - 1000) == ["old", "mid", "new"]
-    assert await store.unresolved_attempts(since=NOW + 1) == []
+
+    async def ids(since: float) -> list[str]:
+        attempts = await store.unresolved_attempts(since=since)
+        assert {owner for _, owner in attempts} <= {ME}
+        return [token_set_id for token_set_id, _ in attempts]
+
+    assert await ids(NOW - 50) == ["mid", "new"]
+    assert await ids(NOW - 10) == ["mid", "new"]
+    assert await ids(NOW - 1000) == ["old", "mid", "new"]
+    assert await ids(NOW + 1) == []
 
 
 # ---- save_grant: compare-and-swap ----------------------------------------------------------------
