@@ -77,7 +77,7 @@ instance_name = "{name}"
 listen = "127.0.0.1:{port}"
 
 [log]
-level = "warning"
+level = "info"
 format = "json"
 
 [schedule]
@@ -159,6 +159,10 @@ def one_run(
                     procs[0].wait()
                     alive.remove(0)
                     killed = True
+                    # What it did up to its death: its log (as deployed, info level), not its
+                    # last scrape, which misses the refreshes after it.
+                    logs[0].flush()
+                    counts[0] = float(_refreshed_in(workdir / f"{configs[0][0].stem}.log"))
                 time.sleep(0.05)
             spent = sum(_cpu(procs[i].pid) - cpu[procs[i].pid] for i in alive)
             elapsed = (last or time.perf_counter()) - (first or time.perf_counter())
@@ -188,6 +192,11 @@ def one_run(
     finally:
         if created is not None:
             asyncio.run(_admin(args.postgres, f"DROP DATABASE IF EXISTS {created} WITH (FORCE)"))
+
+
+def _refreshed_in(log: Path) -> int:
+    with log.open(encoding="utf-8", errors="replace") as f:
+        return sum(1 for line in f if '"outcome": "refreshed"' in line)
 
 
 def _wait_ready(proc: subprocess.Popen[bytes], port: int) -> None:
