@@ -344,6 +344,8 @@ class Store:
         # Writes waiting for the next group commit (see _write), and what it achieved: single
         # writes asked for and transactions committed (writes / commits = the group size).
         self._pending: list[_PendingWrite] = []
+        # Set while a leader commits a batch (see _write); the other writers wait on it.
+        self._batch_done: anyio.Event | None = None
         self.writes = 0
         self.commits = 0
         # Opened on first use by _report.
@@ -617,27 +619,38 @@ class Store:
         """One statement, committed before returning, shielded from cancellation: a write that
         SQLite may already have committed must not be abandoned half-way by its caller.
 
-        Group commit: writes that arrive while another batch holds the lock queue up, and the
-        first of them to get the lock commits all that are queued in one transaction — one
+        Group commit: writes that arrive while a batch is being committed queue up, and when it
+        ends the first of them to run commits all that are queued in one transaction — one
         fsync for many grants under load, one statement alone (no BEGIN) when there is none.
+        Writers wait for the batch in flight on one event, not in the lock's queue: a FIFO lock
+        hands over to one waiter per event-loop iteration, so a hundred writers that only had
+        to see that their write was done kept the next batch waiting for a hundred iterations.
         """
         item = _PendingWrite(sql, params)
         self._pending.append(item)
         self.writes += 1
         with anyio.CancelScope(shield=True):
-            async with self._lock:
-                # Not done means still pending: a leader marks every item of its batch done,
-                # however its batch ends.
-                if not item.done:
-                    batch, self._pending = self._pending, []
-                    try:
-                        await self._commit_batch(batch)
-                    except BaseException as exc:
-                        _fail_all([i for i in batch if not i.done], exc)
-                        with contextlib.suppress(Exception):
-                            if self._conn.in_transaction:
-                                await self._conn.execute("ROLLBACK")
-                        raise
+            while not item.done:
+                if self._batch_done is not None:
+                    # A batch is being committed; ours is in it or in the next one.
+                    await self._batch_done.wait()
+                    continue
+                self._batch_done = batch_done = anyio.Event()
+                try:
+                    async with self._lock:
+                        # A leader marks every item of its batch done, however its batch ends.
+                        batch, self._pending = self._pending, []
+                        try:
+                            await self._commit_batch(batch)
+                        except BaseException as exc:
+                            _fail_all([i for i in batch if not i.done], exc)
+                            with contextlib.suppress(Exception):
+                                if self._conn.in_transaction:
+                                    await self._conn.execute("ROLLBACK")
+                            raise
+                finally:
+                    self._batch_done = None
+                    batch_done.set()
         if isinstance(item.error, sqlite3.Error):
             raise _sqlite_error(self.path, item.error) from item.error
         if item.error is not None:
