@@ -242,8 +242,15 @@ class Refresher:
         if self._closing is not None:
             self._closing.set()
 
-    async def refresh(self, token_set_id: str, *, scheduled: bool = False) -> RefreshResult:
-        """Refresh now, or join the refresh of this token set that is already in flight."""
+    async def refresh(
+        self, token_set_id: str, *, scheduled: bool = False, claimed: TokenSet | None = None
+    ) -> RefreshResult:
+        """Refresh now, or join the refresh of this token set that is already in flight.
+
+        ``claimed``: the set as this process has just leased it (Store.claim_due_sets, by the
+        scheduler); the refresh starts from it instead of claiming the row again. Its version
+        is what the journal and the grant compare on, so a row that moved on meanwhile is
+        caught there, as after a claim of our own."""
         while (flight := self._flights.get(token_set_id)) is not None and flight.hold:
             await flight.done.wait()
         if flight is not None:
@@ -263,10 +270,10 @@ class Refresher:
         self._flights[token_set_id] = flight
         self.metrics.in_flight.set(len(self._flights))
         if self._flight_group is None:
-            await self._fly(token_set_id, flight, scheduled, owned=False)
+            await self._fly(token_set_id, flight, scheduled, claimed, owned=False)
         else:
             self._flight_group.start_soon(
-                functools.partial(self._fly, token_set_id, flight, scheduled, owned=True),
+                functools.partial(self._fly, token_set_id, flight, scheduled, claimed, owned=True),
                 name=f"flight {token_set_id}",
             )
             await flight.done.wait()
@@ -300,10 +307,18 @@ class Refresher:
             mine.done.set()
 
     async def _fly(
-        self, token_set_id: str, flight: _Flight, scheduled: bool, *, owned: bool
+        self,
+        token_set_id: str,
+        flight: _Flight,
+        scheduled: bool,
+        claimed: TokenSet | None,
+        *,
+        owned: bool,
     ) -> None:
         try:
-            flight.result = await self._refresh_once(token_set_id, scheduled=scheduled)
+            flight.result = await self._refresh_once(
+                token_set_id, scheduled=scheduled, claimed=claimed
+            )
         except Exception:
             if not owned:
                 raise  # the caller's task: the scheduler logs it and releases the lease
@@ -366,21 +381,26 @@ class Refresher:
 
     # ---- one refresh -------------------------------------------------------------------------
 
-    async def _refresh_once(self, token_set_id: str, *, scheduled: bool) -> RefreshResult:
+    async def _refresh_once(
+        self, token_set_id: str, *, scheduled: bool, claimed: TokenSet | ClaimRefused | None
+    ) -> RefreshResult:
         started = self.clock.monotonic()
         now = self.clock.wall()
         if self.storage.paused:
             # The journal could not be written, so nothing could be sent: do not even claim.
             reason = self.storage.reason.value if self.storage.reason else "other"
             return RefreshResult("storage_paused", reason=reason, detail=self.storage.detail)
-        try:
-            claimed = await self.store.claim(
-                token_set_id, owner=self.owner, now=now, lease_until=now + self.lease_duration
-            )
-        except StoreError as exc:
-            self.storage_failed(exc, during="claim")
-            log.error("refresh", token_set=token_set_id, outcome="storage_error", error=str(exc))
-            return RefreshResult("storage_error", detail=str(exc))
+        if claimed is None:
+            try:
+                claimed = await self.store.claim(
+                    token_set_id, owner=self.owner, now=now, lease_until=now + self.lease_duration
+                )
+            except StoreError as exc:
+                self.storage_failed(exc, during="claim")
+                log.error(
+                    "refresh", token_set=token_set_id, outcome="storage_error", error=str(exc)
+                )
+                return RefreshResult("storage_error", detail=str(exc))
         if isinstance(claimed, ClaimRefused):
             return RefreshResult(
                 claimed.reason,

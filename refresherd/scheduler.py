@@ -18,6 +18,7 @@ import anyio.abc
 from refresherd import ownership
 from refresherd.logs import get_logger
 from refresherd.metrics import Metrics
+from refresherd.model import TokenSet
 from refresherd.refresher import Clock, Refresher
 from refresherd.store import Store, StoreError
 
@@ -134,16 +135,17 @@ class Scheduler:
         blocked = self.refresher.circuits.blocked(now)
         free = self.concurrency - self._running
         if free > 0:
-            ids = await self.store.claim_due(
+            # Each set as read under our new lease: the refresh starts from it, unclaimed again.
+            claimed = await self.store.claim_due_sets(
                 owner=self.refresher.owner,
                 now=now,
                 lease_until=now + self.refresher.lease_duration,
                 limit=free,
                 exclude_providers=blocked,
             )
-            for token_set_id in ids:
-                self._start(tg, token_set_id)
-            if len(ids) == free:
+            for ts in claimed:
+                self._start(tg, ts.id, ts)
+            if len(claimed) == free:
                 # Saturated: more may be due; come back when a slot frees.
                 await self._wait(self.poll_interval)
                 return
@@ -174,13 +176,15 @@ class Scheduler:
                 step=round(previous - offset, 1) if previous is not None else None,
             )
 
-    def _start(self, tg: anyio.abc.TaskGroup, token_set_id: str) -> None:
+    def _start(
+        self, tg: anyio.abc.TaskGroup, token_set_id: str, claimed: TokenSet | None = None
+    ) -> None:
         self._running += 1
-        tg.start_soon(self._run_one, token_set_id, name=f"refresh {token_set_id}")
+        tg.start_soon(self._run_one, token_set_id, claimed, name=f"refresh {token_set_id}")
 
-    async def _run_one(self, token_set_id: str) -> None:
+    async def _run_one(self, token_set_id: str, claimed: TokenSet | None) -> None:
         try:
-            await self.refresher.refresh(token_set_id, scheduled=True)
+            await self.refresher.refresh(token_set_id, scheduled=True, claimed=claimed)
         except Exception:
             # A fault of one token set must never stop the others.
             log.exception("refresh crashed", token_set=token_set_id)
