@@ -146,11 +146,11 @@ class Scheduler:
             for ts in claimed:
                 self._start(tg, ts.id, ts)
             if len(claimed) == free:
-                # Saturated: more may be due; come back when a slot frees.
-                await self._wait(self.poll_interval)
+                # Saturated: more may be due; come back when slots free.
+                await self._wait_for_slots(self.poll_interval)
                 return
         else:
-            await self._wait(self.poll_interval)
+            await self._wait_for_slots(self.poll_interval)
             return
         next_at = await self.store.next_due_at(now=now, exclude_providers=blocked)
         delay = self.poll_interval if next_at is None else next_at - self.clock.wall()
@@ -217,6 +217,21 @@ class Scheduler:
                         break
                 except StoreError:
                     break
+        self._wake = anyio.Event()
+
+    async def _wait_for_slots(self, delay: float) -> None:
+        """Saturated: sleep up to ``delay`` until an eighth of the slots are free (at least
+        one), so that one claim statement starts several refreshes rather than one each, and
+        without watching for other processes' commits (a refresh ending wakes us anyway)."""
+        want = max(1, self.concurrency // 8)
+        deadline = self.clock.monotonic() + delay
+        while not self._stopping and self.concurrency - self._running < want:
+            remaining = deadline - self.clock.monotonic()
+            if remaining <= 0:
+                break
+            with anyio.move_on_after(remaining):
+                await self._wake.wait()
+            self._wake = anyio.Event()
         self._wake = anyio.Event()
 
     async def _reap_dead_owners(self, *, force: bool = False) -> None:
