@@ -251,14 +251,23 @@ class Refresher:
             self._closing.set()
 
     async def refresh(
-        self, token_set_id: str, *, scheduled: bool = False, claimed: TokenSet | None = None
+        self,
+        token_set_id: str,
+        *,
+        scheduled: bool = False,
+        claimed: TokenSet | None = None,
+        in_this_task: bool = False,
     ) -> RefreshResult:
         """Refresh now, or join the refresh of this token set that is already in flight.
 
         ``claimed``: the set as this process has just leased it (Store.claim_due_sets, by the
         scheduler); the refresh starts from it instead of claiming the row again. Its version
         is what the journal and the grant compare on, so a row that moved on meanwhile is
-        caught there, as after a claim of our own."""
+        caught there, as after a claim of our own.
+
+        ``in_this_task``: the caller's task is owned by the same task group as the flights and
+        never leaves half-way (the scheduler's): the refresh flies in it, handled exactly as in
+        the flight group, rather than in a second task per refresh."""
         while (flight := self._flights.get(token_set_id)) is not None and flight.hold:
             await flight.done.wait()
         if flight is not None:
@@ -279,6 +288,8 @@ class Refresher:
         self.metrics.in_flight.set(len(self._flights))
         if self._flight_group is None:
             await self._fly(token_set_id, flight, scheduled, claimed, owned=False)
+        elif in_this_task:
+            await self._fly(token_set_id, flight, scheduled, claimed, owned=True)
         else:
             self._flight_group.start_soon(
                 functools.partial(self._fly, token_set_id, flight, scheduled, claimed, owned=True),

@@ -184,7 +184,11 @@ class Scheduler:
 
     async def _run_one(self, token_set_id: str, claimed: TokenSet | None) -> None:
         try:
-            await self.refresher.refresh(token_set_id, scheduled=True, claimed=claimed)
+            # Our task group and the refresher's are the daemon's one work group, with one
+            # shutdown deadline: the flight may as well fly in this task.
+            await self.refresher.refresh(
+                token_set_id, scheduled=True, claimed=claimed, in_this_task=True
+            )
         except Exception:
             # A fault of one token set must never stop the others.
             log.exception("refresh crashed", token_set=token_set_id)
