@@ -515,6 +515,29 @@ def print_throughput(r: dict[str, Any]) -> None:
     )
 
 
+def repeated_throughput(args: argparse.Namespace) -> dict[str, Any]:
+    """``throughput`` run after run (--repeat): on a shared machine one run's ratio is luck, so
+    each run is reported, with the load when it ended, and the median of the ratios."""
+    runs = []
+    for _ in range(args.repeat):
+        r = throughput(args)
+        r["machine"] = machine()
+        print_throughput(r)
+        print(f"load (1 min) {r['machine']['load_1m']:.2f}")
+        runs.append(r)
+    report: dict[str, Any] = {"benchmark": "throughput", "runs": runs}
+    for client in runs[0]["bare"]:
+        ratios = [r[f"ratio_vs_{client}"] for r in runs]
+        report[f"median_ratio_vs_{client}"] = statistics.median(ratios)
+        print(
+            f"\ndaemon / bare {client}, {len(runs)} runs: "
+            + ", ".join(f"{x:.2f}" for x in ratios)
+            + f"; median {statistics.median(ratios):.2f}"
+        )
+    report["machine"] = machine()
+    return report
+
+
 # --------------------------------------------------------------------------- (b) + (c)
 
 
@@ -678,6 +701,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--sets", type=int, default=3000)
     t.add_argument("--latency", type=float, default=0.0, help="IdP latency, seconds")
     t.add_argument("--concurrency", default="4,16,64", help="bare-loop levels to try")
+    t.add_argument("--repeat", type=int, default=1, help="run it this many times")
     t.add_argument(
         "--bare",
         default="httpx,aiohttp",
@@ -698,10 +722,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     global SWITCH_INTERVAL
     SWITCH_INTERVAL = args.switch_interval
-    report = throughput(args) if args.benchmark == "throughput" else scale(args)
-    report["machine"] = machine()
-    if args.benchmark == "throughput":
-        print_throughput(report)
+    if args.benchmark == "throughput" and args.repeat > 1:
+        report = repeated_throughput(args)
+    else:
+        report = throughput(args) if args.benchmark == "throughput" else scale(args)
+        report["machine"] = machine()
+        if args.benchmark == "throughput":
+            print_throughput(report)
     print(f"\nmachine: {json.dumps(report['machine'])}")
     if args.out is not None:
         args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
