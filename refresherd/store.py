@@ -13,6 +13,7 @@ import contextlib
 import itertools
 import os
 import sqlite3
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -31,9 +32,12 @@ BUSY_TIMEOUT_MS: Final = 5000
 # A checkpoint that a long-lived reader held back lets the WAL grow; once it completes, the
 # next writer truncates the file back to this size instead of keeping its peak for ever.
 JOURNAL_SIZE_LIMIT: Final = 4 * 1024 * 1024
-# Group commits SQLite's thread runs back to back in one drain (see Store._write) before it
-# lets the store lock go, so that reads and transactions get their turn under steady writes.
+# Group commits SQLite's thread runs back to back in one drain (see Store._write): no more than
+# this many, and none started after this many seconds, before the store lock is let go, so
+# that reads and transactions get their turn under steady writes (and while every batch waits
+# out a busy timeout on a database another process holds, one batch per turn, as before).
 DRAIN_BATCHES: Final = 8
+DRAIN_SECONDS: Final = 0.05
 READ_CONTRACT_VIEW: Final = "refresherd_access_tokens"
 # Ids per ``IN (...)`` query: well below SQLite's bound-parameter limit.
 _ID_CHUNK: Final = 500
@@ -319,12 +323,16 @@ def _drain(
     notify: Callable[[list[_PendingWrite]], object],
 ) -> int:
     """On SQLite's thread: commit what is pending, batch after batch while writes keep coming
-    (at most DRAIN_BATCHES), each batch handed back to the event loop (``notify``, thread-safe)
-    the moment it is committed. Returns how many batches committed something.
+    (at most DRAIN_BATCHES, none started after DRAIN_SECONDS), each batch handed back to the
+    event loop (``notify``, thread-safe) the moment it is committed. Returns how many batches
+    committed something.
 
     The event loop appends to ``pending`` meanwhile; deque appends and pops are atomic."""
     commits = 0
-    for _ in range(DRAIN_BATCHES):
+    deadline = time.monotonic() + DRAIN_SECONDS
+    for n in range(DRAIN_BATCHES):
+        if n and time.monotonic() > deadline:
+            break
         batch: list[_PendingWrite] = []
         while pending:
             batch.append(pending.popleft())
