@@ -1050,8 +1050,15 @@ class Store:
         limit: int,
         exclude_providers: Sequence[str] = (),
     ) -> list[TokenSet]:
-        """:meth:`claim_due`, returning each set as read under the new lease, exactly as
-        :meth:`claim` would have returned it (same statement and row), most overdue first.
+        """:meth:`claim_due`, returning the whole sets instead of their ids.
+
+        Contract: in one statement (one transaction), lease at most ``limit`` sets that are
+        due — not invalidated, ``next_refresh_at <= now``, lease free or expired
+        (``lease_until < now``), provider not in ``exclude_providers`` — most overdue first,
+        setting ``lease_owner = owner`` and ``lease_until = lease_until``; return each leased
+        set as its row stands after that update (lease fields included, tokens opened when
+        sealed), which is what :meth:`claim` returns for a set it leases; sorted by
+        ``next_refresh_at``. ``limit <= 0``: nothing is leased, ``[]``.
 
         The scheduler hands these to the refresher, which then needs no claim of its own: one
         database round trip fewer per refresh."""
