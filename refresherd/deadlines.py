@@ -10,6 +10,7 @@ gives the body a moment to read what is waiting before it gives up.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -23,44 +24,34 @@ PAUSE_TOLERANCE: Final = 1.0
 AFTER_PAUSE: Final = 1.0
 
 
-async def _expire(seconds: float, clock: Callable[[], float]) -> None:
-    """Return once ``seconds`` have passed, not counting a pause of the process."""
-    remaining = seconds
-    while True:
-        start = clock()
-        await anyio.sleep(remaining)
-        if clock() - start - remaining <= PAUSE_TOLERANCE:
-            return
-        remaining = AFTER_PAUSE
-
-
 @asynccontextmanager
 async def fail_after(
     seconds: float, *, clock: Callable[[], float] = time.monotonic
 ) -> AsyncIterator[None]:
     """Like ``anyio.fail_after(seconds)`` (raises TimeoutError when the body is cut short), but
-    a pause of the whole process extends the deadline by :data:`AFTER_PAUSE` only."""
+    a pause of the whole process extends the deadline by :data:`AFTER_PAUSE` only.
+
+    A timer on the event loop, not a watcher task: this wraps every token request, and a task
+    (with its task group) per request was a measurable share of the daemon's CPU."""
+    loop = asyncio.get_running_loop()
     expired = False
-    finished = False
-    try:
-        async with anyio.create_task_group() as tg:
+    timer: asyncio.TimerHandle | None = None
+    with anyio.CancelScope() as scope:
 
-            async def watch() -> None:
-                nonlocal expired
-                await _expire(seconds, clock)
-                expired = True
-                tg.cancel_scope.cancel()
+        def fire(armed_at: float, wait: float) -> None:
+            nonlocal expired, timer
+            if clock() - armed_at - wait > PAUSE_TOLERANCE:
+                # Fired far too late: the process was stopped. Let the body read what waits.
+                timer = loop.call_later(AFTER_PAUSE, fire, clock(), AFTER_PAUSE)
+                return
+            expired = True
+            scope.cancel()
 
-            tg.start_soon(watch)
-            try:
-                yield
-                finished = True
-            finally:
-                tg.cancel_scope.cancel()
-    except BaseExceptionGroup as group:
-        # The task group wraps what the body raised; the caller expects it as it was raised.
-        if len(group.exceptions) == 1:
-            raise group.exceptions[0] from None
-        raise
-    if expired and not finished:
+        timer = loop.call_later(seconds, fire, clock(), seconds)
+        try:
+            yield
+        finally:
+            assert timer is not None
+            timer.cancel()
+    if expired and scope.cancelled_caught:
         raise TimeoutError

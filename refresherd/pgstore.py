@@ -1010,9 +1010,39 @@ class PostgresStore:
         """Lease up to ``limit`` due token sets in one statement; returns their ids, most
         overdue first. Rows another daemon is claiming right now are skipped, not waited for
         (SKIP LOCKED); the lease conditions are checked again on the row as locked."""
+        rows = await self._claim_due(
+            "t.id, t.next_refresh_at", owner, now, lease_until, limit, exclude_providers
+        )
+        return [r[0] for r in sorted(rows, key=lambda r: (r[1], r[0]))]
+
+    async def claim_due_sets(
+        self,
+        *,
+        owner: str,
+        now: float,
+        lease_until: float,
+        limit: int,
+        exclude_providers: Sequence[str] = (),
+    ) -> list[TokenSet]:
+        """:meth:`claim_due`, returning each leased set as its row stands after the update
+        (store.Store.claim_due_sets: what :meth:`claim` returns), most overdue first."""
+        rows = await self._claim_due("t.*", owner, now, lease_until, limit, exclude_providers)
+        return sorted(
+            (self._token_set(r) for r in rows), key=lambda ts: (ts.next_refresh_at, ts.id)
+        )
+
+    async def _claim_due(
+        self,
+        returning: str,
+        owner: str,
+        now: float,
+        lease_until: float,
+        limit: int,
+        exclude_providers: Sequence[str],
+    ) -> list[asyncpg.Record]:
         if limit <= 0:
             return []
-        rows = await self._write(
+        return await self._write(
             "WITH due AS (SELECT id FROM token_sets WHERE state <> 'invalidated'"
             " AND next_refresh_at <= :now AND (lease_owner IS NULL OR lease_until < :now)"
             " AND provider <> ALL(:excluded::text[])"
@@ -1020,7 +1050,7 @@ class PostgresStore:
             " UPDATE token_sets t SET lease_owner = :owner, lease_until = :until FROM due"
             " WHERE t.id = due.id AND t.state <> 'invalidated'"
             " AND (t.lease_owner IS NULL OR t.lease_until < :now)"
-            " RETURNING t.id, t.next_refresh_at",
+            f" RETURNING {returning}",
             {
                 "owner": owner,
                 "now": now,
@@ -1029,7 +1059,6 @@ class PostgresStore:
                 "excluded": list(exclude_providers),
             },
         )
-        return [r[0] for r in sorted(rows, key=lambda r: (r[1], r[0]))]
 
     async def make_due_written_after(self, *, now: float, limit: float) -> int:
         """Make due now every set last written at a wall time after ``limit`` (> ``now``):

@@ -195,6 +195,10 @@ class Refresher:
         self._unpersisted = 0
         self._flights: dict[str, _Flight] = {}
         self._flight_group: anyio.abc.TaskGroup | None = None
+        # Refreshes in flight whose lease run()'s keeper renews: id -> when it last was (loop
+        # time). Without run() (the CLI, unit tests) each refresh keeps its own lease.
+        self._leased: dict[str, float] = {}
+        self._keeping_leases = False
         self._closing: anyio.Event | None = None
         # Notifications of invalidations and recoveries (set by the daemon when hooks are on).
         self.events: EventSink | None = None
@@ -226,11 +230,15 @@ class Refresher:
         tests) a refresh flies in its first caller's task.
         """
         self._closing = closing = anyio.Event()
-        async with anyio.create_task_group() as tg:
-            self._flight_group = tg
-            task_status.started()
-            await closing.wait()
-            self._flight_group = None
+        async with anyio.create_task_group() as keeper:
+            keeper.start_soon(self._keep_leases)
+            async with anyio.create_task_group() as tg:
+                self._flight_group = tg
+                task_status.started()
+                await closing.wait()
+                self._flight_group = None
+            # Every flight has landed: no lease left to keep.
+            keeper.cancel_scope.cancel()
 
     def close(self) -> None:
         """Take no more refreshes (shutdown); :meth:`run` returns when the last one lands."""
@@ -238,8 +246,24 @@ class Refresher:
         if self._closing is not None:
             self._closing.set()
 
-    async def refresh(self, token_set_id: str, *, scheduled: bool = False) -> RefreshResult:
-        """Refresh now, or join the refresh of this token set that is already in flight."""
+    async def refresh(
+        self,
+        token_set_id: str,
+        *,
+        scheduled: bool = False,
+        claimed: TokenSet | None = None,
+        in_this_task: bool = False,
+    ) -> RefreshResult:
+        """Refresh now, or join the refresh of this token set that is already in flight.
+
+        ``claimed``: the set as this process has just leased it (Store.claim_due_sets, by the
+        scheduler); the refresh starts from it instead of claiming the row again. Its version
+        is what the journal and the grant compare on, so a row that moved on meanwhile is
+        caught there, as after a claim of our own.
+
+        ``in_this_task``: the caller's task is owned by the same task group as the flights and
+        never leaves half-way (the scheduler's): the refresh flies in it, handled exactly as in
+        the flight group, rather than in a second task per refresh."""
         while (flight := self._flights.get(token_set_id)) is not None and flight.hold:
             await flight.done.wait()
         if flight is not None:
@@ -259,10 +283,12 @@ class Refresher:
         self._flights[token_set_id] = flight
         self.metrics.in_flight.set(len(self._flights))
         if self._flight_group is None:
-            await self._fly(token_set_id, flight, scheduled, owned=False)
+            await self._fly(token_set_id, flight, scheduled, claimed, owned=False)
+        elif in_this_task:
+            await self._fly(token_set_id, flight, scheduled, claimed, owned=True)
         else:
             self._flight_group.start_soon(
-                functools.partial(self._fly, token_set_id, flight, scheduled, owned=True),
+                functools.partial(self._fly, token_set_id, flight, scheduled, claimed, owned=True),
                 name=f"flight {token_set_id}",
             )
             await flight.done.wait()
@@ -296,10 +322,18 @@ class Refresher:
             mine.done.set()
 
     async def _fly(
-        self, token_set_id: str, flight: _Flight, scheduled: bool, *, owned: bool
+        self,
+        token_set_id: str,
+        flight: _Flight,
+        scheduled: bool,
+        claimed: TokenSet | None,
+        *,
+        owned: bool,
     ) -> None:
         try:
-            flight.result = await self._refresh_once(token_set_id, scheduled=scheduled)
+            flight.result = await self._refresh_once(
+                token_set_id, scheduled=scheduled, claimed=claimed
+            )
         except Exception:
             if not owned:
                 raise  # the caller's task: the scheduler logs it and releases the lease
@@ -362,21 +396,26 @@ class Refresher:
 
     # ---- one refresh -------------------------------------------------------------------------
 
-    async def _refresh_once(self, token_set_id: str, *, scheduled: bool) -> RefreshResult:
+    async def _refresh_once(
+        self, token_set_id: str, *, scheduled: bool, claimed: TokenSet | ClaimRefused | None
+    ) -> RefreshResult:
         started = self.clock.monotonic()
         now = self.clock.wall()
         if self.storage.paused:
             # The journal could not be written, so nothing could be sent: do not even claim.
             reason = self.storage.reason.value if self.storage.reason else "other"
             return RefreshResult("storage_paused", reason=reason, detail=self.storage.detail)
-        try:
-            claimed = await self.store.claim(
-                token_set_id, owner=self.owner, now=now, lease_until=now + self.lease_duration
-            )
-        except StoreError as exc:
-            self.storage_failed(exc, during="claim")
-            log.error("refresh", token_set=token_set_id, outcome="storage_error", error=str(exc))
-            return RefreshResult("storage_error", detail=str(exc))
+        if claimed is None:
+            try:
+                claimed = await self.store.claim(
+                    token_set_id, owner=self.owner, now=now, lease_until=now + self.lease_duration
+                )
+            except StoreError as exc:
+                self.storage_failed(exc, during="claim")
+                log.error(
+                    "refresh", token_set=token_set_id, outcome="storage_error", error=str(exc)
+                )
+                return RefreshResult("storage_error", detail=str(exc))
         if isinstance(claimed, ClaimRefused):
             return RefreshResult(
                 claimed.reason,
@@ -419,16 +458,20 @@ class Refresher:
 
         result: RefreshResult | None = None
         try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._keep_lease, ts.id)
+            if self._keeping_leases:
+                # run()'s lease keeper renews it while the refresh is in flight.
+                self._leased[ts.id] = anyio.current_time()
                 try:
-                    # Before the first send is journalled, so waiting costs no grace time;
-                    # retries inside the refresh keep this slot (refresherd.throttle).
-                    throttle = self.throttles.of(provider)
-                    async with throttle.slot() if throttle else nullcontext():
-                        result = await self._attempts(ts, eff, provider, endpoint)
+                    result = await self._attempts_in_slot(ts, eff, provider, endpoint)
                 finally:
-                    tg.cancel_scope.cancel()
+                    del self._leased[ts.id]
+            else:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._keep_lease, ts.id)
+                    try:
+                        result = await self._attempts_in_slot(ts, eff, provider, endpoint)
+                    finally:
+                        tg.cancel_scope.cancel()
         finally:
             if probe:
                 self.circuits.end_probe(ts.provider)
@@ -460,16 +503,52 @@ class Refresher:
         except StoreError as exc:
             self.storage_failed(exc, during="defer")
 
+    async def _attempts_in_slot(
+        self,
+        ts: TokenSet,
+        eff: policy.EffectivePolicy,
+        provider: ProviderConfig,
+        endpoint: TokenEndpoint,
+    ) -> RefreshResult:
+        # Before the first send is journalled, so waiting costs no grace time; retries inside
+        # the refresh keep this slot (refresherd.throttle).
+        throttle = self.throttles.of(provider)
+        async with throttle.slot() if throttle else nullcontext():
+            return await self._attempts(ts, eff, provider, endpoint)
+
     async def _keep_lease(self, token_set_id: str) -> None:
         """Renew our lease while the refresh runs, so a slow IdP does not cost us the row."""
         while True:
             await anyio.sleep(self.lease_duration / 3)
-            try:
-                until = self.clock.wall() + self.lease_duration
-                await self.store.renew_lease(token_set_id, owner=self.owner, lease_until=until)
-            except StoreError as exc:
-                self.storage_failed(exc, during="lease renewal")
-                log.warning("lease renewal failed", token_set=token_set_id, error=str(exc))
+            await self._renew_lease(token_set_id)
+
+    async def _keep_leases(self) -> None:
+        """In a running daemon: renew the lease of every refresh in flight here once it is a
+        third of a lease old (checked every sixth), so a slow IdP does not cost us the row.
+        One task for all refreshes rather than a task (and task group) per refresh, which was
+        a measurable share of the daemon's CPU per refresh."""
+        self._keeping_leases = True
+        try:
+            while True:
+                await anyio.sleep(self.lease_duration / 6)
+                now = anyio.current_time()
+                due = [i for i, at in self._leased.items() if now - at >= self.lease_duration / 3]
+                if due:
+                    # Together, so that they ride one group commit.
+                    async with anyio.create_task_group() as tg:
+                        for token_set_id in due:
+                            self._leased[token_set_id] = now
+                            tg.start_soon(self._renew_lease, token_set_id)
+        finally:
+            self._keeping_leases = False
+
+    async def _renew_lease(self, token_set_id: str) -> None:
+        try:
+            until = self.clock.wall() + self.lease_duration
+            await self.store.renew_lease(token_set_id, owner=self.owner, lease_until=until)
+        except StoreError as exc:
+            self.storage_failed(exc, during="lease renewal")
+            log.warning("lease renewal failed", token_set=token_set_id, error=str(exc))
 
     async def _attempts(
         self,

@@ -16,6 +16,7 @@ import anyio.abc
 
 from refresherd.logs import get_logger
 from refresherd.metrics import Metrics
+from refresherd.model import TokenSet
 from refresherd.refresher import Clock, Refresher
 from refresherd.store_contract import StoreError, TokenStore
 
@@ -138,21 +139,22 @@ class Scheduler:
         blocked = self.refresher.circuits.blocked(now)
         free = self.concurrency - self._running
         if free > 0:
-            ids = await self.store.claim_due(
+            # Each set as read under our new lease: the refresh starts from it, unclaimed again.
+            claimed = await self.store.claim_due_sets(
                 owner=self.refresher.owner,
                 now=now,
                 lease_until=now + self.refresher.lease_duration,
                 limit=free,
                 exclude_providers=blocked,
             )
-            for token_set_id in ids:
-                self._start(tg, token_set_id)
-            if len(ids) == free:
-                # Saturated: more may be due; come back when a slot frees.
-                await self._wait(self.poll_interval)
+            for ts in claimed:
+                self._start(tg, ts.id, ts)
+            if len(claimed) == free:
+                # Saturated: more may be due; come back when slots free.
+                await self._wait_for_slots(self.poll_interval)
                 return
         else:
-            await self._wait(self.poll_interval)
+            await self._wait_for_slots(self.poll_interval)
             return
         next_at = await self.store.next_due_at(now=now, exclude_providers=blocked)
         delay = self.poll_interval if next_at is None else next_at - self.clock.wall()
@@ -178,13 +180,19 @@ class Scheduler:
                 step=round(previous - offset, 1) if previous is not None else None,
             )
 
-    def _start(self, tg: anyio.abc.TaskGroup, token_set_id: str) -> None:
+    def _start(
+        self, tg: anyio.abc.TaskGroup, token_set_id: str, claimed: TokenSet | None = None
+    ) -> None:
         self._running += 1
-        tg.start_soon(self._run_one, token_set_id, name=f"refresh {token_set_id}")
+        tg.start_soon(self._run_one, token_set_id, claimed, name=f"refresh {token_set_id}")
 
-    async def _run_one(self, token_set_id: str) -> None:
+    async def _run_one(self, token_set_id: str, claimed: TokenSet | None) -> None:
         try:
-            await self.refresher.refresh(token_set_id, scheduled=True)
+            # Our task group and the refresher's are the daemon's one work group, with one
+            # shutdown deadline: the flight may as well fly in this task.
+            await self.refresher.refresh(
+                token_set_id, scheduled=True, claimed=claimed, in_this_task=True
+            )
         except Exception:
             # A fault of one token set must never stop the others.
             log.exception("refresh crashed", token_set=token_set_id)
@@ -217,6 +225,21 @@ class Scheduler:
                         break
                 except StoreError:
                     break
+        self._wake = anyio.Event()
+
+    async def _wait_for_slots(self, delay: float) -> None:
+        """Saturated: sleep up to ``delay`` until an eighth of the slots are free (at least
+        one), so that one claim statement starts several refreshes rather than one each, and
+        without watching for other processes' commits (a refresh ending wakes us anyway)."""
+        want = max(1, self.concurrency // 8)
+        deadline = self.clock.monotonic() + delay
+        while not self._stopping and self.concurrency - self._running < want:
+            remaining = deadline - self.clock.monotonic()
+            if remaining <= 0:
+                break
+            with anyio.move_on_after(remaining):
+                await self._wake.wait()
+            self._wake = anyio.Event()
         self._wake = anyio.Event()
 
     async def _reap_dead_owners(self, tg: anyio.abc.TaskGroup, *, force: bool = False) -> None:

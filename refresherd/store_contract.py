@@ -214,6 +214,18 @@ class TokenStore(Protocol):
         limit: int,
         exclude_providers: Sequence[str] = (),
     ) -> list[str]: ...
+    async def claim_due_sets(
+        self,
+        *,
+        owner: str,
+        now: float,
+        lease_until: float,
+        limit: int,
+        exclude_providers: Sequence[str] = (),
+    ) -> list[TokenSet]:
+        """claim_due, returning each leased set as claim() would (one round trip fewer)."""
+        ...
+
     async def make_due_written_after(self, *, now: float, limit: float) -> int: ...
     async def claim(
         self, token_set_id: str, *, owner: str, now: float, lease_until: float

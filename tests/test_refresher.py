@@ -1311,3 +1311,44 @@ async def test_a_cancelled_caller_does_not_cancel_the_flight_nor_fail_its_waiter
         assert h.idp.ledger.refreshes == 1
         assert (await h.get("ts-1")).version == 2
         h.refresher.close()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("running", [True, False], ids=["daemon's keeper", "own keeper"])
+async def test_a_refresh_held_at_the_idp_keeps_renewing_its_lease(
+    tmp_path: Path, running: bool
+) -> None:
+    """A slow IdP does not cost us the row: in a running refresher one keeper renews the lease
+    of every refresh in flight; without run() (the CLI) each refresh renews its own."""
+    async with harness(tmp_path, usage="reuse") as h, anyio.create_task_group() as tg:
+        h.refresher.lease_duration = 1.2
+        if running:
+            await tg.start(h.refresher.run)
+        await h.add("ts-1")
+        h.idp.hold_requests()
+        results: list[RefreshResult] = []
+
+        async def caller() -> None:
+            results.append(await h.refresher.refresh("ts-1"))
+
+        tg.start_soon(caller)
+        with anyio.fail_after(60):
+            while h.idp.held_requests < 1:
+                await anyio.sleep(0.01)
+        first = (await h.get("ts-1")).lease_until
+        assert first is not None
+        # Renewed, and renewed again: each time further out than the one before.
+        for _ in range(2):
+            with anyio.fail_after(60):
+                while (until := (await h.get("ts-1")).lease_until) == first:
+                    await anyio.sleep(0.05)
+            assert until is not None and until > first
+            first = until
+        h.idp.release_requests()
+        with anyio.fail_after(60):
+            while not results:
+                await anyio.sleep(0.01)
+        assert results[0].outcome == "refreshed"
+        row = await h.get("ts-1")
+        assert (row.version, row.lease_owner) == (2, None)
+        h.refresher.close()

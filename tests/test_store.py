@@ -854,6 +854,25 @@ async def test_claim_due_most_overdue_first_within_limit(
 
 
 @pytest.mark.anyio
+async def test_claim_due_sets_returns_each_set_as_claim_would(store: TokenStore) -> None:
+    """The same selection and lease as claim_due, each set returned as read under the new
+    lease: what claim returns, so the refresher can start from it without claiming again."""
+    await _claim_due_fixture(store)
+    kw: dict[str, Any] = {"owner": ME, "now": NOW, "lease_until": NOW + 60}
+    assert await store.claim_due_sets(limit=0, **kw) == []
+    sets = await store.claim_due_sets(limit=3, exclude_providers=["okta"], **kw)
+    assert [ts.id for ts in sets] == ["expired-lease", "a", "b"]
+    for ts in sets:
+        assert (ts.lease_owner, ts.lease_until) == (ME, NOW + 60)
+        assert ts == await store.get(ts.id)
+        # Claiming it again (ours already) reads the same row.
+        assert await store.claim(ts.id, owner=ME, now=NOW, lease_until=NOW + 60) == ts
+    rest = await store.claim_due_sets(limit=10, exclude_providers=["okta"], **kw)
+    assert [ts.id for ts in rest] == ["c", "now"]
+    assert await store.claim_due_sets(limit=10, exclude_providers=["okta"], **kw) == []
+
+
+@pytest.mark.anyio
 async def test_claim_due_excludes_several_providers(store: TokenStore) -> None:
     await store.add_many(
         [new(f"{p}-1", provider=p, due=NOW - 1) for p in ("visma", "okta", "auth0", "keycloak")],
