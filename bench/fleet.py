@@ -29,6 +29,8 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 import run  # bench/run.py: the fake IdP process, daemons, scraping
 
+from refresherd.store_contract import TOKEN_SET_COLUMNS, Location, open_store, parse_location
+
 
 def _with_database(url: str, name: str) -> str:
     parts = urlsplit(url)
@@ -101,12 +103,15 @@ def one_run(
 ) -> dict[str, Any]:
     n = args.sets
     created: str | None = None
+    location: Location
     if backend == "sqlite":
-        database = f'database = "{workdir / f"fleet-{daemons}.db"}"\n'
+        location = workdir / f"fleet-{daemons}-{secrets.token_hex(4)}.db"
+        database = f'database = "{location}"\n'
     else:
         name = f"refresherd_bench_{secrets.token_hex(4)}"
         asyncio.run(_admin(args.postgres, f"CREATE DATABASE {name}"))
         created = name
+        location = parse_location(_with_database(args.postgres, name), base_dir=workdir)
         database = _database_entries(_with_database(args.postgres, name), workdir)
     try:
         configs = [
@@ -142,6 +147,7 @@ def one_run(
             killed = False
             counts = [0.0] * daemons
             first = last = None
+            next_check = 0.0
             deadline = time.monotonic() + max(300.0, n / 20)
             while time.monotonic() < deadline:
                 for i in alive:
@@ -151,9 +157,15 @@ def one_run(
                 now = time.perf_counter()
                 if first is None and done > 0:
                     first = now
-                if done >= n:
+                if done >= n or (killed and now >= next_check and _all_refreshed(location)):
+                    # After a kill the database says when all is done: the dead daemon's last
+                    # refreshes are in neither its scrape nor, if it died first, its log.
                     last = now
+                    if killed:
+                        counts[0] = n - sum(counts[i] for i in alive)
                     break
+                if killed and now >= next_check:
+                    next_check = now + 1.0
                 if args.kill_one and not killed and daemons > 1 and done >= n / 5:
                     procs[0].send_signal(signal.SIGKILL)
                     procs[0].wait()
@@ -192,6 +204,22 @@ def one_run(
     finally:
         if created is not None:
             asyncio.run(_admin(args.postgres, f"DROP DATABASE IF EXISTS {created} WITH (FORCE)"))
+
+
+def _all_refreshed(location: Location) -> bool:
+    """Has every token set been refreshed (version 2 or more)? Read through the store."""
+
+    async def check() -> bool:
+        store = await open_store(location, create=False)
+        try:
+            async for batch in store.export_rows("token_sets"):
+                if any(row[TOKEN_SET_COLUMNS.index("version")] < 2 for row in batch):
+                    return False
+            return True
+        finally:
+            await store.close()
+
+    return asyncio.run(check())
 
 
 def _refreshed_in(log: Path) -> int:

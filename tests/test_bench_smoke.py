@@ -68,3 +68,37 @@ def test_scale_bench_reports_lateness_memory_and_startup(tmp_path: Path) -> None
     assert (run["due_in_window"], run["refreshed"], run["failures"]) == (100, 100, 0)
     for key in ("import_s", "startup_s", "rss_mb", "lateness_p99_s", "cpu_ms_per_refresh"):
         assert run[key] is not None
+
+
+@pytest.mark.slow
+def test_fleet_bench_runs_both_backends_and_survives_a_kill(
+    tmp_path: Path, postgres_server: str
+) -> None:
+    out = tmp_path / "fleet.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "fleet.py"),
+            "--sets",
+            "300",
+            "--daemons",
+            "2",
+            "--kill-one",
+            "--latency",
+            "0.01",
+            "--postgres",
+            postgres_server,
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=REPO,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = json.loads(out.read_text(encoding="utf-8"))["runs"]
+    assert [(r["backend"], r["daemons"]) for r in runs] == [("sqlite", 2), ("postgresql", 2)]
+    for r in runs:
+        # Every set refreshed, as the database says, whether or not the kill came in time.
+        assert r["done"] >= 300 and sum(r["shares"]) >= 300, r

@@ -119,7 +119,7 @@ def test_two_daemons_on_one_database(
     second = daemons(config, "second")
 
     started = time.monotonic()
-    while time.monotonic() - started < 40:
+    while time.monotonic() - started < 30:
         assert first.running(), first.tail()
         assert second.running(), second.tail()
         rows = read_rows(db)
