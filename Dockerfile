@@ -14,7 +14,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY refresherd ./refresherd
 RUN python -m venv /opt/refresherd \
-    && /opt/refresherd/bin/pip install --no-cache-dir --disable-pip-version-check .
+    && /opt/refresherd/bin/pip install --no-cache-dir --disable-pip-version-check '.[postgresql]'
 
 FROM python:3.11-slim-bookworm
 # A fixed unprivileged uid and gid: the database is created 0600, so an application container

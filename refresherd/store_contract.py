@@ -388,7 +388,15 @@ async def open_store(
     ``cipher`` opens every sealed value: for ``refresherd migrate``, which copies values as
     they are stored and never opens one."""
     if isinstance(location, PostgresLocation):
-        from refresherd.pgstore import PostgresStore
+        try:
+            from refresherd.pgstore import PostgresStore
+        except ModuleNotFoundError as exc:
+            if exc.name != "asyncpg":
+                raise
+            raise StoreError(
+                f"database {location.display}: PostgreSQL needs the asyncpg driver: "
+                "pip install 'refresherd[postgresql]'"
+            ) from None
 
         return await PostgresStore.open(
             location, create=create, cipher=cipher, verify_keys=verify_keys

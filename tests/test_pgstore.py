@@ -549,3 +549,27 @@ async def test_a_write_the_server_aborts_to_break_a_deadlock_is_run_again(
         await other.close()
     rows = await fetch(location, "SELECT id, scope, lease_owner FROM token_sets ORDER BY id")
     assert [tuple(r) for r in rows] == [("a", "other", None), ("b", "other", None)]
+
+
+def test_without_asyncpg_a_postgresql_database_is_a_clear_error() -> None:
+    """refresherd installed without the postgresql extra: a message, not a traceback."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['asyncpg'] = None\n"
+        "import anyio\n"
+        "from refresherd.store_contract import StoreError, open_store, postgres_location\n"
+        "async def main():\n"
+        "    try:\n"
+        "        await open_store(postgres_location('postgresql://u:pw-x@127.0.0.1/db'))\n"
+        "    except StoreError as exc:\n"
+        "        print(exc)\n"
+        "anyio.run(main)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert "pip install 'refresherd[postgresql]'" in done.stdout
+    assert "postgresql://u@127.0.0.1/db" in done.stdout and "pw-x" not in done.stdout
