@@ -37,6 +37,9 @@ from refresherd.store_contract import (
     Row,
     StoreError,
     TokenSetExists,
+    check_keys,
+    claim_refusal,
+    first_conflict,
 )
 
 __all__ = [
@@ -533,24 +536,9 @@ class Store:
         return {r[0] for r in rows}
 
     async def _check_keys(self) -> None:
-        """Refuse to start with a key set that cannot open every stored value: a token read
-        as its ciphertext would be sent to the IdP as if it were the token."""
-        used = await self.sealed_key_ids()
-        if not used:
-            return
-        if self.cipher is None:
-            raise StoreError(
-                f"database {self.path}: token values are encrypted (key(s) "
-                f"{', '.join(sorted(used))}); configure [encryption] key_file"
-            )
-        missing = used - self.cipher.key_ids
-        if missing:
-            raise StoreError(
-                f"database {self.path}: token values are sealed with key(s) "
-                f"{', '.join(sorted(missing))}, which the config does not hold (configured: "
-                f"{', '.join(sorted(self.cipher.key_ids))}); add the old key to [encryption] "
-                "previous_key_files"
-            )
+        """Refuse to start with a key set that cannot open every stored value."""
+        key_ids = None if self.cipher is None else self.cipher.key_ids
+        check_keys(str(self.path), await self.sealed_key_ids(), key_ids)
 
     async def rekey(self, *, batch: int = 200) -> int:
         """Seal every token value that is plaintext or sealed under an older key with the
@@ -895,14 +883,7 @@ class Store:
                 f"SELECT id FROM token_sets WHERE id IN ({marks})", chunk
             ) as cur:
                 stored.update(r[0] for r in await cur.fetchall())
-        seen: set[str] = set()
-        for token_set_id in ids:
-            if token_set_id in stored:
-                return f"token set {token_set_id!r} exists already (remove it first)"
-            if token_set_id in seen:
-                return f"token set {token_set_id!r} appears twice in the input"
-            seen.add(token_set_id)
-        return None
+        return first_conflict(ids, stored)
 
     async def get(self, token_set_id: str) -> TokenSet | None:
         rows = await self._read("SELECT * FROM token_sets WHERE id = ?", (token_set_id,))
@@ -1117,12 +1098,7 @@ class Store:
         )
         if rows:
             return self._token_set(rows[0])
-        current = await self.get(token_set_id)
-        if current is None:
-            return ClaimRefused("not_found")
-        if current.state is State.INVALIDATED:
-            return ClaimRefused("invalidated")
-        return ClaimRefused("leased", owner=current.lease_owner, until=current.lease_until)
+        return claim_refusal(await self.get(token_set_id))
 
     async def renew_lease(self, token_set_id: str, *, owner: str, lease_until: float) -> bool:
         rows = await self._write(

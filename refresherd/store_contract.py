@@ -19,6 +19,7 @@ the configured location. The contract, for both:
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +85,52 @@ class ClaimRefused:
     reason: str  # "not_found" | "invalidated" | "leased"
     owner: str | None = None
     until: float | None = None
+
+
+# ---- decisions both stores make the same way, whatever SQL got them their facts ----------
+
+
+def claim_refusal(current: TokenSet | None) -> ClaimRefused:
+    """Why a claim of a set, read back as ``current`` after the claim missed, was refused."""
+    if current is None:
+        return ClaimRefused("not_found")
+    if current.state is State.INVALIDATED:
+        return ClaimRefused("invalidated")
+    return ClaimRefused("leased", owner=current.lease_owner, until=current.lease_until)
+
+
+def first_conflict(ids: Sequence[str], stored: AbstractSet[str]) -> str | None:
+    """Name the first of ``ids`` that is in ``stored`` already or repeats an earlier one (a
+    database's unique-key error does not say which row failed)."""
+    seen: set[str] = set()
+    for token_set_id in ids:
+        if token_set_id in stored:
+            return f"token set {token_set_id!r} exists already (remove it first)"
+        if token_set_id in seen:
+            return f"token set {token_set_id!r} appears twice in the input"
+        seen.add(token_set_id)
+    return None
+
+
+def check_keys(location: str, used: AbstractSet[str], key_ids: AbstractSet[str] | None) -> None:
+    """Refuse a key set (``key_ids``; None: no encryption configured) that cannot open every
+    stored value (sealed under ``used``): a token read as its ciphertext would be sent to the
+    IdP as if it were the token."""
+    if not used:
+        return
+    if key_ids is None:
+        raise StoreError(
+            f"database {location}: token values are encrypted (key(s) "
+            f"{', '.join(sorted(used))}); configure [encryption] key_file"
+        )
+    missing = used - key_ids
+    if missing:
+        raise StoreError(
+            f"database {location}: token values are sealed with key(s) "
+            f"{', '.join(sorted(missing))}, which the config does not hold (configured: "
+            f"{', '.join(sorted(key_ids))}); add the old key to [encryption] "
+            "previous_key_files"
+        )
 
 
 # The columns ``refresherd migrate`` copies, table by table, with their values as stored
