@@ -25,6 +25,8 @@ log = get_logger("refresherd.scheduler")
 # How often the owners of other leases are checked for liveness (a dead daemon's rows must be
 # taken over while an IdP grace window may still be open).
 REAP_INTERVAL: Final = 2.0
+# How long the longest per-set grace period, read from every row, is reused by the reaper.
+SET_GRACE_TTL: Final = 60.0
 # How often a sleeping scheduler looks for commits by other processes (e.g. `tokens add`).
 CHANGE_CHECK_INTERVAL: Final = 0.1
 STORAGE_RETRY: Final = 1.0
@@ -56,6 +58,8 @@ class Scheduler:
         self._stopping = False
         self._running = 0
         self._last_reap = float("-inf")
+        # (when read, the longest per-set grace period): see _open_attempts.
+        self._set_grace: tuple[float, float] | None = None
         self._clock_offset: float | None = None
         self.storage_ok = True
 
@@ -110,12 +114,20 @@ class Scheduler:
                 min(max(health.next_probe_at - self.clock.monotonic(), 0.05), self.poll_interval)
             )
 
-    async def _recover(self, tg: anyio.abc.TaskGroup, *, dead: set[str] | None = None) -> None:
+    async def _recover(
+        self,
+        tg: anyio.abc.TaskGroup,
+        *,
+        dead: set[str] | None = None,
+        attempts: list[tuple[str, str]] | None = None,
+    ) -> None:
         """Crash recovery: journaled attempts whose grace window may still be open go first,
         ahead of every other due set (a backlog would keep them waiting past the window). At
-        start, those of every process that is gone; after a takeover, those of ``dead``."""
+        start, those of every process that is gone; after a takeover, those of ``dead``
+        (among ``attempts``, when the caller has just read them)."""
         try:
-            attempts = await self._open_attempts()
+            if attempts is None:
+                attempts = await self._open_attempts()
             for token_set_id, owner in attempts:
                 if dead is not None and owner not in dead:
                     continue
@@ -129,7 +141,12 @@ class Scheduler:
     async def _open_attempts(self) -> list[tuple[str, str]]:
         """``(id, owner)`` of the journaled attempts whose grace window may still be open."""
         # A token set may carry a grace period longer than any provider's (per-set policy).
-        window = max(self.max_grace_period, await self.store.max_set_grace_period())
+        # Finding the longest reads every row: the reaper asks every REAP_INTERVAL, so the
+        # answer is kept for SET_GRACE_TTL (a set added meanwhile is covered after that).
+        mono = self.clock.monotonic()
+        if self._set_grace is None or mono - self._set_grace[0] >= SET_GRACE_TTL:
+            self._set_grace = (mono, await self.store.max_set_grace_period())
+        window = max(self.max_grace_period, self._set_grace[1])
         return await self.store.unresolved_attempts(since=self.clock.wall() - window)
 
     async def _tick(self, tg: anyio.abc.TaskGroup) -> None:
@@ -251,7 +268,8 @@ class Scheduler:
             return
         self._last_reap = mono
         holders = await self.store.lease_holders(now=self.clock.wall())
-        holders |= {owner for _, owner in await self._open_attempts() if owner}
+        attempts = await self._open_attempts()
+        holders |= {owner for _, owner in attempts if owner}
         holders.discard(self.refresher.owner)
         dead = {o for o in holders if not await self.store.owner_alive(o)}
         if not dead:
@@ -260,4 +278,4 @@ class Scheduler:
         if released:
             log.info("took over leases of dead owners", owners=sorted(dead), token_sets=released)
         if not force:  # at start, _recover follows and takes every gone owner's attempts
-            await self._recover(tg, dead=dead)
+            await self._recover(tg, dead=dead, attempts=attempts)
