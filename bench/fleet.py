@@ -140,9 +140,9 @@ def one_run(
             procs.append(subprocess.Popen(run.refresherd(config, "run"), stdout=log, stderr=log))
         ports = [port for _, port in configs]
         try:
-            for proc, port in zip(procs, ports, strict=True):
-                _wait_ready(proc, port)
-            cpu = {p.pid: _cpu(p.pid) for p in procs}
+            for proc, port, log in zip(procs, ports, logs, strict=True):
+                run.wait_ready(proc, port, log_name=log.name, timeout=120)
+            cpu = {p.pid: run.cpu_seconds(p.pid) for p in procs}
             alive = list(range(daemons))
             killed = False
             counts = [0.0] * daemons
@@ -176,7 +176,7 @@ def one_run(
                     logs[0].flush()
                     counts[0] = float(_refreshed_in(workdir / f"{configs[0][0].stem}.log"))
                 time.sleep(0.05)
-            spent = sum(_cpu(procs[i].pid) - cpu[procs[i].pid] for i in alive)
+            spent = sum(run.cpu_seconds(procs[i].pid) - cpu[procs[i].pid] for i in alive)
             elapsed = (last or time.perf_counter()) - (first or time.perf_counter())
             survivors = [int(counts[i]) for i in alive]
             return {
@@ -225,29 +225,6 @@ def _all_refreshed(location: Location) -> bool:
 def _refreshed_in(log: Path) -> int:
     with log.open(encoding="utf-8", errors="replace") as f:
         return sum(1 for line in f if '"outcome": "refreshed"' in line)
-
-
-def _wait_ready(proc: subprocess.Popen[bytes], port: int) -> None:
-    import urllib.error
-    import urllib.request
-
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"a daemon exited ({proc.returncode})")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as r:
-                if r.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.05)
-    raise RuntimeError("a daemon did not become ready")
-
-
-def _cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / run.CLK_TCK
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -176,8 +176,7 @@ class Daemon:
         return scrape(self.port)
 
     def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        return cpu_seconds(self.process.pid)
 
     def status(self, key: str) -> int:
         """A /proc/<pid>/status value in kB (VmRSS, VmHWM)."""
@@ -283,23 +282,36 @@ def daemon(config: Path, port: int, workdir: Path) -> Iterator[Daemon]:
     started = time.perf_counter()
     process = subprocess.Popen(refresherd(config, "run"), stdout=log, stderr=log)
     try:
-        deadline = time.monotonic() + 600
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"the daemon exited ({process.returncode}); see {log.name}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except (urllib.error.URLError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("the daemon did not become ready")
-            time.sleep(0.02)
+        wait_ready(process, port, log_name=log.name)
         yield Daemon(process, port, time.perf_counter() - started)
     finally:
         stop(process, timeout=60)
         log.close()
+
+
+def wait_ready(
+    process: subprocess.Popen[bytes], port: int, *, log_name: str, timeout: float = 600
+) -> None:
+    """Poll the daemon's /readyz until it answers 200; RuntimeError if it exits or times out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"the daemon exited ({process.returncode}); see {log_name}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError("the daemon did not become ready")
+        time.sleep(0.02)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (/proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def scrape(port: int) -> dict[str, float]:
