@@ -171,10 +171,6 @@ def one_run(
                     procs[0].wait()
                     alive.remove(0)
                     killed = True
-                    # What it did up to its death: its log (as deployed, info level), not its
-                    # last scrape, which misses the refreshes after it.
-                    logs[0].flush()
-                    counts[0] = float(_refreshed_in(workdir / f"{configs[0][0].stem}.log"))
                 time.sleep(0.05)
             spent = sum(run.cpu_seconds(procs[i].pid) - cpu[procs[i].pid] for i in alive)
             elapsed = (last or time.perf_counter()) - (first or time.perf_counter())
@@ -220,11 +216,6 @@ def _all_refreshed(location: Location) -> bool:
             await store.close()
 
     return asyncio.run(check())
-
-
-def _refreshed_in(log: Path) -> int:
-    with log.open(encoding="utf-8", errors="replace") as f:
-        return sum(1 for line in f if '"outcome": "refreshed"' in line)
 
 
 def main(argv: list[str] | None = None) -> int:
