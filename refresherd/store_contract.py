@@ -396,35 +396,60 @@ def parse_location(text: str, *, base_dir: Path, password: Secret | None = None)
             f"unknown database scheme {scheme!r}: expected a SQLite path, sqlite:///path or "
             "postgresql://user@host/dbname"
         )
-    parts = urlsplit(text)
+    userinfo, authority_on = _split_userinfo(rest)
+    parts = urlsplit(f"{scheme}://{authority_on}")
     try:
         parts.port  # noqa: B018 -- raises on a port that is not a number
     except ValueError:
         raise ValueError("the postgresql:// URL has a port that is not a number") from None
     if not parts.hostname and "host=" not in parts.query:
         raise ValueError("the postgresql:// URL names no host, such as postgresql://user@host/db")
-    user = unquote(parts.username or "")
+    raw_user, colon, raw_password = (userinfo or "").partition(":")
+    user = unquote(raw_user)
     if password is not None:
-        userinfo = f"{quote(user, safe='')}:{quote(password.reveal(), safe='')}@"
-    elif parts.password is not None:
-        userinfo = f"{quote(user, safe='')}:{quote(unquote(parts.password), safe='')}@"
+        userinfo_out = f"{quote(user, safe='')}:{quote(password.reveal(), safe='')}@"
+    elif colon:
+        userinfo_out = f"{quote(user, safe='')}:{quote(unquote(raw_password), safe='')}@"
     else:
-        userinfo = f"{quote(user, safe='')}@" if user else ""
-    host = parts.netloc.rpartition("@")[2]
-    dsn = urlunsplit((parts.scheme, userinfo + host, parts.path, parts.query, ""))
+        userinfo_out = f"{quote(user, safe='')}@" if user else ""
+    dsn = urlunsplit((parts.scheme, userinfo_out + parts.netloc, parts.path, parts.query, ""))
     shown = f"{quote(user, safe='')}@" if user else ""
-    display = urlunsplit((parts.scheme, shown + host, parts.path, "", ""))
+    display = urlunsplit((parts.scheme, shown + parts.netloc, parts.path, "", ""))
     return PostgresLocation(dsn=Secret(dsn), display=display)
+
+
+def _split_userinfo(rest: str) -> tuple[str | None, str]:
+    """Split what follows ``postgresql://`` into the user[:password] part and the rest.
+
+    As libpq does, the user and password end at an '@' before the first '/', so a password
+    may hold '?', '#' or '@' unencoded (urlsplit would cut it at '?' or '#' and put half of it
+    into the host shown in logs). A '/' in it cannot be told from the database path: refused,
+    without echoing the URL."""
+    head = rest.split("/", 1)[0]
+    userinfo, at, _ = head.rpartition("@")
+    if at:
+        return userinfo, rest[len(userinfo) + 1 :]
+    if "@" in rest.split("?", 1)[0]:
+        raise ValueError(
+            "the postgresql:// URL has an '@' after a '/': a '/' in the user name or password "
+            "must be written %2F (or put the password in database_password_file); "
+            "the URL is not shown, it may hold a password"
+        )
+    return None, rest
 
 
 def has_password(text: str) -> bool:
     """Does this database URL carry a password itself (rather than from a file)?"""
-    scheme, sep, _ = text.partition("://")
+    scheme, sep, rest = text.partition("://")
     if not sep or scheme.lower() not in _POSTGRES_SCHEMES:
         return False
-    parts = urlsplit(text)
-    in_query = any(k.strip().lower() == "password" for k, _ in parse_qsl(parts.query))
-    return parts.password is not None or in_query
+    try:
+        userinfo, authority_on = _split_userinfo(rest)
+    except ValueError:
+        return False  # parse_location says what is wrong
+    query = urlsplit(f"{scheme}://{authority_on}").query
+    in_query = any(k.strip().lower() == "password" for k, _ in parse_qsl(query))
+    return ":" in (userinfo or "") or in_query
 
 
 async def open_store(

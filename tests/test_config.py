@@ -875,10 +875,35 @@ def test_database_password_in_the_url_warns_and_is_never_shown(tmp_path: Path) -
         ('database = "sqlite://relative.db"', ["absolute path"]),
         ('database = "postgresql:///tokens"', ["names no host"]),
         ('database = "postgresql://db:port/tokens"', ["port that is not a number"]),
+        ('database = "postgresql://u:12/pw-x@db/tokens"', ["'/' in the user name or password"]),
         ('database = "tokens.db"\ndatabase_password_file = "pw"', ["postgresql:// database only"]),
     ],
 )
 def test_database_errors(tmp_path: Path, line: str, expected: list[str]) -> None:
     (tmp_path / "pw").write_text("x")
     (tmp_path / "pw").chmod(0o600)
-    assert_error(load_error(tmp_path, with_database(line)), tmp_path, "daemon.database", *expected)
+    error = load_error(tmp_path, with_database(line))
+    assert_error(error, tmp_path, "daemon.database", *expected)
+    assert "pw-x" not in str(error)
+
+
+@pytest.mark.parametrize(
+    "password", ["a?b" + SECRET, "a#b" + SECRET, "a@b" + SECRET, "1?" + SECRET]
+)
+def test_database_password_with_url_delimiters_stays_whole_and_hidden(
+    tmp_path: Path, password: str
+) -> None:
+    """libpq ends the password at the '@' before the first '/': a '?', '#' or '@' in it is
+    part of it, never a query, a fragment or a host shown in logs."""
+    config = load(
+        tmp_path,
+        with_database(f'database = "postgresql://refresherd:{password}@db.internal:5433/tokens"'),
+    )
+    location = config.daemon.database
+    assert isinstance(location, PostgresLocation)
+    assert location.display == "postgresql://refresherd@db.internal:5433/tokens"
+    from urllib.parse import unquote, urlsplit
+
+    parts = urlsplit(location.dsn.reveal())
+    assert unquote(parts.password or "") == password
+    assert (parts.hostname, parts.port, parts.path) == ("db.internal", 5433, "/tokens")

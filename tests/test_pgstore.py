@@ -4,9 +4,11 @@ the values the store shares with SQLite (sealed tokens, export and load)."""
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 import asyncpg
@@ -320,9 +322,10 @@ async def test_a_terminated_owner_session_is_dead_to_others_and_lost_to_itself(
 
 @pytest.mark.anyio
 async def test_connection_errors_never_show_the_password(postgres_url: str) -> None:
-    password = "pw-s3cr3t-" + new_key_text()[:12]
-    user_port = postgres_url.split("@", 1)[1].split("/", 1)[0]
-    host, port = user_port.rsplit(":", 1)
+    # URL-safe, so that the URLs below are well formed whatever the random part holds.
+    password = "pw-s3cr3t-" + secrets.token_hex(6)
+    server = urlsplit(postgres_url)
+    host, port = server.hostname, server.port or 5432
     urls = {
         # nobody listens there
         f"postgresql://postgres:{password}@127.0.0.1:1/refresherd",
