@@ -110,6 +110,7 @@ def write_config(
     usage: str,
     log_level: str,
     import_spread: float = 1.0,
+    workers: int = 1,
 ) -> tuple[Path, int]:
     port = free_port()
     secret = workdir / "client-secret"
@@ -120,6 +121,7 @@ def write_config(
         f"""[daemon]
 database = "{workdir / "tokens.db"}"
 concurrency = {concurrency}
+workers = {workers}
 
 [server]
 listen = "127.0.0.1:{port}"
@@ -175,15 +177,39 @@ class Daemon:
     def metrics(self) -> dict[str, float]:
         return scrape(self.port)
 
+    def wait_for_workers(self, count: int, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.metrics().get("refresherd_worker_processes", 0.0) < count:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the daemon's {count} worker process(es) did not start")
+            time.sleep(0.05)
+
     def cpu_seconds(self) -> float:
-        return cpu_seconds(self.process.pid)
+        """The daemon's, its worker processes' included ([daemon] workers)."""
+        return sum(cpu_seconds(pid) for pid in process_tree(self.process.pid))
 
     def status(self, key: str) -> int:
-        """A /proc/<pid>/status value in kB (VmRSS, VmHWM)."""
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-        raise KeyError(key)
+        """A /proc/<pid>/status value in kB (VmRSS, VmHWM), summed over its processes."""
+        total = 0
+        for pid in process_tree(self.process.pid):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith(key + ":"):
+                    total += int(line.split()[1])
+        return total
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its children (a primary and its worker processes)."""
+    pids = [pid]
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue  # ended meanwhile
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                pids.append(int(entry.name))
+    return pids
 
 
 @contextmanager
@@ -467,13 +493,17 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
                 concurrency=args.daemon_concurrency,
                 usage="reuse",
                 log_level=args.log_level,
+                workers=args.daemon_workers,
             )
-            report["import_s"] = import_tokens(config, lines)
             with (
                 daemon(config, port, workdir) as d,
                 profiled(d.process.pid, args.profile, args.profile_seconds),
             ):
                 report["startup_s"] = d.startup
+                # Imported into the running daemon once all its processes are up, so that the
+                # rate is that of all of them (the daemon finds new rows by itself).
+                d.wait_for_workers(args.daemon_workers - 1)
+                report["import_s"] = import_tokens(config, lines)
                 first = None
                 cpu0 = d.cpu_seconds()
                 done0 = 0.0
@@ -491,6 +521,7 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
                 counted = done - done0
                 report["daemon"] = {
                     "concurrency": args.daemon_concurrency,
+                    "workers": args.daemon_workers,
                     "refreshes": int(successes(m)),
                     "failures": int(failures(m)),
                     "per_second": counted / elapsed if elapsed > 0 else None,
@@ -525,7 +556,9 @@ def print_throughput(r: dict[str, Any]) -> None:
     d = r["daemon"]
     rate = f"{d['per_second']:.0f}" if d["per_second"] else "n/a"
     cpu = f"{d['cpu_ms_per_refresh']:.2f}" if d["cpu_ms_per_refresh"] else "n/a"
-    print(f"| refresherd daemon | {d['concurrency']} | {rate} | {cpu} |")
+    procs = d.get("workers", 1)
+    who = "refresherd daemon" + (f", {procs} processes" if procs > 1 else "")
+    print(f"| {who} | {d['concurrency']} | {rate} | {cpu} |")
     if "bare_aiohttp_after" in r:
         a = r["bare_aiohttp_after"]
         print(
@@ -591,6 +624,7 @@ def scale_one(args: argparse.Namespace, size: int) -> dict[str, Any]:
                 concurrency=args.daemon_concurrency,
                 usage="one_time",
                 log_level=args.log_level,
+                workers=args.daemon_workers,
                 import_spread=0.0,
             )
             import_s = import_tokens(config, lines)
@@ -712,7 +746,10 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python bench/run.py", description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, help="also write the report as JSON here")
     p.add_argument("--log-level", default="info", help="the daemon's (default: info, as run)")
-    p.add_argument("--daemon-concurrency", type=int, default=64)
+    p.add_argument("--daemon-concurrency", type=int, default=64, help="in flight, all processes")
+    p.add_argument(
+        "--daemon-workers", type=int, default=1, help="[daemon] workers: processes that refresh"
+    )
     p.add_argument("--profile", type=Path, help="py-spy the daemon into this file (raw)")
     p.add_argument("--profile-seconds", type=float, default=10.0)
     p.add_argument(

@@ -69,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="config file (default: $REFRESHERD_CONFIG, else /etc/refresherd/config.toml)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("run", help="run the daemon")
+    run = sub.add_parser("run", help="run the daemon")
+    # Started by the primary itself for [daemon] workers > 1 (refresherd.workers).
+    run.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     sub.add_parser("check-config", help="validate the config file and exit")
 
     tokens = sub.add_parser("tokens", help="manage stored token sets")
@@ -154,7 +156,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "run":
         logs.configure(config.log.level, config.log.format)
-        return anyio.run(Daemon(config, config_path=path).run)
+        if args.worker is not None and not 1 <= args.worker < config.daemon.workers:
+            return _fail(f"run: --worker {args.worker} is not a worker of this config", EX_USAGE)
+        return anyio.run(Daemon(config, config_path=path, worker=args.worker).run)
     # One-shot commands: logs go to stderr, results to stdout.
     logs.configure(config.log.level if args.command == "refresh" else "warning", config.log.format)
     try:

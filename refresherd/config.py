@@ -52,6 +52,10 @@ class DaemonConfig:
     shutdown_timeout: float = 20.0
     poll_interval: float = 1.0
     instance_name: str | None = None
+    # Processes that refresh (refresherd.workers): the primary and workers - 1 more. The
+    # limits in the config (concurrency, a provider's connections, concurrent refreshes and
+    # rate) are the whole daemon's, shared out among them.
+    workers: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,6 +318,8 @@ _SECTIONS: Final = (
     "encryption",
 )
 _ENCRYPTION_KEYS: Final = ("key_file", "key_credential", "previous_key_files")
+# More would only contend for the same database; a process per core is the point.
+MAX_WORKERS: Final = 64
 _DAEMON_KEYS: Final = (
     "database",
     "database_password_file",
@@ -323,6 +329,7 @@ _DAEMON_KEYS: Final = (
     "shutdown_timeout",
     "poll_interval",
     "instance_name",
+    "workers",
 )
 _SERVER_KEYS: Final = ("listen", "enabled")
 _LOG_KEYS: Final = ("level", "format")
@@ -443,6 +450,7 @@ def parse_config(text: str, *, source: str, base_dir: Path, env: Mapping[str, st
     log = _parse_log(root.table("log"))
     schedule = _parse_schedule(root.table("schedule"))
     providers = _parse_providers(root.table("providers"))
+    _check_shares(ctx, daemon, providers)
     # Last, so that a typo elsewhere is reported before any secret file is touched.
     api = _parse_api(root.table("api"))
     hooks = _parse_hooks(root.table("hooks"))
@@ -487,7 +495,32 @@ def _parse_daemon(t: _Table) -> DaemonConfig:
         shutdown_timeout=t.duration("shutdown_timeout", d.shutdown_timeout),
         poll_interval=t.duration("poll_interval", d.poll_interval, minimum=0.05, maximum=60.0),
         instance_name=t.optional_string("instance_name"),
+        workers=t.integer("workers", d.workers, minimum=1, maximum=MAX_WORKERS),
     )
+
+
+def _check_shares(
+    ctx: _Context, daemon: DaemonConfig, providers: Mapping[str, ProviderConfig]
+) -> None:
+    """Each of [daemon] workers processes gets an equal share of every count limit, so each
+    needs at least one (refresherd.workers.process_share)."""
+    n = daemon.workers
+    if n == 1:
+        return
+    limits = [("daemon.concurrency", daemon.concurrency)]
+    for name, p in providers.items():
+        limits.append((f"providers.{name}.max_connections", p.max_connections))
+        if p.max_concurrent_refreshes is not None:
+            limits.append(
+                (f"providers.{name}.max_concurrent_refreshes", p.max_concurrent_refreshes)
+            )
+    for key, value in limits:
+        if value < n:
+            raise ctx.error(
+                key,
+                f"expected at least {n}, one for each of [daemon] workers = {n} processes "
+                f"(which share it out), got {value}",
+            )
 
 
 def _parse_server(t: _Table) -> ServerConfig:
@@ -1064,7 +1097,7 @@ class _Table:
             raise self.error(name, "expected a non-empty string, got an empty string")
         return value
 
-    def integer(self, name: str, default: int, *, minimum: int) -> int:
+    def integer(self, name: str, default: int, *, minimum: int, maximum: int | None = None) -> int:
         value = self.data.get(name)
         if value is None:
             return default
@@ -1073,6 +1106,8 @@ class _Table:
             raise self.error(name, f"expected an integer, got {_type_name(value)}")
         if value < minimum:
             raise self.error(name, f"expected an integer of at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise self.error(name, f"expected an integer of at most {maximum}, got {value}")
         return value
 
     def number(self, name: str, default: float, minimum: float, maximum: float) -> float:

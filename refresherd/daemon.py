@@ -18,6 +18,7 @@ from typing import Final
 
 import anyio
 import anyio.abc
+import structlog
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import BaseRoute
@@ -33,12 +34,20 @@ from refresherd.hooks import Hooks
 from refresherd.intake import MAX_GRACE_PERIOD
 from refresherd.metrics import INVALIDATION_REASONS, Metrics
 from refresherd.model import State, TokenSet, rfc3339
-from refresherd.refresher import Clock, Refresher, SystemClock
+from refresherd.refresher import PERSIST_DEADLINE, Clock, Refresher, SystemClock
 from refresherd.scheduler import Scheduler
 from refresherd.sdnotify import Notifier
 from refresherd.server import bind_socket, bind_unix_socket, build_app, serve
 from refresherd.storage_health import StorageReason
 from refresherd.store_contract import StoreError, TokenStore, open_store
+from refresherd.worker_metrics import merged_registry
+from refresherd.workers import (
+    WorkerPool,
+    process_share,
+    publish_snapshots,
+    wait_for_primary_to_end,
+    write_snapshot,
+)
 
 log = logs.get_logger("refresherd.daemon")
 
@@ -132,8 +141,12 @@ class Daemon:
         config_path: Path | None = None,
         clock: Clock | None = None,
         on_ready: Callable[[Daemon], None] | None = None,
+        worker: int | None = None,
     ) -> None:
         self.config = config
+        # None: the primary; 1..workers-1: a worker process it started (refresherd.workers).
+        self.worker = worker
+        self.pool: WorkerPool | None = None
         self.config_path = config_path
         self.clock = clock or SystemClock()
         self.on_ready = on_ready
@@ -152,12 +165,19 @@ class Daemon:
     def request_stop(self) -> None:
         self._stop.set()
 
+    @property
+    def index(self) -> int:
+        """This process's number among [daemon] workers: 0 for the primary."""
+        return self.worker or 0
+
     async def run(self) -> int:
         config = self.config
         for warning in config.warnings:
             log.warning("config", warning=warning)
+        if self.worker is not None:
+            structlog.contextvars.bind_contextvars(worker=self.worker)
         try:
-            config = self.config = await resolve_config(config)
+            config = self.config = process_share(await resolve_config(config), self.index)
         except DiscoveryError as exc:
             log.error(
                 "cannot discover the token endpoint",
@@ -168,13 +188,13 @@ class Daemon:
             return EX_UNAVAILABLE
         sock = None
         unix_sock = None
-        if config.api.enabled and config.api.unix_socket is not None:
+        if self.worker is None and config.api.enabled and config.api.unix_socket is not None:
             try:
                 unix_sock = bind_unix_socket(config.api.unix_socket, config.api.unix_socket_mode)
             except OSError as exc:
                 log.error("cannot listen", socket=str(config.api.unix_socket), error=str(exc))
                 return 1
-        if config.server.enabled:
+        if self.worker is None and config.server.enabled:
             try:
                 sock = bind_socket(config.server.host, config.server.port)
             except OSError as exc:
@@ -217,6 +237,15 @@ class Daemon:
         self._scheduler = scheduler
         server_stop = anyio.Event()
         server_done = anyio.Event()
+        if self.worker is None and config.daemon.workers > 1:
+            if self.config_path is None:
+                log.warning("[daemon] workers needs a config file; running one process")
+            else:
+                self.pool = WorkerPool(
+                    count=config.daemon.workers - 1,
+                    config_path=self.config_path,
+                    metrics=rt.metrics,
+                )
         app = self._app(rt, scheduler)
         async with anyio.create_task_group() as tg:
             self._tg = tg
@@ -226,21 +255,27 @@ class Daemon:
                 "refresherd started",
                 database=str(config.daemon.database),
                 owner=rt.owner,
+                workers=config.daemon.workers,
                 providers=sorted(config.providers),
                 listen=f"{self.listen_address[0]}:{self.listen_address[1]}"
                 if self.listen_address
                 else None,
             )
             tg.start_soon(self._heartbeat)
-            tg.start_soon(self._gauges, rt)
             tg.start_soon(self._watch_owner, rt)
+            if self.worker is None:
+                # The whole database's gauges and expiry: the primary's job alone.
+                tg.start_soon(self._gauges, rt)
+                tg.start_soon(self._expiry_watcher(rt).run)
+            else:
+                tg.start_soon(publish_snapshots, rt.metrics)
+                tg.start_soon(self._stop_with_primary)
             if config.hooks.enabled:
                 hooks = Hooks(
                     store=rt.store, config=config.hooks, metrics=rt.metrics, clock=self.clock
                 )
                 rt.refresher.events = self.hooks = hooks
                 tg.start_soon(self._notify, hooks)
-            tg.start_soon(self._expiry_watcher(rt).run)
             if sockets:
                 tg.start_soon(self._serve, app, sockets, server_stop, server_done)
             else:
@@ -249,13 +284,23 @@ class Daemon:
             # set before the scheduler starts, whose crash recovery may refresh at once.
             rt.refresher.hold_grants = True
             await tg.start(self._work, scheduler, server_stop, server_done, tg.cancel_scope)
+            if self.pool is not None:
+                tg.start_soon(self.pool.run)
             # The store is open and migrated, the listener bound, the scheduler running.
             self.notifier.notify("READY=1", "STATUS=refreshing token sets")
             self._ready = True
             if self.on_ready is not None:
                 self.on_ready(self)
+        if self.worker is not None:
+            write_snapshot(rt.metrics)  # the last counts, for the primary's totals
         log.info("refresherd stopped", exit_code=self._exit_code)
         return self._exit_code
+
+    async def _stop_with_primary(self) -> None:
+        await wait_for_primary_to_end()
+        if not self._stop.is_set():
+            log.warning("the primary process is gone; stopping")
+            self.request_stop()
 
     async def _watch_owner(self, rt: Runtime) -> None:
         """Stop when this process's owner registration is lost (PostgreSQL: the session that
@@ -301,6 +346,11 @@ class Daemon:
             readiness=self._readiness,
             api_routes=routes,
             middleware=middleware,
+            exposed=(
+                None
+                if self.pool is None
+                else merged_registry(rt.metrics.registry, self.pool.snapshots)
+            ),
         )
 
     @staticmethod
@@ -334,6 +384,8 @@ class Daemon:
             task_status.started()
             await self._stop.wait()
             log.info("shutting down", in_flight=scheduler.running)
+            if self.pool is not None:
+                self.pool.begin_stop()  # the workers drain alongside
             if self._rt is not None:
                 # From now on a grant storage refuses is held for refresher.PERSIST_DEADLINE.
                 self._rt.refresher.hold_grants = False
@@ -347,6 +399,10 @@ class Daemon:
                 "shutdown timeout: cancelled refreshes still in flight; "
                 "their journal entries will be recovered at the next start"
             )
+        if self.pool is not None:
+            # Each worker drains as this process did and may hold a refused grant for up to
+            # PERSIST_DEADLINE: /metrics stays up meanwhile.
+            await self.pool.stop(PERSIST_DEADLINE + 5.0)
         # Let the listener close its connections (a scraper's keep-alive one, say) before the
         # root scope is cancelled: Hypercorn cancelled inside its graceful shutdown crashes.
         server_stop.set()
@@ -365,6 +421,8 @@ class Daemon:
             async for signum in signals:
                 if signum == signal.SIGHUP:
                     await self.reload()
+                    if self.pool is not None:
+                        self.pool.reload()
                 elif self._stop.is_set():
                     log.warning("second stop signal: cancelling at once")
                     root.cancel()
@@ -387,7 +445,9 @@ class Daemon:
             log.warning("reload requested but the config did not come from a file")
             return
         try:
-            new = await resolve_config(load_config(self.config_path), fresh=True)
+            new = process_share(
+                await resolve_config(load_config(self.config_path), fresh=True), self.index
+            )
         except (ConfigError, DiscoveryError) as exc:
             rt.metrics.config_reloads.labels("error").inc()
             log.error("reload failed, keeping the running config", error=str(exc))
@@ -399,6 +459,7 @@ class Daemon:
             (new.api != old.api, "api"),
             (new.hooks != old.hooks, "hooks"),
             (new.encryption != old.encryption, "encryption"),
+            (new.daemon.workers != old.daemon.workers, "daemon.workers"),
         ):
             if changed:
                 log.warning("this setting only takes effect after a restart", key=what)

@@ -15,6 +15,15 @@ DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0
 # The reasons of refresherd_invalidations_total (policy.decide). Their series exist from the
 # start, so that increase() sees the first invalidation after a restart, too.
 INVALIDATION_REASONS: Final = ("invalid_grant", "invalid_grant_after_unresolved_attempt")
+# With [daemon] workers > 1, each worker process's counters and histograms add to the
+# primary's (refresherd.worker_metrics). These gauges are each process's own state and combine
+# so: the rest describe the whole database and come from the primary alone.
+PER_PROCESS_GAUGES: Final = {
+    "refresherd_refreshes_in_flight": "sum",
+    "refresherd_unpersisted_grants": "sum",
+    "refresherd_provider_circuit_open": "max",
+    "refresherd_storage_writable": "min",
+}
 
 
 class Metrics:
@@ -156,6 +165,16 @@ class Metrics:
         self.hook_queue = Gauge(
             "refresherd_hook_queue",
             "Notifications queued and not yet delivered or given up.",
+            registry=r,
+        )
+        self.worker_processes = Gauge(
+            "refresherd_worker_processes",
+            "Worker processes running beside the primary ([daemon] workers - 1 when all are up).",
+            registry=r,
+        )
+        self.worker_restarts = Counter(
+            "refresherd_worker_restarts",
+            "Worker processes that ended unasked and were started again.",
             registry=r,
         )
         self.ready = Gauge(

@@ -22,7 +22,7 @@ from hypercorn.asyncio.run import worker_serve
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.config import Sockets
 from hypercorn.utils import wrap_app
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -78,11 +78,16 @@ def build_app(
     readiness: ReadinessCheck,
     api_routes: Sequence[BaseRoute] = (),
     middleware: Sequence[Middleware] = (),
+    exposed: CollectorRegistry | None = None,
 ) -> Starlette:
-    """The one ASGI app: health, metrics and, when enabled, the token API (refresherd.api)."""
+    """The one ASGI app: health, metrics and, when enabled, the token API (refresherd.api).
+
+    ``exposed`` is what /metrics shows when it is more than ``metrics`` (worker processes'
+    values merged in: refresherd.worker_metrics)."""
+    registry = exposed if exposed is not None else metrics.registry
 
     async def metrics_endpoint(request: Request) -> Response:
-        body = generate_latest(metrics.registry)
+        body = generate_latest(registry)
         return Response(body, media_type=CONTENT_TYPE_LATEST, headers={"cache-control": "no-store"})
 
     async def healthz(request: Request) -> Response:

@@ -1,0 +1,249 @@
+"""Worker processes: ``[daemon] workers = N`` runs the primary and N - 1 workers on one database.
+
+One Python event loop tops out well below what two cores and an IdP allow (docs/benchmarks.md),
+so more processes refresh beside the primary. They need no coordination beyond what already
+makes several daemons on one database safe: leases, compare-and-swap and the journal. The
+primary alone listens (health, metrics, API), counts the database for the gauges and watches
+expiry; every process refreshes and delivers hooks. Each worker writes a snapshot of its
+metrics to the primary on stdout once a second (refresherd.worker_metrics merges them into
+/metrics) and stops when its stdin, held open by the primary, ends: a dead primary leaves no
+orphans. The primary restarts a worker that ends unasked, with backoff.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Final
+
+import anyio
+import anyio.abc
+from anyio.streams.buffered import BufferedByteReceiveStream
+
+from refresherd.config import Config
+from refresherd.logs import get_logger
+from refresherd.metrics import Metrics
+from refresherd.worker_metrics import Snapshot, decode, encode, retire, take_snapshot
+
+log = get_logger("refresherd.workers")
+
+SNAPSHOT_INTERVAL: Final = 1.0
+MAX_SNAPSHOT_BYTES: Final = 8 * 1024 * 1024
+RESTART_BACKOFF: Final = (1.0, 30.0)  # first delay, longest delay
+# A worker that ran this long before it ended starts again after the first delay.
+HEALTHY_RUN: Final = 60.0
+# What systemd (or a supervisor) meant for the primary only.
+_PRIMARY_ONLY_ENV: Final = (
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+)
+
+
+def share(total: int, workers: int, index: int) -> int:
+    """Process ``index``'s part of a count limit: the parts add up to ``total`` exactly."""
+    return total // workers + (1 if index < total % workers else 0)
+
+
+def process_share(config: Config, index: int) -> Config:
+    """The config one process runs with: the whole daemon's limits (in flight, and a
+    provider's connections, concurrent refreshes and request rate) shared out equally, so that
+    an IdP sees what the config says whatever the number of processes."""
+    n = config.daemon.workers
+    if n == 1:
+        return config
+    providers = {
+        name: dataclasses.replace(
+            p,
+            max_connections=share(p.max_connections, n, index),
+            max_concurrent_refreshes=(
+                None
+                if p.max_concurrent_refreshes is None
+                else share(p.max_concurrent_refreshes, n, index)
+            ),
+            max_requests_per_second=(
+                None if p.max_requests_per_second is None else p.max_requests_per_second / n
+            ),
+        )
+        for name, p in config.providers.items()
+    }
+    daemon = dataclasses.replace(
+        config.daemon, concurrency=share(config.daemon.concurrency, n, index)
+    )
+    return dataclasses.replace(config, daemon=daemon, providers=providers)
+
+
+def next_backoff(previous: float | None, ran: float) -> float:
+    """How long to wait before starting a worker again that ended after ``ran`` seconds."""
+    first, longest = RESTART_BACKOFF
+    if previous is None or ran >= HEALTHY_RUN:
+        return first
+    return min(previous * 2, longest)
+
+
+class WorkerPool:
+    """The primary's worker processes: started, read, restarted, stopped."""
+
+    def __init__(self, *, count: int, config_path: Path, metrics: Metrics) -> None:
+        self.count = count
+        self.config_path = config_path
+        self.metrics = metrics
+        self._processes: dict[int, anyio.abc.Process] = {}
+        self._latest: dict[int, Snapshot] = {}
+        self._retired: Snapshot = {}
+        self._stopping = False
+        self._all_ended = anyio.Event()
+
+    def snapshots(self) -> list[Snapshot]:
+        return [self._retired, *self._latest.values()]
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._processes.values()]
+
+    async def run(self) -> None:
+        """Keep ``count`` workers running until :meth:`stop`; cancelled, kill what is left."""
+        try:
+            async with anyio.create_task_group() as tg:
+                for index in range(1, self.count + 1):
+                    tg.start_soon(self._keep, index)
+        finally:
+            self._all_ended.set()
+
+    def reload(self) -> None:
+        """Pass a SIGHUP on: each worker reads the config file again."""
+        for process in self._processes.values():
+            process.send_signal(signal.SIGHUP)
+
+    def begin_stop(self) -> None:
+        """Ask every worker to drain and stop (SIGTERM, as systemd would)."""
+        self._stopping = True
+        for process in self._processes.values():
+            process.terminate()
+
+    async def stop(self, timeout: float) -> None:
+        """Wait for the workers to end; kill those still running after ``timeout``."""
+        self.begin_stop()
+        with anyio.move_on_after(timeout):
+            await self._all_ended.wait()
+        for index, process in list(self._processes.items()):
+            log.warning("worker did not stop in time; killing it", worker=index, pid=process.pid)
+            process.kill()
+
+    def _command(self, index: int) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "refresherd",
+            "--config",
+            str(self.config_path),
+            "run",
+            "--worker",
+            str(index),
+        ]
+
+    async def _keep(self, index: int) -> None:
+        delay: float | None = None
+        while not self._stopping:
+            started = anyio.current_time()
+            code = await self._run_one(index)
+            if self._stopping:
+                return
+            delay = next_backoff(delay, anyio.current_time() - started)
+            self.metrics.worker_restarts.inc()
+            log.error(
+                "worker process ended unasked; starting it again",
+                worker=index,
+                exit_code=code,
+                restart_in=delay,
+            )
+            await anyio.sleep(delay)
+
+    async def _run_one(self, index: int) -> int | None:
+        env = {k: v for k, v in os.environ.items() if k not in _PRIMARY_ONLY_ENV}
+        try:
+            process = await anyio.open_process(
+                self._command(index),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=None,  # the worker logs where the primary does
+                env=env,
+            )
+        except OSError as exc:
+            log.error("cannot start a worker process", worker=index, error=str(exc))
+            return None
+        self._processes[index] = process
+        self.metrics.worker_processes.set(len(self._processes))
+        if self._stopping:  # asked to stop while it was starting
+            process.terminate()
+        try:
+            assert process.stdout is not None
+            await self._read_snapshots(index, BufferedByteReceiveStream(process.stdout))
+            return await process.wait()
+        finally:
+            del self._processes[index]
+            self.metrics.worker_processes.set(len(self._processes))
+            last = self._latest.pop(index, None)
+            if last is not None:
+                retire(self._retired, last, self.metrics.registry.collect())
+            if process.returncode is None:  # cancelled: the primary is going away
+                process.kill()
+                with anyio.CancelScope(shield=True):
+                    await process.wait()
+            with anyio.CancelScope(shield=True):
+                await process.aclose()
+
+    async def _read_snapshots(self, index: int, stream: BufferedByteReceiveStream) -> None:
+        while True:
+            try:
+                line = await stream.receive_until(b"\n", MAX_SNAPSHOT_BYTES)
+            except (anyio.EndOfStream, anyio.IncompleteRead):
+                return
+            except anyio.DelimiterNotFound:
+                log.error("a worker's metrics line is too long; ignoring its output", worker=index)
+                return
+            try:
+                self._latest[index] = decode(json.loads(line))
+            except ValueError as exc:
+                log.warning("a worker sent a malformed metrics line", worker=index, error=str(exc))
+
+
+# ---- the worker's side ----------------------------------------------------------------------
+
+
+def write_snapshot(metrics: Metrics) -> None:
+    """One line of this worker's metrics to the primary (stdout)."""
+    line = json.dumps(encode(take_snapshot(metrics.registry)), separators=(",", ":"))
+    try:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        pass  # the primary is gone; the stdin watch stops this worker
+
+
+async def publish_snapshots(metrics: Metrics) -> None:
+    while True:
+        # In a thread: a pipe the primary does not read (yet) must not stall the event loop.
+        await anyio.to_thread.run_sync(write_snapshot, metrics)
+        await anyio.sleep(SNAPSHOT_INTERVAL)
+
+
+async def wait_for_primary_to_end() -> None:
+    """Return when stdin, the primary's end of a pipe it never writes to, closes."""
+    fd = sys.stdin.fileno()
+    os.set_blocking(fd, False)
+    while True:
+        await anyio.wait_readable(fd)
+        try:
+            if not os.read(fd, 4096):
+                return
+        except BlockingIOError:
+            continue
