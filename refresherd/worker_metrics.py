@@ -86,9 +86,9 @@ def decode(data: object) -> Snapshot:
 
 def retire(retired: Snapshot, last: Snapshot, families: Iterable[Metric]) -> None:
     """Keep an ended worker's counters and histograms (never its gauges) in ``retired``."""
-    rules = {f.name: _shipped(f) for f in families}
+    cumulative = {f.name for f in families if f.type in ("counter", "histogram")}
     for name, samples in last.items():
-        if rules.get(name) != "sum":
+        if name not in cumulative:
             continue
         kept = retired.setdefault(name, {})
         for key, value in samples.items():

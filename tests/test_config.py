@@ -907,3 +907,29 @@ def test_database_password_with_url_delimiters_stays_whole_and_hidden(
     parts = urlsplit(location.dsn.reveal())
     assert unquote(parts.password or "") == password
     assert (parts.hostname, parts.port, parts.path) == ("db.internal", 5433, "/tokens")
+
+
+def test_workers_default_to_one_process(tmp_path: Path) -> None:
+    assert load(tmp_path, MINIMAL).daemon.workers == 1
+    config = load(tmp_path, with_database('database = "tokens.db"\nworkers = 2'))
+    assert config.daemon.workers == 2
+
+
+@pytest.mark.parametrize(
+    ("lines", "key", "expected"),
+    [
+        ("workers = 0", "daemon.workers", ["at least 1, got 0"]),
+        ("workers = 65", "daemon.workers", ["at most 64, got 65"]),
+        ('workers = "2"', "daemon.workers", ["expected an integer"]),
+        ("workers = 4\nconcurrency = 3", "daemon.concurrency", ["at least 4", "workers = 4"]),
+    ],
+)
+def test_workers_errors(tmp_path: Path, lines: str, key: str, expected: list[str]) -> None:
+    text = with_database('database = "tokens.db"\n' + lines)
+    assert_error(load_error(tmp_path, text), tmp_path, key, *expected)
+
+
+def test_workers_need_a_connection_each(tmp_path: Path) -> None:
+    text = with_database('database = "tokens.db"\nworkers = 3') + "max_connections = 2\n"
+    error = load_error(tmp_path, text)
+    assert_error(error, tmp_path, "providers.visma.max_connections", "at least 3, one for each")

@@ -1,0 +1,185 @@
+"""``[daemon] workers``: the real ``refresherd run`` primary with real worker processes, a real
+FakeIdP on loopback and a real SQLite file. Nothing here times performance."""
+
+from __future__ import annotations
+
+import os
+import signal
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import (
+    DaemonProcess,
+    IdPHandle,
+    import_tokens,
+    metric,
+    read_rows,
+    wait_until,
+    write_config,
+)
+
+from refresherd.config import load_config
+from refresherd.workers import process_share, share
+
+IdPFactory = Callable[..., IdPHandle]
+Daemons = Callable[..., DaemonProcess]
+
+
+def children(pid: int) -> list[int]:
+    """The live child processes of ``pid`` (the primary's workers)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid and fields[0] != "Z":
+                found.append(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def scrape(daemon: DaemonProcess) -> str:
+    assert daemon.address is not None
+    host, port = daemon.address
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as r:
+        return str(r.read().decode())
+
+
+def start(
+    tmp_path: Path, idp: IdPHandle, daemons: Daemons, *, sets: int, workers: int = 2
+) -> DaemonProcess:
+    config = write_config(
+        tmp_path / "c.toml",
+        database=tmp_path / "tokens.db",
+        providers={"p": idp.provider()},
+        daemon={"workers": workers, "concurrency": 8},
+    )
+    import_tokens(config, idp.token_lines("p", sets, with_access_token=False))
+    return daemons(config)
+
+
+def test_workers_share_the_work_and_metrics_add_up(
+    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons
+) -> None:
+    # Each request takes 50 ms at the IdP, so that neither process can do it all alone.
+    idp = idp_factory(grace_period=20, latency=0.05)
+    daemon = start(tmp_path, idp, daemons, sets=300, workers=3)
+    wait_until(lambda: idp.ledger.refreshes == 300, what="every set refreshed once")
+    # /metrics on the primary counts every process's refreshes.
+    wait_until(
+        lambda: metric(scrape(daemon), "refresherd_refresh_success_total", provider="p") == 300,
+        what="the merged success counter to reach 300",
+    )
+    text = scrape(daemon)
+    assert metric(text, "refresherd_worker_processes") == 2
+    assert metric(text, "refresherd_refresh_duration_seconds_count", provider="p") == 300
+    by_process = {0: 0, 1: 0, 2: 0}
+    for line in daemon.events("refresh", outcome="refreshed"):
+        by_process[line.get("worker", 0)] += 1
+    assert sum(by_process.values()) == 300
+    assert all(count > 0 for count in by_process.values()), by_process
+    ledger = idp.ledger
+    assert ledger.concurrent_uses == 0 and ledger.reuses_outside_grace == 0
+    rows = read_rows(tmp_path / "tokens.db")
+    assert all(idp.ledger.is_live(row["refresh_token"]) for row in rows.values())
+    primary = daemon.pid
+    workers = children(primary)
+    assert len(workers) == 2
+    assert daemon.stop() == 0
+    assert not [pid for pid in workers if alive(pid)], "a worker outlived the primary"
+    assert len(daemon.events("refresherd stopped")) == 3  # the primary and both workers
+
+
+def test_a_killed_worker_is_started_again_and_the_counts_never_go_down(
+    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons
+) -> None:
+    idp = idp_factory(grace_period=20)
+    daemon = start(tmp_path, idp, daemons, sets=40)
+    wait_until(lambda: idp.ledger.refreshes == 40, what="every set refreshed once")
+    wait_until(lambda: len(children(daemon.pid)) == 1, what="the worker")
+    wait_until(
+        lambda: metric(scrape(daemon), "refresherd_refresh_success_total", provider="p") == 40,
+        what="the merged success counter to reach 40",
+    )
+    [worker] = children(daemon.pid)
+    os.kill(worker, signal.SIGKILL)
+    daemon.wait_for_event("worker process ended unasked; starting it again", worker=1)
+    replaced = wait_until(
+        lambda: [pid for pid in children(daemon.pid) if pid != worker], what="a new worker"
+    )
+    assert len(replaced) == 1
+    text = scrape(daemon)
+    assert metric(text, "refresherd_worker_restarts_total") == 1
+    # The dead worker's counts stay in the totals.
+    assert metric(text, "refresherd_refresh_success_total", provider="p") == 40
+    # New work still gets done.
+    import_tokens(daemon.config, idp.token_lines("p", 10, prefix="late", with_access_token=False))
+    wait_until(lambda: idp.ledger.refreshes == 50, what="the sets added later refreshed")
+    assert daemon.stop() == 0
+
+
+def test_a_killed_primary_leaves_no_worker_behind(
+    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons
+) -> None:
+    idp = idp_factory(grace_period=20)
+    daemon = start(tmp_path, idp, daemons, sets=5)
+    [worker] = wait_until(lambda: children(daemon.pid), what="the worker")
+    daemon.wait_for_event("refresherd started", worker=1)
+    daemon.kill()
+    wait_until(lambda: not alive(worker), what="the orphaned worker to stop by itself")
+    assert daemon.events("the primary process is gone; stopping", worker=1)
+    assert daemon.events("refresherd stopped", worker=1, exit_code=0)
+
+
+def test_sighup_reloads_the_workers_too(
+    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons
+) -> None:
+    idp = idp_factory(grace_period=20)
+    daemon = start(tmp_path, idp, daemons, sets=2)
+    daemon.wait_for_event("refresherd started", worker=1)
+    daemon.send_signal(signal.SIGHUP)
+    reloaded = daemon.wait_for_event("config reloaded", count=2)
+    assert {line.get("worker") for line in reloaded} == {None, 1}
+    assert daemon.stop() == 0
+
+
+def test_limits_are_the_whole_daemons_shared_out(tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path / "c.toml",
+        database=tmp_path / "tokens.db",
+        providers={
+            "p": {
+                "token_url": "https://idp.example/token",
+                "client_id": "c",
+                "client_secret_env": "SECRET",
+                "max_connections": 7,
+                "max_concurrent_refreshes": 5,
+                "max_requests_per_second": 9.0,
+            }
+        },
+        daemon={"workers": 3, "concurrency": 10},
+    )
+    loaded = load_config(config, env={"SECRET": "x"})
+    parts = [process_share(loaded, i) for i in range(3)]
+    assert [c.daemon.concurrency for c in parts] == [4, 3, 3]
+    assert [c.providers["p"].max_connections for c in parts] == [3, 2, 2]
+    assert [c.providers["p"].max_concurrent_refreshes for c in parts] == [2, 2, 1]
+    assert [c.providers["p"].max_requests_per_second for c in parts] == [3.0, 3.0, 3.0]
+
+
+@pytest.mark.parametrize(("total", "workers"), [(1, 1), (7, 3), (64, 2), (5, 5), (100, 7)])
+def test_shares_add_up_to_the_total(total: int, workers: int) -> None:
+    parts = [share(total, workers, i) for i in range(workers)]
+    assert sum(parts) == total and max(parts) - min(parts) <= 1 and min(parts) >= 1
