@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
+import resource
 import signal
 import socket
 import sqlite3
@@ -32,6 +34,7 @@ import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -446,6 +449,55 @@ async def _httpx_loop(url: str, tokens: Sequence[str], n: int, concurrency: int)
 LOOPS = {"aiohttp": _aiohttp_loop, "httpx": _httpx_loop}
 
 
+def _bare_child(
+    client: str, url: str, tokens: Sequence[str], n: int, concurrency: int, start: Any
+) -> None:
+    start.wait()
+    asyncio.run(LOOPS[client](url, tokens, n, concurrency))
+
+
+def bare_loop_processes(
+    client: str, url: str, tokens: Sequence[str], n: int, concurrency: int, processes: int
+) -> dict[str, float]:
+    """The bare loop in ``processes`` processes, each with ``concurrency`` in flight and its
+    share of the tokens: what the bare client does with as many cores as the daemon's workers."""
+    context = multiprocessing.get_context("fork")
+    start = context.Barrier(processes + 1)
+    children = [
+        context.Process(
+            target=_bare_child,
+            args=(
+                client,
+                url,
+                tokens[k::processes],
+                len(range(k, n, processes)),
+                concurrency,
+                start,
+            ),
+        )
+        for k in range(processes)
+    ]
+    for child in children:
+        child.start()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start.wait()
+    wall = time.perf_counter()
+    for child in children:
+        child.join()
+        if child.exitcode != 0:
+            raise RuntimeError(f"a bare {client} process exited with {child.exitcode}")
+    wall = time.perf_counter() - wall
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return {
+        "concurrency": concurrency * processes,
+        "processes": processes,
+        "refreshes": n,
+        "per_second": n / wall,
+        "cpu_ms_per_refresh": 1000 * cpu / n,
+    }
+
+
 def bare_loop(
     client: str, url: str, tokens: Sequence[str], n: int, concurrency: int
 ) -> dict[str, float]:
@@ -477,10 +529,32 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
         with fake_idp(workdir, tokens=n, latency=args.latency) as idp:
             tokens = [str(t["refresh_token"]) for t in idp.tokens]
             bare_loop("aiohttp", idp.token_url, tokens, min(n, 200), 4)  # warm-up
+
+            def with_idp_cpu(run: Callable[[], dict[str, float]]) -> dict[str, float]:
+                """The fake IdP's CPU per refresh too: on one machine it is the clients' rival."""
+                before = cpu_seconds(idp.process.pid)
+                result = run()
+                result["idp_cpu_ms_per_refresh"] = (
+                    1000 * (cpu_seconds(idp.process.pid) - before) / result["refreshes"]
+                )
+                return result
+
             for client in args.bare.split(","):
-                runs = [bare_loop(client, idp.token_url, tokens, n, c) for c in levels]
+                runs = [
+                    with_idp_cpu(partial(bare_loop, client, idp.token_url, tokens, n, c))
+                    for c in levels
+                ]
                 best = max(runs, key=lambda r: r["per_second"])
                 report["bare"][client] = {"runs": runs, "best": best}
+            if args.bare_processes > 1 and "aiohttp" in report["bare"]:
+                # Each process at the single loop's best concurrency.
+                level = report["bare"]["aiohttp"]["best"]["concurrency"]
+                multi = with_idp_cpu(
+                    lambda: bare_loop_processes(
+                        "aiohttp", idp.token_url, tokens, n, level, args.bare_processes
+                    )
+                )
+                report["bare"][f"aiohttp x{args.bare_processes}"] = {"runs": [multi], "best": multi}
             # The daemon refreshes the same sets once each: all due at once (no access token).
             lines = workdir / "import.jsonl"
             with lines.open("w", encoding="utf-8") as f:
@@ -506,6 +580,7 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
                 report["import_s"] = import_tokens(config, lines)
                 first = None
                 cpu0 = d.cpu_seconds()
+                idp_cpu0 = cpu_seconds(idp.process.pid)
                 done0 = 0.0
                 deadline = time.monotonic() + max(120.0, n / 50)
                 while True:
@@ -514,6 +589,7 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
                     now = time.perf_counter()
                     if first is None and done > 0:
                         first, done0, cpu0 = now, done, d.cpu_seconds()
+                        idp_cpu0 = cpu_seconds(idp.process.pid)
                     if done >= n or time.monotonic() > deadline:
                         break
                     time.sleep(0.05)
@@ -529,13 +605,20 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
                         1000 * (d.cpu_seconds() - cpu0) / counted if counted else None
                     ),
                     "rss_mb": d.status("VmRSS") / 1024,
+                    "idp_cpu_ms_per_refresh": (
+                        1000 * (cpu_seconds(idp.process.pid) - idp_cpu0) / counted
+                        if counted
+                        else None
+                    ),
                 }
             if "aiohttp" in report["bare"]:
                 # The fake IdP keeps every token it issued, so it slows as a run goes on, and
                 # the daemon always comes last: the best aiohttp loop again, after the daemon,
                 # shows how much (the ratio is still taken against the loop before).
                 best = report["bare"]["aiohttp"]["best"]["concurrency"]
-                report["bare_aiohttp_after"] = bare_loop("aiohttp", idp.token_url, tokens, n, best)
+                report["bare_aiohttp_after"] = with_idp_cpu(
+                    lambda: bare_loop("aiohttp", idp.token_url, tokens, n, best)
+                )
     daemon_rate = report["daemon"]["per_second"] or 0.0
     for client, data in report["bare"].items():
         report[f"ratio_vs_{client}"] = daemon_rate / data["best"]["per_second"]
@@ -544,27 +627,28 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
 
 def print_throughput(r: dict[str, Any]) -> None:
     print(f"\n## throughput: {r['sets']} refreshes, IdP latency {r['latency_s'] * 1000:.0f} ms\n")
-    print("| client | concurrency | refreshes/s | CPU ms/refresh |")
-    print("|---|---:|---:|---:|")
+    print("| client | concurrency | refreshes/s | CPU ms/refresh | IdP CPU ms/refresh |")
+    print("|---|---:|---:|---:|---:|")
+
+    def cpu(run: dict[str, Any], key: str) -> str:
+        return f"{run[key]:.2f}" if run.get(key) else "n/a"
+
+    def row(who: str, run: dict[str, Any]) -> None:
+        rate = f"{run['per_second']:.0f}" if run["per_second"] else "n/a"
+        print(
+            f"| {who} | {run['concurrency']} | {rate} | {cpu(run, 'cpu_ms_per_refresh')} |"
+            f" {cpu(run, 'idp_cpu_ms_per_refresh')} |"
+        )
+
     for client, data in r["bare"].items():
         for run in data["runs"]:
             mark = " (best)" if run is data["best"] or run == data["best"] else ""
-            print(
-                f"| bare {client}{mark} | {run['concurrency']} | {run['per_second']:.0f} |"
-                f" {run['cpu_ms_per_refresh']:.2f} |"
-            )
+            row(f"bare {client}{mark}", run)
     d = r["daemon"]
-    rate = f"{d['per_second']:.0f}" if d["per_second"] else "n/a"
-    cpu = f"{d['cpu_ms_per_refresh']:.2f}" if d["cpu_ms_per_refresh"] else "n/a"
     procs = d.get("workers", 1)
-    who = "refresherd daemon" + (f", {procs} processes" if procs > 1 else "")
-    print(f"| {who} | {d['concurrency']} | {rate} | {cpu} |")
+    row("refresherd daemon" + (f", {procs} processes" if procs > 1 else ""), d)
     if "bare_aiohttp_after" in r:
-        a = r["bare_aiohttp_after"]
-        print(
-            f"| bare aiohttp, after the daemon | {a['concurrency']} | {a['per_second']:.0f} |"
-            f" {a['cpu_ms_per_refresh']:.2f} |"
-        )
+        row("bare aiohttp, after the daemon", r["bare_aiohttp_after"])
     ratios = "".join(f"daemon / bare {c} = {r[f'ratio_vs_{c}']:.2f}; " for c in r["bare"])
     print(
         f"\n{ratios}"
@@ -768,6 +852,12 @@ def parser() -> argparse.ArgumentParser:
         default="httpx,aiohttp",
         choices=["httpx,aiohttp", "aiohttp", "httpx"],
         help="which bare loops to run (aiohttp alone: a quicker ratio while iterating)",
+    )
+    t.add_argument(
+        "--bare-processes",
+        type=int,
+        default=1,
+        help="also the best aiohttp loop in this many processes (beside --daemon-workers)",
     )
     s = sub.add_parser("scale", help="(b)+(c): import, start-up, memory, lateness")
     s.add_argument("--sizes", default="10000,100000,1000000")
