@@ -385,7 +385,7 @@ class Daemon:
             await self._stop.wait()
             log.info("shutting down", in_flight=scheduler.running)
             if self.pool is not None:
-                self.pool.begin_stop()  # the workers drain alongside
+                await self.pool.begin_stop()  # the workers drain alongside
             if self._rt is not None:
                 # From now on a grant storage refuses is held for refresher.PERSIST_DEADLINE.
                 self._rt.refresher.hold_grants = False

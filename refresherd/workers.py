@@ -100,7 +100,7 @@ class WorkerPool:
         self._latest: dict[int, Snapshot] = {}
         self._retired: Snapshot = {}
         self._stopping = False
-        self._all_ended = anyio.Event()
+        self._one_ended = anyio.Event()
 
     def snapshots(self) -> list[Snapshot]:
         return [self._retired, *self._latest.values()]
@@ -111,29 +111,29 @@ class WorkerPool:
 
     async def run(self) -> None:
         """Keep ``count`` workers running until :meth:`stop`; cancelled, kill what is left."""
-        try:
-            async with anyio.create_task_group() as tg:
-                for index in range(1, self.count + 1):
-                    tg.start_soon(self._keep, index)
-        finally:
-            self._all_ended.set()
+        async with anyio.create_task_group() as tg:
+            for index in range(1, self.count + 1):
+                tg.start_soon(self._keep, index)
 
     def reload(self) -> None:
         """Pass a SIGHUP on: each worker reads the config file again."""
         for process in self._processes.values():
             process.send_signal(signal.SIGHUP)
 
-    def begin_stop(self) -> None:
-        """Ask every worker to drain and stop (SIGTERM, as systemd would)."""
+    async def begin_stop(self) -> None:
+        """Ask every worker to drain and stop: its stdin ends. Not SIGTERM: under systemd each
+        worker gets one of its own, and a second would mean "stop at once, drop the drain"."""
         self._stopping = True
-        for process in self._processes.values():
-            process.terminate()
+        for process in list(self._processes.values()):
+            await _close_stdin(process)
 
     async def stop(self, timeout: float) -> None:
         """Wait for the workers to end; kill those still running after ``timeout``."""
-        self.begin_stop()
+        await self.begin_stop()
         with anyio.move_on_after(timeout):
-            await self._all_ended.wait()
+            while self._processes:
+                await self._one_ended.wait()
+                self._one_ended = anyio.Event()
         for index, process in list(self._processes.items()):
             log.warning("worker did not stop in time; killing it", worker=index, pid=process.pid)
             process.kill()
@@ -183,13 +183,14 @@ class WorkerPool:
         self._processes[index] = process
         self.metrics.worker_processes.set(len(self._processes))
         if self._stopping:  # asked to stop while it was starting
-            process.terminate()
+            await _close_stdin(process)
         try:
             assert process.stdout is not None
             await self._read_snapshots(index, BufferedByteReceiveStream(process.stdout))
             return await process.wait()
         finally:
             del self._processes[index]
+            self._one_ended.set()
             self.metrics.worker_processes.set(len(self._processes))
             last = self._latest.pop(index, None)
             if last is not None:
@@ -214,6 +215,12 @@ class WorkerPool:
                 self._latest[index] = decode(json.loads(line))
             except ValueError as exc:
                 log.warning("a worker sent a malformed metrics line", worker=index, error=str(exc))
+
+
+async def _close_stdin(process: anyio.abc.Process) -> None:
+    if process.stdin is not None:
+        with anyio.CancelScope(shield=True):
+            await process.stdin.aclose()
 
 
 # ---- the worker's side ----------------------------------------------------------------------

@@ -21,6 +21,7 @@ from conftest import (
 )
 
 from refresherd.config import load_config
+from refresherd.testing import FaultKind
 from refresherd.workers import process_share, share
 
 IdPFactory = Callable[..., IdPHandle]
@@ -100,6 +101,35 @@ def test_workers_share_the_work_and_metrics_add_up(
     assert daemon.stop() == 0
     assert not [pid for pid in workers if alive(pid)], "a worker outlived the primary"
     assert len(daemon.events("refresherd stopped")) == 3  # the primary and both workers
+
+
+def test_sigterm_to_every_process_at_once_drains_them_all(
+    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons
+) -> None:
+    """What systemd does at stop (KillMode=control-group): SIGTERM to the primary and to each
+    worker. The primary's own request to its workers must not count as a second signal, which
+    would drop the drain."""
+    idp = idp_factory(grace_period=30)
+    # Each process has 4 slots (concurrency 8 shared out): both are busy with slow answers.
+    idp.faults.add(FaultKind.SLOW, times=20, delay=3.0)
+    daemon = start(tmp_path, idp, daemons, sets=20)
+    wait_until(lambda: idp.ledger.refreshes >= 8, what="both processes' requests at the IdP")
+    [worker] = children(daemon.pid)
+    daemon.send_signal(signal.SIGTERM)
+    os.kill(worker, signal.SIGTERM)
+    assert daemon.wait_exit() == 0
+    assert not alive(worker)
+    assert not daemon.events("second stop signal: cancelling at once")
+    [shutting_down] = daemon.events("shutting down", worker=1)
+    assert shutting_down["in_flight"] >= 1
+    assert not [line for line in daemon.lines() if "shutdown timeout" in str(line.get("event"))]
+    # Every refresh granted at the IdP was persisted: nothing lost, nothing left to recover.
+    rows = read_rows(tmp_path / "tokens.db")
+    refreshed = [row for row in rows.values() if row["version"] == 2]
+    assert len(refreshed) == idp.ledger.refreshes
+    for row in rows.values():
+        assert idp.ledger.is_live(row["refresh_token"])
+        assert row["attempt_started_at"] is None and row["lease_owner"] is None
 
 
 def test_a_killed_worker_is_started_again_and_the_counts_never_go_down(
