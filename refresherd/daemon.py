@@ -263,19 +263,20 @@ class Daemon:
             )
             tg.start_soon(self._heartbeat)
             tg.start_soon(self._watch_owner, rt)
-            if self.worker is None:
-                # The whole database's gauges and expiry: the primary's job alone.
-                tg.start_soon(self._gauges, rt)
-                tg.start_soon(self._expiry_watcher(rt).run)
-            else:
-                tg.start_soon(publish_snapshots, rt.metrics)
-                tg.start_soon(self._stop_with_primary)
             if config.hooks.enabled:
                 hooks = Hooks(
                     store=rt.store, config=config.hooks, metrics=rt.metrics, clock=self.clock
                 )
                 rt.refresher.events = self.hooks = hooks
                 tg.start_soon(self._notify, hooks)
+            if self.worker is None:
+                # The whole database's gauges and expiry (after the hooks, which it may
+                # notify): the primary's job alone.
+                tg.start_soon(self._gauges, rt)
+                tg.start_soon(self._expiry_watcher(rt).run)
+            else:
+                tg.start_soon(publish_snapshots, rt.metrics)
+                tg.start_soon(self._stop_with_primary)
             if sockets:
                 tg.start_soon(self._serve, app, sockets, server_stop, server_done)
             else:
