@@ -45,6 +45,7 @@ from refresherd.store_contract import (
     open_store,
     parse_location,
 )
+from refresherd.workers import PRIMARY_DATABASE_ENV, worker_config
 
 EX_USAGE: Final = 64
 EX_DATAERR: Final = 65
@@ -71,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser("run", help="run the daemon")
     # Started by the primary itself for [daemon] workers > 1 (refresherd.workers).
-    run.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    run.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # INDEX/COUNT
     sub.add_parser("check-config", help="validate the config file and exit")
 
     tokens = sub.add_parser("tokens", help="manage stored token sets")
@@ -156,9 +157,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "run":
         logs.configure(config.log.level, config.log.format)
-        if args.worker is not None and not 1 <= args.worker < config.daemon.workers:
-            return _fail(f"run: --worker {args.worker} is not a worker of this config", EX_USAGE)
-        return anyio.run(Daemon(config, config_path=path, worker=args.worker).run)
+        worker = None
+        if args.worker is not None:
+            try:
+                config = worker_config(config, args.worker, os.environ.get(PRIMARY_DATABASE_ENV))
+            except ValueError as exc:
+                return _fail(f"{path}: {exc}", EX_CONFIG)
+            worker = int(args.worker.partition("/")[0])
+        return anyio.run(Daemon(config, config_path=path, worker=worker).run)
     # One-shot commands: logs go to stderr, results to stdout.
     logs.configure(config.log.level if args.command == "refresh" else "warning", config.log.format)
     try:

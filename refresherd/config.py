@@ -502,11 +502,19 @@ def _parse_daemon(t: _Table) -> DaemonConfig:
 def _check_shares(
     ctx: _Context, daemon: DaemonConfig, providers: Mapping[str, ProviderConfig]
 ) -> None:
-    """Each of [daemon] workers processes gets an equal share of every count limit, so each
-    needs at least one (refresherd.workers.process_share)."""
+    problem = share_problem(daemon, providers)
+    if problem is not None:
+        raise ctx.error(*problem)
+
+
+def share_problem(
+    daemon: DaemonConfig, providers: Mapping[str, ProviderConfig]
+) -> tuple[str, str] | None:
+    """(key, message) if a count limit is below [daemon] workers: each of the processes gets
+    an equal share of it, so each needs at least one (refresherd.workers.process_share)."""
     n = daemon.workers
     if n == 1:
-        return
+        return None
     limits = [("daemon.concurrency", daemon.concurrency)]
     for name, p in providers.items():
         limits.append((f"providers.{name}.max_connections", p.max_connections))
@@ -516,11 +524,11 @@ def _check_shares(
             )
     for key, value in limits:
         if value < n:
-            raise ctx.error(
-                key,
+            return key, (
                 f"expected at least {n}, one for each of [daemon] workers = {n} processes "
-                f"(which share it out), got {value}",
+                f"(which share it out), got {value}"
             )
+    return None
 
 
 def _parse_server(t: _Table) -> ServerConfig:

@@ -25,7 +25,7 @@ from starlette.routing import BaseRoute
 
 from refresherd import logs
 from refresherd.api import BearerAuth, TokenApi
-from refresherd.config import Config, ConfigError, ProviderConfig, load_config
+from refresherd.config import Config, ConfigError, ProviderConfig, load_config, share_problem
 from refresherd.discovery import EX_UNAVAILABLE, DiscoveryError, resolve_providers
 from refresherd.encryption import cipher_for
 from refresherd.endpoint import TokenEndpoint
@@ -34,7 +34,13 @@ from refresherd.hooks import Hooks
 from refresherd.intake import MAX_GRACE_PERIOD
 from refresherd.metrics import INVALIDATION_REASONS, Metrics
 from refresherd.model import State, TokenSet, rfc3339
-from refresherd.refresher import PERSIST_DEADLINE, Clock, Refresher, SystemClock
+from refresherd.refresher import (
+    PERSIST_DEADLINE,
+    PERSIST_RETRY_MAX,
+    Clock,
+    Refresher,
+    SystemClock,
+)
 from refresherd.scheduler import Scheduler
 from refresherd.sdnotify import Notifier
 from refresherd.server import bind_socket, bind_unix_socket, build_app, serve
@@ -64,6 +70,8 @@ LIVENESS_LIMIT: Final = 15.0
 SERVER_STOP_TIMEOUT: Final = 5.0
 # Exit status when the owner registration is lost (sysexits EX_TEMPFAIL): restart and retry.
 EX_TEMPFAIL: Final = 75
+# Beyond a worker's own drain and persist deadlines, for its store calls and its exit.
+WORKER_STOP_MARGIN: Final = 10.0
 
 
 def build_endpoints(providers: Mapping[str, ProviderConfig]) -> dict[str, TokenEndpoint]:
@@ -176,6 +184,9 @@ class Daemon:
             log.warning("config", warning=warning)
         if self.worker is not None:
             structlog.contextvars.bind_contextvars(worker=self.worker)
+        if self.worker is None and self.config_path is None and config.daemon.workers > 1:
+            log.warning("[daemon] workers needs a config file; running one process")
+            config = replace(config, daemon=replace(config.daemon, workers=1))
         try:
             config = self.config = process_share(await resolve_config(config), self.index)
         except DiscoveryError as exc:
@@ -238,14 +249,13 @@ class Daemon:
         server_stop = anyio.Event()
         server_done = anyio.Event()
         if self.worker is None and config.daemon.workers > 1:
-            if self.config_path is None:
-                log.warning("[daemon] workers needs a config file; running one process")
-            else:
-                self.pool = WorkerPool(
-                    count=config.daemon.workers - 1,
-                    config_path=self.config_path,
-                    metrics=rt.metrics,
-                )
+            assert self.config_path is not None  # run() made it one process otherwise
+            self.pool = WorkerPool(
+                count=config.daemon.workers - 1,
+                config_path=self.config_path,
+                database=str(config.daemon.database),
+                metrics=rt.metrics,
+            )
         app = self._app(rt, scheduler)
         async with anyio.create_task_group() as tg:
             self._tg = tg
@@ -386,7 +396,12 @@ class Daemon:
             await self._stop.wait()
             log.info("shutting down", in_flight=scheduler.running)
             if self.pool is not None:
-                await self.pool.begin_stop()  # the workers drain alongside
+                # The workers drain alongside; each may also hold a grant the database
+                # refuses for PERSIST_DEADLINE, between retries up to PERSIST_RETRY_MAX apart.
+                await self.pool.begin_stop(
+                    max(self.config.daemon.shutdown_timeout, PERSIST_DEADLINE + PERSIST_RETRY_MAX)
+                    + WORKER_STOP_MARGIN
+                )
             if self._rt is not None:
                 # From now on a grant storage refuses is held for refresher.PERSIST_DEADLINE.
                 self._rt.refresher.hold_grants = False
@@ -401,9 +416,7 @@ class Daemon:
                 "their journal entries will be recovered at the next start"
             )
         if self.pool is not None:
-            # Each worker drains as this process did and may hold a refused grant for up to
-            # PERSIST_DEADLINE: /metrics stays up meanwhile.
-            await self.pool.stop(PERSIST_DEADLINE + 5.0)
+            await self.pool.stop()  # /metrics stays up meanwhile
         # Let the listener close its connections (a scraper's keep-alive one, say) before the
         # root scope is cancelled: Hypercorn cancelled inside its graceful shutdown crashes.
         server_stop.set()
@@ -417,6 +430,7 @@ class Daemon:
         *,
         task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
+        signalled = False
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             task_status.started()
             async for signum in signals:
@@ -424,10 +438,13 @@ class Daemon:
                     await self.reload()
                     if self.pool is not None:
                         self.pool.reload()
-                elif self._stop.is_set():
+                elif signalled:
                     log.warning("second stop signal: cancelling at once")
                     root.cancel()
                 else:
+                    # The first stop *signal*: a stop for another reason (a worker's primary
+                    # gone, the owner registration lost) does not make it the second.
+                    signalled = True
                     log.info("stop signal", signal=signal.Signals(signum).name)
                     self._stop.set()
 
@@ -446,9 +463,15 @@ class Daemon:
             log.warning("reload requested but the config did not come from a file")
             return
         try:
-            new = process_share(
-                await resolve_config(load_config(self.config_path), fresh=True), self.index
-            )
+            new = await resolve_config(load_config(self.config_path), fresh=True)
+            file_workers = new.daemon.workers
+            # The processes running are what they are until a restart; a changed `workers`
+            # is logged below, and the limits are shared out among those running.
+            new = replace(new, daemon=replace(new.daemon, workers=self.config.daemon.workers))
+            problem = share_problem(new.daemon, new.providers)
+            if problem is not None:
+                raise ConfigError(str(self.config_path), *problem)
+            new = process_share(new, self.index)
         except (ConfigError, DiscoveryError) as exc:
             rt.metrics.config_reloads.labels("error").inc()
             log.error("reload failed, keeping the running config", error=str(exc))
@@ -460,7 +483,7 @@ class Daemon:
             (new.api != old.api, "api"),
             (new.hooks != old.hooks, "hooks"),
             (new.encryption != old.encryption, "encryption"),
-            (new.daemon.workers != old.daemon.workers, "daemon.workers"),
+            (file_workers != old.daemon.workers, "daemon.workers"),
         ):
             if changed:
                 log.warning("this setting only takes effect after a restart", key=what)

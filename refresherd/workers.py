@@ -12,8 +12,10 @@ orphans. The primary restarts a worker that ends unasked, with backoff.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -25,7 +27,7 @@ import anyio
 import anyio.abc
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from refresherd.config import Config
+from refresherd.config import EX_CONFIG, Config, share_problem
 from refresherd.logs import get_logger
 from refresherd.metrics import Metrics
 from refresherd.worker_metrics import Snapshot, decode, encode, retire, take_snapshot
@@ -33,6 +35,10 @@ from refresherd.worker_metrics import Snapshot, decode, encode, retire, take_sna
 log = get_logger("refresherd.workers")
 
 SNAPSHOT_INTERVAL: Final = 1.0
+# After the stop deadline, how long a worker told to cancel at once may take before SIGKILL.
+END_GRACE: Final = 5.0
+# The database the primary runs on, for a worker to check against its own reading of the file.
+PRIMARY_DATABASE_ENV: Final = "REFRESHERD_PRIMARY_DATABASE"
 MAX_SNAPSHOT_BYTES: Final = 8 * 1024 * 1024
 RESTART_BACKOFF: Final = (1.0, 30.0)  # first delay, longest delay
 # A worker that ran this long before it ended starts again after the first delay.
@@ -81,6 +87,29 @@ def process_share(config: Config, index: int) -> Config:
     return dataclasses.replace(config, daemon=daemon, providers=providers)
 
 
+def worker_config(config: Config, arg: str, primary_database: str | None) -> Config:
+    """The config a worker runs with, from ``--worker I/N``: the primary's N (the file may
+    have changed since it started), checked against the file as it is now. ValueError says
+    why this worker cannot run."""
+    index_text, _, count_text = arg.partition("/")
+    try:
+        index, count = int(index_text), int(count_text)
+    except ValueError:
+        raise ValueError(f"--worker {arg}: expected INDEX/COUNT, such as 1/2") from None
+    if not 1 <= index < count:
+        raise ValueError(f"--worker {arg}: expected 1 <= INDEX < COUNT")
+    if primary_database is not None and str(config.daemon.database) != primary_database:
+        raise ValueError(
+            f"daemon.database is now {config.daemon.database}, but the daemon runs on "
+            f"{primary_database}: the change needs a restart of the daemon"
+        )
+    config = dataclasses.replace(config, daemon=dataclasses.replace(config.daemon, workers=count))
+    problem = share_problem(config.daemon, config.providers)
+    if problem is not None:
+        raise ValueError(f"{problem[0]}: {problem[1]}")
+    return config
+
+
 def next_backoff(previous: float | None, ran: float) -> float:
     """How long to wait before starting a worker again that ended after ``ran`` seconds."""
     first, longest = RESTART_BACKOFF
@@ -92,14 +121,16 @@ def next_backoff(previous: float | None, ran: float) -> float:
 class WorkerPool:
     """The primary's worker processes: started, read, restarted, stopped."""
 
-    def __init__(self, *, count: int, config_path: Path, metrics: Metrics) -> None:
+    def __init__(self, *, count: int, config_path: Path, database: str, metrics: Metrics) -> None:
         self.count = count
         self.config_path = config_path
+        self.database = database
         self.metrics = metrics
         self._processes: dict[int, anyio.abc.Process] = {}
         self._latest: dict[int, Snapshot] = {}
         self._retired: Snapshot = {}
         self._stopping = False
+        self._deadline = math.inf
         self._one_ended = anyio.Event()
 
     def snapshots(self) -> list[Snapshot]:
@@ -110,33 +141,53 @@ class WorkerPool:
         return [p.pid for p in self._processes.values()]
 
     async def run(self) -> None:
-        """Keep ``count`` workers running until :meth:`stop`; cancelled, kill what is left."""
+        """Keep ``count`` workers running until :meth:`stop`."""
         async with anyio.create_task_group() as tg:
             for index in range(1, self.count + 1):
                 tg.start_soon(self._keep, index)
 
     def reload(self) -> None:
-        """Pass a SIGHUP on: each worker reads the config file again."""
-        for process in self._processes.values():
-            process.send_signal(signal.SIGHUP)
+        """Pass a SIGHUP on: each worker reads the config file again. Only to workers that
+        have reported once: before that a worker may not handle SIGHUP yet (it would die)."""
+        for index, process in self._processes.items():
+            if index in self._latest:
+                with contextlib.suppress(ProcessLookupError):
+                    process.send_signal(signal.SIGHUP)
 
-    async def begin_stop(self) -> None:
-        """Ask every worker to drain and stop: its stdin ends. Not SIGTERM: under systemd each
-        worker gets one of its own, and a second would mean "stop at once, drop the drain"."""
+    async def begin_stop(self, timeout: float) -> None:
+        """Ask every worker to drain and stop within ``timeout``: its stdin ends. Not SIGTERM:
+        under systemd each worker gets one of its own, and a second would mean "stop at once,
+        drop the drain"."""
         self._stopping = True
+        self._deadline = min(self._deadline, anyio.current_time() + timeout)
         for process in list(self._processes.values()):
             await _close_stdin(process)
 
-    async def stop(self, timeout: float) -> None:
-        """Wait for the workers to end; kill those still running after ``timeout``."""
-        await self.begin_stop()
-        with anyio.move_on_after(timeout):
-            while self._processes:
-                await self._one_ended.wait()
-                self._one_ended = anyio.Event()
-        for index, process in list(self._processes.items()):
-            log.warning("worker did not stop in time; killing it", worker=index, pid=process.pid)
-            process.kill()
+    async def stop(self) -> None:
+        """Wait for the workers until the deadline :meth:`begin_stop` set; then end them."""
+        with anyio.move_on_after(max(0.0, self._deadline - anyio.current_time())):
+            await self._all_ended()
+        for index, process in self._processes.items():
+            log.warning("worker did not stop in time; cancelling it", worker=index, pid=process.pid)
+        await self._end_all()
+
+    async def _all_ended(self) -> None:
+        while self._processes:
+            await self._one_ended.wait()
+            self._one_ended = anyio.Event()
+
+    async def _end_all(self) -> None:
+        """SIGTERM (to a draining worker: cancel now, as a second signal does to any daemon;
+        a grant being persisted is still shielded), then SIGKILL after ``END_GRACE``."""
+        for process in self._processes.values():
+            with contextlib.suppress(ProcessLookupError):
+                process.terminate()
+        with anyio.CancelScope(shield=True), anyio.move_on_after(END_GRACE):
+            await self._all_ended()
+        for index, process in self._processes.items():
+            log.error("worker did not end; killing it", worker=index, pid=process.pid)
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
 
     def _command(self, index: int) -> list[str]:
         return [
@@ -147,7 +198,7 @@ class WorkerPool:
             str(self.config_path),
             "run",
             "--worker",
-            str(index),
+            f"{index}/{self.count + 1}",
         ]
 
     async def _keep(self, index: int) -> None:
@@ -157,18 +208,32 @@ class WorkerPool:
             code = await self._run_one(index)
             if self._stopping:
                 return
+            if code == EX_CONFIG:
+                log.error(
+                    "worker cannot start with the config file as it is now; not starting it "
+                    "again: restart the daemon (or fix the file)",
+                    worker=index,
+                    exit_code=code,
+                )
+                return
             delay = next_backoff(delay, anyio.current_time() - started)
-            self.metrics.worker_restarts.inc()
-            log.error(
-                "worker process ended unasked; starting it again",
-                worker=index,
-                exit_code=code,
-                restart_in=delay,
-            )
+            if code == 0:
+                # Asked to stop by someone else (systemd signals every process at stop):
+                # started again unless the daemon is stopping too.
+                log.info("worker stopped", worker=index, restart_in=delay)
+            else:
+                self.metrics.worker_restarts.inc()
+                log.error(
+                    "worker process ended unasked; starting it again",
+                    worker=index,
+                    exit_code=code,
+                    restart_in=delay,
+                )
             await anyio.sleep(delay)
 
     async def _run_one(self, index: int) -> int | None:
         env = {k: v for k, v in os.environ.items() if k not in _PRIMARY_ONLY_ENV}
+        env[PRIMARY_DATABASE_ENV] = self.database
         try:
             process = await anyio.open_process(
                 self._command(index),
@@ -182,34 +247,40 @@ class WorkerPool:
             return None
         self._processes[index] = process
         self.metrics.worker_processes.set(len(self._processes))
-        if self._stopping:  # asked to stop while it was starting
-            await _close_stdin(process)
         try:
+            if self._stopping:  # asked to stop while it was starting
+                await _close_stdin(process)
             assert process.stdout is not None
-            await self._read_snapshots(index, BufferedByteReceiveStream(process.stdout))
+            await self._read_snapshots(index, process, BufferedByteReceiveStream(process.stdout))
             return await process.wait()
         finally:
+            with anyio.CancelScope(shield=True):
+                if process.returncode is None:
+                    # Cancelled (the primary is going away at once): as stop() does.
+                    await self._end_all()
+                    await process.wait()
+                await process.aclose()
             del self._processes[index]
             self._one_ended.set()
             self.metrics.worker_processes.set(len(self._processes))
             last = self._latest.pop(index, None)
             if last is not None:
                 retire(self._retired, last, self.metrics.registry.collect())
-            if process.returncode is None:  # cancelled: the primary is going away
-                process.kill()
-                with anyio.CancelScope(shield=True):
-                    await process.wait()
-            with anyio.CancelScope(shield=True):
-                await process.aclose()
 
-    async def _read_snapshots(self, index: int, stream: BufferedByteReceiveStream) -> None:
+    async def _read_snapshots(
+        self, index: int, process: anyio.abc.Process, stream: BufferedByteReceiveStream
+    ) -> None:
         while True:
             try:
                 line = await stream.receive_until(b"\n", MAX_SNAPSHOT_BYTES)
             except (anyio.EndOfStream, anyio.IncompleteRead):
                 return
             except anyio.DelimiterNotFound:
-                log.error("a worker's metrics line is too long; ignoring its output", worker=index)
+                # Not a snapshot: a worker that writes this is broken, and one that nobody
+                # reads would block on its next write. Started again.
+                log.error("a worker wrote an overlong metrics line; killing it", worker=index)
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
                 return
             try:
                 self._latest[index] = decode(json.loads(line))

@@ -4,6 +4,7 @@ FakeIdP on loopback and a real SQLite file. Nothing here times performance."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import urllib.request
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from conftest import (
 
 from refresherd.config import load_config
 from refresherd.testing import FaultKind
-from refresherd.workers import process_share, share
+from refresherd.workers import process_share, share, worker_config
 
 IdPFactory = Callable[..., IdPHandle]
 Daemons = Callable[..., DaemonProcess]
@@ -61,14 +62,19 @@ def scrape(daemon: DaemonProcess) -> str:
 def start(
     tmp_path: Path, idp: IdPHandle, daemons: Daemons, *, sets: int, workers: int = 2
 ) -> DaemonProcess:
+    """A daemon of ``workers`` processes, all started, then ``sets`` token sets due at once
+    (imported into the running daemon, so that a slow worker start cannot leave it idle)."""
     config = write_config(
         tmp_path / "c.toml",
         database=tmp_path / "tokens.db",
         providers={"p": idp.provider()},
         daemon={"workers": workers, "concurrency": 8},
     )
+    daemon = daemons(config)
+    for index in range(1, workers):
+        daemon.wait_for_event("refresherd started", worker=index)
     import_tokens(config, idp.token_lines("p", sets, with_access_token=False))
-    return daemons(config)
+    return daemon
 
 
 def test_workers_share_the_work_and_metrics_add_up(
@@ -160,6 +166,28 @@ def test_a_killed_worker_is_started_again_and_the_counts_never_go_down(
     assert daemon.stop() == 0
 
 
+def test_a_worker_restarted_after_the_database_changed_in_the_file_refuses_and_stays_down(
+    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons
+) -> None:
+    idp = idp_factory(grace_period=20)
+    daemon = start(tmp_path, idp, daemons, sets=5)
+    [worker] = wait_until(lambda: children(daemon.pid), what="the worker")
+    daemon.wait_for_event("refresherd started", worker=1)
+    config = daemon.config
+    config.write_text(config.read_text().replace("tokens.db", "other.db"))
+    os.kill(worker, signal.SIGKILL)
+    daemon.wait_for_event(
+        "worker cannot start with the config file as it is now; not starting it again: "
+        "restart the daemon (or fix the file)",
+        worker=1,
+        exit_code=78,
+    )
+    assert "daemon.database is now" in daemon.log_text()
+    assert children(daemon.pid) == []
+    assert not (tmp_path / "other.db").exists()
+    assert daemon.stop() == 0
+
+
 def test_a_killed_primary_leaves_no_worker_behind(
     tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons
 ) -> None:
@@ -213,3 +241,34 @@ def test_limits_are_the_whole_daemons_shared_out(tmp_path: Path) -> None:
 def test_shares_add_up_to_the_total(total: int, workers: int) -> None:
     parts = [share(total, workers, i) for i in range(workers)]
     assert sum(parts) == total and max(parts) - min(parts) <= 1 and min(parts) >= 1
+
+
+def test_worker_config_takes_the_primarys_count_and_refuses_what_it_cannot_run(
+    tmp_path: Path,
+) -> None:
+    provider = {
+        "token_url": "https://idp.example/token",
+        "client_id": "c",
+        "client_secret_env": "S",
+    }
+    path = write_config(
+        tmp_path / "c.toml",
+        database=tmp_path / "tokens.db",
+        providers={"p": {**provider, "max_connections": 3}},
+        daemon={"workers": 2, "concurrency": 3},
+    )
+    config = load_config(path, env={"S": "x"})
+    database = str(tmp_path / "tokens.db")
+    # The file says 2; the primary started 3 before the file was edited: 3 it is.
+    assert worker_config(config, "2/3", database).daemon.workers == 3
+    for arg, expected in [
+        ("1", "INDEX/COUNT"),
+        ("x/2", "INDEX/COUNT"),
+        ("0/2", "1 <= INDEX < COUNT"),
+        ("2/2", "1 <= INDEX < COUNT"),
+        ("1/4", "daemon.concurrency: expected at least 4"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(expected)):
+            worker_config(config, arg, database)
+    with pytest.raises(ValueError, match="needs a restart of the daemon"):
+        worker_config(config, "1/2", str(tmp_path / "old.db"))
