@@ -44,6 +44,33 @@ def test_throughput_bench_reports_daemon_and_bare_loops(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_throughput_bench_with_worker_processes_and_a_two_process_bare_loop(
+    tmp_path: Path,
+) -> None:
+    report = run_bench(
+        tmp_path,
+        "--daemon-workers",
+        "2",
+        "throughput",
+        "--sets",
+        "200",
+        "--concurrency",
+        "4",
+        "--bare",
+        "aiohttp",
+        "--bare-processes",
+        "2",
+    )
+    daemon = report["daemon"]
+    assert isinstance(daemon, dict)
+    # Counted from the primary's /metrics: every process's refreshes, merged.
+    assert (daemon["refreshes"], daemon["failures"], daemon["workers"]) == (200, 0, 2)
+    bare = report["bare"]
+    assert isinstance(bare, dict) and set(bare) == {"aiohttp", "aiohttp x2"}
+    assert "ratio_vs_aiohttp x2" in report
+
+
+@pytest.mark.slow
 def test_scale_bench_reports_lateness_memory_and_startup(tmp_path: Path) -> None:
     report = run_bench(
         tmp_path,

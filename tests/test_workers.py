@@ -123,19 +123,20 @@ def test_sigterm_to_every_process_at_once_drains_them_all(
     [worker] = children(daemon.pid)
     daemon.send_signal(signal.SIGTERM)
     os.kill(worker, signal.SIGTERM)
-    assert daemon.wait_exit() == 0
-    assert not alive(worker)
-    assert not daemon.events("second stop signal: cancelling at once")
+    log = daemon.tail(60)
+    assert daemon.wait_exit() == 0, log
+    assert not alive(worker), log
+    assert not daemon.events("second stop signal: cancelling at once"), log
     [shutting_down] = daemon.events("shutting down", worker=1)
-    assert shutting_down["in_flight"] >= 1
+    assert shutting_down["in_flight"] >= 1, log
     assert not [line for line in daemon.lines() if "shutdown timeout" in str(line.get("event"))]
     # Every refresh granted at the IdP was persisted: nothing lost, nothing left to recover.
     rows = read_rows(tmp_path / "tokens.db")
     refreshed = [row for row in rows.values() if row["version"] == 2]
-    assert len(refreshed) == idp.ledger.refreshes
-    for row in rows.values():
-        assert idp.ledger.is_live(row["refresh_token"])
-        assert row["attempt_started_at"] is None and row["lease_owner"] is None
+    assert len(refreshed) == idp.ledger.refreshes, (idp.ledger.snapshot(), log)
+    for token_set_id, row in rows.items():
+        assert idp.ledger.is_live(row["refresh_token"]), (token_set_id, log)
+        assert row["attempt_started_at"] is None and row["lease_owner"] is None, (row, log)
 
 
 def test_a_killed_worker_is_started_again_and_the_counts_never_go_down(
