@@ -123,8 +123,9 @@ def test_sigterm_to_every_process_at_once_drains_them_all(
     [worker] = children(daemon.pid)
     daemon.send_signal(signal.SIGTERM)
     os.kill(worker, signal.SIGTERM)
+    code = daemon.wait_exit()
     log = daemon.tail(60)
-    assert daemon.wait_exit() == 0, log
+    assert code == 0, log
     assert not alive(worker), log
     assert not daemon.events("second stop signal: cancelling at once"), log
     [shutting_down] = daemon.events("shutting down", worker=1)
