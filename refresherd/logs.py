@@ -63,7 +63,9 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
     structlog.configure(
         processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS.get(level, logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        # One write per line (PrintLogger's print() makes two: the text, then the newline), so
+        # that processes sharing stderr ([daemon] workers) never interleave inside a line.
+        logger_factory=structlog.WriteLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
     # Libraries that use stdlib logging (hypercorn, asyncio) are rendered the same way, so that

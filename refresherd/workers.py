@@ -177,8 +177,9 @@ class WorkerPool:
             self._one_ended = anyio.Event()
 
     async def _end_all(self) -> None:
-        """SIGTERM (to a draining worker: cancel now, as a second signal does to any daemon;
-        a grant being persisted is still shielded), then SIGKILL after ``END_GRACE``."""
+        """SIGTERM, then SIGKILL after ``END_GRACE``. What a killed worker had in flight is in
+        the journal and recovered, inside the grace window, by the next start or another
+        process (the same as after a crash)."""
         for process in self._processes.values():
             with contextlib.suppress(ProcessLookupError):
                 process.terminate()
@@ -256,9 +257,16 @@ class WorkerPool:
         finally:
             with anyio.CancelScope(shield=True):
                 if process.returncode is None:
-                    # Cancelled (the primary is going away at once): as stop() does.
-                    await self._end_all()
-                    await process.wait()
+                    # Cancelled (the primary is going away at once): as stop() does, for this
+                    # one worker.
+                    with contextlib.suppress(ProcessLookupError):
+                        process.terminate()
+                    with anyio.move_on_after(END_GRACE):
+                        await process.wait()
+                    if process.returncode is None:
+                        log.error("worker did not end; killing it", worker=index, pid=process.pid)
+                        process.kill()
+                        await process.wait()
                 await process.aclose()
             del self._processes[index]
             self._one_ended.set()
