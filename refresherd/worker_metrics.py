@@ -84,11 +84,10 @@ def decode(data: object) -> Snapshot:
     return snapshot
 
 
-def retire(retired: Snapshot, last: Snapshot, families: Iterable[Metric]) -> None:
+def retire(retired: Snapshot, last: Snapshot) -> None:
     """Keep an ended worker's counters and histograms (never its gauges) in ``retired``."""
-    cumulative = {f.name for f in families if f.type in ("counter", "histogram")}
     for name, samples in last.items():
-        if name not in cumulative:
+        if name in PER_PROCESS_GAUGES:  # the only gauges a snapshot holds
             continue
         kept = retired.setdefault(name, {})
         for key, value in samples.items():

@@ -273,7 +273,7 @@ class WorkerPool:
             self.metrics.worker_processes.set(len(self._processes))
             last = self._latest.pop(index, None)
             if last is not None:
-                retire(self._retired, last, self.metrics.registry.collect())
+                retire(self._retired, last)
 
     async def _read_snapshots(
         self, index: int, process: anyio.abc.Process, stream: BufferedByteReceiveStream

@@ -90,14 +90,14 @@ def test_a_retired_workers_counts_stay_and_its_gauges_go() -> None:
     first.refresh_success.labels("p").inc(10)
     first.in_flight.set(4)
     retired: Snapshot = {}
-    retire(retired, shipped(first), primary.registry.collect())
+    retire(retired, shipped(first))
     # The worker was started again: its counters start from zero.
     second.refresh_success.labels("p").inc(2)
     values = exposed(primary, [retired, shipped(second)])
     assert value(values, "refresherd_refresh_success_total", provider="p") == 12
     assert value(values, "refresherd_refreshes_in_flight") == 0
     # Retired twice: the sums accumulate.
-    retire(retired, shipped(second), primary.registry.collect())
+    retire(retired, shipped(second))
     values = exposed(primary, [retired])
     assert value(values, "refresherd_refresh_success_total", provider="p") == 12
 
