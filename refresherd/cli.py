@@ -160,10 +160,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         worker = None
         if args.worker is not None:
             try:
-                config = worker_config(config, args.worker, os.environ.get(PRIMARY_DATABASE_ENV))
+                worker, config = worker_config(
+                    config, args.worker, os.environ.get(PRIMARY_DATABASE_ENV)
+                )
             except ValueError as exc:
                 return _fail(f"{path}: {exc}", EX_CONFIG)
-            worker = int(args.worker.partition("/")[0])
         return anyio.run(Daemon(config, config_path=path, worker=worker).run)
     # One-shot commands: logs go to stderr, results to stdout.
     logs.configure(config.log.level if args.command == "refresh" else "warning", config.log.format)

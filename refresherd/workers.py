@@ -87,10 +87,10 @@ def process_share(config: Config, index: int) -> Config:
     return dataclasses.replace(config, daemon=daemon, providers=providers)
 
 
-def worker_config(config: Config, arg: str, primary_database: str | None) -> Config:
-    """The config a worker runs with, from ``--worker I/N``: the primary's N (the file may
-    have changed since it started), checked against the file as it is now. ValueError says
-    why this worker cannot run."""
+def worker_config(config: Config, arg: str, primary_database: str | None) -> tuple[int, Config]:
+    """This worker's index and the config it runs with, from ``--worker I/N``: the primary's N
+    (the file may have changed since it started), checked against the file as it is now.
+    ValueError says why this worker cannot run."""
     index_text, _, count_text = arg.partition("/")
     try:
         index, count = int(index_text), int(count_text)
@@ -107,7 +107,7 @@ def worker_config(config: Config, arg: str, primary_database: str | None) -> Con
     problem = share_problem(config.daemon, config.providers)
     if problem is not None:
         raise ValueError(f"{problem[0]}: {problem[1]}")
-    return config
+    return index, config
 
 
 def next_backoff(previous: float | None, ran: float) -> float:
@@ -132,19 +132,19 @@ class WorkerPool:
         self._stopping = False
         self._deadline = math.inf
         self._one_ended = anyio.Event()
+        self._scope: anyio.CancelScope | None = None
 
     def snapshots(self) -> list[Snapshot]:
         return [self._retired, *self._latest.values()]
 
-    @property
-    def pids(self) -> list[int]:
-        return [p.pid for p in self._processes.values()]
-
     async def run(self) -> None:
         """Keep ``count`` workers running until :meth:`stop`."""
-        async with anyio.create_task_group() as tg:
-            for index in range(1, self.count + 1):
-                tg.start_soon(self._keep, index)
+        # Cancelled by stop() past its deadline, or with the daemon: each worker is then
+        # ended by its own task (_run_one).
+        with anyio.CancelScope() as self._scope:
+            async with anyio.create_task_group() as tg:
+                for index in range(1, self.count + 1):
+                    tg.start_soon(self._keep, index)
 
     def reload(self) -> None:
         """Pass a SIGHUP on: each worker reads the config file again. Only to workers that
@@ -167,28 +167,17 @@ class WorkerPool:
         """Wait for the workers until the deadline :meth:`begin_stop` set; then end them."""
         with anyio.move_on_after(max(0.0, self._deadline - anyio.current_time())):
             await self._all_ended()
-        for index, process in self._processes.items():
-            log.warning("worker did not stop in time; cancelling it", worker=index, pid=process.pid)
-        await self._end_all()
+        if self._processes and self._scope is not None:
+            for index, process in self._processes.items():
+                log.warning("worker did not stop in time; ending it", worker=index, pid=process.pid)
+            self._scope.cancel()
+            with anyio.CancelScope(shield=True):  # bounded: END_GRACE, then SIGKILL
+                await self._all_ended()
 
     async def _all_ended(self) -> None:
         while self._processes:
             await self._one_ended.wait()
             self._one_ended = anyio.Event()
-
-    async def _end_all(self) -> None:
-        """SIGTERM, then SIGKILL after ``END_GRACE``. What a killed worker had in flight is in
-        the journal and recovered, inside the grace window, by the next start or another
-        process (the same as after a crash)."""
-        for process in self._processes.values():
-            with contextlib.suppress(ProcessLookupError):
-                process.terminate()
-        with anyio.CancelScope(shield=True), anyio.move_on_after(END_GRACE):
-            await self._all_ended()
-        for index, process in self._processes.items():
-            log.error("worker did not end; killing it", worker=index, pid=process.pid)
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
 
     def _command(self, index: int) -> list[str]:
         return [
@@ -257,8 +246,9 @@ class WorkerPool:
         finally:
             with anyio.CancelScope(shield=True):
                 if process.returncode is None:
-                    # Cancelled (the primary is going away at once): as stop() does, for this
-                    # one worker.
+                    # Cancelled (past stop()'s deadline, or the primary going away at once):
+                    # SIGTERM, then SIGKILL after END_GRACE. What it had in flight is in the
+                    # journal and recovered in grace, as after a crash.
                     with contextlib.suppress(ProcessLookupError):
                         process.terminate()
                     with anyio.move_on_after(END_GRACE):
