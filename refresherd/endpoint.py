@@ -306,6 +306,8 @@ class TokenEndpoint:
         # Made at first use: an aiohttp session belongs to the event loop that runs it.
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
+        # (form fields, headers) that authenticate the client: see _client_auth.
+        self._auth: tuple[str, dict[str, str]] | None = None
 
     def _open(self) -> aiohttp.ClientSession:
         if self._closed:
@@ -338,19 +340,30 @@ class TokenEndpoint:
         if self._session is not None:
             await self._session.close()
 
+    def _client_auth(self) -> tuple[str, dict[str, str]]:
+        """The client's authentication by the pinned method, encoded once per endpoint: the
+        form fields to append (``&client_id=…``, or nothing) and the request headers."""
+        if self._auth is None:
+            p = self.provider
+            headers = {"Content-Type": "application/x-www-form-urlencoded"}
+            fields = ""
+            if p.auth_method is AuthMethod.CLIENT_SECRET_BASIC:
+                # RFC 6749 2.3.1: id and secret are form-urlencoded before the Basic encoding.
+                pair = f"{quote_plus(p.client_id)}:{quote_plus(p.client_secret.reveal())}"
+                headers["Authorization"] = "Basic " + b64encode(pair.encode()).decode("ascii")
+            else:
+                fields = "&" + urlencode(
+                    {"client_id": p.client_id, "client_secret": p.client_secret.reveal()}
+                )
+            self._auth = (fields, headers)
+        return self._auth
+
     def _client_request(self, form: dict[str, str]) -> tuple[bytes, dict[str, str]]:
-        """A form body and headers with the client authenticated by the pinned method."""
-        p = self.provider
-        headers = {"Content-Type": "application/x-www-form-urlencoded"}
-        if p.auth_method is AuthMethod.CLIENT_SECRET_BASIC:
-            # RFC 6749 2.3.1: id and secret are form-urlencoded before the Basic encoding.
-            pair = f"{quote_plus(p.client_id)}:{quote_plus(p.client_secret.reveal())}"
-            headers["Authorization"] = "Basic " + b64encode(pair.encode()).decode("ascii")
-        else:
-            form["client_id"] = p.client_id
-            form["client_secret"] = p.client_secret.reveal()
-        # Encoded here: aiohttp's FormData path costs more CPU than the request.
-        return urlencode(form).encode("ascii"), headers
+        """A form body and headers with the client authenticated by the pinned method.
+        Encoded here: aiohttp's FormData path costs more CPU than the request."""
+        fields, headers = self._client_auth()
+        # A copy: aiohttp is handed a dict of its own for each request.
+        return (urlencode(form) + fields).encode("ascii"), dict(headers)
 
     async def refresh(self, refresh_token: Secret, *, timeout: float) -> Grant:
         """POST grant_type=refresh_token. Returns the grant or raises an EndpointError."""

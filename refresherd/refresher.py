@@ -11,9 +11,9 @@ from __future__ import annotations
 import functools
 import random
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Final, Protocol
 
 import anyio
@@ -155,11 +155,27 @@ class ProviderCircuits:
 
 @dataclass(slots=True)
 class _Flight:
-    done: anyio.Event = field(default_factory=anyio.Event)
     result: RefreshResult | None = None
     # An exclusive hold (Refresher.exclusive), not a refresh: callers wait for it to end and
     # then look again, rather than take its result.
     hold: bool = False
+    landed: bool = False
+    # Made by the first caller that waits: most flights (the scheduler's) have none, and an
+    # event per refresh was a measurable share of the daemon's CPU.
+    _done: anyio.Event | None = None
+
+    async def wait(self) -> None:
+        """Until :meth:`land` (at once if it has)."""
+        if self.landed:
+            return
+        if self._done is None:
+            self._done = anyio.Event()
+        await self._done.wait()
+
+    def land(self) -> None:
+        self.landed = True
+        if self._done is not None:
+            self._done.set()
 
 
 class Refresher:
@@ -265,10 +281,10 @@ class Refresher:
         never leaves half-way (the scheduler's): the refresh flies in it, handled exactly as in
         the flight group, rather than in a second task per refresh."""
         while (flight := self._flights.get(token_set_id)) is not None and flight.hold:
-            await flight.done.wait()
+            await flight.wait()
         if flight is not None:
             self.metrics.singleflight_coalesced.inc()
-            await flight.done.wait()
+            await flight.wait()
             assert flight.result is not None
             return RefreshResult(
                 outcome=flight.result.outcome,
@@ -291,7 +307,7 @@ class Refresher:
                 functools.partial(self._fly, token_set_id, flight, scheduled, claimed, owned=True),
                 name=f"flight {token_set_id}",
             )
-            await flight.done.wait()
+            await flight.wait()
         assert flight.result is not None
         return flight.result
 
@@ -303,7 +319,7 @@ class Refresher:
         its lease (other processes keep out). Yields the set as read under the lease, or why
         it could not be leased. The lease is released at the end unless the set is gone."""
         while (flight := self._flights.get(token_set_id)) is not None:
-            await flight.done.wait()
+            await flight.wait()
         mine = _Flight(hold=True)
         self._flights[token_set_id] = mine
         try:
@@ -319,7 +335,7 @@ class Refresher:
                         await self._release_quietly(token_set_id)
         finally:
             del self._flights[token_set_id]
-            mine.done.set()
+            mine.land()
 
     async def _fly(
         self,
@@ -346,7 +362,7 @@ class Refresher:
                 flight.result = RefreshResult("failed", reason="cancelled", detail="shutdown")
             del self._flights[token_set_id]
             self.metrics.in_flight.set(len(self._flights))
-            flight.done.set()
+            flight.land()
 
     # ---- storage health ----------------------------------------------------------------------
 
@@ -658,71 +674,39 @@ class Refresher:
         )
         # The IdP may omit refresh_token: then the old one stays valid (re-use tokens).
         refresh_token = grant.refresh_token or ts.refresh_token
-        saved: TokenSet | None = None
-        stored = False
-        delay = PERSIST_RETRY_INITIAL
-        # Counted from when nothing holds the grant any more (shutdown, or not a daemon).
-        limit_from: float | None = None
-        held = False
-        failed_attempts = 0
-        logged_at = float("-inf")
-        # We hold the only copy of a rotated token: shutdown waits for it (bounded), and a
-        # failing store is retried, loudly, rather than the grant dropped. A running daemon
-        # holds it for as long as storage refuses it (refreshes are paused meanwhile).
-        with anyio.CancelScope(shield=True):
-            while True:
-                try:
-                    saved = await self.store.save_grant(
-                        ts.id,
-                        owner=self.owner,
-                        expected_version=ts.version,
-                        sent_refresh_token=ts.refresh_token,
-                        access_token=grant.access_token,
-                        refresh_token=refresh_token,
-                        token_type=grant.token_type,
-                        scope=grant.scope,
-                        expires_at=expires_at,
-                        next_refresh_at=next_at,
-                        now=now,
-                        refresh_expires_at=(
-                            now + grant.refresh_expires_in
-                            if grant.refresh_expires_in is not None
-                            else None
-                        ),
-                    )
-                    stored = True
-                    break
-                except StoreError as exc:
-                    if not held:
-                        held = True
-                        self._unpersisted += 1
-                        self.metrics.unpersisted_grants.set(self._unpersisted)
-                    self.storage_failed(exc, during="persist")
-                    failed_attempts += 1
-                    # The first failure, then once a minute: an outage of hours stays readable.
-                    if self.clock.monotonic() - logged_at >= PERSIST_LOG_INTERVAL:
-                        logged_at = self.clock.monotonic()
-                        log.error(
-                            "cannot persist grant, holding it and retrying",
-                            token_set=ts.id,
-                            provider=ts.provider,
-                            reason=exc.reason.value,
-                            error=str(exc),
-                            attempts=failed_attempts,
-                            retry_in=delay,
-                        )
-                mono = self.clock.monotonic()
-                if self.hold_grants:
-                    limit_from = None
-                elif limit_from is None:
-                    limit_from = mono
-                if limit_from is not None and mono - limit_from >= PERSIST_DEADLINE:
-                    break
-                await anyio.sleep(delay)
-                delay = min(delay * 2, PERSIST_RETRY_MAX)
-            if held:
-                self._unpersisted -= 1
-                self.metrics.unpersisted_grants.set(self._unpersisted)
+
+        def save() -> Awaitable[TokenSet | None]:
+            return self.store.save_grant(
+                ts.id,
+                owner=self.owner,
+                expected_version=ts.version,
+                sent_refresh_token=ts.refresh_token,
+                access_token=grant.access_token,
+                refresh_token=refresh_token,
+                token_type=grant.token_type,
+                scope=grant.scope,
+                expires_at=expires_at,
+                next_refresh_at=next_at,
+                now=now,
+                refresh_expires_at=(
+                    now + grant.refresh_expires_in if grant.refresh_expires_in is not None else None
+                ),
+            )
+
+        # The store shields each write from cancellation itself, so the first try needs no
+        # scope of its own (a cancel scope per refresh is a measurable share of the CPU).
+        failed: StoreError | None = None
+        try:
+            saved, stored = await save(), True
+        except StoreError as exc:
+            failed = exc
+        if failed is not None:
+            # We hold the only copy of a rotated token: shutdown waits for it (bounded), and a
+            # failing store is retried, loudly, rather than the grant dropped. A running
+            # daemon holds it for as long as storage refuses it (refreshes are paused
+            # meanwhile).
+            with anyio.CancelScope(shield=True):
+                saved, stored = await self._persist_retrying(ts, save, failed)
         if stored:
             # The grant went in: storage takes writes (again, if a pause was on).
             self._storage_ok(via="grant")
@@ -766,6 +750,55 @@ class Refresher:
             self.metrics.circuit_open.labels(ts.provider).set(0)
             log.info("provider circuit closed", provider=ts.provider)
         return RefreshResult("refreshed", token_set=saved, detail=f"sends={sends}", attempt=sends)
+
+    async def _persist_retrying(
+        self,
+        ts: TokenSet,
+        save: Callable[[], Awaitable[TokenSet | None]],
+        error: StoreError,
+    ) -> tuple[TokenSet | None, bool]:
+        """The grant could not be stored (``error``): count it as held, and retry with backoff
+        until it goes in, or, once nothing holds grants any more (shutdown, or not a daemon),
+        for PERSIST_DEADLINE. Returns (what the store returned, whether it was stored)."""
+        delay = PERSIST_RETRY_INITIAL
+        # Counted from when nothing holds the grant any more (shutdown, or not a daemon).
+        limit_from: float | None = None
+        failed_attempts = 0
+        logged_at = float("-inf")
+        self._unpersisted += 1
+        self.metrics.unpersisted_grants.set(self._unpersisted)
+        try:
+            while True:
+                self.storage_failed(error, during="persist")
+                failed_attempts += 1
+                # The first failure, then once a minute: an outage of hours stays readable.
+                if self.clock.monotonic() - logged_at >= PERSIST_LOG_INTERVAL:
+                    logged_at = self.clock.monotonic()
+                    log.error(
+                        "cannot persist grant, holding it and retrying",
+                        token_set=ts.id,
+                        provider=ts.provider,
+                        reason=error.reason.value,
+                        error=str(error),
+                        attempts=failed_attempts,
+                        retry_in=delay,
+                    )
+                mono = self.clock.monotonic()
+                if self.hold_grants:
+                    limit_from = None
+                elif limit_from is None:
+                    limit_from = mono
+                if limit_from is not None and mono - limit_from >= PERSIST_DEADLINE:
+                    return None, False
+                await anyio.sleep(delay)
+                delay = min(delay * 2, PERSIST_RETRY_MAX)
+                try:
+                    return await save(), True
+                except StoreError as exc:
+                    error = exc
+        finally:
+            self._unpersisted -= 1
+            self.metrics.unpersisted_grants.set(self._unpersisted)
 
     async def _sibling_grant(self, ts: TokenSet) -> RefreshResult | None:
         """After invalid_grant: did another worker refresh this set meanwhile? Then adopt."""

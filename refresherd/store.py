@@ -190,53 +190,65 @@ def _sqlite_error(path: Path, exc: sqlite3.Error) -> StoreError:
     return StoreError(f"database {path}: {exc}", reason=classify(exc))
 
 
+# Enum lookups by value without EnumType.__call__ (its cost shows at two rows per refresh); a
+# value not in the table still goes through the enum, which names what is wrong.
+_STATES: Final = {m.value: m for m in State}
+_USAGES: Final = {m.value: m for m in RefreshTokenUsage}
+_MODES: Final = {m.value: m for m in RefreshMode}
+
+
 def _row_to_token_set(row: sqlite3.Row, cipher: TokenCipher | None = None) -> TokenSet:
+    # A dict first: a sqlite3.Row looks a name up by comparing it with every column's.
+    r = dict(zip(row.keys(), row, strict=True))
     attempt = None
-    if row["attempt_started_at"] is not None:
+    if r["attempt_started_at"] is not None:
         attempt = Attempt(
-            version=row["attempt_version"],
-            started_at=row["attempt_started_at"],
-            owner=row["attempt_owner"] or "",
-            sends=row["attempt_sends"] or 0,
+            version=r["attempt_version"],
+            started_at=r["attempt_started_at"],
+            owner=r["attempt_owner"] or "",
+            sends=r["attempt_sends"] or 0,
         )
-    access = row["access_token"]
-    refresh = row["refresh_token"]
+    access = r["access_token"]
+    refresh = r["refresh_token"]
     if cipher is not None:
         try:
-            refresh = cipher.open(refresh, row_id=row["id"], column="refresh_token")
+            refresh = cipher.open(refresh, row_id=r["id"], column="refresh_token")
             if access is not None:
-                access = cipher.open(access, row_id=row["id"], column="access_token")
+                access = cipher.open(access, row_id=r["id"], column="access_token")
         except EncryptionError as exc:
             raise StoreError(str(exc)) from None
-    usage = row["refresh_token_usage"]
-    mode = row["refresh_mode"]
+    state = r["state"]
+    usage = r["refresh_token_usage"]
+    mode = r["refresh_mode"]
     return TokenSet(
-        id=row["id"],
-        provider=row["provider"],
+        id=r["id"],
+        provider=r["provider"],
         refresh_token=Secret(refresh),
         access_token=Secret(access) if access is not None else None,
-        expires_at=row["expires_at"],
-        state=State(row["state"]),
-        version=row["version"],
-        next_refresh_at=row["next_refresh_at"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        token_type=row["token_type"],
-        scope=row["scope"],
-        last_refresh_at=row["last_refresh_at"],
-        last_error=row["last_error"],
-        failures=row["failures"],
-        invalid_reason=row["invalid_reason"],
-        lease_owner=row["lease_owner"],
-        lease_until=row["lease_until"],
+        expires_at=r["expires_at"],
+        state=_STATES.get(state) or State(state),
+        version=r["version"],
+        next_refresh_at=r["next_refresh_at"],
+        created_at=r["created_at"],
+        updated_at=r["updated_at"],
+        token_type=r["token_type"],
+        scope=r["scope"],
+        last_refresh_at=r["last_refresh_at"],
+        last_error=r["last_error"],
+        failures=r["failures"],
+        invalid_reason=r["invalid_reason"],
+        lease_owner=r["lease_owner"],
+        lease_until=r["lease_until"],
         attempt=attempt,
-        refresh_expires_at=row["refresh_expires_at"],
-        refresh_token_usage=RefreshTokenUsage(usage) if usage is not None else None,
-        grace_period=row["grace_period"],
-        refresh_token_lifetime=row["refresh_token_lifetime"],
-        refresh_token_idle_lifetime=row["refresh_token_idle_lifetime"],
-        refresh_mode=RefreshMode(mode) if mode is not None else None,
-        expiry_warned_for=row["expiry_warned_for"],
+        refresh_expires_at=r["refresh_expires_at"],
+        refresh_token_usage=(
+            (_USAGES.get(usage) or RefreshTokenUsage(usage)) if usage is not None else None
+        ),
+        grace_period=r["grace_period"],
+        refresh_token_lifetime=r["refresh_token_lifetime"],
+        refresh_token_idle_lifetime=r["refresh_token_idle_lifetime"],
+        refresh_mode=(_MODES.get(mode) or RefreshMode(mode)) if mode is not None else None,
+        expiry_warned_for=r["expiry_warned_for"],
     )
 
 
@@ -266,9 +278,13 @@ class _PendingWrite:
     rows: list[sqlite3.Row] = field(default_factory=list)
     error: BaseException | None = None
     done: bool = False
-    # Set on the event loop when the write is done, or when its writer is to lead the next
-    # drain (Store._write).
-    wake: anyio.Event = field(default_factory=anyio.Event)
+    # Resolved on the event loop when the write is done, or when its writer is to lead the
+    # next drain (Store._write). A bare future, not an anyio.Event: two of these per refresh,
+    # and anyio's event (backend lookup, wrapped asyncio.Event) was a measurable share of the
+    # daemon's CPU. The store is asyncio-bound anyway (aiosqlite).
+    wake: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
 
 
 def _fail_all(batch: list[_PendingWrite], exc: BaseException) -> None:
@@ -278,9 +294,14 @@ def _fail_all(batch: list[_PendingWrite], exc: BaseException) -> None:
         item.done = True
 
 
+def _wake(item: _PendingWrite) -> None:
+    if not item.wake.done():
+        item.wake.set_result(None)
+
+
 def _wake_all(batch: list[_PendingWrite]) -> None:
     for item in batch:
-        item.wake.set()
+        _wake(item)
 
 
 def _drain(
@@ -675,10 +696,10 @@ class Store:
         with anyio.CancelScope(shield=True):
             while not item.done:
                 if self._draining:
-                    await item.wake.wait()
+                    await item.wake
                     if not item.done:
                         # Left over by the drain that ended (see below): lead the next one.
-                        item.wake = anyio.Event()
+                        item.wake = asyncio.get_running_loop().create_future()
                     continue
                 self._draining = True
                 try:
@@ -689,7 +710,7 @@ class Store:
                     # Queued after the drain's last look, or past its cap: the first of them
                     # leads the next drain.
                     if self._pending:
-                        self._pending[0].wake.set()
+                        _wake(self._pending[0])
         if isinstance(item.error, sqlite3.Error):
             raise _sqlite_error(self.path, item.error) from item.error
         if item.error is not None:
