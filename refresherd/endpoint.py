@@ -503,9 +503,14 @@ class TokenEndpoint:
         if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
             response.close()  # never back into the pool with a body unread
             raise _BodyTooLarge()
+        encoding = response.headers.get("content-encoding", "").strip().lower()
         chunks: list[bytes] = []
         size = 0
         try:
+            if declared is not None and declared.isdigit() and encoding in ("", "identity"):
+                # The declared length (checked above) is all there is to read, and nothing is
+                # decoded that could grow past it: one read rather than a loop of chunks.
+                return await response.read()
             async for chunk in response.content.iter_chunked(65536):
                 size += len(chunk)
                 if size > MAX_BODY_BYTES:

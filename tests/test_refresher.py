@@ -24,7 +24,6 @@ from typing import Any
 
 import anyio
 import pytest
-import structlog
 
 from refresherd import logs as refresher_logs
 from refresherd import ownership, policy
@@ -127,7 +126,7 @@ def logs() -> Iterator[LogCapture]:
     try:
         yield capture
     finally:
-        structlog.reset_defaults()
+        refresher_logs.reset()
         for handler in list(root.handlers):
             root.removeHandler(handler)
         for handler in saved_handlers:
