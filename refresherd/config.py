@@ -56,6 +56,9 @@ class DaemonConfig:
     # limits in the config (concurrency, a provider's connections, concurrent refreshes and
     # rate) are the whole daemon's, shared out among them.
     workers: int = 1
+    # A worker that sends the primary no metrics snapshot (it sends one a second) for this
+    # long is taken for hung: killed and started again (refresherd.workers).
+    worker_timeout: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,6 +323,8 @@ _SECTIONS: Final = (
 _ENCRYPTION_KEYS: Final = ("key_file", "key_credential", "previous_key_files")
 # More would only contend for the same database; a process per core is the point.
 MAX_WORKERS: Final = 64
+# Workers report once a second: a shorter limit would kill busy ones.
+MIN_WORKER_TIMEOUT: Final = 3.0
 _DAEMON_KEYS: Final = (
     "database",
     "database_password_file",
@@ -330,6 +335,7 @@ _DAEMON_KEYS: Final = (
     "poll_interval",
     "instance_name",
     "workers",
+    "worker_timeout",
 )
 _SERVER_KEYS: Final = ("listen", "enabled")
 _LOG_KEYS: Final = ("level", "format")
@@ -496,6 +502,9 @@ def _parse_daemon(t: _Table) -> DaemonConfig:
         poll_interval=t.duration("poll_interval", d.poll_interval, minimum=0.05, maximum=60.0),
         instance_name=t.optional_string("instance_name"),
         workers=t.integer("workers", d.workers, minimum=1, maximum=MAX_WORKERS),
+        worker_timeout=t.duration(
+            "worker_timeout", d.worker_timeout, minimum=MIN_WORKER_TIMEOUT, maximum=3600.0
+        ),
     )
 
 

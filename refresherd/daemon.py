@@ -255,6 +255,7 @@ class Daemon:
                 config_path=self.config_path,
                 database=str(config.daemon.database),
                 metrics=rt.metrics,
+                timeout=config.daemon.worker_timeout,
             )
         app = self._app(rt, scheduler)
         async with anyio.create_task_group() as tg:
@@ -509,6 +510,8 @@ class Daemon:
             self._scheduler.poll_interval = new.daemon.poll_interval
             self._scheduler.max_grace_period = max_grace(new)
             self._scheduler.wake()
+        if self.pool is not None:
+            self.pool.timeout = new.daemon.worker_timeout
         self.config = new
         self._init_metrics(rt)
         rt.metrics.config_reloads.labels("ok").inc()

@@ -20,6 +20,7 @@ import os
 import signal
 import subprocess
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Final
 
@@ -27,6 +28,7 @@ import anyio
 import anyio.abc
 from anyio.streams.buffered import BufferedByteReceiveStream
 
+from refresherd import deadlines
 from refresherd.config import EX_CONFIG, Config, share_problem
 from refresherd.logs import get_logger
 from refresherd.metrics import Metrics
@@ -121,8 +123,19 @@ def next_backoff(previous: float | None, ran: float) -> float:
 class WorkerPool:
     """The primary's worker processes: started, read, restarted, stopped."""
 
-    def __init__(self, *, count: int, config_path: Path, database: str, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        *,
+        count: int,
+        config_path: Path,
+        database: str,
+        metrics: Metrics,
+        timeout: float = 60.0,
+    ) -> None:
         self.count = count
+        # A worker silent this long (no snapshot) is hung: killed and started again. Set
+        # again by a reload.
+        self.timeout = timeout
         self.config_path = config_path
         self.database = database
         self.metrics = metrics
@@ -270,7 +283,24 @@ class WorkerPool:
     ) -> None:
         while True:
             try:
-                line = await stream.receive_until(b"\n", MAX_SNAPSHOT_BYTES)
+                # Each line within the timeout, except while stopping (stop() has its own
+                # deadline). deadlines.fail_after: a pause of the whole machine is not a hang.
+                async with nullcontext() if self._stopping else deadlines.fail_after(self.timeout):
+                    line = await stream.receive_until(b"\n", MAX_SNAPSHOT_BYTES)
+            except TimeoutError:
+                if self._stopping:
+                    continue
+                # Its event loop is stuck (or it was stopped): what it had in flight is in
+                # the journal, recovered in grace by whoever leases the sets next.
+                log.error(
+                    "worker sent no metrics for too long: taken for hung; killing it",
+                    worker=index,
+                    pid=process.pid,
+                    timeout=self.timeout,
+                )
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                return
             except (anyio.EndOfStream, anyio.IncompleteRead):
                 return
             except anyio.DelimiterNotFound:

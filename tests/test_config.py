@@ -913,6 +913,9 @@ def test_workers_default_to_one_process(tmp_path: Path) -> None:
     assert load(tmp_path, MINIMAL).daemon.workers == 1
     config = load(tmp_path, with_database('database = "tokens.db"\nworkers = 2'))
     assert config.daemon.workers == 2
+    assert config.daemon.worker_timeout == 60.0
+    text = with_database('database = "tokens.db"\nworkers = 2\nworker_timeout = "90s"')
+    assert load(tmp_path, text).daemon.worker_timeout == 90.0
 
 
 @pytest.mark.parametrize(
@@ -922,6 +925,8 @@ def test_workers_default_to_one_process(tmp_path: Path) -> None:
         ("workers = 65", "daemon.workers", ["at most 64, got 65"]),
         ('workers = "2"', "daemon.workers", ["expected an integer"]),
         ("workers = 4\nconcurrency = 3", "daemon.concurrency", ["at least 4", "workers = 4"]),
+        ('worker_timeout = "1s"', "daemon.worker_timeout", ["from 3s to 1h"]),
+        ("worker_timeout = 30", "daemon.worker_timeout", ["duration"]),
     ],
 )
 def test_workers_errors(tmp_path: Path, lines: str, key: str, expected: list[str]) -> None:

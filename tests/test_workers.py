@@ -3,6 +3,7 @@ FakeIdP on loopback and a real SQLite file. Nothing here times performance."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -61,7 +62,13 @@ def scrape(daemon: DaemonProcess) -> str:
 
 
 def start(
-    tmp_path: Path, idp: IdPHandle, daemons: Daemons, *, sets: int, workers: int = 2
+    tmp_path: Path,
+    idp: IdPHandle,
+    daemons: Daemons,
+    *,
+    sets: int,
+    workers: int = 2,
+    **daemon_keys: object,
 ) -> DaemonProcess:
     """A daemon of ``workers`` processes, all started, then ``sets`` token sets due at once
     (imported into the running daemon, so that a slow worker start cannot leave it idle)."""
@@ -69,7 +76,7 @@ def start(
         tmp_path / "c.toml",
         database=tmp_path / "tokens.db",
         providers={"p": idp.provider()},
-        daemon={"workers": workers, "concurrency": 8},
+        daemon={"workers": workers, "concurrency": 8, **daemon_keys},
     )
     daemon = daemons(config)
     for index in range(1, workers):
@@ -200,6 +207,39 @@ def test_a_killed_worker_is_started_again_and_the_counts_never_go_down(
     # New work still gets done.
     import_tokens(daemon.config, idp.token_lines("p", 10, prefix="late", with_access_token=False))
     wait_until(lambda: idp.ledger.refreshes == 50, what="the sets added later refreshed")
+    assert daemon.stop() == 0
+
+
+def test_a_hung_worker_is_killed_and_started_again(
+    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons
+) -> None:
+    idp = idp_factory(grace_period=20)
+    daemon = start(tmp_path, idp, daemons, sets=20, worker_timeout="3s")
+    wait_until(lambda: idp.ledger.refreshes == 20, what="every set refreshed once")
+    [worker] = children(daemon.pid)
+    # Stopped, as a worker whose event loop is stuck: alive, and silent.
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        daemon.wait_for_event(
+            "worker sent no metrics for too long: taken for hung; killing it",
+            worker=1,
+            pid=worker,
+        )
+        replaced = wait_until(
+            lambda: [pid for pid in children(daemon.pid) if pid != worker], what="a new worker"
+        )
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker, signal.SIGCONT)
+    assert len(replaced) == 1
+    assert not alive(worker)
+    assert metric(scrape(daemon), "refresherd_worker_restarts_total") == 1
+    # A worker that only works hard is not taken for hung: the new one runs past the limit.
+    import_tokens(daemon.config, idp.token_lines("p", 30, prefix="late", with_access_token=False))
+    wait_until(lambda: idp.ledger.refreshes == 50, what="the sets added later refreshed")
+    time.sleep(4)
+    assert children(daemon.pid) == replaced
+    assert metric(scrape(daemon), "refresherd_worker_restarts_total") == 1
     assert daemon.stop() == 0
 
 
