@@ -8,6 +8,7 @@ No secret is ever taken from argv: token responses come on stdin or from a file.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -29,7 +30,7 @@ from refresherd.config import (
     parse_duration,
     resolve_config_path,
 )
-from refresherd.daemon import Daemon, open_runtime
+from refresherd.daemon import GC_THRESHOLDS, Daemon, open_runtime
 from refresherd.discovery import EX_UNAVAILABLE, DiscoveryError
 from refresherd.encryption import cipher_for
 from refresherd.intake import InputError, iter_lines, parse_single
@@ -165,6 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             except ValueError as exc:
                 return _fail(f"{path}: {exc}", EX_CONFIG)
+        gc.set_threshold(*GC_THRESHOLDS)
         return anyio.run(Daemon(config, config_path=path, worker=worker).run)
     # One-shot commands: logs go to stderr, results to stdout.
     logs.configure(config.log.level if args.command == "refresh" else "warning", config.log.format)
