@@ -20,6 +20,7 @@ import asyncio
 import json
 import multiprocessing
 import os
+import re
 import resource
 import signal
 import socket
@@ -216,6 +217,18 @@ def process_tree(pid: int) -> list[int]:
 
 
 @contextmanager
+def run_directory(*, keep: bool) -> Iterator[str]:
+    """A directory for one run, removed afterwards unless ``keep`` (then its path is printed)."""
+    if not keep:
+        with tempfile.TemporaryDirectory(prefix="refresherd-bench-") as tmp:
+            yield tmp
+        return
+    tmp = tempfile.mkdtemp(prefix="refresherd-bench-")
+    print(f"run directory (kept): {tmp}", flush=True)
+    yield tmp
+
+
+@contextmanager
 def profiled(pid: int, out: Path | None, seconds: float) -> Iterator[None]:
     """py-spy (if installed) sampling ``pid`` for ``seconds``, every thread, idle included, as
     folded stacks; ``summarize_profile`` prints where the time went."""
@@ -362,6 +375,19 @@ def successes(metrics: dict[str, float]) -> float:
 def failures(metrics: dict[str, float]) -> float:
     prefix = "refresherd_refresh_failures_total{"
     return sum(v for k, v in metrics.items() if k.startswith(prefix))
+
+
+def failure_reasons(metrics: dict[str, float]) -> dict[str, float]:
+    """The failed attempts by ``reason`` label (a refresh retried and then refreshed counts
+    among the refreshes too)."""
+    prefix = "refresherd_refresh_failures_total{"
+    reasons: dict[str, float] = {}
+    for key, value in metrics.items():
+        if key.startswith(prefix) and value:
+            found = re.search(r'reason="([^"]*)"', key)
+            reason = found.group(1) if found else key
+            reasons[reason] = reasons.get(reason, 0) + value
+    return reasons
 
 
 def histogram_quantile(metrics: dict[str, float], name: str, q: float) -> float | None:
@@ -524,7 +550,7 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
         "latency_s": args.latency,
         "bare": {},
     }
-    with tempfile.TemporaryDirectory(prefix="refresherd-bench-") as tmp:
+    with run_directory(keep=args.keep_workdir) as tmp:
         workdir = Path(tmp)
         with fake_idp(workdir, tokens=n, latency=args.latency) as idp:
             tokens = [str(t["refresh_token"]) for t in idp.tokens]
@@ -600,6 +626,7 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
                     "workers": args.daemon_workers,
                     "refreshes": int(successes(m)),
                     "failures": int(failures(m)),
+                    "failure_reasons": failure_reasons(m),
                     "per_second": counted / elapsed if elapsed > 0 else None,
                     "cpu_ms_per_refresh": (
                         1000 * (d.cpu_seconds() - cpu0) / counted if counted else None
@@ -652,7 +679,8 @@ def print_throughput(r: dict[str, Any]) -> None:
     ratios = "".join(f"daemon / bare {c} = {r[f'ratio_vs_{c}']:.2f}; " for c in r["bare"])
     print(
         f"\n{ratios}"
-        f"failures {d['failures']}; import {r['import_s']:.2f} s; start-up {r['startup_s']:.2f} s"
+        f"failures {d['failures']} {d.get('failure_reasons') or ''}; "
+        f"import {r['import_s']:.2f} s; start-up {r['startup_s']:.2f} s"
     )
 
 
@@ -684,7 +712,7 @@ def repeated_throughput(args: argparse.Namespace) -> dict[str, Any]:
 
 def scale_one(args: argparse.Namespace, size: int) -> dict[str, Any]:
     window = min(size, int(args.rate * args.window))
-    with tempfile.TemporaryDirectory(prefix="refresherd-bench-") as tmp:
+    with run_directory(keep=args.keep_workdir) as tmp:
         workdir = Path(tmp)
         with fake_idp(workdir, tokens=window, latency=args.latency, usage="one_time") as idp:
             lines = workdir / "import.jsonl"
@@ -833,6 +861,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--daemon-concurrency", type=int, default=64, help="in flight, all processes")
     p.add_argument(
         "--daemon-workers", type=int, default=1, help="[daemon] workers: processes that refresh"
+    )
+    p.add_argument(
+        "--keep-workdir",
+        action="store_true",
+        help="keep the run's directory (config, database, daemon.log) and print its path",
     )
     p.add_argument("--profile", type=Path, help="py-spy the daemon into this file (raw)")
     p.add_argument("--profile-seconds", type=float, default=10.0)

@@ -58,13 +58,6 @@ from refresherd.workers import (
 log = logs.get_logger("refresherd.daemon")
 
 GAUGE_INTERVAL: Final = 10.0
-# The cyclic garbage collector's thresholds for a running daemon (gc.set_threshold). With
-# Python's (700, 10, 10) a refresh's objects, alive for the ~0.1-0.3 s it is in flight, are
-# collected young and then promoted to the oldest generation, whose full collections (every
-# live object traversed) followed: 19 % of the daemon's CPU at 1,500 refreshes/s. With 50,000,
-# most of them are freed by reference counting before any collection, and the collector took
-# 3 % (docs/benchmarks.md, "The garbage collector"); what it holds back is a few MB at most.
-GC_THRESHOLDS: Final = (50_000, 20, 10)
 # The gauge queries scan every token set: at most this share of the time goes to them, so a
 # million sets stretch the interval rather than steal a core (20x their own duration).
 GAUGE_DUTY: Final = 0.05
