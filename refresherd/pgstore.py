@@ -184,6 +184,9 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         owner text NOT NULL
     );
     """,
+    """
+    CREATE INDEX token_sets_written ON token_sets (updated_at) WHERE state <> 'invalidated';
+    """,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 

@@ -62,6 +62,13 @@ JOURNAL_SIZE_LIMIT: Final = 4 * 1024 * 1024
 DRAIN_BATCHES: Final = 8
 DRAIN_SECONDS: Final = 0.05
 READ_CONTRACT_VIEW: Final = "refresherd_access_tokens"
+# Start-up's look for rows written ahead of a wall clock stepped back since. The index
+# token_sets_written finds them (they are few); the unary + keeps the planner off the due-time
+# index, which would visit almost every row.
+MAKE_DUE_WRITTEN_AFTER: Final = (
+    "UPDATE token_sets SET next_refresh_at = :now WHERE state != 'invalidated'"
+    " AND updated_at > :limit AND +next_refresh_at > :now RETURNING id"
+)
 # Ids per ``IN (...)`` query: well below SQLite's bound-parameter limit.
 _ID_CHUNK: Final = 500
 
@@ -156,6 +163,12 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         probed_at REAL NOT NULL,
         owner TEXT NOT NULL
     ) STRICT;
+    """,
+    """
+    -- Start-up looks for sets written on a wall clock that has since been stepped back
+    -- (Store.make_due_written_after): without this, a scan of every row under the write lock,
+    -- 3 s at a million sets.
+    CREATE INDEX token_sets_written ON token_sets (updated_at) WHERE state != 'invalidated';
     """,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
@@ -1099,11 +1112,7 @@ class Store:
         taken on the old clock, may lie up to the size of the step too far ahead, past the
         access token's real expiry. One refresh re-plans it on the current clock.
         """
-        rows = await self._write(
-            "UPDATE token_sets SET next_refresh_at = :now WHERE state != 'invalidated'"
-            " AND updated_at > :limit AND next_refresh_at > :now RETURNING id",
-            {"now": now, "limit": limit},
-        )
+        rows = await self._write(MAKE_DUE_WRITTEN_AFTER, {"now": now, "limit": limit})
         return len(rows)
 
     async def claim(
