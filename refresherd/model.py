@@ -102,13 +102,23 @@ class Attempt:
     """The journal of one unresolved refresh: committed before the request leaves.
 
     ``version`` names the token-set version whose refresh token was sent; ``started_at`` is the
-    wall-clock time of the first send, from which the IdP's grace window is counted.
+    wall-clock time of the first send, from which the IdP's grace window is counted. ``sends``
+    counts every journaled send of the series; ``settled`` those whose answer proved that the
+    IdP did not process them (connection refused, 429/503, another 4xx). A series with no
+    unsettled send consumed nothing; one with unsettled sends may have, and its token may be
+    sent again only while its grace window is open.
     """
 
     version: int
     started_at: float
     owner: str
     sends: int
+    settled: int = 0
+
+    @property
+    def unsettled(self) -> int:
+        """Sends the IdP may have processed (each possibly a rotation, or a grace mint)."""
+        return max(self.sends - self.settled, 0)
 
 
 @dataclass(frozen=True, slots=True)

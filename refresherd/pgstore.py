@@ -42,6 +42,8 @@ from refresherd.ownership import new_owner_id
 from refresherd.storage_health import classify_postgres
 from refresherd.store import _row_plain, _row_to_token_set, _table_columns
 from refresherd.store_contract import (
+    JOURNAL_SEND_SQL,
+    SERIES_MISSED_SQL,
     ClaimRefused,
     HookDelivery,
     NewTokenSet,
@@ -186,6 +188,10 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     """,
     """
     CREATE INDEX token_sets_written ON token_sets (updated_at) WHERE state <> 'invalidated';
+    """,
+    """
+    -- store.MIGRATIONS[7]: sends settled as not processed, apart from those that may have been.
+    ALTER TABLE token_sets ADD COLUMN attempt_settled integer;
     """,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
@@ -1138,15 +1144,13 @@ class PostgresStore:
         (store.Store.begin_attempt: a series inside its grace window is continued)."""
         rows = await self._write(
             "UPDATE token_sets SET"
-            " attempt_started_at = CASE WHEN attempt_version = :version"
-            "   AND attempt_started_at >= :keep_since THEN attempt_started_at ELSE :now END,"
-            " attempt_sends = CASE WHEN attempt_version = :version"
-            "   AND attempt_started_at >= :keep_since THEN attempt_sends + 1 ELSE 1 END,"
-            " attempt_version = :version, attempt_owner = :owner,"
-            " next_refresh_at = least(next_refresh_at, :now)"
+            + JOURNAL_SEND_SQL
+            + " next_refresh_at = least(next_refresh_at, :now)"
             " WHERE id = :id AND version = :version AND lease_owner = :owner"
             " AND lease_until >= :now AND state <> 'invalidated'"
-            " RETURNING attempt_version, attempt_started_at, attempt_owner, attempt_sends",
+            " AND NOT (" + SERIES_MISSED_SQL + ")"
+            " RETURNING attempt_version, attempt_started_at, attempt_owner, attempt_sends,"
+            " attempt_settled",
             {
                 "id": token_set_id,
                 "owner": owner,
@@ -1158,7 +1162,18 @@ class PostgresStore:
         if not rows:
             return None
         r = rows[0]
-        return Attempt(version=r[0], started_at=r[1], owner=r[2], sends=r[3])
+        return Attempt(version=r[0], started_at=r[1], owner=r[2], sends=r[3], settled=r[4] or 0)
+
+    async def settle_send(self, token_set_id: str, *, version: int, started_at: float) -> None:
+        """Note that one send of the series (``version``, ``started_at``) was answered in a way
+        that proves the IdP did not process it. Keyed on the series, so that it never settles a
+        send of a series another process has started since."""
+        await self._write(
+            "UPDATE token_sets SET attempt_settled = coalesce(attempt_settled, 0) + 1"
+            " WHERE id = :id AND attempt_version = :version AND attempt_started_at = :started_at"
+            " AND attempt_sends > coalesce(attempt_settled, 0)",
+            {"id": token_set_id, "version": version, "started_at": started_at},
+        )
 
     async def save_grant(
         self,
@@ -1186,7 +1201,7 @@ class PostgresStore:
             " state = 'active', version = version + 1, next_refresh_at = :next,"
             " updated_at = :now, last_refresh_at = :now, last_error = NULL, failures = 0,"
             " invalid_reason = NULL, attempt_version = NULL, attempt_started_at = NULL,"
-            " attempt_owner = NULL, attempt_sends = NULL,"
+            " attempt_owner = NULL, attempt_sends = NULL, attempt_settled = NULL,"
             " lease_owner = CASE WHEN lease_owner = :owner THEN NULL ELSE lease_owner END,"
             " lease_until = CASE WHEN lease_owner = :owner THEN NULL ELSE lease_until END"
             " WHERE id = :id AND version = :version AND refresh_token = :sent RETURNING *"
@@ -1260,6 +1275,7 @@ class PostgresStore:
             " attempt_version = CASE WHEN :resolve THEN NULL ELSE attempt_version END,"
             " attempt_started_at = CASE WHEN :resolve THEN NULL ELSE attempt_started_at END,"
             " attempt_sends = CASE WHEN :resolve THEN NULL ELSE attempt_sends END,"
+            " attempt_settled = CASE WHEN :resolve THEN NULL ELSE attempt_settled END,"
             " attempt_owner = CASE WHEN :resolve THEN NULL ELSE attempt_owner END,"
             " lease_owner = NULL, lease_until = NULL"
             " WHERE id = :id AND version = :version AND lease_owner = :owner RETURNING id",

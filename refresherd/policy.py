@@ -20,16 +20,23 @@ from refresherd.model import (
     TokenSet,
 )
 
-# How many sends one refresh may make inside a grace window. Each send that the IdP processes
-# mints another refresh token counted against its per-user cap, so the window is a recovery path
-# with a small budget, not a retry loop. 5, not 3: the chaos run (docs/reliability.md) lost token
-# sets whose window was still open when 3 sends had failed (lost answers, crash recoveries);
-# the cap revokes the oldest unused tokens, so the extra mints never cost the stored one.
-MAX_GRACE_SENDS: Final = 5
-# No attempt gets less time than this: shorter only turns a slow IdP into more grace mints.
-MIN_ATTEMPT_TIMEOUT: Final = 1.0
-# Time kept back at the end of a non-final attempt to journal and start the next send.
-RETRY_LEAD: Final = 1.0
+# A grace window is a time budget, not a count of sends (docs/reliability.md, "Spending a grace
+# window"). Of its sends, at most this many may be unsettled (possibly processed by the IdP):
+# each such send that the IdP processes can mint another refresh token against its per-user
+# cap (an IdP that answers a grace re-send with a new sibling). Sends the IdP provably did not
+# process (refused connection, 429/503, another 4xx) cost nothing and are not counted.
+MAX_UNSETTLED_SENDS: Final = 10
+# Sends of one token out at once: a slow send is kept open while a hedge races it.
+MAX_SENDS_IN_FLIGHT: Final = 3
+# A send unanswered for this long (at least) gets a hedge beside it: never sooner, so that an
+# IdP answering in milliseconds is not raced on every hiccup of the network or the machine.
+MIN_HEDGE_AFTER: Final = 0.5
+# The pace assumed for a provider not yet observed (a daemon just started, recovering).
+DEFAULT_LATENCY: Final = 0.25
+# The least time kept back at the end of a window for the last send to reach the IdP.
+MIN_WINDOW_MARGIN: Final = 0.25
+# The last send is planned to start this long before the window's (margined) end.
+LAST_SEND_LEAD: Final = 0.05
 
 
 class EffectivePolicy(NamedTuple):
@@ -71,25 +78,61 @@ def effective_policy(ts: TokenSet, provider: ProviderConfig) -> EffectivePolicy:
     )
 
 
-def grace_safety(grace_period: float) -> float:
-    """Time kept back from the end of the IdP's grace window.
-
-    The IdP counts the window from when *it* first saw the token, which is after our first send,
-    so counting from our send is conservative; the margin covers the latency of the retry itself.
-    """
-    return min(1.0, grace_period * 0.2)
-
-
 def effective_grace(usage: RefreshTokenUsage, grace_period: float) -> float:
     """Only a one-time token has a grace window that matters: a re-use token is never spent."""
     return grace_period if usage is RefreshTokenUsage.ONE_TIME else 0.0
 
 
-def grace_deadline(attempt: Attempt | None, grace_period: float) -> float | None:
-    """Wall time by which a retry of ``attempt`` must have started, or None if there is none."""
-    if attempt is None or grace_period <= 0:
-        return None
-    return attempt.started_at + grace_period - grace_safety(grace_period)
+def window_margin(grace_period: float, latency: float | None) -> float:
+    """Time kept back from the end of the IdP's grace window.
+
+    The IdP counts the window from when *it* first processed the token, which is after our
+    first send was journaled, so counting from the journal is conservative by one trip. The
+    last send must still travel and be processed before the window ends: twice the provider's
+    observed pace, at least :data:`MIN_WINDOW_MARGIN`, at most a fifth of the window.
+    """
+    pace = latency if latency is not None else DEFAULT_LATENCY
+    return min(grace_period * 0.2, max(MIN_WINDOW_MARGIN, 2.0 * pace))
+
+
+def window_closes_at(started_at: float, grace_period: float, latency: float | None) -> float:
+    """Wall time by which the last send of a series that began at ``started_at`` must start."""
+    return started_at + grace_period - window_margin(grace_period, latency)
+
+
+def keep_series_since(now: float, grace_period: float, latency: float | None) -> float:
+    """The earliest start of a series whose window is still open at ``now`` (the journal's
+    ``keep_since``): -inf for a token with no window (a re-use token never misses one)."""
+    if grace_period <= 0:
+        return float("-inf")
+    return now - (grace_period - window_margin(grace_period, latency))
+
+
+def hedge_after(grace_period: float, latency: float | None) -> float:
+    """How long a send of a one-time token may stay unanswered before a second one is sent
+    beside it (the first kept open: inside the window both answers are good).
+
+    Four times the provider's observed pace, so that an IdP that rotated and then stalled
+    costs a second or so of the window, not all of it; never under :data:`MIN_HEDGE_AFTER`,
+    never over a quarter of the window.
+    """
+    base = 4.0 * latency if latency is not None else 1.0
+    return max(MIN_HEDGE_AFTER, min(base, grace_period / 4.0))
+
+
+def retry_spacing(sends: int, grace_period: float, latency: float | None, rand: float) -> float:
+    """Pause after the ``sends``-th send of a series failed fast, before the next one.
+
+    Doubling from about one answer time (at least 0.1 s) up to a sixth of the window, with
+    ±20 % jitter: a burst of fast failures (a struggling IdP answering 500 in milliseconds)
+    spreads its sends over the window instead of spending them at once, and sets that failed
+    together do not retry together.
+    """
+    window = max(grace_period - window_margin(grace_period, latency), 0.0)
+    pace = latency if latency is not None else 0.1
+    base = max(0.1, min(pace, window / 20.0))
+    cap = max(base, window / 6.0)
+    return min(base * (2.0 ** min(max(sends - 1, 0), 30)), cap) * (0.8 + 0.4 * rand)
 
 
 def plan_next_refresh(
@@ -235,48 +278,15 @@ def backoff_delay(failures: int, *, initial: float, maximum: float, rand: float)
     return base * (0.5 + 0.5 * rand)
 
 
-def attempt_timeout(
-    *,
-    usage: RefreshTokenUsage,
-    grace_period: float,
-    request_timeout: float,
-    now: float,
-    attempt: Attempt | None,
-) -> float:
-    """Per-attempt timeout, planned so that a retry of a one-time token still starts in grace.
-
-    A non-final attempt may use what is left of the window but ``retry_lead``: a lost answer
-    (reset, dropped connection) fails fast and leaves room for more sends, while a slow IdP is
-    not abandoned early — an abandoned request that the IdP is still processing would meet our
-    retry there, a second use of one token and another token minted against the per-user cap.
-    The final send (number MAX_GRACE_SENDS, or one after which no retry could start anyway)
-    gets the full ``request_timeout``. ``attempt.sends`` counts this send too.
-    """
-    deadline = grace_deadline(attempt, grace_period)
-    if usage is RefreshTokenUsage.REUSE or deadline is None:
-        return request_timeout
-    assert attempt is not None
-    budget = attempt_budget(deadline - now)
-    if attempt.sends >= MAX_GRACE_SENDS or budget < MIN_ATTEMPT_TIMEOUT:
-        return request_timeout
-    return min(request_timeout, budget)
-
-
-def attempt_budget(remaining: float) -> float:
-    """Of ``remaining`` seconds of window, what one attempt may use and still leave time to
-    journal and start the next send inside the window."""
-    return remaining - min(RETRY_LEAD, remaining / 4.0)
-
-
 @dataclass(frozen=True, slots=True)
-class RetryNow:
-    """Send the same refresh token again after ``delay`` seconds, inside the grace window.
+class SendAgain:
+    """Send the same refresh token again at ``at`` (wall time), inside this refresh.
 
-    ``grace``: the retry relies on the IdP's grace period (an earlier send of the series may
-    have consumed the token), as opposed to a resend of a token the IdP did not process.
+    ``grace``: the send relies on the IdP's grace period (a send of the series may have
+    consumed the token), as opposed to a resend of a token the IdP did not process.
     """
 
-    delay: float
+    at: float
     grace: bool
 
 
@@ -304,7 +314,12 @@ class SuspectProvider:
     """An invalid_grant that is one of a storm: pause the provider, keep the token set."""
 
 
-Decision = RetryNow | Backoff | Invalidate | OpenCircuit | SuspectProvider
+Decision = SendAgain | Backoff | Invalidate | OpenCircuit | SuspectProvider
+
+# Invalidation reasons (a bounded metric label).
+GRACE_WINDOW_MISSED: Final = "grace_window_missed"
+INVALID_GRANT: Final = "invalid_grant"
+INVALID_GRANT_AFTER_UNRESOLVED: Final = "invalid_grant_after_unresolved_attempt"
 
 # Refused refresh tokens of one provider in a row, with no success in between, from which on
 # invalid_grant is taken for a configuration problem rather than a customer's revocation.
@@ -317,27 +332,42 @@ def invalid_grant_storm(streak: int) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class FailureContext:
-    """What :func:`decide` needs to know about the refresh that failed."""
+    """What :func:`decide` needs to know about the send that failed."""
 
     now: float
     usage: RefreshTokenUsage
     grace_period: float
-    attempt: Attempt | None  # the journaled attempt series, including the send that failed
+    # The journaled series as it stands after this answer: the send that failed is settled in
+    # it already if its answer proved the IdP did not process it; sends still in flight count
+    # as unsettled (they may be processed).
+    attempt: Attempt | None
     failures: int  # consecutive failed refreshes before this one
     invalid_grant_retried: bool  # the one retry after invalid_grant was already spent
+    latency: float | None = None  # the provider's observed pace (AnswerTimes.hint)
 
 
 def decide(failure: Failure, ctx: FailureContext, cfg: ScheduleConfig, rand: float) -> Decision:
-    """DESIGN.md's failure table as a function. The caller has already re-read the store after
-    ``invalid_grant`` and adopted a sibling's grant if there was one."""
-    deadline = grace_deadline(ctx.attempt, ctx.grace_period)
-    in_grace = (
-        ctx.usage is RefreshTokenUsage.ONE_TIME
-        and deadline is not None
-        and ctx.now < deadline
-        and ctx.attempt is not None
-        and ctx.attempt.sends < MAX_GRACE_SENDS
+    """DESIGN.md's failure table as a function, for one answer of a series of sends.
+
+    The caller has already re-read the store after ``invalid_grant`` and adopted a sibling's
+    grant if there was one, and it applies a final decision only once no send of the series
+    is in flight any more (one of them may still bring the grant).
+
+    While a send of a one-time token may have been processed, the token is sent again, spaced,
+    for as long as the window is open and the unsettled-send budget lasts; after that it is
+    never sent again: :data:`GRACE_WINDOW_MISSED`. With nothing consumed (a re-use token, or
+    every send settled) the ordinary table applies.
+    """
+    attempt = ctx.attempt
+    one_time = ctx.usage is RefreshTokenUsage.ONE_TIME and ctx.grace_period > 0
+    maybe_consumed = one_time and attempt is not None and attempt.unsettled > 0
+    closes_at = (
+        window_closes_at(attempt.started_at, ctx.grace_period, ctx.latency)
+        if one_time and attempt is not None
+        else None
     )
+    window_open = closes_at is not None and ctx.now < closes_at
+    budget_left = attempt is None or attempt.unsettled < MAX_UNSETTLED_SENDS
 
     def backoff(failures: int) -> Backoff:
         delay = backoff_delay(
@@ -345,53 +375,68 @@ def decide(failure: Failure, ctx: FailureContext, cfg: ScheduleConfig, rand: flo
         )
         return Backoff(at=ctx.now + delay)
 
+    def in_window(at: float) -> SendAgain:
+        # The last send is planned to start before the window closes, whatever the spacing
+        # or an IdP's Retry-After would say.
+        assert closes_at is not None
+        return SendAgain(at=max(ctx.now, min(at, closes_at - LAST_SEND_LEAD)), grace=True)
+
     kind = failure.kind
+    sends = attempt.sends if attempt is not None else 1
+    spacing = retry_spacing(sends, ctx.grace_period, ctx.latency, rand)
+    if kind is FailureKind.INVALID_GRANT:
+        if not maybe_consumed:
+            return Invalidate(reason=INVALID_GRANT)
+        # A send of the series may have rotated the token: an IdP racing its own rotation can
+        # refuse the old token for a moment. One more send while the window is open.
+        if window_open and budget_left and not ctx.invalid_grant_retried:
+            return in_window(ctx.now + spacing)
+        return Invalidate(reason=INVALID_GRANT_AFTER_UNRESOLVED)
+    if maybe_consumed:
+        if window_open and budget_left:
+            if kind is FailureKind.RATE_LIMITED and failure.retry_after is not None:
+                return in_window(ctx.now + max(failure.retry_after, 0.0))
+            return in_window(ctx.now + spacing)
+        return Invalidate(reason=GRACE_WINDOW_MISSED)
+    # Nothing of the series can have been processed: the token is as good as before.
     if kind is FailureKind.CLIENT_REJECTED:
         return OpenCircuit()
-    if kind is FailureKind.INVALID_GRANT:
-        unresolved = ctx.attempt is not None and ctx.attempt.sends > 1
-        if in_grace and unresolved and not ctx.invalid_grant_retried:
-            return RetryNow(delay=0.0, grace=True)
-        return Invalidate(
-            reason="invalid_grant_after_unresolved_attempt" if unresolved else "invalid_grant"
-        )
-    if kind is FailureKind.AMBIGUOUS:
-        if in_grace:
-            return RetryNow(delay=0.0, grace=True)
+    if kind in (FailureKind.AMBIGUOUS, FailureKind.NOT_SENT):
         return backoff(ctx.failures + 1)
-    if kind is FailureKind.NOT_SENT:
-        # The IdP never saw this send; but if an earlier send of the series was ambiguous the
-        # window still matters, so try again soon while it is open.
-        earlier_ambiguous = ctx.attempt is not None and ctx.attempt.sends > 1
-        if in_grace and earlier_ambiguous:
-            assert deadline is not None
-            return RetryNow(delay=min(0.5, max(deadline - ctx.now, 0.0) / 2), grace=True)
-        return backoff(ctx.failures + 1)
-    # After an earlier send that may have consumed the token, an answer that says "not
-    # processed" must not push the next send past the window: that would lose the token.
-    earlier_unresolved = ctx.attempt is not None and ctx.attempt.sends > 1
-    if (
-        in_grace
-        and earlier_unresolved
-        and kind in (FailureKind.RATE_LIMITED, FailureKind.OAUTH_ERROR)
-    ):
-        assert deadline is not None
-        room = deadline - ctx.now
-        wait = failure.retry_after if failure.retry_after is not None else 0.5
-        return RetryNow(delay=min(max(wait, 0.0), room / 2), grace=True)
     if kind is FailureKind.RATE_LIMITED:
         if failure.retry_after is None:
             return backoff(ctx.failures + 1)
         wait = min(max(failure.retry_after, 0.0), cfg.retry_after_max)
-        if in_grace and deadline is not None and ctx.now + wait < deadline:
-            # The IdP processed nothing, and nothing earlier in the series was sent: a plain
-            # resend as told, not a grace retry.
-            return RetryNow(delay=wait, grace=False)
+        if closes_at is not None and ctx.now + wait < closes_at:
+            # A plain resend as told, not a grace retry: the IdP processed nothing.
+            return SendAgain(at=ctx.now + wait, grace=False)
         # "Retry-After: 0" (or a date in the past) must not become a tight loop of refreshes.
         return Backoff(at=ctx.now + max(wait, cfg.min_interval))
     # Any other OAuth error or unexpected 4xx: not processed, probably a configuration problem;
     # retry rarely so a fix is picked up without a restart.
     return Backoff(at=ctx.now + cfg.backoff_max * (0.5 + 0.5 * rand))
+
+
+def window_missed(
+    attempt: Attempt | None,
+    *,
+    version: int,
+    usage: RefreshTokenUsage,
+    grace_period: float,
+    latency: float | None,
+    now: float,
+) -> bool:
+    """Whether the journal shows a series of this version's token whose window closed with a
+    send the IdP may have processed: the token must not be sent again (a reuse outside grace
+    revokes the family, at some IdPs every token of the user)."""
+    return (
+        usage is RefreshTokenUsage.ONE_TIME
+        and grace_period > 0
+        and attempt is not None
+        and attempt.version == version
+        and attempt.unsettled > 0
+        and now >= window_closes_at(attempt.started_at, grace_period, latency)
+    )
 
 
 def circuit_delay(openings: int, cfg: ScheduleConfig, rand: float) -> float:

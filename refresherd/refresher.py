@@ -9,6 +9,7 @@ logs, waiters); on failure let :mod:`refresherd.policy` decide and record that d
 from __future__ import annotations
 
 import functools
+import math
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -22,9 +23,19 @@ import anyio.abc
 from refresherd import policy
 from refresherd.config import ProviderConfig, ScheduleConfig
 from refresherd.endpoint import EndpointError, TokenEndpoint
+from refresherd.latency import AnswerTimes
 from refresherd.logs import get_logger
 from refresherd.metrics import Metrics
-from refresherd.model import Failure, FailureKind, Grant, RefreshTokenUsage, State, TokenSet
+from refresherd.model import (
+    Attempt,
+    Failure,
+    FailureKind,
+    Grant,
+    RefreshTokenUsage,
+    State,
+    TokenSet,
+    rfc3339,
+)
 from refresherd.storage_health import StorageHealth
 from refresherd.store_contract import ClaimRefused, StoreError, TokenStore
 from refresherd.throttle import Throttles
@@ -209,6 +220,7 @@ class Refresher:
         # it, not only for PERSIST_DEADLINE. The daemon clears it when it starts to shut down.
         self.hold_grants = False
         self._unpersisted = 0
+        self._answer_times: dict[str, AnswerTimes] = {}
         self._flights: dict[str, _Flight] = {}
         self._flight_group: anyio.abc.TaskGroup | None = None
         # Refreshes in flight whose lease run()'s keeper renews: id -> when it last was (loop
@@ -437,7 +449,24 @@ class Refresher:
                 claimed.reason,
                 detail=f"leased by {claimed.owner}" if claimed.reason == "leased" else None,
             )
-        ts = claimed
+        try:
+            return await self._refresh_claimed(claimed, scheduled=scheduled, started=started)
+        except StoreError as exc:
+            # An outcome path's read or write (a sibling's grant, a failure, an invalidation)
+            # failed: the same storage pause as any other refused write, never a crash.
+            self.storage_failed(exc, during="refresh")
+            await self._release_quietly(claimed.id)
+            result = RefreshResult(
+                "storage_error", token_set=claimed, reason="storage_error", detail=str(exc)
+            )
+            self._log_outcome(claimed, result, self.clock.monotonic() - started)
+            return result
+
+    async def _refresh_claimed(
+        self, ts: TokenSet, *, scheduled: bool, started: float
+    ) -> RefreshResult:
+        """The refresh of a set this process has leased and read under the lease."""
+        now = self.clock.wall()
         if scheduled and ts.next_refresh_at <= now:
             self.metrics.refresh_lateness.observe(now - ts.next_refresh_at)
         provider = self.providers.get(ts.provider)
@@ -566,6 +595,13 @@ class Refresher:
             self.storage_failed(exc, during="lease renewal")
             log.warning("lease renewal failed", token_set=token_set_id, error=str(exc))
 
+    def answer_times(self, provider: str) -> AnswerTimes:
+        """The provider's recent answer times (its pace, for planning grace-window sends)."""
+        times = self._answer_times.get(provider)
+        if times is None:
+            times = self._answer_times[provider] = AnswerTimes()
+        return times
+
     async def _attempts(
         self,
         ts: TokenSet,
@@ -573,86 +609,33 @@ class Refresher:
         provider: ProviderConfig,
         endpoint: TokenEndpoint,
     ) -> RefreshResult:
+        """One series of sends of the set's refresh token, and what became of it."""
         grace = policy.effective_grace(eff.usage, eff.grace_period)
-        invalid_grant_retried = False
-        while True:
-            now = self.clock.wall()
-            keep_since = now - (grace - policy.grace_safety(grace)) if grace > 0 else float("inf")
-            try:
-                attempt = await self.store.begin_attempt(
-                    ts.id, owner=self.owner, version=ts.version, now=now, keep_since=keep_since
-                )
-            except StoreError as exc:
-                # Nothing was sent: without a journal entry, nothing may be.
-                self.storage_failed(exc, during="journal")
-                self.metrics.refresh_failures.labels(ts.provider, "storage_error").inc()
-                await self._release_quietly(ts.id)
-                return RefreshResult(
-                    "storage_error", token_set=ts, reason="storage_error", detail=str(exc)
-                )
-            if attempt is None:
-                return await self._moved_on(ts)
-            timeout = policy.attempt_timeout(
-                usage=eff.usage,
-                grace_period=grace,
-                request_timeout=provider.request_timeout,
-                now=now,
-                attempt=attempt,
-            )
-            try:
-                grant = await endpoint.refresh(ts.refresh_token, timeout=timeout)
-            except EndpointError as exc:
-                failure = exc.failure
-            else:
-                return await self._persist(ts, eff, grant, sends=attempt.sends)
-
-            self.metrics.refresh_failures.labels(ts.provider, failure.reason).inc()
-            storm = False
-            if failure.kind is FailureKind.INVALID_GRANT:
-                sibling = await self._sibling_grant(ts)
-                if sibling is not None:
-                    return sibling
-                storm = policy.invalid_grant_storm(self.circuits.note_invalid_grant(ts.provider))
-            if storm:
-                # Several different token sets refused in a row, none accepted in between: far
-                # more likely our configuration (another app's credentials, a wrong token_url
-                # or realm) than that many customers revoking at once. Pause the provider and
-                # keep the token sets, instead of invalidating a whole customer base.
-                return await self._record(ts, failure, policy.SuspectProvider(), attempt.sends)
-            if failure.kind is not FailureKind.CLIENT_REJECTED and self.circuits.close(ts.provider):
-                self.metrics.circuit_open.labels(ts.provider).set(0)
-                log.info("provider circuit closed", provider=ts.provider)
-            decision = policy.decide(
-                failure,
-                policy.FailureContext(
-                    now=self.clock.wall(),
-                    usage=eff.usage,
-                    grace_period=grace,
-                    attempt=attempt,
-                    failures=ts.failures,
-                    invalid_grant_retried=invalid_grant_retried,
-                ),
-                self.schedule,
-                self.rng.random(),
-            )
-            if isinstance(decision, policy.RetryNow):
-                if decision.grace:
-                    self.metrics.grace_retries.labels(ts.provider).inc()
-                if failure.kind is FailureKind.INVALID_GRANT:
-                    invalid_grant_retried = True
-                log.info(
-                    "refresh retry",
-                    token_set=ts.id,
-                    provider=ts.provider,
-                    reason=failure.reason,
-                    detail=failure.detail,
-                    attempt=attempt.sends,
-                    delay=round(decision.delay, 3),
-                    grace=decision.grace,
-                )
-                await anyio.sleep(decision.delay)
-                continue
-            return await self._record(ts, failure, decision, attempt.sends)
+        times = self.answer_times(ts.provider)
+        if policy.window_missed(
+            ts.attempt,
+            version=ts.version,
+            usage=eff.usage,
+            grace_period=grace,
+            latency=times.hint(),
+            now=self.clock.wall(),
+        ):
+            assert ts.attempt is not None
+            return await self._missed(ts, ts.attempt)
+        series = _Series(self, ts, eff, grace, provider, endpoint, times)
+        async with anyio.create_task_group() as tg:
+            end = await series.run(tg)
+            # The other sends still out: their answers are not needed (inside the window any
+            # grant is good, and the first one is ours).
+            tg.cancel_scope.cancel()
+        if isinstance(end, RefreshResult):
+            return end
+        if isinstance(end, Grant):
+            assert series.attempt is not None
+            return await self._persist(ts, eff, end, sends=series.attempt.sends)
+        failure, decision = end
+        assert series.attempt is not None
+        return await self._record(ts, failure, decision, series.attempt)
 
     # ---- outcomes ----------------------------------------------------------------------------
 
@@ -801,11 +784,10 @@ class Refresher:
             self.metrics.unpersisted_grants.set(self._unpersisted)
 
     async def _sibling_grant(self, ts: TokenSet) -> RefreshResult | None:
-        """After invalid_grant: did another worker refresh this set meanwhile? Then adopt."""
-        try:
-            current = await self.store.get(ts.id)
-        except StoreError:
-            return None
+        """After invalid_grant: did another worker refresh this set meanwhile? Then adopt.
+        A store that cannot say raises StoreError: invalidating without knowing would be
+        worse than trying again later."""
+        current = await self.store.get(ts.id)
         if current is None:
             return RefreshResult("not_found")
         if current.version != ts.version or current.refresh_token != ts.refresh_token:
@@ -814,11 +796,29 @@ class Refresher:
             return RefreshResult("adopted", token_set=current, reason="sibling_won")
         return None
 
-    async def _moved_on(self, ts: TokenSet) -> RefreshResult:
-        """begin_attempt refused: the version changed, the set is gone, or our lease is."""
+    async def _moved_on(
+        self, ts: TokenSet, eff: policy.EffectivePolicy | None = None, grace: float = 0.0
+    ) -> RefreshResult:
+        """begin_attempt refused: the version changed, the set is gone, our lease is, or the
+        series' grace window closed with a send that may have been processed."""
         current = await self.store.get(ts.id)
         if current is None:
             return RefreshResult("not_found")
+        if (
+            eff is not None
+            and current.version == ts.version
+            and current.state is not State.INVALIDATED
+            and policy.window_missed(
+                current.attempt,
+                version=ts.version,
+                usage=eff.usage,
+                grace_period=grace,
+                latency=self.answer_times(ts.provider).hint(),
+                now=self.clock.wall(),
+            )
+        ):
+            assert current.attempt is not None
+            return await self._missed(ts, current.attempt)
         if current.version != ts.version:
             self.metrics.adopted.labels(ts.provider).inc()
             await self._release_quietly(ts.id)
@@ -827,10 +827,42 @@ class Refresher:
             return RefreshResult("invalidated", token_set=current, reason=current.invalid_reason)
         return RefreshResult("lease_lost", token_set=current, reason="lease_lost")
 
+    async def _missed(self, ts: TokenSet, attempt: Attempt) -> RefreshResult:
+        """The series' grace window closed without a stored grant while a send of it may have
+        been processed. The token is not sent again (docs/reliability.md, "A missed window"):
+        the set is invalidated as refresherd's loss, not as the customer's revocation."""
+        detail = (
+            f"the grace window of a series begun {rfc3339(attempt.started_at)} closed without "
+            f"a stored grant after {attempt.sends} send(s), {attempt.unsettled} of which the "
+            "IdP may have processed; the token is not sent again"
+        )
+        log.error(
+            "grace window missed",
+            token_set=ts.id,
+            provider=ts.provider,
+            series_started_at=rfc3339(attempt.started_at),
+            sends=attempt.sends,
+            unsettled=attempt.unsettled,
+        )
+        failure = Failure(FailureKind.AMBIGUOUS, policy.GRACE_WINDOW_MISSED, detail)
+        return await self._record(
+            ts, failure, policy.Invalidate(reason=policy.GRACE_WINDOW_MISSED), attempt
+        )
+
     async def _record(
-        self, ts: TokenSet, failure: Failure, decision: policy.Decision, sends: int
+        self,
+        ts: TokenSet,
+        failure: Failure,
+        decision: policy.Decision,
+        attempt: Attempt | None,
     ) -> RefreshResult:
         now = self.clock.wall()
+        sends = attempt.sends if attempt is not None else 0
+        # The journal is cleared only when no send of the series may have been processed (or
+        # the set is given up); a series with an unsettled send stays on record for the next
+        # refresh and for crash recovery, which continue it inside its window or name it
+        # missed after.
+        consumed_nothing = attempt is None or attempt.unsettled == 0
         error = f"{failure.reason}: {failure.detail}"
         if isinstance(decision, policy.OpenCircuit):
             until = self.circuits.open(ts.provider, now, self.schedule, self.rng.random())
@@ -843,9 +875,7 @@ class Refresher:
                 paused_for=round(until - now, 1),
             )
             # The token set keeps its state, tokens, plan and failure count: the problem is the
-            # provider's. Only the error is noted, and the journal is resolved when this send
-            # was the series' only one (a 401 says the IdP processed nothing); then a later
-            # send is not mistaken for the retry of a lost answer.
+            # provider's. Only the error is noted.
             try:
                 await self.store.record_failure(
                     ts.id,
@@ -857,7 +887,7 @@ class Refresher:
                     failures=ts.failures,
                     invalid_reason=ts.invalid_reason,
                     now=now,
-                    resolve_attempt=sends <= 1,
+                    resolve_attempt=consumed_nothing,
                 )
             except StoreError as exc:
                 self.storage_failed(exc, during="record failure")
@@ -885,14 +915,7 @@ class Refresher:
         else:
             assert isinstance(decision, policy.Backoff)
             state, next_at, reason = State.FAILING, decision.at, None
-        # The journal is cleared only when the IdP's answer settles that this series consumed
-        # nothing; an ambiguous send stays on record for the next attempt and for recovery.
-        settled = (
-            failure.kind
-            in (FailureKind.NOT_SENT, FailureKind.RATE_LIMITED, FailureKind.OAUTH_ERROR)
-            and sends <= 1
-        )
-        resolve = settled or state is State.INVALIDATED
+        resolve = consumed_nothing or state is State.INVALIDATED
         try:
             recorded = await self.store.record_failure(
                 ts.id,
@@ -917,12 +940,19 @@ class Refresher:
         if state is State.INVALIDATED:
             self.metrics.invalidations.labels(ts.provider, reason).inc()
             if self.events is not None:
+                series: dict[str, object] = {}
+                if reason == policy.GRACE_WINDOW_MISSED and attempt is not None:
+                    series = {
+                        "series_started_at": rfc3339(attempt.started_at),
+                        "sends": attempt.sends,
+                    }
                 await self.events.enqueue(
                     "token_set.invalidated",
                     ts.id,
                     ts.provider,
                     reason=reason,
                     detail=failure.detail,
+                    **series,
                 )
             return RefreshResult(
                 "invalidated", token_set=ts, reason=reason, detail=failure.detail, attempt=sends
@@ -976,3 +1006,252 @@ class Refresher:
             log.error("refresh", **fields)
         else:
             log.warning("refresh", **fields)
+
+
+@dataclass(slots=True)
+class _Answer:
+    """What one send brought back. ``attempt``: the journal entry the send went out under."""
+
+    attempt: Attempt
+    grant: Grant | None
+    failure: Failure | None
+    duration: float  # monotonic seconds from send to answer (or to giving up)
+
+
+_SeriesEnd = RefreshResult | Grant | tuple[Failure, policy.Decision]
+
+
+class _Series:
+    """The sends of one refresh token inside one refresh: journal each, send, read answers.
+
+    For a one-time token the grace window is spent by time (policy): a send unanswered for
+    ``hedge_after`` gets a hedge beside it, kept open rather than abandoned (a rotated answer
+    may still come); fast failures are spaced by ``retry_spacing``; a final decision waits
+    until no send is out, since any of them may still bring the grant.
+    """
+
+    def __init__(
+        self,
+        refresher: Refresher,
+        ts: TokenSet,
+        eff: policy.EffectivePolicy,
+        grace: float,
+        provider: ProviderConfig,
+        endpoint: TokenEndpoint,
+        times: AnswerTimes,
+    ) -> None:
+        self.r = refresher
+        self.ts = ts
+        self.eff = eff
+        self.grace = grace
+        self.provider = provider
+        self.endpoint = endpoint
+        self.times = times
+        self.attempt: Attempt | None = None
+        self.in_flight = 0
+        self.invalid_grant_retried = False
+        send, receive = anyio.create_memory_object_stream[_Answer](math.inf)
+        self._answers_in = send
+        self._answers = receive
+
+    async def run(self, tg: anyio.abc.TaskGroup) -> _SeriesEnd:
+        r, ts = self.r, self.ts
+        next_send_at: float | None = r.clock.wall()
+        # Why no more sends may start (the journal failed); returned once none is out.
+        stopped: RefreshResult | None = None
+        refused = False
+        pending: tuple[Failure, policy.Decision] | None = None
+        while True:
+            now = r.clock.wall()
+            may_send = (
+                stopped is None
+                and not refused
+                and next_send_at is not None
+                and self.in_flight < policy.MAX_SENDS_IN_FLIGHT
+            )
+            if may_send and next_send_at is not None and now >= next_send_at:
+                journaled = await self._journal(now)
+                if journaled is None:
+                    # The set moved on, our lease went, or the window closed: no more sends.
+                    # What that means is read once no send is out (one may bring a grant).
+                    refused, next_send_at = True, None
+                elif isinstance(journaled, RefreshResult):
+                    stopped, next_send_at = journaled, None
+                else:
+                    self.attempt = journaled
+                    if self.in_flight:
+                        # A hedge: the sends out are late; they stay open beside this one.
+                        r.metrics.grace_retries.labels(ts.provider).inc()
+                        log.info(
+                            "refresh hedge",
+                            token_set=ts.id,
+                            provider=ts.provider,
+                            attempt=journaled.sends,
+                            in_flight=self.in_flight,
+                        )
+                    self.in_flight += 1
+                    tg.start_soon(self._send, journaled)
+                    next_send_at = self._hedge_at(now)
+                continue
+            if self.in_flight == 0:
+                if stopped is not None:
+                    return stopped
+                if refused:
+                    return await r._moved_on(ts, self.eff, self.grace)
+                if pending is not None:
+                    return pending
+                if next_send_at is None:  # pragma: no cover - every path plans or ends
+                    raise AssertionError("a series with nothing out and nothing planned")
+                await anyio.sleep(max(next_send_at - now, 0.0))
+                continue
+            wait = (
+                max(next_send_at - now, 0.0) if may_send and next_send_at is not None else math.inf
+            )
+            with anyio.move_on_after(wait):
+                answer = await self._answers.receive()
+                self.in_flight -= 1
+                end = await self._on_answer(answer)
+                if end is None:
+                    continue
+                if isinstance(end, policy.SendAgain):
+                    next_send_at = end.at if next_send_at is None else min(next_send_at, end.at)
+                    pending = None
+                    continue
+                if isinstance(end, tuple):
+                    # Final, unless a send still out brings the grant or reopens the question.
+                    pending, next_send_at = end, None
+                    continue
+                return end
+
+    def _hedge_at(self, now: float) -> float | None:
+        """When to send beside the sends now out if none has answered by then: only for a
+        one-time token (a re-use token is never spent by a send), only with budget left, and
+        never after the window closes (the last one planned to start before it does)."""
+        attempt = self.attempt
+        if self.grace <= 0 or attempt is None:
+            return None
+        if attempt.unsettled >= policy.MAX_UNSETTLED_SENDS:
+            return None
+        latency = self.times.hint()
+        closes_at = policy.window_closes_at(attempt.started_at, self.grace, latency)
+        last = closes_at - policy.LAST_SEND_LEAD
+        if now >= last:
+            return None
+        return min(now + policy.hedge_after(self.grace, latency), last)
+
+    async def _journal(self, now: float) -> Attempt | RefreshResult | None:
+        """Commit the send to the journal before it leaves; None if the store refused it."""
+        r, ts = self.r, self.ts
+        keep_since = policy.keep_series_since(now, self.grace, self.times.hint())
+        try:
+            attempt = await r.store.begin_attempt(
+                ts.id, owner=r.owner, version=ts.version, now=now, keep_since=keep_since
+            )
+        except StoreError as exc:
+            # Nothing was sent: without a journal entry, nothing may be.
+            r.storage_failed(exc, during="journal")
+            r.metrics.refresh_failures.labels(ts.provider, "storage_error").inc()
+            if self.in_flight == 0:
+                await r._release_quietly(ts.id)
+            return RefreshResult(
+                "storage_error", token_set=ts, reason="storage_error", detail=str(exc)
+            )
+        return attempt
+
+    async def _send(self, attempt: Attempt) -> None:
+        started = self.r.clock.monotonic()
+        grant: Grant | None = None
+        failure: Failure | None = None
+        try:
+            grant = await self.endpoint.refresh(
+                self.ts.refresh_token, timeout=self.provider.request_timeout
+            )
+        except EndpointError as exc:
+            failure = exc.failure
+        duration = self.r.clock.monotonic() - started
+        self._answers_in.send_nowait(_Answer(attempt, grant, failure, duration))
+
+    async def _on_answer(
+        self, answer: _Answer
+    ) -> RefreshResult | Grant | policy.SendAgain | tuple[Failure, policy.Decision] | None:
+        r, ts = self.r, self.ts
+        failure = answer.failure
+        if answer.grant is not None or (failure is not None and failure.status is not None):
+            self.times.observe(answer.duration)
+        if answer.grant is not None:
+            return answer.grant
+        assert failure is not None and self.attempt is not None
+        r.metrics.refresh_failures.labels(ts.provider, failure.reason).inc()
+        if failure.kind is not FailureKind.AMBIGUOUS:
+            # The answer proves the IdP did not rotate on this send: note it in the journal,
+            # so that neither a later window check nor a crash recovery counts it as a use.
+            await self._settle(answer.attempt)
+        maybe_consumed = self.grace > 0 and self.attempt.unsettled > 0
+        storm = False
+        if failure.kind is FailureKind.INVALID_GRANT:
+            sibling = await r._sibling_grant(ts)
+            if sibling is not None:
+                return sibling
+            if not maybe_consumed:
+                storm = policy.invalid_grant_storm(r.circuits.note_invalid_grant(ts.provider))
+        if storm and self.in_flight == 0:
+            # Several different token sets refused in a row, none accepted in between: far
+            # more likely our configuration (another app's credentials, a wrong token_url or
+            # realm) than that many customers revoking at once. Pause the provider and keep
+            # the token sets, instead of invalidating a whole customer base.
+            return failure, policy.SuspectProvider()
+        if failure.kind is not FailureKind.CLIENT_REJECTED and r.circuits.close(ts.provider):
+            r.metrics.circuit_open.labels(ts.provider).set(0)
+            log.info("provider circuit closed", provider=ts.provider)
+        decision = policy.decide(
+            failure,
+            policy.FailureContext(
+                now=r.clock.wall(),
+                usage=self.eff.usage,
+                grace_period=self.grace,
+                attempt=self.attempt,
+                failures=ts.failures,
+                invalid_grant_retried=self.invalid_grant_retried,
+                latency=self.times.hint(),
+            ),
+            r.schedule,
+            r.rng.random(),
+        )
+        if not isinstance(decision, policy.SendAgain):
+            return failure, decision
+        if decision.grace:
+            r.metrics.grace_retries.labels(ts.provider).inc()
+        if failure.kind is FailureKind.INVALID_GRANT:
+            self.invalid_grant_retried = True
+        log.info(
+            "refresh retry",
+            token_set=ts.id,
+            provider=ts.provider,
+            reason=failure.reason,
+            detail=failure.detail,
+            attempt=self.attempt.sends,
+            in_flight=self.in_flight,
+            delay=round(max(decision.at - r.clock.wall(), 0.0), 3),
+            grace=decision.grace,
+        )
+        return decision
+
+    async def _settle(self, sent_under: Attempt) -> None:
+        r, ts = self.r, self.ts
+        try:
+            await r.store.settle_send(
+                ts.id, version=sent_under.version, started_at=sent_under.started_at
+            )
+        except StoreError as exc:
+            # Left unsettled: the safe side (the send counts as a possible use).
+            r.storage_failed(exc, during="journal")
+            return
+        attempt = self.attempt
+        if attempt is not None and attempt.started_at == sent_under.started_at:
+            self.attempt = Attempt(
+                version=attempt.version,
+                started_at=attempt.started_at,
+                owner=attempt.owner,
+                sends=attempt.sends,
+                settled=min(attempt.settled + 1, attempt.sends),
+            )

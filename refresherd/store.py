@@ -30,6 +30,8 @@ from refresherd.ownership import OwnerLock, is_alive, owners_dir
 from refresherd.storage_health import classify
 from refresherd.store_contract import (
     HOOK_DELIVERY_COLUMNS,
+    JOURNAL_SEND_SQL,
+    SERIES_MISSED_SQL,
     TOKEN_SET_COLUMNS,
     ClaimRefused,
     HookDelivery,
@@ -170,6 +172,12 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     -- 3 s at a million sets.
     CREATE INDEX token_sets_written ON token_sets (updated_at) WHERE state != 'invalidated';
     """,
+    """
+    -- The journal tells sends the IdP may have processed from those it provably did not (a
+    -- refused connection, a 429/503, another 4xx): after a grace window has closed, only a
+    -- series with no unsettled send may start again; any other is a missed window.
+    ALTER TABLE token_sets ADD COLUMN attempt_settled INTEGER;
+    """,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -220,6 +228,7 @@ def _row_to_token_set(row: sqlite3.Row, cipher: TokenCipher | None = None) -> To
             started_at=r["attempt_started_at"],
             owner=r["attempt_owner"] or "",
             sends=r["attempt_sends"] or 0,
+            settled=r["attempt_settled"] or 0,
         )
     access = r["access_token"]
     refresh = r["refresh_token"]
@@ -1194,23 +1203,22 @@ class Store:
         """Journal a send of version ``version``'s refresh token, durably, before it leaves.
 
         An attempt series of the same version that started at or after ``keep_since`` (that is,
-        whose grace window is still open) is continued: its start time is kept, because the
-        IdP counts the window from the first use. Returns None if the set changed or our lease
-        is gone or has expired: then nothing may be sent. The set is also made due now, so that
-        should this process die before the attempt is resolved, any daemon picks it up as soon
-        as the lease is free, inside the window.
+        whose grace window is still open) and has a send the IdP may have processed is
+        continued: its start time is kept, because the IdP counts the window from the first
+        use. Returns None if the set changed, our lease is gone or has expired, or the series'
+        window closed with such a send (a missed window: the token may not be sent again).
+        The set is also made due now, so that should this process die before the attempt is
+        resolved, any daemon picks it up as soon as the lease is free, inside the window.
         """
         rows = await self._write(
             "UPDATE token_sets SET"
-            " attempt_started_at = CASE WHEN attempt_version = :version"
-            "   AND attempt_started_at >= :keep_since THEN attempt_started_at ELSE :now END,"
-            " attempt_sends = CASE WHEN attempt_version = :version"
-            "   AND attempt_started_at >= :keep_since THEN attempt_sends + 1 ELSE 1 END,"
-            " attempt_version = :version, attempt_owner = :owner,"
-            " next_refresh_at = min(next_refresh_at, :now)"
+            + JOURNAL_SEND_SQL
+            + " next_refresh_at = min(next_refresh_at, :now)"
             " WHERE id = :id AND version = :version AND lease_owner = :owner"
             " AND lease_until >= :now AND state != 'invalidated'"
-            " RETURNING attempt_version, attempt_started_at, attempt_owner, attempt_sends",
+            " AND NOT (" + SERIES_MISSED_SQL + ")"
+            " RETURNING attempt_version, attempt_started_at, attempt_owner, attempt_sends,"
+            " attempt_settled",
             {
                 "id": token_set_id,
                 "owner": owner,
@@ -1222,7 +1230,18 @@ class Store:
         if not rows:
             return None
         r = rows[0]
-        return Attempt(version=r[0], started_at=r[1], owner=r[2], sends=r[3])
+        return Attempt(version=r[0], started_at=r[1], owner=r[2], sends=r[3], settled=r[4] or 0)
+
+    async def settle_send(self, token_set_id: str, *, version: int, started_at: float) -> None:
+        """Note that one send of the series (``version``, ``started_at``) was answered in a way
+        that proves the IdP did not process it. Keyed on the series, so that it never settles a
+        send of a series another process has started since."""
+        await self._write(
+            "UPDATE token_sets SET attempt_settled = coalesce(attempt_settled, 0) + 1"
+            " WHERE id = :id AND attempt_version = :version AND attempt_started_at = :started_at"
+            " AND attempt_sends > coalesce(attempt_settled, 0)",
+            {"id": token_set_id, "version": version, "started_at": started_at},
+        )
 
     async def save_grant(
         self,
@@ -1254,7 +1273,7 @@ class Store:
             " state = 'active', version = version + 1, next_refresh_at = :next,"
             " updated_at = :now, last_refresh_at = :now, last_error = NULL, failures = 0,"
             " invalid_reason = NULL, attempt_version = NULL, attempt_started_at = NULL,"
-            " attempt_owner = NULL, attempt_sends = NULL,"
+            " attempt_owner = NULL, attempt_sends = NULL, attempt_settled = NULL,"
             " lease_owner = CASE WHEN lease_owner = :owner THEN NULL ELSE lease_owner END,"
             " lease_until = CASE WHEN lease_owner = :owner THEN NULL ELSE lease_until END"
             " WHERE id = :id AND version = :version AND refresh_token = :sent RETURNING *"
@@ -1332,6 +1351,7 @@ class Store:
             " attempt_version = CASE WHEN :resolve THEN NULL ELSE attempt_version END,"
             " attempt_started_at = CASE WHEN :resolve THEN NULL ELSE attempt_started_at END,"
             " attempt_sends = CASE WHEN :resolve THEN NULL ELSE attempt_sends END,"
+            " attempt_settled = CASE WHEN :resolve THEN NULL ELSE attempt_settled END,"
             " attempt_owner = CASE WHEN :resolve THEN NULL ELSE attempt_owner END,"
             " lease_owner = NULL, lease_until = NULL"
             # Only while we hold the lease: a worker whose lease lapsed must not overwrite the

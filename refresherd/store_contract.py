@@ -23,7 +23,7 @@ from collections.abc import Set as AbstractSet
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 from urllib.parse import parse_qsl, quote, unquote, urlsplit, urlunsplit
 
 from refresherd.model import Attempt, RefreshMode, RefreshTokenUsage, Secret, State, TokenSet
@@ -165,6 +165,29 @@ TOKEN_SET_COLUMNS: tuple[str, ...] = (
     "refresh_token_idle_lifetime",
     "refresh_mode",
     "expiry_warned_for",
+    "attempt_settled",
+)
+# The journal's series rules, shared by both dialects' begin_attempt (parameters :version and
+# :keep_since, the earliest start of a series whose grace window is still open). A series goes
+# on (keeps its start, the IdP counts the window from the first use) while its window is open
+# and a send of it may have been processed; one whose sends were all settled as not processed
+# consumed nothing and starts afresh. A series whose window closed with an unsettled send is a
+# missed window: no new series may start on that token (refresher: grace_window_missed).
+SERIES_GOES_ON_SQL: Final = (
+    "(attempt_version = :version AND attempt_started_at >= :keep_since"
+    " AND attempt_sends > coalesce(attempt_settled, 0))"
+)
+# begin_attempt's SET clause for the journal, the same in both dialects.
+JOURNAL_SEND_SQL: Final = (
+    f" attempt_started_at = CASE WHEN {SERIES_GOES_ON_SQL} THEN attempt_started_at ELSE :now END,"
+    f" attempt_sends = CASE WHEN {SERIES_GOES_ON_SQL} THEN attempt_sends + 1 ELSE 1 END,"
+    f" attempt_settled = CASE WHEN {SERIES_GOES_ON_SQL} THEN coalesce(attempt_settled, 0)"
+    " ELSE 0 END,"
+    " attempt_version = :version, attempt_owner = :owner,"
+)
+SERIES_MISSED_SQL: Final = (
+    "coalesce(attempt_version = :version AND attempt_started_at < :keep_since"
+    " AND attempt_sends > coalesce(attempt_settled, 0), false)"
 )
 HOOK_DELIVERY_COLUMNS: tuple[str, ...] = (
     "id",
@@ -289,6 +312,7 @@ class TokenStore(Protocol):
     async def begin_attempt(
         self, token_set_id: str, *, owner: str, version: int, now: float, keep_since: float
     ) -> Attempt | None: ...
+    async def settle_send(self, token_set_id: str, *, version: int, started_at: float) -> None: ...
     async def save_grant(
         self,
         token_set_id: str,
