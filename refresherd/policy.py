@@ -100,11 +100,12 @@ def window_closes_at(started_at: float, grace_period: float, latency: float | No
     return started_at + grace_period - window_margin(grace_period, latency)
 
 
-def keep_series_since(now: float, grace_period: float, latency: float | None) -> float:
+def keep_series_since(now: float, grace_period: float, latency: float | None) -> float | None:
     """The earliest start of a series whose window is still open at ``now`` (the journal's
-    ``keep_since``): -inf for a token with no window (a re-use token never misses one)."""
+    ``keep_since``); None for a token with no window (a re-use token is not spent by a send:
+    each of its refreshes is a series of its own, and none is ever missed)."""
     if grace_period <= 0:
-        return float("-inf")
+        return None
     return now - (grace_period - window_margin(grace_period, latency))
 
 

@@ -1198,7 +1198,13 @@ class Store:
     # ---- the refresh itself: journal, grant, failure ---------------------------------------
 
     async def begin_attempt(
-        self, token_set_id: str, *, owner: str, version: int, now: float, keep_since: float
+        self,
+        token_set_id: str,
+        *,
+        owner: str,
+        version: int,
+        now: float,
+        keep_since: float | None,
     ) -> Attempt | None:
         """Journal a send of version ``version``'s refresh token, durably, before it leaves.
 

@@ -168,13 +168,15 @@ TOKEN_SET_COLUMNS: tuple[str, ...] = (
     "attempt_settled",
 )
 # The journal's series rules, shared by both dialects' begin_attempt (parameters :version and
-# :keep_since, the earliest start of a series whose grace window is still open). A series goes
+# :keep_since, the earliest start of a series whose grace window is still open, NULL for a
+# token with no window: a re-use token's every refresh is a series of its own). A series goes
 # on (keeps its start, the IdP counts the window from the first use) while its window is open
 # and a send of it may have been processed; one whose sends were all settled as not processed
 # consumed nothing and starts afresh. A series whose window closed with an unsettled send is a
 # missed window: no new series may start on that token (refresher: grace_window_missed).
 SERIES_GOES_ON_SQL: Final = (
-    "(attempt_version = :version AND attempt_started_at >= :keep_since"
+    "(CAST(:keep_since AS DOUBLE PRECISION) IS NOT NULL AND attempt_version = :version"
+    " AND attempt_started_at >= :keep_since"
     " AND attempt_sends > coalesce(attempt_settled, 0))"
 )
 # begin_attempt's SET clause for the journal, the same in both dialects.
@@ -186,7 +188,8 @@ JOURNAL_SEND_SQL: Final = (
     " attempt_version = :version, attempt_owner = :owner,"
 )
 SERIES_MISSED_SQL: Final = (
-    "coalesce(attempt_version = :version AND attempt_started_at < :keep_since"
+    "coalesce(CAST(:keep_since AS DOUBLE PRECISION) IS NOT NULL AND attempt_version = :version"
+    " AND attempt_started_at < :keep_since"
     " AND attempt_sends > coalesce(attempt_settled, 0), false)"
 )
 HOOK_DELIVERY_COLUMNS: tuple[str, ...] = (
@@ -310,7 +313,13 @@ class TokenStore(Protocol):
 
     # ---- the refresh itself -------------------------------------------------------------
     async def begin_attempt(
-        self, token_set_id: str, *, owner: str, version: int, now: float, keep_since: float
+        self,
+        token_set_id: str,
+        *,
+        owner: str,
+        version: int,
+        now: float,
+        keep_since: float | None,
     ) -> Attempt | None: ...
     async def settle_send(self, token_set_id: str, *, version: int, started_at: float) -> None: ...
     async def save_grant(

@@ -1029,11 +1029,40 @@ async def test_begin_attempt_journals_and_continues_a_series(
     assert second == Attempt(version=1, started_at=NOW, owner=ME, sends=2)
     assert (await store.get("a")).attempt == second  # type: ignore[union-attr]
 
-    # the window has closed: a new series
-    third = await store.begin_attempt(
-        "a", owner=ME, version=1, now=NOW + 40, keep_since=NOW + 40 - 29
+    # the window has closed with sends the IdP may have processed: a missed window, and no
+    # new series may start on that token
+    kw: dict[str, Any] = {"owner": ME, "version": 1, "now": NOW + 40, "keep_since": NOW + 40 - 29}
+    assert await store.begin_attempt("a", **kw) is None
+    assert (await store.get("a")).attempt == second  # type: ignore[union-attr]
+
+    # once both sends are settled (answers proving the IdP did not process them), the series
+    # consumed nothing: a new one starts
+    await store.settle_send("a", version=1, started_at=NOW)
+    assert (await store.get("a")).attempt == Attempt(  # type: ignore[union-attr]
+        version=1, started_at=NOW, owner=ME, sends=2, settled=1
     )
-    assert third == Attempt(version=1, started_at=NOW + 40, owner=ME, sends=1)
+    assert await store.begin_attempt("a", **kw) is None  # one still unsettled
+    await store.settle_send("a", version=1, started_at=NOW)
+    await store.settle_send("a", version=1, started_at=NOW)  # never past the sends
+    assert (await raw.row("a"))["attempt_settled"] == 2
+    third = await store.begin_attempt("a", **kw)
+    assert third == Attempt(version=1, started_at=NOW + 40, owner=ME, sends=1, settled=0)
+
+
+@pytest.mark.anyio
+async def test_a_settled_series_inside_its_window_starts_afresh(store: TokenStore) -> None:
+    """Every send settled: the IdP never saw the token, so its window has not begun either."""
+    await store.add(new("a"), now=NOW)
+    await leased(store, "a")
+    await store.begin_attempt("a", owner=ME, version=1, now=NOW, keep_since=NOW - 29)
+    await store.settle_send("a", version=1, started_at=NOW)
+    again = await store.begin_attempt(
+        "a", owner=ME, version=1, now=NOW + 2, keep_since=NOW + 2 - 29
+    )
+    assert again == Attempt(version=1, started_at=NOW + 2, owner=ME, sends=1)
+    # a settle keyed on the old series does not touch the new one
+    await store.settle_send("a", version=1, started_at=NOW)
+    assert (await store.get("a")).attempt == again  # type: ignore[union-attr]
 
 
 @pytest.mark.anyio
@@ -1043,9 +1072,7 @@ async def test_begin_attempt_without_a_grace_window_always_starts_a_series(
     await store.add(new("a"), now=NOW)
     await leased(store, "a")
     for i in range(3):
-        attempt = await store.begin_attempt(
-            "a", owner=ME, version=1, now=NOW + i, keep_since=float("inf")
-        )
+        attempt = await store.begin_attempt("a", owner=ME, version=1, now=NOW + i, keep_since=None)
         assert attempt == Attempt(version=1, started_at=NOW + i, owner=ME, sends=1)
 
 
