@@ -396,7 +396,8 @@ def decide(failure: Failure, ctx: FailureContext, cfg: ScheduleConfig, rand: flo
     if maybe_consumed:
         if window_open and budget_left:
             if kind is FailureKind.RATE_LIMITED and failure.retry_after is not None:
-                return in_window(ctx.now + max(failure.retry_after, 0.0))
+                # As told, but never sooner than the spacing ("Retry-After: 0" is no loop).
+                return in_window(ctx.now + max(failure.retry_after, spacing))
             return in_window(ctx.now + spacing)
         return Invalidate(reason=GRACE_WINDOW_MISSED)
     # Nothing of the series can have been processed: the token is as good as before.

@@ -635,6 +635,11 @@ class Refresher:
             return await self._persist(ts, eff, end, sends=series.attempt.sends)
         failure, decision = end
         assert series.attempt is not None
+        if (
+            isinstance(decision, policy.Invalidate)
+            and decision.reason == policy.GRACE_WINDOW_MISSED
+        ):
+            return await self._missed(ts, series.attempt, last=failure)
         return await self._record(ts, failure, decision, series.attempt)
 
     # ---- outcomes ----------------------------------------------------------------------------
@@ -827,7 +832,9 @@ class Refresher:
             return RefreshResult("invalidated", token_set=current, reason=current.invalid_reason)
         return RefreshResult("lease_lost", token_set=current, reason="lease_lost")
 
-    async def _missed(self, ts: TokenSet, attempt: Attempt) -> RefreshResult:
+    async def _missed(
+        self, ts: TokenSet, attempt: Attempt, *, last: Failure | None = None
+    ) -> RefreshResult:
         """The series' grace window closed without a stored grant while a send of it may have
         been processed. The token is not sent again (docs/reliability.md, "A missed window"):
         the set is invalidated as refresherd's loss, not as the customer's revocation."""
@@ -836,6 +843,8 @@ class Refresher:
             f"a stored grant after {attempt.sends} send(s), {attempt.unsettled} of which the "
             "IdP may have processed; the token is not sent again"
         )
+        if last is not None:
+            detail += f" (last answer: {last.reason}: {last.detail})"
         log.error(
             "grace window missed",
             token_set=ts.id,
@@ -843,6 +852,7 @@ class Refresher:
             series_started_at=rfc3339(attempt.started_at),
             sends=attempt.sends,
             unsettled=attempt.unsettled,
+            last_answer=last.reason if last is not None else None,
         )
         failure = Failure(FailureKind.AMBIGUOUS, policy.GRACE_WINDOW_MISSED, detail)
         return await self._record(
