@@ -1147,7 +1147,9 @@ class _Series:
         last = closes_at - policy.LAST_SEND_LEAD
         if now >= last:
             return None
-        return min(now + policy.hedge_after(self.grace, latency), last)
+        # Each further hedge waits twice as long: a stalled IdP is raced, not flooded.
+        wait = policy.hedge_after(self.grace, latency) * 2.0 ** max(self.in_flight - 1, 0)
+        return min(now + wait, last)
 
     async def _journal(self, now: float) -> Attempt | RefreshResult | None:
         """Commit the send to the journal before it leaves; None if the store refused it."""
