@@ -440,7 +440,10 @@ class TokenEndpoint:
     def _failure(
         status: int, headers: Mapping[str, str], body: bytes, secrets: tuple[Secret, ...]
     ) -> EndpointError:
-        if status == 429 or (status == 503 and headers.get("retry-after") is not None):
+        # 503 says the server could not handle the request (RFC 9110 15.6.4): not processed,
+        # with or without Retry-After, as 429 is. 502/504 come from a gateway whose upstream
+        # may have processed it, so they stay ambiguous.
+        if status in (429, 503):
             retry_after = parse_retry_after(headers.get("retry-after"))
             return RateLimited(
                 "rate_limited", f"HTTP {status}", status=status, retry_after=retry_after

@@ -852,8 +852,8 @@ async def test_idp_echoing_the_presented_token_in_its_error_does_not_leak_it() -
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("status", [502, 504, 503])
-async def test_other_5xx_without_retry_after_are_ambiguous(status: int) -> None:
+@pytest.mark.parametrize("status", [500, 502, 504])
+async def test_other_5xx_are_ambiguous(status: int) -> None:
     exc, _ = await raw_refresh_error(canned(http_response(status, b"", content_type=None)))
     assert isinstance(exc, Ambiguous)
     assert exc.failure.reason == "server_error"
@@ -861,8 +861,9 @@ async def test_other_5xx_without_retry_after_are_ambiguous(status: int) -> None:
 
 
 @pytest.mark.anyio
-async def test_429_without_retry_after_is_rate_limited_without_a_delay() -> None:
-    exc, _ = await raw_refresh_error(canned(http_response(429, b"", content_type=None)))
+@pytest.mark.parametrize("status", [429, 503])
+async def test_429_and_503_without_retry_after_are_not_processed(status: int) -> None:
+    exc, _ = await raw_refresh_error(canned(http_response(status, b"", content_type=None)))
     assert isinstance(exc, RateLimited)
     assert exc.failure.retry_after is None
 
