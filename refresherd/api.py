@@ -28,7 +28,7 @@ from refresherd import policy
 from refresherd.config import ApiConfig, ProviderConfig
 from refresherd.endpoint import ClientRejected, EndpointError, InvalidGrant, TokenEndpoint
 from refresherd.intake import token_set_from_json
-from refresherd.logs import get_logger
+from refresherd.logs import exception_fields, get_logger
 from refresherd.model import Secret, State, TokenSet, rfc3339, validate_token_set_id
 from refresherd.refresher import Clock, Refresher
 from refresherd.server import JSON, error
@@ -438,9 +438,21 @@ class TokenApi:
             )
         # The provider's answer is waited for (bounded by its request_timeout), so that every
         # refusal reaches the client; storing it, only for wait_timeout.
-        await job.exchanged.wait()
-        with anyio.move_on_after(self.config.wait_timeout):
-            await job.done.wait()
+        job.waiting = True
+        try:
+            await job.exchanged.wait()
+            with anyio.move_on_after(self.config.wait_timeout):
+                await job.done.wait()
+        except BaseException:
+            if job.error is not None:  # it failed, for us to say, and we are cancelled
+                _log_exchange_failure(job, job.error)
+            raise
+        finally:
+            job.waiting = False
+        if job.error is not None:
+            # An unexpected error of the exchange fails this request: logged once, as every
+            # handler's is (server.HandlerFailures), with the request's secrets scrubbed.
+            raise job.error
         if job.answer is not None:
             return job.answer
         return JSON(
@@ -473,10 +485,13 @@ class TokenApi:
         try:
             with anyio.CancelScope(shield=True):
                 job.answer = await self._exchange_and_store(job)
+        except Exception as exc:
+            if job.waiting:
+                job.error = exc  # the request raises it
+            else:
+                _log_exchange_failure(job, exc)
         finally:
             self._exchanging.discard(job.id)
-            if job.answer is None:
-                job.answer = error(500, "internal_error", "the exchange failed unexpectedly")
             job.exchanged.set()
             job.done.set()
 
@@ -585,9 +600,24 @@ class _Exchange:
     redirect_uri: str
     verifier: Secret | None
     answer: Response | None = None
+    # An unexpected error, for the request that waits to raise.
+    error: Exception | None = None
+    # Whether the request still waits for the answer.
+    waiting: bool = False
     # Set once the provider has answered (and the grant is being stored), then when done.
     exchanged: anyio.Event = field(default_factory=anyio.Event)
     done: anyio.Event = field(default_factory=anyio.Event)
+
+
+def _log_exchange_failure(job: _Exchange, exc: Exception) -> None:
+    """An unexpected error of an exchange no request waits for any more."""
+    secrets = [job.code.reveal(), job.verifier.reveal() if job.verifier else ""]
+    log.error(
+        "code exchange failed",
+        token_set=job.id,
+        provider=job.provider.name,
+        **exception_fields(exc, secrets),
+    )
 
 
 async def _json_body(request: Request) -> dict[str, Any] | Response:

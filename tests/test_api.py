@@ -607,3 +607,50 @@ def test_a_second_exchange_of_an_id_in_progress_is_refused_before_its_code_is_sp
     assert handle.ledger.code_exchanges == 1
     response = client.request("POST", "/v1/tokens/bob-2/exchange", json=exchange_body(second))
     assert response.status_code == 201, response.text
+
+
+def test_a_handler_that_fails_unexpectedly_answers_json_500_and_logs_one_scrubbed_line(
+    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons
+) -> None:
+    """A real bug path: a lone surrogate in the code passes the API's checks and the JSON
+    parser, then cannot be form-encoded for the IdP (UnicodeEncodeError). It used to be a bare
+    text 500 and nothing in the log (Hypercorn's error log is off). Now: the API's JSON error
+    shape, one line naming the route and the exception with its traceback, a count, and no
+    bearer, code or verifier in the line. The code is not spent and the id is free again."""
+    handle, daemon, client, _config = start(tmp_path, idp_factory, daemons)
+    verifier = "verifier-" + os.urandom(16).hex()
+    LEAKS.add_secret(verifier)
+    code = handle.idp.authorize("bob", redirect_uri=REDIRECT, code_challenge=_s256(verifier))
+    body = json.dumps({**exchange_body(code + "\ud800"), "code_verifier": verifier})
+    response = client.request("POST", "/v1/tokens/bob/exchange", content=body.encode())
+    assert response.status_code == 500
+    assert response.headers["content-type"] == "application/json"
+    assert response.json()["error"] == "internal_error"
+    [line] = daemon.wait_for_event("api handler failed")
+    assert line["level"] == "error"
+    assert (line["method"], line["route"], line["token_set"]) == (
+        "POST",
+        "/v1/tokens/{id}/exchange",
+        "bob",
+    )
+    assert line["error"].startswith("UnicodeEncodeError:"), line["error"]
+    assert "Traceback" in line["exception"] and "exchange_code" in line["exception"]
+    bearer = client.headers["Authorization"].removeprefix("Bearer ")
+    for secret in (bearer, code, verifier):
+        assert secret not in json.dumps(line)
+    assert (
+        metric(
+            daemon.metrics(),
+            "refresherd_http_internal_errors_total",
+            route="/v1/tokens/{id}/exchange",
+        )
+        == 1
+    )
+    assert handle.ledger.code_exchanges == 0
+    response = client.request(
+        "POST",
+        "/v1/tokens/bob/exchange",
+        json={**exchange_body(code), "code_verifier": verifier},
+    )
+    assert response.status_code == 201, response.text
+    assert len(daemon.events("api handler failed")) == 1
