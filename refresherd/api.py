@@ -9,10 +9,12 @@ code (see ``openapi.json``). No token value is ever logged.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import json
 import random
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Final
 
@@ -23,10 +25,10 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from refresherd import policy
-from refresherd.config import ApiConfig
-from refresherd.endpoint import ClientRejected, EndpointError, InvalidGrant
+from refresherd.config import ApiConfig, ProviderConfig
+from refresherd.endpoint import ClientRejected, EndpointError, InvalidGrant, TokenEndpoint
 from refresherd.intake import token_set_from_json
-from refresherd.logs import get_logger
+from refresherd.logs import exception_fields, get_logger
 from refresherd.model import Secret, State, TokenSet, rfc3339, validate_token_set_id
 from refresherd.refresher import Clock, Refresher
 from refresherd.server import JSON, error
@@ -133,6 +135,8 @@ class TokenApi:
         self.clock = clock
         self.wake = wake
         self.rng = rng or random.Random()
+        # Ids with a code exchange under way here, from its check to its insert.
+        self._exchanging: set[str] = set()
 
     def routes(self) -> list[BaseRoute]:
         return [
@@ -259,6 +263,8 @@ class TokenApi:
             return _invalid("id and provider are required strings")
         if provider not in self.refresher.providers:
             return _unknown_provider(provider, self.refresher.providers)
+        if (busy := self._busy(token_set_id)) is not None:
+            return busy
         now = self.clock.wall()
         try:
             new = self._new_token_set(data, token_set_id, provider, now)
@@ -386,24 +392,123 @@ class TokenApi:
         endpoint = self.refresher.endpoints.get(provider_name)
         if provider is None or endpoint is None:
             return _unknown_provider(provider_name, self.refresher.providers)
+        # Everything that can refuse the exchange does so before the code is spent: a code is
+        # good only once.
+        if (busy := self._busy(token_set_id)) is not None:
+            return busy
+        if self.refresher.storage.paused:
+            # The grant would only be held in memory until the database takes writes again.
+            return error(
+                503,
+                "storage_unavailable",
+                "the database refuses writes; the code is not spent, try again later",
+            )
+        job = _Exchange(
+            id=token_set_id,
+            provider=provider,
+            endpoint=endpoint,
+            code=Secret(code),
+            redirect_uri=redirect_uri,
+            verifier=Secret(verifier) if isinstance(verifier, str) else None,
+        )
+        # Reserved from the check to the insert, so a second exchange of this id here (a double
+        # submit) is refused before its code is spent; the job releases it when it ends.
+        self._exchanging.add(token_set_id)
+        started = False
         try:
-            if await self.store.get(token_set_id) is not None:
-                # Checked before the code is spent: a code is good only once.
-                return _exists(token_set_id)
-        except StoreError:
-            return _storage_unavailable()
+            try:
+                if await self.store.get(token_set_id) is not None:
+                    return _exists(token_set_id)
+            except StoreError:
+                return _storage_unavailable()
+            # The exchange and the insert run where the request cannot cancel them: a client
+            # that disconnects once the code is spent must not cost the grant.
+            started = self.refresher.detach(
+                functools.partial(self._run_exchange, job), name=f"exchange {token_set_id}"
+            )
+        finally:
+            if not started:
+                self._exchanging.discard(token_set_id)
+        if not started:
+            return error(
+                503,
+                "provider_unavailable",
+                "refresherd is shutting down; the code is not spent, try again",
+                reason="shutdown",
+            )
+        # The provider's answer is waited for (bounded by its request_timeout), so that every
+        # refusal reaches the client; storing it, only for wait_timeout.
+        job.waiting = True
         try:
-            grant = await endpoint.exchange_code(
-                Secret(code),
-                redirect_uri=redirect_uri,
-                code_verifier=Secret(verifier) if isinstance(verifier, str) else None,
-                timeout=provider.request_timeout,
+            await job.exchanged.wait()
+            with anyio.move_on_after(self.config.wait_timeout):
+                await job.done.wait()
+        except BaseException:
+            if job.error is not None:  # it failed, for us to say, and we are cancelled
+                _log_exchange_failure(job, job.error)
+            raise
+        finally:
+            job.waiting = False
+        if job.error is not None:
+            # An unexpected error of the exchange fails this request: logged once, as every
+            # handler's is (server.HandlerFailures), with the request's secrets scrubbed.
+            raise job.error
+        if job.answer is not None:
+            return job.answer
+        return JSON(
+            {
+                "id": token_set_id,
+                "provider": provider_name,
+                "held": True,
+                "message": "the provider issued the grant; the database has not taken it yet, "
+                "so refresherd holds it in memory and keeps trying (refresherd_unpersisted_grants)"
+                ". GET /v1/tokens/{id} answers 404 until it is stored. The code is spent: do "
+                "not send it again.",
+            },
+            202,
+        )
+
+    def _busy(self, token_set_id: str) -> Response | None:
+        if token_set_id not in self._exchanging:
+            return None
+        return error(
+            409,
+            "busy",
+            f"an authorization code exchange for {token_set_id!r} is in progress (its grant may "
+            "be held until the database takes it); nothing was done",
+        )
+
+    async def _run_exchange(self, job: _Exchange) -> None:
+        """In the refresher's flight group (Refresher.detach): exchange the code, store the
+        grant, put the answer in ``job``. Shielded: shutdown waits for it, bounded by the
+        provider's request_timeout and the hold of the grant (refresher.PERSIST_DEADLINE)."""
+        try:
+            with anyio.CancelScope(shield=True):
+                job.answer = await self._exchange_and_store(job)
+        except Exception as exc:
+            if job.waiting:
+                job.error = exc  # the request raises it
+            else:
+                _log_exchange_failure(job, exc)
+        finally:
+            self._exchanging.discard(job.id)
+            job.exchanged.set()
+            job.done.set()
+
+    async def _exchange_and_store(self, job: _Exchange) -> Response:
+        provider_name = job.provider.name
+        try:
+            grant = await job.endpoint.exchange_code(
+                job.code,
+                redirect_uri=job.redirect_uri,
+                code_verifier=job.verifier,
+                timeout=job.provider.request_timeout,
             )
         except EndpointError as exc:
             failure = exc.failure
             log.warning(
                 "authorization code exchange failed",
-                token_set=token_set_id,
+                token_set=job.id,
                 provider=provider_name,
                 reason=failure.reason,
                 detail=failure.detail,
@@ -441,30 +546,77 @@ class TokenApi:
             response["refresh_token_expires_in"] = grant.refresh_expires_in
         now = self.clock.wall()
         try:
-            new = self._new_token_set(response, token_set_id, provider_name, now)
+            new = self._new_token_set(response, job.id, provider_name, now)
         except ValueError as exc:
             return error(502, "exchange_refused", f"the provider's token response: {exc}")
-        if (refused := await self._add(new, now, via="exchange")) is not None:
-            return refused
-        body = summary_json(new.id, provider_name, new.next_refresh_at)
-        body.update(token_json(_as_token_set(new, now), now))
+        job.exchanged.set()
+        try:
+            stored = await self.refresher.add_granted(new, now=now)
+        except StoreError:
+            # Held for as long as a running daemon could (refresher.add_granted): lost, said so.
+            return error(
+                503,
+                "storage_unavailable",
+                "the database refused the new token set for too long; the code is spent: the "
+                "customer must authorize again",
+            )
+        if stored is None:
+            # Another set of this id was added between our check and our insert (another
+            # daemon on this database, `tokens add`): it is as new as ours and may be in use
+            # already, so it is kept, and ours is not stored. Nor is ours revoked: at IdPs that
+            # revoke a user's whole grant or session with any one of its tokens (Google's
+            # consent, Keycloak's client sessions), that would kill the kept set too, and one
+            # id most likely means one user. Unused, ours lives out its own lifetime at the IdP,
+            # like the spare token of a rotation whose answer was lost. Not silently: the client
+            # and the log are told.
+            log.warning(
+                "exchanged grant discarded: a token set with this id was added meanwhile; its "
+                "refresh token stays live at the provider, unused, until it expires",
+                token_set=job.id,
+                provider=provider_name,
+            )
+            return error(
+                409,
+                "exists",
+                f"token set {job.id!r} was added by someone else while the code was exchanged; "
+                "that set is kept and the new grant discarded (the code is spent)",
+                grant_discarded=True,
+            )
+        self.wake()
+        log.info("token set registered", token_set=job.id, provider=provider_name, via="exchange")
+        body = summary_json(stored.id, provider_name, stored.next_refresh_at)
+        body.update(token_json(stored, now))
         return JSON(body, 201)
 
 
-def _as_token_set(new: NewTokenSet, now: float) -> TokenSet:
-    return TokenSet(
-        id=new.id,
-        provider=new.provider,
-        refresh_token=new.refresh_token,
-        access_token=new.access_token,
-        expires_at=new.expires_at,
-        state=State.ACTIVE,
-        version=1,
-        next_refresh_at=new.next_refresh_at,
-        created_at=now,
-        updated_at=now,
-        token_type=new.token_type,
-        scope=new.scope,
+@dataclass(slots=True)
+class _Exchange:
+    """One code exchange, from the request that asked for it to the task that runs it."""
+
+    id: str
+    provider: ProviderConfig
+    endpoint: TokenEndpoint
+    code: Secret
+    redirect_uri: str
+    verifier: Secret | None
+    answer: Response | None = None
+    # An unexpected error, for the request that waits to raise.
+    error: Exception | None = None
+    # Whether the request still waits for the answer.
+    waiting: bool = False
+    # Set once the provider has answered (and the grant is being stored), then when done.
+    exchanged: anyio.Event = field(default_factory=anyio.Event)
+    done: anyio.Event = field(default_factory=anyio.Event)
+
+
+def _log_exchange_failure(job: _Exchange, exc: Exception) -> None:
+    """An unexpected error of an exchange no request waits for any more."""
+    secrets = [job.code.reveal(), job.verifier.reveal() if job.verifier else ""]
+    log.error(
+        "code exchange failed",
+        token_set=job.id,
+        provider=job.provider.name,
+        **exception_fields(exc, secrets),
     )
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import MutableMapping
+import traceback
+from collections.abc import Iterable, MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -42,6 +43,26 @@ def redact_secrets(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableM
         if isinstance(value, Secret) or key.lower() in _SECRET_KEYS:
             event[key] = REDACTED
     return event
+
+
+def scrub(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with every occurrence of each of ``secrets`` replaced, longest first."""
+    for secret in sorted({s for s in secrets if s}, key=len, reverse=True):
+        text = text.replace(secret, REDACTED)
+    return text
+
+
+def exception_fields(exc: BaseException, secrets: Iterable[str]) -> dict[str, str]:
+    """``error`` (type and message) and ``exception`` (the traceback) of an unexpected
+    exception, for a log line, with ``secrets`` scrubbed out: a message may quote the value
+    it choked on (``int()``'s does), and for an exception nobody expected, no value was
+    vetted. Frames show source lines, never local values."""
+    secrets = list(secrets)
+    message = "".join(traceback.format_exception_only(exc)).strip()
+    return {
+        "error": scrub(message, secrets),
+        "exception": scrub("".join(traceback.format_exception(exc)), secrets),
+    }
 
 
 def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:

@@ -177,6 +177,13 @@ class Metrics:
             "Worker processes that ended unasked and were started again.",
             registry=r,
         )
+        self.http_internal_errors = Counter(
+            "refresherd_http_internal_errors",
+            "Requests whose handler failed unexpectedly (answered 500 and logged), by route "
+            "template.",
+            ["route"],
+            registry=r,
+        )
         self.ready = Gauge(
             "refresherd_ready",
             "1 while the database and config are usable (what /readyz says).",

@@ -37,7 +37,13 @@ from refresherd.model import (
     rfc3339,
 )
 from refresherd.storage_health import StorageHealth
-from refresherd.store_contract import ClaimRefused, StoreError, TokenStore
+from refresherd.store_contract import (
+    ClaimRefused,
+    NewTokenSet,
+    StoreError,
+    TokenSetExists,
+    TokenStore,
+)
 from refresherd.throttle import Throttles
 
 log = get_logger("refresherd.refresher")
@@ -1016,6 +1022,104 @@ class Refresher:
             log.error("refresh", **fields)
         else:
             log.warning("refresh", **fields)
+
+    # ---- grants from outside a refresh (the token API's code exchange) -----------------------
+
+    def detach(self, work: Callable[[], Awaitable[None]], *, name: str) -> bool:
+        """Run ``work`` in the flight group, where no caller can cancel it (an API client that
+        disconnects does not end it) and shutdown waits for it as for a refresh. Returns False,
+        starting nothing, when there is no flight group: shutdown has begun, or nothing runs
+        :meth:`run`. An error escaping ``work`` is logged here rather than ending every flight.
+        """
+        group = self._flight_group
+        if group is None or self._closed:
+            return False
+
+        async def guarded() -> None:
+            try:
+                await work()
+            except Exception:
+                log.exception("background task failed", task=name)
+
+        group.start_soon(guarded, name=name)
+        return True
+
+    async def add_granted(self, new: NewTokenSet, *, now: float) -> TokenSet | None:
+        """Store a new token set whose grant the IdP has just issued (an exchanged code).
+
+        Its refresh token exists nowhere else and the code that bought it is spent, so a
+        database that refuses it is retried exactly as a refresh's grant is (held, counted in
+        ``unpersisted_grants``, refreshes paused meanwhile) rather than the grant dropped.
+        Returns the set as stored, or None when another set of this id is there already: that
+        one is kept, the caller says what becomes of this grant. Raises StoreError only when
+        the database refused it past PERSIST_DEADLINE once nothing holds grants any more
+        (shutdown, or not a daemon): then the grant is lost, and said so."""
+        mine = _as_stored(new, now)
+
+        async def save() -> TokenSet | None:
+            for _ in range(3):
+                try:
+                    await self.store.add(new, now=now)
+                except TokenSetExists:
+                    current = await self.store.get(new.id)
+                else:
+                    return mine
+                if current is None:
+                    continue  # removed again in between: try once more
+                if current.refresh_token == new.refresh_token:
+                    # Our own insert of an earlier try: committed, its answer lost (a
+                    # connection to PostgreSQL that dropped after the commit).
+                    return current
+                return None
+            return None
+
+        failed: StoreError | None = None
+        try:
+            saved = await save()
+        except StoreError as exc:
+            failed = exc
+        if failed is not None:
+            # Shielded as in _persist: a cancelled caller must not drop the only copy.
+            with anyio.CancelScope(shield=True):
+                saved, stored = await self._persist_retrying(mine, save, failed)
+            if not stored:
+                log.critical(
+                    "exchanged grant not persisted: the database refused it for too long; the "
+                    "authorization code is spent, so the customer must authorize again",
+                    token_set=new.id,
+                    provider=new.provider,
+                    waited=PERSIST_DEADLINE,
+                )
+                raise StoreError(
+                    f"token set {new.id!r}: the database refused the exchanged grant",
+                    reason=failed.reason,
+                )
+        self._storage_ok(via="grant")
+        return saved
+
+
+def _as_stored(new: NewTokenSet, now: float) -> TokenSet:
+    """A new set as :meth:`TokenStore.add` stores it: version 1, active, no lease."""
+    return TokenSet(
+        id=new.id,
+        provider=new.provider,
+        refresh_token=new.refresh_token,
+        access_token=new.access_token,
+        expires_at=new.expires_at,
+        state=State.ACTIVE,
+        version=1,
+        next_refresh_at=new.next_refresh_at,
+        created_at=now,
+        updated_at=now,
+        token_type=new.token_type,
+        scope=new.scope,
+        refresh_expires_at=new.refresh_expires_at,
+        refresh_token_usage=new.refresh_token_usage,
+        grace_period=new.grace_period,
+        refresh_token_lifetime=new.refresh_token_lifetime,
+        refresh_token_idle_lifetime=new.refresh_token_idle_lifetime,
+        refresh_mode=new.refresh_mode,
+    )
 
 
 @dataclass(slots=True)

@@ -8,13 +8,16 @@ installs no signal handlers and ends when the daemon does.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import re
 import socket
 import stat
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import unquote_plus
 
 import anyio
 import anyio.abc
@@ -26,11 +29,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from refresherd.logs import get_logger
+from refresherd.logs import exception_fields, get_logger
 from refresherd.metrics import Metrics
 
 log = get_logger("refresherd.server")
@@ -69,6 +73,101 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = _HTTP_ERRORS.get(exc.status_code, "http_error")
     return JSON({"error": code}, exc.status_code, headers=exc.headers)
+
+
+# Of a request's body, this much is kept for scrubbing a failure's log line: more than any
+# body the API takes (api.MAX_BODY).
+KEPT_BODY: Final = 64 * 1024 + 1
+# A request's values shorter than this are not scrubbed: no token, code or bearer is so short,
+# and replacing short words ("idp") would garble the traceback.
+MIN_SECRET: Final = 8
+# Runs (of MIN_SECRET or more) of characters that are not JSON punctuation or space: every
+# value a body holds, JSON or not.
+_VALUES: Final = re.compile(r'[^\s"{}\[\],:\\]{8,}')
+_SECRET_HEADERS: Final = frozenset({b"authorization", b"proxy-authorization", b"cookie"})
+
+
+class HandlerFailures:
+    """ASGI middleware around every route: an exception escaping a handler becomes one log
+    line, a count (refresherd_http_internal_errors_total) and a JSON 500 in the API's error
+    shape. Without it the failure was silent: Starlette answers a bare 500 and re-raises to
+    Hypercorn, whose error log is off.
+
+    The line names the method and the route template, the exception and its traceback, with
+    every value the request carried that could be a secret (the credentials' headers, the
+    query's and the body's values) scrubbed out: the exception was not expected, so neither
+    was what its message quotes. The body is kept for that, up to KEPT_BODY bytes."""
+
+    def __init__(self, app: ASGIApp, *, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        body = bytearray()
+        started = False
+
+        async def keep() -> Message:
+            message = await receive()
+            if message["type"] == "http.request" and len(body) < KEPT_BODY:
+                body.extend(message.get("body", b"")[: KEPT_BODY - len(body)])
+            return message
+
+        async def watch(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, keep, watch)
+        except ClientDisconnect:
+            return  # the client left while its body was read: nobody to answer, no fault here
+        except Exception as exc:
+            route = getattr(scope.get("route"), "path", None)
+            self.metrics.http_internal_errors.labels(route or "unmatched").inc()
+            path_params = scope.get("path_params") or {}
+            log.error(
+                "api handler failed",
+                method=scope["method"],
+                route=route,
+                token_set=path_params.get("id"),
+                **exception_fields(exc, request_values(scope, bytes(body))),
+            )
+            if not started:
+                response = error(500, "internal_error", "an unexpected error; it has been logged")
+                await response(scope, receive, send)
+
+
+def request_values(scope: Scope, body: bytes) -> set[str]:
+    """Every value of a request that could be a secret, for scrubbing: the credentials'
+    headers (whole, and word by word), the query's values and every value in the body, as
+    written and, where it is JSON, as decoded (escapes resolved)."""
+    found: set[str] = set()
+    for name, value in scope["headers"]:
+        if name.lower() in _SECRET_HEADERS:
+            text = value.decode("latin-1")
+            found.add(text)
+            found.update(text.split())
+    query = scope.get("query_string", b"").decode("latin-1")
+    found.update(unquote_plus(part) for part in re.split("[&=]", query))
+    found.update(_VALUES.findall(body.decode("utf-8", "replace")))
+    with contextlib.suppress(ValueError, RecursionError):  # not JSON: the runs above
+        found.update(_strings(json.loads(body)))
+    return {value for value in found if len(value) >= MIN_SECRET}
+
+
+def _strings(value: object) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
 
 
 def build_app(
@@ -116,9 +215,12 @@ def build_app(
         Route("/readyz", readyz, methods=get),
         *api_routes,
     ]
+    for route in routes:
+        # Every route's series from the start, so that increase() sees a first failure too.
+        metrics.http_internal_errors.labels(getattr(route, "path", "unmatched"))
     return Starlette(
         routes=routes,
-        middleware=list(middleware),
+        middleware=[Middleware(HandlerFailures, metrics=metrics), *middleware],
         exception_handlers={HTTPException: _http_error},
     )
 

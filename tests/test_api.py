@@ -7,6 +7,7 @@ import base64
 import hashlib
 import json
 import os
+import signal
 import stat
 import threading
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from conftest import (
     wait_until,
     write_config,
 )
+from test_storage_faults import HELD, PAUSED, HeldLock
 
 from refresherd.api import openapi_document
 from refresherd.testing import FaultKind
@@ -463,3 +465,192 @@ def test_delete_with_revoke_waits_for_a_refresh_in_flight_and_revokes_its_result
     # The refresh token the rotation minted was the one revoked: nothing is left alive.
     assert handle.ledger.live_refresh_tokens("ts-0000") == set()
     assert "ts-0000" not in read_rows(tmp_path / "tokens.db")
+
+
+# --------------------------------------------------------------------------- code exchange faults
+
+
+def exchange_body(code: str) -> dict[str, object]:
+    return {"provider": PROVIDER, "code": code, "redirect_uri": REDIRECT}
+
+
+def exchange_in_thread(
+    client: Client, token_set_id: str, code: str, *, timeout: float = 60
+) -> tuple[threading.Thread, list[httpx.Response | Exception]]:
+    """POST the exchange from a thread; its answer (or httpx's error) lands in the list."""
+    answers: list[httpx.Response | Exception] = []
+
+    def post() -> None:
+        try:
+            answers.append(
+                client.http.post(
+                    client.base + f"/v1/tokens/{token_set_id}/exchange",
+                    headers=client.headers,
+                    json=exchange_body(code),
+                    timeout=timeout,
+                )
+            )
+        except httpx.HTTPError as exc:
+            answers.append(exc)
+
+    worker = threading.Thread(target=post)
+    worker.start()
+    return worker, answers
+
+
+def test_an_exchanged_grant_the_database_refuses_is_held_and_stored_though_the_client_left(
+    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons
+) -> None:
+    """The IdP issues two grants, and the database refuses both (another process holds the
+    write lock). One client has disconnected, the other waits out wait_timeout: neither grant
+    is dropped. Both are held and counted; meanwhile nothing else spends a code (the same id
+    is busy, the storage pause refuses others); SIGTERM waits for them and stores them."""
+    handle = idp_factory(grace_period=5.0)
+    config, bearer = api_config(tmp_path, handle, api={"wait_timeout": "1s"})
+    daemon = daemons(config)
+    client = Client(daemon, bearer)
+    db = tmp_path / "tokens.db"
+    lock = HeldLock(db)
+    # Each grant is issued at once and answered 3 s later: the lock is taken in between.
+    handle.faults.add(FaultKind.SLOW, times=2, delay=3.0, process_first=True)
+    left, left_answers = exchange_in_thread(
+        client, "bob", handle.idp.authorize("bob", redirect_uri=REDIRECT), timeout=0.5
+    )
+    waited, waited_answers = exchange_in_thread(
+        client, "dave", handle.idp.authorize("dave", redirect_uri=REDIRECT)
+    )
+    try:
+        wait_until(lambda: handle.ledger.code_exchanges == 2, what="both codes to be spent")
+        lock.break_()
+        left.join(timeout=30)
+        [gone] = left_answers
+        assert isinstance(gone, httpx.ReadTimeout), gone  # the client left before the answer
+        daemon.wait_for_event(HELD, token_set="bob")
+        daemon.wait_for_event(HELD, token_set="dave")
+        waited.join(timeout=30)
+        [response] = waited_answers
+        assert isinstance(response, httpx.Response)
+        assert response.status_code == 202, response.text
+        assert response.json()["held"] is True and response.json()["id"] == "dave"
+        assert metric(daemon.metrics(), "refresherd_unpersisted_grants") == 2
+        # Refused before a code is spent: the same id (its grant held), and, while storage
+        # is paused, any other.
+        daemon.wait_for_event(PAUSED)
+        spare = handle.idp.authorize("bob", redirect_uri=REDIRECT)
+        response = client.request("POST", "/v1/tokens/bob/exchange", json=exchange_body(spare))
+        assert (response.status_code, response.json()["error"]) == (409, "busy")
+        response = client.request("POST", "/v1/tokens/erin/exchange", json=exchange_body(spare))
+        assert (response.status_code, response.json()["error"]) == (503, "storage_unavailable")
+        assert handle.ledger.code_exchanges == 2
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait_for_event("shutting down")
+        assert daemon.running()  # the held grants keep the process up
+    finally:
+        lock.repair()
+    assert daemon.wait_exit() == 0
+    assert not [e for e in daemon.lines() if "not persisted" in str(e.get("event"))]
+    rows = read_rows(db)
+    assert set(rows) == {"bob", "dave"}
+    for user in ("bob", "dave"):
+        assert handle.ledger.live_refresh_tokens(user) == {rows[user]["refresh_token"]}
+
+
+def test_an_exchange_whose_id_is_taken_meanwhile_keeps_that_set_and_says_so(
+    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons
+) -> None:
+    """Another process adds the id while the IdP's answer to our exchange is on its way: the
+    other set is kept, and the new grant is not dropped silently: 409 says it was discarded,
+    and so does a log line. It is not revoked (that could revoke the kept set's grant too)."""
+    handle = idp_factory(grace_period=5.0)
+    config, bearer = api_config(tmp_path, handle, revocation_url=handle.idp.revocation_url)
+    daemon = daemons(config)
+    client = Client(daemon, bearer)
+    handle.faults.add(FaultKind.SLOW, delay=3.0, process_first=True)
+    worker, answers = exchange_in_thread(
+        client, "bob", handle.idp.authorize("bob", redirect_uri=REDIRECT)
+    )
+    wait_until(lambda: handle.ledger.code_exchanges == 1, what="the code to be spent")
+    added = {"id": "bob", "provider": PROVIDER, **handle.idp.issue(user="bob")}
+    import_tokens(config, [added])
+    worker.join(timeout=30)
+    [response] = answers
+    assert isinstance(response, httpx.Response)
+    assert (response.status_code, response.json()["error"]) == (409, "exists"), response.text
+    assert response.json()["grant_discarded"] is True
+    [line] = daemon.events(
+        "exchanged grant discarded: a token set with this id was added meanwhile; its refresh "
+        "token stays live at the provider, unused, until it expires",
+        token_set="bob",
+    )
+    assert line["level"] == "warning"
+    assert read_rows(tmp_path / "tokens.db")["bob"]["refresh_token"] == added["refresh_token"]
+    assert handle.ledger.revocations == 0
+    assert len(handle.ledger.live_refresh_tokens("bob")) == 2
+
+
+def test_a_second_exchange_of_an_id_in_progress_is_refused_before_its_code_is_spent(
+    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons
+) -> None:
+    """A double submit: the second exchange of an id whose first is still at the IdP would
+    spend its code for a grant that cannot be stored. It is refused (409 busy) with its code
+    unspent, usable elsewhere."""
+    handle, _daemon, client, _config = start(tmp_path, idp_factory, daemons)
+    first, second = (handle.idp.authorize("bob", redirect_uri=REDIRECT) for _ in range(2))
+    handle.faults.add(FaultKind.SLOW, delay=2.0, process_first=True)
+    worker, answers = exchange_in_thread(client, "bob", first)
+    wait_until(lambda: handle.ledger.code_exchanges == 1, what="the first code to be spent")
+    response = client.request("POST", "/v1/tokens/bob/exchange", json=exchange_body(second))
+    assert (response.status_code, response.json()["error"]) == (409, "busy"), response.text
+    worker.join(timeout=30)
+    [stored] = answers
+    assert isinstance(stored, httpx.Response) and stored.status_code == 201, stored
+    assert handle.ledger.code_exchanges == 1
+    response = client.request("POST", "/v1/tokens/bob-2/exchange", json=exchange_body(second))
+    assert response.status_code == 201, response.text
+
+
+def test_a_handler_that_fails_unexpectedly_answers_json_500_and_logs_one_scrubbed_line(
+    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons
+) -> None:
+    """A real bug path: a lone surrogate in the code passes the API's checks and the JSON
+    parser, then cannot be form-encoded for the IdP (UnicodeEncodeError). It used to be a bare
+    text 500 and nothing in the log (Hypercorn's error log is off). Now: the API's JSON error
+    shape, one line naming the route and the exception with its traceback, a count, and no
+    bearer, code or verifier in the line. The code is not spent and the id is free again."""
+    handle, daemon, client, _config = start(tmp_path, idp_factory, daemons)
+    verifier = "verifier-" + os.urandom(16).hex()
+    LEAKS.add_secret(verifier)
+    code = handle.idp.authorize("bob", redirect_uri=REDIRECT, code_challenge=_s256(verifier))
+    body = json.dumps({**exchange_body(code + "\ud800"), "code_verifier": verifier})
+    response = client.request("POST", "/v1/tokens/bob/exchange", content=body.encode())
+    assert response.status_code == 500
+    assert response.headers["content-type"] == "application/json"
+    assert response.json()["error"] == "internal_error"
+    [line] = daemon.wait_for_event("api handler failed")
+    assert line["level"] == "error"
+    assert (line["method"], line["route"], line["token_set"]) == (
+        "POST",
+        "/v1/tokens/{id}/exchange",
+        "bob",
+    )
+    assert line["error"].startswith("UnicodeEncodeError:"), line["error"]
+    assert "Traceback" in line["exception"] and "exchange_code" in line["exception"]
+    bearer = client.headers["Authorization"].removeprefix("Bearer ")
+    for secret in (bearer, code, verifier):
+        assert secret not in json.dumps(line)
+    assert (
+        metric(
+            daemon.metrics(),
+            "refresherd_http_internal_errors_total",
+            route="/v1/tokens/{id}/exchange",
+        )
+        == 1
+    )
+    assert handle.ledger.code_exchanges == 0
+    response = client.request(
+        "POST",
+        "/v1/tokens/bob/exchange",
+        json={**exchange_body(code), "code_verifier": verifier},
+    )
+    assert response.status_code == 201, response.text
+    assert len(daemon.events("api handler failed")) == 1

@@ -6,7 +6,7 @@ import io
 import json
 import logging
 
-from refresherd import logs
+from refresherd import logs, server
 
 
 class _Writes(io.StringIO):
@@ -35,3 +35,25 @@ def test_each_log_line_is_one_write() -> None:
         "refresh",
         "from the standard library",
     ]
+
+
+def test_an_unexpected_exception_is_logged_without_the_request_values_it_quotes() -> None:
+    """server.HandlerFailures' scrubbing: a message that quotes a value it choked on (int()'s
+    does) loses every value the request carried, header, query and body, JSON or not."""
+    bearer, token, code = "api_" + "b" * 30, "rt_" + "t" * 30, "code_" + "c" * 30
+    scope = {
+        "headers": [(b"authorization", f"Bearer {bearer}".encode()), (b"accept", b"*/*")],
+        "query_string": f"x={code}".encode(),
+    }
+    escaped = json.dumps({"refresh_token": token}).replace("t", "\\u0074")
+    for body in (escaped.encode(), f"not json {token}".encode()):
+        secrets = server.request_values(scope, body)
+        for value in (bearer, token, code):
+            try:
+                int(value)
+            except ValueError as exc:
+                fields = logs.exception_fields(exc, secrets)
+            assert value not in json.dumps(fields), (value, body)
+            expected = "ValueError: invalid literal for int() with base 10: '[redacted]'"
+            assert fields["error"] == expected
+            assert "Traceback" in fields["exception"]
