@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import itertools
 import os
+import re
 import sqlite3
 import time
 from collections import deque
@@ -207,8 +208,14 @@ _STAGING: Final = (
 )
 
 
+# sqlite3 quotes a column's raw text in a decode error ("Could not decode to UTF-8 column 'x'
+# with text '...'"): for a token column that text is a secret, and StoreError messages are logged.
+_QUOTED_TEXT: Final = re.compile(r"with text '.*'", re.DOTALL)
+
+
 def _sqlite_error(path: Path, exc: sqlite3.Error) -> StoreError:
-    return StoreError(f"database {path}: {exc}", reason=classify(exc))
+    message = _QUOTED_TEXT.sub("with text [redacted]", str(exc))
+    return StoreError(f"database {path}: {message}", reason=classify(exc))
 
 
 # Enum lookups by value without EnumType.__call__ (its cost shows at two rows per refresh); a

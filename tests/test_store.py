@@ -1490,3 +1490,23 @@ async def test_hook_queue_claims_retries_and_finishes(store: TokenStore) -> None
     assert await store.pending_hooks() == 0
     assert await store.next_hook_due() is None
     assert await store.claim_hook_deliveries(now=NOW + 1e6, until=NOW + 2e6, limit=10) == []
+
+
+@pytest.mark.anyio
+async def test_a_column_sqlite_cannot_decode_is_not_quoted_in_the_error(tmp_path: Path) -> None:
+    """sqlite3 quotes the raw text of a column it cannot decode; for a token column that is a
+    secret, and StoreError messages reach the log."""
+    store = await Store.open(tmp_path / "t.db")
+    try:
+        await store.add(new("a"), now=NOW)
+        secret = "rt-secret-" + "x" * 20
+        with sqlite3.connect(tmp_path / "t.db") as conn:
+            conn.execute(
+                "UPDATE token_sets SET refresh_token = CAST(? AS TEXT) WHERE id = 'a'",
+                (secret.encode() + b"\xff\xfe",),
+            )
+        with pytest.raises(StoreError) as caught:
+            await store.get("a")
+        assert secret not in str(caught.value) and "[redacted]" in str(caught.value)
+    finally:
+        await store.close()
