@@ -16,6 +16,7 @@ import logging
 import math
 import random
 import socket
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -1215,6 +1216,33 @@ async def test_an_unresolved_journal_outside_the_grace_window_is_a_missed_window
         assert stored.last_error is not None and "after 2 send(s)" in stored.last_error
         [missed] = logs.events("grace window missed", token_set="ts-1")
         assert missed["sends"] == 2 and missed["unsettled"] == 2
+
+
+@pytest.mark.anyio
+async def test_a_store_error_on_an_outcome_path_pauses_storage(
+    tmp_path: Path, logs: LogCapture
+) -> None:
+    """The database refuses the write that records an outcome (here: a set whose provider left
+    the configuration, recorded for a much later look): the refresh ends as storage_error and
+    the storage pause starts, as for any refused write. It used to escape as an exception
+    ("refresh crashed"), with no pause, no metric and the lease left behind."""
+    async with harness(tmp_path) as h:
+        await h.add("orphan", provider="gone")
+        now = time.time()
+        claimed = await h.store.claim("orphan", owner="owner-a", now=now, lease_until=now + 30)
+        assert isinstance(claimed, TokenSet)  # as the scheduler hands it over
+        lock = sqlite3.connect(tmp_path / "tokens.db", isolation_level=None, timeout=30)
+        try:
+            lock.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+            result = await h.refresher.refresh("orphan", claimed=claimed)
+        finally:
+            lock.rollback()
+            lock.close()
+        assert (result.outcome, result.reason) == ("storage_error", "storage_error"), result
+        assert h.refresher.storage.paused
+        assert h.metric("refresherd_storage_pauses_total", reason="locked") == 1
+        assert logs.events("storage refuses writes: refreshes paused until a probe write succeeds")
+        assert not logs.events("refresh crashed")
 
 
 # --------------------------------------------------------------------------- isolation
