@@ -142,7 +142,9 @@ def test_sigterm_to_every_process_at_once_drains_them_all(
     # Every refresh granted at the IdP was persisted: nothing lost, nothing left to recover.
     rows = read_rows(tmp_path / "tokens.db")
     refreshed = [row for row in rows.values() if row["version"] == 2]
-    assert len(refreshed) == idp.ledger.refreshes, (idp.ledger.snapshot(), log)
+    # (A slow send is hedged: its grace re-send is a second grant of the same rotation.)
+    rotations = idp.ledger.refreshes - idp.ledger.reuses_in_grace
+    assert len(refreshed) == rotations, (idp.ledger.snapshot(), log)
     for token_set_id, row in rows.items():
         assert idp.ledger.is_live(row["refresh_token"]), (token_set_id, log)
         assert row["attempt_started_at"] is None and row["lease_owner"] is None, (row, log)
@@ -180,7 +182,9 @@ def test_a_second_signal_to_the_primary_ends_every_process_at_once(
     for row in read_rows(tmp_path / "tokens.db").values():
         assert idp.ledger.is_live(row["refresh_token"])
     ledger = idp.ledger
-    assert ledger.reuses_outside_grace == 0 and ledger.concurrent_uses == 0, ledger.snapshot()
+    # (Overlapping sends of one token are expected here: a slow send is hedged inside its
+    # window, deliberately. What must never happen is a send outside it.)
+    assert ledger.reuses_outside_grace == 0 and ledger.invalid_grants == 0, ledger.snapshot()
 
 
 def test_a_killed_worker_is_started_again_and_the_counts_never_go_down(
