@@ -246,7 +246,15 @@ async def _rekey(config: Config) -> int:
 async def _refresh(config: Config, token_set_id: str) -> int:
     async with open_runtime(config) as rt:
         result = await rt.refresher.refresh(token_set_id)
-    ts = result.token_set
+        # The set as stored now, not as the refresh began: an invalid_grant stored it
+        # invalidated, and "active" would tell the operator the opposite.
+        ts = result.token_set
+        if ts is not None:
+            try:
+                ts = await rt.store.get(token_set_id)
+            except StoreError as exc:
+                print(f"refresherd: cannot read the token set back: {exc}", file=sys.stderr)
+                ts = None
     summary: dict[str, Any] = {"id": token_set_id, "outcome": result.outcome}
     if result.reason:
         summary["reason"] = result.reason

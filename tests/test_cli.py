@@ -404,6 +404,23 @@ def test_refresh_rotates_the_stored_token(setup: Setup) -> None:
     assert proc.returncode == 66 and "nobody" in proc.stderr
 
 
+def test_refresh_of_a_revoked_token_prints_the_state_it_stored(setup: Setup) -> None:
+    """The summary shows the token set as stored after the refresh: a revoked refresh token
+    makes it invalidated, and the line must not say "active"."""
+    response = token_response(setup.idp, "gone")
+    import_tokens(setup.config, [{"id": "gone", "provider": "p", **response}])
+    setup.idp.idp.revoke(str(response["refresh_token"]))
+    proc = setup.cli("refresh", "gone")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert_no_token_values(proc.stdout + proc.stderr, setup.idp)
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["outcome"] != "refreshed" and summary["reason"] == "invalid_grant"
+    row = read_rows(setup.db)["gone"]
+    assert row["state"] == "invalidated"
+    assert summary["state"] == "invalidated"
+    assert setup.idp.ledger.invalid_grants == 1
+
+
 def test_refresh_while_another_process_holds_the_lease_exits_75(
     tmp_path: Path, idp_factory: IdPFactory
 ) -> None:
