@@ -37,6 +37,7 @@ from refresherd.intake import InputError, iter_lines, parse_single
 from refresherd.migrate import MigrateRefused, migrate
 from refresherd.model import Secret, State, TokenSet, rfc3339
 from refresherd.store_contract import (
+    DatabaseMisconfigured,
     Location,
     NewTokenSet,
     StoreError,
@@ -152,7 +153,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         return _fail(str(exc), EX_CONFIG)
     if args.command == "check-config":
-        for warning in config.warnings:
+        warnings = list(config.warnings)
+        if isinstance(config.daemon.database, Path):
+            from refresherd.store import location_problem
+
+            problem = location_problem(config.daemon.database)
+            if problem is not None and problem.for_everyone:
+                return _fail(f"{path}: daemon.database: {problem}", EX_CONFIG)
+            if problem is not None:
+                # Perhaps this user's alone: the daemon may run as another one.
+                warnings.append(f"daemon.database: {problem} (as the user running check-config)")
+        for warning in warnings:
             print(f"refresherd: warning: {warning}", file=sys.stderr)
         print(f"{path}: ok ({len(config.providers)} provider(s))")
         return 0
@@ -180,6 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "rekey":
             return anyio.run(_rekey, config)
         return anyio.run(_tokens, config, args)
+    except DatabaseMisconfigured as exc:
+        return _fail(str(exc), EX_CONFIG)
     except StoreError as exc:
         return _fail(str(exc), EX_FAILURE)
     except DiscoveryError as exc:

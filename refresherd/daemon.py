@@ -25,7 +25,14 @@ from starlette.routing import BaseRoute
 
 from refresherd import logs
 from refresherd.api import BearerAuth, TokenApi
-from refresherd.config import Config, ConfigError, ProviderConfig, load_config, share_problem
+from refresherd.config import (
+    EX_CONFIG,
+    Config,
+    ConfigError,
+    ProviderConfig,
+    load_config,
+    share_problem,
+)
 from refresherd.discovery import EX_UNAVAILABLE, DiscoveryError, resolve_providers
 from refresherd.encryption import cipher_for
 from refresherd.endpoint import TokenEndpoint
@@ -45,7 +52,7 @@ from refresherd.scheduler import Scheduler
 from refresherd.sdnotify import Notifier
 from refresherd.server import bind_socket, bind_unix_socket, build_app, serve
 from refresherd.storage_health import StorageReason
-from refresherd.store_contract import StoreError, TokenStore, open_store
+from refresherd.store_contract import DatabaseMisconfigured, StoreError, TokenStore, open_store
 from refresherd.worker_metrics import merged_registry
 from refresherd.workers import (
     WorkerPool,
@@ -223,6 +230,11 @@ class Daemon:
             async with open_runtime(config, clock=self.clock) as rt:
                 self._rt = rt
                 return await self._run(rt, sockets)
+        except DatabaseMisconfigured as exc:
+            # Where the config puts the database cannot work: a restart would fail the same
+            # way, so exit EX_CONFIG, which systemd does not restart (RestartPreventExitStatus).
+            log.error("cannot use the database", error=str(exc), exit_code=EX_CONFIG)
+            return EX_CONFIG
         except StoreError as exc:
             log.error("cannot use the database", error=str(exc))
             return 1
