@@ -13,6 +13,7 @@ import socket
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Final
 
@@ -39,7 +40,7 @@ from refresherd.endpoint import TokenEndpoint
 from refresherd.expiry import ExpiryWatcher
 from refresherd.hooks import Hooks
 from refresherd.intake import MAX_GRACE_PERIOD
-from refresherd.metrics import INVALIDATION_REASONS, Metrics
+from refresherd.metrics import BACKGROUND_TASKS, INVALIDATION_REASONS, Metrics
 from refresherd.model import State, TokenSet, rfc3339
 from refresherd.refresher import (
     PERSIST_DEADLINE,
@@ -53,6 +54,7 @@ from refresherd.sdnotify import Notifier
 from refresherd.server import bind_socket, bind_unix_socket, build_app, serve
 from refresherd.storage_health import StorageReason
 from refresherd.store_contract import DatabaseMisconfigured, StoreError, TokenStore, open_store
+from refresherd.supervisor import supervise
 from refresherd.worker_metrics import merged_registry
 from refresherd.workers import (
     WorkerPool,
@@ -295,8 +297,11 @@ class Daemon:
             if self.worker is None:
                 # The whole database's gauges and expiry (after the hooks, which it may
                 # notify): the primary's job alone.
-                tg.start_soon(self._gauges, rt)
-                tg.start_soon(self._expiry_watcher(rt).run)
+                # Supervised (as the hook dispatcher): a fault of theirs must not end the daemon.
+                gauges = partial(self._gauges, rt)
+                tg.start_soon(partial(supervise, "gauges", gauges, metrics=rt.metrics))
+                expiry = self._expiry_watcher(rt).run
+                tg.start_soon(partial(supervise, "expiry", expiry, metrics=rt.metrics))
             else:
                 tg.start_soon(publish_snapshots, rt.metrics)
                 tg.start_soon(self._stop_with_primary)
@@ -343,7 +348,7 @@ class Daemon:
     async def _notify(hooks: Hooks) -> None:
         """The hook dispatcher; cancelled at shutdown, its queue kept in the database."""
         try:
-            await hooks.run()
+            await supervise("hooks", hooks.run, metrics=hooks.metrics)
         finally:
             with anyio.CancelScope(shield=True):
                 await hooks.aclose()
@@ -578,6 +583,8 @@ class Daemon:
             rt.metrics.storage_pauses.labels(reason.value)
         for result in ("ok", "failed"):
             rt.metrics.storage_probes.labels(result)
+        for task in BACKGROUND_TASKS:
+            rt.metrics.background_task_failures.labels(task)
 
     def _expiry_watcher(self, rt: Runtime) -> ExpiryWatcher:
         hooks = self.hooks
