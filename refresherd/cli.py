@@ -37,6 +37,7 @@ from refresherd.intake import InputError, iter_lines, parse_single
 from refresherd.migrate import MigrateRefused, migrate
 from refresherd.model import Secret, State, TokenSet, rfc3339
 from refresherd.store_contract import (
+    DatabaseMisconfigured,
     Location,
     NewTokenSet,
     StoreError,
@@ -152,7 +153,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         return _fail(str(exc), EX_CONFIG)
     if args.command == "check-config":
-        for warning in config.warnings:
+        warnings = list(config.warnings)
+        if isinstance(config.daemon.database, Path):
+            from refresherd.store import location_problem
+
+            problem = location_problem(config.daemon.database)
+            if problem is not None and problem.for_everyone:
+                return _fail(f"{path}: daemon.database: {problem}", EX_CONFIG)
+            if problem is not None:
+                # Perhaps this user's alone: the daemon may run as another one.
+                warnings.append(f"daemon.database: {problem} (as the user running check-config)")
+        for warning in warnings:
             print(f"refresherd: warning: {warning}", file=sys.stderr)
         print(f"{path}: ok ({len(config.providers)} provider(s))")
         return 0
@@ -180,6 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "rekey":
             return anyio.run(_rekey, config)
         return anyio.run(_tokens, config, args)
+    except DatabaseMisconfigured as exc:
+        return _fail(str(exc), EX_CONFIG)
     except StoreError as exc:
         return _fail(str(exc), EX_FAILURE)
     except DiscoveryError as exc:
@@ -246,7 +259,15 @@ async def _rekey(config: Config) -> int:
 async def _refresh(config: Config, token_set_id: str) -> int:
     async with open_runtime(config) as rt:
         result = await rt.refresher.refresh(token_set_id)
-    ts = result.token_set
+        # The set as stored now, not as the refresh began: an invalid_grant stored it
+        # invalidated, and "active" would tell the operator the opposite.
+        ts = result.token_set
+        if ts is not None:
+            try:
+                ts = await rt.store.get(token_set_id)
+            except StoreError as exc:
+                print(f"refresherd: cannot read the token set back: {exc}", file=sys.stderr)
+                ts = None
     summary: dict[str, Any] = {"id": token_set_id, "outcome": result.outcome}
     if result.reason:
         summary["reason"] = result.reason

@@ -1187,12 +1187,19 @@ class _Table:
         return seconds
 
 
+def did_you_mean(name: str, allowed: Sequence[str], *, cutoff: float = 0.6) -> str | None:
+    """The one name in ``allowed`` that ``name`` most likely misspells, or None. A higher
+    ``cutoff`` (up to 1) asks for a closer likeness (difflib's ratio)."""
+    close = difflib.get_close_matches(name, allowed, n=1, cutoff=cutoff)
+    return close[0] if close else None
+
+
 def _unknown_key(name: str, allowed: Sequence[str], hints: Mapping[str, str]) -> str:
     if name in hints:
         return f"unknown key here; did you mean to put it under [{hints[name]}]?"
-    close = difflib.get_close_matches(name, allowed, n=1)
-    if close:
-        return f'unknown key; did you mean "{close[0]}"?'
+    close = did_you_mean(name, allowed)
+    if close is not None:
+        return f'unknown key; did you mean "{close}"?'
     return "unknown key; expected one of " + ", ".join(allowed)
 
 

@@ -13,6 +13,7 @@ import socket
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Final
 
@@ -25,14 +26,21 @@ from starlette.routing import BaseRoute
 
 from refresherd import logs
 from refresherd.api import BearerAuth, TokenApi
-from refresherd.config import Config, ConfigError, ProviderConfig, load_config, share_problem
+from refresherd.config import (
+    EX_CONFIG,
+    Config,
+    ConfigError,
+    ProviderConfig,
+    load_config,
+    share_problem,
+)
 from refresherd.discovery import EX_UNAVAILABLE, DiscoveryError, resolve_providers
 from refresherd.encryption import cipher_for
 from refresherd.endpoint import TokenEndpoint
 from refresherd.expiry import ExpiryWatcher
 from refresherd.hooks import Hooks
 from refresherd.intake import MAX_GRACE_PERIOD
-from refresherd.metrics import INVALIDATION_REASONS, Metrics
+from refresherd.metrics import BACKGROUND_TASKS, INVALIDATION_REASONS, Metrics
 from refresherd.model import State, TokenSet, rfc3339
 from refresherd.refresher import (
     PERSIST_DEADLINE,
@@ -45,7 +53,8 @@ from refresherd.scheduler import Scheduler
 from refresherd.sdnotify import Notifier
 from refresherd.server import bind_socket, bind_unix_socket, build_app, serve
 from refresherd.storage_health import StorageReason
-from refresherd.store_contract import StoreError, TokenStore, open_store
+from refresherd.store_contract import DatabaseMisconfigured, StoreError, TokenStore, open_store
+from refresherd.supervisor import supervise
 from refresherd.worker_metrics import merged_registry
 from refresherd.workers import (
     WorkerPool,
@@ -223,6 +232,11 @@ class Daemon:
             async with open_runtime(config, clock=self.clock) as rt:
                 self._rt = rt
                 return await self._run(rt, sockets)
+        except DatabaseMisconfigured as exc:
+            # Where the config puts the database cannot work: a restart would fail the same
+            # way, so exit EX_CONFIG, which systemd does not restart (RestartPreventExitStatus).
+            log.error("cannot use the database", error=str(exc), exit_code=EX_CONFIG)
+            return EX_CONFIG
         except StoreError as exc:
             log.error("cannot use the database", error=str(exc))
             return 1
@@ -283,8 +297,11 @@ class Daemon:
             if self.worker is None:
                 # The whole database's gauges and expiry (after the hooks, which it may
                 # notify): the primary's job alone.
-                tg.start_soon(self._gauges, rt)
-                tg.start_soon(self._expiry_watcher(rt).run)
+                # Supervised (as the hook dispatcher): a fault of theirs must not end the daemon.
+                gauges = partial(self._gauges, rt)
+                tg.start_soon(partial(supervise, "gauges", gauges, metrics=rt.metrics))
+                expiry = self._expiry_watcher(rt).run
+                tg.start_soon(partial(supervise, "expiry", expiry, metrics=rt.metrics))
             else:
                 tg.start_soon(publish_snapshots, rt.metrics)
                 tg.start_soon(self._stop_with_primary)
@@ -331,7 +348,7 @@ class Daemon:
     async def _notify(hooks: Hooks) -> None:
         """The hook dispatcher; cancelled at shutdown, its queue kept in the database."""
         try:
-            await hooks.run()
+            await supervise("hooks", hooks.run, metrics=hooks.metrics)
         finally:
             with anyio.CancelScope(shield=True):
                 await hooks.aclose()
@@ -566,6 +583,8 @@ class Daemon:
             rt.metrics.storage_pauses.labels(reason.value)
         for result in ("ok", "failed"):
             rt.metrics.storage_probes.labels(result)
+        for task in BACKGROUND_TASKS:
+            rt.metrics.background_task_failures.labels(task)
 
     def _expiry_watcher(self, rt: Runtime) -> ExpiryWatcher:
         hooks = self.hooks

@@ -276,18 +276,21 @@ def _oauth_error(status: int, body: bytes, secrets: tuple[Secret, ...] = ()) -> 
     data = _load_json_object(body) if 400 <= status < 500 else None
     code = data.get("error") if data else None
     description = data.get("error_description") if data else None
-    code_text = _safe_text(code, 60, secrets) if isinstance(code, str) else None
+    # Classified on the raw code, redacted only for the message: a refresh token that happens
+    # to be part of "invalid_grant" ("grant") must not turn a revocation into endless retries.
+    raw_code = code if isinstance(code, str) else None
+    code_text = _safe_text(code, 60, secrets) if raw_code is not None else None
     detail = f"HTTP {status}" + (f" error={code_text}" if code_text else "")
     if isinstance(description, str):
         detail += f" ({_safe_text(description, secrets=secrets)})"
-    if code_text == "invalid_grant":
+    if raw_code == "invalid_grant":
         return InvalidGrant("invalid_grant", detail, status=status)
-    if code_text in ("invalid_client", "unauthorized_client"):
-        return ClientRejected(code_text, detail, status=status)
-    if status == 401 and code_text is None:
+    if raw_code in ("invalid_client", "unauthorized_client"):
+        return ClientRejected(raw_code, detail, status=status)
+    if status == 401 and raw_code is None:
         # A bare 401 from a token endpoint is about client authentication.
         return ClientRejected("invalid_client", detail, status=status)
-    if code_text is not None and 400 <= status < 500:
+    if raw_code is not None and 400 <= status < 500:
         return OAuthError("oauth_error", detail, status=status)
     return OAuthError("http_error", detail, status=status)
 

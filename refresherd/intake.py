@@ -2,7 +2,9 @@
 
 Pure: input is the decoded JSON and ``now``; output is a :class:`NewTokenSet` or a ValueError
 that says which field is wrong. Unknown fields (``id_token``, ``scope`` extras a real IdP sends)
-are ignored, so a token response can be piped in as it came.
+are ignored, so a token response can be piped in as it came; except one that looks like a
+misspelt per-set policy field (``refersh_token_usage``), which is refused with a suggestion:
+ignored, it would leave the set under its provider's policy without a word.
 """
 
 from __future__ import annotations
@@ -10,12 +12,13 @@ from __future__ import annotations
 import enum
 import json
 import math
+import re
 from collections.abc import Iterator, Mapping
 from datetime import datetime
-from typing import IO, Any, NamedTuple, TypeVar
+from typing import IO, Any, Final, NamedTuple, TypeVar
 
 from refresherd import policy
-from refresherd.config import ConfigError, ScheduleConfig, parse_duration
+from refresherd.config import ConfigError, ScheduleConfig, did_you_mean, parse_duration
 from refresherd.model import RefreshMode, RefreshTokenUsage, Secret, validate_token_set_id
 from refresherd.store_contract import NewTokenSet
 
@@ -129,7 +132,50 @@ def _lifetime(data: Mapping[str, Any], key: str) -> float | None:
     return lifetime
 
 
+# The per-set policy fields (SetPolicy), and every other field read here or by the callers.
+POLICY_FIELDS: Final = (
+    "refresh_token_usage",
+    "grace_period",
+    "refresh_token_lifetime",
+    "refresh_token_idle_lifetime",
+    "refresh_mode",
+)
+_KNOWN_FIELDS: Final = frozenset(
+    {
+        *POLICY_FIELDS,
+        "id",
+        "provider",
+        "refresh_token",
+        "access_token",
+        "token_type",
+        "scope",
+        "expires_in",
+        "expires_at",
+        "refresh_token_expires_in",
+        "refresh_expires_in",
+    }
+)
+# How alike a field must be to a policy field to be taken for its misspelling (difflib's
+# ratio; the config file's suggestions use 0.6). Higher than there: a token response carries
+# fields of its own, and x_refresh_token_expires_in (Intuit), 0.71 like refresh_token_lifetime,
+# must pass. A typo of one or two letters scores 0.9 and more.
+_MISSPELT_CUTOFF: Final = 0.85
+
+
+def _refuse_misspelt_policy(data: Mapping[str, Any]) -> None:
+    for key in data:
+        if key in _KNOWN_FIELDS:
+            continue
+        # refreshTokenUsage and refresh-token-usage are the same mistake as a typo.
+        snake = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", key).replace("-", "_").lower()
+        close = did_you_mean(snake, POLICY_FIELDS, cutoff=_MISSPELT_CUTOFF)
+        if close is not None:
+            # The key is echoed: it is a near copy of a public field name, not a value.
+            raise ValueError(f'unknown field "{key}"; did you mean "{close}"?')
+
+
 def _policy(data: Mapping[str, Any]) -> SetPolicy:
+    _refuse_misspelt_policy(data)
     grace = _duration(data, "grace_period")
     if grace is not None and grace > MAX_GRACE_PERIOD:
         raise ValueError("grace_period must be at most 10m")

@@ -15,6 +15,8 @@ DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0
 # The reasons of refresherd_invalidations_total (policy.decide). Their series exist from the
 # start, so that increase() sees the first invalidation after a restart, too.
 INVALIDATION_REASONS: Final = ("invalid_grant", "invalid_grant_after_unresolved_attempt")
+# The background loops refresherd.supervisor keeps running: the task label's values.
+BACKGROUND_TASKS: Final = ("hooks", "expiry", "gauges")
 # With [daemon] workers > 1, each worker process's counters and histograms add to the
 # primary's (refresherd.worker_metrics). These gauges are each process's own state and combine
 # so: the rest describe the whole database and come from the primary alone.
@@ -182,6 +184,14 @@ class Metrics:
             "Requests whose handler failed unexpectedly (answered 500 and logged), by route "
             "template.",
             ["route"],
+            registry=r,
+        )
+        self.background_task_failures = Counter(
+            "refresherd_background_task_failures",
+            "Unexpected failures of a background loop (hooks: notification delivery, expiry: "
+            "the refresh-token expiry watcher, gauges: the database gauges), each logged and "
+            "the loop started again after a backoff.",
+            ["task"],
             registry=r,
         )
         self.ready = Gauge(

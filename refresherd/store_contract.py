@@ -46,6 +46,18 @@ class TokenSetExists(StoreError):
     pass
 
 
+class DatabaseMisconfigured(StoreError):
+    """The database cannot work where the config puts it (its directory is missing or not
+    writable, its path is not a regular file): a restart will not help, so ``run`` exits 78
+    (EX_CONFIG), which systemd does not restart. ``for_everyone`` is false where the cause may
+    be this process's user alone (permissions): ``check-config``, perhaps run by another user
+    than the daemon, only warns about those."""
+
+    def __init__(self, message: str, *, for_everyone: bool = True) -> None:
+        super().__init__(message)
+        self.for_everyone = for_everyone
+
+
 @dataclass(frozen=True, slots=True)
 class NewTokenSet:
     id: str

@@ -155,6 +155,26 @@ def test_errors_are_json_with_stable_codes_and_the_bearer_is_required(
     assert response.json()["reason"] == "invalid_grant"
 
 
+def test_register_refuses_a_misspelt_policy_field_and_stores_nothing(
+    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons
+) -> None:
+    handle, _daemon, client, _config = start(tmp_path, idp_factory, daemons)
+    issued = handle.idp.issue(user="dora")
+    body = {
+        "id": "dora",
+        "provider": PROVIDER,
+        "refresh_token": issued["refresh_token"],
+        "refersh_token_usage": "reuse",
+    }
+    response = client.request("POST", "/v1/tokens", json=body)
+    assert (response.status_code, response.json()["error"]) == (400, "invalid_request")
+    assert response.json()["message"] == (
+        'unknown field "refersh_token_usage"; did you mean "refresh_token_usage"?'
+    )
+    assert "dora" not in read_rows(tmp_path / "tokens.db")
+    assert client.get("dora").status_code == 404
+
+
 def test_register_then_get_refreshes_a_set_without_access_token(
     tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons
 ) -> None:

@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -124,6 +126,140 @@ def test_check_config_errors_exit_78_naming_file_key_and_fix(
     assert str(path) in proc.stderr
     assert key in proc.stderr
     assert hint in proc.stderr
+
+
+def database_config(directory: Path, database: Path) -> Path:
+    """A config whose only resource is the database: its client secret comes from the
+    environment (see run_as), so that another user can read all of it."""
+    config = write_config(
+        directory / "c.toml",
+        database=database,
+        providers={
+            "p": {
+                "token_url": "http://127.0.0.1:1/connect/token",
+                "client_id": "c",
+                "client_secret_env": "REFRESHERD_TEST_SECRET",
+            }
+        },
+    )
+    config.chmod(0o644)
+    return config
+
+
+def run_as(
+    prefix: list[str], config: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``refresherd`` under a wrapper (another user, a mount namespace); output leak-scanned."""
+    secret = "cs_" + os.urandom(12).hex()
+    LEAKS.add_secret(secret)
+    argv = [*prefix, *refresherd_argv(config, *args)]
+    proc = subprocess.run(
+        argv,
+        env={**os.environ, "REFRESHERD_TEST_SECRET": secret, **(env or {})},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    LEAKS.add_output("refresherd " + " ".join(args), (proc.stdout + proc.stderr).encode())
+    return proc
+
+
+def error_lines(stderr: str) -> list[dict[str, Any]]:
+    lines = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    return [line for line in lines if line.get("level") == "error"]
+
+
+@pytest.mark.parametrize("problem", ["missing", "not_a_directory"])
+def test_a_database_directory_that_does_not_exist_is_a_config_error(
+    tmp_path: Path, problem: str
+) -> None:
+    """check-config refuses it, and run exits 78 (EX_CONFIG: systemd does not restart it) with
+    one log line naming the path, rather than 1, which systemd restarts for ever."""
+    parent = tmp_path / "state"
+    if problem == "not_a_directory":
+        parent.write_text("a file, not a directory\n")
+    database = parent / "tokens.db"
+    config = database_config(tmp_path, database)
+
+    checked = run_as([], config, "check-config")
+    assert checked.returncode == 78, checked.stdout + checked.stderr
+    assert checked.stdout == ""
+    assert f"{config}: daemon.database: database {database}: " in checked.stderr
+    assert str(parent) in checked.stderr
+
+    ran = run_as([], config, "run")
+    assert ran.returncode == 78, ran.stderr
+    (line,) = error_lines(ran.stderr)
+    assert line["event"] == "cannot use the database" and str(parent) in line["error"]
+    assert not parent.is_dir()  # nothing made it meanwhile
+
+
+def mount_namespaces() -> bool:
+    probe = subprocess.run(
+        ["unshare", "--mount", "true"], capture_output=True, timeout=30, check=False
+    )
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not mount_namespaces(), reason="no mount namespaces (unshare --mount)")
+def test_a_read_only_file_system_at_start_stays_a_storage_fault(tmp_path: Path) -> None:
+    """Not a config error: a file system remounted read-only after disk errors comes back, and
+    systemd restarting the daemon (exit 1) resumes it then (docs/reliability.md, Start-up)."""
+    state = tmp_path / "state"
+    state.mkdir()
+    database = state / "tokens.db"
+    config = database_config(tmp_path, database)
+    script = 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && shift && exec "$@"'
+    read_only = ["unshare", "--mount", "sh", "-c", script, "sh", str(state)]
+
+    checked = run_as(read_only, config, "check-config")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+    ran = run_as(read_only, config, "run")
+    assert ran.returncode == 1, ran.stderr
+    (line,) = error_lines(ran.stderr)
+    assert line["event"] == "cannot use the database" and "Read-only file system" in line["error"]
+
+
+@pytest.mark.parametrize("what", ["directory", "file"])
+def test_a_database_the_daemon_s_user_may_not_write_is_a_config_error(what: str) -> None:
+    """Permissions (say, a database made by root's `tokens import`, or a directory of the wrong
+    owner): run exits 78; check-config, perhaps run by another user than the daemon's, warns."""
+    base = Path(tempfile.mkdtemp(prefix="refresherd-test-"))
+    try:
+        base.chmod(0o755)  # other users may read the config and look into state/
+        state = base / "state"
+        state.mkdir()
+        database = state / "tokens.db"
+        if what == "file":
+            state.chmod(0o777)
+            database.touch(mode=0o600)
+            expected = f"database {database}: cannot open: Permission denied"
+        else:
+            state.chmod(0o555)
+            expected = f"directory {state} is not writable by this process"
+        config = database_config(base, database)
+        as_other: list[str] = []
+        if os.geteuid() == 0:  # root may write anything: run as nobody
+            as_other = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"]
+        elif what == "file":  # an ordinary user already: take our own access away
+            database.chmod(0)
+
+        checked = run_as(as_other, config, "check-config")
+        assert checked.returncode == 0, checked.stderr
+        assert "warning" in checked.stderr and expected in checked.stderr
+
+        ran = run_as(as_other, config, "run")
+        assert ran.returncode == 78, ran.stderr
+        (line,) = error_lines(ran.stderr)
+        assert line["event"] == "cannot use the database" and expected in line["error"]
+        assert database.exists() == (what == "file")
+    finally:
+        for path in (base, *base.rglob("*")):
+            path.chmod(0o700)
+        shutil.rmtree(base)
 
 
 def test_check_config_unreadable_file(tmp_path: Path) -> None:
@@ -402,6 +538,23 @@ def test_refresh_rotates_the_stored_token(setup: Setup) -> None:
 
     proc = setup.cli("refresh", "nobody")
     assert proc.returncode == 66 and "nobody" in proc.stderr
+
+
+def test_refresh_of_a_revoked_token_prints_the_state_it_stored(setup: Setup) -> None:
+    """The summary shows the token set as stored after the refresh: a revoked refresh token
+    makes it invalidated, and the line must not say "active"."""
+    response = token_response(setup.idp, "gone")
+    import_tokens(setup.config, [{"id": "gone", "provider": "p", **response}])
+    setup.idp.idp.revoke(str(response["refresh_token"]))
+    proc = setup.cli("refresh", "gone")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert_no_token_values(proc.stdout + proc.stderr, setup.idp)
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["outcome"] != "refreshed" and summary["reason"] == "invalid_grant"
+    row = read_rows(setup.db)["gone"]
+    assert row["state"] == "invalidated"
+    assert summary["state"] == "invalidated"
+    assert setup.idp.ledger.invalid_grants == 1
 
 
 def test_refresh_while_another_process_holds_the_lease_exits_75(

@@ -383,7 +383,12 @@ def test_the_sidecar_config_is_valid(tmp_path: Path) -> None:
     text = SIDECAR_CONFIG.read_text(encoding="utf-8")
     assert f'"/run/secrets/{secret}"' in text
     config = tmp_path / "config.toml"
-    config.write_text(text.replace(f"/run/secrets/{secret}", str(secret_file)), encoding="utf-8")
+    text = text.replace(f"/run/secrets/{secret}", str(secret_file))
+    # check-config also looks at the database's directory: the image's volume, here a
+    # directory of the test's (the VOLUME test checks the path against the image).
+    assert '"/var/lib/refresherd/tokens.db"' in text
+    text = text.replace('"/var/lib/refresherd/', f'"{tmp_path}/')
+    config.write_text(text, encoding="utf-8")
     result = subprocess.run(
         refresherd_argv(config, "check-config"), capture_output=True, text=True, timeout=60
     )

@@ -374,6 +374,45 @@ async def test_revoked_token_is_invalid_grant() -> None:
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("token", ["grant", "invalid", "invalid_grant"])
+async def test_invalid_grant_is_classified_before_a_token_inside_the_code_is_redacted(
+    token: str,
+) -> None:
+    """A refresh token that is part of the error code (a short or test token) is redacted from
+    the message only: the classification reads the code as the IdP sent it, so a revoked token
+    is invalidated rather than retried as an oauth_error for ever."""
+    async with serving_idp() as idp, endpoint_for(provider_for(idp.token_url)) as ep:
+        with pytest.raises(EndpointError) as info:
+            with anyio.fail_after(60):
+                await ep.refresh(Secret(token), timeout=3.0)
+        assert idp.ledger.invalid_grants == 1
+    exc = info.value
+    assert isinstance(exc, InvalidGrant)
+    assert exc.failure.kind is FailureKind.INVALID_GRANT
+    assert exc.failure.reason == "invalid_grant"  # the fixed vocabulary, not the IdP's text
+    assert token not in str(exc) and token not in exc.failure.detail
+    assert "[redacted]" in str(exc)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("token", ["client", "invalid"])
+async def test_invalid_client_is_classified_before_a_token_inside_the_code_is_redacted(
+    token: str,
+) -> None:
+    async with serving_idp() as idp:
+        idp.set_client_secret(CLIENT_ID, "cs_rotated-at-the-idp")
+        async with endpoint_for(provider_for(idp.token_url)) as ep:
+            with pytest.raises(EndpointError) as info:
+                with anyio.fail_after(60):
+                    await ep.refresh(Secret(token), timeout=3.0)
+        assert idp.ledger.invalid_clients == 1
+    exc = info.value
+    assert isinstance(exc, ClientRejected)
+    assert exc.failure.reason == "invalid_client"
+    assert token not in str(exc) and token not in exc.failure.detail
+
+
+@pytest.mark.anyio
 async def test_wrong_client_secret_is_client_rejected() -> None:
     async with serving_idp() as idp:
         old = str(idp.issue("alice")["refresh_token"])

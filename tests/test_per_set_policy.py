@@ -167,6 +167,104 @@ def test_import_names_the_line_of_a_bad_policy() -> None:
         )
 
 
+@pytest.mark.parametrize(
+    ("field", "meant"),
+    [
+        ("refersh_token_usage", "refresh_token_usage"),
+        ("refresh_token_usages", "refresh_token_usage"),
+        ("refreshTokenUsage", "refresh_token_usage"),
+        ("grace_periode", "grace_period"),
+        ("grace-period", "grace_period"),
+        ("refresh_token_lifetme", "refresh_token_lifetime"),
+        ("refresh_token_idle_lifetme", "refresh_token_idle_lifetime"),
+        ("refresh_modes", "refresh_mode"),
+    ],
+)
+def test_intake_refuses_a_misspelt_policy_field_and_names_the_one_meant(
+    field: str, meant: str
+) -> None:
+    """Ignored, a misspelt field would leave the set under its provider's policy (a rotating
+    token treated as re-use, say) without a word."""
+    with pytest.raises(ValueError, match=f'^unknown field "{field}"; did you mean "{meant}"\\?$'):
+        parse(**{field: "one_time"})
+
+
+def test_intake_still_ignores_the_fields_real_idps_add() -> None:
+    """A token response is piped in as it came: fields of the IdP's own stay ignored, even
+    those that look a little like a policy field."""
+    extras = {
+        "id_token": "eyJ-ignored",
+        "x_refresh_token_expires_in": 8726400,  # Intuit
+        "refresh_token_expires_in": 15897600,  # GitHub apps
+        "refresh_expires_in": 1800,  # Keycloak
+        "not-before-policy": 0,
+        "session_state": "s",
+        "ext_expires_in": 3599,  # Microsoft
+        "refresh_token_issued_at": NOW,
+        "refresh_token_expires_at": NOW + 86400,
+        "refresh_token_id": "rt-id",
+        "realmId": "123",
+    }
+    new = parse(**extras)
+    assert new.refresh_token_usage is None and new.refresh_token_lifetime is None
+
+
+def test_import_names_the_line_of_a_misspelt_policy_field() -> None:
+    lines = [
+        {"id": "a", "provider": "p", "refresh_token": "rt-a"},
+        {"id": "b", "provider": "p", "refresh_token": "rt-b", "refersh_token_usage": "one_time"},
+    ]
+    stream = io.StringIO("".join(json.dumps(line) + "\n" for line in lines))
+    with pytest.raises(
+        InputError,
+        match=r'^in\.jsonl:2: unknown field "refersh_token_usage"; did you mean '
+        r'"refresh_token_usage"\?$',
+    ):
+        parse_lines(
+            stream,
+            source="in.jsonl",
+            providers={"p": object()},
+            now=NOW,
+            schedule=SCHEDULE,
+            rand=iter(random.Random(1).random, None),
+        )
+
+
+def test_tokens_add_and_import_refuse_a_misspelt_policy_field_and_store_nothing(
+    tmp_path: Path, idp_factory: Callable[..., IdPHandle]
+) -> None:
+    idp = idp_factory(usage="one_time", grace_period=5)
+    db = tmp_path / "tokens.db"
+    config = write_config(tmp_path / "c.toml", database=db, providers={"p": idp.provider()})
+    first, second, third = idp.token_lines("p", 3)
+    second["refersh_token_usage"] = "reuse"
+
+    proc = run_cli(
+        config,
+        "tokens",
+        "import",
+        "-",
+        input="".join(json.dumps(line) + "\n" for line in (first, second, third)),
+    )
+    assert proc.returncode == 65, proc.stdout + proc.stderr
+    assert (
+        'stdin:2: unknown field "refersh_token_usage"; did you mean "refresh_token_usage"?'
+        in proc.stderr
+    )
+    assert "nothing was imported" in proc.stderr
+
+    single = {k: v for k, v in second.items() if k not in ("id", "provider")}
+    proc = run_cli(config, "tokens", "add", "x", "--provider", "p", input=json.dumps(single))
+    assert proc.returncode == 65, proc.stdout + proc.stderr
+    assert (
+        'tokens add x: stdin: unknown field "refersh_token_usage"; '
+        'did you mean "refresh_token_usage"?' in proc.stderr
+    )
+    listed = run_cli(config, "tokens", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout) == []
+
+
 # --------------------------------------------------------------------------- effective policy
 
 
