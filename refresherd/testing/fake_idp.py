@@ -1,13 +1,16 @@
 """A fake OAuth 2.0 identity provider that speaks real HTTP/1.1 on loopback.
 
 It behaves like the token endpoints of Visma Connect, IdentityServer and Keycloak (one-time
-tokens with a grace period, re-use tokens, absolute and sliding lifetimes, a per-user cap) and
-can misbehave on purpose: drop, reset, delay or garble a connection after or instead of doing
-the work. It is built on anyio + h11 rather than an ASGI server because an ASGI app cannot
-close a socket without answering or reset it; that is exactly what fault injection needs.
+tokens with a grace period answered with a sibling or the same pair, reuse detection that
+revokes a family or a user, re-use tokens, absolute and sliding lifetimes, a per-user cap) and
+can misbehave on purpose: drop, reset, delay, stall or garble a connection after or instead of
+doing the work, or refuse connections for a while. It is built on anyio + h11 rather than an
+ASGI server because an ASGI app cannot close a socket without answering or reset it; that is
+exactly what fault injection needs.
 
 The :class:`Ledger` records every token and every outcome so that a test can assert the
-promise refresherd makes: no token lost, no double spend.
+promise refresherd makes: no token lost, no double spend; and what each rotation cost
+(:meth:`Ledger.rotation_stats`, :meth:`Ledger.loss_causes`).
 """
 
 from __future__ import annotations
@@ -868,8 +871,20 @@ class FakeIdP:
 
     Run it with ``await task_group.start(idp.serve)`` or, from synchronous code,
     ``with running_in_thread(idp):``. The token settings (``usage``, ``grace_period``,
-    lifetimes, ``reuse_returns_refresh_token``) are public attributes; like a real IdP,
-    changing one affects only authorizations issued afterwards.
+    lifetimes, ``reuse_returns_refresh_token``, ``grace_answer``, ``reuse_revokes``) are public
+    attributes; like a real IdP, changing one affects only authorizations issued afterwards.
+
+    ``grace_answer``: a one-time token re-sent inside its grace period gets a new ``"sibling"``
+    refresh token, the earlier successors staying live (IdentityServer, Auth0; the default), or
+    the ``"same_pair"`` its first use returned, refresh and access token alike
+    (django-oauth-toolkit).
+
+    ``reuse_revokes``: what presenting a consumed token after its grace period costs besides
+    the ``invalid_grant``. ``"family"`` (the default) revokes every token of that authorization,
+    as RFC 9700 (4.14.2) recommends and Auth0's and Okta's reuse detection do: the realistic
+    price, so that a test sees a late re-send as the loss it is in production. ``"user"``
+    revokes every token of that user and client, other authorizations (companies) included;
+    ``"none"`` revokes nothing (Duende IdentityServer's default).
     """
 
     def __init__(
