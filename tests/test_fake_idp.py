@@ -9,9 +9,10 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.parse
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import anyio
 import httpx
 import pytest
 
-from refresherd.testing import FakeIdP, FaultKind, running_in_thread
+from refresherd.testing import FakeIdP, FaultKind, RotationStats, running_in_thread
 
 CLIENT_ID = "refresherd"
 CLIENT_SECRET = "refresherd-secret"
@@ -121,7 +122,9 @@ async def test_rotation_returns_a_new_refresh_token_and_kills_the_old_after_grac
 @pytest.mark.anyio
 async def test_grace_reuse_inside_mints_another_token_outside_is_invalid_grant() -> None:
     clock = FakeClock()
-    async with serving(clock=clock, grace_period=5) as (idp, client):
+    # reuse_revokes="none": the late reuse is refused and costs nothing else (see below for
+    # the IdPs that revoke the family or the user for it).
+    async with serving(clock=clock, grace_period=5, reuse_revokes="none") as (idp, client):
         first = str(idp.issue("alice")["refresh_token"])
         second = rt(await refresh(client, idp, first))
 
@@ -141,6 +144,116 @@ async def test_grace_reuse_inside_mints_another_token_outside_is_invalid_grant()
         assert idp.ledger.invalid_grants == 1
         assert idp.ledger.live_refresh_tokens() == {second, third}
         assert idp.ledger.refreshes == 2
+        assert idp.ledger.reuse_revoked_families == 0
+        assert idp.ledger.siblings_per_rotation() == [1]  # first minted second and third
+        assert idp.ledger.sends_per_window() == [3]  # first, its grace re-send, the late one
+
+
+@pytest.mark.anyio
+async def test_grace_answer_same_pair_repeats_the_first_answer() -> None:
+    clock = FakeClock()
+    async with serving(clock=clock, grace_period=5, grace_answer="same_pair") as (idp, client):
+        first = str(idp.issue("alice")["refresh_token"])
+        answer = (await refresh(client, idp, first)).json()
+        successor = answer["refresh_token"]
+
+        clock.advance(3)
+        again = await refresh(client, idp, first)
+        assert again.status_code == 200
+        # django-oauth-toolkit: the same refresh and access token, nothing new minted.
+        assert again.json() == answer
+        assert idp.ledger.reuses_in_grace == 1 and idp.ledger.refreshes == 2
+        assert idp.ledger.live_refresh_tokens("alice") == {first, successor}
+        # Even once the successor was rotated itself, a grace re-send gets that pair back.
+        newest = rt(await refresh(client, idp, successor))
+        clock.advance(1.9)
+        assert (await refresh(client, idp, first)).json() == answer
+        assert idp.ledger.siblings_per_rotation() == [0, 0]
+        assert idp.ledger.sends_per_window() == [3, 1]
+        clock.advance(0.2)
+        assert idp.ledger.live_refresh_tokens("alice") == {successor, newest}
+
+        # A setting, like a real IdP's, applies to authorizations made after the change.
+        idp.grace_answer = "sibling"
+        later = str(idp.issue("bob")["refresh_token"])
+        assert rt(await refresh(client, idp, later)) != rt(await refresh(client, idp, later))
+        assert (await refresh(client, idp, successor)).json()["refresh_token"] == newest
+        with pytest.raises(ValueError, match="grace_answer"):
+            FakeIdP(grace_answer="again")  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="reuse_revokes"):
+            FakeIdP(reuse_revokes="all")  # type: ignore[arg-type]
+
+
+@pytest.mark.anyio
+async def test_grace_answer_sibling_keeps_every_successor_live() -> None:
+    clock = FakeClock()
+    async with serving(clock=clock, grace_period=5) as (idp, client):
+        assert idp.grace_answer == "sibling"  # IdentityServer, Auth0: the default
+        first = str(idp.issue("alice")["refresh_token"])
+        successors = [rt(await refresh(client, idp, first)) for _ in range(3)]
+        assert len(set(successors)) == 3
+        clock.advance(5)
+        assert idp.ledger.live_refresh_tokens("alice") == set(successors)
+        assert idp.ledger.siblings_per_rotation() == [2]
+
+
+@pytest.mark.anyio
+async def test_reuse_outside_grace_revokes_the_family_by_default() -> None:
+    clock = FakeClock()
+    async with serving(clock=clock, grace_period=5) as (idp, client):
+        assert idp.reuse_revokes == "family"
+        first = str(idp.issue("alice")["refresh_token"])
+        other_company = str(idp.issue("alice")["refresh_token"])  # the same user, a 2nd family
+        second = rt(await refresh(client, idp, first))
+        third = rt(await refresh(client, idp, second))
+        clock.advance(5)
+
+        late = await refresh(client, idp, first)
+        assert (late.status_code, late.json()["error"]) == (400, "invalid_grant")
+        assert idp.ledger.reuses_outside_grace == 1
+        assert idp.ledger.reuse_revoked_families == 1
+        assert not idp.ledger.is_live(third)  # the whole family, the live successor included
+        assert not idp.ledger.family_has_live_token(idp.ledger.family_of(first))
+        assert idp.ledger.live_refresh_tokens("alice") == {other_company}
+        [event] = [e for e in idp.ledger.events if e["kind"] == "reuse_revoked"]
+        assert event["scope"] == "family" and event["tokens"] == 3
+        # Presented again, the family is merely revoked: no second revocation is counted.
+        assert (await refresh(client, idp, third)).status_code == 400
+        assert idp.ledger.reuse_revoked_families == 1
+        assert idp.ledger.reuses_outside_grace == 1
+        # The client that stored the consumed token missed its window; one that stored the
+        # successor lost it to the reuse.
+        assert idp.ledger.loss_cause(first) == "missed_window"
+        assert idp.ledger.loss_cause(third) == "revoked_reuse"
+        assert idp.ledger.loss_cause(other_company) is None
+        assert idp.ledger.missed_windows([first, third, other_company]) == 1
+
+
+@pytest.mark.anyio
+async def test_reuse_outside_grace_revokes_every_token_of_the_user_and_client() -> None:
+    clock = FakeClock()
+    clients = {CLIENT_ID: CLIENT_SECRET, "other": "other-secret"}
+    async with serving(clock=clock, clients=clients, reuse_revokes="user") as (idp, client):
+        first = str(idp.issue("alice")["refresh_token"])
+        same_user = str(idp.issue("alice")["refresh_token"])
+        other_client = str(idp.issue("alice", client_id="other")["refresh_token"])
+        other_user = str(idp.issue("bob")["refresh_token"])
+        idp.reuse_revokes = "none"  # applies to new authorizations only
+        unpunished = str(idp.issue("carol")["refresh_token"])
+        await refresh(client, idp, first)
+        clock.advance(5)
+
+        assert (await refresh(client, idp, first)).status_code == 400
+        assert idp.ledger.reuse_revoked_families == 2
+        assert not idp.ledger.is_live(same_user)
+        assert idp.ledger.loss_cause(same_user) == "revoked_reuse"
+        assert idp.ledger.is_live(other_client) and idp.ledger.is_live(other_user)
+
+        successor = rt(await refresh(client, idp, unpunished))
+        clock.advance(5)
+        assert (await refresh(client, idp, unpunished)).status_code == 400
+        assert idp.ledger.is_live(successor)
+        assert idp.ledger.reuses_outside_grace == 2 and idp.ledger.reuse_revoked_families == 2
 
 
 # ------------------------------------------------------------------ re-use tokens
@@ -503,6 +616,144 @@ async def test_random_faults_once_per_token_answer_the_retry() -> None:
         assert (await refresh(client, idp, second)).status_code == 500
         assert idp.ledger.faults_injected == {"error_after_rotate": 2}
         assert idp.ledger.reuses_in_grace == 1
+
+
+@pytest.mark.anyio
+async def test_stall_rotates_and_holds_the_answer_unavailable_does_nothing() -> None:
+    async with serving(timeout=0.3) as (idp, client):
+        token = str(idp.issue()["refresh_token"])
+        idp.faults.add(FaultKind.STALL, stall=30)
+        with pytest.raises(httpx.ReadTimeout):
+            await refresh(client, idp, token)
+        assert idp.ledger.refreshes == 1  # rotated before the stall began
+        assert len(idp.ledger.live_refresh_tokens()) == 2
+
+        other = str(idp.issue()["refresh_token"])
+        idp.faults.add(FaultKind.UNAVAILABLE)
+        unavailable = await refresh(client, idp, other)
+        assert unavailable.status_code == 503 and "retry-after" not in unavailable.headers
+        assert idp.ledger.refreshes == 1 and idp.ledger.is_live(other)
+        assert idp.ledger.faults_injected == {"stall": 1, "unavailable": 1}
+        with pytest.raises(TypeError):
+            idp.faults.add(FaultKind.UNAVAILABLE, stall=1)
+        with pytest.raises(ValueError, match="stall"):
+            idp.faults.add(FaultKind.STALL, stall=-1)
+
+
+# Kinds that answer at once (SLOW, STALL and HUGE are left out: they take time or memory).
+_QUICK_KINDS = [
+    k for k in FaultKind if k not in (FaultKind.SLOW, FaultKind.STALL, FaultKind.HUGE_AFTER_ROTATE)
+]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("grace_answer", ["sibling", "same_pair"])
+async def test_independent_random_faults_hit_retries_and_grace_re_sends(grace_answer: str) -> None:
+    async with serving(timeout=2.0, grace_answer=grace_answer) as (idp, client):
+        token = str(idp.issue()["refresh_token"])
+        rt(await refresh(client, idp, token))  # consumed: every send below is a grace re-send
+        idp.faults.random(1.0, kinds=_QUICK_KINDS, seed=7)  # once_per_token=False
+        for _ in range(40):
+            with suppress(httpx.TransportError):
+                await refresh(client, idp, token)
+        faults = idp.ledger.faults_injected
+        assert sum(faults.values()) == 40 == idp.ledger.sends_per_window()[0] - 1
+        assert set(faults) == {k.value for k in _QUICK_KINDS}  # every kind, on re-sends
+        processed = idp.ledger.reuses_in_grace
+        assert processed > 0
+        siblings = processed if grace_answer == "sibling" else 0
+        assert idp.ledger.siblings_per_rotation() == [siblings]
+
+
+@pytest.mark.anyio
+async def test_rotation_stats_over_every_consumed_token() -> None:
+    clock = FakeClock()
+    async with serving(clock=clock, grace_period=5) as (idp, client):
+        assert idp.ledger.rotation_stats() == RotationStats(0, 0.0, 0, 0, 0, 0, 0, 0, 0, 0)
+        tokens = [str(idp.issue()["refresh_token"]) for _ in range(100)]
+        for token in tokens:
+            await refresh(client, idp, token)
+        busy = str(idp.issue()["refresh_token"])
+        idp.faults.add(FaultKind.RETRY_AFTER)  # presented, not processed: still a send
+        await refresh(client, idp, busy)
+        for _ in range(4):
+            await refresh(client, idp, busy)  # the rotation and three grace siblings
+        never_used = str(idp.issue()["refresh_token"])
+        idp.faults.add(FaultKind.UNAVAILABLE)
+        await refresh(client, idp, never_used)  # not consumed: no rotation to count
+        clock.advance(6)
+        await refresh(client, idp, busy)  # a reuse: the sixth send, the family revoked
+
+        stats = idp.ledger.rotation_stats()
+        assert stats.rotations == 101
+        assert (stats.sends_median, stats.sends_p99, stats.sends_max) == (1, 1, 6)
+        assert (stats.siblings, stats.siblings_max, stats.rotations_with_siblings) == (3, 3, 1)
+        assert stats.reuses_outside_grace == 1 and stats.reuse_revoked_families == 1
+        assert stats.cap_revocations == 0
+        assert sorted(idp.ledger.sends_per_window())[-2:] == [1, 6]
+
+
+@pytest.mark.anyio
+async def test_loss_causes_say_why_the_idp_refuses_a_stored_token() -> None:
+    clock = FakeClock()
+    async with serving(clock=clock, max_refresh_tokens_per_user=1) as (idp, client):
+        capped = str(idp.issue("alice")["refresh_token"])
+        kept = str(idp.issue("alice")["refresh_token"])  # over the cap: the first is revoked
+        revoked = str(idp.issue("bob")["refresh_token"])
+        idp.revoke(revoked)
+        spent = str(idp.issue("carol")["refresh_token"])
+        rt(await refresh(client, idp, spent))
+        idp.refresh_token_idle_lifetime = 10
+        idle = str(idp.issue("dave")["refresh_token"])
+        clock.advance(10)
+        stored = [capped, kept, revoked, spent, idle, "rt_never_minted"]
+        assert idp.ledger.loss_causes(stored) == {
+            "revoked_cap": 1,
+            "revoked": 1,
+            "missed_window": 1,
+            "expired": 1,
+            "unknown": 1,
+        }
+        assert idp.ledger.loss_cause(kept) is None
+        assert idp.ledger.missed_windows(stored) == 1
+
+
+@pytest.mark.anyio
+async def test_refuse_connections_refuses_new_and_resets_open_ones() -> None:
+    async with serving(timeout=2.0) as (idp, client):
+        token = str(idp.issue()["refresh_token"])
+        url = idp.token_url
+        assert (await refresh(client, idp, "rt_unknown")).status_code == 400  # a pooled conn
+        idp.refuse_connections(0.5)
+        with pytest.raises((httpx.ReadError, httpx.RemoteProtocolError)):
+            await refresh(client, idp, token)  # on the open keep-alive connection: reset
+        async with httpx.AsyncClient() as fresh:
+            with pytest.raises(httpx.ConnectError):  # refused: nothing was sent
+                await fresh.post(url, data={"grant_type": "refresh_token"})
+        await anyio.sleep(0.6)
+        response = await refresh(client, idp, token)
+        assert response.status_code == 200 and idp.token_url == url
+        assert idp.ledger.refreshes == 1 and idp.ledger.outages == 1
+        assert idp.ledger.faults_injected == {"outage": 1}
+        with pytest.raises(ValueError):
+            idp.refuse_connections(0)
+    with pytest.raises(RuntimeError, match="not serving"):
+        FakeIdP().refuse_connections(1)
+
+
+def test_refuse_connections_from_another_thread() -> None:
+    with running_in_thread(FakeIdP()) as idp, httpx.Client() as client:
+        idp.refuse_connections(0.3)
+        with pytest.raises(httpx.ConnectError):
+            client.post(idp.token_url, data={})
+        for _ in range(50):
+            try:
+                client.post(idp.token_url, data={})
+                break
+            except httpx.ConnectError:
+                time.sleep(0.05)
+        else:
+            pytest.fail("the IdP did not listen again")
 
 
 # ------------------------------------------------------------------ transport and threads

@@ -785,6 +785,9 @@ async def test_invalid_grant_after_a_sibling_stored_a_newer_grant_adopts_it(
 ) -> None:
     # No grace at the IdP: once the sibling used the token, ours is refused outright.
     async with harness(tmp_path, grace_period=0.0) as h:
+        # An IdP that punishes the late reuse with no more than the refusal: this test is about
+        # adopting the sibling's grant (with "family" the IdP would revoke it too).
+        h.idp.reuse_revokes = "none"
         old = await h.add("ts-1")
         h.idp.faults.add(FaultKind.SLOW, delay=1.0, process_first=False)
         results: list[RefreshResult] = []

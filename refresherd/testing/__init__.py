@@ -16,8 +16,21 @@ from refresherd.testing.fake_idp import (
     Fault,
     FaultKind,
     FaultPlan,
+    GraceAnswer,
     Ledger,
+    ReuseRevokes,
+    RotationStats,
     running_in_thread,
 )
 
-__all__ = ["FakeIdP", "Fault", "FaultKind", "FaultPlan", "Ledger", "running_in_thread"]
+__all__ = [
+    "FakeIdP",
+    "Fault",
+    "FaultKind",
+    "FaultPlan",
+    "GraceAnswer",
+    "Ledger",
+    "ReuseRevokes",
+    "RotationStats",
+    "running_in_thread",
+]

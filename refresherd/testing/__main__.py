@@ -32,6 +32,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--refresh-token-idle-lifetime", type=float, default=None, metavar="SECONDS")
     p.add_argument("--max-refresh-tokens-per-user", type=int, default=None, metavar="N")
     p.add_argument(
+        "--grace-answer",
+        choices=["sibling", "same_pair"],
+        default="sibling",
+        help="a re-send inside the grace period mints a new sibling refresh token "
+        "(IdentityServer, Auth0) or gets the first answer again (django-oauth-toolkit)",
+    )
+    p.add_argument(
+        "--reuse-revokes",
+        choices=["none", "family", "user"],
+        default="family",
+        help="what a consumed token presented after its grace period revokes",
+    )
+    p.add_argument(
         "--latency",
         type=float,
         default=0.0,
@@ -77,6 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         refresh_token_lifetime=args.refresh_token_lifetime,
         refresh_token_idle_lifetime=args.refresh_token_idle_lifetime,
         max_refresh_tokens_per_user=args.max_refresh_tokens_per_user,
+        grace_answer=args.grace_answer,
+        reuse_revokes=args.reuse_revokes,
         latency=args.latency,
     )
     anyio.run(_serve, idp, list(args.issue))

@@ -1,13 +1,16 @@
 """A fake OAuth 2.0 identity provider that speaks real HTTP/1.1 on loopback.
 
 It behaves like the token endpoints of Visma Connect, IdentityServer and Keycloak (one-time
-tokens with a grace period, re-use tokens, absolute and sliding lifetimes, a per-user cap) and
-can misbehave on purpose: drop, reset, delay or garble a connection after or instead of doing
-the work. It is built on anyio + h11 rather than an ASGI server because an ASGI app cannot
-close a socket without answering or reset it; that is exactly what fault injection needs.
+tokens with a grace period answered with a sibling or the same pair, reuse detection that
+revokes a family or a user, re-use tokens, absolute and sliding lifetimes, a per-user cap) and
+can misbehave on purpose: drop, reset, delay, stall or garble a connection after or instead of
+doing the work, or refuse connections for a while. It is built on anyio + h11 rather than an
+ASGI server because an ASGI app cannot close a socket without answering or reset it; that is
+exactly what fault injection needs.
 
 The :class:`Ledger` records every token and every outcome so that a test can assert the
-promise refresherd makes: no token lost, no double spend.
+promise refresherd makes: no token lost, no double spend; and what each rotation cost
+(:meth:`Ledger.rotation_stats`, :meth:`Ledger.loss_causes`).
 """
 
 from __future__ import annotations
@@ -26,12 +29,13 @@ import math
 import random as _random
 import secrets
 import socket
+import statistics
 import struct
 import threading
 import time
 import urllib.parse
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
@@ -39,13 +43,36 @@ from typing import Any, Final, Literal
 import anyio
 import anyio.abc
 import anyio.from_thread
+import anyio.lowlevel
 import h11
 
-__all__ = ["FakeIdP", "Fault", "FaultKind", "FaultPlan", "Ledger", "running_in_thread"]
+__all__ = [
+    "FakeIdP",
+    "Fault",
+    "FaultKind",
+    "FaultPlan",
+    "GraceAnswer",
+    "Ledger",
+    "ReuseRevokes",
+    "RotationStats",
+    "running_in_thread",
+]
 
 logger = logging.getLogger("refresherd.testing")
 
 Usage = Literal["one_time", "reuse"]
+# How a one-time token re-sent inside its grace period is answered: "sibling" mints another
+# live refresh token, the earlier successors staying live (IdentityServer, Auth0); "same_pair"
+# returns exactly the refresh and access token its first use returned (django-oauth-toolkit).
+GraceAnswer = Literal["sibling", "same_pair"]
+# What a consumed one-time token presented after its grace period costs: "family" revokes every
+# token of its authorization, "user" every token of that user and client, "none" nothing but
+# the request itself.
+ReuseRevokes = Literal["none", "family", "user"]
+# Why the IdP refuses a refresh token a client holds (Ledger.loss_causes).
+LossCause = Literal[
+    "missed_window", "revoked_reuse", "revoked_cap", "revoked", "expired", "unknown"
+]
 
 TOKEN_PATH: Final = "/connect/token"
 REVOCATION_PATH: Final = "/connect/revocation"
@@ -80,6 +107,12 @@ class FaultKind(enum.StrEnum):
     DUPLICATE_KEYS_AFTER_ROTATE = "duplicate_keys_after_rotate"  # refresh_token twice
     # The grant as usual, without a Content-Type header (clients should still read it).
     NO_CONTENT_TYPE = "no_content_type"
+    # Processed (the token rotates), then the answer is held for ``stall`` seconds: longer than
+    # any client waits, so the rotated token is in limbo (SLOW is the short version of this).
+    STALL = "stall"
+    # A 503 without Retry-After, not processed: a gateway with no backend, which tells the
+    # client nothing about when to come back (RETRY_AFTER is the polite 503).
+    UNAVAILABLE = "unavailable"
 
 
 # HUGE_AFTER_ROTATE's body size: twice what refresherd reads of a token response.
@@ -90,19 +123,21 @@ HUGE_BODY_BYTES: Final = 2 * 1024 * 1024
 _FAULT_PARAMS: Final[Mapping[FaultKind, frozenset[str]]] = {
     FaultKind.SLOW: frozenset({"delay", "process_first"}),
     FaultKind.RETRY_AFTER: frozenset({"status", "retry_after"}),
+    FaultKind.STALL: frozenset({"stall"}),
 }
 
 
 @dataclass(frozen=True)
 class Fault:
     """One armed fault. ``delay``/``process_first`` are SLOW's, ``status``/``retry_after``
-    RETRY_AFTER's (``retry_after`` is sent rounded up to whole seconds)."""
+    RETRY_AFTER's (``retry_after`` is sent rounded up to whole seconds), ``stall`` STALL's."""
 
     kind: FaultKind
     delay: float = 1.0
     process_first: bool = True
     status: int = 503
     retry_after: float = 1.0
+    stall: float = 60.0
 
 
 def _make_fault(kind: FaultKind | str, params: Mapping[str, Any], *, strict: bool) -> Fault:
@@ -114,8 +149,8 @@ def _make_fault(kind: FaultKind | str, params: Mapping[str, Any], *, strict: boo
     fault = Fault(kind, **{k: v for k, v in params.items() if k in allowed})
     if fault.status not in (429, 503):
         raise ValueError("RETRY_AFTER status must be 429 or 503")
-    if fault.delay < 0 or fault.retry_after < 0:
-        raise ValueError("delay and retry_after must be >= 0")
+    if fault.delay < 0 or fault.retry_after < 0 or fault.stall < 0:
+        raise ValueError("delay, retry_after and stall must be >= 0")
     return fault
 
 
@@ -156,8 +191,9 @@ class FaultPlan:
         ``params`` go to the kinds that take them (``delay`` to SLOW, ``status`` to
         RETRY_AFTER, ...). A second call replaces the first; ``rate=0`` turns it off.
         ``once_per_token``: a refresh token gets at most one random fault, so that its retries
-        are answered (incidents then strike refreshes independently; without it, every retry
-        inside a grace window can fail too, and a client's last chance with it).
+        are answered (incidents then strike refreshes independently). Without it (the default)
+        every request draws on its own, retries and grace re-sends included, with every kind:
+        a struggling IdP fails a client's last chance as readily as its first.
         """
         if not 0.0 <= rate <= 1.0:
             raise ValueError("rate must be within [0, 1]")
@@ -222,6 +258,8 @@ class _Policy:
     refresh_token_lifetime: float | None
     refresh_token_idle_lifetime: float | None
     reuse_returns_refresh_token: bool
+    grace_answer: GraceAnswer = "sibling"
+    reuse_revokes: ReuseRevokes = "family"
 
 
 @dataclass
@@ -244,6 +282,19 @@ class _RefreshToken:
     last_activity: float  # the sliding lifetime counts from here
     first_used_at: float | None = None
     revoked: bool = False
+    # Why it was revoked: "revocation" (endpoint or revoke()), "user" (revoke_user), "cap",
+    # "reuse" (a consumed token of its family or user presented after its grace period).
+    revoked_by: str | None = None
+    sends: int = 0  # token requests that presented it, faulted and refused ones included
+    # One-time: the refresh tokens minted in answer to it (more than one: grace siblings), and
+    # the first answer, which a "same_pair" IdP repeats to a grace re-send.
+    successors: list[_RefreshToken] = field(default_factory=list)
+    answer: dict[str, object] | None = None
+
+    def revoke(self, why: str) -> None:
+        if not self.revoked:
+            self.revoked = True
+            self.revoked_by = why
 
 
 _TokenStatus = Literal["live", "grace", "used", "revoked", "expired"]
@@ -276,7 +327,9 @@ _COUNTERS: Final = (
     "invalid_clients",
     "revocations",
     "cap_revocations",
+    "reuse_revoked_families",
     "code_exchanges",
+    "outages",
 )
 
 
@@ -301,6 +354,35 @@ class _Flight:
 
     def __init__(self) -> None:
         self.counted = False
+
+
+@dataclass(frozen=True)
+class RotationStats:
+    """What the rotations of one-time refresh tokens cost, for a reliability report.
+
+    A rotation is one consumed refresh token. ``sends_*``: token requests that presented it
+    (median, 99th percentile by nearest rank, maximum). ``siblings``: refresh tokens minted in
+    answer to grace re-sends beyond the first successor, each one more live token against the
+    per-user cap. The last three are the ledger's counters of the same names.
+    """
+
+    rotations: int
+    sends_median: float
+    sends_p99: int
+    sends_max: int
+    siblings: int
+    siblings_max: int
+    rotations_with_siblings: int
+    reuses_outside_grace: int
+    reuse_revoked_families: int
+    cap_revocations: int
+
+
+def _nearest_rank(ordered: Sequence[int], q: float) -> int:
+    """The ``q`` quantile of an ascending sequence by the nearest-rank method (0 if empty)."""
+    if not ordered:
+        return 0
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
 class Ledger:
@@ -333,14 +415,18 @@ class Ledger:
             token = self._tokens.get(refresh_token)
             return token is not None and _status(token, self._clock()) in ("live", "grace")
 
-    def live_refresh_tokens(self, user: str | None = None) -> set[str]:
-        """Refresh tokens the IdP would accept now, optionally of one user only."""
+    def live_refresh_tokens(
+        self, user: str | None = None, *, family: str | None = None
+    ) -> set[str]:
+        """Refresh tokens the IdP would accept now, optionally of one user or family only."""
         with self._lock:
             now = self._clock()
             return {
                 t.value
                 for t in self._tokens.values()
-                if (user is None or t.family.user == user) and _status(t, now) in ("live", "grace")
+                if (user is None or t.family.user == user)
+                and (family is None or t.family.id == family)
+                and _status(t, now) in ("live", "grace")
             }
 
     def family_of(self, refresh_token: str) -> str:
@@ -440,6 +526,108 @@ class Ledger:
         """Refresh tokens revoked because the per-user cap was exceeded."""
         return self._counts["cap_revocations"]
 
+    @property
+    def reuse_revoked_families(self) -> int:
+        """Families (authorizations) revoked because a consumed token was presented after its
+        grace period (``reuse_revokes``); a user-wide revocation counts each family it hit."""
+        return self._counts["reuse_revoked_families"]
+
+    @property
+    def outages(self) -> int:
+        """Calls of :meth:`FakeIdP.refuse_connections`."""
+        return self._counts["outages"]
+
+    # -- statistics -----------------------------------------------------------------------
+
+    def sends_per_window(self) -> list[int]:
+        """For each consumed one-time refresh token (one rotation each), how many token
+        requests presented it: the first send, retries, grace re-sends and late reuses, faulted
+        and unprocessed ones included. In mint order."""
+        with self._lock:
+            return [t.sends for t in self._consumed()]
+
+    def siblings_per_rotation(self) -> list[int]:
+        """For each consumed one-time refresh token, how many refresh tokens were minted in
+        answer to it beyond the first: grace re-sends answered with a new sibling (always 0
+        for a ``same_pair`` family). In mint order."""
+        with self._lock:
+            return [max(0, len(t.successors) - 1) for t in self._consumed()]
+
+    def rotation_stats(self) -> RotationStats:
+        """The figures of :class:`RotationStats`, taken at one instant."""
+        with self._lock:
+            sends = sorted(self.sends_per_window())
+            siblings = self.siblings_per_rotation()
+            return RotationStats(
+                rotations=len(sends),
+                sends_median=statistics.median(sends) if sends else 0.0,
+                sends_p99=_nearest_rank(sends, 0.99),
+                sends_max=sends[-1] if sends else 0,
+                siblings=sum(siblings),
+                siblings_max=max(siblings, default=0),
+                rotations_with_siblings=sum(1 for n in siblings if n),
+                reuses_outside_grace=self._counts["reuses_outside_grace"],
+                reuse_revoked_families=self._counts["reuse_revoked_families"],
+                cap_revocations=self._counts["cap_revocations"],
+            )
+
+    def loss_cause(self, refresh_token: str) -> LossCause | None:
+        """Why the IdP would refuse ``refresh_token`` now, or None if it would accept it.
+
+        ``missed_window``: a one-time token consumed, its grace period over (the client kept a
+        token it had spent, and no successor), even if revoked since: the reuse revocation that
+        usually follows is a consequence. Otherwise ``expired`` (absolute or sliding lifetime),
+        the reason it was revoked (``revoked_reuse``: a reuse revoked its family or user;
+        ``revoked_cap``: the per-user cap; ``revoked``: an explicit revocation) or ``unknown``
+        (never minted here).
+        """
+        with self._lock:
+            token = self._tokens.get(refresh_token)
+            if token is None:
+                return "unknown"
+            now = self._clock()
+            status = _status(token, now)
+            if status in ("live", "grace"):
+                return None
+            if status == "expired":
+                return "expired"
+            policy = token.family.policy
+            used = token.first_used_at
+            if (
+                policy.usage == "one_time"
+                and used is not None
+                and now >= used + policy.grace_period
+            ):
+                return "missed_window"
+            if status == "revoked":
+                if token.revoked_by == "reuse":
+                    return "revoked_reuse"
+                return "revoked_cap" if token.revoked_by == "cap" else "revoked"
+            return "missed_window"  # "used": consumed, grace over
+
+    def loss_causes(self, stored: Iterable[str]) -> dict[str, int]:
+        """How many of the refresh tokens a client ``stored`` (one per token set) the IdP would
+        refuse, by :meth:`loss_cause`; causes with no token are left out."""
+        with self._lock:
+            causes: dict[str, int] = {}
+            for value in stored:
+                cause = self.loss_cause(value)
+                if cause is not None:
+                    causes[cause] = causes.get(cause, 0) + 1
+            return causes
+
+    def missed_windows(self, stored: Iterable[str]) -> int:
+        """Grace windows missed: stored refresh tokens that were consumed, with the window
+        closed and no successor stored instead (the chaos judge knows what the client stored)."""
+        return self.loss_causes(stored).get("missed_window", 0)
+
+    def _consumed(self) -> list[_RefreshToken]:
+        return [
+            t
+            for t in self._tokens.values()
+            if t.family.policy.usage == "one_time" and t.first_used_at is not None
+        ]
+
     # -- internal: called by FakeIdP under self._lock -------------------------------------
 
     def _count(self, name: str, by: int = 1) -> None:
@@ -483,10 +671,39 @@ class Ledger:
         live = [t for t in owned if _status(t, now) == "live"]
         live.sort(key=lambda t: t.seq)
         for victim in live[: max(0, len(live) - cap)]:
-            victim.revoked = True
+            victim.revoke("cap")
             self._count("cap_revocations")
             self._event("cap_revoked", family=victim.family.id, user=victim.family.user)
         owned[:] = [t for t in owned if _status(t, now) in ("live", "grace")]
+
+    def _presented(self, refresh_token: str | None) -> None:
+        """Count one token request presenting ``refresh_token`` (sends per window)."""
+        token = self._tokens.get(refresh_token) if refresh_token is not None else None
+        if token is not None:
+            token.sends += 1
+
+    def _revoke_for_reuse(self, token: _RefreshToken) -> None:
+        """``token``, consumed and past its grace period, was presented: revoke what its
+        family's policy says (RFC 9700 4.14.2: the server cannot tell the legitimate client
+        from an attacker, so it revokes the grant)."""
+        family = token.family
+        scope = family.policy.reuse_revokes
+        if scope == "none":
+            return
+        hit = [family]
+        if scope == "user":
+            hit = [
+                f
+                for f in self._families.values()
+                if f.user == family.user and f.client_id == family.client_id
+            ]
+        for victim in hit:
+            alive = [t for t in victim.tokens if not t.revoked]
+            for t in alive:
+                t.revoke("reuse")
+            if alive:
+                self._count("reuse_revoked_families")
+                self._event("reuse_revoked", family=victim.id, scope=scope, tokens=len(alive))
 
     def _mint_access(self, family: _Family) -> str:
         value = "at_" + secrets.token_urlsafe(32)
@@ -630,6 +847,12 @@ def _pkce_ok(challenge: str, method: str, verifier: str | None) -> bool:
     return hmac.compare_digest(challenge.encode(), computed)
 
 
+def _reset(stream: anyio.abc.SocketStream) -> None:
+    """Make the coming close() a TCP RST: SO_LINGER with a zero timeout."""
+    sock = stream.extra(anyio.abc.SocketAttribute.raw_socket)  # noqa: S610
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
 def _peek_refresh_token(request: h11.Request, body: bytes) -> str | None:
     try:
         return _parse_form(request, body).get("refresh_token")
@@ -648,8 +871,20 @@ class FakeIdP:
 
     Run it with ``await task_group.start(idp.serve)`` or, from synchronous code,
     ``with running_in_thread(idp):``. The token settings (``usage``, ``grace_period``,
-    lifetimes, ``reuse_returns_refresh_token``) are public attributes; like a real IdP,
-    changing one affects only authorizations issued afterwards.
+    lifetimes, ``reuse_returns_refresh_token``, ``grace_answer``, ``reuse_revokes``) are public
+    attributes; like a real IdP, changing one affects only authorizations issued afterwards.
+
+    ``grace_answer``: a one-time token re-sent inside its grace period gets a new ``"sibling"``
+    refresh token, the earlier successors staying live (IdentityServer, Auth0; the default), or
+    the ``"same_pair"`` its first use returned, refresh and access token alike
+    (django-oauth-toolkit).
+
+    ``reuse_revokes``: what presenting a consumed token after its grace period costs besides
+    the ``invalid_grant``. ``"family"`` (the default) revokes every token of that authorization,
+    as RFC 9700 (4.14.2) recommends and Auth0's and Okta's reuse detection do: the realistic
+    price, so that a test sees a late re-send as the loss it is in production. ``"user"``
+    revokes every token of that user and client, other authorizations (companies) included;
+    ``"none"`` revokes nothing (Duende IdentityServer's default).
     """
 
     def __init__(
@@ -665,11 +900,17 @@ class FakeIdP:
         refresh_token_idle_lifetime: float | None = None,
         max_refresh_tokens_per_user: int | None = None,
         reuse_returns_refresh_token: bool = True,
+        grace_answer: GraceAnswer = "sibling",
+        reuse_revokes: ReuseRevokes = "family",
         latency: float = 0.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if usage not in ("one_time", "reuse"):
             raise ValueError("usage must be 'one_time' or 'reuse'")
+        if grace_answer not in ("sibling", "same_pair"):
+            raise ValueError("grace_answer must be 'sibling' or 'same_pair'")
+        if reuse_revokes not in ("none", "family", "user"):
+            raise ValueError("reuse_revokes must be 'none', 'family' or 'user'")
         if max_refresh_tokens_per_user is not None and max_refresh_tokens_per_user < 1:
             raise ValueError("max_refresh_tokens_per_user must be >= 1")
         self._host = host
@@ -684,6 +925,8 @@ class FakeIdP:
         self.refresh_token_idle_lifetime = refresh_token_idle_lifetime
         self.max_refresh_tokens_per_user = max_refresh_tokens_per_user
         self.reuse_returns_refresh_token = reuse_returns_refresh_token
+        self.grace_answer: GraceAnswer = grace_answer
+        self.reuse_revokes: ReuseRevokes = reuse_revokes
         if latency < 0:
             raise ValueError("latency must be >= 0")
         # Seconds each token request waits before it is handled: a distant IdP's round trip,
@@ -699,6 +942,11 @@ class FakeIdP:
         self._gate = threading.Event()
         self._gate.set()
         self._held = 0
+        # refuse_connections(): the listener is closed until then (time.monotonic()).
+        self._refuse_until = 0.0
+        self._listening: anyio.CancelScope | None = None
+        self._listener_closed: anyio.Event | None = None
+        self._loop: tuple[int, anyio.lowlevel.EventLoopToken] | None = None  # (thread, token)
 
     def __repr__(self) -> str:
         where = self.url if self._bound else "not serving"
@@ -795,7 +1043,7 @@ class FakeIdP:
             for family in self.ledger._families.values():
                 if family.user == user:
                     for token in family.tokens:
-                        token.revoked = True
+                        token.revoke("user")
             self.ledger._count("revocations")
             self.ledger._event("revoke_user", user=user)
 
@@ -824,14 +1072,70 @@ class FakeIdP:
         self, *, task_status: anyio.abc.TaskStatus[FakeIdP] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """Bind, report ``self`` through ``task_status``, then serve until cancelled."""
+        listener: anyio.abc.Listener[anyio.abc.SocketStream]
         listener = await anyio.create_tcp_listener(local_host=self._host, local_port=self._port)
-        async with listener:
-            address = listener.extra(anyio.abc.SocketAttribute.local_address)  # noqa: S610
-            assert isinstance(address, tuple)  # TCP: (host, port) or (host, port, flow, scope)
-            self._bound = (str(address[0]), int(address[1]))
-            logger.debug("fake IdP listening on %s", self.url)
-            task_status.started(self)
-            await listener.serve(self._handle_connection)
+        address = listener.extra(anyio.abc.SocketAttribute.local_address)  # noqa: S610
+        assert isinstance(address, tuple)  # TCP: (host, port) or (host, port, flow, scope)
+        self._bound = (str(address[0]), int(address[1]))
+        self._loop = (threading.get_ident(), anyio.lowlevel.current_token())
+        logger.debug("fake IdP listening on %s", self.url)
+        task_status.started(self)
+        # Connections live in their own task group, so that closing the listener for an outage
+        # (refuse_connections) leaves the requests in flight alone.
+        async with anyio.create_task_group() as connections:
+            while True:
+                self._listener_closed = closed = anyio.Event()
+                async with listener:
+                    with anyio.CancelScope() as self._listening:
+                        if time.monotonic() < self._refuse_until:
+                            self._listening.cancel()
+                        await listener.serve(self._handle_connection, task_group=connections)
+                closed.set()
+                # A deadline, not an event: another thread may extend it meanwhile.
+                while (left := self._refuse_until - time.monotonic()) > 0:  # noqa: ASYNC110
+                    await anyio.sleep(left)
+                listener = await self._listen_again()
+
+    async def _listen_again(self) -> anyio.abc.Listener[anyio.abc.SocketStream]:
+        """The listener again, on the port it had (SO_REUSEADDR: TIME_WAIT is no obstacle)."""
+        assert self._bound is not None
+        while True:
+            try:
+                return await anyio.create_tcp_listener(
+                    local_host=self._bound[0], local_port=self._bound[1]
+                )
+            except OSError:  # someone took the port meanwhile: unlikely on loopback, retry
+                await anyio.sleep(0.05)
+
+    def refuse_connections(self, seconds: float) -> None:
+        """An outage, as of an IdP process that died: for ``seconds`` the listener is closed,
+        so new connections are refused (ECONNREFUSED: the client knows nothing was sent), and
+        a request arriving on an open keep-alive connection is reset unread. Nothing is
+        processed. Thread-safe; a call during an outage extends it. From another thread it
+        returns once the listener is closed; from the serving event loop's own thread, the
+        listener closes at its next checkpoint."""
+        if seconds <= 0:
+            raise ValueError("seconds must be > 0")
+        if self._loop is None:
+            raise RuntimeError("FakeIdP is not serving yet: start serve() first")
+        with self._lock:
+            self._refuse_until = max(self._refuse_until, time.monotonic() + seconds)
+            self.ledger._count("outages")
+            self.ledger._event("outage", seconds=seconds)
+        thread, token = self._loop
+        if threading.get_ident() == thread:
+            self._stop_listening()
+        else:
+            anyio.from_thread.run(self._close_listener, token=token)
+
+    def _stop_listening(self) -> None:
+        if self._listening is not None:
+            self._listening.cancel()
+
+    async def _close_listener(self) -> None:
+        self._stop_listening()
+        if self._listener_closed is not None:
+            await self._listener_closed.wait()
 
     async def _handle_connection(self, stream: anyio.abc.SocketStream) -> None:
         with self._lock:
@@ -884,6 +1188,12 @@ class FakeIdP:
         if not isinstance(event, h11.Request):
             return False  # ConnectionClosed (an idle keep-alive ended) or nothing to do
         request = event
+        if time.monotonic() < self._refuse_until:
+            with self._lock:
+                self.ledger._faults["outage"] = self.ledger._faults.get("outage", 0) + 1
+                self.ledger._event("not_processed", fault="outage")
+            _reset(stream)
+            return False
         length = _header(request, b"content-length")
         if length is not None and length.isdigit() and int(length) > MAX_BODY:
             await self._refuse_too_large(conn, stream)
@@ -987,23 +1297,27 @@ class FakeIdP:
                     self._held -= 1
         if self.latency:
             await anyio.sleep(self.latency)
-        fault = self.faults._draw(_peek_refresh_token(request, body))
+        presented = _peek_refresh_token(request, body)
+        fault = self.faults._draw(presented)
         kind = fault.kind if fault is not None else None
         with self._lock:
             self.ledger._count("requests")
+            self.ledger._presented(presented)
             if kind is not None:
                 self.ledger._faults[kind.value] = self.ledger._faults.get(kind.value, 0) + 1
-        with self.ledger._flight(_peek_refresh_token(request, body)):
+        with self.ledger._flight(presented):
             if fault is None:
                 await self._send(conn, stream, self._process_token(request, body, None))
                 return True
             assert kind is not None
             if kind is FaultKind.RESET:
                 self._record_fault_only(kind)
-                # SO_LINGER with a zero timeout turns close() into a TCP RST.
-                sock = stream.extra(anyio.abc.SocketAttribute.raw_socket)  # noqa: S610
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                _reset(stream)
                 return False
+            if kind is FaultKind.UNAVAILABLE:
+                self._record_fault_only(kind)
+                await self._send(conn, stream, _text_reply(503, "text/html", _HTML_BODY))
+                return True
             if kind is FaultKind.RETRY_AFTER:
                 self._record_fault_only(kind)
                 phrase = http.HTTPStatus(fault.status).phrase
@@ -1030,8 +1344,10 @@ class FakeIdP:
             if kind is FaultKind.SLOW and not fault.process_first:
                 await anyio.sleep(fault.delay)
             reply = self._process_token(request, body, kind)
-            if kind is FaultKind.SLOW:
-                if fault.process_first:
+            if kind is FaultKind.SLOW or kind is FaultKind.STALL:
+                if kind is FaultKind.STALL:
+                    await anyio.sleep(fault.stall)
+                elif fault.process_first:
                     await anyio.sleep(fault.delay)
                 await self._send(conn, stream, reply)
                 return True
@@ -1100,9 +1416,10 @@ class FakeIdP:
         status = _status(token, now)
         if status in ("revoked", "expired", "used"):
             ledger._count("invalid_grants")
+            ledger._event("invalid_grant", reason=status, family=family.id, fault=fault)
             if status == "used":
                 ledger._count("reuses_outside_grace")
-            ledger._event("invalid_grant", reason=status, family=family.id, fault=fault)
+                ledger._revoke_for_reuse(token)
             return _oauth_error(400, "invalid_grant", f"refresh token {status}")
         granted = family.scope
         if scope is not None:
@@ -1111,23 +1428,30 @@ class FakeIdP:
                 ledger._event("invalid_scope", family=family.id, fault=fault)
                 return _oauth_error(400, "invalid_scope", "scope exceeds the granted scope")
             granted = " ".join(s for s in family.scope.split() if s in wanted)
-        returned: str | None
-        if family.policy.usage == "one_time":
-            if status == "grace":
-                ledger._count("reuses_in_grace")
-            else:
-                token.first_used_at = now
-            returned = ledger._mint_refresh(family, self.max_refresh_tokens_per_user).value
-            outcome = "refreshed_in_grace" if status == "grace" else "refreshed"
-        else:
+        ledger._count("refreshes")
+        if family.policy.usage == "reuse":
             token.last_activity = now
             if token.first_used_at is None:
                 token.first_used_at = now
             returned = token.value if family.policy.reuse_returns_refresh_token else None
-            outcome = "refreshed"
-        ledger._count("refreshes")
+            ledger._event("refreshed", family=family.id, fault=fault)
+            return _json_reply(200, self._token_response(family, returned, granted))
+        if status == "grace":
+            ledger._count("reuses_in_grace")
+            if family.policy.grace_answer == "same_pair" and token.answer is not None:
+                # django-oauth-toolkit: the pair of the first use again, nothing minted.
+                ledger._event("refreshed_in_grace", family=family.id, fault=fault, same_pair=True)
+                return _json_reply(200, token.answer)
+        else:
+            token.first_used_at = now
+        successor = ledger._mint_refresh(family, self.max_refresh_tokens_per_user)
+        token.successors.append(successor)
+        response = self._token_response(family, successor.value, granted)
+        if token.answer is None:
+            token.answer = response
+        outcome = "refreshed_in_grace" if status == "grace" else "refreshed"
         ledger._event(outcome, family=family.id, fault=fault)
-        return _json_reply(200, self._token_response(family, returned, granted))
+        return _json_reply(200, response)
 
     def _exchange_code(self, client_id: str, form: Mapping[str, str], fault: str | None) -> _Reply:
         """RFC 6749 4.1.3 with RFC 7636 4.6: a code is good once, for its client, its
@@ -1184,6 +1508,8 @@ class FakeIdP:
             refresh_token_lifetime=self.refresh_token_lifetime,
             refresh_token_idle_lifetime=self.refresh_token_idle_lifetime,
             reuse_returns_refresh_token=self.reuse_returns_refresh_token,
+            grace_answer=self.grace_answer,
+            reuse_revokes=self.reuse_revokes,
         )
 
     def _authenticate(self, request: h11.Request, form: Mapping[str, str]) -> str:
@@ -1262,7 +1588,7 @@ class FakeIdP:
     def _revoke_value(self, value: str) -> None:
         token = self.ledger._tokens.get(value)
         if token is not None:
-            token.revoked = True
+            token.revoke("revocation")
             self.ledger._event("revoked", family=token.family.id)
         elif value in self.ledger._access:
             # Access tokens are not checked anywhere here; record the revocation only.
