@@ -6,6 +6,7 @@ policy turns the quantile into a hedge delay, a retry spacing and the window's e
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from typing import Final
 
@@ -40,7 +41,7 @@ class AnswerTimes:
             return None
         if self._sorted is None:
             self._sorted = sorted(self._samples)
-        rank = min(len(self._sorted) - 1, max(0, round(q * len(self._sorted)) - 1))
+        rank = min(len(self._sorted) - 1, max(0, math.ceil(q * len(self._sorted)) - 1))
         return self._sorted[rank]
 
     def hint(self) -> float | None:

@@ -37,6 +37,8 @@ DEFAULT_LATENCY: Final = 0.25
 MIN_WINDOW_MARGIN: Final = 0.25
 # The last send is planned to start this long before the window's (margined) end.
 LAST_SEND_LEAD: Final = 0.05
+# No send of a series follows a failed one sooner than this (the least spacing, jitter taken).
+MIN_SEND_GAP: Final = 0.08
 
 
 class EffectivePolicy(NamedTuple):
@@ -376,30 +378,45 @@ def decide(failure: Failure, ctx: FailureContext, cfg: ScheduleConfig, rand: flo
         )
         return Backoff(at=ctx.now + delay)
 
-    def in_window(at: float) -> SendAgain:
-        # The last send is planned to start before the window closes, whatever the spacing
-        # or an IdP's Retry-After would say.
+    def in_window(at: float) -> SendAgain | None:
+        # The last send is planned to start before the window closes, whatever the spacing or
+        # an IdP's Retry-After would say; but never sooner than MIN_SEND_GAP after this answer
+        # (no burst at the end of the window). None: no room for another send.
         assert closes_at is not None
-        return SendAgain(at=max(ctx.now, min(at, closes_at - LAST_SEND_LEAD)), grace=True)
+        last = closes_at - LAST_SEND_LEAD
+        if ctx.now + MIN_SEND_GAP > last:
+            return None
+        return SendAgain(at=max(ctx.now + MIN_SEND_GAP, min(at, last)), grace=True)
 
     kind = failure.kind
     sends = attempt.sends if attempt is not None else 1
     spacing = retry_spacing(sends, ctx.grace_period, ctx.latency, rand)
+    if closes_at is not None and attempt is not None:
+        # What is left of the unsettled-send budget is spread over what is left of the
+        # window, so that a long window keeps a send for its end rather than spending the
+        # budget in its first seconds.
+        left = MAX_UNSETTLED_SENDS - attempt.unsettled
+        if left > 0:
+            spacing = max(spacing, (closes_at - LAST_SEND_LEAD - ctx.now) / (left + 1))
     if kind is FailureKind.INVALID_GRANT:
         if not maybe_consumed:
             return Invalidate(reason=INVALID_GRANT)
         # A send of the series may have rotated the token: an IdP racing its own rotation can
         # refuse the old token for a moment. One more send while the window is open.
         if window_open and budget_left and not ctx.invalid_grant_retried:
-            return in_window(ctx.now + spacing)
+            again = in_window(ctx.now + spacing)
+            if again is not None:
+                return again
         return Invalidate(reason=INVALID_GRANT_AFTER_UNRESOLVED)
     if maybe_consumed:
+        again = None
         if window_open and budget_left:
             if kind is FailureKind.RATE_LIMITED and failure.retry_after is not None:
                 # As told, but never sooner than the spacing ("Retry-After: 0" is no loop).
-                return in_window(ctx.now + max(failure.retry_after, spacing))
-            return in_window(ctx.now + spacing)
-        return Invalidate(reason=GRACE_WINDOW_MISSED)
+                again = in_window(ctx.now + max(failure.retry_after, spacing))
+            else:
+                again = in_window(ctx.now + spacing)
+        return again if again is not None else Invalidate(reason=GRACE_WINDOW_MISSED)
     # Nothing of the series can have been processed: the token is as good as before.
     if kind is FailureKind.CLIENT_REJECTED:
         return OpenCircuit()
@@ -408,11 +425,11 @@ def decide(failure: Failure, ctx: FailureContext, cfg: ScheduleConfig, rand: flo
     if kind is FailureKind.RATE_LIMITED:
         if failure.retry_after is None:
             return backoff(ctx.failures + 1)
+        # Rescheduled, as told: the IdP processed nothing, so no window is running. (Not a
+        # resend inside this refresh: each would start a new series, and a short Retry-After
+        # repeated would never end.) "Retry-After: 0" (or a date in the past) must not become
+        # a tight loop of refreshes.
         wait = min(max(failure.retry_after, 0.0), cfg.retry_after_max)
-        if closes_at is not None and ctx.now + wait < closes_at:
-            # A plain resend as told, not a grace retry: the IdP processed nothing.
-            return SendAgain(at=ctx.now + wait, grace=False)
-        # "Retry-After: 0" (or a date in the past) must not become a tight loop of refreshes.
         return Backoff(at=ctx.now + max(wait, cfg.min_interval))
     # Any other OAuth error or unexpected 4xx: not processed, probably a configuration problem;
     # retry rarely so a fix is picked up without a restart.

@@ -1170,13 +1170,18 @@ class _Series:
 
     async def run(self, tg: anyio.abc.TaskGroup) -> _SeriesEnd:
         r, ts = self.r, self.ts
-        next_send_at: float | None = r.clock.wall()
+        # Two clocks for the next send: a retry the policy planned after a failed answer, and
+        # a hedge beside the sends still out (void once none is out).
+        retry_at: float | None = r.clock.wall()
+        hedge_at: float | None = None
         # Why no more sends may start (the journal failed); returned once none is out.
         stopped: RefreshResult | None = None
         refused = False
         pending: tuple[Failure, policy.Decision] | None = None
         while True:
             now = r.clock.wall()
+            planned = [t for t in (retry_at, hedge_at if self.in_flight else None) if t is not None]
+            next_send_at = min(planned) if planned else None
             may_send = (
                 stopped is None
                 and not refused
@@ -1184,13 +1189,14 @@ class _Series:
                 and self.in_flight < policy.MAX_SENDS_IN_FLIGHT
             )
             if may_send and next_send_at is not None and now >= next_send_at:
+                retry_at = hedge_at = None
                 journaled = await self._journal(now)
                 if journaled is None:
                     # The set moved on, our lease went, or the window closed: no more sends.
                     # What that means is read once no send is out (one may bring a grant).
-                    refused, next_send_at = True, None
+                    refused = True
                 elif isinstance(journaled, RefreshResult):
-                    stopped, next_send_at = journaled, None
+                    stopped = journaled
                 else:
                     self.attempt = journaled
                     if self.in_flight:
@@ -1205,7 +1211,7 @@ class _Series:
                         )
                     self.in_flight += 1
                     tg.start_soon(self._send, journaled)
-                    next_send_at = self._hedge_at(now)
+                    hedge_at = self._hedge_at(now)
                 continue
             if self.in_flight == 0:
                 if stopped is not None:
@@ -1214,9 +1220,9 @@ class _Series:
                     return await r._moved_on(ts, self.eff, self.grace)
                 if pending is not None:
                     return pending
-                if next_send_at is None:  # pragma: no cover - every path plans or ends
+                if retry_at is None:  # pragma: no cover - every path plans or ends
                     raise AssertionError("a series with nothing out and nothing planned")
-                await anyio.sleep(max(next_send_at - now, 0.0))
+                await anyio.sleep(max(retry_at - now, 0.0))
                 continue
             wait = (
                 max(next_send_at - now, 0.0) if may_send and next_send_at is not None else math.inf
@@ -1228,12 +1234,12 @@ class _Series:
                 if end is None:
                     continue
                 if isinstance(end, policy.SendAgain):
-                    next_send_at = end.at if next_send_at is None else min(next_send_at, end.at)
+                    retry_at = end.at if retry_at is None else min(retry_at, end.at)
                     pending = None
                     continue
                 if isinstance(end, tuple):
                     # Final, unless a send still out brings the grant or reopens the question.
-                    pending, next_send_at = end, None
+                    pending, retry_at, hedge_at = end, None, None
                     continue
                 return end
 
