@@ -281,6 +281,28 @@ def backoff_delay(failures: int, *, initial: float, maximum: float, rand: float)
     return base * (0.5 + 0.5 * rand)
 
 
+def series_spacing(
+    attempt: Attempt | None,
+    *,
+    now: float,
+    grace_period: float,
+    latency: float | None,
+    rand: float,
+) -> float:
+    """The pause before the next send of a one-time token's series, after a failed answer:
+    :func:`retry_spacing`, or longer where the unsettled-send budget left, spread over what is
+    left of the window, asks for it (a long window then keeps a send for its end rather than
+    spending the budget in its first seconds)."""
+    sends = attempt.sends if attempt is not None else 1
+    spacing = retry_spacing(sends, grace_period, latency, rand)
+    if attempt is not None and grace_period > 0:
+        left = MAX_UNSETTLED_SENDS - attempt.unsettled
+        last = window_closes_at(attempt.started_at, grace_period, latency) - LAST_SEND_LEAD
+        if left > 0:
+            spacing = max(spacing, (last - now) / (left + 1))
+    return spacing
+
+
 @dataclass(frozen=True, slots=True)
 class SendAgain:
     """Send the same refresh token again at ``at`` (wall time), inside this refresh.
@@ -389,15 +411,9 @@ def decide(failure: Failure, ctx: FailureContext, cfg: ScheduleConfig, rand: flo
         return SendAgain(at=max(ctx.now + MIN_SEND_GAP, min(at, last)), grace=True)
 
     kind = failure.kind
-    sends = attempt.sends if attempt is not None else 1
-    spacing = retry_spacing(sends, ctx.grace_period, ctx.latency, rand)
-    if closes_at is not None and attempt is not None:
-        # What is left of the unsettled-send budget is spread over what is left of the
-        # window, so that a long window keeps a send for its end rather than spending the
-        # budget in its first seconds.
-        left = MAX_UNSETTLED_SENDS - attempt.unsettled
-        if left > 0:
-            spacing = max(spacing, (closes_at - LAST_SEND_LEAD - ctx.now) / (left + 1))
+    spacing = series_spacing(
+        attempt, now=ctx.now, grace_period=ctx.grace_period, latency=ctx.latency, rand=rand
+    )
     if kind is FailureKind.INVALID_GRANT:
         if not maybe_consumed:
             return Invalidate(reason=INVALID_GRANT)

@@ -46,6 +46,7 @@ from refresherd.policy import (
     keep_series_since,
     plan_next_refresh,
     retry_spacing,
+    series_spacing,
     window_closes_at,
     window_margin,
     window_missed,
@@ -599,8 +600,9 @@ def test_maybe_consumed_with_the_window_open_sends_again_spaced(
     token again, after the spacing, inside the window (the only way to get the new one)."""
     attempt = answered(kind)
     decision = decide(failure(kind), ctx(attempt=attempt, latency=latency), CFG, rand)
-    spacing = retry_spacing(attempt.sends, GRACE, latency, rand)
+    spacing = series_spacing(attempt, now=INSIDE, grace_period=GRACE, latency=latency, rand=rand)
     assert decision == SendAgain(at=INSIDE + spacing, grace=True)
+    assert spacing >= retry_spacing(attempt.sends, GRACE, latency, rand)
     assert decision.at < window_closes_at(NOW, GRACE, latency) - LAST_SEND_LEAD
 
 
@@ -650,7 +652,8 @@ def test_settled_sends_do_not_spend_the_budget(kind: FailureKind) -> None:
     its per-user cap: 30 sends of which 25 were settled leave 5 that count."""
     journal = series(sends=30, settled=25)
     decision = decide(failure(kind), ctx(attempt=journal), CFG, 0.5)
-    assert decision == SendAgain(at=INSIDE + retry_spacing(30, GRACE, None, 0.5), grace=True)
+    spacing = series_spacing(journal, now=INSIDE, grace_period=GRACE, latency=None, rand=0.5)
+    assert decision == SendAgain(at=INSIDE + spacing, grace=True)
     journal = series(sends=30, settled=30 - MAX_UNSETTLED_SENDS)
     assert isinstance(decide(failure(kind), ctx(attempt=journal), CFG, 0.5), Invalidate)
 
@@ -680,7 +683,9 @@ def test_retry_after_inside_the_window_is_honoured(retry_after: float) -> None:
         CFG,
         0.5,
     )
-    assert decision == SendAgain(at=INSIDE + retry_after, grace=True)
+    attempt = answered(FailureKind.RATE_LIMITED)
+    spacing = series_spacing(attempt, now=INSIDE, grace_period=GRACE, latency=None, rand=0.5)
+    assert decision == SendAgain(at=INSIDE + max(retry_after, spacing), grace=True)
 
 
 @pytest.mark.parametrize("retry_after", [0.0, -5.0, 0.01, 0.05])
@@ -690,7 +695,7 @@ def test_retry_after_is_never_sooner_than_the_spacing(retry_after: float, sends:
     decision = decide(
         failure(FailureKind.RATE_LIMITED, retry_after), ctx(attempt=attempt), CFG, 0.2
     )
-    spacing = retry_spacing(sends, GRACE, None, 0.2)
+    spacing = series_spacing(attempt, now=INSIDE, grace_period=GRACE, latency=None, rand=0.2)
     assert decision == SendAgain(at=INSIDE + spacing, grace=True)
     assert decision.at - INSIDE >= MIN_SPACING - EPS
 
@@ -710,12 +715,13 @@ def test_retry_after_is_never_past_the_last_send_time(
     assert decision == SendAgain(at=last, grace=True)
 
 
-def test_retry_after_with_nothing_consumed_is_a_plain_resend_when_it_fits() -> None:
-    # The IdP processed nothing: no grace is relied on, the token is as good as before.
+def test_retry_after_with_nothing_consumed_reschedules_as_told() -> None:
+    # The IdP processed nothing: no window runs, the token is as good as before. Rescheduled
+    # rather than resent inside this refresh: each resend would start a new series, and a
+    # short Retry-After repeated would never end.
     first = series(sends=1, settled=1)
     decision = decide(failure(FailureKind.RATE_LIMITED, 5.0), ctx(attempt=first), CFG, 0.5)
-    assert decision == SendAgain(at=INSIDE + 5.0, grace=False)
-    # does not fit before the window's end: wait as told, outside this refresh
+    assert decision == Backoff(at=INSIDE + 5.0)
     decision = decide(failure(FailureKind.RATE_LIMITED, 28.5), ctx(attempt=first), CFG, 0.5)
     assert decision == Backoff(at=INSIDE + 28.5)
     # bounded
@@ -856,7 +862,10 @@ def test_invalid_grant_on_a_first_send_invalidates(
 def test_invalid_grant_after_an_unresolved_send_retries_once_inside_grace() -> None:
     earlier = series(sends=2, settled=1)  # an earlier send of this series went unanswered
     first = decide(failure(FailureKind.INVALID_GRANT), ctx(attempt=earlier), CFG, 0.5)
-    assert first == SendAgain(at=INSIDE + retry_spacing(2, GRACE, None, 0.5), grace=True)
+    spacing = series_spacing(
+        series(sends=2, settled=1), now=INSIDE, grace_period=GRACE, latency=None, rand=0.5
+    )
+    assert first == SendAgain(at=INSIDE + spacing, grace=True)
     second = decide(
         failure(FailureKind.INVALID_GRANT),
         ctx(now=INSIDE + 0.5, attempt=series(sends=3, settled=2), invalid_grant_retried=True),

@@ -719,23 +719,27 @@ async def test_retry_after_on_a_reuse_token_sets_the_next_time(
 
 
 @pytest.mark.anyio
-async def test_short_retry_after_inside_the_window_waits_then_resends(
+async def test_a_short_retry_after_with_nothing_consumed_reschedules_as_told(
     tmp_path: Path, logs: LogCapture
 ) -> None:
+    """A 429 on the first send consumed nothing: no window runs, so the set is rescheduled
+    as told (not resent inside this refresh: a short Retry-After repeated would make that a
+    loop), the journal is cleared, and the next refresh is an ordinary first send."""
     async with harness(tmp_path, grace_period=5.0) as h:
         old = await h.add("ts-1")
         h.idp.faults.add(FaultKind.RETRY_AFTER, status=429, retry_after=1)
-        started = time.monotonic()
+        before = time.time()
         result = await h.refresher.refresh("ts-1")
-        assert time.monotonic() - started >= 1.0  # waited as told
-        assert result.outcome == "refreshed"
-        assert h.idp.ledger.requests == 2 and h.idp.ledger.refreshes == 1
-        assert h.idp.ledger.reuses_in_grace == 0  # the 429 consumed nothing
+        assert (result.outcome, result.reason) == ("failed", "rate_limited"), result
         stored = await h.get("ts-1")
-        assert stored.refresh_token.reveal() != old
-        assert h.idp.ledger.is_live(stored.refresh_token.reveal())
-        assert h.failures("rate_limited") == 1
-        assert h.grace_retries() == 0  # a resend of an unprocessed token, not a grace retry
+        assert stored.refresh_token.reveal() == old and stored.state is State.FAILING
+        assert stored.attempt is None  # settled: nothing for a window to recover
+        assert before + 1.0 <= stored.next_refresh_at <= time.time() + SCHEDULE.min_interval + 1
+        assert h.grace_retries() == 0 and h.failures("rate_limited") == 1
+
+        again = await h.refresher.refresh("ts-1")
+        assert again.outcome == "refreshed" and again.detail == "sends=1"
+        assert h.idp.ledger.requests == 2 and h.idp.ledger.reuses_in_grace == 0
 
 
 # --------------------------------------------------------------------------- invalid_grant
