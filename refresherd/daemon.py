@@ -58,6 +58,8 @@ from refresherd.workers import (
 log = logs.get_logger("refresherd.daemon")
 
 GAUGE_INTERVAL: Final = 10.0
+# How often old notifications are pruned (Daemon._prune_events).
+PRUNE_INTERVAL: Final = 3600.0
 # The gauge queries scan every token set: at most this share of the time goes to them, so a
 # million sets stretch the interval rather than steal a core (20x their own duration).
 GAUGE_DUTY: Final = 0.05
@@ -166,8 +168,9 @@ class Daemon:
         self.listen_address: tuple[str, int] | None = None
         self.notifier = Notifier()
         self._ready = False
-        # Notifications (None without a [hooks] target): await self.hooks.enqueue(...).
+        # The hook dispatcher (None without a [hooks] target). Events are queued without it.
         self.hooks: Hooks | None = None
+        self._pruned_at = float("-inf")
         self._exit_code = 0
 
     def request_stop(self) -> None:
@@ -281,8 +284,8 @@ class Daemon:
                 rt.refresher.events = self.hooks = hooks
                 tg.start_soon(self._notify, hooks)
             if self.worker is None:
-                # The whole database's gauges and expiry (after the hooks, which it may
-                # notify): the primary's job alone.
+                # The whole database's gauges, expiry and event pruning (after the hooks,
+                # which it may notify): the primary's job alone.
                 tg.start_soon(self._gauges, rt)
                 tg.start_soon(self._expiry_watcher(rt).run)
             else:
@@ -568,11 +571,13 @@ class Daemon:
             rt.metrics.storage_probes.labels(result)
 
     def _expiry_watcher(self, rt: Runtime) -> ExpiryWatcher:
-        hooks = self.hooks
+        # Queued with or without [hooks]: the warning is given once per expiry (marked in the
+        # database), and a daemon of the fleet that has [hooks] delivers it.
+        events = rt.refresher.events
 
         async def expiring(ts: TokenSet, expires_at: float) -> None:
-            if hooks is not None:
-                await hooks.enqueue(
+            if events is not None:
+                await events.enqueue(
                     "refresh_token.expiring",
                     ts.id,
                     ts.provider,
@@ -586,7 +591,7 @@ class Daemon:
             clock=self.clock,
             providers=lambda: self.config.providers,
             schedule=lambda: self.config.schedule,
-            on_expiring=expiring if hooks is not None else None,
+            on_expiring=expiring,
         )
 
     async def _heartbeat(self) -> None:
@@ -629,6 +634,7 @@ class Daemon:
                         with contextlib.suppress(KeyError):
                             rt.metrics.refresh_token_expires_soonest.remove(provider)
             took = self.clock.monotonic() - started
+            await self._prune_events(rt)
             await self._checkpoint(rt)
             # What /readyz would say, also when nothing polls /readyz (a scrape of /metrics only).
             problems = ["timed out"]
@@ -636,6 +642,32 @@ class Daemon:
                 problems = await self._readiness()
             rt.metrics.ready.set(0 if problems else 1)
             await anyio.sleep(max(GAUGE_INTERVAL, took / GAUGE_DUTY))
+
+    async def _prune_events(self, rt: Runtime) -> None:
+        """Events that no daemon with [hooks] took within hooks.give_up_after (none delivers
+        for this database, or none ran for that long) and finished deliveries that old are
+        deleted: the queue stays bounded whether or not anyone delivers."""
+        now = self.clock.monotonic()
+        if now < self._pruned_at + PRUNE_INTERVAL:
+            return
+        self._pruned_at = now
+        if rt.refresher.storage.paused:  # a paused store is probed, not written to
+            return
+        try:
+            events, deliveries = await rt.store.prune_events(
+                before=self.clock.wall() - self.config.hooks.give_up_after
+            )
+        except StoreError as exc:
+            log.warning("cannot prune old notifications", error=str(exc))
+            return
+        if events:
+            log.warning(
+                "notifications dropped: no daemon with [hooks] took them in time",
+                events=events,
+                give_up_after=self.config.hooks.give_up_after,
+            )
+        if deliveries:
+            log.info("old notification deliveries pruned", deliveries=deliveries)
 
     async def _checkpoint(self, rt: Runtime) -> None:
         """A passive checkpoint, so the WAL is copied back while the daemon is idle, too (a
