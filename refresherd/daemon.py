@@ -633,6 +633,7 @@ class Daemon:
                     else:
                         with contextlib.suppress(KeyError):
                             rt.metrics.refresh_token_expires_soonest.remove(provider)
+            await self._database_invalidations(rt)
             took = self.clock.monotonic() - started
             await self._prune_events(rt)
             await self._checkpoint(rt)
@@ -642,6 +643,23 @@ class Daemon:
                 problems = await self._readiness()
             rt.metrics.ready.set(0 if problems else 1)
             await anyio.sleep(max(GAUGE_INTERVAL, took / GAUGE_DUTY))
+
+    async def _database_invalidations(self, rt: Runtime) -> None:
+        """refresherd_database_invalidations_total from the database's own count, which every
+        process's invalidations add to (the CLI's too). Every configured provider's series of
+        the known reasons exist from the start, at 0, so that increase() sees the first one."""
+        try:
+            counts = await rt.store.invalidation_counts()
+        except StoreError as exc:
+            log.warning("cannot count invalidations", error=str(exc))
+            return
+        values: dict[tuple[str, ...], float] = {
+            (provider, reason): 0.0
+            for provider in self.config.providers
+            for reason in INVALIDATION_REASONS
+        }
+        values.update({key: float(count) for key, count in counts.items()})
+        rt.metrics.database_invalidations.set_all(values)
 
     async def _prune_events(self, rt: Runtime) -> None:
         """Events that no daemon with [hooks] took within hooks.give_up_after (none delivers

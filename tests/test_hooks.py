@@ -446,6 +446,15 @@ def check_invalidated_event(secret: str, r: Receiver, lines: list[dict[str, obje
         assert token is None or str(token) not in body.decode()
 
 
+def database_invalidations(daemon: DaemonProcess) -> float:
+    return metric(
+        daemon.metrics(),
+        "refresherd_database_invalidations_total",
+        provider=PROVIDER,
+        reason="invalid_grant",
+    )
+
+
 def test_an_invalidation_by_refresherd_refresh_is_delivered_by_a_daemon_with_hooks(
     tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons, db: Database
 ) -> None:
@@ -471,7 +480,9 @@ def test_an_invalidation_by_refresherd_refresh_is_delivered_by_a_daemon_with_hoo
         daemon = daemons(config)
         wait_until(lambda: r.received, what="the CLI's invalidation to reach the webhook")
         daemon.wait_for_event("notification delivered", target="webhook")
-        # The daemon invalidated nothing itself.
+        # The daemon invalidated nothing itself, yet exports the database's count of it: what
+        # the alert RefresherdTokenSetsInvalidated reads.
+        wait_until(lambda: database_invalidations(daemon) == 1, what="the database's count")
         assert metric(daemon.metrics(), "refresherd_invalidations_total", provider=PROVIDER) == 0
         assert daemon.stop() == 0
     check_invalidated_event(secret, r, lines)
@@ -481,7 +492,7 @@ def test_a_daemon_without_hooks_queues_what_a_daemon_with_hooks_delivers(
     tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons, db: Database
 ) -> None:
     """Two daemons on one database: the one without [hooks] invalidates a set, the one with
-    [hooks] delivers the event."""
+    [hooks] delivers the event; both export the same database-wide count of it."""
     handle = idp_factory()
     secret, secret_file = new_secret(tmp_path)
     plain_config = hooks_config(tmp_path, handle, None, name="plain.toml", database=db)
@@ -503,7 +514,10 @@ def test_a_daemon_without_hooks_queues_what_a_daemon_with_hooks_delivers(
         delivering = daemons(config, "delivering")
         wait_until(lambda: r.received, what="the other daemon's invalidation at the webhook")
         delivering.wait_for_event("notification delivered", target="webhook")
-        # Each process's own counter says who invalidated.
+        # The same database-wide figure on both (the alerts take the max across instances);
+        # each process's own counter says who invalidated.
+        for daemon in (plain, delivering):
+            wait_until(lambda d=daemon: database_invalidations(d) == 1, what="the count")
         assert metric(plain.metrics(), "refresherd_invalidations_total", provider=PROVIDER) == 1
         assert (
             metric(delivering.metrics(), "refresherd_invalidations_total", provider=PROVIDER) == 0
