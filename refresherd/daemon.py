@@ -679,7 +679,8 @@ class Daemon:
             log.warning("cannot prune old notifications", error=str(exc))
             return
         if events:
-            log.warning(
+            # Info: where no daemon has [hooks], this is the expected end of every event.
+            log.info(
                 "notifications dropped: no daemon with [hooks] took them in time",
                 events=events,
                 give_up_after=self.config.hooks.give_up_after,
