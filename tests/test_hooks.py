@@ -525,3 +525,23 @@ def test_a_daemon_without_hooks_queues_what_a_daemon_with_hooks_delivers(
         assert delivering.stop() == 0
         assert plain.stop() == 0
     check_invalidated_event(secret, r, lines)
+
+
+def test_events_no_daemon_delivers_are_dropped_after_give_up_after(
+    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons
+) -> None:
+    """No daemon of the database has a hook target: the queue stays bounded."""
+    handle = idp_factory()
+    config = hooks_config(tmp_path, handle, {"give_up_after": "1s"})
+    lines = handle.token_lines(PROVIDER, 1, with_access_token=False)
+    import_tokens(config, lines)
+    handle.idp.revoke(str(lines[0]["refresh_token"]))
+    run_cli(config, "refresh", "ts-0000")
+    assert read_rows(tmp_path / "tokens.db")["ts-0000"]["state"] == "invalidated"
+    time.sleep(1.5)
+    daemon = daemons(config)
+    [dropped] = daemon.wait_for_event(
+        "notifications dropped: no daemon with [hooks] took them in time"
+    )
+    assert dropped["events"] == 1
+    assert daemon.stop() == 0
