@@ -67,6 +67,8 @@ from refresherd.workers import (
 log = logs.get_logger("refresherd.daemon")
 
 GAUGE_INTERVAL: Final = 10.0
+# How often old notifications are pruned (Daemon._prune_events).
+PRUNE_INTERVAL: Final = 3600.0
 # The gauge queries scan every token set: at most this share of the time goes to them, so a
 # million sets stretch the interval rather than steal a core (20x their own duration).
 GAUGE_DUTY: Final = 0.05
@@ -175,8 +177,9 @@ class Daemon:
         self.listen_address: tuple[str, int] | None = None
         self.notifier = Notifier()
         self._ready = False
-        # Notifications (None without a [hooks] target): await self.hooks.enqueue(...).
+        # The hook dispatcher (None without a [hooks] target). Events are queued without it.
         self.hooks: Hooks | None = None
+        self._pruned_at = float("-inf")
         self._exit_code = 0
 
     def request_stop(self) -> None:
@@ -295,9 +298,9 @@ class Daemon:
                 rt.refresher.events = self.hooks = hooks
                 tg.start_soon(self._notify, hooks)
             if self.worker is None:
-                # The whole database's gauges and expiry (after the hooks, which it may
-                # notify): the primary's job alone.
-                # Supervised (as the hook dispatcher): a fault of theirs must not end the daemon.
+                # The whole database's gauges, expiry and event pruning (after the hooks,
+                # which it may notify): the primary's job alone. Supervised (as the hook
+                # dispatcher): a fault of theirs must not end the daemon.
                 gauges = partial(self._gauges, rt)
                 tg.start_soon(partial(supervise, "gauges", gauges, metrics=rt.metrics))
                 expiry = self._expiry_watcher(rt).run
@@ -587,11 +590,13 @@ class Daemon:
             rt.metrics.background_task_failures.labels(task)
 
     def _expiry_watcher(self, rt: Runtime) -> ExpiryWatcher:
-        hooks = self.hooks
+        # Queued with or without [hooks]: the warning is given once per expiry (marked in the
+        # database), and a daemon of the fleet that has [hooks] delivers it.
+        events = rt.refresher.events
 
         async def expiring(ts: TokenSet, expires_at: float) -> None:
-            if hooks is not None:
-                await hooks.enqueue(
+            if events is not None:
+                await events.enqueue(
                     "refresh_token.expiring",
                     ts.id,
                     ts.provider,
@@ -605,7 +610,7 @@ class Daemon:
             clock=self.clock,
             providers=lambda: self.config.providers,
             schedule=lambda: self.config.schedule,
-            on_expiring=expiring if hooks is not None else None,
+            on_expiring=expiring,
         )
 
     async def _heartbeat(self) -> None:
@@ -647,7 +652,9 @@ class Daemon:
                     else:
                         with contextlib.suppress(KeyError):
                             rt.metrics.refresh_token_expires_soonest.remove(provider)
+            await self._database_invalidations(rt)
             took = self.clock.monotonic() - started
+            await self._prune_events(rt)
             await self._checkpoint(rt)
             # What /readyz would say, also when nothing polls /readyz (a scrape of /metrics only).
             problems = ["timed out"]
@@ -655,6 +662,50 @@ class Daemon:
                 problems = await self._readiness()
             rt.metrics.ready.set(0 if problems else 1)
             await anyio.sleep(max(GAUGE_INTERVAL, took / GAUGE_DUTY))
+
+    async def _database_invalidations(self, rt: Runtime) -> None:
+        """refresherd_database_invalidations_total from the database's own count, which every
+        process's invalidations add to (the CLI's too). Every configured provider's series of
+        the known reasons exist from the start, at 0, so that increase() sees the first one."""
+        try:
+            counts = await rt.store.invalidation_counts()
+        except StoreError as exc:
+            log.warning("cannot count invalidations", error=str(exc))
+            return
+        values: dict[tuple[str, ...], float] = {
+            (provider, reason): 0.0
+            for provider in self.config.providers
+            for reason in INVALIDATION_REASONS
+        }
+        values.update({key: float(count) for key, count in counts.items()})
+        rt.metrics.database_invalidations.set_all(values)
+
+    async def _prune_events(self, rt: Runtime) -> None:
+        """Events that no daemon with [hooks] took within hooks.give_up_after (none delivers
+        for this database, or none ran for that long) and finished deliveries that old are
+        deleted: the queue stays bounded whether or not anyone delivers."""
+        now = self.clock.monotonic()
+        if now < self._pruned_at + PRUNE_INTERVAL:
+            return
+        self._pruned_at = now
+        if rt.refresher.storage.paused:  # a paused store is probed, not written to
+            return
+        try:
+            events, deliveries = await rt.store.prune_events(
+                before=self.clock.wall() - self.config.hooks.give_up_after
+            )
+        except StoreError as exc:
+            log.warning("cannot prune old notifications", error=str(exc))
+            return
+        if events:
+            # Info: where no daemon has [hooks], this is the expected end of every event.
+            log.info(
+                "notifications dropped: no daemon with [hooks] took them in time",
+                events=events,
+                give_up_after=self.config.hooks.give_up_after,
+            )
+        if deliveries:
+            log.info("old notification deliveries pruned", deliveries=deliveries)
 
     async def _checkpoint(self, rt: Runtime) -> None:
         """A passive checkpoint, so the WAL is copied back while the daemon is idle, too (a

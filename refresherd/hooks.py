@@ -1,10 +1,14 @@
 """Notifications of token-set events: an HMAC-signed webhook and/or a command, at least once.
 
-An event is queued in SQLite (``hook_deliveries``, one row per target) before anything is
-sent, so a receiver that is down, or a restart, loses nothing: the dispatcher retries with
-backoff (``policy.hook_retry_at``) until the receiver answers 2xx (the command exits 0) or the
-event is older than ``hooks.give_up_after``. Every event carries an ``id``: a receiver dedupes
-on it, because at-least-once means a retry after a lost answer is delivered twice.
+Events are queued in the database by whichever process observes them (refresherd.events: a
+daemon with or without ``[hooks]``, ``refresherd refresh``, the API). The dispatcher of a
+daemon with ``[hooks]`` takes them into ``hook_deliveries``, one row per target of its own
+config (``hooks.events`` filters the types), before anything is sent, so a receiver that is
+down, or a restart, loses nothing: it retries with backoff (``policy.hook_retry_at``) until
+the receiver answers 2xx (the command exits 0) or the event is older than
+``hooks.give_up_after``. Every event carries an ``id``: a receiver dedupes on it, because
+at-least-once means a retry after a lost answer is delivered twice. Daemons of a fleet that
+deliver should have the same ``[hooks]``: an event is taken once, by one of them.
 
 Events (``type``): ``token_set.invalidated``, ``token_set.recovered``,
 ``refresh_token.expiring``. Payloads name the token set and provider, never a token.
@@ -19,10 +23,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import random
 import subprocess
-import uuid
 from typing import Final
 
 import anyio
@@ -30,21 +32,24 @@ import anyio.abc
 import httpx
 
 from refresherd import policy
-from refresherd.config import HOOK_EVENTS, HooksConfig
+from refresherd.config import HooksConfig
+from refresherd.events import EVENT_TYPES, EventQueue
 from refresherd.logs import get_logger
 from refresherd.metrics import Metrics
-from refresherd.model import rfc3339
 from refresherd.refresher import Clock, SystemClock
 from refresherd.store_contract import HookDelivery, StoreError, TokenStore
 
 log = get_logger("refresherd.hooks")
 
-EVENT_TYPES: Final = HOOK_EVENTS
+__all__ = ["EVENT_TYPES", "SIGNATURE_HEADER", "DeliveryFailed", "Hooks", "signature"]
+
 SIGNATURE_HEADER: Final = "X-Refresherd-Signature"
 # Deliveries in flight at once; a queue of thousands drains in order, a few at a time.
 CONCURRENCY: Final = 4
 # The dispatcher looks at the queue at least this often (another process may have queued).
 POLL_INTERVAL: Final = 5.0
+# Queued events taken into the delivery queue per transaction.
+EXPAND_BATCH: Final = 100
 # Claimed deliveries stay invisible this long past their own timeout (a dead dispatcher's
 # claim lapses then, and another one takes over).
 CLAIM_MARGIN: Final = 5.0
@@ -60,7 +65,8 @@ class DeliveryFailed(Exception):
 
 
 class Hooks:
-    """The queue's producer (:meth:`enqueue`) and its dispatcher (:meth:`run`)."""
+    """The dispatcher (:meth:`run`); :meth:`enqueue` queues as refresherd.events does, and
+    wakes it."""
 
     def __init__(
         self,
@@ -82,6 +88,9 @@ class Hooks:
         )
         self._wake = anyio.Event()
         self._active = 0  # deliveries in flight
+        self._queue = EventQueue(
+            store=store, metrics=metrics, clock=self.clock, on_queued=self.wake
+        )
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -94,55 +103,16 @@ class Hooks:
             targets.append("command")
         return targets
 
+    def wake(self) -> None:
+        """Look at the queue now (an event was queued in this process)."""
+        self._wake.set()
+
     async def enqueue(
         self, event_type: str, token_set_id: str, provider: str, **fields: object
     ) -> str | None:
-        """Queue an event for every configured target; returns its id (None: no target wants
-        it). ``fields`` join the payload and must be JSON values and not secret. A database
-        that refuses is logged and counted, never raised: a notification must not fail the
-        refresh that raised it."""
-        if event_type not in EVENT_TYPES:
-            raise ValueError(f"unknown event type {event_type!r}")
-        targets = self.targets()
-        if not targets or (self.config.events and event_type not in self.config.events):
-            return None
-        now = self.clock.wall()
-        event_id = str(uuid.uuid4())
-        payload = {
-            **fields,
-            "id": event_id,
-            "type": event_type,
-            "occurred_at": rfc3339(now),
-            "token_set": token_set_id,
-            "provider": provider,
-        }
-        try:
-            await self.store.enqueue_hook(
-                event_id=event_id,
-                event_type=event_type,
-                payload=json.dumps(payload, sort_keys=True),
-                targets=targets,
-                now=now,
-            )
-        except StoreError as exc:
-            self.metrics.storage_errors.inc()
-            self.metrics.hook_deliveries.labels("any", "lost").inc()
-            log.error(
-                "cannot queue a notification",
-                event_type=event_type,
-                token_set=token_set_id,
-                error=str(exc),
-            )
-            return None
-        log.info(
-            "notification queued",
-            event_type=event_type,
-            event_id=event_id,
-            token_set=token_set_id,
-            provider=provider,
-        )
-        self._wake.set()
-        return event_id
+        """Queue an event (refresherd.events.EventQueue.enqueue) and deliver it soon; None if
+        the database refused it (logged and counted, never raised)."""
+        return await self._queue.enqueue(event_type, token_set_id, provider, **fields)
 
     # ---- the dispatcher ---------------------------------------------------------------------
 
@@ -156,6 +126,7 @@ class Hooks:
                 self._wake = anyio.Event()
                 delay = POLL_INTERVAL
                 try:
+                    await self._expand()
                     free = CONCURRENCY - self._active
                     now = self.clock.wall()
                     # Only as many as can start now: a claim must not lapse while it waits.
@@ -182,6 +153,22 @@ class Hooks:
                     log.warning("cannot read the hook queue", error=str(exc))
                 with anyio.move_on_after(delay):
                     await self._wake.wait()
+
+    async def _expand(self) -> None:
+        """Take the events queued by any process into the delivery queue, for our targets."""
+        targets = self.targets()
+        if not targets:
+            return  # taking them would drop them: leave them to a daemon that delivers
+        while (
+            await self.store.expand_events(
+                targets=targets,
+                event_types=self.config.events,
+                now=self.clock.wall(),
+                limit=EXPAND_BATCH,
+            )
+            == EXPAND_BATCH
+        ):
+            pass
 
     def _claim_for(self) -> float:
         return max(self.config.webhook_timeout, self.config.command_timeout) + CLAIM_MARGIN

@@ -6,15 +6,23 @@ vocabulary in the code. A token-set id is never a label.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 # Token requests take 50 ms to a few seconds; the upper buckets catch timeouts.
 DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 # The reasons of refresherd_invalidations_total (policy.decide). Their series exist from the
 # start, so that increase() sees the first invalidation after a restart, too.
-INVALIDATION_REASONS: Final = ("invalid_grant", "invalid_grant_after_unresolved_attempt")
+INVALIDATION_REASONS: Final = (
+    "invalid_grant",
+    "invalid_grant_after_unresolved_attempt",
+    "grace_window_missed",
+)
 # The background loops refresherd.supervisor keeps running: the task label's values.
 BACKGROUND_TASKS: Final = ("hooks", "expiry", "gauges")
 # With [daemon] workers > 1, each worker process's counters and histograms add to the
@@ -26,6 +34,41 @@ PER_PROCESS_GAUGES: Final = {
     "refresherd_provider_circuit_open": "max",
     "refresherd_storage_writable": "min",
 }
+
+
+class DatabaseCounter(Collector):
+    """A counter whose values are read from the database, not counted in this process (the
+    primary's gauge scan sets them): every daemon on one database exports the same figures,
+    so queries take their max across instances, never their sum."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        registry: CollectorRegistry,
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self._values: dict[tuple[str, ...], float] = {}
+        registry.register(self)
+
+    def set_all(self, values: Mapping[tuple[str, ...], float]) -> None:
+        """Replace every series with ``values`` (label values in ``labelnames`` order)."""
+        self._values = dict(values)
+
+    def _family(self, values: Iterable[tuple[tuple[str, ...], float]]) -> CounterMetricFamily:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for labels, value in values:
+            family.add_metric(list(labels), value)
+        return family
+
+    def describe(self) -> list[Metric]:
+        return [self._family(())]
+
+    def collect(self) -> list[Metric]:
+        return [self._family(sorted(self._values.items()))]
 
 
 class Metrics:
@@ -47,6 +90,14 @@ class Metrics:
         self.invalidations = Counter(
             "refresherd_invalidations",
             "Token sets marked invalidated: the customer must authorize again.",
+            ["provider", "reason"],
+            registry=r,
+        )
+        self.database_invalidations = DatabaseCounter(
+            "refresherd_database_invalidations",
+            "Token sets invalidated, counted in the database by whichever process invalidated "
+            "them (a daemon, a fleet member, refresherd refresh, the API): the same figures on "
+            "every daemon of one database, so aggregate with max, not sum.",
             ["provider", "reason"],
             registry=r,
         )

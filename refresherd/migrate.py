@@ -1,8 +1,9 @@
 """``refresherd migrate``: move a whole database from one store to another (SQLite <-> PostgreSQL).
 
-Token sets (with their journal and leases columns) and the hook queue are copied as stored:
-token values stay sealed as they are (a sealing names its row and column, not the database), so
-the same ``[encryption]`` keys open them afterwards. The source is only read. Nothing is copied
+Token sets (with their journal and leases columns), the hook queue, the events no daemon has
+taken into it yet and the invalidation counts are copied as stored: token values stay sealed as
+they are (a sealing names its row and column, not the database), so the same ``[encryption]``
+keys open them afterwards. The source is only read. Nothing is copied
 while a daemon (or ``refresherd refresh``) is registered on the source or the target, or while
 anyone holds a lease there: a daemon still working on the source would rotate tokens after
 they were copied, and the copy would hold dead ones. The target must be empty. After the copy,
@@ -21,7 +22,7 @@ from refresherd.store_contract import Location, StoreError, TokenStore, open_sto
 # Tables in the order they are moved: the small queue first, so a failure on the big table
 # leaves no token set half-moved (the target is refused as not empty; start again after
 # emptying it).
-TABLES = ("hook_deliveries", "token_sets")
+TABLES = ("hook_events", "hook_deliveries", "invalidation_counts", "token_sets")
 
 
 class MigrateRefused(Exception):

@@ -23,6 +23,7 @@ import anyio.abc
 from refresherd import policy
 from refresherd.config import ProviderConfig, ScheduleConfig
 from refresherd.endpoint import EndpointError, TokenEndpoint
+from refresherd.events import EventQueue
 from refresherd.latency import AnswerTimes
 from refresherd.logs import get_logger
 from refresherd.metrics import Metrics
@@ -65,7 +66,8 @@ class Clock(Protocol):
 
 
 class EventSink(Protocol):
-    """Where token-set events go (refresherd.hooks.Hooks); never raises for a lost event."""
+    """Where token-set events go (refresherd.events.EventQueue, or refresherd.hooks.Hooks,
+    which also wakes its dispatcher); never raises for a lost event."""
 
     async def enqueue(
         self, event_type: str, token_set_id: str, provider: str, **fields: object
@@ -234,8 +236,9 @@ class Refresher:
         self._leased: dict[str, float] = {}
         self._keeping_leases = False
         self._closing: anyio.Event | None = None
-        # Notifications of invalidations and recoveries (set by the daemon when hooks are on).
-        self.events: EventSink | None = None
+        # Invalidations and recoveries, queued in the database whatever the process and its
+        # [hooks] (refresherd.events); a daemon with [hooks] puts its dispatcher here.
+        self.events: EventSink | None = EventQueue(store=store, metrics=metrics, clock=self.clock)
         self._closed = False
 
     def reconfigure(

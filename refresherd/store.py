@@ -33,6 +33,8 @@ from refresherd.ownership import OwnerLock, is_alive, owners_dir
 from refresherd.storage_health import classify
 from refresherd.store_contract import (
     HOOK_DELIVERY_COLUMNS,
+    HOOK_EVENT_COLUMNS,
+    INVALIDATION_COUNT_COLUMNS,
     JOURNAL_SEND_SQL,
     SERIES_MISSED_SQL,
     TOKEN_SET_COLUMNS,
@@ -175,6 +177,42 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     -- (Store.make_due_written_after): without this, a scan of every row under the write lock,
     -- 3 s at a million sets.
     CREATE INDEX token_sets_written ON token_sets (updated_at) WHERE state != 'invalidated';
+    """,
+    """
+    -- Token-set events (refresherd.events), queued by whichever process observes them (a
+    -- daemon with or without [hooks], `refresherd refresh`, the API), which need not know the
+    -- hook targets: a daemon with [hooks] turns each into hook_deliveries rows for its own
+    -- targets and deletes it (Store.expand_events). One that no daemon takes is deleted once
+    -- older than hooks.give_up_after (Store.prune_events).
+    CREATE TABLE hook_events (
+        id INTEGER PRIMARY KEY,
+        event_id TEXT NOT NULL UNIQUE,
+        event_type TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        created_at REAL NOT NULL
+    ) STRICT;
+    CREATE INDEX hook_events_created ON hook_events (created_at);
+    -- Invalidations counted in the database by the statement that makes them, whichever
+    -- process that is: every daemon exports the same figures
+    -- (refresherd_database_invalidations_total), so an invalidation made by `refresherd
+    -- refresh`, which has no /metrics, is alerted on too. Seeded with the sets invalidated
+    -- before this migration.
+    CREATE TABLE invalidation_counts (
+        provider TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        count INTEGER NOT NULL,
+        PRIMARY KEY (provider, reason)
+    ) STRICT;
+    INSERT INTO invalidation_counts (provider, reason, count)
+        SELECT provider, coalesce(invalid_reason, 'unknown'), count(*) FROM token_sets
+        WHERE state = 'invalidated' GROUP BY provider, coalesce(invalid_reason, 'unknown');
+    CREATE TRIGGER token_sets_invalidated AFTER UPDATE OF state ON token_sets
+        WHEN NEW.state = 'invalidated' AND OLD.state != 'invalidated'
+    BEGIN
+        INSERT INTO invalidation_counts (provider, reason, count)
+            VALUES (NEW.provider, coalesce(NEW.invalid_reason, 'unknown'), 1)
+            ON CONFLICT (provider, reason) DO UPDATE SET count = count + 1;
+    END;
     """,
     """
     -- The journal tells sends the IdP may have processed from those it provably did not (a
@@ -1519,6 +1557,69 @@ class Store:
         )
         return int(value or 0)
 
+    # ---- token-set events (refresherd.events): queued by anyone, expanded by a dispatcher ---
+
+    async def enqueue_event(
+        self, *, event_id: str, event_type: str, payload: str, now: float
+    ) -> None:
+        """Queue one event for whichever daemon delivers hooks; an event id queued already is
+        kept. One statement: it shares the group commit of the refreshes around it."""
+        await self._write(
+            "INSERT OR IGNORE INTO hook_events (event_id, event_type, payload, created_at)"
+            " VALUES (:event_id, :event_type, :payload, :now)",
+            {"event_id": event_id, "event_type": event_type, "payload": payload, "now": now},
+        )
+
+    async def expand_events(
+        self, *, targets: Sequence[str], event_types: Sequence[str], now: float, limit: int
+    ) -> int:
+        """Take up to ``limit`` queued events, oldest first, and queue each of a type in
+        ``event_types`` (empty: every type) for every target, due now; the rest are dropped.
+        A delivery keeps its event's ``created_at``: the give-up age counts from the event.
+        Returns how many events were taken."""
+        with anyio.CancelScope(shield=True):
+            async with self._lock:
+                try:
+                    async with self._transaction():
+                        async with self._conn.execute(
+                            "DELETE FROM hook_events WHERE id IN"
+                            " (SELECT id FROM hook_events ORDER BY id LIMIT ?)"
+                            " RETURNING event_id, event_type, payload, created_at",
+                            (limit,),
+                        ) as cur:
+                            taken = list(await cur.fetchall())
+                        await self._conn.executemany(
+                            "INSERT OR IGNORE INTO hook_deliveries (event_id, target, event_type,"
+                            " payload, created_at, next_attempt_at) VALUES (?, ?, ?, ?, ?, ?)",
+                            [
+                                (e[0], target, e[1], e[2], e[3], now)
+                                for e in taken
+                                if not event_types or e[1] in event_types
+                                for target in targets
+                            ],
+                        )
+                except sqlite3.Error as exc:
+                    raise _sqlite_error(self.path, exc) from exc
+        return len(taken)
+
+    async def prune_events(self, *, before: float) -> tuple[int, int]:
+        """Delete the queued events raised before ``before`` (no daemon with [hooks] took
+        them) and the deliveries delivered or given up before it. Returns both counts."""
+        events = await self._write(
+            "DELETE FROM hook_events WHERE created_at < :before RETURNING id", {"before": before}
+        )
+        deliveries = await self._write(
+            "DELETE FROM hook_deliveries WHERE delivered_at < :before OR given_up_at < :before"
+            " RETURNING id",
+            {"before": before},
+        )
+        return len(events), len(deliveries)
+
+    async def invalidation_counts(self) -> dict[tuple[str, str], int]:
+        """Invalidations ever recorded in this database, by (provider, reason)."""
+        rows = await self._read("SELECT provider, reason, count FROM invalidation_counts")
+        return {(r[0], r[1]): int(r[2]) for r in rows}
+
     async def _fetch_locked(self, sql: str) -> Any:
         rows = await self._read(sql)
         return rows[0][0] if rows else None
@@ -1527,6 +1628,11 @@ class Store:
 
     async def export_rows(self, table: str, *, batch: int = 1000) -> AsyncIterator[list[Row]]:
         columns, key = _table_columns(table)
+        if "," in key:
+            rows = await self._report(f"SELECT {', '.join(columns)} FROM {table} ORDER BY {key}")
+            if rows:
+                yield [tuple(r) for r in rows]
+            return
         after: Any = None
         while True:
             where = "" if after is None else f" WHERE {key} > :after"
@@ -1559,11 +1665,16 @@ class Store:
 
 
 def _table_columns(table: str) -> tuple[tuple[str, ...], str]:
-    """The columns ``refresherd migrate`` moves for ``table``, and its key."""
+    """The columns ``refresherd migrate`` moves for ``table``, and the key it pages by (a
+    composite key: a small table, read in one batch in that order)."""
     if table == "token_sets":
         return TOKEN_SET_COLUMNS, "id"
     if table == "hook_deliveries":
         return HOOK_DELIVERY_COLUMNS, "id"
+    if table == "hook_events":
+        return HOOK_EVENT_COLUMNS, "id"
+    if table == "invalidation_counts":
+        return INVALIDATION_COUNT_COLUMNS, "provider, reason"
     raise ValueError(f"not a table refresherd moves: {table!r}")
 
 

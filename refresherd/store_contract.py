@@ -217,6 +217,8 @@ HOOK_DELIVERY_COLUMNS: tuple[str, ...] = (
     "delivered_at",
     "given_up_at",
 )
+HOOK_EVENT_COLUMNS: tuple[str, ...] = ("id", "event_id", "event_type", "payload", "created_at")
+INVALIDATION_COUNT_COLUMNS: tuple[str, ...] = ("provider", "reason", "count")
 # A row as ``export_rows`` yields it and ``load_rows`` takes it: values in the order above.
 Row = tuple[Any, ...]
 
@@ -386,10 +388,34 @@ class TokenStore(Protocol):
     async def next_hook_due(self) -> float | None: ...
     async def pending_hooks(self) -> int: ...
 
+    # ---- token-set events (refresherd.events) -------------------------------------------
+    async def enqueue_event(
+        self, *, event_id: str, event_type: str, payload: str, now: float
+    ) -> None:
+        """Queue an event for whichever daemon delivers hooks (no hook config needed)."""
+        ...
+
+    async def expand_events(
+        self, *, targets: Sequence[str], event_types: Sequence[str], now: float, limit: int
+    ) -> int:
+        """Move up to ``limit`` queued events into the hook queue, one delivery per target
+        (only ``event_types``; empty: all), atomically; returns how many events were taken."""
+        ...
+
+    async def prune_events(self, *, before: float) -> tuple[int, int]:
+        """Delete events queued before ``before`` that no daemon took, and deliveries finished
+        before it; returns (events, deliveries) deleted."""
+        ...
+
+    async def invalidation_counts(self) -> dict[tuple[str, str], int]:
+        """Invalidations recorded in the database (by whichever process), by (provider,
+        reason); counted in the invalidating statement itself, never decreasing."""
+        ...
+
     # ---- moving a whole database (refresherd migrate) -----------------------------------
     def export_rows(self, table: str, *, batch: int = 1000) -> AsyncIterator[list[Row]]:
-        """Every row of ``table`` ("token_sets" or "hook_deliveries") as stored, in batches,
-        with the columns of TOKEN_SET_COLUMNS / HOOK_DELIVERY_COLUMNS in that order."""
+        """Every row of ``table`` (one of migrate.TABLES) as stored, in batches, with the
+        columns of its ``*_COLUMNS`` tuple above in that order."""
         ...
 
     async def load_rows(self, table: str, rows: AsyncIterator[list[Row]]) -> int:

@@ -89,8 +89,11 @@ def test_the_issue_s_panels_are_there() -> None:
     assert panels_with("sum by (provider, reason)", "refresherd_refresh_failures_total", "/"), (
         "failure ratio by reason"
     )
-    assert panels_with("refresherd_invalidations_total"), "invalidations"
-    assert panels_with("sum by (provider, state)", "refresherd_token_sets{"), "token sets by state"
+    # Database-wide figures: every daemon of one database exports the same, so max, not sum.
+    assert panels_with("max by (provider, reason)", "refresherd_database_invalidations_total"), (
+        "invalidations"
+    )
+    assert panels_with("max by (provider, state)", "refresherd_token_sets{"), "token sets by state"
     assert panels_with("histogram_quantile", "refresherd_refresh_lateness_seconds_bucket"), (
         "lateness"
     )

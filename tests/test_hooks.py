@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,15 +26,19 @@ from conftest import (
     import_tokens,
     metric,
     read_rows,
+    run_cli,
     toml_value,
     wait_until,
     write_config,
 )
+from databases import Database
 
 from refresherd.config import HooksConfig
+from refresherd.events import EventQueue
 from refresherd.hooks import SIGNATURE_HEADER, Hooks
 from refresherd.metrics import Metrics
 from refresherd.model import Secret
+from refresherd.refresher import SystemClock
 from refresherd.store import Store
 from refresherd.testing import FaultKind
 
@@ -131,14 +136,23 @@ def script(directory: Path) -> list[str]:
 
 
 def hooks_config(
-    tmp_path: Path, handle: IdPHandle, hooks: dict[str, object], **schedule: object
+    tmp_path: Path,
+    handle: IdPHandle,
+    hooks: dict[str, object] | None,
+    *,
+    name: str = "config.toml",
+    database: Database | None = None,
+    **schedule: object,
 ) -> Path:
+    """A config with a [hooks] section of ``hooks`` (None: no [hooks] at all)."""
     config = write_config(
-        tmp_path / "config.toml",
-        database=tmp_path / "tokens.db",
+        tmp_path / name,
+        database=database if database is not None else tmp_path / "tokens.db",
         providers={PROVIDER: handle.provider()},
         schedule=schedule or None,
     )
+    if hooks is None:
+        return config
     with config.open("a") as fh:
         fh.write("\n[hooks]\n")
         for key, value in hooks.items():
@@ -338,20 +352,38 @@ async def test_a_command_that_hangs_is_killed_and_finally_given_up(tmp_path: Pat
 
 
 @pytest.mark.anyio
-async def test_only_the_configured_event_types_are_queued(tmp_path: Path) -> None:
+async def test_events_are_queued_without_hooks_and_taken_for_the_configured_types(
+    tmp_path: Path,
+) -> None:
+    """Queuing needs no [hooks] (the CLI, a daemon without them); a dispatcher takes the
+    events for its own targets, and only the types its config names."""
     store = await Store.open(tmp_path / "tokens.db")
-    config = HooksConfig(command=("true",), events=("token_set.invalidated",))
-    hooks = Hooks(store=store, config=config, metrics=Metrics())
+    metrics = Metrics()
+    hooks = Hooks(
+        store=store,
+        config=HooksConfig(command=("true",), events=("token_set.invalidated",)),
+        metrics=metrics,
+    )
     try:
-        assert await hooks.enqueue("refresh_token.expiring", "ts-1", PROVIDER) is None
-        assert await hooks.enqueue("token_set.invalidated", "ts-1", PROVIDER) is not None
-        assert await store.pending_hooks() == 1
+        queue = EventQueue(store=store, metrics=metrics, clock=SystemClock())
+        assert await queue.enqueue("refresh_token.expiring", "ts-1", PROVIDER) is not None
+        assert await queue.enqueue("token_set.invalidated", "ts-1", PROVIDER) is not None
         with pytest.raises(ValueError, match="unknown event type"):
-            await hooks.enqueue("token_set.deleted", "ts-1", PROVIDER)
-        # No target at all: nothing is queued.
-        idle = Hooks(store=store, config=HooksConfig(), metrics=Metrics())
-        assert await idle.enqueue("token_set.invalidated", "ts-1", PROVIDER) is None
+            await queue.enqueue("token_set.deleted", "ts-1", PROVIDER)
+        # Nothing in the delivery queue until a dispatcher takes the events.
+        assert await store.pending_hooks() == 0
+        # A dispatcher without targets takes nothing: it would drop them.
+        idle = Hooks(store=store, config=HooksConfig(), metrics=metrics)
+        await idle._expand()
         await idle.aclose()
+        await hooks._expand()
+        [delivery] = await store.claim_hook_deliveries(now=time.time(), until=time.time(), limit=9)
+        assert (delivery.event_type, delivery.target) == ("token_set.invalidated", "command")
+        # Taken once: a second dispatcher (another daemon of the fleet) finds nothing.
+        assert (
+            await store.expand_events(targets=["command"], event_types=(), now=time.time(), limit=9)
+            == 0
+        )
     finally:
         await hooks.aclose()
         await store.close()
@@ -397,3 +429,119 @@ def test_an_absolute_expiry_within_the_horizon_reaches_the_webhook_once(
         )
         assert again.stop() == 0
         assert len(r.received) == 2
+
+
+def check_invalidated_event(secret: str, r: Receiver, lines: list[dict[str, object]]) -> None:
+    """``r`` got one signed token_set.invalidated event for ts-0000, with no token in it."""
+    [(headers, body)] = r.received
+    verify(secret, headers, body)
+    event = json.loads(body)
+    assert (event["type"], event["token_set"], event["provider"], event["reason"]) == (
+        "token_set.invalidated",
+        "ts-0000",
+        PROVIDER,
+        "invalid_grant",
+    )
+    for token in (lines[0]["refresh_token"], lines[0].get("access_token")):
+        assert token is None or str(token) not in body.decode()
+
+
+def database_invalidations(daemon: DaemonProcess) -> float:
+    return metric(
+        daemon.metrics(),
+        "refresherd_database_invalidations_total",
+        provider=PROVIDER,
+        reason="invalid_grant",
+    )
+
+
+def test_an_invalidation_by_refresherd_refresh_is_delivered_by_a_daemon_with_hooks(
+    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons, db: Database
+) -> None:
+    """The one-shot CLI, with a config that has no [hooks], invalidates a set: the event is
+    queued in the database, and a daemon with [hooks] started later delivers it."""
+    handle = idp_factory()
+    secret, secret_file = new_secret(tmp_path)
+    cli_config = hooks_config(tmp_path, handle, None, name="cli.toml", database=db)
+    lines = handle.token_lines(PROVIDER, 1, with_access_token=False)
+    import_tokens(cli_config, lines)
+    handle.idp.revoke(str(lines[0]["refresh_token"]))
+    run_cli(cli_config, "refresh", "ts-0000")
+    assert read_rows(db)["ts-0000"]["state"] == "invalidated"
+
+    with receiver() as r:
+        config = hooks_config(
+            tmp_path,
+            handle,
+            {"webhook_url": r.url, "webhook_secret_file": str(secret_file)},
+            name="daemon.toml",
+            database=db,
+        )
+        daemon = daemons(config)
+        wait_until(lambda: r.received, what="the CLI's invalidation to reach the webhook")
+        daemon.wait_for_event("notification delivered", target="webhook")
+        # The daemon invalidated nothing itself, yet exports the database's count of it: what
+        # the alert RefresherdTokenSetsInvalidated reads.
+        wait_until(lambda: database_invalidations(daemon) == 1, what="the database's count")
+        assert metric(daemon.metrics(), "refresherd_invalidations_total", provider=PROVIDER) == 0
+        assert daemon.stop() == 0
+    check_invalidated_event(secret, r, lines)
+
+
+def test_a_daemon_without_hooks_queues_what_a_daemon_with_hooks_delivers(
+    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons, db: Database
+) -> None:
+    """Two daemons on one database: the one without [hooks] invalidates a set, the one with
+    [hooks] delivers the event; both export the same database-wide count of it."""
+    handle = idp_factory()
+    secret, secret_file = new_secret(tmp_path)
+    plain_config = hooks_config(tmp_path, handle, None, name="plain.toml", database=db)
+    lines = handle.token_lines(PROVIDER, 1, with_access_token=False)
+    handle.idp.revoke(str(lines[0]["refresh_token"]))
+    plain = daemons(plain_config, "plain")
+    import_tokens(plain_config, lines)
+    plain.wait_for_event("refresh", outcome="invalidated", token_set="ts-0000")
+    assert not plain.events("notification delivered")
+
+    with receiver() as r:
+        config = hooks_config(
+            tmp_path,
+            handle,
+            {"webhook_url": r.url, "webhook_secret_file": str(secret_file)},
+            name="hooks.toml",
+            database=db,
+        )
+        delivering = daemons(config, "delivering")
+        wait_until(lambda: r.received, what="the other daemon's invalidation at the webhook")
+        delivering.wait_for_event("notification delivered", target="webhook")
+        # The same database-wide figure on both (the alerts take the max across instances);
+        # each process's own counter says who invalidated.
+        for daemon in (plain, delivering):
+            wait_until(lambda d=daemon: database_invalidations(d) == 1, what="the count")
+        assert metric(plain.metrics(), "refresherd_invalidations_total", provider=PROVIDER) == 1
+        assert (
+            metric(delivering.metrics(), "refresherd_invalidations_total", provider=PROVIDER) == 0
+        )
+        assert delivering.stop() == 0
+        assert plain.stop() == 0
+    check_invalidated_event(secret, r, lines)
+
+
+def test_events_no_daemon_delivers_are_dropped_after_give_up_after(
+    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons
+) -> None:
+    """No daemon of the database has a hook target: the queue stays bounded."""
+    handle = idp_factory()
+    config = hooks_config(tmp_path, handle, {"give_up_after": "1s"})
+    lines = handle.token_lines(PROVIDER, 1, with_access_token=False)
+    import_tokens(config, lines)
+    handle.idp.revoke(str(lines[0]["refresh_token"]))
+    run_cli(config, "refresh", "ts-0000")
+    assert read_rows(tmp_path / "tokens.db")["ts-0000"]["state"] == "invalidated"
+    time.sleep(1.5)
+    daemon = daemons(config)
+    [dropped] = daemon.wait_for_event(
+        "notifications dropped: no daemon with [hooks] took them in time"
+    )
+    assert dropped["events"] == 1
+    assert daemon.stop() == 0

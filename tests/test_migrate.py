@@ -13,6 +13,7 @@ from conftest import LEAKS, DaemonProcess, Database, IdPHandle, PgDatabase, run_
 from databases import location_of
 
 from refresherd.encryption import TokenCipher, new_key_text
+from refresherd.migrate import TABLES
 from refresherd.model import Secret, State
 from refresherd.store_contract import (
     HOOK_DELIVERY_COLUMNS,
@@ -79,6 +80,14 @@ async def _fill(location: Location) -> None:
                 targets=["webhook", "command"],
                 now=NOW + n,
             )
+        # Events no daemon with [hooks] has taken yet (queued by `refresherd refresh`, say).
+        for n in range(2):
+            await store.enqueue_event(
+                event_id=f"queued-{n}",
+                event_type="token_set.recovered",
+                payload=json.dumps({"token_set": "set-002", "n": n}),
+                now=NOW + n,
+            )
         claimed_hooks = await store.claim_hook_deliveries(now=NOW + 5, until=NOW + 35, limit=2)
         await store.hook_delivered(claimed_hooks[0].id, now=NOW + 6)
         await store.hook_failed(
@@ -92,7 +101,7 @@ async def _rows(location: Location) -> dict[str, list[tuple[Any, ...]]]:
     store = await open_store(location, create=False, verify_keys=False)
     try:
         tables: dict[str, list[tuple[Any, ...]]] = {}
-        for table in ("token_sets", "hook_deliveries"):
+        for table in TABLES:
             rows = [row async for batch in store.export_rows(table) for row in batch]
             tables[table] = sorted(rows, key=lambda r: str(r[0]))
         return tables
@@ -150,11 +159,16 @@ def test_round_trip_moves_everything_and_verifies(
     assert len(before["token_sets"]) == 120 and len(before["hook_deliveries"]) == 6
     assert len(before["token_sets"][0]) == len(TOKEN_SET_COLUMNS)
     assert len(before["hook_deliveries"][0]) == len(HOOK_DELIVERY_COLUMNS)
+    assert len(before["hook_events"]) == 2
+    # set-003's invalidation, counted by the database.
+    assert before["invalidation_counts"] == [("q", "invalid_grant", 1)]
 
     proc = migrate(source, middle)
     assert proc.returncode == 0, proc.stderr
     assert "moved 120 row(s) of token_sets" in proc.stdout
     assert "moved 6 row(s) of hook_deliveries" in proc.stdout
+    assert "moved 2 row(s) of hook_events" in proc.stdout
+    assert "moved 1 row(s) of invalidation_counts" in proc.stdout
     assert "verified" in proc.stdout
     proc = migrate(middle, back)
     assert proc.returncode == 0, proc.stderr
@@ -196,7 +210,7 @@ def test_refuses_while_a_daemon_runs_on_the_source(
     assert proc.returncode == 75, proc.stderr
     assert "in use by refresherd process" in proc.stderr
     assert "stop every daemon" in proc.stderr
-    assert anyio.run(_rows, target) == {"token_sets": [], "hook_deliveries": []}
+    assert anyio.run(_rows, target) == {table: [] for table in TABLES}
 
     daemon.stop()
     proc = migrate(source, tmp_path / "moved-2.db")

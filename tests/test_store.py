@@ -21,6 +21,7 @@ from typing import Any
 
 import anyio
 import pytest
+from conftest import database_at_version
 
 from refresherd.model import Attempt, Secret, State, TokenSet, rfc3339
 from refresherd.store import (
@@ -248,7 +249,13 @@ async def test_reopen_is_idempotent_and_keeps_data(
         finally:
             await store.close()
     # Each table once: the migrations ran once, not once per open.
-    expected = ["hook_deliveries", "storage_probe", "token_sets"]
+    expected = [
+        "hook_deliveries",
+        "hook_events",
+        "invalidation_counts",
+        "storage_probe",
+        "token_sets",
+    ]
     if raw.backend == "postgresql":
         expected += ["refresherd_owners", "refresherd_schema"]
     assert await raw.tables() == sorted(expected)
@@ -1508,5 +1515,98 @@ async def test_a_column_sqlite_cannot_decode_is_not_quoted_in_the_error(tmp_path
         with pytest.raises(StoreError) as caught:
             await store.get("a")
         assert secret not in str(caught.value) and "[redacted]" in str(caught.value)
+    finally:
+        await store.close()
+
+
+@pytest.mark.anyio
+async def test_events_are_taken_once_into_the_hook_queue_and_old_ones_pruned(
+    store: TokenStore,
+) -> None:
+    """Events are queued with no targets (any process); a dispatcher takes them, oldest first,
+    into one delivery per target of its own, dropping the types it does not want."""
+    for event_id, event_type, at in (
+        ("e1", "token_set.invalidated", NOW),
+        ("e2", "refresh_token.expiring", NOW + 1),
+        ("e1", "token_set.invalidated", NOW + 2),  # queued again: kept once
+    ):
+        await store.enqueue_event(event_id=event_id, event_type=event_type, payload="{}", now=at)
+    assert await store.pending_hooks() == 0
+    wanted = ["token_set.invalidated"]
+    targets = ["webhook", "command"]
+    assert await store.expand_events(targets=targets, event_types=wanted, now=NOW + 5, limit=1) == 1
+    assert await store.expand_events(targets=targets, event_types=wanted, now=NOW + 5, limit=9) == 1
+    assert await store.expand_events(targets=targets, event_types=wanted, now=NOW + 5, limit=9) == 0
+    claimed = await store.claim_hook_deliveries(now=NOW + 5, until=NOW + 35, limit=10)
+    # The give-up age counts from the event, not from when it was taken.
+    assert sorted((d.event_id, d.target, d.created_at) for d in claimed) == [
+        ("e1", "command", NOW),
+        ("e1", "webhook", NOW),
+    ]
+    for delivery in claimed:
+        await store.hook_delivered(delivery.id, now=NOW + 6)
+    # An event no dispatcher takes, and finished deliveries, go once older than the limit.
+    await store.enqueue_event(
+        event_id="e3", event_type="token_set.recovered", payload="{}", now=NOW
+    )
+    assert await store.prune_events(before=NOW + 6) == (1, 0)
+    assert await store.prune_events(before=NOW + 7) == (0, 2)
+    assert await store.expand_events(targets=targets, event_types=(), now=NOW + 8, limit=9) == 0
+
+
+@pytest.mark.anyio
+async def test_invalidations_are_counted_in_the_database(store: TokenStore) -> None:
+    """By the invalidating statement itself, whichever process runs it; never decreasing."""
+    assert await store.invalidation_counts() == {}
+    await store.add_many([new("a"), new("b"), new("c"), new("d", provider="okta")], now=NOW)
+    for token_set_id, state, reason in (
+        ("a", State.INVALIDATED, "invalid_grant"),
+        ("b", State.FAILING, None),
+        ("c", State.INVALIDATED, "grace_window_missed"),
+        ("d", State.INVALIDATED, "invalid_grant"),
+    ):
+        await leased(store, token_set_id)
+        assert await store.record_failure(
+            token_set_id,
+            owner=ME,
+            expected_version=1,
+            state=state,
+            next_refresh_at=NOW,
+            error="refused",
+            failures=1,
+            invalid_reason=reason,
+            now=NOW,
+            resolve_attempt=True,
+        )
+    expected = {
+        ("visma", "invalid_grant"): 1,
+        ("visma", "grace_window_missed"): 1,
+        ("okta", "invalid_grant"): 1,
+    }
+    assert await store.invalidation_counts() == expected
+    # Removing an invalidated set (the customer is gone) does not uncount it.
+    assert await store.remove("a")
+    assert await store.invalidation_counts() == expected
+
+
+@pytest.mark.anyio
+async def test_the_migration_counts_the_sets_invalidated_before_it(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.db"
+    conn = database_at_version(path, 7)  # the schema before invalidation_counts
+    try:
+        for n, (state, reason) in enumerate(
+            [("invalidated", "invalid_grant"), ("invalidated", None), ("active", None)]
+        ):
+            conn.execute(
+                "INSERT INTO token_sets (id, provider, refresh_token, state, invalid_reason,"
+                " next_refresh_at, created_at, updated_at) VALUES (?, 'p', 'rt', ?, ?, 0, 0, 0)",
+                (f"s{n}", state, reason),
+            )
+        conn.commit()
+    finally:
+        conn.close()
+    store = await Store.open(path)
+    try:
+        assert await store.invalidation_counts() == {("p", "invalid_grant"): 1, ("p", "unknown"): 1}
     finally:
         await store.close()
