@@ -560,8 +560,8 @@ def test_refresh_of_a_revoked_token_prints_the_state_it_stored(setup: Setup) -> 
 def test_refresh_while_another_process_holds_the_lease_exits_75(
     tmp_path: Path, idp_factory: IdPFactory
 ) -> None:
-    # A long grace period, so that the daemon's per-attempt timeout (planned to leave room for
-    # a retry inside the window) is the full request_timeout, well above the IdP's delay.
+    # A long grace period: the daemon's stalled send is kept open (hedged beside, not
+    # abandoned), and its lease held meanwhile.
     idp = idp_factory("slow-idp", grace_period=30)
     db = tmp_path / "tokens.db"
     config = write_config(tmp_path / "c.toml", database=db, providers={"p": idp.provider()})
@@ -582,8 +582,10 @@ def test_refresh_while_another_process_holds_the_lease_exits_75(
     finally:
         code = daemon.stop()
     assert code == 0
-    assert idp.ledger.requests == 1 and idp.ledger.refreshes == 1
-    assert idp.ledger.concurrent_uses == 0
+    # The CLI sent nothing; the daemon hedged its stalled send (inside the window), at most
+    # twice.
+    ledger = idp.ledger
+    assert 1 <= ledger.requests <= 3 and ledger.reuses_outside_grace == 0, ledger.snapshot()
 
 
 # --------------------------------------------------------------------------- demo
