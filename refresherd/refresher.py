@@ -854,15 +854,6 @@ class Refresher:
         )
         if last is not None:
             detail += f" (last answer: {last.reason}: {last.detail})"
-        log.error(
-            "grace window missed",
-            token_set=ts.id,
-            provider=ts.provider,
-            series_started_at=rfc3339(attempt.started_at),
-            sends=attempt.sends,
-            unsettled=attempt.unsettled,
-            last_answer=last.reason if last is not None else None,
-        )
         failure = Failure(FailureKind.AMBIGUOUS, policy.GRACE_WINDOW_MISSED, detail)
         return await self._record(
             ts, failure, policy.Invalidate(reason=policy.GRACE_WINDOW_MISSED), attempt
@@ -958,6 +949,16 @@ class Refresher:
             return await self._moved_on(ts)
         if state is State.INVALIDATED:
             self.metrics.invalidations.labels(ts.provider, reason).inc()
+            if reason == policy.GRACE_WINDOW_MISSED and attempt is not None:
+                # Once, by the process that recorded it (not by one whose lease had gone).
+                log.error(
+                    "grace window missed",
+                    token_set=ts.id,
+                    provider=ts.provider,
+                    series_started_at=rfc3339(attempt.started_at),
+                    sends=attempt.sends,
+                    unsettled=attempt.unsettled,
+                )
             if self.events is not None:
                 series: dict[str, object] = {}
                 if reason == policy.GRACE_WINDOW_MISSED and attempt is not None:

@@ -188,12 +188,12 @@ def test_a_paused_daemons_processed_request_is_not_spent_again_by_others(
 
 
 @pytest.mark.slow
-def test_a_daemon_paused_in_a_retry_after_wait_past_its_lease_sends_nothing_stale(
+def test_a_daemon_paused_after_a_503_leaves_the_set_to_the_others(
     tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons
 ) -> None:
-    """Paused while waiting out a Retry-After with the lease held: the lease lapses, the others
-    keep away from the journaled token while the paused process lives, and on SIGCONT exactly
-    one more request refreshes the set."""
+    """A 503 with Retry-After consumed nothing: the set is rescheduled as told and its lease
+    released, so while its daemon is paused the others refresh it once the wait is over, and
+    on SIGCONT the paused one sends nothing stale."""
     idp, db, config, line = paused_setup(tmp_path, idp_factory)
     idp.faults.add(FaultKind.RETRY_AFTER, retry_after=2.0)
     paused = daemons(config, "paused")
@@ -205,12 +205,9 @@ def test_a_daemon_paused_in_a_retry_after_wait_past_its_lease_sends_nothing_stal
     paused.send_signal(signal.SIGSTOP)
     try:
         others = [daemons(config, name) for name in ("b", "c")]
-        time.sleep(GRACE * 2)
-        assert idp.ledger.requests == 1, idp.ledger.snapshot()
-        assert read_rows(db)["ts-0000"]["version"] == 1
+        wait_until(lambda: read_rows(db)["ts-0000"]["version"] == 2, what="the others' refresh")
     finally:
         paused.send_signal(signal.SIGCONT)
-    wait_until(lambda: read_rows(db)["ts-0000"]["version"] == 2, what="the refresh after resume")
     time.sleep(GRACE + 0.5)
     assert idp.ledger.requests == 2 and idp.ledger.refreshes == 1, idp.ledger.snapshot()
     assert_ledger_clean(idp)
@@ -218,4 +215,35 @@ def test_a_daemon_paused_in_a_retry_after_wait_past_its_lease_sends_nothing_stal
     assert rows["ts-0000"]["refresh_token"] != line["refresh_token"]
     for daemon in (paused, *others):
         assert metric(daemon.metrics(), "refresherd_invalidations_total") == 0
+        assert daemon.stop() == 0
+
+
+def test_a_daemon_paused_inside_a_grace_window_sends_nothing_after_it(
+    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons
+) -> None:
+    """The IdP rotated the token and the answer was lost; the daemon is paused while it waits
+    to send again inside the window, and stays paused until the window has closed. The others
+    keep away from the journaled token while the paused process lives; on SIGCONT, its next
+    send is refused by the journal (a missed window, never a reuse outside grace): the set is
+    invalidated as grace_window_missed, and nothing more is sent."""
+    idp, db, config, _line = paused_setup(tmp_path, idp_factory)
+    idp.faults.add(FaultKind.DROP_AFTER_ROTATE)
+    paused = daemons(config, "paused")
+    wait_until(lambda: idp.ledger.requests == 1, interval=0.005, what="the lost answer")
+    paused.send_signal(signal.SIGSTOP)
+    try:
+        others = [daemons(config, name) for name in ("b", "c")]
+        time.sleep(GRACE * 2)
+        assert idp.ledger.requests == 1, idp.ledger.snapshot()
+    finally:
+        paused.send_signal(signal.SIGCONT)
+    wait_until(lambda: read_rows(db)["ts-0000"]["state"] == "invalidated", what="the missed window")
+    time.sleep(1.0)
+    row = read_rows(db)["ts-0000"]
+    assert row["invalid_reason"] == "grace_window_missed", row
+    ledger = idp.ledger
+    assert ledger.requests == 1 and ledger.reuses_outside_grace == 0, ledger.snapshot()
+    missed = [e for d in (paused, *others) for e in d.events("grace window missed")]
+    assert len(missed) == 1 and missed[0]["sends"] == 1, missed
+    for daemon in (paused, *others):
         assert daemon.stop() == 0
