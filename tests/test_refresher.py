@@ -607,6 +607,17 @@ async def test_a_window_spent_on_failures_is_named_missed(tmp_path: Path, logs: 
             )
             == 1
         )
+        # The hook event says so too, with the series (queued in the database).
+        with sqlite3.connect(tmp_path / "tokens.db") as conn:
+            payloads = [
+                json.loads(row[0])
+                for row in conn.execute(
+                    "SELECT payload FROM hook_events WHERE event_type = 'token_set.invalidated'"
+                )
+            ]
+        [event] = payloads
+        assert event["reason"] == "grace_window_missed" and event["sends"] == sends
+        assert event["series_started_at"] == missed["series_started_at"]
         # Never sent again, whoever asks.
         h.idp.faults.clear()
         again = await h.refresher.refresh("ts-1")
