@@ -368,12 +368,20 @@ class TokenEndpoint:
         # A copy: aiohttp is handed a dict of its own for each request.
         return (urlencode(form) + fields).encode("ascii"), dict(headers)
 
-    async def refresh(self, refresh_token: Secret, *, timeout: float) -> Grant:
-        """POST grant_type=refresh_token. Returns the grant or raises an EndpointError."""
+    async def refresh(
+        self, refresh_token: Secret, *, timeout: float, leave_by: float | None = None
+    ) -> Grant:
+        """POST grant_type=refresh_token. Returns the grant or raises an EndpointError.
+
+        ``leave_by``: seconds within which the request must get its connection and leave, or
+        not go at all (NotSent): a one-time token's send that waited for a pooled connection
+        past its grace window would arrive as a reuse."""
         form = {"grant_type": "refresh_token", "refresh_token": refresh_token.reveal()}
         if self.provider.scope:
             form["scope"] = self.provider.scope
-        status, headers, body = await self._send(self.provider.token_url, form, timeout)
+        status, headers, body = await self._send(
+            self.provider.token_url, form, timeout, leave_by=leave_by
+        )
         if 200 <= status < 300:
             try:
                 return parse_grant(body)
@@ -456,17 +464,23 @@ class TokenEndpoint:
         return _oauth_error(status, body, secrets)
 
     async def _send(
-        self, url: str, form: dict[str, str], timeout: float
+        self, url: str, form: dict[str, str], timeout: float, *, leave_by: float | None = None
     ) -> tuple[int, Mapping[str, str], bytes]:
+        connect = max(timeout - CONNECT_MARGIN, timeout / 2)
+        if leave_by is not None:
+            if leave_by <= 0:
+                raise NotSent("connect_error", "no time left to send inside the grace window")
+            connect = min(connect, leave_by)
         session = self._open()
         body, headers = self._client_request(form)
         client_timeout = aiohttp.ClientTimeout(
             total=None,
             # aiohttp's "connect" covers waiting for a pooled connection too; both end before
-            # anything is sent, so it ends a little before the overall deadline: a wait that
-            # sent nothing is then NotSent, not Ambiguous.
-            connect=max(timeout - CONNECT_MARGIN, timeout / 2),
-            sock_connect=min(self.provider.connect_timeout, timeout),
+            # anything is sent, so it ends a little before the overall deadline (or when the
+            # request may no longer leave): a wait that sent nothing is then NotSent, not
+            # Ambiguous.
+            connect=connect,
+            sock_connect=min(self.provider.connect_timeout, timeout, connect),
             # No read timeout of aiohttp's own: see the deadline below.
             sock_read=None,
         )

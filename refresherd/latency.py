@@ -45,8 +45,35 @@ class AnswerTimes:
         return self._sorted[rank]
 
     def hint(self) -> float | None:
-        """The pace to plan with: the 95th percentile of recent answers."""
-        return self.quantile(0.95)
+        """The pace to plan with: the median of recent answers. Not a high percentile: the
+        tail is where a struggling IdP's stalls land, and a pace taken from them would make
+        every hedge late and every window's margin long."""
+        return self.quantile(0.5)
 
     def __len__(self) -> int:
         return len(self._samples)
+
+
+class HedgeBudget:
+    """How many hedges a provider may get: a share of its sends, with a burst.
+
+    A token bucket filled by each ordinary send (``share`` of a token) and emptied by each
+    hedge: an IdP that stalls every request is raced for a while, then waited for, not
+    flooded with three sends per refresh.
+    """
+
+    __slots__ = ("burst", "share", "tokens")
+
+    def __init__(self, *, share: float = 0.1, burst: float = 10.0) -> None:
+        self.share = share
+        self.burst = burst
+        self.tokens = burst
+
+    def note_send(self) -> None:
+        self.tokens = min(self.burst, self.tokens + self.share)
+
+    def take(self) -> bool:
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False

@@ -90,11 +90,12 @@ def window_margin(grace_period: float, latency: float | None) -> float:
 
     The IdP counts the window from when *it* first processed the token, which is after our
     first send was journaled, so counting from the journal is conservative by one trip. The
-    last send must still travel and be processed before the window ends: twice the provider's
-    observed pace, at least :data:`MIN_WINDOW_MARGIN`, at most a fifth of the window.
+    last send must still travel and be processed before the window ends: three times the
+    provider's usual answer time, at least :data:`MIN_WINDOW_MARGIN`, at most a fifth of the
+    window.
     """
     pace = latency if latency is not None else DEFAULT_LATENCY
-    return min(grace_period * 0.2, max(MIN_WINDOW_MARGIN, 2.0 * pace))
+    return min(grace_period * 0.2, max(MIN_WINDOW_MARGIN, 3.0 * pace))
 
 
 def window_closes_at(started_at: float, grace_period: float, latency: float | None) -> float:
@@ -115,11 +116,11 @@ def hedge_after(grace_period: float, latency: float | None) -> float:
     """How long a send of a one-time token may stay unanswered before a second one is sent
     beside it (the first kept open: inside the window both answers are good).
 
-    Four times the provider's observed pace, so that an IdP that rotated and then stalled
+    Five times the provider's usual answer time, so that an IdP that rotated and then stalled
     costs a second or so of the window, not all of it; never under :data:`MIN_HEDGE_AFTER`,
     never over a quarter of the window.
     """
-    base = 4.0 * latency if latency is not None else 1.0
+    base = 5.0 * latency if latency is not None else 1.0
     return max(MIN_HEDGE_AFTER, min(base, grace_period / 4.0))
 
 
@@ -293,8 +294,10 @@ def series_spacing(
     :func:`retry_spacing`, or longer where the unsettled-send budget left, spread over what is
     left of the window, asks for it (a long window then keeps a send for its end rather than
     spending the budget in its first seconds)."""
-    sends = attempt.sends if attempt is not None else 1
-    spacing = retry_spacing(sends, grace_period, latency, rand)
+    # The doubling counts the sends that may have been processed: settled ones (a refused
+    # connection, a 503) cost nothing against the IdP's cap and do not stretch the spacing.
+    unsettled = attempt.unsettled if attempt is not None else 1
+    spacing = retry_spacing(max(unsettled, 1), grace_period, latency, rand)
     if attempt is not None and grace_period > 0:
         left = MAX_UNSETTLED_SENDS - attempt.unsettled
         last = window_closes_at(attempt.started_at, grace_period, latency) - LAST_SEND_LEAD

@@ -24,7 +24,7 @@ from refresherd import policy
 from refresherd.config import ProviderConfig, ScheduleConfig
 from refresherd.endpoint import EndpointError, TokenEndpoint
 from refresherd.events import EventQueue
-from refresherd.latency import AnswerTimes
+from refresherd.latency import AnswerTimes, HedgeBudget
 from refresherd.logs import get_logger
 from refresherd.metrics import Metrics
 from refresherd.model import (
@@ -229,6 +229,7 @@ class Refresher:
         self.hold_grants = False
         self._unpersisted = 0
         self._answer_times: dict[str, AnswerTimes] = {}
+        self._hedge_budgets: dict[str, HedgeBudget] = {}
         self._flights: dict[str, _Flight] = {}
         self._flight_group: anyio.abc.TaskGroup | None = None
         # Refreshes in flight whose lease run()'s keeper renews: id -> when it last was (loop
@@ -604,6 +605,13 @@ class Refresher:
             self.storage_failed(exc, during="lease renewal")
             log.warning("lease renewal failed", token_set=token_set_id, error=str(exc))
 
+    def hedge_budget(self, provider: str) -> HedgeBudget:
+        """The provider's budget of hedged sends (a share of its sends)."""
+        budget = self._hedge_budgets.get(provider)
+        if budget is None:
+            budget = self._hedge_budgets[provider] = HedgeBudget()
+        return budget
+
     def answer_times(self, provider: str) -> AnswerTimes:
         """The provider's recent answer times (its pace, for planning grace-window sends)."""
         times = self._answer_times.get(provider)
@@ -632,11 +640,22 @@ class Refresher:
             assert ts.attempt is not None
             return await self._missed(ts, ts.attempt)
         series = _Series(self, ts, eff, grace, provider, endpoint, times)
-        async with anyio.create_task_group() as tg:
-            end = await series.run(tg)
-            # The other sends still out: their answers are not needed (inside the window any
-            # grant is good, and the first one is ours).
-            tg.cancel_scope.cancel()
+        try:
+            async with anyio.create_task_group() as tg:
+                end = await series.run(tg)
+                # The other sends still out: their answers are not needed (inside the window
+                # any grant is good, and the first one is ours).
+                tg.cancel_scope.cancel()
+        except BaseException:
+            # Cancelled (shutdown past its deadline) or failed with a grant in hand: the IdP
+            # may have rotated, and this is the only copy. Store it before going.
+            grant = series.grant or series.buffered_grant()
+            if grant is not None and series.attempt is not None:
+                with anyio.CancelScope(shield=True):
+                    await self._persist(ts, eff, grant, sends=series.attempt.sends)
+            raise
+        finally:
+            series.close()
         if isinstance(end, RefreshResult):
             return end
         if isinstance(end, Grant):
@@ -644,10 +663,7 @@ class Refresher:
             return await self._persist(ts, eff, end, sends=series.attempt.sends)
         failure, decision = end
         assert series.attempt is not None
-        if (
-            isinstance(decision, policy.Invalidate)
-            and decision.reason == policy.GRACE_WINDOW_MISSED
-        ):
+        if decision == policy.Invalidate(reason=policy.GRACE_WINDOW_MISSED):
             return await self._missed(ts, series.attempt, last=failure)
         return await self._record(ts, failure, decision, series.attempt)
 
@@ -811,7 +827,12 @@ class Refresher:
         return None
 
     async def _moved_on(
-        self, ts: TokenSet, eff: policy.EffectivePolicy | None = None, grace: float = 0.0
+        self,
+        ts: TokenSet,
+        eff: policy.EffectivePolicy | None = None,
+        grace: float = 0.0,
+        *,
+        latency: float | None = None,
     ) -> RefreshResult:
         """begin_attempt refused: the version changed, the set is gone, our lease is, or the
         series' grace window closed with a send that may have been processed."""
@@ -827,7 +848,7 @@ class Refresher:
                 version=ts.version,
                 usage=eff.usage,
                 grace_period=grace,
-                latency=self.answer_times(ts.provider).hint(),
+                latency=latency,
                 now=self.clock.wall(),
             )
         ):
@@ -1144,8 +1165,14 @@ class _Series:
 
     For a one-time token the grace window is spent by time (policy): a send unanswered for
     ``hedge_after`` gets a hedge beside it, kept open rather than abandoned (a rotated answer
-    may still come); fast failures are spaced by ``retry_spacing``; a final decision waits
+    may still come); fast failures are spaced by ``series_spacing``; a final decision waits
     until no send is out, since any of them may still bring the grant.
+
+    Time: the policy plans in *series time*, the wall clock at the series' start in this
+    process carried on by the monotonic clock, so that a wall-clock step while the series runs
+    neither stretches a wait past the window nor ends it early. The journal in the database
+    keeps to the wall clock (it is shared), and a send goes out only if both say the window is
+    open.
     """
 
     def __init__(
@@ -1165,25 +1192,60 @@ class _Series:
         self.provider = provider
         self.endpoint = endpoint
         self.times = times
+        # The pace the window is planned with, fixed for the series: the margin (and so the
+        # window's end) must not move between a plan and the journal's check of it.
+        self.latency = times.hint()
+        self.hedges = refresher.hedge_budget(ts.provider)
         self.attempt: Attempt | None = None
         self.in_flight = 0
         self.invalid_grant_retried = False
+        self.last_failure: Failure | None = None
+        # The first grant received, until the series ends (persisted by the caller).
+        self.grant: Grant | None = None
+        self._anchor = (refresher.clock.wall(), refresher.clock.monotonic())
         send, receive = anyio.create_memory_object_stream[_Answer](math.inf)
         self._answers_in = send
         self._answers = receive
 
+    def now(self) -> float:
+        """Series time: see the class docstring."""
+        wall, mono = self._anchor
+        return wall + (self.r.clock.monotonic() - mono)
+
+    def close(self) -> None:
+        self._answers_in.close()
+        self._answers.close()
+
+    def buffered_grant(self) -> Grant | None:
+        """A grant that arrived but was not read yet (the series was cancelled)."""
+        while True:
+            try:
+                answer = self._answers.receive_nowait()
+            except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                return None
+            if answer.grant is not None:
+                return answer.grant
+
+    def _last_send_at(self) -> float | None:
+        """Series time by which a send that relies on the window must start (None: no window
+        runs: a re-use token, or nothing journaled yet)."""
+        if self.grace <= 0 or self.attempt is None:
+            return None
+        closes = policy.window_closes_at(self.attempt.started_at, self.grace, self.latency)
+        return closes - policy.LAST_SEND_LEAD
+
     async def run(self, tg: anyio.abc.TaskGroup) -> _SeriesEnd:
         r, ts = self.r, self.ts
-        # Two clocks for the next send: a retry the policy planned after a failed answer, and
-        # a hedge beside the sends still out (void once none is out).
-        retry_at: float | None = r.clock.wall()
+        # Two clocks for the next send (series time): a retry the policy planned after a
+        # failed answer, and a hedge beside the sends still out (void once none is out).
+        retry_at: float | None = self.now()
         hedge_at: float | None = None
-        # Why no more sends may start (the journal failed); returned once none is out.
+        # Why no more sends may start; returned once none is out.
         stopped: RefreshResult | None = None
         refused = False
         pending: tuple[Failure, policy.Decision] | None = None
         while True:
-            now = r.clock.wall()
+            now = self.now()
             planned = [t for t in (retry_at, hedge_at if self.in_flight else None) if t is not None]
             next_send_at = min(planned) if planned else None
             may_send = (
@@ -1193,8 +1255,28 @@ class _Series:
                 and self.in_flight < policy.MAX_SENDS_IN_FLIGHT
             )
             if may_send and next_send_at is not None and now >= next_send_at:
+                hedge = self.in_flight > 0 and (retry_at is None or retry_at > now)
                 retry_at = hedge_at = None
-                journaled = await self._journal(now)
+                last = self._last_send_at()
+                if (
+                    last is not None
+                    and self.attempt is not None
+                    and self.attempt.unsettled > 0
+                    and now > last
+                ):
+                    # The window is over by this process's monotonic clock, whatever the
+                    # wall clock (stepped back) and so the journal would say.
+                    if self.last_failure is not None:
+                        pending = (
+                            self.last_failure,
+                            policy.Invalidate(reason=policy.GRACE_WINDOW_MISSED),
+                        )
+                    continue
+                if hedge and not self.hedges.take():
+                    # The provider's hedge budget is spent (a stalled IdP is not flooded):
+                    # wait for the sends out.
+                    continue
+                journaled = await self._journal()
                 if journaled is None:
                     # The set moved on, our lease went, or the window closed: no more sends.
                     # What that means is read once no send is out (one may bring a grant).
@@ -1203,7 +1285,7 @@ class _Series:
                     stopped = journaled
                 else:
                     self.attempt = journaled
-                    if self.in_flight:
+                    if hedge:
                         # A hedge: the sends out are late; they stay open beside this one.
                         r.metrics.grace_retries.labels(ts.provider).inc()
                         log.info(
@@ -1213,15 +1295,18 @@ class _Series:
                             attempt=journaled.sends,
                             in_flight=self.in_flight,
                         )
+                    else:
+                        self.hedges.note_send()
                     self.in_flight += 1
-                    tg.start_soon(self._send, journaled)
+                    tg.start_soon(self._send, journaled, self._leave_by(now))
                     hedge_at = self._hedge_at(now)
                 continue
             if self.in_flight == 0:
                 if stopped is not None:
+                    await r._release_quietly(ts.id)
                     return stopped
                 if refused:
-                    return await r._moved_on(ts, self.eff, self.grace)
+                    return await self._refused()
                 if pending is not None:
                     return pending
                 if retry_at is None:  # pragma: no cover - every path plans or ends
@@ -1231,82 +1316,111 @@ class _Series:
             wait = (
                 max(next_send_at - now, 0.0) if may_send and next_send_at is not None else math.inf
             )
+            # Only the wait for an answer is bounded: what is done with one is never cut short.
+            answer: _Answer | None = None
             with anyio.move_on_after(wait):
                 answer = await self._answers.receive()
-                self.in_flight -= 1
-                end = await self._on_answer(answer)
-                if end is None:
-                    continue
-                if isinstance(end, policy.SendAgain):
-                    retry_at = end.at if retry_at is None else min(retry_at, end.at)
-                    pending = None
-                    continue
-                if isinstance(end, tuple):
-                    # Final, unless a send still out brings the grant or reopens the question.
-                    pending, retry_at, hedge_at = end, None, None
-                    continue
+            if answer is None:
+                continue
+            self.in_flight -= 1
+            end = await self._on_answer(answer)
+            if isinstance(end, policy.SendAgain):
+                retry_at = end.at if retry_at is None else min(retry_at, end.at)
+                pending = None
+            elif isinstance(end, tuple):
+                # Final, unless a send still out brings the grant or reopens the question.
+                pending, retry_at, hedge_at = end, None, None
+            elif isinstance(end, RefreshResult) and self.in_flight:
+                # Decided (a sibling's grant adopted, storage refused a read) while sends are
+                # out: no more sends; the ones out may still bring a grant worth storing.
+                stopped, retry_at, hedge_at = end, None, None
+            else:
                 return end
+
+    async def _refused(self) -> RefreshResult:
+        r, ts = self.r, self.ts
+        try:
+            return await r._moved_on(ts, self.eff, self.grace, latency=self.latency)
+        except StoreError as exc:
+            r.storage_failed(exc, during="journal")
+            await r._release_quietly(ts.id)
+            return RefreshResult(
+                "storage_error", token_set=ts, reason="storage_error", detail=str(exc)
+            )
+
+    def _leave_by(self, now: float) -> float | None:
+        """Seconds within which this send must leave (get a connection and be written), or
+        never: a send of a one-time token that waits for a pooled connection past the window
+        would arrive as a reuse. None for a token with no window."""
+        last = self._last_send_at()
+        if last is None:
+            return None
+        return max(last + policy.LAST_SEND_LEAD - now, 0.0)
 
     def _hedge_at(self, now: float) -> float | None:
         """When to send beside the sends now out if none has answered by then: only for a
         one-time token (a re-use token is never spent by a send), only with budget left, and
         never after the window closes (the last one planned to start before it does)."""
         attempt = self.attempt
-        if self.grace <= 0 or attempt is None:
+        last = self._last_send_at()
+        if last is None or attempt is None:
             return None
-        if attempt.unsettled >= policy.MAX_UNSETTLED_SENDS:
-            return None
-        latency = self.times.hint()
-        closes_at = policy.window_closes_at(attempt.started_at, self.grace, latency)
-        last = closes_at - policy.LAST_SEND_LEAD
-        if now >= last:
+        if attempt.unsettled >= policy.MAX_UNSETTLED_SENDS or now >= last:
             return None
         # Each further hedge waits twice as long: a stalled IdP is raced, not flooded.
-        wait = policy.hedge_after(self.grace, latency) * 2.0 ** max(self.in_flight - 1, 0)
+        wait = policy.hedge_after(self.grace, self.latency) * 2.0 ** max(self.in_flight - 1, 0)
         return min(now + wait, last)
 
-    async def _journal(self, now: float) -> Attempt | RefreshResult | None:
+    async def _journal(self) -> Attempt | RefreshResult | None:
         """Commit the send to the journal before it leaves; None if the store refused it."""
         r, ts = self.r, self.ts
-        keep_since = policy.keep_series_since(now, self.grace, self.times.hint())
+        # The journal keeps to the wall clock: it is shared with every process.
+        now = r.clock.wall()
+        keep_since = policy.keep_series_since(now, self.grace, self.latency)
         try:
-            attempt = await r.store.begin_attempt(
+            return await r.store.begin_attempt(
                 ts.id, owner=r.owner, version=ts.version, now=now, keep_since=keep_since
             )
         except StoreError as exc:
             # Nothing was sent: without a journal entry, nothing may be.
             r.storage_failed(exc, during="journal")
             r.metrics.refresh_failures.labels(ts.provider, "storage_error").inc()
-            if self.in_flight == 0:
-                await r._release_quietly(ts.id)
             return RefreshResult(
                 "storage_error", token_set=ts, reason="storage_error", detail=str(exc)
             )
-        return attempt
 
-    async def _send(self, attempt: Attempt) -> None:
+    async def _send(self, attempt: Attempt, leave_by: float | None) -> None:
         started = self.r.clock.monotonic()
         grant: Grant | None = None
         failure: Failure | None = None
         try:
             grant = await self.endpoint.refresh(
-                self.ts.refresh_token, timeout=self.provider.request_timeout
+                self.ts.refresh_token, timeout=self.provider.request_timeout, leave_by=leave_by
             )
         except EndpointError as exc:
             failure = exc.failure
+        except Exception as exc:
+            # Not a failure the endpoint knows (a bug, an endpoint retired by a reload): the
+            # request may have left. An answer like any other, so the other sends live on.
+            log.exception("token request failed unexpectedly", token_set=self.ts.id)
+            failure = Failure(
+                FailureKind.AMBIGUOUS, "internal_error", f"unexpected {type(exc).__name__}"
+            )
         duration = self.r.clock.monotonic() - started
         self._answers_in.send_nowait(_Answer(attempt, grant, failure, duration))
 
     async def _on_answer(
         self, answer: _Answer
-    ) -> RefreshResult | Grant | policy.SendAgain | tuple[Failure, policy.Decision] | None:
+    ) -> RefreshResult | Grant | policy.SendAgain | tuple[Failure, policy.Decision]:
         r, ts = self.r, self.ts
         failure = answer.failure
         if answer.grant is not None or (failure is not None and failure.status is not None):
             self.times.observe(answer.duration)
         if answer.grant is not None:
+            self.grant = answer.grant
             return answer.grant
         assert failure is not None and self.attempt is not None
+        self.last_failure = failure
         r.metrics.refresh_failures.labels(ts.provider, failure.reason).inc()
         if failure.kind is not FailureKind.AMBIGUOUS:
             # The answer proves the IdP did not rotate on this send: note it in the journal,
@@ -1315,12 +1429,20 @@ class _Series:
         maybe_consumed = self.grace > 0 and self.attempt.unsettled > 0
         storm = False
         if failure.kind is FailureKind.INVALID_GRANT:
-            sibling = await r._sibling_grant(ts)
+            try:
+                sibling = await r._sibling_grant(ts)
+            except StoreError as exc:
+                # Whether another worker stored a grant cannot be read: invalidating without
+                # knowing would be worse than trying again later.
+                r.storage_failed(exc, during="read after invalid_grant")
+                return RefreshResult(
+                    "storage_error", token_set=ts, reason="storage_error", detail=str(exc)
+                )
             if sibling is not None:
                 return sibling
             if not maybe_consumed:
                 storm = policy.invalid_grant_storm(r.circuits.note_invalid_grant(ts.provider))
-        if storm and self.in_flight == 0:
+        if storm:
             # Several different token sets refused in a row, none accepted in between: far
             # more likely our configuration (another app's credentials, a wrong token_url or
             # realm) than that many customers revoking at once. Pause the provider and keep
@@ -1332,13 +1454,13 @@ class _Series:
         decision = policy.decide(
             failure,
             policy.FailureContext(
-                now=r.clock.wall(),
+                now=self.now(),
                 usage=self.eff.usage,
                 grace_period=self.grace,
                 attempt=self.attempt,
                 failures=ts.failures,
                 invalid_grant_retried=self.invalid_grant_retried,
-                latency=self.times.hint(),
+                latency=self.latency,
             ),
             r.schedule,
             r.rng.random(),
@@ -1357,7 +1479,7 @@ class _Series:
             detail=failure.detail,
             attempt=self.attempt.sends,
             in_flight=self.in_flight,
-            delay=round(max(decision.at - r.clock.wall(), 0.0), 3),
+            delay=round(max(decision.at - self.now(), 0.0), 3),
             grace=decision.grace,
         )
         return decision
