@@ -278,8 +278,8 @@ def test_backoff_concrete() -> None:
 # ---- the grace window: margin, close, keep-since, hedge, spacing ---------------------------
 
 GRACE = 30.0
-# Default pace (latency None): margin max(0.25, 2 * 0.25) = 0.5 s of a 30 s window.
-CLOSES = NOW + 29.5  # window_closes_at(NOW, 30, None)
+# Default pace (latency None): margin max(0.25, 3 * 0.25) = 0.75 s of a 30 s window.
+CLOSES = NOW + 29.25  # window_closes_at(NOW, 30, None)
 LAST = CLOSES - LAST_SEND_LEAD  # the latest planned start of a send of a series begun at NOW
 INSIDE = NOW + 1.0
 OUTSIDE = CLOSES
@@ -301,10 +301,13 @@ wide_latencies = st.none() | st.floats(min_value=0.0, max_value=60.0)
 @pytest.mark.parametrize(
     ("grace", "latency", "margin"),
     [
-        (30.0, None, 0.5),  # DEFAULT_LATENCY: two trips of 0.25 s
+        (30.0, None, 0.75),  # DEFAULT_LATENCY: three answer times of 0.25 s
         (30.0, 0.0, MIN_WINDOW_MARGIN),  # the floor
-        (30.0, 0.1, MIN_WINDOW_MARGIN),
-        (30.0, 1.0, 2.0),  # two trips
+        (30.0, 0.05, MIN_WINDOW_MARGIN),
+        (30.0, 0.1, 0.3),  # three answer times, just over the floor
+        (30.0, 1.0, 3.0),
+        (30.0, 1.5, 4.5),
+        (30.0, 2.0, 6.0),  # three answer times reach the ceiling exactly
         (30.0, 10.0, 6.0),  # the ceiling: a fifth of the window
         (5.0, 2.0, 1.0),
         (1.0, None, 0.2),  # the ceiling wins over the floor in a tiny window
@@ -321,7 +324,8 @@ def test_window_margin_bounds(grace: float, latency: float | None, other: float 
     margin = window_margin(grace, latency)
     assert min(grace * 0.2, MIN_WINDOW_MARGIN) <= margin <= grace * 0.2
     pace = DEFAULT_LATENCY if latency is None else latency
-    assert margin >= min(grace * 0.2, 2.0 * pace)
+    assert margin >= min(grace * 0.2, 3.0 * pace)
+    assert margin <= max(MIN_WINDOW_MARGIN, 3.0 * pace)
     assert window_margin(grace, None) == window_margin(grace, DEFAULT_LATENCY)
     if other is not None and latency is not None:
         lo, hi = sorted((latency, other))
@@ -330,10 +334,10 @@ def test_window_margin_bounds(grace: float, latency: float | None, other: float 
 
 def test_window_closes_at_and_keep_series_since_concrete() -> None:
     assert window_closes_at(NOW, 30.0, None) == CLOSES
-    assert window_closes_at(NOW, 30.0, 1.0) == NOW + 28.0
+    assert window_closes_at(NOW, 30.0, 1.0) == NOW + 27.0
     assert window_closes_at(NOW, 5.0, 2.0) == NOW + 4.0
     assert keep_series_since(CLOSES, 30.0, None) == NOW
-    assert keep_series_since(NOW + 28.0, 30.0, 1.0) == NOW
+    assert keep_series_since(NOW + 27.0, 30.0, 1.0) == NOW
     for latency in (None, 0.0, 2.0):
         # No window: a re-use token is not spent by a send, and none of its series is missed.
         assert keep_series_since(NOW, 0.0, latency) is None
@@ -373,8 +377,11 @@ def test_window_closes_at_and_keep_series_since_agree(
         (30.0, None, 1.0),  # a provider not yet observed
         (30.0, 0.0, MIN_HEDGE_AFTER),  # the floor: an IdP answering in ms is not raced
         (30.0, 0.05, MIN_HEDGE_AFTER),
-        (30.0, 0.5, 2.0),  # four answer times
-        (60.0, 2.0, 8.0),
+        (30.0, 0.1, MIN_HEDGE_AFTER),  # five answer times, still under the floor
+        (30.0, 0.2, 1.0),  # five answer times
+        (30.0, 0.5, 2.5),
+        (30.0, 1.0, 5.0),
+        (60.0, 2.0, 10.0),
         (20.0, 2.0, 5.0),  # the ceiling: a quarter of the window
         (5.0, 2.0, 1.25),
         (1.0, 2.0, MIN_HEDGE_AFTER),  # the floor wins over the ceiling in a tiny window
@@ -390,21 +397,24 @@ def test_hedge_after_bounds(grace: float, latency: float | None, other: float | 
     after = hedge_after(grace, latency)
     assert MIN_HEDGE_AFTER <= after <= max(MIN_HEDGE_AFTER, grace / 4.0)
     if latency is not None:
-        assert after <= max(MIN_HEDGE_AFTER, 4.0 * latency)
+        assert after <= max(MIN_HEDGE_AFTER, 5.0 * latency)
+        assert after >= min(5.0 * latency, grace / 4.0)
+    else:
+        assert after == max(MIN_HEDGE_AFTER, min(1.0, grace / 4.0))
     if other is not None and latency is not None:
         lo, hi = sorted((latency, other))
         assert hedge_after(grace, lo) <= hedge_after(grace, hi)
 
 
 def test_retry_spacing_doubles_up_to_a_sixth_of_the_window() -> None:
-    # grace 30, default pace: window 29.5 s, from 0.1 s doubling, capped at 29.5 / 6
+    # grace 30, default pace: window 29.25 s, from 0.1 s doubling, capped at 29.25 / 6
     spacing = [retry_spacing(n, 30.0, None, 0.5) for n in range(1, 10)]
-    cap = 29.5 / 6
+    cap = 29.25 / 6
     assert spacing == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.6, 3.2, cap, cap, cap])
-    # an observed pace: from one answer time (0.5 s), window 29 s
+    # an observed pace: from one answer time (0.5 s), window 28.5 s (margin 3 * 0.5)
     assert retry_spacing(1, 30.0, 0.5, 0.5) == pytest.approx(0.5)
     assert retry_spacing(2, 30.0, 0.5, 0.5) == pytest.approx(1.0)
-    assert retry_spacing(9, 30.0, 0.5, 0.5) == pytest.approx(29.0 / 6)
+    assert retry_spacing(9, 30.0, 0.5, 0.5) == pytest.approx(28.5 / 6)
     # a slow IdP in a short window: one answer time is more than a twentieth of the window
     assert retry_spacing(1, 5.0, 2.0, 0.5) == pytest.approx(0.2)  # 4 s window / 20
     assert retry_spacing(9, 5.0, 2.0, 0.5) == pytest.approx(4.0 / 6)
@@ -427,7 +437,7 @@ def test_retry_spacing_counts_from_the_first_send(sends: int) -> None:
 
 @pytest.mark.parametrize("sends", [10**6, 2**63, 10**100])
 def test_retry_spacing_does_not_overflow(sends: int) -> None:
-    assert retry_spacing(sends, 30.0, None, 0.5) == pytest.approx(29.5 / 6)
+    assert retry_spacing(sends, 30.0, None, 0.5) == pytest.approx(29.25 / 6)
 
 
 @settings(deadline=None)
@@ -456,6 +466,62 @@ def test_retry_spacing_bounds(
     assert retry_spacing(sends, grace, latency, lo) <= retry_spacing(sends, grace, latency, hi)
 
 
+# ---- series_spacing ---------------------------------------------------------------------------
+
+
+def test_series_spacing_doubles_on_unsettled_sends_only() -> None:
+    """The doubling counts the sends the IdP may have processed: settled ones (a refused
+    connection, a 503) cost nothing against its cap and do not stretch the spacing; each
+    unsettled one doubles it. Half a second before the last send time, so that the budget
+    spread over what is left of the window stays under the doubling."""
+    now = LAST - 0.5
+
+    def spacing(sends: int, settled: int) -> float:
+        journal = series(sends=sends, settled=settled)
+        return series_spacing(journal, now=now, grace_period=GRACE, latency=None, rand=0.5)
+
+    # one unsettled send, any number of settled ones beside it: the first spacing, 0.1 s
+    for settled in (0, 1, 5, 20, 100):
+        assert spacing(1 + settled, settled) == pytest.approx(0.1)
+    # every send settled: as after the first
+    assert spacing(30, 30) == pytest.approx(0.1)
+    # each unsettled send doubles it, whatever was settled beside it
+    assert [spacing(n, 0) for n in range(1, 5)] == pytest.approx([0.1, 0.2, 0.4, 0.8])
+    assert [spacing(n + 20, 20) for n in range(1, 5)] == pytest.approx([0.1, 0.2, 0.4, 0.8])
+    # as retry_spacing on the unsettled count
+    for unsettled in range(1, 5):
+        assert spacing(unsettled + 7, 7) == retry_spacing(unsettled, GRACE, None, 0.5)
+
+
+@settings(deadline=None)
+@given(
+    unsettled=st.integers(min_value=0, max_value=40),
+    settled=st.integers(min_value=1, max_value=10**4),
+    grace=graces,
+    latency=wide_latencies,
+    into=st.floats(min_value=0.0, max_value=1.0),
+    rand=rands,
+)
+def test_series_spacing_ignores_settled_sends_and_grows_with_unsettled_ones(
+    unsettled: int,
+    settled: int,
+    grace: float,
+    latency: float | None,
+    into: float,
+    rand: float,
+) -> None:
+    now = NOW + into * (window_closes_at(NOW, grace, latency) - NOW)
+
+    def spacing(journal: Attempt) -> float:
+        return series_spacing(journal, now=now, grace_period=grace, latency=latency, rand=rand)
+
+    plain = spacing(series(sends=unsettled, settled=0))
+    assert spacing(series(sends=unsettled + settled, settled=settled)) == plain
+    assert plain >= retry_spacing(max(unsettled, 1), grace, latency, rand)
+    if unsettled + 1 < MAX_UNSETTLED_SENDS:  # both with budget left to spread
+        assert spacing(series(sends=unsettled + 1, settled=0)) >= plain
+
+
 # ---- window_missed ----------------------------------------------------------------------------
 
 
@@ -471,7 +537,8 @@ def test_retry_spacing_bounds(
         (series(sends=2), {"version": 2}, False),  # another version's series
         (series(sends=2), {"usage": REUSE}, False),
         (series(sends=2), {"grace_period": 0.0}, False),
-        (series(sends=2), {"latency": 2.0, "now": NOW + 26.0}, True),  # margin 4 s: closed at 26
+        (series(sends=2), {"latency": 2.0, "now": NOW + 23.999}, False),  # margin 6 s: open
+        (series(sends=2), {"latency": 2.0, "now": NOW + 24.0}, True),  # closed at 24
     ],
 )
 def test_window_missed(attempt: Attempt | None, kw: dict[str, object], missed: bool) -> None:
@@ -602,7 +669,8 @@ def test_maybe_consumed_with_the_window_open_sends_again_spaced(
     decision = decide(failure(kind), ctx(attempt=attempt, latency=latency), CFG, rand)
     spacing = series_spacing(attempt, now=INSIDE, grace_period=GRACE, latency=latency, rand=rand)
     assert decision == SendAgain(at=INSIDE + spacing, grace=True)
-    assert spacing >= retry_spacing(attempt.sends, GRACE, latency, rand)
+    # the doubling counts the unsettled sends, not the answer's own settled one
+    assert spacing >= retry_spacing(max(attempt.unsettled, 1), GRACE, latency, rand)
     assert decision.at < window_closes_at(NOW, GRACE, latency) - LAST_SEND_LEAD
 
 
@@ -784,8 +852,9 @@ def test_rate_limited_without_retry_after_backs_off() -> None:
 def test_a_send_planned_late_in_the_window_starts_at_the_last_send_time(
     kind: FailureKind,
 ) -> None:
-    # 8 sends: the spacing (about 4.9 s) would take the next send past the window's end
-    attempt = answered(kind, sends=8)
+    # 7 unsettled sends: the spacing (about 4.9 s) would take the next send past the window's
+    # end (settled sends would not stretch it: see test_series_spacing_counts_unsettled_sends)
+    attempt = unsettled_after(kind, 7)
     decision = decide(failure(kind), ctx(now=CLOSES - 1.0, attempt=attempt), CFG, 0.5)
     assert decision == SendAgain(at=LAST, grace=True)
 
