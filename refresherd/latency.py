@@ -73,7 +73,12 @@ class HedgeBudget:
         self.tokens = min(self.burst, self.tokens + self.share)
 
     def take(self) -> bool:
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
+        # A hair of tolerance: ten shares of 0.1 add up to 0.9999999999999999.
+        if self.tokens >= 1.0 - 1e-9:
+            self.tokens = max(self.tokens - 1.0, 0.0)
             return True
         return False
+
+    def give_back(self) -> None:
+        """A hedge taken but not sent (the journal refused it)."""
+        self.tokens = min(self.burst, self.tokens + 1.0)

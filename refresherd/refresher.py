@@ -1277,6 +1277,8 @@ class _Series:
                     # wait for the sends out.
                     continue
                 journaled = await self._journal()
+                if hedge and not isinstance(journaled, Attempt):
+                    self.hedges.give_back()
                 if journaled is None:
                     # The set moved on, our lease went, or the window closed: no more sends.
                     # What that means is read once no send is out (one may bring a grant).

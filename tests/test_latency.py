@@ -189,12 +189,6 @@ def test_hedge_budget_refills_by_its_share_per_send() -> None:
     assert not budget.take()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="float accumulation: ten shares of 0.1 from empty are 0.9999999999999999 < 1.0, so the "
-    "first hedge after a drained burst takes eleven sends (HedgeBudget.take compares >= 1.0 "
-    "without a tolerance)",
-)
 def test_ten_sends_earn_one_hedge_after_the_burst() -> None:
     budget = HedgeBudget()
     for _ in range(10):

@@ -9,6 +9,7 @@ Nothing here is timed: waits are polls with generous deadlines, and the grace pe
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import itertools
 import json
@@ -1261,6 +1262,75 @@ async def test_a_store_error_on_an_outcome_path_pauses_storage(
         assert h.metric("refresherd_storage_pauses_total", reason="locked") == 1
         assert logs.events("storage refuses writes: refreshes paused until a probe write succeeds")
         assert not logs.events("refresh crashed")
+
+
+class SteppedClock:
+    """The system's clocks, with the wall clock steppable (NTP, a VM restored)."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def wall(self) -> float:
+        return time.time() + self.offset
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+
+@pytest.mark.anyio
+async def test_a_wall_clock_step_back_does_not_stretch_a_wait_past_the_window(
+    tmp_path: Path, logs: LogCapture
+) -> None:
+    """The wall clock steps back 8 s while the series waits to send again: the wait is planned
+    on the monotonic clock, so the next send still goes out inside the window (found by
+    review: planned on the wall clock, it went out 8 s late, a reuse outside grace)."""
+    async with harness(tmp_path, grace_period=4.0) as h:
+        await h.add("ts-1")
+        clock = SteppedClock()
+        h.refresher.clock = clock
+        h.idp.faults.add(FaultKind.ERROR_AFTER_ROTATE)  # rotated, then a 500
+        results: list[RefreshResult] = []
+
+        async def go() -> None:
+            results.append(await h.refresher.refresh("ts-1"))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(go)
+            await wait_for(lambda: h.failures("server_error") >= 1, "the 500")
+            clock.offset = -8.0
+        assert results[0].outcome == "refreshed", results
+        assert h.idp.ledger.reuses_outside_grace == 0 and h.idp.ledger.reuses_in_grace == 1
+
+
+@pytest.mark.anyio
+async def test_a_hedge_waiting_for_a_pooled_connection_never_leaves_after_the_window(
+    tmp_path: Path, logs: LogCapture
+) -> None:
+    """One connection to the IdP, held by a send the IdP rotated and then stalled (7 s, past
+    the 4 s window): the hedge waits for that connection; it must give up (not sent) before
+    the window closes rather than leave late as a reuse (found by review: it left at 7 s and
+    the IdP revoked the family, the stored token with it)."""
+    async with harness(tmp_path, grace_period=4.0, request_timeout=10.0) as h:
+        one = dataclasses.replace(h.providers[PROVIDER], max_connections=1)
+        endpoint = TokenEndpoint(one)
+        h.refresher.reconfigure(
+            providers={PROVIDER: one},
+            endpoints={PROVIDER: endpoint},
+            schedule=h.refresher.schedule,
+            lease_duration=30.0,
+        )
+        try:
+            await h.add("ts-1")
+            h.idp.faults.add(FaultKind.SLOW, delay=7.0, process_first=True)
+            result = await h.refresher.refresh("ts-1")
+            await anyio.sleep(0.5)
+        finally:
+            await endpoint.aclose()
+        ledger = h.idp.ledger
+        assert ledger.reuses_outside_grace == 0, ledger.snapshot()
+        stored = await h.get("ts-1")
+        assert result.outcome == "refreshed", result  # the stalled send's answer, kept open
+        assert ledger.is_live(stored.refresh_token.reveal())
 
 
 # --------------------------------------------------------------------------- isolation
