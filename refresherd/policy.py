@@ -31,8 +31,10 @@ MAX_SENDS_IN_FLIGHT: Final = 3
 # A send unanswered for this long (at least) gets a hedge beside it: never sooner, so that an
 # IdP answering in milliseconds is not raced on every hiccup of the network or the machine.
 MIN_HEDGE_AFTER: Final = 0.5
-# The pace assumed for a provider not yet observed (a daemon just started, recovering).
-DEFAULT_LATENCY: Final = 0.25
+# The pace assumed for a provider not yet observed. Most often that is a daemon just started
+# and recovering its predecessor's windows, where every tenth of a second counts; an IdP a
+# continent away answers in about this, and five answers later the observed pace takes over.
+DEFAULT_LATENCY: Final = 0.1
 # The least time kept back at the end of a window for the last send to reach the IdP.
 MIN_WINDOW_MARGIN: Final = 0.25
 # The last send is planned to start this long before the window's (margined) end.
@@ -292,8 +294,8 @@ def series_spacing(
 ) -> float:
     """The pause before the next send of a one-time token's series, after a failed answer:
     :func:`retry_spacing`, or longer where the unsettled-send budget left, spread over what is
-    left of the window, asks for it (a long window then keeps a send for its end rather than
-    spending the budget in its first seconds)."""
+    left of the window (half an even share each), asks for it (a long window then keeps a send
+    for its end rather than spending the budget in its first seconds)."""
     # The doubling counts the sends that may have been processed: settled ones (a refused
     # connection, a 503) cost nothing against the IdP's cap and do not stretch the spacing.
     unsettled = attempt.unsettled if attempt is not None else 1
@@ -302,7 +304,9 @@ def series_spacing(
         left = MAX_UNSETTLED_SENDS - attempt.unsettled
         last = window_closes_at(attempt.started_at, grace_period, latency) - LAST_SEND_LEAD
         if left > 0:
-            spacing = max(spacing, (last - now) / (left + 1))
+            # Half the even share: early sends stay close (a process may not live through a
+            # long wait), the later ones spread out, and the budget lasts to the window's end.
+            spacing = max(spacing, (last - now) / (2 * left))
     return spacing
 
 

@@ -279,7 +279,7 @@ def test_backoff_concrete() -> None:
 
 GRACE = 30.0
 # Default pace (latency None): margin max(0.25, 3 * 0.25) = 0.75 s of a 30 s window.
-CLOSES = NOW + 29.25  # window_closes_at(NOW, 30, None)
+CLOSES = NOW + 29.7  # window_closes_at(NOW, 30, None): the default pace 0.1, margin 0.3
 LAST = CLOSES - LAST_SEND_LEAD  # the latest planned start of a send of a series begun at NOW
 INSIDE = NOW + 1.0
 OUTSIDE = CLOSES
@@ -301,7 +301,7 @@ wide_latencies = st.none() | st.floats(min_value=0.0, max_value=60.0)
 @pytest.mark.parametrize(
     ("grace", "latency", "margin"),
     [
-        (30.0, None, 0.75),  # DEFAULT_LATENCY: three answer times of 0.25 s
+        (30.0, None, 0.3),  # DEFAULT_LATENCY: three answer times of 0.1 s
         (30.0, 0.0, MIN_WINDOW_MARGIN),  # the floor
         (30.0, 0.05, MIN_WINDOW_MARGIN),
         (30.0, 0.1, 0.3),  # three answer times, just over the floor
@@ -407,9 +407,9 @@ def test_hedge_after_bounds(grace: float, latency: float | None, other: float | 
 
 
 def test_retry_spacing_doubles_up_to_a_sixth_of_the_window() -> None:
-    # grace 30, default pace: window 29.25 s, from 0.1 s doubling, capped at 29.25 / 6
+    # grace 30, default pace: window 29.7 s, from 0.1 s doubling, capped at 29.7 / 6
     spacing = [retry_spacing(n, 30.0, None, 0.5) for n in range(1, 10)]
-    cap = 29.25 / 6
+    cap = 29.7 / 6
     assert spacing == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.6, 3.2, cap, cap, cap])
     # an observed pace: from one answer time (0.5 s), window 28.5 s (margin 3 * 0.5)
     assert retry_spacing(1, 30.0, 0.5, 0.5) == pytest.approx(0.5)
@@ -437,7 +437,7 @@ def test_retry_spacing_counts_from_the_first_send(sends: int) -> None:
 
 @pytest.mark.parametrize("sends", [10**6, 2**63, 10**100])
 def test_retry_spacing_does_not_overflow(sends: int) -> None:
-    assert retry_spacing(sends, 30.0, None, 0.5) == pytest.approx(29.25 / 6)
+    assert retry_spacing(sends, 30.0, None, 0.5) == pytest.approx(29.7 / 6)
 
 
 @settings(deadline=None)
@@ -768,7 +768,7 @@ def test_retry_after_is_never_sooner_than_the_spacing(retry_after: float, sends:
     assert decision.at - INSIDE >= MIN_SPACING - EPS
 
 
-@pytest.mark.parametrize("retry_after", [28.5, 29.0, 120.0, 86400.0])
+@pytest.mark.parametrize("retry_after", [28.7, 29.0, 120.0, 86400.0])
 @pytest.mark.parametrize("latency", [None, 1.0])
 def test_retry_after_is_never_past_the_last_send_time(
     retry_after: float, latency: float | None
