@@ -122,22 +122,24 @@ def hedge_after(grace_period: float, latency: float | None) -> float:
     costs a second or so of the window, not all of it; never under :data:`MIN_HEDGE_AFTER`,
     never over a quarter of the window.
     """
-    base = 5.0 * latency if latency is not None else 1.0
-    return max(MIN_HEDGE_AFTER, min(base, grace_period / 4.0))
+    pace = latency if latency is not None else DEFAULT_LATENCY
+    return max(MIN_HEDGE_AFTER, min(5.0 * pace, grace_period / 4.0))
 
 
 def retry_spacing(sends: int, grace_period: float, latency: float | None, rand: float) -> float:
     """Pause after the ``sends``-th send of a series failed fast, before the next one.
 
-    Doubling from about one answer time (at least 0.1 s) up to a sixth of the window, with
+    Doubling from about one answer time (at least 0.1 s) up to a tenth of the window, with
     ±20 % jitter: a burst of fast failures (a struggling IdP answering 500 in milliseconds)
     spreads its sends over the window instead of spending them at once, and sets that failed
     together do not retry together.
     """
     window = max(grace_period - window_margin(grace_period, latency), 0.0)
-    pace = latency if latency is not None else 0.1
+    pace = latency if latency is not None else DEFAULT_LATENCY
     base = max(0.1, min(pace, window / 20.0))
-    cap = max(base, window / 6.0)
+    # Capped at an even share of the window among the unsettled-send budget: a 5 s window
+    # still gets a send every half second or so, however many failed before.
+    cap = max(base, window / MAX_UNSETTLED_SENDS)
     return min(base * (2.0 ** min(max(sends - 1, 0), 30)), cap) * (0.8 + 0.4 * rand)
 
 

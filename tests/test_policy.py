@@ -374,7 +374,7 @@ def test_window_closes_at_and_keep_series_since_agree(
 @pytest.mark.parametrize(
     ("grace", "latency", "after"),
     [
-        (30.0, None, 1.0),  # a provider not yet observed
+        (30.0, None, 0.5),  # a provider not yet observed: DEFAULT_LATENCY, at the floor
         (30.0, 0.0, MIN_HEDGE_AFTER),  # the floor: an IdP answering in ms is not raced
         (30.0, 0.05, MIN_HEDGE_AFTER),
         (30.0, 0.1, MIN_HEDGE_AFTER),  # five answer times, still under the floor
@@ -400,24 +400,24 @@ def test_hedge_after_bounds(grace: float, latency: float | None, other: float | 
         assert after <= max(MIN_HEDGE_AFTER, 5.0 * latency)
         assert after >= min(5.0 * latency, grace / 4.0)
     else:
-        assert after == max(MIN_HEDGE_AFTER, min(1.0, grace / 4.0))
+        assert after == hedge_after(grace, DEFAULT_LATENCY)
     if other is not None and latency is not None:
         lo, hi = sorted((latency, other))
         assert hedge_after(grace, lo) <= hedge_after(grace, hi)
 
 
-def test_retry_spacing_doubles_up_to_a_sixth_of_the_window() -> None:
-    # grace 30, default pace: window 29.7 s, from 0.1 s doubling, capped at 29.7 / 6
+def test_retry_spacing_doubles_up_to_a_tenth_of_the_window() -> None:
+    # grace 30, default pace: window 29.7 s, from 0.1 s doubling, capped at 29.7 / 10
     spacing = [retry_spacing(n, 30.0, None, 0.5) for n in range(1, 10)]
-    cap = 29.7 / 6
-    assert spacing == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.6, 3.2, cap, cap, cap])
+    cap = 29.7 / 10
+    assert spacing == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.6, cap, cap, cap, cap])
     # an observed pace: from one answer time (0.5 s), window 28.5 s (margin 3 * 0.5)
     assert retry_spacing(1, 30.0, 0.5, 0.5) == pytest.approx(0.5)
     assert retry_spacing(2, 30.0, 0.5, 0.5) == pytest.approx(1.0)
-    assert retry_spacing(9, 30.0, 0.5, 0.5) == pytest.approx(28.5 / 6)
+    assert retry_spacing(9, 30.0, 0.5, 0.5) == pytest.approx(28.5 / 10)
     # a slow IdP in a short window: one answer time is more than a twentieth of the window
     assert retry_spacing(1, 5.0, 2.0, 0.5) == pytest.approx(0.2)  # 4 s window / 20
-    assert retry_spacing(9, 5.0, 2.0, 0.5) == pytest.approx(4.0 / 6)
+    assert retry_spacing(9, 5.0, 2.0, 0.5) == pytest.approx(4.0 / 10)
     # never under 0.1 s: not even a fast IdP gets a tight loop
     assert retry_spacing(1, 30.0, 0.001, 0.5) == pytest.approx(0.1)
     assert retry_spacing(1, 1.0, None, 0.5) == pytest.approx(0.1)
@@ -437,7 +437,7 @@ def test_retry_spacing_counts_from_the_first_send(sends: int) -> None:
 
 @pytest.mark.parametrize("sends", [10**6, 2**63, 10**100])
 def test_retry_spacing_does_not_overflow(sends: int) -> None:
-    assert retry_spacing(sends, 30.0, None, 0.5) == pytest.approx(29.7 / 6)
+    assert retry_spacing(sends, 30.0, None, 0.5) == pytest.approx(29.7 / 10)
 
 
 @settings(deadline=None)
