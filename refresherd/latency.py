@@ -55,7 +55,11 @@ class AnswerTimes:
 
 
 class HedgeBudget:
-    """How many hedges a provider may get: a share of its sends, with a burst.
+    """How many hedges a provider may get: a fifth of its sends, with a burst of 20.
+
+    Enough for an IdP that stalls one request in ten (each stalled send may take two hedges);
+    a daemon just restarted after a crash, recovering its predecessor's stalled sends, starts
+    with the whole burst.
 
     A token bucket filled by each ordinary send (``share`` of a token) and emptied by each
     hedge: an IdP that stalls every request is raced for a while, then waited for, not
@@ -64,7 +68,7 @@ class HedgeBudget:
 
     __slots__ = ("burst", "share", "tokens")
 
-    def __init__(self, *, share: float = 0.1, burst: float = 10.0) -> None:
+    def __init__(self, *, share: float = 0.2, burst: float = 20.0) -> None:
         self.share = share
         self.burst = burst
         self.tokens = burst

@@ -155,14 +155,14 @@ def test_a_new_sample_is_seen_by_the_next_quantile() -> None:
 # ---- HedgeBudget ------------------------------------------------------------------------------
 
 
-def test_hedge_budget_defaults_a_tenth_of_a_hedge_per_send_and_a_burst_of_ten() -> None:
+def test_hedge_budget_defaults_a_fifth_of_a_hedge_per_send_and_a_burst_of_twenty() -> None:
     budget = HedgeBudget()
-    assert budget.share == 0.1 and budget.burst == 10.0
-    assert budget.tokens == 10.0  # starts full
+    assert budget.share == 0.2 and budget.burst == 20.0
+    assert budget.tokens == 20.0  # starts full
 
 
 def test_hedge_budget_allows_a_burst_then_refuses() -> None:
-    budget = HedgeBudget()
+    budget = HedgeBudget(share=0.1, burst=10.0)
     assert [budget.take() for _ in range(10)] == [True] * 10
     assert budget.tokens == 0.0
     assert not budget.take()
@@ -171,7 +171,7 @@ def test_hedge_budget_allows_a_burst_then_refuses() -> None:
 
 
 def test_hedge_budget_refills_by_its_share_per_send() -> None:
-    budget = HedgeBudget()
+    budget = HedgeBudget(share=0.1, burst=10.0)
     for _ in range(10):
         budget.take()
     for n in range(1, 6):
@@ -190,7 +190,7 @@ def test_hedge_budget_refills_by_its_share_per_send() -> None:
 
 
 def test_ten_sends_earn_one_hedge_after_the_burst() -> None:
-    budget = HedgeBudget()
+    budget = HedgeBudget(share=0.1, burst=10.0)
     for _ in range(10):
         budget.take()
     for _ in range(10):
@@ -199,7 +199,7 @@ def test_ten_sends_earn_one_hedge_after_the_burst() -> None:
 
 
 def test_hedge_budget_never_fills_above_its_burst() -> None:
-    budget = HedgeBudget()
+    budget = HedgeBudget(share=0.1, burst=10.0)
     for _ in range(1000):
         budget.note_send()
     assert budget.tokens == budget.burst
