@@ -26,6 +26,7 @@ from starlette.routing import BaseRoute
 
 from refresherd import logs
 from refresherd.api import BearerAuth, TokenApi
+from refresherd.clock import Clock, SystemClock
 from refresherd.config import (
     EX_CONFIG,
     Config,
@@ -42,13 +43,7 @@ from refresherd.hooks import Hooks
 from refresherd.intake import MAX_GRACE_PERIOD
 from refresherd.metrics import BACKGROUND_TASKS, INVALIDATION_REASONS, Metrics
 from refresherd.model import State, TokenSet, rfc3339
-from refresherd.refresher import (
-    PERSIST_DEADLINE,
-    PERSIST_RETRY_MAX,
-    Clock,
-    Refresher,
-    SystemClock,
-)
+from refresherd.refresher import PERSIST_DEADLINE, PERSIST_RETRY_MAX, Refresher
 from refresherd.scheduler import Scheduler
 from refresherd.sdnotify import Notifier
 from refresherd.server import bind_socket, bind_unix_socket, build_app, serve
