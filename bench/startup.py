@@ -97,10 +97,23 @@ def main() -> None:
         commands = {
             "python -c pass": [py, "-c", "pass"],
             "refresherd --help": [py, "-m", "refresherd", "--help"],
-            "refresherd check-config": [py, "-m", "refresherd", "--config", str(config),
-                                        "check-config"],
-            "refresherd tokens list": [py, "-m", "refresherd", "--config", str(config),
-                                       "tokens", "list"],
+            "refresherd check-config": [
+                py,
+                "-m",
+                "refresherd",
+                "--config",
+                str(config),
+                "check-config",
+            ],
+            "refresherd tokens list": [
+                py,
+                "-m",
+                "refresherd",
+                "--config",
+                str(config),
+                "tokens",
+                "list",
+            ],
         }
         times: dict[tuple[str, Path], list[float]] = {}
         for _ in range(args.runs):
@@ -112,8 +125,10 @@ def main() -> None:
                     times.setdefault((name, tree), []).append(time.perf_counter() - start)
         base = {t: statistics.median(times[("python -c pass", t)]) for t in trees}
         print(f"{args.runs} runs each, interleaved; seconds of wall time")
-        print(f"{'command':<26} {'tree':<28} {'median':>7} {'min':>7} {'max':>7} "
-              f"{'-python':>8} {'modules':>7}  heavy modules imported")
+        print(
+            f"{'command':<26} {'tree':<28} {'median':>7} {'min':>7} {'max':>7} "
+            f"{'-python':>8} {'modules':>7}  heavy modules imported"
+        )
         for name, argv in commands.items():
             for tree in trees:
                 samples = times[(name, tree)]

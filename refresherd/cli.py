@@ -21,21 +21,14 @@ from typing import Any, Final
 import anyio
 
 from refresherd import logs, policy
-from refresherd.config import (
-    EX_CONFIG,
-    Config,
-    ConfigError,
-    ProviderConfig,
-    load_config,
-    parse_duration,
-    resolve_config_path,
-)
+from refresherd.config import load_config, resolve_config_path
 from refresherd.daemon import Daemon, open_runtime
 from refresherd.discovery import EX_UNAVAILABLE, DiscoveryError
 from refresherd.encryption import cipher_for
 from refresherd.intake import InputError, iter_lines, parse_single
 from refresherd.migrate import MigrateRefused, migrate
 from refresherd.model import Secret, State, TokenSet, rfc3339
+from refresherd.settings import EX_CONFIG, Config, ConfigError, ProviderConfig, parse_duration
 from refresherd.store_contract import (
     DatabaseMisconfigured,
     Location,

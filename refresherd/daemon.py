@@ -27,14 +27,7 @@ from starlette.routing import BaseRoute
 from refresherd import logs
 from refresherd.api import BearerAuth, TokenApi
 from refresherd.clock import Clock, SystemClock
-from refresherd.config import (
-    EX_CONFIG,
-    Config,
-    ConfigError,
-    ProviderConfig,
-    load_config,
-    share_problem,
-)
+from refresherd.config import load_config
 from refresherd.discovery import EX_UNAVAILABLE, DiscoveryError, resolve_providers
 from refresherd.encryption import cipher_for
 from refresherd.endpoint import TokenEndpoint
@@ -47,6 +40,7 @@ from refresherd.refresher import PERSIST_DEADLINE, PERSIST_RETRY_MAX, Refresher
 from refresherd.scheduler import Scheduler
 from refresherd.sdnotify import Notifier
 from refresherd.server import bind_socket, bind_unix_socket, build_app, serve
+from refresherd.settings import EX_CONFIG, Config, ConfigError, ProviderConfig, share_problem
 from refresherd.storage_health import StorageReason
 from refresherd.store_contract import DatabaseMisconfigured, StoreError, TokenStore, open_store
 from refresherd.supervisor import supervise

@@ -33,10 +33,10 @@ import httpx
 
 from refresherd import policy
 from refresherd.clock import Clock, SystemClock
-from refresherd.config import HooksConfig
 from refresherd.events import EVENT_TYPES, EventQueue
 from refresherd.logs import get_logger
 from refresherd.metrics import Metrics
+from refresherd.settings import HooksConfig
 from refresherd.store_contract import HookDelivery, StoreError, TokenStore
 
 log = get_logger("refresherd.hooks")

@@ -21,7 +21,6 @@ import anyio.abc
 
 from refresherd import policy
 from refresherd.clock import Clock, SystemClock
-from refresherd.config import ProviderConfig, ScheduleConfig
 from refresherd.endpoint import EndpointError, TokenEndpoint
 from refresherd.events import EventQueue
 from refresherd.latency import AnswerTimes
@@ -37,6 +36,7 @@ from refresherd.model import (
     TokenSet,
     rfc3339,
 )
+from refresherd.settings import ProviderConfig, ScheduleConfig
 from refresherd.storage_health import StorageHealth
 from refresherd.store_contract import (
     ClaimRefused,

@@ -34,11 +34,11 @@ from conftest import (
 from databases import Database
 
 from refresherd.clock import SystemClock
-from refresherd.config import HooksConfig
 from refresherd.events import EventQueue
 from refresherd.hooks import SIGNATURE_HEADER, Hooks
 from refresherd.metrics import Metrics
 from refresherd.model import Secret
+from refresherd.settings import HooksConfig
 from refresherd.store import Store
 from refresherd.testing import FaultKind
 
