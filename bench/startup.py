@@ -3,7 +3,8 @@
     python bench/startup.py [--runs 10] [--sets 50] [TREE ...]
 
 Each TREE is a directory holding a ``refresherd`` package (default: this checkout); each is put
-first on PYTHONPATH in turn, so that two versions of the code can be compared on one machine in
+first on PYTHONPATH in turn (the commands run in a temporary directory, so that the current
+one does not come first), so that two versions of the code can be compared on one machine in
 one run (e.g. ``git archive BASE refresherd | tar -x -C /tmp/before``). The runs are interleaved
 (tree A, tree B, tree A, ...) so that a machine's changing load falls on both alike. Commands:
 ``python -c pass`` (the interpreter alone), ``python -m refresherd --help``, ``check-config``
@@ -65,15 +66,16 @@ def _setup(directory: Path, tree: Path, sets: int) -> Path:
         input=lines,
         text=True,
         env=_env(tree),
+        cwd=directory,
         check=True,
         capture_output=True,
     )
     return config
 
 
-def _imported(argv: list[str], env: dict[str, str]) -> set[str]:
+def _imported(argv: list[str], env: dict[str, str], cwd: str) -> set[str]:
     proc = subprocess.run(
-        [argv[0], "-X", "importtime", *argv[1:]], env=env, capture_output=True, text=True
+        [argv[0], "-X", "importtime", *argv[1:]], env=env, cwd=cwd, capture_output=True, text=True
     )
     names = set()
     for line in proc.stderr.splitlines():
@@ -121,7 +123,7 @@ def main() -> None:
                 for tree in trees:
                     env = _env(tree)
                     start = time.perf_counter()
-                    subprocess.run(argv, env=env, check=True, capture_output=True)
+                    subprocess.run(argv, env=env, cwd=tmp, check=True, capture_output=True)
                     times.setdefault((name, tree), []).append(time.perf_counter() - start)
         base = {t: statistics.median(times[("python -c pass", t)]) for t in trees}
         print(f"{args.runs} runs each, interleaved; seconds of wall time")
@@ -133,7 +135,7 @@ def main() -> None:
             for tree in trees:
                 samples = times[(name, tree)]
                 median = statistics.median(samples)
-                modules = _imported(argv, _env(tree))
+                modules = _imported(argv, _env(tree), cwd=tmp)
                 heavy = sorted(h for h in HEAVY if h in modules)
                 print(
                     f"{name:<26} {str(tree)[-28:]:<28} {median:7.3f} {min(samples):7.3f} "
