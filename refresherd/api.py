@@ -25,13 +25,14 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from refresherd import policy
-from refresherd.config import ApiConfig, ProviderConfig
+from refresherd.clock import Clock
 from refresherd.endpoint import ClientRejected, EndpointError, InvalidGrant, TokenEndpoint
 from refresherd.intake import token_set_from_json
 from refresherd.logs import exception_fields, get_logger
 from refresherd.model import Secret, State, TokenSet, rfc3339, validate_token_set_id
-from refresherd.refresher import Clock, Refresher
+from refresherd.refresher import Refresher
 from refresherd.server import JSON, error
+from refresherd.settings import ApiConfig, ProviderConfig
 from refresherd.store_contract import (
     ClaimRefused,
     NewTokenSet,

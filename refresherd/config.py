@@ -1,4 +1,7 @@
-"""TOML → a frozen, validated :class:`Config`. The only module that reads config files and env."""
+"""The loader: TOML → a frozen, validated :class:`~refresherd.settings.Config`. The only module
+that reads config files, env and credentials. The types it builds are in
+:mod:`refresherd.settings`, which everything else imports instead of this module.
+"""
 
 from __future__ import annotations
 
@@ -12,14 +15,33 @@ import stat
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from fractions import Fraction
 from pathlib import Path
 from typing import Final
 from urllib.parse import urlsplit
 
 from refresherd.model import AuthMethod, RefreshMode, RefreshTokenUsage, Secret
 from refresherd.presets import PRESETS, apply_preset
-from refresherd.store_contract import Location, PostgresLocation, has_password, parse_location
+from refresherd.settings import (
+    HOOK_EVENTS,
+    ApiConfig,
+    Config,
+    ConfigError,
+    DaemonConfig,
+    EncryptionConfig,
+    HooksConfig,
+    LogConfig,
+    ProviderConfig,
+    ScheduleConfig,
+    ServerConfig,
+    did_you_mean,
+    format_duration,
+    is_loopback,
+    parse_duration,
+    share_problem,
+    shown,
+    type_name,
+)
+from refresherd.store_contract import PostgresLocation, has_password, parse_location
 
 # The project targets 3.11+, but the fallback keeps the loader importable on an older interpreter.
 if sys.version_info >= (3, 11):  # noqa: UP036
@@ -27,234 +49,17 @@ if sys.version_info >= (3, 11):  # noqa: UP036
 else:  # pragma: no cover
     import tomli as tomllib
 
+__all__ = [
+    "CONFIG_ENV_VAR",
+    "DEFAULT_CONFIG_PATH",
+    "ConfigError",
+    "load_config",
+    "parse_config",
+    "resolve_config_path",
+]
+
 DEFAULT_CONFIG_PATH = Path("/etc/refresherd/config.toml")
-EX_CONFIG = 78
 CONFIG_ENV_VAR: Final = "REFRESHERD_CONFIG"
-
-
-class ConfigError(Exception):
-    """A configuration problem, naming the file, the key and what was expected."""
-
-    def __init__(self, file: str, key: str | None, message: str) -> None:
-        self.file = file
-        self.key = key
-        self.message = message
-        where = f"{file}: {key}" if key else file
-        super().__init__(f"{where}: {message}")
-
-
-@dataclass(frozen=True, slots=True)
-class DaemonConfig:
-    # A SQLite file (a Path) or a PostgreSQL database (refresherd.store_contract).
-    database: Location
-    concurrency: int = 32
-    lease_duration: float = 60.0
-    shutdown_timeout: float = 20.0
-    poll_interval: float = 1.0
-    instance_name: str | None = None
-    # Processes that refresh (refresherd.workers): the primary and workers - 1 more. The
-    # limits in the config (concurrency, a provider's connections, concurrent refreshes and
-    # rate) are the whole daemon's, shared out among them.
-    workers: int = 1
-    # A worker that sends the primary no metrics snapshot (it sends one a second) for this
-    # long is taken for hung: killed and started again (refresherd.workers).
-    worker_timeout: float = 60.0
-
-
-@dataclass(frozen=True, slots=True)
-class EncryptionConfig:
-    """Keys for the token columns: ``key`` seals, ``previous_keys`` only open (rotation)."""
-
-    key: Secret
-    previous_keys: tuple[Secret, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class ServerConfig:
-    host: str = "127.0.0.1"
-    port: int = 9469
-    enabled: bool = True
-
-
-@dataclass(frozen=True, slots=True)
-class ApiConfig:
-    """The token API (/v1/*) on the server's listener and, if set, on a unix socket."""
-
-    enabled: bool = False
-    # Required when enabled: every /v1 request carries it as "Authorization: Bearer ...".
-    bearer_token: Secret | None = field(default=None, repr=False)
-    unix_socket: Path | None = None
-    unix_socket_mode: int = 0o600
-    # Serve /v1 on the TCP listener too (false: only on the unix socket).
-    tcp: bool = True
-    # How long GET /v1/tokens/{id} waits for a refresh it triggered or joined.
-    wait_timeout: float = 10.0
-
-
-@dataclass(frozen=True, slots=True)
-class HooksConfig:
-    """Notifications of token-set events: a webhook and/or a command (refresherd.hooks)."""
-
-    webhook_url: str | None = None
-    webhook_secret: Secret | None = field(default=None, repr=False)
-    webhook_timeout: float = 10.0
-    command: tuple[str, ...] = ()
-    command_timeout: float = 30.0
-    events: tuple[str, ...] = ()  # empty: every event type
-    backoff_initial: float = 1.0
-    backoff_max: float = 300.0
-    # A notification still undelivered this long after it was raised is given up (recorded).
-    give_up_after: float = 7 * 86400.0
-
-    @property
-    def enabled(self) -> bool:
-        return self.webhook_url is not None or bool(self.command)
-
-
-@dataclass(frozen=True, slots=True)
-class LogConfig:
-    level: str = "info"
-    format: str = "auto"  # "json" | "console" | "auto" (json unless stderr is a TTY)
-
-
-@dataclass(frozen=True, slots=True)
-class ScheduleConfig:
-    refresh_fraction: float = 0.8
-    min_margin: float = 60.0
-    jitter: float = 0.1
-    min_interval: float = 1.0
-    default_expires_in: float = 3600.0
-    backoff_initial: float = 5.0
-    backoff_max: float = 900.0
-    retry_after_max: float = 600.0
-    circuit_backoff_initial: float = 30.0
-    circuit_backoff_max: float = 1800.0
-    # How long before a refresh token's absolute expiry it is reported (log line, hook).
-    refresh_token_expiry_warning: float = 7 * 86400.0
-    # `tokens import`: spread each set's first refresh over this fraction of the time until its
-    # planned refresh (policy.plan_imported_refresh), so a bulk import is no hourly herd.
-    import_spread: float = 1.0
-
-
-@dataclass(frozen=True, slots=True)
-class ProviderConfig:
-    name: str
-    # Empty when ``issuer`` is given: discovery (refresherd.discovery) fills it in at start.
-    token_url: str
-    client_id: str
-    client_secret: Secret = field(repr=False)
-    auth_method: AuthMethod = AuthMethod.CLIENT_SECRET_POST
-    refresh_token_usage: RefreshTokenUsage = RefreshTokenUsage.ONE_TIME
-    grace_period: float = 0.0
-    request_timeout: float = 10.0
-    connect_timeout: float = 5.0
-    scope: str | None = None
-    max_connections: int = 20
-    # Politeness (refresherd.throttle): refreshes in flight at once and sends per second to
-    # this IdP; None: no limit beyond max_connections and [daemon] concurrency.
-    max_concurrent_refreshes: int | None = None
-    max_requests_per_second: float | None = None
-    # Absolute refresh-token lifetime, counted from the first authorization (the token set's
-    # creation) and never extended by rotation; None: unknown, or the IdP says per response.
-    refresh_token_lifetime: float | None = None
-    # Sliding lifetime: the refresh token dies when unused for this long; None: none known.
-    refresh_token_idle_lifetime: float | None = None
-    # access_token: keep a fresh access token; keep_alive: refresh only as often as the idle
-    # lifetime requires (needs refresh_token_idle_lifetime).
-    refresh_mode: RefreshMode = RefreshMode.ACCESS_TOKEN
-    # OpenID Connect issuer whose discovery document names the token endpoint.
-    issuer: str | None = None
-    # From the discovery document, when there is one.
-    revocation_url: str | None = None
-    # The preset this provider's defaults came from, if any.
-    preset: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Config:
-    source: str
-    daemon: DaemonConfig
-    server: ServerConfig = field(default_factory=ServerConfig)
-    log: LogConfig = field(default_factory=LogConfig)
-    api: ApiConfig = field(default_factory=ApiConfig)
-    hooks: HooksConfig = field(default_factory=HooksConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    providers: dict[str, ProviderConfig] = field(default_factory=dict)
-    # None: token columns are stored in plaintext.
-    encryption: EncryptionConfig | None = None
-    # Things worth saying at start that do not stop it (e.g. a secret file readable by others).
-    warnings: tuple[str, ...] = ()
-
-
-# --- durations ---------------------------------------------------------------------------------
-
-# Largest unit first; each unit at most once, so "1h30m" has exactly one reading.
-_DURATION_UNITS: Final[dict[str, Fraction]] = {
-    "d": Fraction(86400),
-    "h": Fraction(3600),
-    "m": Fraction(60),
-    "s": Fraction(1),
-    "ms": Fraction(1, 1000),
-}
-_DURATION_ORDER: Final = tuple(_DURATION_UNITS)
-# "ms" before "m" so that "5ms" is not read as "5m" followed by garbage.
-_DURATION_PART: Final = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|d|h|m|s)")
-# Bounds the work on hostile input and keeps every accepted value a finite float.
-_DURATION_MAX_CHARS: Final = 64
-_DURATION_EXPECTED: Final = 'expected a duration such as "30s", "5m" or "1h"'
-
-
-def parse_duration(value: object, *, file: str, key: str) -> float:
-    """Parse ``"500ms"``, ``"90s"``, ``"5m"``, ``"1h"``, ``"180d"`` or ``"1h30m"`` into seconds.
-
-    Only strings are accepted: a bare number has no unit, and guessing one is how a
-    30-minute timeout becomes a 30-second one.
-    """
-    if isinstance(value, str):
-        seconds = _duration_seconds(value)
-        if seconds is not None:
-            return seconds
-    raise ConfigError(file, key, f"{_DURATION_EXPECTED}, got {_show(value)}")
-
-
-def _duration_seconds(text: str) -> float | None:
-    if not text or len(text) > _DURATION_MAX_CHARS:
-        return None
-    total = Fraction(0)
-    pos = 0
-    last_rank = -1
-    while pos < len(text):
-        match = _DURATION_PART.match(text, pos)
-        if match is None:
-            return None
-        rank = _DURATION_ORDER.index(match[2])
-        if rank <= last_rank:
-            return None
-        last_rank = rank
-        total += Fraction(match[1]) * _DURATION_UNITS[match[2]]
-        pos = match.end()
-    # Summed exactly and rounded once, so "1s1ms" is the same float as 1.001.
-    return float(total)
-
-
-def format_duration(seconds: float) -> str:
-    """The canonical spelling of a duration: ``5400.0`` → ``"1h30m"``, ``0.5`` → ``"500ms"``.
-
-    Whole milliseconds round-trip through :func:`parse_duration` exactly.
-    """
-    if not math.isfinite(seconds) or seconds < 0:
-        raise ValueError(f"not a duration: {seconds!r}")
-    millis = round(seconds * 1000)
-    if millis == 0 and seconds > 0:
-        # Below the grammar's resolution; only ever shown, never parsed back.
-        return f"{seconds:.9f}".rstrip("0") + "s"
-    parts: list[str] = []
-    for unit in _DURATION_ORDER:
-        unit_millis = int(_DURATION_UNITS[unit] * 1000)
-        count, millis = divmod(millis, unit_millis)
-        if count:
-            parts.append(f"{count}{unit}")
-    return "".join(parts) or "0s"
 
 
 # --- config path -------------------------------------------------------------------------------
@@ -359,12 +164,6 @@ _HOOKS_KEYS: Final = (
     "backoff_initial",
     "backoff_max",
     "give_up_after",
-)
-# Event types a hook can be told about (refresherd.hooks.EVENT_TYPES names the same).
-HOOK_EVENTS: Final = (
-    "token_set.invalidated",
-    "token_set.recovered",
-    "refresh_token.expiring",
 )
 _SCHEDULE_KEYS: Final = (
     "refresh_fraction",
@@ -516,30 +315,6 @@ def _check_shares(
         raise ctx.error(*problem)
 
 
-def share_problem(
-    daemon: DaemonConfig, providers: Mapping[str, ProviderConfig]
-) -> tuple[str, str] | None:
-    """(key, message) if a count limit is below [daemon] workers: each of the processes gets
-    an equal share of it, so each needs at least one (refresherd.workers.process_share)."""
-    n = daemon.workers
-    if n == 1:
-        return None
-    limits = [("daemon.concurrency", daemon.concurrency)]
-    for name, p in providers.items():
-        limits.append((f"providers.{name}.max_connections", p.max_connections))
-        if p.max_concurrent_refreshes is not None:
-            limits.append(
-                (f"providers.{name}.max_concurrent_refreshes", p.max_concurrent_refreshes)
-            )
-    for key, value in limits:
-        if value < n:
-            return key, (
-                f"expected at least {n}, one for each of [daemon] workers = {n} processes "
-                f"(which share it out), got {value}"
-            )
-    return None
-
-
 def _parse_server(t: _Table) -> ServerConfig:
     d = _SERVER_DEFAULTS
     host, port = d.host, d.port
@@ -576,7 +351,7 @@ def _parse_listen(t: _Table, value: str) -> tuple[str, int]:
             host = candidate
     valid_port = port_text.isascii() and port_text.isdigit() and len(port_text) <= 5
     if host is None or not valid_port or int(port_text) > 65535:
-        raise t.error("listen", f"{expected}, got {_show(value)}")
+        raise t.error("listen", f"{expected}, got {shown(value)}")
     return host, int(port_text)
 
 
@@ -590,7 +365,7 @@ def _parse_api(t: _Table) -> ApiConfig:
         if mode_text not in ("0600", "0660"):
             raise t.error(
                 "unix_socket_mode",
-                f'expected "0600" (owner only) or "0660" (owner and group), got {_show(mode_text)}',
+                f'expected "0600" (owner only) or "0660" (owner and group), got {shown(mode_text)}',
             )
         mode = int(mode_text, 8)
     tcp = t.boolean("tcp", d.tcp)
@@ -734,14 +509,14 @@ def _parse_providers(t: _Table) -> dict[str, ProviderConfig]:
         if not isinstance(value, dict):
             raise t.ctx.error(
                 key,
-                f"expected a provider table such as [providers.visma], got {_type_name(value)} "
+                f"expected a provider table such as [providers.visma], got {type_name(value)} "
                 "(provider keys go under [providers.NAME])",
             )
         if not _PROVIDER_NAME.fullmatch(name):
             raise t.ctx.error(
                 key,
                 "expected a provider name of 1 to 64 letters, digits, '_', '.' or '-' "
-                f"(it becomes a metric label), got {_show(name)}",
+                f"(it becomes a metric label), got {shown(name)}",
             )
         table = _Table(t.ctx, (*t.path, name), value, _PROVIDER_KEYS)
         providers[name] = _parse_provider(name, table)
@@ -758,7 +533,7 @@ def _parse_provider(name: str, t: _Table) -> ProviderConfig:
                 difflib.get_close_matches(preset, list(PRESETS), n=1, cutoff=0.5)
             )
             hint = f'; did you mean "{close[0]}"?' if close else ""
-            raise t.error("preset", f"unknown preset {_show(preset)}{hint} (known: {known})")
+            raise t.error("preset", f"unknown preset {shown(preset)}{hint} (known: {known})")
         # Preset values first, explicit keys over them; validated alike.
         t = _Table(t.ctx, t.path, apply_preset(preset, t.data), _PROVIDER_KEYS)
     token_url, issuer = _endpoint(t, preset)
@@ -834,7 +609,7 @@ def _endpoint(t: _Table, preset: str | None) -> tuple[str, str | None]:
     if issuer is not None:
         _check_token_url(t, issuer, key="issuer", example="https://YOUR-ORG.okta.com")
         if urlsplit(issuer).query:
-            raise t.error("issuer", f"expected an issuer URL without a ?query, got {_show(issuer)}")
+            raise t.error("issuer", f"expected an issuer URL without a ?query, got {shown(issuer)}")
         return "", issuer
     if token_url is None:
         example = PRESETS[preset].issuer_example if preset is not None else None
@@ -877,26 +652,16 @@ def _check_token_url(
             "credentials go in client_id and client_secret",
         )
     if parts.scheme not in ("http", "https") or not host:
-        raise t.error(key, f"expected {example}, got {_show(url)}")
+        raise t.error(key, f"expected {example}, got {shown(url)}")
     if parts.fragment:
-        raise t.error(key, f"expected a URL without a #fragment (RFC 6749, 3.2), got {_show(url)}")
+        raise t.error(key, f"expected a URL without a #fragment (RFC 6749, 3.2), got {shown(url)}")
     if parts.scheme == "http" and not is_loopback(host):
         raise t.error(
             key,
             f"expected {example}: plain http is allowed only for loopback hosts "
             "(127.0.0.0/8, ::1, localhost) because the client secret and refresh tokens "
-            f"would travel in clear, got {_show(url)}",
+            f"would travel in clear, got {shown(url)}",
         )
-
-
-def is_loopback(host: str) -> bool:
-    """localhost or a loopback address: the only hosts plain http is allowed to."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _client_secret(t: _Table) -> Secret:
@@ -912,9 +677,9 @@ def _client_secret(t: _Table) -> Secret:
     ctx = t.ctx
     if kind == "client_secret":
         value = t.data[kind]
-        # Never _show() this one: the value is the secret.
+        # Never shown() this one: the value is the secret.
         if not isinstance(value, str):
-            raise ctx.error(key, f"expected a string, got {_type_name(value)}")
+            raise ctx.error(key, f"expected a string, got {type_name(value)}")
         if not value:
             raise ctx.error(key, "expected the client secret, got an empty string")
         return Secret(value)
@@ -963,7 +728,7 @@ def _parse_encryption(t: _Table) -> EncryptionConfig | None:
     if not isinstance(previous, list) or not all(isinstance(p, str) and p for p in previous):
         raise ctx.error(
             t.key("previous_key_files"),
-            f"expected a list of file paths, got {_type_name(previous)}",
+            f"expected a list of file paths, got {type_name(previous)}",
         )
     old = tuple(
         _encryption_key(ctx, f"{t.key('previous_key_files')}[{i}]", ctx.base_dir / p)
@@ -1001,7 +766,7 @@ def _credential_path(t: _Table, kind: str, *, instead: str) -> Path:
     ctx, key = t.ctx, t.key(kind)
     name = t.required_string(kind, "the name of a systemd credential")
     if "/" in name or name in (".", "..") or "\0" in name:
-        raise ctx.error(key, f"expected a systemd credential name without '/', got {_show(name)}")
+        raise ctx.error(key, f"expected a systemd credential name without '/', got {shown(name)}")
     directory = ctx.env.get("CREDENTIALS_DIRECTORY")
     if not directory:
         raise ctx.error(
@@ -1085,7 +850,7 @@ class _Table:
     def table(self, name: str) -> _Table:
         value = self.data.get(name, {})
         if not isinstance(value, dict):
-            raise self.error(name, f"expected a table [{name}], got {_type_name(value)}")
+            raise self.error(name, f"expected a table [{name}], got {type_name(value)}")
         allowed = {
             "daemon": _DAEMON_KEYS,
             "server": _SERVER_KEYS,
@@ -1109,7 +874,7 @@ class _Table:
         if value is None:
             return None
         if not isinstance(value, str):
-            raise self.error(name, f"expected a string, got {_type_name(value)}")
+            raise self.error(name, f"expected a string, got {type_name(value)}")
         if not value:
             raise self.error(name, "expected a non-empty string, got an empty string")
         return value
@@ -1120,7 +885,7 @@ class _Table:
             return default
         # bool is an int in Python but not in TOML.
         if not isinstance(value, int) or isinstance(value, bool):
-            raise self.error(name, f"expected an integer, got {_type_name(value)}")
+            raise self.error(name, f"expected an integer, got {type_name(value)}")
         if value < minimum:
             raise self.error(name, f"expected an integer of at least {minimum}, got {value}")
         if maximum is not None and value > maximum:
@@ -1132,11 +897,11 @@ class _Table:
         if value is None:
             return default
         if not isinstance(value, int | float) or isinstance(value, bool):
-            raise self.error(name, f"expected a number, got {_type_name(value)}")
+            raise self.error(name, f"expected a number, got {type_name(value)}")
         # TOML allows nan and inf; a NaN would slip through both comparisons.
         if not (math.isfinite(value) and minimum <= value <= maximum):
             raise self.error(
-                name, f"expected a number from {minimum} to {maximum}, got {_show(value)}"
+                name, f"expected a number from {minimum} to {maximum}, got {shown(value)}"
             )
         return float(value)
 
@@ -1145,7 +910,7 @@ class _Table:
         if value is None:
             return default
         if not isinstance(value, bool):
-            raise self.error(name, f"expected true or false, got {_type_name(value)}")
+            raise self.error(name, f"expected true or false, got {type_name(value)}")
         return value
 
     def choice(self, name: str, allowed: Sequence[str], default: str) -> str:
@@ -1155,7 +920,7 @@ class _Table:
         if isinstance(value, str) and value in allowed:
             return value
         options = ", ".join(json.dumps(str(option)) for option in allowed)
-        raise self.error(name, f"expected one of {options}, got {_show(value)}")
+        raise self.error(name, f"expected one of {options}, got {shown(value)}")
 
     def duration(
         self,
@@ -1183,15 +948,8 @@ class _Table:
                 bounds = f"longer than {low}"
             else:
                 bounds = f"of at least {low}"
-            raise self.error(name, f"expected a duration {bounds}, got {_show(value)}")
+            raise self.error(name, f"expected a duration {bounds}, got {shown(value)}")
         return seconds
-
-
-def did_you_mean(name: str, allowed: Sequence[str], *, cutoff: float = 0.6) -> str | None:
-    """The one name in ``allowed`` that ``name`` most likely misspells, or None. A higher
-    ``cutoff`` (up to 1) asks for a closer likeness (difflib's ratio)."""
-    close = difflib.get_close_matches(name, allowed, n=1, cutoff=cutoff)
-    return close[0] if close else None
 
 
 def _unknown_key(name: str, allowed: Sequence[str], hints: Mapping[str, str]) -> str:
@@ -1209,33 +967,3 @@ _BARE_KEY: Final = re.compile(r"[A-Za-z0-9_-]+")
 def _quote_key(part: str) -> str:
     # As TOML would write it, so that `providers."eu.visma"` is not read as two levels.
     return part if _BARE_KEY.fullmatch(part) else json.dumps(part)
-
-
-def _type_name(value: object) -> str:
-    match value:
-        case bool():
-            return "a boolean"
-        case int():
-            return "an integer"
-        case float():
-            return "a float"
-        case str():
-            return "a string"
-        case dict():
-            return "a table"
-        case list():
-            return "an array"
-        case _:
-            return "a date or time"
-
-
-def _show(value: object) -> str:
-    """A non-secret value as TOML would spell it, shortened for one line of error."""
-    if isinstance(value, str):
-        shown = json.dumps(value if len(value) <= 60 else value[:57] + "...")
-        return shown
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    return _type_name(value)

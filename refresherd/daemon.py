@@ -26,14 +26,8 @@ from starlette.routing import BaseRoute
 
 from refresherd import logs
 from refresherd.api import BearerAuth, TokenApi
-from refresherd.config import (
-    EX_CONFIG,
-    Config,
-    ConfigError,
-    ProviderConfig,
-    load_config,
-    share_problem,
-)
+from refresherd.clock import Clock, SystemClock
+from refresherd.config import load_config
 from refresherd.discovery import EX_UNAVAILABLE, DiscoveryError, resolve_providers
 from refresherd.encryption import cipher_for
 from refresherd.endpoint import TokenEndpoint
@@ -42,16 +36,11 @@ from refresherd.hooks import Hooks
 from refresherd.intake import MAX_GRACE_PERIOD
 from refresherd.metrics import BACKGROUND_TASKS, INVALIDATION_REASONS, Metrics
 from refresherd.model import State, TokenSet, rfc3339
-from refresherd.refresher import (
-    PERSIST_DEADLINE,
-    PERSIST_RETRY_MAX,
-    Clock,
-    Refresher,
-    SystemClock,
-)
+from refresherd.refresher import PERSIST_DEADLINE, PERSIST_RETRY_MAX, Refresher
 from refresherd.scheduler import Scheduler
 from refresherd.sdnotify import Notifier
 from refresherd.server import bind_socket, bind_unix_socket, build_app, serve
+from refresherd.settings import EX_CONFIG, Config, ConfigError, ProviderConfig, share_problem
 from refresherd.storage_health import StorageReason
 from refresherd.store_contract import DatabaseMisconfigured, StoreError, TokenStore, open_store
 from refresherd.supervisor import supervise

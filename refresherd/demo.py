@@ -15,7 +15,10 @@ from pathlib import Path
 import anyio
 
 from refresherd import logs
-from refresherd.config import (
+from refresherd.daemon import Daemon
+from refresherd.intake import token_set_from_json
+from refresherd.model import RefreshTokenUsage, Secret
+from refresherd.settings import (
     Config,
     DaemonConfig,
     LogConfig,
@@ -23,9 +26,6 @@ from refresherd.config import (
     ScheduleConfig,
     ServerConfig,
 )
-from refresherd.daemon import Daemon
-from refresherd.intake import token_set_from_json
-from refresherd.model import RefreshTokenUsage, Secret
 from refresherd.store_contract import open_store
 from refresherd.testing import FakeIdP
 

@@ -18,7 +18,7 @@ import anyio
 import httpx
 
 from refresherd import logs
-from refresherd.config import ProviderConfig, is_loopback
+from refresherd.settings import ProviderConfig, is_loopback
 
 log = logs.get_logger("refresherd.discovery")
 

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from refresherd.model import Secret
 
 if TYPE_CHECKING:
-    from refresherd.config import EncryptionConfig
+    from refresherd.settings import EncryptionConfig
 
 PREFIX: Final = "enc:v1:"
 KEY_BYTES: Final = 32

@@ -24,8 +24,8 @@ import aiohttp
 from aiohttp.http_exceptions import ContentEncodingError
 
 from refresherd import deadlines
-from refresherd.config import ProviderConfig
 from refresherd.model import AuthMethod, Failure, FailureKind, Grant, Secret
+from refresherd.settings import ProviderConfig
 
 MAX_BODY_BYTES: Final = 1024 * 1024
 _KNOWN_FIELDS: Final = frozenset(

@@ -20,10 +20,10 @@ import uuid
 from collections.abc import Callable
 from typing import Final, Protocol
 
-from refresherd.config import HOOK_EVENTS
 from refresherd.logs import get_logger
 from refresherd.metrics import Metrics
 from refresherd.model import rfc3339
+from refresherd.settings import HOOK_EVENTS
 from refresherd.store_contract import StoreError, TokenStore
 
 log = get_logger("refresherd.events")

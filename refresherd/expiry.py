@@ -16,11 +16,11 @@ from typing import Final
 import anyio
 
 from refresherd import policy
-from refresherd.config import ProviderConfig, ScheduleConfig
+from refresherd.clock import Clock
 from refresherd.logs import get_logger
 from refresherd.metrics import Metrics
 from refresherd.model import TokenSet, rfc3339
-from refresherd.refresher import Clock
+from refresherd.settings import ProviderConfig, ScheduleConfig
 from refresherd.store_contract import StoreError, TokenStore
 
 log = get_logger("refresherd.expiry")

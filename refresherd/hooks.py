@@ -32,11 +32,11 @@ import anyio.abc
 import httpx
 
 from refresherd import policy
-from refresherd.config import HooksConfig
+from refresherd.clock import Clock, SystemClock
 from refresherd.events import EVENT_TYPES, EventQueue
 from refresherd.logs import get_logger
 from refresherd.metrics import Metrics
-from refresherd.refresher import Clock, SystemClock
+from refresherd.settings import HooksConfig
 from refresherd.store_contract import HookDelivery, StoreError, TokenStore
 
 log = get_logger("refresherd.hooks")

@@ -18,8 +18,8 @@ from datetime import datetime
 from typing import IO, Any, Final, NamedTuple, TypeVar
 
 from refresherd import policy
-from refresherd.config import ConfigError, ScheduleConfig, did_you_mean, parse_duration
 from refresherd.model import RefreshMode, RefreshTokenUsage, Secret, validate_token_set_id
+from refresherd.settings import ConfigError, ScheduleConfig, did_you_mean, parse_duration
 from refresherd.store_contract import NewTokenSet
 
 _E = TypeVar("_E", bound=enum.StrEnum)

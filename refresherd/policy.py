@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final, NamedTuple
 
-from refresherd.config import ProviderConfig, ScheduleConfig
 from refresherd.model import (
     Attempt,
     Failure,
@@ -19,6 +18,7 @@ from refresherd.model import (
     State,
     TokenSet,
 )
+from refresherd.settings import ProviderConfig, ScheduleConfig
 
 # A grace window is a time budget, not a count of sends (docs/reliability.md, "Spending a grace
 # window"). Of its sends, at most this many may be unsettled (possibly processed by the IdP):

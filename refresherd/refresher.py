@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import math
 import random
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ import anyio
 import anyio.abc
 
 from refresherd import policy
-from refresherd.config import ProviderConfig, ScheduleConfig
+from refresherd.clock import Clock, SystemClock
 from refresherd.endpoint import EndpointError, TokenEndpoint
 from refresherd.events import EventQueue
 from refresherd.latency import AnswerTimes, HedgeBudget
@@ -37,6 +36,7 @@ from refresherd.model import (
     TokenSet,
     rfc3339,
 )
+from refresherd.settings import ProviderConfig, ScheduleConfig
 from refresherd.storage_health import StorageHealth
 from refresherd.store_contract import (
     ClaimRefused,
@@ -60,11 +60,6 @@ PERSIST_DEADLINE: Final = 30.0
 PERSIST_LOG_INTERVAL: Final = 60.0
 
 
-class Clock(Protocol):
-    def wall(self) -> float: ...
-    def monotonic(self) -> float: ...
-
-
 class EventSink(Protocol):
     """Where token-set events go (refresherd.events.EventQueue, or refresherd.hooks.Hooks,
     which also wakes its dispatcher); never raises for a lost event."""
@@ -72,16 +67,6 @@ class EventSink(Protocol):
     async def enqueue(
         self, event_type: str, token_set_id: str, provider: str, **fields: object
     ) -> str | None: ...
-
-
-class SystemClock:
-    """Wall clock for expiries (they are shared with the IdP), monotonic for durations."""
-
-    def wall(self) -> float:
-        return time.time()
-
-    def monotonic(self) -> float:
-        return time.monotonic()
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,10 +15,11 @@ from typing import Final
 import anyio
 import anyio.abc
 
+from refresherd.clock import Clock
 from refresherd.logs import get_logger
 from refresherd.metrics import Metrics
 from refresherd.model import TokenSet
-from refresherd.refresher import Clock, Refresher
+from refresherd.refresher import Refresher
 from refresherd.store_contract import StoreError, TokenStore
 
 log = get_logger("refresherd.scheduler")

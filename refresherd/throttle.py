@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import anyio
 
-from refresherd.config import ProviderConfig
+from refresherd.settings import ProviderConfig
 
 
 class TokenBucket:

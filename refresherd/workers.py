@@ -29,9 +29,9 @@ import anyio.abc
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from refresherd import deadlines
-from refresherd.config import EX_CONFIG, Config, share_problem
 from refresherd.logs import get_logger
 from refresherd.metrics import Metrics
+from refresherd.settings import EX_CONFIG, Config, share_problem
 from refresherd.worker_metrics import Snapshot, decode, encode, retire, take_snapshot
 
 log = get_logger("refresherd.workers")

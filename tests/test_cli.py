@@ -75,6 +75,92 @@ def test_leak_scanner_finds_planted_values() -> None:
     assert find_leaks(b"nothing here", needles) == []
 
 
+# --------------------------------------------------------------------------- start-up
+
+# What a one-shot command must not load: the daemon and the libraries only it needs (the
+# package refresherd.cli imports each command's handler when that command runs).
+DAEMON_ONLY = ("refresherd.daemon", "aiohttp", "starlette", "hypercorn", "prometheus_client")
+
+
+def imported_modules(config: Path | None, *args: str) -> tuple[set[str], str]:
+    """Every module ``refresherd ARGS`` imports, as ``python -X importtime`` reports them; and
+    its stdout."""
+    argv = refresherd_argv(config, *args)
+    proc = subprocess.run(
+        [argv[0], "-X", "importtime", *argv[1:]],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    LEAKS.add_output("refresherd -X importtime " + " ".join(args), proc.stdout.encode())
+    names = {
+        line.rsplit("|", 1)[1].strip()
+        for line in proc.stderr.splitlines()
+        if line.startswith("import time:") and "|" in line
+    }
+    assert "refresherd.cli" in names, "python -X importtime reported nothing"
+    return names, proc.stdout
+
+
+def loaded(names: set[str], roots: tuple[str, ...]) -> list[str]:
+    """The modules of ``names`` that are one of ``roots`` or inside one."""
+    return sorted(n for n in names if any(n == r or n.startswith(r + ".") for r in roots))
+
+
+def daemon_only(names: set[str]) -> list[str]:
+    """Which of DAEMON_ONLY ``names`` holds (a package counts with any module of it)."""
+    return [root for root in DAEMON_ONLY if loaded(names, (root,))]
+
+
+@pytest.mark.parametrize("args", [("--help",), ("tokens", "list", "--help")])
+def test_help_loads_the_parser_alone(args: tuple[str, ...]) -> None:
+    names, stdout = imported_modules(None, *args)
+    assert "usage: refresherd" in stdout
+    assert daemon_only(names) == []
+    assert loaded(names, ("refresherd",)) == [
+        "refresherd",
+        "refresherd.cli",
+        "refresherd.cli.parser",
+    ]
+
+
+def test_one_shot_commands_do_not_load_the_daemon(tmp_path: Path) -> None:
+    secret = tmp_path / "client-secret"
+    secret.write_text("cs_startup_5f1c\n")
+    secret.chmod(0o600)
+    LEAKS.add_secret("cs_startup_5f1c")
+    config = write_config(
+        tmp_path / "c.toml",
+        database=tmp_path / "tokens.db",
+        providers={
+            "p": {
+                "token_url": "http://127.0.0.1:1/connect/token",
+                "client_id": "c",
+                "client_secret_file": str(secret),
+            }
+        },
+    )
+    line = {
+        "id": "s1",
+        "provider": "p",
+        "access_token": "at_startup_5f1c",
+        "refresh_token": "rt_startup_5f1c",
+    }
+    LEAKS.add_secret("at_startup_5f1c")
+    LEAKS.add_secret("rt_startup_5f1c")
+    import_tokens(config, [line])
+    names, stdout = imported_modules(config, "tokens", "list")
+    assert stdout.splitlines()[1].startswith("s1\tp\tactive\t")
+    assert daemon_only(names) == []
+    assert "refresherd.store" in names  # it did read the database
+    names, stdout = imported_modules(config, "check-config")
+    assert stdout.strip() == f"{config}: ok (1 provider(s))"
+    assert daemon_only(names) == []
+
+
 # --------------------------------------------------------------------------- check-config
 
 

@@ -10,17 +10,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from refresherd.config import (
-    DEFAULT_CONFIG_PATH,
-    EX_CONFIG,
-    Config,
-    ConfigError,
-    format_duration,
-    load_config,
-    parse_duration,
-    resolve_config_path,
-)
+from refresherd.config import DEFAULT_CONFIG_PATH, ConfigError, load_config, resolve_config_path
 from refresherd.model import AuthMethod, RefreshTokenUsage, Secret
+from refresherd.settings import EX_CONFIG, Config, format_duration, parse_duration
 from refresherd.store_contract import PostgresLocation
 
 REPO = Path(__file__).resolve().parent.parent

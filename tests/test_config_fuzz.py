@@ -12,7 +12,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from refresherd import config as config_module
-from refresherd.config import Config, ConfigError, load_config, parse_config
+from refresherd.config import ConfigError, load_config, parse_config
+from refresherd.settings import Config
 
 SOURCE = "fuzzed.toml"
 # A value no generated text can contain by chance: if it shows up in an error, it leaked.

@@ -36,7 +36,7 @@ from conftest import (
 )
 from deploy_support import DEPLOY, ROOT
 
-from refresherd.config import DaemonConfig
+from refresherd.settings import DaemonConfig
 
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"

@@ -26,7 +26,6 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from refresherd.config import ProviderConfig
 from refresherd.endpoint import (
     MAX_BODY_BYTES,
     MAX_RETRY_AFTER,
@@ -42,6 +41,7 @@ from refresherd.endpoint import (
     parse_retry_after,
 )
 from refresherd.model import AuthMethod, FailureKind, Grant, Secret
+from refresherd.settings import ProviderConfig
 from refresherd.testing import FakeIdP, FaultKind
 
 CLIENT_ID = "refresherd"

@@ -33,12 +33,12 @@ from conftest import (
 )
 from databases import Database
 
-from refresherd.config import HooksConfig
+from refresherd.clock import SystemClock
 from refresherd.events import EventQueue
 from refresherd.hooks import SIGNATURE_HEADER, Hooks
 from refresherd.metrics import Metrics
 from refresherd.model import Secret
-from refresherd.refresher import SystemClock
+from refresherd.settings import HooksConfig
 from refresherd.store import Store
 from refresherd.testing import FaultKind
 

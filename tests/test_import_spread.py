@@ -13,8 +13,8 @@ from collections import Counter
 from dataclasses import replace
 
 from refresherd import policy
-from refresherd.config import ScheduleConfig
 from refresherd.intake import parse_lines
+from refresherd.settings import ScheduleConfig
 
 NOW = 1_700_000_000.0
 SETS = 10_000

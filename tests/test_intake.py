@@ -12,7 +12,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from refresherd.config import ScheduleConfig
 from refresherd.intake import (
     MAX_LINE_BYTES,
     InputError,
@@ -21,6 +20,7 @@ from refresherd.intake import (
     token_set_from_json,
 )
 from refresherd.model import Secret
+from refresherd.settings import ScheduleConfig
 from refresherd.store import NewTokenSet
 
 NOW = 1_700_000_000.0

@@ -22,12 +22,12 @@ from conftest import IdPHandle, database_at_version, import_tokens, run_cli, wri
 from test_refresher import SCHEDULE  # the refresher tests' schedule, shared
 
 from refresherd import policy
-from refresherd.config import ProviderConfig
 from refresherd.endpoint import TokenEndpoint
 from refresherd.intake import InputError, parse_lines, token_set_from_json
 from refresherd.metrics import Metrics
 from refresherd.model import RefreshTokenUsage, Secret, State
 from refresherd.refresher import Refresher
+from refresherd.settings import ProviderConfig
 from refresherd.store import SCHEMA_VERSION, NewTokenSet, Store
 from refresherd.store_contract import Location, open_store
 from refresherd.testing import FakeIdP, FaultKind

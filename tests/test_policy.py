@@ -13,7 +13,6 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from refresherd import policy
-from refresherd.config import ScheduleConfig
 from refresherd.model import (
     Attempt,
     Failure,
@@ -51,6 +50,7 @@ from refresherd.policy import (
     window_margin,
     window_missed,
 )
+from refresherd.settings import ScheduleConfig
 
 CFG = ScheduleConfig()
 NOW = 1_700_000_000.0

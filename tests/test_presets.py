@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from refresherd.config import ConfigError, ProviderConfig, parse_config
+from refresherd.config import ConfigError, parse_config
 from refresherd.model import AuthMethod, RefreshTokenUsage
 from refresherd.presets import PRESETS, apply_preset
+from refresherd.settings import ProviderConfig
 
 ENV = {"SECRET": "s3cr3t-value"}
 

@@ -19,10 +19,10 @@ from conftest import (
     write_config,
 )
 
-from refresherd.config import ScheduleConfig
 from refresherd.endpoint import parse_grant
 from refresherd.intake import token_set_from_json
 from refresherd.model import Secret
+from refresherd.settings import ScheduleConfig
 from refresherd.store import SCHEMA_VERSION, NewTokenSet, Store
 from refresherd.store_contract import Location, open_store
 

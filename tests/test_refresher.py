@@ -30,11 +30,11 @@ import pytest
 
 from refresherd import logs as refresher_logs
 from refresherd import ownership, policy
-from refresherd.config import ProviderConfig, ScheduleConfig
 from refresherd.endpoint import Ambiguous, TokenEndpoint
 from refresherd.metrics import Metrics
 from refresherd.model import RefreshTokenUsage, Secret, State, TokenSet
 from refresherd.refresher import Refresher, RefreshResult
+from refresherd.settings import ProviderConfig, ScheduleConfig
 from refresherd.store import NewTokenSet, Store
 from refresherd.testing import FakeIdP, FaultKind
 

@@ -24,11 +24,12 @@ from conftest import (
 )
 
 from refresherd import policy
-from refresherd.config import ConfigError, ProviderConfig, ScheduleConfig, parse_config
+from refresherd.config import ConfigError, parse_config
 from refresherd.expiry import ExpiryWatcher
 from refresherd.intake import token_set_from_json
 from refresherd.metrics import Metrics
 from refresherd.model import Attempt, RefreshMode, Secret, State, TokenSet
+from refresherd.settings import ProviderConfig, ScheduleConfig
 from refresherd.store import SCHEMA_VERSION, Store
 
 NOW = 1_700_000_000.0

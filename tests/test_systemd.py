@@ -27,9 +27,9 @@ from conftest import (
     write_config,
 )
 
-from refresherd.config import EX_CONFIG, DaemonConfig, parse_duration
 from refresherd.daemon import SERVER_STOP_TIMEOUT
 from refresherd.refresher import PERSIST_DEADLINE
+from refresherd.settings import EX_CONFIG, DaemonConfig, parse_duration
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "refresherd.service"

@@ -16,11 +16,11 @@ from pathlib import Path
 import anyio
 import pytest
 
-from refresherd.config import ProviderConfig, ScheduleConfig
 from refresherd.endpoint import TokenEndpoint
 from refresherd.metrics import Metrics
 from refresherd.model import RefreshTokenUsage, Secret
 from refresherd.refresher import Refresher
+from refresherd.settings import ProviderConfig, ScheduleConfig
 from refresherd.store import NewTokenSet, Store
 from refresherd.testing import FakeIdP, FaultKind
 from refresherd.throttle import ProviderThrottle, Throttles, TokenBucket
