@@ -32,7 +32,7 @@ from refresherd.logs import exception_fields, get_logger
 from refresherd.model import Secret, State, TokenSet, rfc3339, validate_token_set_id
 from refresherd.refresher import Clock, Refresher
 from refresherd.server import JSON, error
-from refresherd.store_contract import (
+from refresherd.store import (
     ClaimRefused,
     NewTokenSet,
     StoreError,

@@ -36,7 +36,7 @@ from refresherd.encryption import cipher_for
 from refresherd.intake import InputError, iter_lines, parse_single
 from refresherd.migrate import MigrateRefused, migrate
 from refresherd.model import Secret, State, TokenSet, rfc3339
-from refresherd.store_contract import (
+from refresherd.store import (
     DatabaseMisconfigured,
     Location,
     NewTokenSet,
@@ -44,6 +44,7 @@ from refresherd.store_contract import (
     TokenSetExists,
     TokenStore,
     has_password,
+    location_problem,
     open_store,
     parse_location,
 )
@@ -155,8 +156,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check-config":
         warnings = list(config.warnings)
         if isinstance(config.daemon.database, Path):
-            from refresherd.store import location_problem
-
             problem = location_problem(config.daemon.database)
             if problem is not None and problem.for_everyone:
                 return _fail(f"{path}: daemon.database: {problem}", EX_CONFIG)

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 from refresherd.model import AuthMethod, RefreshMode, RefreshTokenUsage, Secret
 from refresherd.presets import PRESETS, apply_preset
-from refresherd.store_contract import Location, PostgresLocation, has_password, parse_location
+from refresherd.store import Location, PostgresLocation, has_password, parse_location
 
 # The project targets 3.11+, but the fallback keeps the loader importable on an older interpreter.
 if sys.version_info >= (3, 11):  # noqa: UP036
@@ -45,7 +45,7 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class DaemonConfig:
-    # A SQLite file (a Path) or a PostgreSQL database (refresherd.store_contract).
+    # A SQLite file (a Path) or a PostgreSQL database (refresherd.store.location).
     database: Location
     concurrency: int = 32
     lease_duration: float = 60.0

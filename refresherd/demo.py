@@ -26,7 +26,7 @@ from refresherd.config import (
 from refresherd.daemon import Daemon
 from refresherd.intake import token_set_from_json
 from refresherd.model import RefreshTokenUsage, Secret
-from refresherd.store_contract import open_store
+from refresherd.store import open_store
 from refresherd.testing import FakeIdP
 
 log = logs.get_logger("refresherd.demo")

@@ -21,7 +21,7 @@ from refresherd.config import (
     resolve_config_path,
 )
 from refresherd.model import AuthMethod, RefreshTokenUsage, Secret
-from refresherd.store_contract import PostgresLocation
+from refresherd.store import PostgresLocation
 
 REPO = Path(__file__).resolve().parent.parent
 SECRET = "s3cr3t-Val!ue-9f8e7d"  # distinctive, so that any leak is found by substring
