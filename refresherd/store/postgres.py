@@ -41,7 +41,7 @@ from refresherd.ownership import new_owner_id
 from refresherd.storage_health import classify_postgres
 from refresherd.store.contract import NewTokenSet, Row, StoreError, TokenSetExists
 from refresherd.store.location import PostgresLocation
-from refresherd.store.migrations import POSTGRES, SCHEMA_VERSION
+from refresherd.store.migrations import POSTGRES
 from refresherd.store.rows import INSERT_COLUMNS, INSERT_COLUMNS_SQL, table_columns
 from refresherd.store.sql import POSTGRES as POSTGRES_OPERATIONS
 from refresherd.store.sql import SqlStore
@@ -241,15 +241,13 @@ class PostgresStore(SqlStore):
             ) from None
         store = cls(location, pool, cipher)
         try:
-            await store._migrate()
-            if verify_keys:
-                await store._check_keys()
+            await store._prepare(verify_keys=verify_keys)
         except BaseException:
             pool.terminate()
             raise
         return store
 
-    async def _migrate(self) -> None:
+    async def _setup(self) -> None:
         """Bring the schema to SCHEMA_VERSION, once, however many daemons start together: the
         whole migration runs under a transaction-level advisory lock."""
         with anyio.CancelScope(shield=True), self._errors():
@@ -265,12 +263,7 @@ class PostgresStore(SqlStore):
                     " ON CONFLICT (id) DO NOTHING"
                 )
                 current = int(await conn.fetchval("SELECT version FROM refresherd_schema"))
-                if current > SCHEMA_VERSION:
-                    raise StoreError(
-                        f"database {self.location}: schema version {current} is newer than "
-                        f"this refresherd understands ({SCHEMA_VERSION}); upgrade refresherd"
-                    )
-                for index in range(current, SCHEMA_VERSION):
+                for index in self._versions_to_run(current):
                     await conn.execute(POSTGRES[index])
                     await conn.execute("UPDATE refresherd_schema SET version = $1", index + 1)
 
@@ -657,9 +650,7 @@ class PostgresStore(SqlStore):
             },
         )
 
-    async def _claim_hook_rows(
-        self, *, now: float, until: float, limit: int
-    ) -> list[asyncpg.Record]:
+    async def _claim_hook_rows(self, params: dict[str, Any]) -> list[asyncpg.Record]:
         """Deliveries another daemon is claiming right now are skipped (SKIP LOCKED)."""
         return await self._write(
             "WITH due AS (SELECT id FROM hook_deliveries WHERE delivered_at IS NULL"
@@ -670,14 +661,14 @@ class PostgresStore(SqlStore):
             " AND h.given_up_at IS NULL AND h.next_attempt_at <= :now"
             " RETURNING h.id, h.event_id, h.target, h.event_type, h.payload, h.created_at,"
             " h.attempts",
-            {"now": now, "until": until, "limit": limit},
+            params,
         )
 
-    async def expand_events(
-        self, *, targets: Sequence[str], event_types: Sequence[str], now: float, limit: int
+    async def _expand_events(
+        self, targets: Sequence[str], event_types: Sequence[str], now: float, limit: int
     ) -> int:
-        """As SqliteStore.expand_events, in one statement; events another daemon is expanding
-        now are skipped (SKIP LOCKED), so each is taken once."""
+        """In one statement; events another daemon is expanding right now are skipped (SKIP
+        LOCKED), so each is taken once."""
         value = await self._write(
             "WITH taken AS (DELETE FROM hook_events WHERE id IN (SELECT id FROM hook_events"
             " ORDER BY id LIMIT :limit FOR UPDATE SKIP LOCKED)"

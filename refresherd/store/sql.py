@@ -31,6 +31,7 @@ from refresherd.store.contract import (
     Row,
     StoreError,
 )
+from refresherd.store.migrations import SCHEMA_VERSION
 from refresherd.store.rows import RowLike, open_tokens, row_to_token_set, table_columns
 
 __all__ = ["POSTGRES", "SQLITE", "Operations", "SqlStore", "Transaction"]
@@ -243,6 +244,17 @@ class SqlStore(abc.ABC):
         """Where the database is, for messages: a path, or a URL without its password."""
 
     @abc.abstractmethod
+    async def _setup(self) -> None:
+        """After connecting: the session set up and the schema migrated (migrations.py)."""
+
+    async def _prepare(self, *, verify_keys: bool) -> None:
+        """Make a store that has just connected ready: :meth:`_setup`, then (``verify_keys``)
+        the check that the configured keys open every sealed value."""
+        await self._setup()
+        if verify_keys:
+            await self._check_keys()
+
+    @abc.abstractmethod
     async def _write(self, sql: str, params: dict[str, Any]) -> Sequence[RowLike]:
         """One statement, committed before returning, shielded from cancellation: a write the
         database may already have committed must not be abandoned half-way by its caller."""
@@ -291,8 +303,25 @@ class SqlStore(abc.ABC):
         """enqueue_hook's insert: one delivery per target, those queued already kept."""
 
     @abc.abstractmethod
-    async def _claim_hook_rows(self, *, now: float, until: float, limit: int) -> Sequence[RowLike]:
-        """Claim due hook deliveries in one statement; return their HookDelivery columns."""
+    async def _claim_hook_rows(self, params: dict[str, Any]) -> Sequence[RowLike]:
+        """Claim up to :limit hook deliveries due at :now until :until, in one statement;
+        return their HookDelivery columns."""
+
+    @abc.abstractmethod
+    async def _expand_events(
+        self, targets: Sequence[str], event_types: Sequence[str], now: float, limit: int
+    ) -> int:
+        """expand_events's move, atomic; returns how many events were taken."""
+
+    def _versions_to_run(self, current: int) -> range:
+        """The migrations a schema at version ``current`` needs (migrations.py); a schema newer
+        than this refresherd knows is refused, untouched."""
+        if current > SCHEMA_VERSION:
+            raise StoreError(
+                f"database {self.location}: schema version {current} is newer than this "
+                f"refresherd understands ({SCHEMA_VERSION}); upgrade refresherd"
+            )
+        return range(current, SCHEMA_VERSION)
 
     async def _value(self, sql: str, params: dict[str, Any] | None = None) -> Any:
         rows = await self._read(sql, params)
@@ -867,7 +896,7 @@ class SqlStore(abc.ABC):
     ) -> list[HookDelivery]:
         """Due deliveries, claimed until ``until`` (a dispatcher that dies leaves them due
         again then: at least once) with their attempt counted."""
-        rows = await self._claim_hook_rows(now=now, until=until, limit=limit)
+        rows = await self._claim_hook_rows({"now": now, "until": until, "limit": limit})
         return sorted((HookDelivery(*tuple(r)) for r in rows), key=lambda d: (d.created_at, d.id))
 
     async def hook_delivered(self, delivery_id: int, *, now: float) -> None:
@@ -904,6 +933,15 @@ class SqlStore(abc.ABC):
         return int(value or 0)
 
     # ---- token-set events (refresherd.events): queued by anyone, expanded by a dispatcher -----
+
+    async def expand_events(
+        self, *, targets: Sequence[str], event_types: Sequence[str], now: float, limit: int
+    ) -> int:
+        """Take up to ``limit`` queued events, oldest first, and queue each of a type in
+        ``event_types`` (empty: every type) for every target, due now; the rest are dropped.
+        A delivery keeps its event's ``created_at``: the give-up age counts from the event.
+        Returns how many events were taken."""
+        return await self._expand_events(targets, event_types, now, limit)
 
     async def enqueue_event(
         self, *, event_id: str, event_type: str, payload: str, now: float

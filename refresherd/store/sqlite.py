@@ -32,7 +32,7 @@ from refresherd.ownership import OwnerLock, is_alive, owners_dir
 from refresherd.storage_health import classify
 from refresherd.store.contract import NewTokenSet, Row, StoreError, TokenSetExists
 from refresherd.store.location import location_problem
-from refresherd.store.migrations import SCHEMA_VERSION, SQLITE, split_sql
+from refresherd.store.migrations import SQLITE, split_sql
 from refresherd.store.rows import INSERT_COLUMNS, INSERT_COLUMNS_SQL, table_columns
 from refresherd.store.sql import SQLITE as SQLITE_OPERATIONS
 from refresherd.store.sql import SqlStore, make_due_written_after_sql
@@ -269,9 +269,7 @@ class SqliteStore(SqlStore):
         conn.row_factory = sqlite3.Row
         store = cls(path, conn, cipher)
         try:
-            await store._setup()
-            if verify_keys:
-                await store._check_keys()
+            await store._prepare(verify_keys=verify_keys)
         except BaseException:
             await conn.close()
             raise
@@ -311,12 +309,7 @@ class SqliteStore(SqlStore):
     async def _migrate(self) -> None:
         async with self._transaction():
             current = int(await self._fetch_value("PRAGMA user_version"))
-            if current > SCHEMA_VERSION:
-                raise StoreError(
-                    f"database {self.path}: schema version {current} is newer than this "
-                    f"refresherd understands ({SCHEMA_VERSION}); upgrade refresherd"
-                )
-            for index in range(current, SCHEMA_VERSION):
+            for index in self._versions_to_run(current):
                 for statement in split_sql(SQLITE[index]):
                     await self._conn.execute(statement)
                 await self._conn.execute(f"PRAGMA user_version = {index + 1}")
@@ -668,23 +661,20 @@ class SqliteStore(SqlStore):
                 _INSERT_DELIVERY, [(event_id, t, event_type, payload, now, now) for t in targets]
             )
 
-    async def _claim_hook_rows(self, *, now: float, until: float, limit: int) -> list[sqlite3.Row]:
+    async def _claim_hook_rows(self, params: dict[str, Any]) -> list[sqlite3.Row]:
         return await self._write(
             "UPDATE hook_deliveries SET next_attempt_at = :until, attempts = attempts + 1"
             " WHERE id IN (SELECT id FROM hook_deliveries WHERE delivered_at IS NULL"
             " AND given_up_at IS NULL AND next_attempt_at <= :now"
             " ORDER BY next_attempt_at LIMIT :limit)"
             " RETURNING id, event_id, target, event_type, payload, created_at, attempts",
-            {"now": now, "until": until, "limit": limit},
+            params,
         )
 
-    async def expand_events(
-        self, *, targets: Sequence[str], event_types: Sequence[str], now: float, limit: int
+    async def _expand_events(
+        self, targets: Sequence[str], event_types: Sequence[str], now: float, limit: int
     ) -> int:
-        """Take up to ``limit`` queued events, oldest first, and queue each of a type in
-        ``event_types`` (empty: every type) for every target, due now; the rest are dropped.
-        A delivery keeps its event's ``created_at``: the give-up age counts from the event.
-        Returns how many events were taken."""
+        """The events taken and their deliveries queued in one transaction."""
         async with self._atomic() as tx:
             taken = await tx.fetch(
                 "DELETE FROM hook_events WHERE id IN"
