@@ -29,7 +29,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 import run  # bench/run.py: the fake IdP process, daemons, scraping
 
-from refresherd.store_contract import TOKEN_SET_COLUMNS, Location, open_store, parse_location
+from refresherd.store import TOKEN_SET_COLUMNS, Location, open_store, parse_location
 
 
 def _with_database(url: str, name: str) -> str:

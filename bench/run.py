@@ -265,7 +265,7 @@ def profiled(pid: int, out: Path | None, seconds: float) -> Iterator[None]:
 _CATEGORIES = (
     ("idle (waiting for I/O)", ("EpollSelector.select", "core.py:59)")),
     ("HTTP: endpoint.py + aiohttp", ("(refresherd/endpoint.py", "aiohttp/")),
-    ("SQLite: store.py + aiosqlite", ("(refresherd/store.py", "aiosqlite/")),
+    ("SQLite: store/ + aiosqlite", ("(refresherd/store/", "aiosqlite/")),
     ("logging: structlog", ("structlog/", "refresherd/logs.py")),
     ("metrics: prometheus_client + /metrics", ("prometheus_client/", "refresherd/server.py")),
     ("scheduler.py", ("(refresherd/scheduler.py",)),

@@ -6,9 +6,10 @@
 Each writer is a task that stores grants (``save_grant``: the compare-and-swap every refresh
 ends with, committed before it returns) for its own token sets, one after another; writers run
 concurrently on one store, as a daemon's refreshes do. SQLite is a file in a temporary
-directory (WAL, synchronous=FULL: group commit in store.py); PostgreSQL is ``--postgres`` or a
-private cluster started from this machine's binaries with its durable defaults (fsync on,
-synchronous_commit on; concurrent commits share WAL flushes). Nothing is asserted.
+directory (WAL, synchronous=FULL: group commit in store/sqlite.py); PostgreSQL is
+``--postgres`` or a private cluster started from this machine's binaries with its durable
+defaults (fsync on, synchronous_commit on; concurrent commits share WAL flushes). Nothing is
+asserted.
 """
 
 from __future__ import annotations
@@ -26,8 +27,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from pg_fixtures import LocalCluster, postgres_bin_dir, with_database  # noqa: E402
 
 from refresherd.model import Secret  # noqa: E402
-from refresherd.pgstore import DEFAULT_POOL_SIZE, PostgresStore  # noqa: E402
-from refresherd.store_contract import (  # noqa: E402
+from refresherd.store import (  # noqa: E402
     Location,
     NewTokenSet,
     PostgresLocation,
@@ -35,6 +35,7 @@ from refresherd.store_contract import (  # noqa: E402
     open_store,
     postgres_location,
 )
+from refresherd.store.postgres import DEFAULT_POOL_SIZE, PostgresStore  # noqa: E402
 
 OWNER = "bench-1-00000000"
 SETS_PER_WRITER = 50

@@ -33,7 +33,7 @@ from refresherd.model import Secret, State, TokenSet, rfc3339, validate_token_se
 from refresherd.refresher import Refresher
 from refresherd.server import JSON, error
 from refresherd.settings import ApiConfig, ProviderConfig
-from refresherd.store_contract import (
+from refresherd.store import (
     ClaimRefused,
     NewTokenSet,
     StoreError,

@@ -41,7 +41,7 @@ from refresherd.settings import (
     shown,
     type_name,
 )
-from refresherd.store_contract import PostgresLocation, has_password, parse_location
+from refresherd.store import PostgresLocation, has_password, parse_location
 
 # The project targets 3.11+, but the fallback keeps the loader importable on an older interpreter.
 if sys.version_info >= (3, 11):  # noqa: UP036

@@ -42,7 +42,7 @@ from refresherd.sdnotify import Notifier
 from refresherd.server import bind_socket, bind_unix_socket, build_app, serve
 from refresherd.settings import EX_CONFIG, Config, ConfigError, ProviderConfig, share_problem
 from refresherd.storage_health import StorageReason
-from refresherd.store_contract import DatabaseMisconfigured, StoreError, TokenStore, open_store
+from refresherd.store import DatabaseMisconfigured, StoreError, TokenStore, open_store
 from refresherd.supervisor import supervise
 from refresherd.worker_metrics import merged_registry
 from refresherd.workers import (

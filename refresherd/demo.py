@@ -26,7 +26,7 @@ from refresherd.settings import (
     ScheduleConfig,
     ServerConfig,
 )
-from refresherd.store_contract import open_store
+from refresherd.store import open_store
 from refresherd.testing import FakeIdP
 
 log = logs.get_logger("refresherd.demo")

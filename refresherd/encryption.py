@@ -4,7 +4,7 @@ per value so that rows sealed under an earlier key stay readable while keys rota
 A sealed value is ``enc:v1:<key id>:<base64url(nonce ‖ ciphertext ‖ tag)>``. The associated
 data binds it to its row and column, so a value copied to another row or column does not open.
 A value without the prefix is plaintext (a row from before encryption was turned on) and is
-read as it is; ``Store.rekey`` seals such rows. Keys are 32 random bytes, base64 in a file or a
+read as it is; ``TokenStore.rekey`` seals such rows. Keys are 32 random bytes, base64 in a file or a
 systemd credential (``[encryption]`` in the config). Nothing here does I/O.
 """
 

@@ -24,7 +24,7 @@ from refresherd.logs import get_logger
 from refresherd.metrics import Metrics
 from refresherd.model import rfc3339
 from refresherd.settings import HOOK_EVENTS
-from refresherd.store_contract import StoreError, TokenStore
+from refresherd.store import StoreError, TokenStore
 
 log = get_logger("refresherd.events")
 

@@ -21,7 +21,7 @@ from refresherd.logs import get_logger
 from refresherd.metrics import Metrics
 from refresherd.model import TokenSet, rfc3339
 from refresherd.settings import ProviderConfig, ScheduleConfig
-from refresherd.store_contract import StoreError, TokenStore
+from refresherd.store import StoreError, TokenStore
 
 log = get_logger("refresherd.expiry")
 

@@ -37,7 +37,7 @@ from refresherd.events import EVENT_TYPES, EventQueue
 from refresherd.logs import get_logger
 from refresherd.metrics import Metrics
 from refresherd.settings import HooksConfig
-from refresherd.store_contract import HookDelivery, StoreError, TokenStore
+from refresherd.store import HookDelivery, StoreError, TokenStore
 
 log = get_logger("refresherd.hooks")
 

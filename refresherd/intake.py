@@ -20,7 +20,7 @@ from typing import IO, Any, Final, NamedTuple, TypeVar
 from refresherd import policy
 from refresherd.model import RefreshMode, RefreshTokenUsage, Secret, validate_token_set_id
 from refresherd.settings import ConfigError, ScheduleConfig, did_you_mean, parse_duration
-from refresherd.store_contract import NewTokenSet
+from refresherd.store import NewTokenSet
 
 _E = TypeVar("_E", bound=enum.StrEnum)
 

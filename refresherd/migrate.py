@@ -17,7 +17,7 @@ import hashlib
 import time
 from dataclasses import dataclass
 
-from refresherd.store_contract import Location, StoreError, TokenStore, open_store
+from refresherd.store import Location, StoreError, TokenStore, open_store
 
 # Tables in the order they are moved: the small queue first, so a failure on the big table
 # leaves no token set half-moved (the target is refused as not empty; start again after

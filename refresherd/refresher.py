@@ -38,7 +38,7 @@ from refresherd.model import (
 )
 from refresherd.settings import ProviderConfig, ScheduleConfig
 from refresherd.storage_health import StorageHealth
-from refresherd.store_contract import (
+from refresherd.store import (
     ClaimRefused,
     NewTokenSet,
     StoreError,
@@ -279,7 +279,7 @@ class Refresher:
     ) -> RefreshResult:
         """Refresh now, or join the refresh of this token set that is already in flight.
 
-        ``claimed``: the set as this process has just leased it (Store.claim_due_sets, by the
+        ``claimed``: the set as this process has just leased it (TokenStore.claim_due_sets, by the
         scheduler); the refresh starts from it instead of claiming the row again. Its version
         is what the journal and the grant compare on, so a row that moved on meanwhile is
         caught there, as after a claim of our own.

@@ -20,7 +20,7 @@ from refresherd.logs import get_logger
 from refresherd.metrics import Metrics
 from refresherd.model import TokenSet
 from refresherd.refresher import Refresher
-from refresherd.store_contract import StoreError, TokenStore
+from refresherd.store import StoreError, TokenStore
 
 log = get_logger("refresherd.scheduler")
 

@@ -24,8 +24,8 @@ from refresherd.model import AuthMethod, RefreshMode, RefreshTokenUsage, Secret
 
 if TYPE_CHECKING:
     # The one upward reference (tests/test_layers.py lists it): the database location types
-    # live with the store contract, which this module must not load.
-    from refresherd.store_contract import Location
+    # live in the store package, which this module must not load.
+    from refresherd.store.location import Location
 
 # sysexits.h EX_CONFIG: the exit code of every configuration error.
 EX_CONFIG = 78
@@ -44,7 +44,7 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class DaemonConfig:
-    # A SQLite file (a Path) or a PostgreSQL database (refresherd.store_contract).
+    # A SQLite file (a Path) or a PostgreSQL database (refresherd.store.location).
     database: Location
     concurrency: int = 32
     lease_duration: float = 60.0

@@ -374,11 +374,11 @@ def import_tokens(config: Path, lines: Sequence[Mapping[str, object]]) -> None:
 def database_at_version(path: Path, version: int) -> sqlite3.Connection:
     """A database as refresherd left it at schema ``version`` (the first ``version``
     migrations), open for the test to add old rows; use it as a context manager."""
-    from refresherd.store import MIGRATIONS, _split_sql
+    from refresherd.store.migrations import SQLITE, split_sql
 
     conn = sqlite3.connect(path)
-    for migration in MIGRATIONS[:version]:
-        for statement in _split_sql(migration):
+    for migration in SQLITE[:version]:
+        for statement in split_sql(migration):
             conn.execute(statement)
     conn.execute(f"PRAGMA user_version = {version}")
     return conn

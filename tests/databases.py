@@ -15,7 +15,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import anyio
 import pytest
 
-from refresherd.store_contract import TOKEN_SET_COLUMNS, Location, open_store, parse_location
+from refresherd.store import TOKEN_SET_COLUMNS, Location, open_store, parse_location
 
 
 @dataclass(frozen=True)

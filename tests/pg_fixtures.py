@@ -10,7 +10,7 @@
 - ``postgres_url`` (function): the URL of a new, empty database (from template0), dropped after
   the test.
 - ``store_location`` (function, parametrized ``sqlite`` / ``postgresql``): a
-  :data:`refresherd.store_contract.Location` for :func:`refresherd.store_contract.open_store`.
+  :data:`refresherd.store.Location` for :func:`refresherd.store.open_store`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from refresherd.store_contract import Location, postgres_location
+from refresherd.store import Location, postgres_location
 
 ENV_URL = "REFRESHERD_TEST_POSTGRES"
 # Tests need no durability across a power cut: no fsync. Benchmarks start with durable ones.

@@ -155,10 +155,11 @@ def test_one_shot_commands_do_not_load_the_daemon(tmp_path: Path) -> None:
     names, stdout = imported_modules(config, "tokens", "list")
     assert stdout.splitlines()[1].startswith("s1\tp\tactive\t")
     assert daemon_only(names) == []
-    assert "refresherd.store" in names  # it did read the database
+    assert "refresherd.store.sqlite" in names  # it did read the database
     names, stdout = imported_modules(config, "check-config")
     assert stdout.strip() == f"{config}: ok (1 provider(s))"
     assert daemon_only(names) == []
+    assert "refresherd.store.sqlite" not in names  # it checks the path, opens no database
 
 
 # --------------------------------------------------------------------------- check-config

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from refresherd.config import DEFAULT_CONFIG_PATH, ConfigError, load_config, resolve_config_path
 from refresherd.model import AuthMethod, RefreshTokenUsage, Secret
 from refresherd.settings import EX_CONFIG, Config, format_duration, parse_duration
-from refresherd.store_contract import PostgresLocation
+from refresherd.store import PostgresLocation
 
 REPO = Path(__file__).resolve().parent.parent
 SECRET = "s3cr3t-Val!ue-9f8e7d"  # distinctive, so that any leak is found by substring

@@ -34,8 +34,8 @@ from refresherd.encryption import (
     new_key_text,
 )
 from refresherd.model import Secret, TokenSet
-from refresherd.store import NewTokenSet, Store, StoreError
-from refresherd.store_contract import Location, open_store
+from refresherd.store import Location, NewTokenSet, StoreError, open_store
+from refresherd.store.sqlite import SqliteStore
 
 IdPFactory = Callable[..., IdPHandle]
 Daemons = Callable[..., DaemonProcess]
@@ -141,7 +141,7 @@ def raw_bytes(db: Path) -> bytes:
 @pytest.mark.anyio
 async def test_no_plaintext_token_reaches_the_database_files(tmp_path: Path) -> None:
     db = tmp_path / "tokens.db"
-    store = await Store.open(db, cipher=TokenCipher(KEY_A))
+    store = await SqliteStore.open(db, cipher=TokenCipher(KEY_A))
     try:
         await store.add_many([new("a"), new("b")], now=1000.0)
         claimed = await store.claim("a", owner="me", now=1000.0, lease_until=1060.0)
@@ -229,15 +229,15 @@ async def test_rekey_moves_old_and_plaintext_rows_to_the_current_key(
 @pytest.mark.anyio
 async def test_a_missing_key_is_refused_at_open_and_the_rows_are_kept(tmp_path: Path) -> None:
     db = tmp_path / "tokens.db"
-    store = await Store.open(db, cipher=TokenCipher(KEY_A))
+    store = await SqliteStore.open(db, cipher=TokenCipher(KEY_A))
     await store.add(new("a"), now=1000.0)
     await store.close()
     before = read_rows(db)
     a_id = TokenCipher(KEY_A).current_id
     with pytest.raises(StoreError, match=f"sealed with key\\(s\\) {a_id}, which the config"):
-        await Store.open(db, cipher=TokenCipher(KEY_B))
+        await SqliteStore.open(db, cipher=TokenCipher(KEY_B))
     with pytest.raises(StoreError, match="token values are encrypted"):
-        await Store.open(db)
+        await SqliteStore.open(db)
     assert read_rows(db) == before
 
 
@@ -326,7 +326,7 @@ def test_the_read_contract_view_shows_sealed_values(tmp_path: Path) -> None:
     db = tmp_path / "tokens.db"
 
     async def add() -> None:
-        store = await Store.open(db, cipher=TokenCipher(KEY_A))
+        store = await SqliteStore.open(db, cipher=TokenCipher(KEY_A))
         try:
             await store.add(new("a"), now=1000.0)
         finally:

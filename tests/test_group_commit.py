@@ -1,4 +1,4 @@
-"""Group commit in refresherd.store: many writes per transaction under load, each still
+"""Group commit in refresherd.store.sqlite: many writes per transaction under load, each still
 committed before its caller hears of it, and a failure confined to what it really undid."""
 
 from __future__ import annotations
@@ -11,8 +11,15 @@ import anyio
 import pytest
 
 from refresherd.model import Secret
-from refresherd.store import NewTokenSet, Store, StoreError, TokenSetExists
-from refresherd.store_contract import Location, TokenStore, open_store
+from refresherd.store import (
+    Location,
+    NewTokenSet,
+    StoreError,
+    TokenSetExists,
+    TokenStore,
+    open_store,
+)
+from refresherd.store.sqlite import SqliteStore
 
 NOW = 1_700_000_000.0
 OWNER = "host-a-1-00000000"
@@ -49,8 +56,8 @@ async def any_store(store_location: Location) -> AsyncIterator[TokenStore]:
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    s = await Store.open(tmp_path / "t.db")
+async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    s = await SqliteStore.open(tmp_path / "t.db")
     try:
         await s.add_many(sixty_four(), now=NOW)
         yield s
@@ -67,7 +74,7 @@ def committed_refresh_token(path: Path, token_set_id: str) -> str:
     return str(row[0])
 
 
-async def grant(store: Store, i: int) -> None:
+async def grant(store: SqliteStore, i: int) -> None:
     saved = await store.save_grant(
         f"s{i}",
         owner=OWNER,
@@ -86,7 +93,7 @@ async def grant(store: Store, i: int) -> None:
 
 @pytest.mark.anyio
 async def test_concurrent_grants_share_commits_and_each_is_durable_when_it_returns(
-    store: Store,
+    store: SqliteStore,
 ) -> None:
     seen: list[str] = []
 
@@ -106,7 +113,7 @@ async def test_concurrent_grants_share_commits_and_each_is_durable_when_it_retur
 
 
 @pytest.mark.anyio
-async def test_a_statement_error_fails_only_its_own_write(store: Store) -> None:
+async def test_a_statement_error_fails_only_its_own_write(store: SqliteStore) -> None:
     async def bad() -> None:
         with pytest.raises(StoreError, match="CHECK constraint failed"):
             await store._write(
@@ -127,7 +134,7 @@ async def test_a_statement_error_fails_only_its_own_write(store: Store) -> None:
 
 @pytest.mark.anyio
 async def test_a_full_disk_fails_every_write_of_the_group_and_commits_none(
-    store: Store,
+    store: SqliteStore,
 ) -> None:
     # Cap the database at its current size (this connection's limit), as a full disk would.
     with sqlite3.connect(store.path) as conn:

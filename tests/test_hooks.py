@@ -39,7 +39,7 @@ from refresherd.hooks import SIGNATURE_HEADER, Hooks
 from refresherd.metrics import Metrics
 from refresherd.model import Secret
 from refresherd.settings import HooksConfig
-from refresherd.store import Store
+from refresherd.store.sqlite import SqliteStore
 from refresherd.testing import FaultKind
 
 IdPFactory = Callable[..., IdPHandle]
@@ -172,7 +172,7 @@ def anyio_backend() -> str:
 async def test_enqueue_delivers_a_signed_webhook_and_runs_the_command(tmp_path: Path) -> None:
     """The call the expiry detection makes (Hooks.enqueue), against real receivers."""
     secret, _ = new_secret(tmp_path)
-    store = await Store.open(tmp_path / "tokens.db")
+    store = await SqliteStore.open(tmp_path / "tokens.db")
     metrics = Metrics()
     with receiver() as r:
         config = HooksConfig(
@@ -318,7 +318,7 @@ def test_recovery_after_failures_runs_the_command_hook(
 
 @pytest.mark.anyio
 async def test_a_command_that_hangs_is_killed_and_finally_given_up(tmp_path: Path) -> None:
-    store = await Store.open(tmp_path / "tokens.db")
+    store = await SqliteStore.open(tmp_path / "tokens.db")
     metrics = Metrics()
     pid_file = tmp_path / "hook.pid"
     hang = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(600)"
@@ -357,7 +357,7 @@ async def test_events_are_queued_without_hooks_and_taken_for_the_configured_type
 ) -> None:
     """Queuing needs no [hooks] (the CLI, a daemon without them); a dispatcher takes the
     events for its own targets, and only the types its config names."""
-    store = await Store.open(tmp_path / "tokens.db")
+    store = await SqliteStore.open(tmp_path / "tokens.db")
     metrics = Metrics()
     hooks = Hooks(
         store=store,

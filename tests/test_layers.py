@@ -50,9 +50,14 @@ LAYER_OF: dict[str, str] = {
     "refresherd.worker_metrics": "pure core",
     "refresherd.encryption": "pure core",  # AES-GCM on values; imports the model only
     # adapters: the outside world (databases, the IdP, HTTP, files, env, systemd).
-    "refresherd.store_contract": "adapters",
-    "refresherd.store": "adapters",
-    "refresherd.pgstore": "adapters",
+    "refresherd.store": "adapters",  # the package's surface and open_store
+    "refresherd.store.contract": "adapters",  # TokenStore, its values and errors
+    "refresherd.store.location": "adapters",  # parse_location; location_problem (files)
+    "refresherd.store.sql": "adapters",
+    "refresherd.store.rows": "adapters",
+    "refresherd.store.migrations": "adapters",
+    "refresherd.store.sqlite": "adapters",
+    "refresherd.store.postgres": "adapters",
     "refresherd.ownership": "adapters",
     "refresherd.config": "adapters",  # the TOML loader: files, env, credentials
     "refresherd.intake": "adapters",  # token responses from outside (CLI, token API)
@@ -98,20 +103,13 @@ LAYER_OF: dict[str, str] = {
 # (importer, imported): imports against the layer rule, each with its reason. Keep it short.
 KNOWN_UPWARD: dict[tuple[str, str], str] = {
     # DaemonConfig.database is a Location (a SQLite path or a PostgreSQL URL), a type that
-    # lives with the store contract (type-only import, never loaded at run time). The store
-    # package (issue #15 part 1, another branch) is where the location type goes next; a
-    # location module that imports only the model can then be placed in the foundation.
-    ("refresherd.settings", "refresherd.store_contract"): "Location type (TYPE_CHECKING)",
+    # lives in store/location.py (type-only import, never loaded at run time), which imports
+    # the contract for location_problem's DatabaseMisconfigured.
+    ("refresherd.settings", "refresherd.store.location"): "Location type (TYPE_CHECKING)",
 }
 
 # Edges left out of the cycle check, each with its reason.
-KNOWN_CYCLE_EDGES: dict[tuple[str, str], str] = {
-    # open_store, the factory in the contract, imports the backends that import the contract
-    # (late imports). Issue #15 part 1 (the store/ package, another branch) moves the factory
-    # out of the contract module; then these go.
-    ("refresherd.store_contract", "refresherd.store"): "open_store picks SQLite",
-    ("refresherd.store_contract", "refresherd.pgstore"): "open_store picks PostgreSQL",
-}
+KNOWN_CYCLE_EDGES: dict[tuple[str, str], str] = {}
 
 
 @dataclass(frozen=True)
@@ -299,7 +297,8 @@ def test_the_graph_sees_late_and_type_only_imports() -> None:
     graph = {(i.importer, i.imported, i.where) for i in import_graph()}
     assert ("refresherd.cli", "refresherd.cli.run", "function") in graph
     assert ("refresherd.cli.run", "refresherd.daemon", "module") in graph
-    assert ("refresherd.settings", "refresherd.store_contract", "type-checking") in graph
+    assert ("refresherd.settings", "refresherd.store.location", "type-checking") in graph
+    assert ("refresherd.store", "refresherd.store.sqlite", "function") in graph
     assert ("refresherd.refresher", "refresherd.policy", "module") in graph  # from x import mod
     assert ("refresherd.cli", "refresherd.cli.parser", "module") in graph
 

@@ -15,7 +15,7 @@ from databases import location_of
 from refresherd.encryption import TokenCipher, new_key_text
 from refresherd.migrate import TABLES
 from refresherd.model import Secret, State
-from refresherd.store_contract import (
+from refresherd.store import (
     HOOK_DELIVERY_COLUMNS,
     TOKEN_SET_COLUMNS,
     Location,

@@ -28,8 +28,9 @@ from refresherd.metrics import Metrics
 from refresherd.model import RefreshTokenUsage, Secret, State
 from refresherd.refresher import Refresher
 from refresherd.settings import ProviderConfig
-from refresherd.store import SCHEMA_VERSION, NewTokenSet, Store
-from refresherd.store_contract import Location, open_store
+from refresherd.store import Location, NewTokenSet, open_store
+from refresherd.store.migrations import SCHEMA_VERSION
+from refresherd.store.sqlite import SqliteStore
 from refresherd.testing import FakeIdP, FaultKind
 
 NOW = 1_700_000_000.0
@@ -84,7 +85,7 @@ def test_a_version_2_database_gains_the_policy_columns(tmp_path: Path) -> None:
         )
 
     async def reopen() -> None:
-        store = await Store.open(path)
+        store = await SqliteStore.open(path)
         try:
             assert await store.schema_version() == SCHEMA_VERSION
             old = await store.get("old")
@@ -269,7 +270,7 @@ def test_tokens_add_and_import_refuse_a_misspelt_policy_field_and_store_nothing(
 
 
 async def test_effective_policy_prefers_the_sets_own_values(tmp_path: Path) -> None:
-    store = await Store.open(tmp_path / "t.db")
+    store = await SqliteStore.open(tmp_path / "t.db")
     try:
         await store.add(parse(refresh_token_usage="one_time", grace_period=7), now=NOW)
         await store.add(
@@ -320,7 +321,7 @@ async def test_the_gauge_query_uses_a_sets_own_lifetime(store_location: Location
 
 @dataclass
 class Rig:
-    store: Store
+    store: SqliteStore
     idp: FakeIdP
     metrics: Metrics
     refresher: Refresher
@@ -354,7 +355,7 @@ class Rig:
 async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     """The provider is configured ``reuse`` (no grace); the IdP has since switched to rotating
     one-time tokens with a grace window — which only the sets authorized after it know."""
-    store = await Store.open(tmp_path / "tokens.db")
+    store = await SqliteStore.open(tmp_path / "tokens.db")
     idp = FakeIdP(
         clients={CLIENT_ID: CLIENT_SECRET},
         usage="one_time",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
-from refresherd.store_contract import PostgresLocation, postgres_location
+from refresherd.store import PostgresLocation, postgres_location
 
 
 @pytest.fixture

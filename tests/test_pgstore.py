@@ -1,6 +1,6 @@
-"""refresherd.pgstore against a real PostgreSQL on loopback: what a fleet of daemons sharing one
-database relies on (SKIP LOCKED claims, owners by advisory locks, one migration), errors, and
-the values the store shares with SQLite (sealed tokens, export and load)."""
+"""refresherd.store.postgres against a real PostgreSQL on loopback: what a fleet of daemons
+sharing one database relies on (SKIP LOCKED claims, owners by advisory locks, one migration),
+errors, and the values the store shares with SQLite (sealed tokens, export and load)."""
 
 from __future__ import annotations
 
@@ -16,10 +16,8 @@ import pytest
 
 from refresherd.encryption import PREFIX, TokenCipher, new_key_text
 from refresherd.model import Secret, TokenSet
-from refresherd.pgstore import SCHEMA_VERSION, PostgresStore
 from refresherd.storage_health import StorageReason
-from refresherd.store import Store
-from refresherd.store_contract import (
+from refresherd.store import (
     NewTokenSet,
     PostgresLocation,
     StoreError,
@@ -28,6 +26,9 @@ from refresherd.store_contract import (
     open_store,
     postgres_location,
 )
+from refresherd.store.migrations import SCHEMA_VERSION
+from refresherd.store.postgres import PostgresStore
+from refresherd.store.sqlite import SqliteStore
 
 NOW = 1_700_000_000.0
 ME = "host-a-101-0a0a0a0a"
@@ -414,9 +415,9 @@ async def test_a_database_moved_between_backends_opens_with_the_same_key(
     the database, so SQLite -> PostgreSQL -> SQLite keeps every token readable under the same
     key, and the hook queue's ids continue after the largest one moved."""
     cipher = TokenCipher(KEY)
-    source = await Store.open(tmp_path / "source.db", cipher=cipher)
+    source = await SqliteStore.open(tmp_path / "source.db", cipher=cipher)
     target = await PostgresStore.open(location, cipher=cipher)
-    back = await Store.open(tmp_path / "back.db", cipher=cipher)
+    back = await SqliteStore.open(tmp_path / "back.db", cipher=cipher)
     try:
         await source.add_many([new(f"ts-{i:04d}") for i in range(1500)], now=NOW)
         await source.enqueue_hook(
@@ -505,7 +506,7 @@ async def test_a_row_lock_held_too_long_is_locked(
     try:
         async with conn.transaction():
             await conn.execute("SELECT id FROM token_sets WHERE id = 'a' FOR UPDATE")
-            # The store waits lock_timeout (pgstore.LOCK_TIMEOUT_MS) for the row, then fails.
+            # The store waits lock_timeout (postgres.LOCK_TIMEOUT_MS) for the row, then fails.
             with pytest.raises(StoreError) as info:
                 await store.claim("a", owner=ME, now=NOW, lease_until=NOW + 60)
             assert info.value.reason is StorageReason.LOCKED, str(info.value)
@@ -562,7 +563,7 @@ def test_without_asyncpg_a_postgresql_database_is_a_clear_error() -> None:
     code = (
         "import sys; sys.modules['asyncpg'] = None\n"
         "import anyio\n"
-        "from refresherd.store_contract import StoreError, open_store, postgres_location\n"
+        "from refresherd.store import StoreError, open_store, postgres_location\n"
         "async def main():\n"
         "    try:\n"
         "        await open_store(postgres_location('postgresql://u:pw-x@127.0.0.1/db'))\n"

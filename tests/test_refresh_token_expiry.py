@@ -23,8 +23,9 @@ from refresherd.endpoint import parse_grant
 from refresherd.intake import token_set_from_json
 from refresherd.model import Secret
 from refresherd.settings import ScheduleConfig
-from refresherd.store import SCHEMA_VERSION, NewTokenSet, Store
-from refresherd.store_contract import Location, open_store
+from refresherd.store import Location, NewTokenSet, open_store
+from refresherd.store.migrations import SCHEMA_VERSION
+from refresherd.store.sqlite import SqliteStore
 
 NOW = 1_700_000_000.0
 DAY = 86400.0
@@ -141,7 +142,7 @@ def test_an_old_database_is_migrated_to_carry_the_column(tmp_path: Path) -> None
         )
 
     async def reopen() -> None:
-        store = await Store.open(path)
+        store = await SqliteStore.open(path)
         try:
             assert await store.schema_version() == SCHEMA_VERSION
             ts = await store.get("old")

@@ -1,4 +1,4 @@
-"""The Refresher end to end: a real FakeIdP on loopback, a real SQLite Store, real metrics and the
+"""The Refresher end to end: a real FakeIdP on loopback, a real SqliteStore, real metrics and the
 real structlog output. One test per row of DESIGN.md's failure table, each checking the outcome,
 what is stored, the metric and the log line; then single-flight, leases, crash recovery and
 isolation between token sets.
@@ -35,7 +35,8 @@ from refresherd.metrics import Metrics
 from refresherd.model import RefreshTokenUsage, Secret, State, TokenSet
 from refresherd.refresher import Refresher, RefreshResult
 from refresherd.settings import ProviderConfig, ScheduleConfig
-from refresherd.store import NewTokenSet, Store
+from refresherd.store import NewTokenSet
+from refresherd.store.sqlite import SqliteStore
 from refresherd.testing import FakeIdP, FaultKind
 
 CLIENT_ID = "refresherd-test"
@@ -149,7 +150,7 @@ def closed_port() -> int:
 
 @dataclass
 class Harness:
-    store: Store
+    store: SqliteStore
     idp: FakeIdP
     metrics: Metrics
     providers: dict[str, ProviderConfig]
@@ -248,8 +249,8 @@ async def harness(
     token_url: str | None = None,
     extra_providers: dict[str, str] | None = None,
 ) -> AsyncIterator[Harness]:
-    """A served FakeIdP, a Store in tmp_path and a Refresher for provider ``p`` (owner-a)."""
-    store = await Store.open(tmp_path / "tokens.db")
+    """A served FakeIdP, a SqliteStore in tmp_path and a Refresher for provider ``p`` (owner-a)."""
+    store = await SqliteStore.open(tmp_path / "tokens.db")
     idp = FakeIdP(
         clients={CLIENT_ID: CLIENT_SECRET},
         usage=usage,  # type: ignore[arg-type]

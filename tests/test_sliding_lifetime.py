@@ -30,7 +30,8 @@ from refresherd.intake import token_set_from_json
 from refresherd.metrics import Metrics
 from refresherd.model import Attempt, RefreshMode, Secret, State, TokenSet
 from refresherd.settings import ProviderConfig, ScheduleConfig
-from refresherd.store import SCHEMA_VERSION, Store
+from refresherd.store.migrations import SCHEMA_VERSION
+from refresherd.store.sqlite import SqliteStore
 
 NOW = 1_700_000_000.0
 DAY = 86400.0
@@ -271,7 +272,7 @@ def anyio_backend() -> str:
 async def test_the_watcher_warns_once_per_expiry_and_again_after_a_new_authorization(
     tmp_path: Path,
 ) -> None:
-    store = await Store.open(tmp_path / "t.db")
+    store = await SqliteStore.open(tmp_path / "t.db")
     try:
         near = token_set_from_json(
             {"refresh_token": "rt-near", "refresh_token_expires_in": 2 * DAY},
@@ -358,7 +359,7 @@ def test_a_version_3_database_gains_the_sliding_lifetime_columns(tmp_path: Path)
         )
 
     async def reopen() -> None:
-        store = await Store.open(path)
+        store = await SqliteStore.open(path)
         try:
             assert await store.schema_version() == SCHEMA_VERSION >= 4
             old = await store.get("old")

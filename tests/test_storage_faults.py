@@ -27,7 +27,7 @@ from conftest import (
     write_config,
 )
 
-from refresherd.store import JOURNAL_SIZE_LIMIT
+from refresherd.store.sqlite import JOURNAL_SIZE_LIMIT
 from refresherd.testing import FaultKind
 
 IdPFactory = Callable[..., IdPHandle]

@@ -19,7 +19,8 @@ from refresherd.storage_health import (
     classify_postgres,
     probe_delay,
 )
-from refresherd.store import JOURNAL_SIZE_LIMIT, Store, StoreError
+from refresherd.store import StoreError
+from refresherd.store.sqlite import JOURNAL_SIZE_LIMIT, SqliteStore
 
 # --------------------------------------------------------------------------- classify
 
@@ -133,7 +134,7 @@ async def test_probe_write_writes_one_row_and_fails_with_the_reason_when_locked(
     tmp_path: Path,
 ) -> None:
     db = tmp_path / "tokens.db"
-    store = await Store.open(db)
+    store = await SqliteStore.open(db)
     try:
         await store.probe_write(owner="me", now=1.0)
         await store.probe_write(owner="me", now=2.0)
@@ -159,7 +160,7 @@ async def test_probe_write_writes_one_row_and_fails_with_the_reason_when_locked(
 @pytest.mark.anyio
 async def test_store_errors_carry_the_reason_of_a_full_database(tmp_path: Path) -> None:
     db = tmp_path / "tokens.db"
-    store = await Store.open(db)
+    store = await SqliteStore.open(db)
     try:
         # max_page_count binds the connection that sets it: the store's own.
         pages = await store._fetch_value("PRAGMA page_count")
@@ -177,7 +178,7 @@ async def test_store_errors_carry_the_reason_of_a_full_database(tmp_path: Path) 
 @pytest.mark.anyio
 async def test_journal_size_limit_and_passive_checkpoint(tmp_path: Path) -> None:
     db = tmp_path / "tokens.db"
-    store = await Store.open(db)
+    store = await SqliteStore.open(db)
     try:
         assert await store._fetch_value("PRAGMA journal_size_limit") == JOURNAL_SIZE_LIMIT
         await store.probe_write(owner="me", now=1.0)

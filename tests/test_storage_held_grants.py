@@ -22,7 +22,7 @@ from test_storage_faults import (
 
 from refresherd.refresher import PERSIST_DEADLINE
 from refresherd.storage_health import PROBE_INITIAL, probe_delay
-from refresherd.store import BUSY_TIMEOUT_MS
+from refresherd.store.sqlite import BUSY_TIMEOUT_MS
 from refresherd.testing import FaultKind
 
 IdPFactory = Callable[..., IdPHandle]

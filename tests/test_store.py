@@ -25,16 +25,18 @@ from conftest import database_at_version
 
 from refresherd.model import Attempt, Secret, State, TokenSet, rfc3339
 from refresherd.store import (
-    MAKE_DUE_WRITTEN_AFTER,
     READ_CONTRACT_VIEW,
-    SCHEMA_VERSION,
     ClaimRefused,
+    Location,
     NewTokenSet,
-    Store,
+    PostgresLocation,
     StoreError,
     TokenSetExists,
+    TokenStore,
+    open_store,
 )
-from refresherd.store_contract import Location, PostgresLocation, TokenStore, open_store
+from refresherd.store.migrations import MIGRATIONS, POSTGRES, SCHEMA_VERSION, SQLITE
+from refresherd.store.sqlite import MAKE_DUE_WRITTEN_AFTER, SqliteStore
 
 NOW = 1_700_000_000.0
 ME = "host-a-101-0a0a0a0a"
@@ -63,8 +65,8 @@ def db_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-async def sqlite_store(db_path: Path) -> AsyncIterator[Store]:
-    s = await Store.open(db_path)
+async def sqlite_store(db_path: Path) -> AsyncIterator[SqliteStore]:
+    s = await SqliteStore.open(db_path)
     try:
         yield s
     finally:
@@ -204,10 +206,32 @@ async def leased(
 # ---- lifecycle: schema, files, pragmas --------------------------------------------------------
 
 
+def test_every_schema_version_exists_in_both_dialects() -> None:
+    # Version n has the same tables and columns in SQLite and PostgreSQL (refresherd migrate
+    # compares them): a migration written for one dialect only would leave the other behind.
+    assert len(SQLITE) == len(POSTGRES) == SCHEMA_VERSION
+    assert [m.version for m in MIGRATIONS] == list(range(1, SCHEMA_VERSION + 1))
+    for migration in MIGRATIONS:
+        assert migration.sqlite.strip() and migration.postgres.strip(), migration.version
+
+
+def test_choosing_a_store_loads_no_database_driver() -> None:
+    # The config loader and check-config parse locations; only open_store loads a backend
+    # (asyncpg is an optional extra), and only the one the location names.
+    code = (
+        "import sys, refresherd.config, refresherd.store\n"
+        "loaded = {'aiosqlite', 'asyncpg', 'refresherd.store.sqlite',"
+        " 'refresherd.store.postgres'}\n"
+        "print(sorted(loaded & set(sys.modules)))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "[]"
+
+
 @pytest.mark.anyio
 async def test_migrates_an_empty_database(db_path: Path) -> None:
     assert not db_path.exists()
-    store = await Store.open(db_path)
+    store = await SqliteStore.open(db_path)
     try:
         assert await store.schema_version() == SCHEMA_VERSION
         await store.ping()
@@ -222,7 +246,7 @@ async def test_migrates_an_empty_database(db_path: Path) -> None:
 @pytest.mark.anyio
 async def test_the_start_up_clock_step_check_uses_an_index_not_a_scan(db_path: Path) -> None:
     # At a million sets a scan took 3 s of start-up, under the write lock.
-    store = await Store.open(db_path)
+    store = await SqliteStore.open(db_path)
     await store.close()
     with plain(db_path) as conn:
         plan = conn.execute(
@@ -266,7 +290,7 @@ async def test_a_newer_schema_is_refused(db_path: Path) -> None:
     with plain(db_path) as conn:
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     with pytest.raises(StoreError) as info:
-        await Store.open(db_path)
+        await SqliteStore.open(db_path)
     message = str(info.value)
     assert str(db_path) in message
     assert "newer" in message and str(SCHEMA_VERSION + 1) in message
@@ -277,7 +301,7 @@ async def test_a_newer_schema_is_refused(db_path: Path) -> None:
 
 
 @pytest.mark.anyio
-async def test_files_are_private(sqlite_store: Store, db_path: Path) -> None:
+async def test_files_are_private(sqlite_store: SqliteStore, db_path: Path) -> None:
     store = sqlite_store
     await store.add(new("a"), now=NOW)  # a write: the WAL file now exists
     for path in (db_path, Path(f"{db_path}-wal"), Path(f"{db_path}-shm")):
@@ -286,7 +310,7 @@ async def test_files_are_private(sqlite_store: Store, db_path: Path) -> None:
 
 
 @pytest.mark.anyio
-async def test_wal_mode_and_synchronous_full(sqlite_store: Store, db_path: Path) -> None:
+async def test_wal_mode_and_synchronous_full(sqlite_store: SqliteStore, db_path: Path) -> None:
     store = sqlite_store
     # journal_mode is a property of the file; synchronous is per connection (the store's own).
     with plain(db_path) as conn:
@@ -295,9 +319,9 @@ async def test_wal_mode_and_synchronous_full(sqlite_store: Store, db_path: Path)
     assert await store._fetch_value("PRAGMA synchronous") == 2  # FULL
 
 
-async def _open_into(path: Path, stores: list[Store], errors: list[StoreError]) -> None:
+async def _open_into(path: Path, stores: list[SqliteStore], errors: list[StoreError]) -> None:
     try:
-        stores.append(await Store.open(path))
+        stores.append(await SqliteStore.open(path))
     except StoreError as exc:
         errors.append(exc)
 
@@ -308,7 +332,7 @@ async def test_concurrent_opens_of_a_new_database(tmp_path: Path) -> None:
     leaving rollback-journal mode for WAL must wait for the other, not fail."""
     for trial in range(12):
         path = tmp_path / f"fresh-{trial}.db"
-        stores: list[Store] = []
+        stores: list[SqliteStore] = []
         errors: list[StoreError] = []
         try:
             async with anyio.create_task_group() as tg:
@@ -328,7 +352,7 @@ async def test_concurrent_opens_of_a_new_database(tmp_path: Path) -> None:
 async def test_missing_directory_is_a_store_error_naming_the_path(tmp_path: Path) -> None:
     path = tmp_path / "no" / "such" / "dir" / "refresherd.db"
     with pytest.raises(StoreError) as info:
-        await Store.open(path)
+        await SqliteStore.open(path)
     assert str(path) in str(info.value)
     assert not path.parent.exists()
 
@@ -336,7 +360,7 @@ async def test_missing_directory_is_a_store_error_naming_the_path(tmp_path: Path
 @pytest.mark.anyio
 async def test_missing_file_without_create_is_a_store_error(db_path: Path) -> None:
     with pytest.raises(StoreError) as info:
-        await Store.open(db_path, create=False)
+        await SqliteStore.open(db_path, create=False)
     assert str(db_path) in str(info.value)
     assert not db_path.exists()
 
@@ -345,7 +369,7 @@ async def test_missing_file_without_create_is_a_store_error(db_path: Path) -> No
 async def test_a_file_that_is_not_a_database_is_a_store_error(db_path: Path) -> None:
     db_path.write_bytes(b"this is not an SQLite database, just some bytes\n" * 200)
     with pytest.raises(StoreError) as info:
-        await Store.open(db_path)
+        await SqliteStore.open(db_path)
     assert str(db_path) in str(info.value)
 
 
@@ -354,7 +378,7 @@ async def test_a_directory_is_not_a_database(tmp_path: Path) -> None:
     path = tmp_path / "a-directory.db"
     path.mkdir()
     with pytest.raises(StoreError) as info:
-        await Store.open(path)
+        await SqliteStore.open(path)
     assert str(path) in str(info.value)
 
 
@@ -365,7 +389,8 @@ UNPRIVILEGED_OPEN = r"""
 import os, sys
 from pathlib import Path
 import anyio
-from refresherd.store import Store, StoreError
+from refresherd.store import StoreError
+from refresherd.store.sqlite import SqliteStore
 
 anyio.run(anyio.sleep, 0)
 if os.geteuid() == 0:
@@ -374,7 +399,7 @@ if os.geteuid() == 0:
 
 async def main() -> None:
     try:
-        store = await Store.open(Path(sys.argv[1]), create=sys.argv[2] == "create")
+        store = await SqliteStore.open(Path(sys.argv[1]), create=sys.argv[2] == "create")
     except StoreError as exc:
         print(f"StoreError: {exc}")
     else:
@@ -1503,7 +1528,7 @@ async def test_hook_queue_claims_retries_and_finishes(store: TokenStore) -> None
 async def test_a_column_sqlite_cannot_decode_is_not_quoted_in_the_error(tmp_path: Path) -> None:
     """sqlite3 quotes the raw text of a column it cannot decode; for a token column that is a
     secret, and StoreError messages reach the log."""
-    store = await Store.open(tmp_path / "t.db")
+    store = await SqliteStore.open(tmp_path / "t.db")
     try:
         await store.add(new("a"), now=NOW)
         secret = "rt-secret-" + "x" * 20
@@ -1605,7 +1630,7 @@ async def test_the_migration_counts_the_sets_invalidated_before_it(tmp_path: Pat
         conn.commit()
     finally:
         conn.close()
-    store = await Store.open(path)
+    store = await SqliteStore.open(path)
     try:
         assert await store.invalidation_counts() == {("p", "invalid_grant"): 1, ("p", "unknown"): 1}
     finally:

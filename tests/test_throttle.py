@@ -1,5 +1,5 @@
 """Politeness to IdPs: the token bucket (pure, ``now`` given), the per-provider slot, and the
-Refresher honouring both against a real FakeIdP and a real Store. Nothing here is timed: the
+Refresher honouring both against a real FakeIdP and a real SqliteStore. Nothing here is timed: the
 bucket's waits are computed, and the end-to-end checks count connections and outcomes.
 """
 
@@ -21,7 +21,8 @@ from refresherd.metrics import Metrics
 from refresherd.model import RefreshTokenUsage, Secret
 from refresherd.refresher import Refresher
 from refresherd.settings import ProviderConfig, ScheduleConfig
-from refresherd.store import NewTokenSet, Store
+from refresherd.store import NewTokenSet
+from refresherd.store.sqlite import SqliteStore
 from refresherd.testing import FakeIdP, FaultKind
 from refresherd.throttle import ProviderThrottle, Throttles, TokenBucket
 
@@ -149,7 +150,7 @@ async def test_slot_waits_what_the_bucket_says_on_the_injected_clock() -> None:
 @dataclass
 class Rig:
     idp: FakeIdP
-    store: Store
+    store: SqliteStore
     refresher: Refresher
     metrics: Metrics
 
@@ -173,7 +174,7 @@ class Rig:
 
 @asynccontextmanager
 async def rig(tmp_path: Path, *, latency: float = 0.0, **limits: object) -> AsyncIterator[Rig]:
-    store = await Store.open(tmp_path / "tokens.db")
+    store = await SqliteStore.open(tmp_path / "tokens.db")
     idp = FakeIdP(clients={CLIENT_ID: CLIENT_SECRET}, grace_period=4.0, latency=latency)
     try:
         async with anyio.create_task_group() as tg:

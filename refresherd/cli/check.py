@@ -9,6 +9,7 @@ from pathlib import Path
 
 from refresherd.cli.common import configured, fail
 from refresherd.settings import EX_CONFIG
+from refresherd.store import location_problem
 
 
 def command(args: argparse.Namespace) -> int:
@@ -18,8 +19,6 @@ def command(args: argparse.Namespace) -> int:
     path, config = loaded
     warnings = list(config.warnings)
     if isinstance(config.daemon.database, Path):
-        from refresherd.store import location_problem
-
         problem = location_problem(config.daemon.database)
         if problem is not None and problem.for_everyone:
             return fail(f"{path}: daemon.database: {problem}", EX_CONFIG)

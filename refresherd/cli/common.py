@@ -15,7 +15,7 @@ import anyio
 from refresherd import logs
 from refresherd.config import load_config, resolve_config_path
 from refresherd.settings import EX_CONFIG, Config, ConfigError
-from refresherd.store_contract import DatabaseMisconfigured, StoreError
+from refresherd.store import DatabaseMisconfigured, StoreError
 
 EX_USAGE: Final = 64
 EX_DATAERR: Final = 65

@@ -11,7 +11,7 @@ from refresherd import logs
 from refresherd.cli.common import EX_FAILURE, EX_NOINPUT, EX_TEMPFAIL, EX_USAGE, fail
 from refresherd.migrate import MigrateRefused, migrate
 from refresherd.model import Secret
-from refresherd.store_contract import Location, StoreError, has_password, parse_location
+from refresherd.store import Location, StoreError, has_password, parse_location
 
 
 def command(args: argparse.Namespace) -> int:

@@ -20,7 +20,7 @@ from refresherd.daemon import open_runtime
 from refresherd.discovery import EX_UNAVAILABLE, DiscoveryError
 from refresherd.model import rfc3339
 from refresherd.settings import Config
-from refresherd.store_contract import StoreError
+from refresherd.store import StoreError
 
 
 def command(args: argparse.Namespace) -> int:

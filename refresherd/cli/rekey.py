@@ -7,7 +7,7 @@ import argparse
 from refresherd.cli.common import configured, fail, one_shot
 from refresherd.encryption import cipher_for
 from refresherd.settings import EX_CONFIG, Config
-from refresherd.store_contract import open_store
+from refresherd.store import open_store
 
 
 def command(args: argparse.Namespace) -> int:

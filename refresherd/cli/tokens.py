@@ -24,7 +24,7 @@ from refresherd.encryption import cipher_for
 from refresherd.intake import InputError, iter_lines, parse_single
 from refresherd.model import State, TokenSet, rfc3339
 from refresherd.settings import EX_CONFIG, Config, ConfigError, ProviderConfig, parse_duration
-from refresherd.store_contract import NewTokenSet, TokenSetExists, TokenStore, open_store
+from refresherd.store import NewTokenSet, TokenSetExists, TokenStore, open_store
 
 
 def command(args: argparse.Namespace) -> int:

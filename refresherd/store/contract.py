@@ -1,9 +1,10 @@
 """The one store interface, and the values that cross it, whichever database is behind it.
 
-Two implementations keep this contract: :class:`refresherd.store.Store` (SQLite, one host) and
-:class:`refresherd.pgstore.PostgresStore` (PostgreSQL, a fleet). The rest of the daemon talks
-to a :class:`TokenStore` and never learns which one it has; :func:`open_store` picks it from
-the configured location. The contract, for both:
+Two implementations keep this contract: :class:`refresherd.store.sqlite.SqliteStore` (SQLite,
+one host) and :class:`refresherd.store.postgres.PostgresStore` (PostgreSQL, a fleet). The rest
+of the daemon talks to a :class:`TokenStore` and never learns which one it has;
+:func:`refresherd.store.open_store` picks it from the configured location. The contract, for
+both:
 
 - Every write is committed before it returns (durable before a token is used or reported);
   concurrent writes may share one commit (group commit).
@@ -19,12 +20,9 @@ the configured location. The contract, for both:
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable, Sequence
-from collections.abc import Set as AbstractSet
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Final, Protocol
-from urllib.parse import parse_qsl, quote, unquote, urlsplit, urlunsplit
 
 from refresherd.model import Attempt, RefreshMode, RefreshTokenUsage, Secret, State, TokenSet
 from refresherd.storage_health import StorageReason
@@ -99,51 +97,9 @@ class ClaimRefused:
     until: float | None = None
 
 
-# ---- decisions both stores make the same way, whatever SQL got them their facts ----------
-
-
-def claim_refusal(current: TokenSet | None) -> ClaimRefused:
-    """Why a claim of a set, read back as ``current`` after the claim missed, was refused."""
-    if current is None:
-        return ClaimRefused("not_found")
-    if current.state is State.INVALIDATED:
-        return ClaimRefused("invalidated")
-    return ClaimRefused("leased", owner=current.lease_owner, until=current.lease_until)
-
-
-def first_conflict(ids: Sequence[str], stored: AbstractSet[str]) -> str | None:
-    """Name the first of ``ids`` that is in ``stored`` already or repeats an earlier one (a
-    database's unique-key error does not say which row failed)."""
-    seen: set[str] = set()
-    for token_set_id in ids:
-        if token_set_id in stored:
-            return f"token set {token_set_id!r} exists already (remove it first)"
-        if token_set_id in seen:
-            return f"token set {token_set_id!r} appears twice in the input"
-        seen.add(token_set_id)
-    return None
-
-
-def check_keys(location: str, used: AbstractSet[str], key_ids: AbstractSet[str] | None) -> None:
-    """Refuse a key set (``key_ids``; None: no encryption configured) that cannot open every
-    stored value (sealed under ``used``): a token read as its ciphertext would be sent to the
-    IdP as if it were the token."""
-    if not used:
-        return
-    if key_ids is None:
-        raise StoreError(
-            f"database {location}: token values are encrypted (key(s) "
-            f"{', '.join(sorted(used))}); configure [encryption] key_file"
-        )
-    missing = used - key_ids
-    if missing:
-        raise StoreError(
-            f"database {location}: token values are sealed with key(s) "
-            f"{', '.join(sorted(missing))}, which the config does not hold (configured: "
-            f"{', '.join(sorted(key_ids))}); add the old key to [encryption] "
-            "previous_key_files"
-        )
-
+# The read contract: a view for applications that read access tokens straight from the database
+# (columns are only ever added to it, never renamed or removed).
+READ_CONTRACT_VIEW: Final = "refresherd_access_tokens"
 
 # The columns ``refresherd migrate`` copies, table by table, with their values as stored
 # (token values stay sealed as they are: a sealing names its row and column, not the database).
@@ -178,31 +134,6 @@ TOKEN_SET_COLUMNS: tuple[str, ...] = (
     "refresh_mode",
     "expiry_warned_for",
     "attempt_settled",
-)
-# The journal's series rules, shared by both dialects' begin_attempt (parameters :version and
-# :keep_since, the earliest start of a series whose grace window is still open, NULL for a
-# token with no window: a re-use token's every refresh is a series of its own). A series goes
-# on (keeps its start, the IdP counts the window from the first use) while its window is open
-# and a send of it may have been processed; one whose sends were all settled as not processed
-# consumed nothing and starts afresh. A series whose window closed with an unsettled send is a
-# missed window: no new series may start on that token (refresher: grace_window_missed).
-SERIES_GOES_ON_SQL: Final = (
-    "(CAST(:keep_since AS DOUBLE PRECISION) IS NOT NULL AND attempt_version = :version"
-    " AND attempt_started_at >= :keep_since"
-    " AND attempt_sends > coalesce(attempt_settled, 0))"
-)
-# begin_attempt's SET clause for the journal, the same in both dialects.
-JOURNAL_SEND_SQL: Final = (
-    f" attempt_started_at = CASE WHEN {SERIES_GOES_ON_SQL} THEN attempt_started_at ELSE :now END,"
-    f" attempt_sends = CASE WHEN {SERIES_GOES_ON_SQL} THEN attempt_sends + 1 ELSE 1 END,"
-    f" attempt_settled = CASE WHEN {SERIES_GOES_ON_SQL} THEN coalesce(attempt_settled, 0)"
-    " ELSE 0 END,"
-    " attempt_version = :version, attempt_owner = :owner,"
-)
-SERIES_MISSED_SQL: Final = (
-    "coalesce(CAST(:keep_since AS DOUBLE PRECISION) IS NOT NULL AND attempt_version = :version"
-    " AND attempt_started_at < :keep_since"
-    " AND attempt_sends > coalesce(attempt_settled, 0), false)"
 )
 HOOK_DELIVERY_COLUMNS: tuple[str, ...] = (
     "id",
@@ -422,136 +353,3 @@ class TokenStore(Protocol):
         """Insert rows as ``export_rows`` yields them, all or nothing, into an empty table
         (StoreError otherwise); returns how many."""
         ...
-
-
-@dataclass(frozen=True, slots=True)
-class PostgresLocation:
-    """A PostgreSQL database: ``dsn`` as libpq takes it (it may hold a password, so it is a
-    Secret and never printed), ``display`` the same URL without the password."""
-
-    dsn: Secret
-    display: str
-
-    def __str__(self) -> str:
-        return self.display
-
-
-# Where the token sets live: a SQLite file, or a PostgreSQL database.
-Location = Path | PostgresLocation
-
-_POSTGRES_SCHEMES = ("postgresql", "postgres")
-
-
-def parse_location(text: str, *, base_dir: Path, password: Secret | None = None) -> Location:
-    """A database location as written in a config file or on the command line.
-
-    ``postgresql://user@host:port/dbname?sslmode=require`` (libpq's URL; ``postgres://`` too)
-    names a PostgreSQL database; ``password``, when given, is put into it. ``sqlite:///abs/path``
-    or a plain path (relative to ``base_dir``) names a SQLite file. ValueError says what is wrong.
-    """
-    scheme, sep, rest = text.partition("://")
-    if not sep:
-        if not text.strip():
-            raise ValueError("expected a SQLite file path or a postgresql:// URL, got nothing")
-        return base_dir / text
-    scheme = scheme.lower()
-    if scheme == "sqlite":
-        if not rest.startswith("/") or rest == "/":
-            raise ValueError(
-                "expected sqlite:// followed by an absolute path, such as "
-                "sqlite:///var/lib/refresherd/tokens.db"
-            )
-        return Path(rest)
-    if scheme not in _POSTGRES_SCHEMES:
-        raise ValueError(
-            f"unknown database scheme {scheme!r}: expected a SQLite path, sqlite:///path or "
-            "postgresql://user@host/dbname"
-        )
-    userinfo, authority_on = _split_userinfo(rest)
-    parts = urlsplit(f"{scheme}://{authority_on}")
-    try:
-        parts.port  # noqa: B018 -- raises on a port that is not a number
-    except ValueError:
-        raise ValueError("the postgresql:// URL has a port that is not a number") from None
-    if not parts.hostname and "host=" not in parts.query:
-        raise ValueError("the postgresql:// URL names no host, such as postgresql://user@host/db")
-    raw_user, colon, raw_password = (userinfo or "").partition(":")
-    user = unquote(raw_user)
-    if password is not None:
-        userinfo_out = f"{quote(user, safe='')}:{quote(password.reveal(), safe='')}@"
-    elif colon:
-        userinfo_out = f"{quote(user, safe='')}:{quote(unquote(raw_password), safe='')}@"
-    else:
-        userinfo_out = f"{quote(user, safe='')}@" if user else ""
-    dsn = urlunsplit((parts.scheme, userinfo_out + parts.netloc, parts.path, parts.query, ""))
-    shown = f"{quote(user, safe='')}@" if user else ""
-    display = urlunsplit((parts.scheme, shown + parts.netloc, parts.path, "", ""))
-    return PostgresLocation(dsn=Secret(dsn), display=display)
-
-
-def _split_userinfo(rest: str) -> tuple[str | None, str]:
-    """Split what follows ``postgresql://`` into the user[:password] part and the rest.
-
-    As libpq does, the user and password end at an '@' before the first '/', so a password
-    may hold '?', '#' or '@' unencoded (urlsplit would cut it at '?' or '#' and put half of it
-    into the host shown in logs). A '/' in it cannot be told from the database path: refused,
-    without echoing the URL."""
-    head = rest.split("/", 1)[0]
-    userinfo, at, _ = head.rpartition("@")
-    if at:
-        return userinfo, rest[len(userinfo) + 1 :]
-    if "@" in rest.split("?", 1)[0]:
-        raise ValueError(
-            "the postgresql:// URL has an '@' after a '/': a '/' in the user name or password "
-            "must be written %2F (or put the password in database_password_file); "
-            "the URL is not shown, it may hold a password"
-        )
-    return None, rest
-
-
-def has_password(text: str) -> bool:
-    """Does this database URL carry a password itself (rather than from a file)?"""
-    scheme, sep, rest = text.partition("://")
-    if not sep or scheme.lower() not in _POSTGRES_SCHEMES:
-        return False
-    try:
-        userinfo, authority_on = _split_userinfo(rest)
-    except ValueError:
-        return False  # parse_location says what is wrong
-    query = urlsplit(f"{scheme}://{authority_on}").query
-    in_query = any(k.strip().lower() == "password" for k, _ in parse_qsl(query))
-    return ":" in (userinfo or "") or in_query
-
-
-async def open_store(
-    location: Location, *, create: bool = True, cipher: Any = None, verify_keys: bool = True
-) -> TokenStore:
-    """Open the store at ``location``; ``create`` makes a missing SQLite file (PostgreSQL
-    databases are never created, only migrated). ``verify_keys=False`` skips the check that
-    ``cipher`` opens every sealed value: for ``refresherd migrate``, which copies values as
-    they are stored and never opens one."""
-    if isinstance(location, PostgresLocation):
-        try:
-            from refresherd.pgstore import PostgresStore
-        except ModuleNotFoundError as exc:
-            if exc.name != "asyncpg":
-                raise
-            raise StoreError(
-                f"database {location.display}: PostgreSQL needs the asyncpg driver: "
-                "pip install 'refresherd[postgresql]'"
-            ) from None
-
-        return await PostgresStore.open(
-            location, create=create, cipher=cipher, verify_keys=verify_keys
-        )
-    from refresherd.store import Store
-
-    return await Store.open(location, create=create, cipher=cipher, verify_keys=verify_keys)
-
-
-def postgres_location(url: str) -> PostgresLocation:
-    """A PostgreSQL location from a libpq URL (the password, if any, stays in the DSN)."""
-    location = parse_location(url, base_dir=Path())
-    if not isinstance(location, PostgresLocation):
-        raise ValueError("expected a postgresql:// URL")
-    return location

@@ -1,0 +1,355 @@
+"""The schema, version by version, in both dialects side by side.
+
+Version n has the same tables and columns in SQLite and in PostgreSQL (``refresherd migrate``
+compares them), so each entry holds both scripts: a schema change is written here once, for
+both, or not at all. SQLite records its version in ``PRAGMA user_version``, PostgreSQL in the
+one row of ``refresherd_schema``; PostgreSQL's own bookkeeping (owners, the change counter)
+comes with version 1. Never edit a released entry (its text is what databases in the field ran):
+append a new one.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from typing import Final
+
+__all__ = ["MIGRATIONS", "POSTGRES", "SCHEMA_VERSION", "SQLITE", "Migration", "split_sql"]
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """The step from version ``version`` - 1 to ``version``, in each dialect."""
+
+    version: int
+    sqlite: str
+    postgres: str
+
+
+MIGRATIONS: Final[tuple[Migration, ...]] = (
+    Migration(
+        1,
+        sqlite="""
+    CREATE TABLE token_sets (
+        id TEXT PRIMARY KEY NOT NULL,
+        provider TEXT NOT NULL,
+        access_token TEXT,
+        refresh_token TEXT NOT NULL,
+        token_type TEXT,
+        scope TEXT,
+        expires_at REAL,
+        state TEXT NOT NULL DEFAULT 'active'
+            CHECK (state IN ('active', 'failing', 'invalidated')),
+        version INTEGER NOT NULL DEFAULT 1,
+        next_refresh_at REAL NOT NULL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        last_refresh_at REAL,
+        last_error TEXT,
+        failures INTEGER NOT NULL DEFAULT 0,
+        invalid_reason TEXT,
+        lease_owner TEXT,
+        lease_until REAL,
+        attempt_version INTEGER,
+        attempt_started_at REAL,
+        attempt_owner TEXT,
+        attempt_sends INTEGER
+    ) STRICT;
+    CREATE INDEX token_sets_due ON token_sets (next_refresh_at) WHERE state != 'invalidated';
+    CREATE INDEX token_sets_leased ON token_sets (lease_owner) WHERE lease_owner IS NOT NULL;
+    CREATE INDEX token_sets_journal ON token_sets (attempt_started_at)
+        WHERE attempt_started_at IS NOT NULL;
+    -- The read contract for applications that read access tokens straight from the database.
+    -- Columns are only ever added to this view, never renamed or removed.
+    CREATE VIEW refresherd_access_tokens AS
+        SELECT id, provider, access_token, token_type, scope, expires_at,
+               strftime('%Y-%m-%dT%H:%M:%SZ', expires_at, 'unixepoch') AS expires_at_rfc3339,
+               state, updated_at
+        FROM token_sets;
+    """,
+        postgres="""
+    CREATE TABLE token_sets (
+        -- "C": ids sort by their bytes, as in SQLite (keyset pagination, export order).
+        id text COLLATE "C" PRIMARY KEY NOT NULL,
+        provider text NOT NULL,
+        access_token text,
+        refresh_token text NOT NULL,
+        token_type text,
+        scope text,
+        expires_at double precision,
+        state text NOT NULL DEFAULT 'active'
+            CHECK (state IN ('active', 'failing', 'invalidated')),
+        version bigint NOT NULL DEFAULT 1,
+        next_refresh_at double precision NOT NULL,
+        created_at double precision NOT NULL,
+        updated_at double precision NOT NULL,
+        last_refresh_at double precision,
+        last_error text,
+        failures integer NOT NULL DEFAULT 0,
+        invalid_reason text,
+        lease_owner text,
+        lease_until double precision,
+        attempt_version bigint,
+        attempt_started_at double precision,
+        attempt_owner text,
+        attempt_sends integer
+    );
+    CREATE INDEX token_sets_due ON token_sets (next_refresh_at) WHERE state <> 'invalidated';
+    CREATE INDEX token_sets_leased ON token_sets (lease_owner) WHERE lease_owner IS NOT NULL;
+    CREATE INDEX token_sets_journal ON token_sets (attempt_started_at)
+        WHERE attempt_started_at IS NOT NULL;
+    -- The read contract for applications that read access tokens straight from the database.
+    -- Columns are only ever added to this view, never renamed or removed.
+    CREATE VIEW refresherd_access_tokens AS
+        SELECT id, provider, access_token, token_type, scope, expires_at,
+               to_char(to_timestamp(expires_at) AT TIME ZONE 'UTC',
+                       'YYYY-MM-DD"T"HH24:MI:SS"Z"') AS expires_at_rfc3339,
+               state, updated_at
+        FROM token_sets;
+    -- Lease owners: each holds the session-level advisory lock (OWNER_LOCK_CLASS, lock_key)
+    -- for as long as it lives; the lock free means the owner is gone.
+    CREATE TABLE refresherd_owners (
+        owner text PRIMARY KEY NOT NULL,
+        lock_key integer NOT NULL UNIQUE,
+        host text NOT NULL,
+        pid integer NOT NULL,
+        started_at double precision NOT NULL
+    );
+    -- The change signal (data_version): every statement that writes token_sets advances it.
+    -- A sequence is not transactional and takes no row lock, so writers never queue on it.
+    CREATE SEQUENCE refresherd_changes;
+    CREATE FUNCTION refresherd_note_change() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        PERFORM nextval('refresherd_changes');
+        RETURN NULL;
+    END
+    $$;
+    CREATE TRIGGER token_sets_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE
+        ON token_sets FOR EACH STATEMENT EXECUTE FUNCTION refresherd_note_change();
+    """,
+    ),
+    Migration(
+        2,
+        sqlite="""
+    -- The refresh token's absolute expiry where known (from the IdP's response or the token
+    -- set's import); the provider's configured lifetime counts from created_at otherwise.
+    ALTER TABLE token_sets ADD COLUMN refresh_expires_at REAL;
+    """,
+        postgres="""
+    ALTER TABLE token_sets ADD COLUMN refresh_expires_at double precision;
+    """,
+    ),
+    Migration(
+        3,
+        sqlite="""
+    -- Per-token-set policy: an IdP setting change applies only to token sets authorized after
+    -- it, so a set may carry its own values. NULL means: the provider's configured value.
+    ALTER TABLE token_sets ADD COLUMN refresh_token_usage TEXT
+        CHECK (refresh_token_usage IN ('one_time', 'reuse'));
+    ALTER TABLE token_sets ADD COLUMN grace_period REAL;
+    ALTER TABLE token_sets ADD COLUMN refresh_token_lifetime REAL;
+    """,
+        postgres="""
+    ALTER TABLE token_sets ADD COLUMN refresh_token_usage text
+        CHECK (refresh_token_usage IN ('one_time', 'reuse'));
+    ALTER TABLE token_sets ADD COLUMN grace_period double precision;
+    ALTER TABLE token_sets ADD COLUMN refresh_token_lifetime double precision;
+    """,
+    ),
+    Migration(
+        4,
+        sqlite="""
+    -- Sliding lifetime and keep-alive mode per token set (NULL: the provider's), and when the
+    -- absolute refresh-token expiry the "expiring soon" warning was given for (once per expiry).
+    ALTER TABLE token_sets ADD COLUMN refresh_token_idle_lifetime REAL;
+    ALTER TABLE token_sets ADD COLUMN refresh_mode TEXT
+        CHECK (refresh_mode IN ('access_token', 'keep_alive'));
+    ALTER TABLE token_sets ADD COLUMN expiry_warned_for REAL;
+    """,
+        postgres="""
+    ALTER TABLE token_sets ADD COLUMN refresh_token_idle_lifetime double precision;
+    ALTER TABLE token_sets ADD COLUMN refresh_mode text
+        CHECK (refresh_mode IN ('access_token', 'keep_alive'));
+    ALTER TABLE token_sets ADD COLUMN expiry_warned_for double precision;
+    """,
+    ),
+    Migration(
+        5,
+        sqlite="""
+    -- The hook queue (refresherd.hooks): one row per event and target, kept until delivered
+    -- or given up, so that no notification is lost across restarts. Payloads hold no secrets.
+    -- next_attempt_at doubles as the claim: a dispatcher moves it past its delivery timeout.
+    CREATE TABLE hook_deliveries (
+        id INTEGER PRIMARY KEY,
+        event_id TEXT NOT NULL,
+        target TEXT NOT NULL CHECK (target IN ('webhook', 'command')),
+        event_type TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL NOT NULL,
+        last_error TEXT,
+        delivered_at REAL,
+        given_up_at REAL,
+        UNIQUE (event_id, target)
+    ) STRICT;
+    CREATE INDEX hook_deliveries_due ON hook_deliveries (next_attempt_at)
+        WHERE delivered_at IS NULL AND given_up_at IS NULL;
+    """,
+        postgres="""
+    CREATE TABLE hook_deliveries (
+        id bigint GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+        event_id text NOT NULL,
+        target text NOT NULL CHECK (target IN ('webhook', 'command')),
+        event_type text NOT NULL,
+        payload text NOT NULL,
+        created_at double precision NOT NULL,
+        attempts integer NOT NULL DEFAULT 0,
+        next_attempt_at double precision NOT NULL,
+        last_error text,
+        delivered_at double precision,
+        given_up_at double precision,
+        UNIQUE (event_id, target)
+    );
+    CREATE INDEX hook_deliveries_due ON hook_deliveries (next_attempt_at)
+        WHERE delivered_at IS NULL AND given_up_at IS NULL;
+    """,
+    ),
+    Migration(
+        6,
+        sqlite="""
+    -- One row a paused daemon rewrites to learn whether the database takes writes again: a
+    -- real page write, so a full disk or a read-only file fails it, and a held lock blocks it.
+    CREATE TABLE storage_probe (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        probed_at REAL NOT NULL,
+        owner TEXT NOT NULL
+    ) STRICT;
+    """,
+        postgres="""
+    CREATE TABLE storage_probe (
+        id integer PRIMARY KEY CHECK (id = 1),
+        probed_at double precision NOT NULL,
+        owner text NOT NULL
+    );
+    """,
+    ),
+    Migration(
+        7,
+        sqlite="""
+    -- Start-up looks for sets written on a wall clock that has since been stepped back
+    -- (Store.make_due_written_after): without this, a scan of every row under the write lock,
+    -- 3 s at a million sets.
+    CREATE INDEX token_sets_written ON token_sets (updated_at) WHERE state != 'invalidated';
+    """,
+        postgres="""
+    CREATE INDEX token_sets_written ON token_sets (updated_at) WHERE state <> 'invalidated';
+    """,
+    ),
+    Migration(
+        8,
+        sqlite="""
+    -- Token-set events (refresherd.events), queued by whichever process observes them (a
+    -- daemon with or without [hooks], `refresherd refresh`, the API), which need not know the
+    -- hook targets: a daemon with [hooks] turns each into hook_deliveries rows for its own
+    -- targets and deletes it (Store.expand_events). One that no daemon takes is deleted once
+    -- older than hooks.give_up_after (Store.prune_events).
+    CREATE TABLE hook_events (
+        id INTEGER PRIMARY KEY,
+        event_id TEXT NOT NULL UNIQUE,
+        event_type TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        created_at REAL NOT NULL
+    ) STRICT;
+    CREATE INDEX hook_events_created ON hook_events (created_at);
+    -- Invalidations counted in the database by the statement that makes them, whichever
+    -- process that is: every daemon exports the same figures
+    -- (refresherd_database_invalidations_total), so an invalidation made by `refresherd
+    -- refresh`, which has no /metrics, is alerted on too. Seeded with the sets invalidated
+    -- before this migration.
+    CREATE TABLE invalidation_counts (
+        provider TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        count INTEGER NOT NULL,
+        PRIMARY KEY (provider, reason)
+    ) STRICT;
+    INSERT INTO invalidation_counts (provider, reason, count)
+        SELECT provider, coalesce(invalid_reason, 'unknown'), count(*) FROM token_sets
+        WHERE state = 'invalidated' GROUP BY provider, coalesce(invalid_reason, 'unknown');
+    CREATE TRIGGER token_sets_invalidated AFTER UPDATE OF state ON token_sets
+        WHEN NEW.state = 'invalidated' AND OLD.state != 'invalidated'
+    BEGIN
+        INSERT INTO invalidation_counts (provider, reason, count)
+            VALUES (NEW.provider, coalesce(NEW.invalid_reason, 'unknown'), 1)
+            ON CONFLICT (provider, reason) DO UPDATE SET count = count + 1;
+    END;
+    """,
+        postgres="""
+    -- As in store.py's migration 8: events queued by whoever observes them, expanded into
+    -- hook_deliveries by a daemon with [hooks]; invalidations counted by the statement that
+    -- makes them (a row trigger), seeded with the sets invalidated before.
+    CREATE TABLE hook_events (
+        id bigint GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+        event_id text NOT NULL UNIQUE,
+        event_type text NOT NULL,
+        payload text NOT NULL,
+        created_at double precision NOT NULL
+    );
+    CREATE INDEX hook_events_created ON hook_events (created_at);
+    CREATE TABLE invalidation_counts (
+        provider text COLLATE "C" NOT NULL,
+        reason text COLLATE "C" NOT NULL,
+        count bigint NOT NULL,
+        PRIMARY KEY (provider, reason)
+    );
+    INSERT INTO invalidation_counts (provider, reason, count)
+        SELECT provider, coalesce(invalid_reason, 'unknown'), count(*) FROM token_sets
+        WHERE state = 'invalidated' GROUP BY provider, coalesce(invalid_reason, 'unknown');
+    CREATE FUNCTION refresherd_count_invalidation() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        INSERT INTO invalidation_counts AS c (provider, reason, count)
+            VALUES (NEW.provider, coalesce(NEW.invalid_reason, 'unknown'), 1)
+            ON CONFLICT (provider, reason) DO UPDATE SET count = c.count + 1;
+        RETURN NULL;
+    END
+    $$;
+    CREATE TRIGGER token_sets_invalidated AFTER UPDATE OF state ON token_sets FOR EACH ROW
+        WHEN (NEW.state = 'invalidated' AND OLD.state <> 'invalidated')
+        EXECUTE FUNCTION refresherd_count_invalidation();
+    """,
+    ),
+    Migration(
+        9,
+        sqlite="""
+    -- The journal tells sends the IdP may have processed from those it provably did not (a
+    -- refused connection, a 429/503, another 4xx): after a grace window has closed, only a
+    -- series with no unsettled send may start again; any other is a missed window.
+    ALTER TABLE token_sets ADD COLUMN attempt_settled INTEGER;
+    """,
+        postgres="""
+    -- store.MIGRATIONS[8]: sends settled as not processed, apart from those that may have been.
+    ALTER TABLE token_sets ADD COLUMN attempt_settled integer;
+    """,
+    ),
+)
+SCHEMA_VERSION: Final = len(MIGRATIONS)
+# Each dialect's scripts, index i moving the schema from version i to i + 1.
+SQLITE: Final[tuple[str, ...]] = tuple(m.sqlite for m in MIGRATIONS)
+POSTGRES: Final[tuple[str, ...]] = tuple(m.postgres for m in MIGRATIONS)
+
+
+def split_sql(script: str) -> list[str]:
+    """Split a SQLite migration into statements (sqlite3.complete_statement knows about
+    quoting)."""
+    statements: list[str] = []
+    buffer = ""
+    for line in script.splitlines(keepends=True):
+        if line.strip().startswith("--") and not buffer.strip():
+            continue
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            statements.append(buffer.strip())
+            buffer = ""
+    if buffer.strip():
+        statements.append(buffer.strip())
+    return statements
