@@ -4,7 +4,8 @@ workers' share of a limit, loopback hosts, ``ConfigError``).
 
 The loader (:mod:`refresherd.config`: TOML, files, env, credentials) builds these; every other
 module imports them from here, so that a policy or an endpoint does not load the loader. This
-module imports only the model (and the database location type, for type checking only).
+module imports only the model (and the database location type, for type checking only,
+from the store's location module, which imports only the model).
 """
 
 from __future__ import annotations
@@ -23,8 +24,7 @@ from typing import TYPE_CHECKING, Final
 from refresherd.model import AuthMethod, RefreshMode, RefreshTokenUsage, Secret
 
 if TYPE_CHECKING:
-    # The one upward reference (tests/test_layers.py lists it): the database location types
-    # live in the store package, which this module must not load.
+    # The database location types (refresherd.store.location imports only the model too).
     from refresherd.store.location import Location
 
 # sysexits.h EX_CONFIG: the exit code of every configuration error.

@@ -4,9 +4,10 @@ The rest of the daemon imports from here: the contract (:class:`TokenStore` and 
 cross it), database locations, and :func:`open_store`, the one place a backend is chosen. The
 rooms, in the order a statement travels:
 
-- ``contract.py``: ``TokenStore`` (the Protocol both backends keep) and its values and errors;
-- ``location.py``: where the database is (a SQLite path or a PostgreSQL URL) and what is wrong
-  with a SQLite path before SQLite is asked; imports no backend;
+- ``location.py``: where the database is (a SQLite path or a PostgreSQL URL); imports the
+  model alone, so the configuration types can name it;
+- ``contract.py``: ``TokenStore`` (the Protocol both backends keep) and its values and errors,
+  and what is wrong with a SQLite path before SQLite is asked (``location_problem``);
 - ``sql.py``: ``SqlStore``, every statement both databases run, written once, with the dialect
   differences as data (``Operations``);
 - ``rows.py``: a row as a ``TokenSet``, once for both drivers;
@@ -36,12 +37,12 @@ from refresherd.store.contract import (
     StoreError,
     TokenSetExists,
     TokenStore,
+    location_problem,
 )
 from refresherd.store.location import (
     Location,
     PostgresLocation,
     has_password,
-    location_problem,
     parse_location,
     postgres_location,
 )

@@ -19,9 +19,13 @@ both:
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final, Protocol
 
 from refresherd.model import Attempt, RefreshMode, RefreshTokenUsage, Secret, State, TokenSet
@@ -54,6 +58,58 @@ class DatabaseMisconfigured(StoreError):
     def __init__(self, message: str, *, for_everyone: bool = True) -> None:
         super().__init__(message)
         self.for_everyone = for_everyone
+
+
+def location_problem(path: Path) -> DatabaseMisconfigured | None:
+    """Why a SQLite database cannot work at ``path`` as configured; None if nothing is found.
+
+    Configuration, which a restart does not fix: a directory that does not exist, a path that
+    is not a regular file, and permissions (EACCES) that keep this process from the file or
+    from writing the directory (SQLite creates the -wal and -shm files there, again after every
+    clean close). Storage faults are not reported here: a read-only file system (a remount after
+    disk errors) or an immutable file fails the open later, a restartable exit 1."""
+    parent = path.parent
+    try:
+        parent_is_dir = stat.S_ISDIR(os.stat(parent).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        return DatabaseMisconfigured(f"database {path}: directory {parent} does not exist")
+    except PermissionError as exc:  # we may not look into one of its parents
+        return DatabaseMisconfigured(
+            f"database {path}: cannot open: {exc.strerror}", for_everyone=False
+        )
+    if not parent_is_dir:
+        return DatabaseMisconfigured(f"database {path}: {parent} is not a directory")
+    try:
+        mode: int | None = os.stat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    except PermissionError as exc:
+        return DatabaseMisconfigured(
+            f"database {path}: cannot open: {exc.strerror}", for_everyone=False
+        )
+    if mode is not None and not stat.S_ISREG(mode):
+        return DatabaseMisconfigured(f"database {path}: not a regular file")
+    who = f"this process (uid {os.geteuid()})"
+    if mode is not None:
+        try:  # opened for real (nothing written): only the errno tells EACCES from EPERM/EROFS
+            os.close(os.open(path, os.O_RDWR | os.O_CLOEXEC))
+        except PermissionError as exc:
+            if exc.errno == errno.EACCES:
+                return DatabaseMisconfigured(
+                    f"database {path}: cannot open: {exc.strerror}: {who} may not read and "
+                    "write it",
+                    for_everyone=False,
+                )
+        except OSError:
+            pass  # a storage fault: the open reports it
+    read_only = bool(os.statvfs(parent).f_flag & os.ST_RDONLY)
+    if not read_only and not os.access(parent, os.W_OK | os.X_OK):
+        return DatabaseMisconfigured(
+            f"database {path}: directory {parent} is not writable by {who}; SQLite creates "
+            "the database's -wal and -shm files there",
+            for_everyone=False,
+        )
+    return None
 
 
 @dataclass(frozen=True, slots=True)

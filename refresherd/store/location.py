@@ -1,26 +1,22 @@
-"""Where the token sets live, as a config file or a command line names it, and what is wrong
-with a place before any database is asked: a SQLite file (a path) or a PostgreSQL database (a
-libpq URL whose password is never shown). Imports no backend, so that the config loader and
-``check-config`` can use it without loading a database driver.
+"""Where the token sets live, as a config file or a command line names it: a SQLite file (a
+path) or a PostgreSQL database (a libpq URL whose password is never shown). Imports the model
+alone (no backend, not the contract), so that the configuration types (``settings``), the
+config loader and ``check-config`` can use it without loading a database driver; what is wrong
+with a SQLite path before SQLite is asked is the contract's ``location_problem``.
 """
 
 from __future__ import annotations
 
-import errno
-import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qsl, quote, unquote, urlsplit, urlunsplit
 
 from refresherd.model import Secret
-from refresherd.store.contract import DatabaseMisconfigured
 
 __all__ = [
     "Location",
     "PostgresLocation",
     "has_password",
-    "location_problem",
     "parse_location",
     "postgres_location",
 ]
@@ -131,55 +127,3 @@ def postgres_location(url: str) -> PostgresLocation:
     if not isinstance(location, PostgresLocation):
         raise ValueError("expected a postgresql:// URL")
     return location
-
-
-def location_problem(path: Path) -> DatabaseMisconfigured | None:
-    """Why a SQLite database cannot work at ``path`` as configured; None if nothing is found.
-
-    Configuration, which a restart does not fix: a directory that does not exist, a path that
-    is not a regular file, and permissions (EACCES) that keep this process from the file or
-    from writing the directory (SQLite creates the -wal and -shm files there, again after every
-    clean close). Storage faults are not reported here: a read-only file system (a remount after
-    disk errors) or an immutable file fails the open later, a restartable exit 1."""
-    parent = path.parent
-    try:
-        parent_is_dir = stat.S_ISDIR(os.stat(parent).st_mode)
-    except (FileNotFoundError, NotADirectoryError):
-        return DatabaseMisconfigured(f"database {path}: directory {parent} does not exist")
-    except PermissionError as exc:  # we may not look into one of its parents
-        return DatabaseMisconfigured(
-            f"database {path}: cannot open: {exc.strerror}", for_everyone=False
-        )
-    if not parent_is_dir:
-        return DatabaseMisconfigured(f"database {path}: {parent} is not a directory")
-    try:
-        mode: int | None = os.stat(path).st_mode
-    except FileNotFoundError:
-        mode = None
-    except PermissionError as exc:
-        return DatabaseMisconfigured(
-            f"database {path}: cannot open: {exc.strerror}", for_everyone=False
-        )
-    if mode is not None and not stat.S_ISREG(mode):
-        return DatabaseMisconfigured(f"database {path}: not a regular file")
-    who = f"this process (uid {os.geteuid()})"
-    if mode is not None:
-        try:  # opened for real (nothing written): only the errno tells EACCES from EPERM/EROFS
-            os.close(os.open(path, os.O_RDWR | os.O_CLOEXEC))
-        except PermissionError as exc:
-            if exc.errno == errno.EACCES:
-                return DatabaseMisconfigured(
-                    f"database {path}: cannot open: {exc.strerror}: {who} may not read and "
-                    "write it",
-                    for_everyone=False,
-                )
-        except OSError:
-            pass  # a storage fault: the open reports it
-    read_only = bool(os.statvfs(parent).f_flag & os.ST_RDONLY)
-    if not read_only and not os.access(parent, os.W_OK | os.X_OK):
-        return DatabaseMisconfigured(
-            f"database {path}: directory {parent} is not writable by {who}; SQLite creates "
-            "the database's -wal and -shm files there",
-            for_everyone=False,
-        )
-    return None

@@ -30,8 +30,13 @@ import anyio
 from refresherd.encryption import TokenCipher
 from refresherd.ownership import OwnerLock, is_alive, owners_dir
 from refresherd.storage_health import classify
-from refresherd.store.contract import NewTokenSet, Row, StoreError, TokenSetExists
-from refresherd.store.location import location_problem
+from refresherd.store.contract import (
+    NewTokenSet,
+    Row,
+    StoreError,
+    TokenSetExists,
+    location_problem,
+)
 from refresherd.store.migrations import SQLITE, split_sql
 from refresherd.store.rows import INSERT_COLUMNS, INSERT_COLUMNS_SQL, table_columns
 from refresherd.store.sql import SQLITE as SQLITE_OPERATIONS
