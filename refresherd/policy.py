@@ -26,8 +26,10 @@ from refresherd.settings import ProviderConfig, ScheduleConfig
 # cap (an IdP that answers a grace re-send with a new sibling). Sends the IdP provably did not
 # process (refused connection, 429/503, another 4xx) cost nothing and are not counted.
 MAX_UNSETTLED_SENDS: Final = 10
-# Sends of one token out at once: a slow send is kept open while a hedge races it.
-MAX_SENDS_IN_FLIGHT: Final = 3
+# Sends of one token out at once: a slow send is kept open while a hedge races it. Five, not
+# three: three stalled sends 2 s into a 5 s window left the rest of it idle (chaos, no kill).
+# The unsettled-send and hedge budgets bound what this lets out.
+MAX_SENDS_IN_FLIGHT: Final = 5
 # A send unanswered for this long (at least) gets a hedge beside it: never sooner, so that an
 # IdP answering in milliseconds is not raced on every hiccup of the network or the machine.
 MIN_HEDGE_AFTER: Final = 0.5

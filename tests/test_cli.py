@@ -656,7 +656,8 @@ def test_refresh_while_another_process_holds_the_lease_exits_75(
     response = token_response(idp, "busy", access=False)  # due at once
     import_tokens(setup.config, [{"id": "busy", "provider": "p", **response}])
     # The daemon's request hangs at the IdP for a while, and the daemon holds the lease.
-    idp.faults.add(FaultKind.SLOW, delay=8.0, process_first=False)
+    # (Its hedges too: every send the daemon may make hangs, so it keeps the lease.)
+    idp.faults.add(FaultKind.SLOW, times=5, delay=8.0, process_first=False)
     daemon = DaemonProcess(setup.config, tmp_path / "daemon.log").start()
     try:
         wait_until(lambda: idp.ledger.requests == 1, what="the daemon's request to be in flight")
@@ -669,10 +670,9 @@ def test_refresh_while_another_process_holds_the_lease_exits_75(
     finally:
         code = daemon.stop()
     assert code == 0
-    # The CLI sent nothing; the daemon hedged its stalled send (inside the window), at most
-    # twice.
+    # The CLI sent nothing; the daemon hedged its stalled send (inside the window).
     ledger = idp.ledger
-    assert 1 <= ledger.requests <= 3 and ledger.reuses_outside_grace == 0, ledger.snapshot()
+    assert 1 <= ledger.requests <= 5 and ledger.reuses_outside_grace == 0, ledger.snapshot()
 
 
 # --------------------------------------------------------------------------- demo
