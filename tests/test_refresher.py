@@ -1151,8 +1151,9 @@ async def test_journaled_attempt_of_a_dead_owner_is_continued_inside_grace(
         # Its owner is found dead (ownership.is_alive); its leases are dropped.
         assert await h.store.clear_leases_of([dead]) == 1
 
-        # We continue the series. Slow the IdP a little to look at the journal mid-flight.
-        h.idp.faults.add(FaultKind.SLOW, delay=0.5, process_first=False)
+        # We continue the series. Slow the IdP a little (less than a hedge waits) to look at
+        # the journal mid-flight.
+        h.idp.faults.add(FaultKind.SLOW, delay=0.3, process_first=False)
         results: list[RefreshResult] = []
 
         async def recover() -> None:
