@@ -439,8 +439,13 @@ def decide(failure: Failure, ctx: FailureContext, cfg: ScheduleConfig, rand: flo
         again = None
         if window_open and budget_left:
             if kind is FailureKind.RATE_LIMITED and failure.retry_after is not None:
-                # As told, but never sooner than the spacing ("Retry-After: 0" is no loop).
-                again = in_window(ctx.now + max(failure.retry_after, spacing))
+                # As told, but never sooner than the spacing ("Retry-After: 0" is no loop), and
+                # never more than a quarter of what is left of the window: the token's life
+                # is at stake, and one more request for it is no flood.
+                assert closes_at is not None
+                left = max(closes_at - LAST_SEND_LEAD - ctx.now, 0.0)
+                wait = min(max(failure.retry_after, spacing), max(spacing, left / 4))
+                again = in_window(ctx.now + wait)
             else:
                 again = in_window(ctx.now + spacing)
         return again if again is not None else Invalidate(reason=GRACE_WINDOW_MISSED)

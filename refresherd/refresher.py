@@ -1247,10 +1247,11 @@ class _Series:
                     last is not None
                     and self.attempt is not None
                     and self.attempt.unsettled > 0
-                    and now > last
+                    and now > last + policy.LAST_SEND_LEAD
                 ):
                     # The window is over by this process's monotonic clock, whatever the
-                    # wall clock (stepped back) and so the journal would say.
+                    # wall clock (stepped back) and so the journal would say. (A send planned
+                    # for the last send time itself, reached a moment late, still goes.)
                     if self.last_failure is not None:
                         pending = (
                             self.last_failure,

@@ -753,7 +753,10 @@ def test_retry_after_inside_the_window_is_honoured(retry_after: float) -> None:
     )
     attempt = answered(FailureKind.RATE_LIMITED)
     spacing = series_spacing(attempt, now=INSIDE, grace_period=GRACE, latency=None, rand=0.5)
-    assert decision == SendAgain(at=INSIDE + max(retry_after, spacing), grace=True)
+    quarter = (LAST - INSIDE) / 4  # at most a quarter of what is left of the window
+    expected = min(max(retry_after, spacing), max(spacing, quarter))
+    assert decision == SendAgain(at=INSIDE + expected, grace=True)
+    assert (retry_after <= quarter) == (expected == max(retry_after, spacing))
 
 
 @pytest.mark.parametrize("retry_after", [0.0, -5.0, 0.01, 0.05])
@@ -770,9 +773,11 @@ def test_retry_after_is_never_sooner_than_the_spacing(retry_after: float, sends:
 
 @pytest.mark.parametrize("retry_after", [28.7, 29.0, 120.0, 86400.0])
 @pytest.mark.parametrize("latency", [None, 1.0])
-def test_retry_after_is_never_past_the_last_send_time(
+def test_a_long_retry_after_inside_the_window_waits_a_quarter_of_what_is_left(
     retry_after: float, latency: float | None
 ) -> None:
+    """The token's life is at stake: the IdP's Retry-After is honoured up to a quarter of
+    the window left, so later sends still fit in it."""
     decision = decide(
         failure(FailureKind.RATE_LIMITED, retry_after),
         ctx(attempt=answered(FailureKind.RATE_LIMITED), latency=latency),
@@ -780,7 +785,10 @@ def test_retry_after_is_never_past_the_last_send_time(
         0.5,
     )
     last = window_closes_at(NOW, GRACE, latency) - LAST_SEND_LEAD
-    assert decision == SendAgain(at=last, grace=True)
+    attempt = answered(FailureKind.RATE_LIMITED)
+    spacing = series_spacing(attempt, now=INSIDE, grace_period=GRACE, latency=latency, rand=0.5)
+    assert decision == SendAgain(at=INSIDE + max(spacing, (last - INSIDE) / 4), grace=True)
+    assert isinstance(decision, SendAgain) and decision.at < last
 
 
 def test_retry_after_with_nothing_consumed_reschedules_as_told() -> None:
