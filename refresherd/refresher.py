@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import random
+from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass
@@ -213,8 +214,9 @@ class Refresher:
         # it, not only for PERSIST_DEADLINE. The daemon clears it when it starts to shut down.
         self.hold_grants = False
         self._unpersisted = 0
-        self._answer_times: dict[str, AnswerTimes] = {}
-        self._hedge_budgets: dict[str, HedgeBudget] = {}
+        # Per provider, made at its first refresh.
+        self._answer_times: defaultdict[str, AnswerTimes] = defaultdict(AnswerTimes)
+        self._hedge_budgets: defaultdict[str, HedgeBudget] = defaultdict(HedgeBudget)
         self._flights: dict[str, _Flight] = {}
         self._flight_group: anyio.abc.TaskGroup | None = None
         # Refreshes in flight whose lease run()'s keeper renews: id -> when it last was (loop
@@ -592,17 +594,11 @@ class Refresher:
 
     def hedge_budget(self, provider: str) -> HedgeBudget:
         """The provider's budget of hedged sends (a share of its sends)."""
-        budget = self._hedge_budgets.get(provider)
-        if budget is None:
-            budget = self._hedge_budgets[provider] = HedgeBudget()
-        return budget
+        return self._hedge_budgets[provider]
 
     def answer_times(self, provider: str) -> AnswerTimes:
         """The provider's recent answer times (its pace, for planning grace-window sends)."""
-        times = self._answer_times.get(provider)
-        if times is None:
-            times = self._answer_times[provider] = AnswerTimes()
-        return times
+        return self._answer_times[provider]
 
     async def _attempts(
         self,
