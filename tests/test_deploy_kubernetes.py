@@ -68,6 +68,10 @@ UNSHARE = shutil.which("unshare")
 OLDEST_KUBERNETES = "1.29"
 SIDECAR = "refresherd"
 
+# CI installs kubectl (.ci/run): there a missing one is a failure, not a skip.
+if KUBECTL is None and os.environ.get("CI"):
+    raise RuntimeError("CI without kubectl: .ci/run installs it")
+
 needs_kubectl = pytest.mark.skipif(
     KUBECTL is None, reason="kubectl (its built-in kustomize) is not installed"
 )
