@@ -100,6 +100,12 @@ LAYER_OF: dict[str, str] = {
     "refresherd.testing": APART,
     "refresherd.testing.__main__": APART,
     "refresherd.testing.fake_idp": APART,
+    # The applications' client of the token API: httpx and anyio only, nothing of the daemon.
+    "refresherd.client": APART,
+    "refresherd.client.sidecar": APART,
+    "refresherd.client.tokens": APART,
+    "refresherd.client.httpx_auth": APART,
+    "refresherd.client.requests_auth": APART,
 }
 
 # (importer, imported): imports against the layer rule, each with its reason. Keep it short.
