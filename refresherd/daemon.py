@@ -170,6 +170,8 @@ class Daemon:
         self.hooks: Hooks | None = None
         self._pruned_at = float("-inf")
         self._exit_code = 0
+        # Whether the last gauge cycle found this daemon the database's exporter (_gauges).
+        self._exporter = False
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -617,31 +619,8 @@ class Daemon:
     async def _gauges(self, rt: Runtime) -> None:
         while True:
             started = self.clock.monotonic()
-            try:
-                counts = await rt.store.counts()
-                expired = await rt.store.expired_counts(now=self.clock.wall())
-                soonest = await rt.store.refresh_expiry_soonest(
-                    {n: p.refresh_token_lifetime for n, p in self.config.providers.items()}
-                )
-            except StoreError as exc:
-                log.warning("cannot count token sets", error=str(exc))
-            else:
-                providers = set(self.config.providers) | {p for p, _ in counts}
-                for provider in providers:
-                    for state in State:
-                        rt.metrics.token_sets.labels(provider, state.value).set(
-                            counts.get((provider, state.value), 0)
-                        )
-                    rt.metrics.token_sets_expired.labels(provider).set(expired.get(provider, 0))
-                    # Absent, not 0, where no expiry is known: 0 would read as "long expired".
-                    if provider in soonest:
-                        rt.metrics.refresh_token_expires_soonest.labels(provider).set(
-                            soonest[provider]
-                        )
-                    else:
-                        with contextlib.suppress(KeyError):
-                            rt.metrics.refresh_token_expires_soonest.remove(provider)
-            await self._database_invalidations(rt)
+            if await self._hold_exporter(rt):
+                await self._database_figures(rt)
             took = self.clock.monotonic() - started
             await self._prune_events(rt)
             await self._checkpoint(rt)
@@ -652,7 +631,70 @@ class Daemon:
             rt.metrics.ready.set(0 if problems else 1)
             await anyio.sleep(max(GAUGE_INTERVAL, took / GAUGE_DUTY))
 
-    async def _database_invalidations(self, rt: Runtime) -> None:
+    async def _hold_exporter(self, rt: Runtime) -> bool:
+        """Is this daemon the one of its database that exports the database-wide figures
+        (metrics.DATABASE_FIGURES)? It becomes it if none is; asked every cycle, so when the
+        exporter dies another daemon takes over at its next cycle. One that is not exports
+        none of their series, and runs none of their queries."""
+        try:
+            exporter = await rt.store.hold_exporter()
+        except StoreError as exc:
+            log.warning(
+                "cannot tell whether this daemon exports the database's figures; exporting none",
+                error=str(exc),
+            )
+            exporter = False
+        if exporter != self._exporter:
+            self._exporter = exporter
+            if exporter:
+                log.info("this daemon now exports the database-wide figures")
+            else:
+                log.warning("this daemon no longer exports the database-wide figures")
+        rt.metrics.database_exporter.set(1 if exporter else 0)
+        if not exporter:
+            rt.metrics.database.exporting = False
+        return exporter
+
+    async def _database_figures(self, rt: Runtime) -> None:
+        """Bring the database-wide figures up to date, and export them once they are: a
+        daemon that just took the role shows nothing older than this cycle. (On a failure
+        later on, the exporter keeps its last figures, as a gauge does.)"""
+        current = await self._token_set_figures(rt)
+        current = await self._database_invalidations(rt) and current
+        try:
+            rt.metrics.hook_queue.set(await rt.store.pending_hooks())
+        except StoreError as exc:
+            log.warning("cannot count queued notifications", error=str(exc))
+            current = False
+        if current:
+            rt.metrics.database.exporting = True
+
+    async def _token_set_figures(self, rt: Runtime) -> bool:
+        try:
+            counts = await rt.store.counts()
+            expired = await rt.store.expired_counts(now=self.clock.wall())
+            soonest = await rt.store.refresh_expiry_soonest(
+                {n: p.refresh_token_lifetime for n, p in self.config.providers.items()}
+            )
+        except StoreError as exc:
+            log.warning("cannot count token sets", error=str(exc))
+            return False
+        providers = set(self.config.providers) | {p for p, _ in counts}
+        for provider in providers:
+            for state in State:
+                rt.metrics.token_sets.labels(provider, state.value).set(
+                    counts.get((provider, state.value), 0)
+                )
+            rt.metrics.token_sets_expired.labels(provider).set(expired.get(provider, 0))
+            # Absent, not 0, where no expiry is known: 0 would read as "long expired".
+            if provider in soonest:
+                rt.metrics.refresh_token_expires_soonest.labels(provider).set(soonest[provider])
+            else:
+                with contextlib.suppress(KeyError):
+                    rt.metrics.refresh_token_expires_soonest.remove(provider)
+        return True
+
+    async def _database_invalidations(self, rt: Runtime) -> bool:
         """refresherd_database_invalidations_total from the database's own count, which every
         process's invalidations add to (the CLI's too). Every configured provider's series of
         the known reasons exist from the start, at 0, so that increase() sees the first one."""
@@ -660,7 +702,7 @@ class Daemon:
             counts = await rt.store.invalidation_counts()
         except StoreError as exc:
             log.warning("cannot count invalidations", error=str(exc))
-            return
+            return False
         values: dict[tuple[str, ...], float] = {
             (provider, reason): 0.0
             for provider in self.config.providers
@@ -668,6 +710,7 @@ class Daemon:
         }
         values.update({key: float(count) for key, count in counts.items()})
         rt.metrics.database_invalidations.set_all(values)
+        return True
 
     async def _prune_events(self, rt: Runtime) -> None:
         """Events that no daemon with [hooks] took within hooks.give_up_after (none delivers

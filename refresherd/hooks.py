@@ -144,8 +144,8 @@ class Hooks:
                         # Full: a finishing delivery wakes us.
                         await self._wake.wait()
                         continue
+                    # (refresherd_hook_queue is database-wide: the exporting daemon counts it.)
                     next_at = await self.store.next_hook_due()
-                    self.metrics.hook_queue.set(await self.store.pending_hooks())
                     if next_at is not None:
                         delay = min(max(next_at - self.clock.wall(), 0.0), POLL_INTERVAL)
                 except StoreError as exc:

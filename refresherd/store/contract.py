@@ -14,6 +14,9 @@ both:
 - Owners: every process that takes leases holds an owner identity for as long as it lives
   (:meth:`TokenStore.owner`); :meth:`TokenStore.owner_alive` tells a dead owner from a live
   one at once, without waiting for its leases to expire.
+- The exporter: one owner per database at a time holds the role of exporting the database-wide
+  metrics (:meth:`TokenStore.hold_exporter`), so that a sum across daemons counts each database
+  once; the role ends with its holder's owner registration, however that ends.
 - Errors are :class:`StoreError` and never carry a token value.
 """
 
@@ -238,6 +241,14 @@ class TokenStore(Protocol):
     async def owner_lost(self) -> None:
         """Return if this process's own owner registration is lost (its leases may be taken
         over by others from then on); never returns while it holds."""
+        ...
+
+    async def hold_exporter(self) -> bool:
+        """True while this process is the one that exports the database's figures (the
+        database-wide metrics); becomes it if none is. Never waits for the role: asked again
+        (every gauge cycle), it stays True for as long as the role is held, which is until this
+        owner registration ends (the process exits or dies, or its database session is lost).
+        False outside :meth:`owner`, and whenever the role cannot be known to be held."""
         ...
 
     # ---- health and housekeeping --------------------------------------------------------
