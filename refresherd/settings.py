@@ -138,7 +138,7 @@ class ScheduleConfig:
 @dataclass(frozen=True, slots=True)
 class ProviderConfig:
     name: str
-    # Empty when ``issuer`` is given: discovery (refresherd.discovery) fills it in at start.
+    # Empty when ``issuer`` is given: discovery (refresherd.idp.discovery) fills it in at start.
     token_url: str
     client_id: str
     client_secret: Secret = field(repr=False)

@@ -63,8 +63,13 @@ LAYER_OF: dict[str, str] = {
     "refresherd.ownership": "adapters",
     "refresherd.config": "adapters",  # the TOML loader: files, env, credentials
     "refresherd.intake": "adapters",  # token responses from outside (CLI, token API)
-    "refresherd.endpoint": "adapters",
-    "refresherd.discovery": "adapters",
+    # The IdP's side (docs/architecture.md): the endpoint and what it stands on.
+    "refresherd.idp": "adapters",
+    "refresherd.idp.endpoint": "adapters",
+    "refresherd.idp.transport": "adapters",
+    "refresherd.idp.failures": "adapters",
+    "refresherd.idp.token_response": "adapters",  # shared with intake
+    "refresherd.idp.discovery": "adapters",
     "refresherd.server": "adapters",
     "refresherd.events": "adapters",  # events queued in the database
     "refresherd.sdnotify": "adapters",
