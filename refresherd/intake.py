@@ -20,6 +20,7 @@ from datetime import datetime
 from typing import IO, Any, Final, NamedTuple, TypeVar
 
 from refresherd import policy
+from refresherd.errors import InvalidInput
 from refresherd.idp import token_response
 from refresherd.model import RefreshMode, RefreshTokenUsage, Secret, validate_token_set_id
 from refresherd.settings import ConfigError, ScheduleConfig, did_you_mean, parse_duration
@@ -30,7 +31,7 @@ _E = TypeVar("_E", bound=enum.StrEnum)
 MAX_LINE_BYTES = 1024 * 1024
 
 
-class InputError(ValueError):
+class InputError(InvalidInput, ValueError):
     """Bad token input; ``where`` names the line (import) or the source."""
 
     def __init__(self, where: str, message: str) -> None:

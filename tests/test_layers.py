@@ -36,6 +36,7 @@ LAYER_OF: dict[str, str] = {
     # foundation: nouns, time, configuration types, logs and metrics objects.
     "refresherd": "foundation",  # __init__: the version
     "refresherd.model": "foundation",
+    "refresherd.errors": "foundation",  # the error tree's root and branches; imports nothing
     "refresherd.clock": "foundation",
     "refresherd.settings": "foundation",
     "refresherd.presets": "foundation",  # the known IdPs' settings, data only

@@ -24,6 +24,7 @@ from refresherd.idp.failures import (
     Ambiguous,
     ClientRejected,
     EndpointError,
+    FailureReason,
     InvalidGrant,
     OAuthError,
     RateLimited,
@@ -71,7 +72,9 @@ def _oauth_error(status: int, body: bytes, secrets: tuple[Secret, ...] = ()) -> 
     if 300 <= status < 400:
         # Not followed: the form holds the refresh token and the client secret, and a token
         # endpoint that redirects is misconfigured. The request was not processed here.
-        return OAuthError("http_error", f"HTTP {status}: redirect not followed", status=status)
+        return OAuthError(
+            FailureReason.HTTP_ERROR, f"HTTP {status}: redirect not followed", status=status
+        )
     raw_code, description = error_fields(body) if 400 <= status < 500 else (None, None)
     # Classified on the raw code, redacted only for the message: a refresh token that happens
     # to be part of "invalid_grant" ("grant") must not turn a revocation into endless retries.
@@ -80,15 +83,15 @@ def _oauth_error(status: int, body: bytes, secrets: tuple[Secret, ...] = ()) -> 
     if description is not None:
         detail += f" ({_safe_text(description, secrets=secrets)})"
     if raw_code == "invalid_grant":
-        return InvalidGrant("invalid_grant", detail, status=status)
+        return InvalidGrant(FailureReason.INVALID_GRANT, detail, status=status)
     if raw_code in ("invalid_client", "unauthorized_client"):
-        return ClientRejected(raw_code, detail, status=status)
+        return ClientRejected(FailureReason(raw_code), detail, status=status)
     if status == 401 and raw_code is None:
         # A bare 401 from a token endpoint is about client authentication.
-        return ClientRejected("invalid_client", detail, status=status)
+        return ClientRejected(FailureReason.INVALID_CLIENT, detail, status=status)
     if raw_code is not None and 400 <= status < 500:
-        return OAuthError("oauth_error", detail, status=status)
-    return OAuthError("http_error", detail, status=status)
+        return OAuthError(FailureReason.OAUTH_ERROR, detail, status=status)
+    return OAuthError(FailureReason.HTTP_ERROR, detail, status=status)
 
 
 class TokenEndpoint:
@@ -150,7 +153,7 @@ class TokenEndpoint:
             except ValueError as exc:
                 # The IdP said yes and may have rotated; we cannot read the new token.
                 raise Ambiguous(
-                    "malformed_response", f"HTTP {status}: {exc}", status=status
+                    FailureReason.MALFORMED_RESPONSE, f"HTTP {status}: {exc}", status=status
                 ) from None
         raise self._failure(status, headers, body, (refresh_token, self.provider.client_secret))
 
@@ -181,12 +184,12 @@ class TokenEndpoint:
                 grant = parse_grant(body)
             except ValueError as exc:
                 raise Ambiguous(
-                    "malformed_response", f"HTTP {status}: {exc}", status=status
+                    FailureReason.MALFORMED_RESPONSE, f"HTTP {status}: {exc}", status=status
                 ) from None
             if grant.refresh_token is None:
                 # Nothing to keep fresh: refresherd exists for the refresh token.
                 raise OAuthError(
-                    "no_refresh_token",
+                    FailureReason.NO_REFRESH_TOKEN,
                     f"HTTP {status}: the token response has no refresh_token "
                     "(does the client ask for offline_access?)",
                     status=status,
@@ -219,10 +222,10 @@ class TokenEndpoint:
         if status in (429, 503):
             retry_after = parse_retry_after(headers.get("retry-after"))
             return RateLimited(
-                "rate_limited", f"HTTP {status}", status=status, retry_after=retry_after
+                FailureReason.RATE_LIMITED, f"HTTP {status}", status=status, retry_after=retry_after
             )
         if status >= 500:
-            return Ambiguous("server_error", f"HTTP {status}", status=status)
+            return Ambiguous(FailureReason.SERVER_ERROR, f"HTTP {status}", status=status)
         return _oauth_error(status, body, secrets)
 
     async def _send(

@@ -16,7 +16,7 @@ import aiohttp
 from aiohttp.http_exceptions import ContentEncodingError
 
 from refresherd import deadlines
-from refresherd.idp.failures import Ambiguous, NotSent
+from refresherd.idp.failures import Ambiguous, FailureReason, NotSent
 
 MAX_BODY_BYTES: Final = 1024 * 1024
 USER_AGENT: Final = "refresherd/0.1"
@@ -82,7 +82,9 @@ class Transport:
         connect = max(timeout - CONNECT_MARGIN, timeout / 2)
         if leave_by is not None:
             if leave_by <= 0:
-                raise NotSent("connect_error", "no time left to send inside the grace window")
+                raise NotSent(
+                    FailureReason.CONNECT_ERROR, "no time left to send inside the grace window"
+                )
             connect = min(connect, leave_by)
         session = self._open()
         client_timeout = aiohttp.ClientTimeout(
@@ -112,22 +114,29 @@ class Transport:
         except (aiohttp.ConnectionTimeoutError, aiohttp.ClientConnectorError) as exc:
             # Raised only by the connector, before a byte of the request is written (aiohttp
             # never retries a POST, so no later failure is relabelled as one of these).
-            raise NotSent("connect_error", f"cannot connect: {type(exc).__name__}") from None
+            raise NotSent(
+                FailureReason.CONNECT_ERROR, f"cannot connect: {type(exc).__name__}"
+            ) from None
         except (aiohttp.NonHttpUrlClientError, aiohttp.InvalidUrlClientError):
-            raise NotSent("connect_error", "unsupported protocol in token_url") from None
+            raise NotSent(
+                FailureReason.CONNECT_ERROR, "unsupported protocol in token_url"
+            ) from None
         except _BodyTooLarge:
             raise Ambiguous(
-                "malformed_response", f"response body over {MAX_BODY_BYTES} bytes"
+                FailureReason.MALFORMED_RESPONSE, f"response body over {MAX_BODY_BYTES} bytes"
             ) from None
         except TimeoutError:
-            raise Ambiguous("timeout", f"no answer within {timeout:.1f}s") from None
+            raise Ambiguous(FailureReason.TIMEOUT, f"no answer within {timeout:.1f}s") from None
         except _Undecodable:
             raise Ambiguous(
-                "malformed_response", "cannot decode the response body (Content-Encoding)"
+                FailureReason.MALFORMED_RESPONSE,
+                "cannot decode the response body (Content-Encoding)",
             ) from None
         except (aiohttp.ClientError, OSError) as exc:
             # Anything else once the request may have left: unknown outcome.
-            raise Ambiguous("network_error", f"connection failed: {type(exc).__name__}") from None
+            raise Ambiguous(
+                FailureReason.NETWORK_ERROR, f"connection failed: {type(exc).__name__}"
+            ) from None
 
     @staticmethod
     async def _read_bounded(response: aiohttp.ClientResponse) -> bytes:
