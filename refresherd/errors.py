@@ -30,8 +30,9 @@ module, however low, can derive from it. ``tests/test_errors.py`` checks that th
 names every exception class of the package with its module and its base, so it cannot rot.
 
 Not in the tree: the few underscored exceptions that never leave their module (a signal from
-a JSON hook or an input iterator to the code that called it), and ``refresherd.testing``,
-which imports nothing of refresherd. No message of any of them carries a token or a secret.
+a JSON hook or an input iterator to the code that called it), and the packages that stand
+apart from the daemon and import nothing of it (``refresherd.testing``). No message of any of
+them carries a token or a secret.
 """
 
 from __future__ import annotations

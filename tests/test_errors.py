@@ -4,8 +4,9 @@ and its base, so that the drawing cannot rot.
 
 The classes are found by importing every module of the package and looking at what each
 defines, not from a list kept here. Left out, as the docstring says: underscored classes (a
-signal that never leaves its module) and ``refresherd.testing`` (it imports nothing of
-refresherd, so it cannot derive from the tree).
+signal that never leaves its module) and the modules that stand apart (test_layers.py's
+``APART``: ``refresherd.testing``, which imports nothing of refresherd, so cannot derive from
+the tree).
 """
 
 from __future__ import annotations
@@ -18,19 +19,20 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from test_layers import APART, LAYER_OF
+
 import refresherd
 from refresherd import errors
 from refresherd.errors import RefresherdError
 
-# Modules that run something when imported (python -m refresherd, python -m refresherd.cli)
-# or stand apart (the fake IdP).
-SKIPPED = ("refresherd.__main__", "refresherd.cli.__main__", "refresherd.testing")
+# Modules that run something when imported (python -m refresherd, python -m refresherd.cli).
+RUN_WHEN_IMPORTED = ("refresherd.__main__", "refresherd.cli.__main__")
 
 
 def package_modules() -> list[str]:
     walked = pkgutil.walk_packages(refresherd.__path__, prefix="refresherd.")
     names = ["refresherd", *(info.name for info in walked)]
-    return sorted(n for n in names if not any(n == s or n.startswith(s + ".") for s in SKIPPED))
+    return sorted(n for n in names if n not in RUN_WHEN_IMPORTED and LAYER_OF.get(n) != APART)
 
 
 def defined_exceptions() -> dict[str, type[BaseException]]:
