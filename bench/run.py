@@ -264,7 +264,7 @@ def profiled(pid: int, out: Path | None, seconds: float) -> Iterator[None]:
 # Where a sample of the daemon's threads is, by the first matching frame from the top.
 _CATEGORIES = (
     ("idle (waiting for I/O)", ("EpollSelector.select", "core.py:59)")),
-    ("HTTP: endpoint.py + aiohttp", ("(refresherd/endpoint.py", "aiohttp/")),
+    ("HTTP: idp/ + aiohttp", ("(refresherd/idp/", "aiohttp/")),
     ("SQLite: store/ + aiosqlite", ("(refresherd/store/", "aiosqlite/")),
     ("logging: structlog", ("structlog/", "refresherd/logs.py")),
     ("metrics: prometheus_client + /metrics", ("prometheus_client/", "refresherd/server.py")),

@@ -26,7 +26,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from refresherd import policy
 from refresherd.clock import Clock
-from refresherd.endpoint import ClientRejected, EndpointError, InvalidGrant, TokenEndpoint
+from refresherd.idp.endpoint import TokenEndpoint
+from refresherd.idp.failures import ClientRejected, EndpointError, InvalidGrant
 from refresherd.intake import token_set_from_json
 from refresherd.logs import exception_fields, get_logger
 from refresherd.model import Secret, State, TokenSet, rfc3339, validate_token_set_id

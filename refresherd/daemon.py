@@ -28,11 +28,11 @@ from refresherd import logs
 from refresherd.api import BearerAuth, TokenApi
 from refresherd.clock import Clock, SystemClock
 from refresherd.config import load_config
-from refresherd.discovery import EX_UNAVAILABLE, DiscoveryError, resolve_providers
 from refresherd.encryption import cipher_for
-from refresherd.endpoint import TokenEndpoint
 from refresherd.expiry import ExpiryWatcher
 from refresherd.hooks import Hooks
+from refresherd.idp.discovery import EX_UNAVAILABLE, DiscoveryError, resolve_providers
+from refresherd.idp.endpoint import TokenEndpoint
 from refresherd.intake import MAX_GRACE_PERIOD
 from refresherd.metrics import BACKGROUND_TASKS, INVALIDATION_REASONS, Metrics
 from refresherd.model import State, TokenSet, rfc3339

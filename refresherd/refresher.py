@@ -22,8 +22,9 @@ import anyio.abc
 
 from refresherd import policy
 from refresherd.clock import Clock, SystemClock
-from refresherd.endpoint import EndpointError, TokenEndpoint
 from refresherd.events import EventQueue
+from refresherd.idp.endpoint import TokenEndpoint
+from refresherd.idp.failures import EndpointError
 from refresherd.latency import AnswerTimes, HedgeBudget
 from refresherd.logs import get_logger
 from refresherd.metrics import Metrics

@@ -36,6 +36,7 @@ LAYER_OF: dict[str, str] = {
     # foundation: nouns, time, configuration types, logs and metrics objects.
     "refresherd": "foundation",  # __init__: the version
     "refresherd.model": "foundation",
+    "refresherd.errors": "foundation",  # the error tree's root and branches; imports nothing
     "refresherd.clock": "foundation",
     "refresherd.settings": "foundation",
     "refresherd.presets": "foundation",  # the known IdPs' settings, data only
@@ -63,8 +64,13 @@ LAYER_OF: dict[str, str] = {
     "refresherd.ownership": "adapters",
     "refresherd.config": "adapters",  # the TOML loader: files, env, credentials
     "refresherd.intake": "adapters",  # token responses from outside (CLI, token API)
-    "refresherd.endpoint": "adapters",
-    "refresherd.discovery": "adapters",
+    # The IdP's side (docs/architecture.md): the endpoint and what it stands on.
+    "refresherd.idp": "adapters",
+    "refresherd.idp.endpoint": "adapters",
+    "refresherd.idp.transport": "adapters",
+    "refresherd.idp.failures": "adapters",
+    "refresherd.idp.token_response": "adapters",  # shared with intake
+    "refresherd.idp.discovery": "adapters",
     "refresherd.server": "adapters",
     "refresherd.events": "adapters",  # events queued in the database
     "refresherd.sdnotify": "adapters",
@@ -99,7 +105,9 @@ LAYER_OF: dict[str, str] = {
     # apart
     "refresherd.testing": APART,
     "refresherd.testing.__main__": APART,
-    "refresherd.testing.fake_idp": APART,
+    "refresherd.testing.server": APART,
+    "refresherd.testing.ledger": APART,
+    "refresherd.testing.faults": APART,
     # The applications' client of the token API: httpx and anyio only, nothing of the daemon.
     "refresherd.client": APART,
     "refresherd.client.sidecar": APART,

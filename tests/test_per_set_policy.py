@@ -22,7 +22,7 @@ from conftest import IdPHandle, database_at_version, import_tokens, run_cli, wri
 from test_refresher import SCHEDULE  # the refresher tests' schedule, shared
 
 from refresherd import policy
-from refresherd.endpoint import TokenEndpoint
+from refresherd.idp.endpoint import TokenEndpoint
 from refresherd.intake import InputError, parse_lines, token_set_from_json
 from refresherd.metrics import Metrics
 from refresherd.model import RefreshTokenUsage, Secret, State

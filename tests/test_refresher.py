@@ -30,7 +30,8 @@ import pytest
 
 from refresherd import logs as refresher_logs
 from refresherd import ownership, policy
-from refresherd.endpoint import Ambiguous, TokenEndpoint
+from refresherd.idp.endpoint import TokenEndpoint
+from refresherd.idp.failures import Ambiguous
 from refresherd.metrics import Metrics
 from refresherd.model import RefreshTokenUsage, Secret, State, TokenSet
 from refresherd.refresher import Refresher, RefreshResult

@@ -16,7 +16,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from refresherd.endpoint import TokenEndpoint
+from refresherd.idp.endpoint import TokenEndpoint
 from refresherd.metrics import Metrics
 from refresherd.model import RefreshTokenUsage, Secret
 from refresherd.refresher import Refresher
