@@ -13,7 +13,7 @@ import functools
 import hmac
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Final
@@ -30,7 +30,10 @@ from refresherd.endpoint import ClientRejected, EndpointError, InvalidGrant, Tok
 from refresherd.intake import token_set_from_json
 from refresherd.logs import exception_fields, get_logger
 from refresherd.model import Secret, State, TokenSet, rfc3339, validate_token_set_id
-from refresherd.refresher import Refresher
+from refresherd.refresh.outcome import Outcome
+from refresherd.refresh.providers import Providers
+from refresherd.refresh.refresher import Refresher
+from refresherd.refresh.storage import StorageWatch
 from refresherd.server import JSON, error
 from refresherd.settings import ApiConfig, ProviderConfig
 from refresherd.store import (
@@ -125,6 +128,8 @@ class TokenApi:
         *,
         store: TokenStore,
         refresher: Refresher,
+        providers: Providers,
+        storage: StorageWatch,
         config: ApiConfig,
         clock: Clock,
         wake: Callable[[], None],
@@ -132,6 +137,11 @@ class TokenApi:
     ) -> None:
         self.store = store
         self.refresher = refresher
+        # Which providers exist, their endpoints (exchange, revocation) and the schedule a
+        # registered set is planned by: live, a reload replaces them.
+        self.providers = providers
+        # Paused storage: a code is not spent while the database refuses writes.
+        self.storage = storage
         self.config = config
         self.clock = clock
         self.wake = wake
@@ -177,7 +187,7 @@ class TokenApi:
     async def _refresh_and_answer(self, ts: TokenSet) -> Response:
         while True:
             result = await self.refresher.refresh(ts.id)
-            if result.outcome == "leased":
+            if result.outcome is Outcome.LEASED:
                 # Another daemon on this database is refreshing it: wait for its result.
                 current = await self._wait_for_other_owner(ts)
                 if current is None:
@@ -186,7 +196,7 @@ class TokenApi:
                     ts = current
                     break
                 continue
-            if result.outcome == "not_found":
+            if result.outcome is Outcome.NOT_FOUND:
                 return _unknown(ts.id)
             current_or_none = (
                 result.token_set if result.ok else await self._reread(ts.id, fallback=ts)
@@ -262,8 +272,8 @@ class TokenApi:
         token_set_id, provider = data.get("id"), data.get("provider")
         if not isinstance(token_set_id, str) or not isinstance(provider, str):
             return _invalid("id and provider are required strings")
-        if provider not in self.refresher.providers:
-            return _unknown_provider(provider, self.refresher.providers)
+        if provider not in self.providers:
+            return _unknown_provider(provider, self.providers)
         if (busy := self._busy(token_set_id)) is not None:
             return busy
         now = self.clock.wall()
@@ -284,7 +294,7 @@ class TokenApi:
             token_set_id=token_set_id,
             provider=provider,
             now=now,
-            schedule=self.refresher.schedule,
+            schedule=self.providers.schedule,
             rand=self.rng.random(),
         )
 
@@ -315,8 +325,8 @@ class TokenApi:
             return _unknown(token_set_id)
         if revoke_param == "false":
             return await self._remove(ts, revoked=False)
-        provider = self.refresher.providers.get(ts.provider)
-        endpoint = self.refresher.endpoints.get(ts.provider)
+        provider = self.providers.config(ts.provider)
+        endpoint = self.providers.endpoint(ts.provider)
         if provider is None or endpoint is None or not provider.revocation_url:
             return error(
                 400,
@@ -389,15 +399,15 @@ class TokenApi:
             return _invalid("code_verifier must be a non-empty string when given")
         assert isinstance(provider_name, str) and isinstance(code, str)
         assert isinstance(redirect_uri, str)
-        provider = self.refresher.providers.get(provider_name)
-        endpoint = self.refresher.endpoints.get(provider_name)
+        provider = self.providers.config(provider_name)
+        endpoint = self.providers.endpoint(provider_name)
         if provider is None or endpoint is None:
-            return _unknown_provider(provider_name, self.refresher.providers)
+            return _unknown_provider(provider_name, self.providers)
         # Everything that can refuse the exchange does so before the code is spent: a code is
         # good only once.
         if (busy := self._busy(token_set_id)) is not None:
             return busy
-        if self.refresher.storage.paused:
+        if self.storage.paused:
             # The grant would only be held in memory until the database takes writes again.
             return error(
                 503,
@@ -482,7 +492,7 @@ class TokenApi:
     async def _run_exchange(self, job: _Exchange) -> None:
         """In the refresher's flight group (Refresher.detach): exchange the code, store the
         grant, put the answer in ``job``. Shielded: shutdown waits for it, bounded by the
-        provider's request_timeout and the hold of the grant (refresher.PERSIST_DEADLINE)."""
+        provider's request_timeout and the hold of the grant (refresh.grants.PERSIST_DEADLINE)."""
         try:
             with anyio.CancelScope(shield=True):
                 job.answer = await self._exchange_and_store(job)
@@ -554,7 +564,7 @@ class TokenApi:
         try:
             stored = await self.refresher.add_granted(new, now=now)
         except StoreError:
-            # Held for as long as a running daemon could (refresher.add_granted): lost, said so.
+            # Held for as long as a running daemon could (Refresher.add_granted): lost, said so.
             return error(
                 503,
                 "storage_unavailable",
@@ -649,7 +659,7 @@ def _exists(token_set_id: str) -> Response:
     return error(409, "exists", f"token set {token_set_id!r} exists already (delete it first)")
 
 
-def _unknown_provider(name: str, providers: Any) -> Response:
+def _unknown_provider(name: str, providers: Iterable[str]) -> Response:
     known = ", ".join(sorted(providers))
     return error(400, "unknown_provider", f"provider {name!r} is not configured (known: {known})")
 
