@@ -267,7 +267,7 @@ _CATEGORIES = (
     ("HTTP: endpoint.py + aiohttp", ("(refresherd/endpoint.py", "aiohttp/")),
     ("SQLite: store/ + aiosqlite", ("(refresherd/store/", "aiosqlite/")),
     ("logging: structlog", ("structlog/", "refresherd/logs.py")),
-    ("metrics: prometheus_client + /metrics", ("prometheus_client/", "refresherd/server.py")),
+    ("metrics: prometheus_client + /metrics", ("prometheus_client/", "refresherd/web/app.py")),
     ("scheduler.py", ("(refresherd/scheduler.py",)),
     ("refresh/ + policy.py", ("(refresherd/refresh/", "(refresherd/policy.py")),
     ("anyio + asyncio machinery", ("anyio/", "asyncio/")),

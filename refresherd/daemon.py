@@ -26,7 +26,6 @@ from starlette.middleware import Middleware
 from starlette.routing import BaseRoute
 
 from refresherd import logs
-from refresherd.api import BearerAuth, TokenApi
 from refresherd.clock import Clock, SystemClock
 from refresherd.config import load_config
 from refresherd.discovery import EX_UNAVAILABLE, DiscoveryError, resolve_providers
@@ -45,11 +44,13 @@ from refresherd.refresh.refresher import Refresher
 from refresherd.refresh.storage import StorageWatch
 from refresherd.scheduler import Scheduler
 from refresherd.sdnotify import Notifier
-from refresherd.server import bind_socket, bind_unix_socket, build_app, serve
 from refresherd.settings import EX_CONFIG, Config, ConfigError, ProviderConfig, share_problem
 from refresherd.storage_health import StorageReason
 from refresherd.store import DatabaseMisconfigured, StoreError, TokenStore, open_store
 from refresherd.supervisor import supervise
+from refresherd.web.app import bind_socket, bind_unix_socket, build_app, serve
+from refresherd.web.auth import BearerAuth
+from refresherd.web.tokens import TokenApi
 from refresherd.worker_metrics import merged_registry
 from refresherd.workers import (
     WorkerPool,

@@ -65,7 +65,10 @@ LAYER_OF: dict[str, str] = {
     "refresherd.intake": "adapters",  # token responses from outside (CLI, token API)
     "refresherd.endpoint": "adapters",
     "refresherd.discovery": "adapters",
-    "refresherd.server": "adapters",
+    # The HTTP surface (web/): the ASGI app and its listeners, the bearer check.
+    "refresherd.web": "adapters",
+    "refresherd.web.app": "adapters",
+    "refresherd.web.auth": "adapters",
     "refresherd.events": "adapters",  # events queued in the database
     "refresherd.sdnotify": "adapters",
     # refresh: one refresh of one token set end to end, step by step (refresh/__init__.py).
@@ -87,9 +90,9 @@ LAYER_OF: dict[str, str] = {
     "refresherd.supervisor": "orchestration",
     "refresherd.migrate": "orchestration",  # a whole database moved between two stores
     # The token API drives the refresher (Refresher.refresh, exclusive, detach): an inbound
-    # adapter stands on what it drives. server.py, the ASGI app without routes that refresh,
-    # stays an adapter.
-    "refresherd.api": "orchestration",
+    # adapter stands on what it drives. web.app and web.auth, the ASGI app and the bearer
+    # check without routes that refresh, stay adapters.
+    "refresherd.web.tokens": "orchestration",
     # composition: the runtime built from settings.
     "refresherd.daemon": "composition",
     "refresherd.workers": "composition",

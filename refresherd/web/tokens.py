@@ -1,6 +1,7 @@
 """The token API (/v1/*): applications get a valid access token on demand.
 
-Routes are Starlette routes mounted on the one app of :mod:`refresherd.server`. A GET of a
+Routes are Starlette routes mounted on the one app of :mod:`refresherd.web.app`, behind the
+bearer check of :mod:`refresherd.web.auth`. A GET of a
 token that is due (``policy.access_decision``) joins the refresher's single-flight refresh and
 waits for it, bounded by ``api.wait_timeout``; the refresh itself flies in the refresher's own
 task group, so a client that gives up never cancels it. Errors are JSON with a stable ``error``
@@ -10,7 +11,6 @@ code (see ``openapi.json``). No token value is ever logged.
 from __future__ import annotations
 
 import functools
-import hmac
 import json
 import random
 from collections.abc import Callable, Iterable
@@ -22,7 +22,6 @@ import anyio
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from refresherd import policy
 from refresherd.clock import Clock
@@ -34,7 +33,6 @@ from refresherd.refresh.outcome import Outcome
 from refresherd.refresh.providers import Providers
 from refresherd.refresh.refresher import Refresher
 from refresherd.refresh.storage import StorageWatch
-from refresherd.server import JSON, error
 from refresherd.settings import ApiConfig, ProviderConfig
 from refresherd.store import (
     ClaimRefused,
@@ -43,10 +41,10 @@ from refresherd.store import (
     TokenSetExists,
     TokenStore,
 )
+from refresherd.web.app import JSON, error
 
-log = get_logger("refresherd.api")
+log = get_logger("refresherd.web.tokens")
 
-API_PREFIX: Final = "/v1/"
 # A request body is a token response or a code: a few kilobytes. More is not one of those.
 MAX_BODY: Final = 64 * 1024
 # While another process holds the lease, look for its result at this pace.
@@ -56,46 +54,6 @@ LEASE_POLL: Final = 0.1
 def openapi_document() -> bytes:
     """The API's OpenAPI document, as shipped in the package (refresherd/openapi.json)."""
     return resources.files("refresherd").joinpath("openapi.json").read_bytes()
-
-
-class BearerAuth:
-    """ASGI middleware: every /v1 request needs ``Authorization: Bearer <token>``.
-
-    Compared in constant time. /metrics, /healthz, /readyz and /openapi.json stay open. With
-    ``tcp = false`` the API is answered only on the unix socket (404 over TCP).
-    """
-
-    def __init__(self, app: ASGIApp, *, bearer: Secret, tcp: bool) -> None:
-        self.app = app
-        self._expected = ("Bearer " + bearer.reveal()).encode()
-        self._tcp = tcp
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith(API_PREFIX):
-            await self.app(scope, receive, send)
-            return
-        server = scope.get("server")
-        over_tcp = server is not None and server[1] is not None
-        if over_tcp and not self._tcp:
-            await error(404, "not_found", "the API is served on the unix socket only")(
-                scope, receive, send
-            )
-            return
-        given = b""
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                given = value
-                break
-        if not hmac.compare_digest(given, self._expected):
-            response = error(
-                401,
-                "unauthorized",
-                "a valid 'Authorization: Bearer ...' header is required",
-                headers={"www-authenticate": 'Bearer realm="refresherd"'},
-            )
-            await response(scope, receive, send)
-            return
-        await self.app(scope, receive, send)
 
 
 def token_json(ts: TokenSet, now: float) -> dict[str, Any]:
@@ -462,7 +420,7 @@ class TokenApi:
             job.waiting = False
         if job.error is not None:
             # An unexpected error of the exchange fails this request: logged once, as every
-            # handler's is (server.HandlerFailures), with the request's secrets scrubbed.
+            # handler's is (web.app.HandlerFailures), with the request's secrets scrubbed.
             raise job.error
         if job.answer is not None:
             return job.answer
