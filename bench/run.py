@@ -267,16 +267,16 @@ _CATEGORIES = (
     ("HTTP: idp/ + aiohttp", ("(refresherd/idp/", "aiohttp/")),
     ("SQLite: store/ + aiosqlite", ("(refresherd/store/", "aiosqlite/")),
     ("logging: structlog", ("structlog/", "refresherd/logs.py")),
-    ("metrics: prometheus_client + /metrics", ("prometheus_client/", "refresherd/server.py")),
+    ("metrics: prometheus_client + /metrics", ("prometheus_client/", "refresherd/web/app.py")),
     ("scheduler.py", ("(refresherd/scheduler.py",)),
-    ("refresher.py + policy.py", ("(refresherd/refresher.py", "(refresherd/policy.py")),
+    ("refresh/ + policy.py", ("(refresherd/refresh/", "(refresherd/policy.py")),
     ("anyio + asyncio machinery", ("anyio/", "asyncio/")),
 )
 
 
 def summarize_profile(path: Path) -> dict[str, dict[str, float]]:
     """Per thread, the share of samples in each category: the innermost frame of our code or
-    a library decides (SQL run from refresher.py counts as SQLite), then idle, then the loop."""
+    a library decides (SQL run from refresh/ counts as SQLite), then idle, then the loop."""
     if not path.exists():
         print(f"(no profile: is py-spy installed? {path})")
         return {}
