@@ -41,6 +41,10 @@ from deploy_support import DEPLOY, ROOT
 from refresherd.settings import DaemonConfig
 from refresherd.testing import FaultKind
 
+# The first test may make the base image (debootstrap, a minute; .ci/run makes it before the
+# suite in CI) before the build.
+pytestmark = pytest.mark.timeout(600)
+
 BUILDAH = shutil.which("buildah")
 # The host's CA bundle, bind-mounted over the base's during the build only: pip in the build
 # reaches PyPI through whatever TLS the host trusts (a proxy's own CA on some CI machines), and a
@@ -104,7 +108,7 @@ def image() -> Iterator[Image]:
         [str(ROOT / ".ci" / "run"), "base-image"],
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=420,
         check=False,
     )
     assert base.returncode == 0, f".ci/run base-image:\n{base.stdout}{base.stderr}"
