@@ -13,7 +13,7 @@ import enum
 import json
 import math
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime
 from typing import IO, Any, Final, NamedTuple, TypeVar
 
@@ -278,6 +278,28 @@ def _refresh_expires_at(data: Mapping[str, Any], now: float) -> float | None:
     return None
 
 
+def _json_problem(exc: json.JSONDecodeError, text: str, *, one_line: bool) -> str:
+    """Where and why ``text`` (with its trailing white space cut, so that a document cut
+    short is reported where it ends, not on the line after) is not JSON."""
+    where = f"column {exc.colno}" if one_line else f"line {exc.lineno} column {exc.colno}"
+    what = "line" if one_line else "input"
+    ends = f"; the {what} ends there (cut short?)" if exc.pos >= len(text) else ""
+    return f"not valid JSON: {exc.msg} at {where}{ends}"
+
+
+def _loads(text: str, *, one_line: bool) -> object:
+    """json.loads, its errors as a ValueError saying where and why."""
+    text = text.rstrip()
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("not valid JSON (nested too deeply)") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(_json_problem(exc, text, one_line=one_line)) from None
+    except ValueError as exc:  # a number too long to convert, say
+        raise ValueError(f"not valid JSON ({exc})") from None
+
+
 def parse_single(
     text: str,
     *,
@@ -288,15 +310,9 @@ def parse_single(
     rand: float,
 ) -> NewTokenSet:
     try:
-        data = json.loads(text)
-    except RecursionError:
-        raise InputError("stdin", "not valid JSON (nested too deeply)") from None
+        data = _loads(text, one_line=False)
     except ValueError as exc:
-        raise InputError(
-            "stdin",
-            f"not valid JSON ({exc.__class__.__name__} at "
-            f"line {getattr(exc, 'lineno', '?')} column {getattr(exc, 'colno', '?')})",
-        ) from None
+        raise InputError("stdin", str(exc)) from None
     try:
         return token_set_from_json(
             data,
@@ -335,7 +351,7 @@ def parse_lines(
 
 
 def iter_lines(
-    stream: IO[str],
+    stream: Iterable[str | bytes],
     *,
     source: str,
     providers: Mapping[str, object],
@@ -346,22 +362,28 @@ def iter_lines(
 ) -> Iterator[tuple[str, NewTokenSet]]:
     """:func:`parse_lines` one ``(where, token set)`` at a time, for inputs too large to hold
     in memory. An id repeated in the input is reported here only where ``seen`` is given (it
-    grows with the input); otherwise the store's import reports it, with its ``where``."""
-    for number, line in enumerate(stream, start=1):
+    grows with the input); otherwise the store's import reports it, with its ``where``. Lines
+    may come as bytes, read as UTF-8 (an invalid byte is reported with its line)."""
+    for number, raw in enumerate(stream, start=1):
         where = f"{source}:{number}"
-        if len(line) > MAX_LINE_BYTES:
+        if len(raw) > MAX_LINE_BYTES:
             raise InputError(where, f"line longer than {MAX_LINE_BYTES} bytes")
+        if isinstance(raw, bytes):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                # Not the bytes themselves: the line may hold a token.
+                raise InputError(
+                    where, f"not UTF-8 text: byte {exc.start + 1} of the line is invalid"
+                ) from None
+        else:
+            line = raw
         if not line.strip():
             continue
         try:
-            data = json.loads(line)
-        except RecursionError:
-            raise InputError(where, "not valid JSON (nested too deeply)") from None
+            data = _loads(line, one_line=True)
         except ValueError as exc:
-            raise InputError(
-                where,
-                f"not valid JSON ({exc.__class__.__name__} at column {getattr(exc, 'colno', '?')})",
-            ) from None
+            raise InputError(where, str(exc)) from None
         try:
             if not isinstance(data, dict):
                 raise ValueError("expected a JSON object")

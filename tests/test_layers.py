@@ -91,6 +91,8 @@ LAYER_OF: dict[str, str] = {
     "refresherd.cli.check": "entry",
     "refresherd.cli.run": "entry",
     "refresherd.cli.tokens": "entry",
+    "refresherd.cli.importing": "entry",
+    "refresherd.cli.completion": "entry",
     "refresherd.cli.refresh": "entry",
     "refresherd.cli.rekey": "entry",
     "refresherd.cli.migrate": "entry",

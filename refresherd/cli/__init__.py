@@ -14,31 +14,71 @@ aiohttp, Starlette, Hypercorn or prometheus-client; ``--help`` loads argparse al
 | --- | --- |
 | ``run`` | :mod:`.run` (the daemon) |
 | ``check-config`` | :mod:`.check` |
-| ``tokens add/import/list/show/remove`` | :mod:`.tokens` |
+| ``tokens add/list/show/remove`` | :mod:`.tokens` |
+| ``tokens import`` | :mod:`.importing` |
 | ``refresh`` | :mod:`.refresh` (the daemon's runtime, for one refresh) |
 | ``rekey`` | :mod:`.rekey` |
 | ``migrate`` | :mod:`.migrate` |
 | ``demo`` | :mod:`.demo` |
+| ``completion`` | :mod:`.completion` |
+
+What every command shares, here: a reader that goes away (``tokens list | head``) ends the
+command quietly, and Ctrl-C that a command does not handle itself ends it with one line and
+status 130, never a traceback.
 """
 
 from __future__ import annotations
 
+import argparse
+import os
+import signal
 import sys
 from collections.abc import Sequence
+from typing import Final
 
 from refresherd.cli.parser import build_parser
 
 __all__ = ["build_parser", "entrypoint", "main"]
 
+# 128 + the signal's number, as a shell reports a process killed by it.
+EX_INTERRUPTED: Final = 130
+EX_BROKEN_PIPE: Final = 141
+
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args: argparse.Namespace | None = None
+    try:
+        try:
+            args = build_parser().parse_args(argv)
+            return _run(args)
+        finally:
+            # Within the handlers: a reader gone by now is a broken pipe too.
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # Python's "Note on SIGPIPE": the rest of the output goes to /dev/null, so that the
+        # interpreter's own flush at exit does not fail again (and print a traceback).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EX_BROKEN_PIPE
+    except KeyboardInterrupt:
+        # We are ending: a second Ctrl-C must not interrupt the report of the first.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # What a command's interruption leaves behind, where it says (parser.py).
+        message = getattr(args, "interrupted", "interrupted")
+        print(f"refresherd: {message}", file=sys.stderr)
+        return EX_INTERRUPTED
+
+
+def _run(args: argparse.Namespace) -> int:
     # One import per command, here and nowhere else: the lazy imports are the point.
     match args.command:
         case "run":
             from refresherd.cli.run import command
         case "check-config":
             from refresherd.cli.check import command
+        case "tokens" if args.tokens_command == "import":
+            from refresherd.cli.importing import command
         case "tokens":
             from refresherd.cli.tokens import command
         case "refresh":
@@ -49,6 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from refresherd.cli.migrate import command
         case "demo":
             from refresherd.cli.demo import command
+        case "completion":
+            from refresherd.cli.completion import command
         case other:  # pragma: no cover - argparse refuses an unknown command first
             raise AssertionError(other)
     return command(args)
