@@ -66,7 +66,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         # What a command's interruption leaves behind, where it says (parser.py).
         message = getattr(args, "interrupted", "interrupted")
-        print(f"refresherd: {message}", file=sys.stderr)
+        # On a terminal, Ctrl-C echoed "^C" after what was typed: begin a line of our own.
+        start = "\n" if sys.stdin.isatty() and sys.stderr.isatty() else ""
+        print(f"{start}refresherd: {message}", file=sys.stderr)
         return EX_INTERRUPTED
 
 

@@ -125,8 +125,9 @@ class _Progress:
 
     def update(self) -> None:
         if self._bar is not None:
-            self._bar.update(self._reader.bytes_read - self._bar.n)
-            self._bar.set_postfix_str(f"{self._reader.lines_read:,} lines", refresh=False)
+            lines, read = self._reader.lines_read, self._reader.bytes_read
+            self._bar.set_postfix_str(f"{lines:,} lines", refresh=False)
+            self._bar.update(read - self._bar.n)
 
     def read_all(self, count: int) -> None:
         """The input is read and staged: the last step, moving the rows in, begins."""
@@ -229,7 +230,10 @@ async def _import(config: Config, stream: IO[bytes], source: str, imported: list
 
     try:
         reader.start()
-        store = await open_store(config.daemon.database, cipher=cipher_for(config.encryption))
+        # Not cut short: a connection half made would be finished by its own thread after the
+        # event loop is gone. A Ctrl-C meanwhile is acted on as soon as the store is open.
+        with anyio.CancelScope(shield=True):
+            store = await open_store(config.daemon.database, cipher=cipher_for(config.encryption))
         try:
             async with contextlib.aclosing(chunks()) as staged:
                 imported.append(await store.import_stream(staged, now=now))

@@ -11,6 +11,7 @@ subcommand that was not given one leaves the top-level value in place.
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -57,7 +58,8 @@ class _Version(argparse.Action):
         values: str | Sequence[Any] | None,
         option_string: str | None = None,
     ) -> None:
-        parser.exit(message=f"{parser.prog} {refresherd.__version__}\n")
+        sys.stdout.write(f"{parser.prog} {refresherd.__version__}\n")
+        parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
