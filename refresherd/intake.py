@@ -283,8 +283,13 @@ def _json_problem(exc: json.JSONDecodeError, text: str, *, one_line: bool) -> st
     short is reported where it ends, not on the line after) is not JSON."""
     where = f"column {exc.colno}" if one_line else f"line {exc.lineno} column {exc.colno}"
     what = "line" if one_line else "input"
-    ends = f"; the {what} ends there (cut short?)" if exc.pos >= len(text) else ""
-    return f"not valid JSON: {exc.msg} at {where}{ends}"
+    ends = ""
+    if exc.pos >= len(text):
+        ends = f"; the {what} ends there (cut short?)"
+    elif exc.msg.startswith("Unterminated string"):
+        ends = f"; the {what} ends inside it (cut short?)"
+    # Some of json's messages end in "at" already ("Unterminated string starting at").
+    return f"not valid JSON: {exc.msg.removesuffix(' at')} at {where}{ends}"
 
 
 def _loads(text: str, *, one_line: bool) -> object:
