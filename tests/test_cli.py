@@ -123,6 +123,7 @@ def test_help_loads_the_parser_alone(args: tuple[str, ...]) -> None:
     assert loaded(names, ("refresherd",)) == [
         "refresherd",
         "refresherd.cli",
+        "refresherd.cli.endings",
         "refresherd.cli.parser",
     ]
 

@@ -93,6 +93,7 @@ LAYER_OF: dict[str, str] = {
     "refresherd.cli.tokens": "entry",
     "refresherd.cli.importing": "entry",
     "refresherd.cli.completion": "entry",
+    "refresherd.cli.endings": "entry",
     "refresherd.cli.refresh": "entry",
     "refresherd.cli.rekey": "entry",
     "refresherd.cli.migrate": "entry",

@@ -4,11 +4,11 @@ Exit codes follow sysexits.h where one fits: 65 bad input data, 66 no such token
 75 temporarily impossible (another process holds the lease), 78 configuration error.
 No secret is ever taken from argv: token responses come on stdin or from a file.
 
-A one-shot command pays only for what it uses. This module and :mod:`.parser` (the argparse
-tree) import nothing of refresherd beyond them; each command's handler is a module of its own,
-imported when that command runs: ``tokens list`` opens the store and never loads the daemon,
-aiohttp, Starlette, Hypercorn or prometheus-client; ``--help`` loads argparse alone
-(tests/test_cli.py checks both with ``python -X importtime``).
+A one-shot command pays only for what it uses. This module, :mod:`.parser` (the argparse
+tree) and :mod:`.endings` import nothing of refresherd beyond them; each command's handler is a
+module of its own, imported when that command runs: ``tokens list`` opens the store and never
+loads the daemon, aiohttp, Starlette, Hypercorn or prometheus-client; ``--help`` loads argparse
+alone (tests/test_cli.py checks both with ``python -X importtime``).
 
 | command | handler |
 | --- | --- |
@@ -34,15 +34,11 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from typing import Final
 
+from refresherd.cli.endings import EX_BROKEN_PIPE, report_interrupted
 from refresherd.cli.parser import build_parser
 
 __all__ = ["build_parser", "entrypoint", "main"]
-
-# 128 + the signal's number, as a shell reports a process killed by it.
-EX_INTERRUPTED: Final = 130
-EX_BROKEN_PIPE: Final = 141
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -65,11 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # We are ending: a second Ctrl-C must not interrupt the report of the first.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         # What a command's interruption leaves behind, where it says (parser.py).
-        message = getattr(args, "interrupted", "interrupted")
-        # On a terminal, Ctrl-C echoed "^C" after what was typed: begin a line of our own.
-        start = "\n" if sys.stdin.isatty() and sys.stderr.isatty() else ""
-        print(f"{start}refresherd: {message}", file=sys.stderr)
-        return EX_INTERRUPTED
+        return report_interrupted(getattr(args, "interrupted", "interrupted"))
 
 
 def _run(args: argparse.Namespace) -> int:

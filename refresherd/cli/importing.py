@@ -34,7 +34,7 @@ import anyio.from_thread
 import anyio.lowlevel
 
 from refresherd.cli.common import EX_DATAERR, EX_NOINPUT, configured, fail, one_shot
-from refresherd.cli.parser import IMPORT_INTERRUPTED
+from refresherd.cli.endings import IMPORT_INTERRUPTED, report_interrupted
 from refresherd.encryption import cipher_for
 from refresherd.intake import InputError, iter_lines
 from refresherd.settings import Config
@@ -46,7 +46,6 @@ if TYPE_CHECKING:
 # Lines parsed per chunk handed to the store: large enough that handing one over costs
 # nothing, small enough that a Ctrl-C or a bad line is acted on within a fraction of a second.
 CHUNK_LINES: Final = 5000
-EX_INTERRUPTED: Final = 130
 
 Item = tuple[str, NewTokenSet]
 
@@ -186,7 +185,7 @@ async def import_tokens(config: Config, args: argparse.Namespace) -> int:
             print(f"imported {imported[0]} token set(s)")
             return 0
         if interrupted:
-            return fail(IMPORT_INTERRUPTED, EX_INTERRUPTED)
+            return report_interrupted(IMPORT_INTERRUPTED)
         return code
 
 

@@ -16,14 +16,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import refresherd
+from refresherd.cli.endings import ADD_INTERRUPTED, IMPORT_INTERRUPTED
 
 # Written out here, so that tests/test_cli.py can check each state the store knows is listed.
 TOKEN_STATES = ("active", "failing", "invalidated")
 COMPLETION_SHELLS = ("bash", "zsh", "tcsh")
-# What a Ctrl-C leaves behind, said by main() where the command does not say it itself (its
-# parser's default ``interrupted``; "interrupted" where none is set).
-IMPORT_INTERRUPTED = "import interrupted: nothing imported"
-ADD_INTERRUPTED = "add interrupted: nothing added"
 
 
 def _global_options(*, top: bool) -> argparse.ArgumentParser:
