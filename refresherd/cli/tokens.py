@@ -1,5 +1,5 @@
-"""``refresherd tokens add|import|list|show|remove``: the stored token sets, read and written
-through the store alone (no daemon, no IdP)."""
+"""``refresherd tokens add|list|show|remove``: the stored token sets, read and written through
+the store alone (no daemon, no IdP). ``tokens import`` is :mod:`refresherd.cli.importing`."""
 
 from __future__ import annotations
 
