@@ -127,6 +127,9 @@ class _Progress:
             lines, read = self._reader.lines_read, self._reader.bytes_read
             self._bar.set_postfix_str(f"{lines:,} lines", refresh=False)
             self._bar.update(read - self._bar.n)
+            # Drawn at each chunk handed over (a few times a second), not at tqdm's own pace,
+            # which may skip the last state of the input.
+            self._bar.refresh()
 
     def read_all(self, count: int) -> None:
         """The input is read and staged: the last step, moving the rows in, begins."""
