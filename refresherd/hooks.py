@@ -33,6 +33,7 @@ import httpx
 
 from refresherd import policy
 from refresherd.clock import Clock, SystemClock
+from refresherd.errors import RefresherdError
 from refresherd.events import EVENT_TYPES, EventQueue
 from refresherd.logs import get_logger
 from refresherd.metrics import Metrics
@@ -60,7 +61,7 @@ def signature(secret: bytes, body: bytes) -> str:
     return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
 
 
-class DeliveryFailed(Exception):
+class DeliveryFailed(RefresherdError):
     """One attempt failed; the message is safe to log (no payload, no secret)."""
 
 
@@ -144,8 +145,8 @@ class Hooks:
                         # Full: a finishing delivery wakes us.
                         await self._wake.wait()
                         continue
+                    # (refresherd_hook_queue is database-wide: the exporting daemon counts it.)
                     next_at = await self.store.next_hook_due()
-                    self.metrics.hook_queue.set(await self.store.pending_hooks())
                     if next_at is not None:
                         delay = min(max(next_at - self.clock.wall(), 0.0), POLL_INTERVAL)
                 except StoreError as exc:

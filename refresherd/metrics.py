@@ -2,6 +2,13 @@
 
 Labels are bounded: provider names come from the config, reasons and outcomes from a fixed
 vocabulary in the code. A token-set id is never a label.
+
+Most metrics describe the process that exports them. The database-wide ones (DATABASE_FIGURES:
+token-set counts, expiry figures, the database's invalidation count, the hook queue, the WAL
+size) would be the same on every daemon of one database, so only one daemon per database
+exports them, the one whose store grants it the role (TokenStore.hold_exporter; the gauge
+shows who, refresherd_database_exporter): a plain ``sum`` across daemons is then right
+whether they share one database or each has its own.
 """
 
 from __future__ import annotations
@@ -14,20 +21,32 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from refresherd.model import InvalidationReason
+
 # Token requests take 50 ms to a few seconds; the upper buckets catch timeouts.
 DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 # The reasons of refresherd_invalidations_total (policy.decide). Their series exist from the
 # start, so that increase() sees the first invalidation after a restart, too.
-INVALIDATION_REASONS: Final = (
-    "invalid_grant",
-    "invalid_grant_after_unresolved_attempt",
-    "grace_window_missed",
-)
+INVALIDATION_REASONS: Final = tuple(reason.value for reason in InvalidationReason)
 # The background loops refresherd.supervisor keeps running: the task label's values.
 BACKGROUND_TASKS: Final = ("hooks", "expiry", "gauges")
+# The families DatabaseFigures holds (sample names without _total): exported by one daemon per
+# database, never shipped from a worker.
+DATABASE_FIGURES: Final = frozenset(
+    {
+        "refresherd_token_sets",
+        "refresherd_token_sets_expired",
+        "refresherd_refresh_token_expires_soonest_timestamp_seconds",
+        "refresherd_refresh_tokens_expiring",
+        "refresherd_database_invalidations",
+        "refresherd_hook_queue",
+        "refresherd_database_wal_bytes",
+    }
+)
+_EXPORTER_NOTE: Final = " Exported by one daemon per database (refresherd_database_exporter)."
 # With [daemon] workers > 1, each worker process's counters and histograms add to the
 # primary's (refresherd.worker_metrics). These gauges are each process's own state and combine
-# so: the rest describe the whole database and come from the primary alone.
+# so; the other gauges are the primary's alone (its own state, or DATABASE_FIGURES).
 PER_PROCESS_GAUGES: Final = {
     "refresherd_refreshes_in_flight": "sum",
     "refresherd_unpersisted_grants": "sum",
@@ -36,10 +55,28 @@ PER_PROCESS_GAUGES: Final = {
 }
 
 
+class DatabaseFigures(Collector):
+    """The database-wide metrics, kept in a registry of their own and exported only while
+    ``exporting``: while this process holds the database's exporter role and has brought
+    them up to date (Daemon._gauges). A process that does not exports none of their series,
+    not even zeros, so a sum across daemons counts each database once."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = CollectorRegistry()
+        self.exporting = False
+        registry.register(self)
+
+    def describe(self) -> list[Metric]:
+        # The names, whether exporting or not: the outer registry checks them for clashes.
+        return list(self.registry.collect())
+
+    def collect(self) -> list[Metric]:
+        return list(self.registry.collect()) if self.exporting else []
+
+
 class DatabaseCounter(Collector):
     """A counter whose values are read from the database, not counted in this process (the
-    primary's gauge scan sets them): every daemon on one database exports the same figures,
-    so queries take their max across instances, never their sum."""
+    exporting daemon's gauge scan sets them)."""
 
     def __init__(
         self,
@@ -75,6 +112,15 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        # The database-wide figures: registered in ``db``, exported only while exporting.
+        self.database = DatabaseFigures(r)
+        db = self.database.registry
+        self.database_exporter = Gauge(
+            "refresherd_database_exporter",
+            "1 in the one daemon of a database that exports its database-wide figures "
+            "(the metrics whose help says so), 0 in the others.",
+            registry=r,
+        )
         self.refresh_success = Counter(
             "refresherd_refresh_success",
             "Refreshes whose new grant was persisted.",
@@ -96,10 +142,9 @@ class Metrics:
         self.database_invalidations = DatabaseCounter(
             "refresherd_database_invalidations",
             "Token sets invalidated, counted in the database by whichever process invalidated "
-            "them (a daemon, a fleet member, refresherd refresh, the API): the same figures on "
-            "every daemon of one database, so aggregate with max, not sum.",
+            "them (a daemon, a fleet member, refresherd refresh, the API)." + _EXPORTER_NOTE,
             ["provider", "reason"],
-            registry=r,
+            registry=db,
         )
         self.refresh_duration = Histogram(
             "refresherd_refresh_duration_seconds",
@@ -110,29 +155,32 @@ class Metrics:
         )
         self.token_sets = Gauge(
             "refresherd_token_sets",
-            "Token sets in the database, by provider and state.",
+            "Token sets in the database, by provider and state." + _EXPORTER_NOTE,
             ["provider", "state"],
-            registry=r,
+            registry=db,
         )
         self.token_sets_expired = Gauge(
             "refresherd_token_sets_expired",
-            "Active or failing token sets whose access token has expired (expires_at < now).",
+            "Active or failing token sets whose access token has expired (expires_at < now)."
+            + _EXPORTER_NOTE,
             ["provider"],
-            registry=r,
+            registry=db,
         )
         self.refresh_token_expires_soonest = Gauge(
             "refresherd_refresh_token_expires_soonest_timestamp_seconds",
             "Soonest absolute refresh-token expiry among a provider's live token sets (Unix "
-            "time): that customer must authorize again before it. Absent where unknown.",
+            "time): that customer must authorize again before it. Absent where unknown."
+            + _EXPORTER_NOTE,
             ["provider"],
-            registry=r,
+            registry=db,
         )
         self.refresh_tokens_expiring = Gauge(
             "refresherd_refresh_tokens_expiring",
             "Live token sets whose refresh token reaches its absolute expiry within the warning "
-            "horizon ([schedule] refresh_token_expiry_warning), or has reached it.",
+            "horizon ([schedule] refresh_token_expiry_warning), or has reached it."
+            + _EXPORTER_NOTE,
             ["provider"],
-            registry=r,
+            registry=db,
         )
         self.singleflight_coalesced = Counter(
             "refresherd_singleflight_coalesced",
@@ -194,8 +242,9 @@ class Metrics:
         )
         self.wal_bytes = Gauge(
             "refresherd_database_wal_bytes",
-            "Size of the database's write-ahead log file.",
-            registry=r,
+            "Size of the database's write-ahead log file (SQLite; 0 on PostgreSQL)."
+            + _EXPORTER_NOTE,
+            registry=db,
         )
         self.in_flight = Gauge(
             "refresherd_refreshes_in_flight",
@@ -217,8 +266,8 @@ class Metrics:
         )
         self.hook_queue = Gauge(
             "refresherd_hook_queue",
-            "Notifications queued and not yet delivered or given up.",
-            registry=r,
+            "Notifications queued and not yet delivered or given up." + _EXPORTER_NOTE,
+            registry=db,
         )
         self.worker_processes = Gauge(
             "refresherd_worker_processes",

@@ -6,6 +6,10 @@ lock when the process dies, however it dies, so a successor can tell a dead pred
 from a live sibling's at once, across processes and containers that share the database volume,
 without waiting for the lease to expire (which could outlast the IdP's grace window). A process
 that is merely paused (SIGSTOP) keeps its lock; its leases end when they expire.
+
+The same directory holds ``database-exporter``: the flock of the one process that exports the
+database-wide metrics (:func:`take_exporter_lock`), taken by the first daemon that asks and held
+until it dies, when the next one to ask takes it.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import secrets
 import socket
 from pathlib import Path
 
+# Not "<owner>.lock": live_owners() takes every *.lock file for an owner.
+EXPORTER_LOCK_NAME = "database-exporter"
 _SAFE = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 
 
@@ -70,6 +76,27 @@ class OwnerLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def take_exporter_lock(database: Path) -> int | None:
+    """The descriptor of ``database``'s exporter lock, now held by this open file (keep it open
+    for as long as the role is wanted); None if another open file holds it, even one of this
+    process (flock conflicts between open file descriptions). OSError if it cannot be tried.
+
+    The file is never removed: a locker that opened the path just before an unlink would lock
+    an orphan inode while the next one locks a new file, and both would export."""
+    directory = owners_dir(database)
+    directory.mkdir(mode=0o700, exist_ok=True)
+    fd = os.open(directory / EXPORTER_LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
 
 
 def is_alive(database: Path, owner: str) -> bool:

@@ -3,9 +3,11 @@
 Pure: a worker turns its registry into a snapshot (JSON-safe), the primary keeps the latest
 snapshot of each worker and merges them into its own families at every scrape. Counters and
 histograms add up; the few gauges that describe one process's own state combine by the rule in
-metrics.PER_PROCESS_GAUGES; every other gauge describes the whole database and is the
-primary's alone. When a worker ends, its last counts are kept (``retire``), so that the
-merged counters never go down when a worker is restarted.
+metrics.PER_PROCESS_GAUGES; every other gauge is the primary's alone. The database-wide figures
+(metrics.DATABASE_FIGURES) are never shipped: a worker never holds the exporter role, and the
+primary exports them (or not) as the one exporter of the database. When a worker ends, its
+last counts are kept (``retire``), so that the merged counters never go down when a worker is
+restarted.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
-from refresherd.metrics import PER_PROCESS_GAUGES
+from refresherd.metrics import DATABASE_FIGURES, PER_PROCESS_GAUGES
 
 # family name -> {(sample name, sorted labels): value}, in the order the worker exposed them.
 SampleKey = tuple[str, tuple[tuple[str, str], ...]]
@@ -33,6 +35,8 @@ _COMBINE: dict[str, Callable[[float, float], float]] = {
 
 def _shipped(family: Metric) -> str | None:
     """How this family's values combine across processes; None: the primary's alone."""
+    if family.name in DATABASE_FIGURES:
+        return None
     if family.type in ("counter", "histogram"):
         return "sum"
     if family.type == "gauge":

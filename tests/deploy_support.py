@@ -38,7 +38,9 @@ _IDENT = re.compile(r"(?<![\w.$])[a-zA-Z_:][a-zA-Z0-9_:]*")
 def exported_metric_names() -> set[str]:
     """Every sample name refresherd's /metrics can carry (from the one place they are made)."""
     names: set[str] = set()
-    for family in Metrics().registry.collect():
+    metrics = Metrics()
+    metrics.database.exporting = True  # the database-wide figures, as the exporter shows them
+    for family in metrics.registry.collect():
         if family.type == "counter":
             names |= {f"{family.name}_total", f"{family.name}_created"}
         elif family.type == "histogram":

@@ -19,8 +19,11 @@ from deploy_support import (
     variable_queries,
 )
 
+from refresherd.metrics import DATABASE_FIGURES
+
 GRAFANA = DEPLOY / "grafana"
 GRAFANA_BUILTINS = {"__rate_interval", "__interval", "__range", "__all"}
+TIMESTAMP = "refresherd_refresh_token_expires_soonest_timestamp_seconds"
 
 
 def load_yaml(name: str) -> Any:
@@ -89,16 +92,54 @@ def test_the_issue_s_panels_are_there() -> None:
     assert panels_with("sum by (provider, reason)", "refresherd_refresh_failures_total", "/"), (
         "failure ratio by reason"
     )
-    # Database-wide figures: every daemon of one database exports the same, so max, not sum.
-    assert panels_with("max by (provider, reason)", "refresherd_database_invalidations_total"), (
+    # Database-wide figures come from one daemon per database: summed, each database once.
+    assert panels_with("sum by (provider, reason)", "refresherd_database_invalidations_total"), (
         "invalidations"
     )
-    assert panels_with("max by (provider, state)", "refresherd_token_sets{"), "token sets by state"
+    assert panels_with("sum by (provider, state)", "refresherd_token_sets{"), "token sets by state"
     assert panels_with("histogram_quantile", "refresherd_refresh_lateness_seconds_bucket"), (
         "lateness"
     )
     for q in ("0.5", "0.9", "0.99"):
         assert panels_with(f"histogram_quantile({q},", "refresherd_refresh_duration_seconds"), q
+        assert panels_with(f"histogram_quantile({q},", "refresherd_refresh_lateness_seconds"), q
+    for needle, what in (
+        ("refresherd_storage_pauses_total", "storage pauses"),
+        ("refresherd_storage_writable", "storage writable"),
+        ("refresherd_unpersisted_grants", "grants held in memory"),
+        ("refresherd_hook_deliveries_total", "hook deliveries"),
+        ("refresherd_hook_queue", "hook queue"),
+        ("refresherd_worker_restarts_total", "worker restarts"),
+        ("refresherd_refresh_token_expires_soonest_timestamp_seconds", "soonest expiry"),
+        ("refresherd_refresh_tokens_expiring", "expiring refresh tokens"),
+        ("refresherd_database_exporter", "who exports"),
+    ):
+        assert panels_with(needle), what
+    assert panels_with("sum by (target, outcome)", "refresherd_hook_deliveries_total"), (
+        "hook deliveries by outcome"
+    )
+
+
+def test_database_wide_figures_are_summed_never_maxed() -> None:
+    """Only the database's exporter exports them: a sum counts each database once, in a fleet on
+    one database and across sidecars with their own; a max would undercount the sidecars. The
+    soonest expiry is a time, whose earliest is wanted: min."""
+    database_wide = {
+        name for name in exported_metric_names() if name.removesuffix("_total") in DATABASE_FIGURES
+    }
+    alerts = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text(encoding="utf-8"))
+    rules = [(r["alert"], r["expr"]) for g in alerts["groups"] for r in g["rules"]]
+    checked = 0
+    for where, expr in dashboard_queries(load_dashboard()) + rules:
+        used = promql_metric_names(expr) & database_wide
+        if not used:
+            continue
+        checked += 1
+        aggregations = set(re.findall(r"\b(sum|min|max|avg|count|topk|bottomk)\b", expr))
+        assert aggregations, f"{where}: {expr} does not aggregate across instances"
+        allowed = {"min"} if used <= {TIMESTAMP} else {"sum"}
+        assert aggregations <= allowed, f"{where}: {expr} aggregates {used} with {aggregations}"
+    assert checked >= 10
 
 
 def test_provisioning_files_load_the_dashboard_where_compose_mounts_it() -> None:

@@ -27,7 +27,7 @@ from refresherd.store import (
     postgres_location,
 )
 from refresherd.store.migrations import SCHEMA_VERSION
-from refresherd.store.postgres import PostgresStore
+from refresherd.store.postgres import EXPORTER_LOCK, PostgresStore
 from refresherd.store.sqlite import SqliteStore
 
 NOW = 1_700_000_000.0
@@ -314,6 +314,50 @@ async def test_a_terminated_owner_session_is_dead_to_others_and_lost_to_itself(
             # Its row stays while a lease names it: a dead owner, not an unknown one.
             assert await other.owner_alive(me) is False
             assert await other.clear_leases_of([me]) == 1
+    finally:
+        await other.close()
+
+
+@pytest.mark.anyio
+async def test_the_exporter_lock_is_taken_once_and_goes_with_the_owner_session(
+    store: PostgresStore, location: PostgresLocation
+) -> None:
+    """The exporter role is an advisory lock on the owner's session. Asked every gauge cycle,
+    it is never taken twice (a session's advisory locks stack: one unlock would not free a lock
+    taken twice); and when that session is cut, its holder says False at once and another
+    daemon takes the role."""
+    other = await PostgresStore.open(location)
+    try:
+        async with store.owner("daemon-a"), other.owner("daemon-b"):
+            for _ in range(5):
+                assert await store.hold_exporter() is True
+            assert await other.hold_exporter() is False
+            conn = store._owner_conn
+            assert conn is not None
+            # One unlock frees it: it was held once, not five times.
+            assert await conn.fetchval("SELECT pg_advisory_unlock($1, $2)", *EXPORTER_LOCK)
+            assert await other.hold_exporter() is True
+            assert await store.hold_exporter() is False  # b has it now: a asks, does not take
+            assert await other.hold_exporter() is True
+
+            # b's owner session is cut (a failover, a network fault): b knows it lost the
+            # role, and a takes it.
+            killed = await fetch(
+                location,
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE application_name LIKE 'refresherd owner daemon-b-%'",
+            )
+            assert [r[0] for r in killed] == [True]
+            with anyio.fail_after(30):
+                while await store.hold_exporter() is False:
+                    await anyio.sleep(0.05)
+            with anyio.fail_after(30):
+                await other.owner_lost()
+            try:
+                lost = await other.hold_exporter()
+            except StoreError:
+                lost = False  # a check on the cut connection may fail rather than answer
+            assert lost is False
     finally:
         await other.close()
 

@@ -1088,6 +1088,89 @@ async def test_defer_moves_the_plan_later_and_releases(store: TokenStore, raw: R
     assert (await raw.row("a"))["next_refresh_at"] == NOW + 300
 
 
+# ---- the exporter of the database-wide figures ---------------------------------------------------
+
+
+async def eventually(check: Any, *, timeout: float = 10.0) -> None:
+    """Poll an async check until it is true: PostgreSQL ends a closed session's locks a moment
+    after the client has let go."""
+    with anyio.fail_after(timeout):
+        while not await check():
+            await anyio.sleep(0.02)
+
+
+@pytest.mark.anyio
+async def test_one_owner_of_a_database_holds_the_exporter_role_until_its_registration_ends(
+    store: TokenStore, store_location: Location
+) -> None:
+    """Two stores of one database, as two daemons have (on SQLite, two open files of one
+    process conflict as two processes do): the first owner to ask is the exporter, for as long
+    as it is registered; then the other one, at its next ask."""
+    second = await open_store(store_location)
+    try:
+        assert await store.hold_exporter() is False  # no owner registration: never
+        async with second.owner("daemon-b"):
+            async with store.owner("daemon-a"):
+                assert await store.hold_exporter() is True
+                assert await second.hold_exporter() is False
+                for _ in range(3):  # asked every gauge cycle: it stays, and stays alone
+                    assert await store.hold_exporter() is True
+                    assert await second.hold_exporter() is False
+            assert await store.hold_exporter() is False
+            await eventually(second.hold_exporter)
+            assert await second.hold_exporter() is True
+            async with store.owner("daemon-a-again"):
+                assert await store.hold_exporter() is False
+                assert await second.hold_exporter() is True
+        # b's registration ended too: a's new one takes the role.
+        async with store.owner("daemon-a-third"):
+            await eventually(store.hold_exporter)
+    finally:
+        await second.close()
+
+
+EXPORTER_HOLDER = """
+import sys, anyio
+from pathlib import Path
+from refresherd.store.sqlite import SqliteStore
+
+async def main() -> None:
+    store = await SqliteStore.open(Path(sys.argv[1]))
+    async with store.owner("holder"):
+        print(await store.hold_exporter(), flush=True)
+        await anyio.sleep(600)
+
+anyio.run(main)
+"""
+
+
+@pytest.mark.anyio
+async def test_sqlite_the_exporter_role_passes_on_when_its_holder_is_killed(
+    sqlite_store: SqliteStore, db_path: Path
+) -> None:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", EXPORTER_HOLDER, str(db_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "True"
+        async with sqlite_store.owner("survivor"):
+            assert await sqlite_store.hold_exporter() is False
+            holder.kill()  # SIGKILL: no clean-up of its own, the kernel drops its flock
+            holder.wait()
+            assert await sqlite_store.hold_exporter() is True
+            # The lock file is not an owner's: live_owners lists the survivor alone.
+            assert {o.split("-")[0] for o in await sqlite_store.live_owners()} == {"survivor"}
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+        if holder.stdout is not None:
+            holder.stdout.close()
+
+
 # ---- the journal ---------------------------------------------------------------------------------
 
 

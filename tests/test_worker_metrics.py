@@ -9,7 +9,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from refresherd.metrics import Metrics
+from refresherd.metrics import DATABASE_FIGURES, Metrics
 from refresherd.worker_metrics import (
     Snapshot,
     decode,
@@ -75,14 +75,46 @@ def test_per_process_gauges_combine_by_their_rule_and_database_gauges_are_the_pr
         m.in_flight.set(in_flight)
         m.circuit_open.labels("p").set(circuit)
         m.storage_writable.set(writable)
-        # Counted from the database by the primary alone: a worker's value is never added.
+        # Counted from the database by the exporting primary alone: a worker's value is never
+        # added, not even from a worker that (wrongly) exported them.
         m.token_sets.labels("p", "active").set(100)
+        m.database_invalidations.set_all({("p", "invalid_grant"): 3.0})
+        m.hook_queue.set(7)
+        m.database.exporting = True
     values = exposed(primary, [shipped(w1), shipped(w2)])
     assert value(values, "refresherd_refreshes_in_flight") == 8
     assert value(values, "refresherd_provider_circuit_open", provider="p") == 1
     assert value(values, "refresherd_storage_writable") == 0
     assert value(values, "refresherd_token_sets", provider="p", state="active") == 100
-    assert "refresherd_token_sets" not in take_snapshot(w1.registry)
+    invalidations = "refresherd_database_invalidations_total"
+    assert value(values, invalidations, provider="p", reason="invalid_grant") == 3
+    assert value(values, "refresherd_hook_queue") == 7
+    snapshot = take_snapshot(w1.registry)
+    assert not DATABASE_FIGURES & set(snapshot), DATABASE_FIGURES & set(snapshot)
+
+
+def test_a_primary_that_is_not_the_exporter_exposes_no_database_figure() -> None:
+    primary, worker = Metrics(), Metrics()
+    for m in (primary, worker):
+        m.token_sets.labels("p", "active").set(100)
+        m.database_invalidations.set_all({("p", "invalid_grant"): 3.0})
+    primary.database_exporter.set(0)
+    values = exposed(primary, [shipped(worker)])
+    names = {name for name, _ in values}
+    assert not {n for n in names if n.removesuffix("_total") in DATABASE_FIGURES}, names
+    assert value(values, "refresherd_database_exporter") == 0
+
+
+def test_database_figures_names_the_families_kept_apart() -> None:
+    """DATABASE_FIGURES (what worker_metrics never ships) is exactly what DatabaseFigures
+    holds, so a database-wide metric cannot be added to one and not the other."""
+    m = Metrics()
+    assert {f.name for f in m.database.registry.collect()} == DATABASE_FIGURES
+    main = {f.name for f in m.registry.collect()}
+    assert not main & DATABASE_FIGURES, "not exporting: none of them"
+    m.database.exporting = True
+    exported = {f.name for f in m.registry.collect()}
+    assert exported >= DATABASE_FIGURES
 
 
 def test_a_retired_workers_counts_stay_and_its_gauges_go() -> None:

@@ -100,6 +100,15 @@ def test_workers_share_the_work_and_metrics_add_up(
     text = scrape(daemon)
     assert metric(text, "refresherd_worker_processes") == 2
     assert metric(text, "refresherd_refresh_duration_seconds_count", provider="p") == 300
+    # The database-wide figures once, from the primary, the database's exporter (metric() adds
+    # up every matching sample: a worker's figures merged in would double them).
+    wait_until(
+        lambda: metric(scrape(daemon), "refresherd_token_sets", provider="p") == 300,
+        what="the token-set count of the primary's gauge cycle",
+    )
+    assert metric(scrape(daemon), "refresherd_database_exporter") == 1
+    [elected] = daemon.events("this daemon now exports the database-wide figures")
+    assert "worker" not in elected
     by_process = {0: 0, 1: 0, 2: 0}
     for line in daemon.events("refresh", outcome="refreshed"):
         by_process[line.get("worker", 0)] += 1

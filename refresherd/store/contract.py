@@ -14,11 +14,15 @@ both:
 - Owners: every process that takes leases holds an owner identity for as long as it lives
   (:meth:`TokenStore.owner`); :meth:`TokenStore.owner_alive` tells a dead owner from a live
   one at once, without waiting for its leases to expire.
+- The exporter: one owner per database at a time holds the role of exporting the database-wide
+  metrics (:meth:`TokenStore.hold_exporter`), so that a sum across daemons counts each database
+  once; the role ends with its holder's owner registration, however that ends.
 - Errors are :class:`StoreError` and never carry a token value.
 """
 
 from __future__ import annotations
 
+import enum
 import errno
 import os
 import stat
@@ -28,11 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Protocol
 
+from refresherd.errors import RefresherdError
 from refresherd.model import Attempt, RefreshMode, RefreshTokenUsage, Secret, State, TokenSet
 from refresherd.storage_health import StorageReason
 
 
-class StoreError(Exception):
+class StoreError(RefresherdError):
     """The database could not do what was asked. Never carries a token value.
 
     ``reason`` classifies the database's error (disk full, read-only, locked, unreachable...)
@@ -144,11 +149,19 @@ class HookDelivery:
     attempts: int  # including the one this claim is for
 
 
+class RefusalReason(enum.StrEnum):
+    """Why a claim of one token set did not succeed (:class:`ClaimRefused`)."""
+
+    NOT_FOUND = "not_found"  # no such set
+    INVALIDATED = "invalidated"  # its refresh token is dead: nothing to refresh
+    LEASED = "leased"  # another refresh holds it (``owner``, ``until``)
+
+
 @dataclass(frozen=True, slots=True)
 class ClaimRefused:
     """Why a claim did not succeed: the set is gone, invalidated, or leased by someone else."""
 
-    reason: str  # "not_found" | "invalidated" | "leased"
+    reason: RefusalReason
     owner: str | None = None
     until: float | None = None
 
@@ -238,6 +251,14 @@ class TokenStore(Protocol):
     async def owner_lost(self) -> None:
         """Return if this process's own owner registration is lost (its leases may be taken
         over by others from then on); never returns while it holds."""
+        ...
+
+    async def hold_exporter(self) -> bool:
+        """True while this process is the one that exports the database's figures (the
+        database-wide metrics); becomes it if none is. Never waits for the role: asked again
+        (every gauge cycle), it stays True for as long as the role is held, which is until this
+        owner registration ends (the process exits or dies, or its database session is lost).
+        False outside :meth:`owner`, and whenever the role cannot be known to be held."""
         ...
 
     # ---- health and housekeeping --------------------------------------------------------

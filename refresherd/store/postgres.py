@@ -14,6 +14,8 @@ claiming together never get the same row and never wait for each other.
   abandoned half-way. ``command_timeout`` bounds them instead (an unreachable server).
 - Owners: a session-level advisory lock on a dedicated connection, held for the life of
   :meth:`PostgresStore.owner`; the server drops it when that session ends, however it ends.
+  The exporter role (:meth:`PostgresStore.hold_exporter`) is one more advisory lock on that
+  same session, so it ends with it.
 - Errors are StoreError with a StorageReason (storage_health.classify_postgres); a message names
   the database by its URL without the password and carries only PostgreSQL's primary message,
   never its DETAIL (which quotes row values, tokens included).
@@ -63,6 +65,7 @@ OWNER_CHECK_TIMEOUT: Final = 10.0
 # Advisory lock keys are (class, key) pairs of int4; refresherd's classes, picked at random.
 MIGRATION_LOCK: Final = (0x52464401, 0)
 OWNER_LOCK_CLASS: Final = 0x52464402
+EXPORTER_LOCK: Final = (0x52464403, 0)
 
 # A connection of our own or one lent by the pool: the same methods.
 _Conn: TypeAlias = (
@@ -86,7 +89,7 @@ _STAGING: Final = (
 )
 
 # An owner row no token set names, as lease holder or as the owner of a journaled attempt
-# (refresher._sent_elsewhere asks whether that one lives): only such a row may be forgotten.
+# (Refresher._sent_elsewhere asks whether that one lives): only such a row may be forgotten.
 _UNREFERENCED: Final = (
     "NOT EXISTS (SELECT 1 FROM token_sets WHERE lease_owner = o.owner)"
     " AND NOT EXISTS (SELECT 1 FROM token_sets WHERE attempt_started_at IS NOT NULL"
@@ -428,6 +431,33 @@ class PostgresStore(SqlStore):
                     held = 0
             if not held and self._owner_conn is conn:
                 return
+
+    async def hold_exporter(self) -> bool:
+        """True while this process exports the database's figures; becomes it if none is.
+
+        The role is a session-level advisory lock (EXPORTER_LOCK) on the owner's connection:
+        the server drops it when that session ends, however it ends, and the next daemon to ask
+        takes it. A session's advisory locks stack (each take needs its own unlock), so it is
+        never taken twice: the one statement asks pg_locks whether this session holds it and
+        only tries to take it if not. With the owner connection gone, or a check that fails,
+        the answer is False (a StoreError for the failure): a session that may have ended
+        cannot know it still holds anything, and two exporters would double every sum, while
+        none only leaves a gap until the next check."""
+        conn = self._owner_conn
+        if conn is None or conn.is_closed() or self._owner_gone.is_set():
+            return False
+        async with self._owner_check:  # one statement at a time on the owner connection
+            try:
+                held = await conn.fetchval(
+                    "SELECT CASE WHEN EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory'"
+                    " AND pid = pg_backend_pid() AND classid = $1::int::oid"
+                    " AND objid = $2::int::oid AND objsubid = 2 AND granted)"
+                    " THEN true ELSE pg_try_advisory_lock($1::int, $2::int) END",
+                    *EXPORTER_LOCK,
+                )
+            except _DRIVER_ERRORS as exc:
+                raise self._error(exc, "cannot tell whether this daemon is the exporter") from None
+        return bool(held) and self._owner_conn is conn and not self._owner_gone.is_set()
 
     async def schema_version(self) -> int:
         return int(await self._value("SELECT version FROM refresherd_schema"))

@@ -5,7 +5,8 @@ One aiosqlite connection per process, in autocommit mode; every multi-statement 
 WAL with ``synchronous=FULL``: a commit that returned is on disk, which is what lets the
 refresher promise "persisted before used or reported". Single writes share commits (group
 commit, :meth:`SqliteStore._write`); gauges and listings read on a second connection. Lease
-owners hold an flock next to the database (refresherd.ownership).
+owners, and the one daemon that exports the database's figures, hold an flock next to the
+database (refresherd.ownership).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import aiosqlite
 import anyio
 
 from refresherd.encryption import TokenCipher
-from refresherd.ownership import OwnerLock, is_alive, owners_dir
+from refresherd.ownership import OwnerLock, is_alive, owners_dir, take_exporter_lock
 from refresherd.storage_health import classify
 from refresherd.store.contract import (
     NewTokenSet,
@@ -247,6 +248,9 @@ class SqliteStore(SqlStore):
         self._report_lock = anyio.Lock()
         # Seals the token columns when set (encryption at rest); None: plaintext.
         self.cipher = cipher
+        # While owner() holds: our owner lock, and the exporter lock's descriptor once taken.
+        self._owner_lock: OwnerLock | None = None
+        self._exporter_fd: int | None = None
 
     @classmethod
     async def open(
@@ -324,6 +328,7 @@ class SqliteStore(SqlStore):
                 await self._conn.execute(f"PRAGMA user_version = {index + 1}")
 
     async def close(self) -> None:
+        self._release_exporter()
         try:
             if self._report_conn is not None:
                 await self._report_conn.close()
@@ -340,10 +345,34 @@ class SqliteStore(SqlStore):
         the life of the context; yields the owner id leases are taken under."""
         lock = OwnerLock(self.path, name)
         owner = lock.acquire()
+        self._owner_lock = lock
         try:
             yield owner
         finally:
+            self._owner_lock = None
+            self._release_exporter()
             lock.release()
+
+    async def hold_exporter(self) -> bool:
+        """True while this process is the one that exports the database's figures; becomes it
+        if none is. An flock on ``<database>.owners/database-exporter``, taken without waiting
+        and kept (the descriptor stays open) until owner() ends or the process dies, whichever
+        way it dies: the kernel then lets the next daemon that asks take it."""
+        if self._owner_lock is None:
+            return False
+        if self._exporter_fd is None:
+            try:
+                self._exporter_fd = take_exporter_lock(self.path)
+            except OSError as exc:
+                raise StoreError(
+                    f"database {self.path}: cannot take the exporter lock: {exc.strerror or exc}"
+                ) from exc
+        return self._exporter_fd is not None
+
+    def _release_exporter(self) -> None:
+        if self._exporter_fd is not None:
+            os.close(self._exporter_fd)
+            self._exporter_fd = None
 
     async def owner_alive(self, owner: str) -> bool:
         return is_alive(self.path, owner)
