@@ -803,7 +803,10 @@ def _parse_encryption(t: _Table) -> EncryptionConfig | None:
     else:
         with ctx.collecting():
             path = _credential_path(t, "key_credential", instead="key_file")
-            key = _encryption_key(ctx, t.key("key_credential"), path)
+            # A credential's mode is its provider's (systemd: 0400; a Kubernetes Secret with
+            # fsGroup: 0440, whatever defaultMode says), not the user's to chmod: no warning,
+            # as for the other credentials.
+            key = _encryption_key(ctx, t.key("key_credential"), path, check_mode=False)
     previous = t.data.get("previous_key_files", [])
     old: list[Secret] = []
     if not isinstance(previous, list) or not all(isinstance(p, str) and p for p in previous):
@@ -816,11 +819,12 @@ def _parse_encryption(t: _Table) -> EncryptionConfig | None:
     return EncryptionConfig(key=key, previous_keys=tuple(old))
 
 
-def _encryption_key(ctx: _Context, key: str, path: Path) -> Secret:
-    """A key file's content, checked to be 32 bytes of base64; a warning if others may read it."""
+def _encryption_key(ctx: _Context, key: str, path: Path, *, check_mode: bool = True) -> Secret:
+    """A key file's content, checked to be 32 bytes of base64; a warning if others may read it
+    (``check_mode``)."""
     from refresherd.encryption import decode_key  # the cryptography import only when used
 
-    secret = _secret_file(ctx, key, path)
+    secret = _secret_file(ctx, key, path) if check_mode else _read_secret_file(ctx, key, path)[0]
     try:
         decode_key(secret.reveal())
     except ValueError as exc:
