@@ -135,6 +135,12 @@ def test_two_daemons_on_one_database(
     assert min(row["version"] for row in rows.values()) >= 3
     by_first, by_second = len(refreshed_events(first)), len(refreshed_events(second))
     assert by_first > 0 and by_second > 0, (by_first, by_second)
-    assert by_first + by_second == idp.ledger.refreshes
+    # One IdP request per refresh, but for a second send of the same token: a hedge beside a
+    # send answered late (a loaded machine) or a send again after a timeout; each is a line.
+    again = sum(
+        len(d.events(e)) for d in (first, second) for e in ("refresh hedge", "refresh retry")
+    )
+    assert by_first + by_second + again == idp.ledger.refreshes, again
+    assert again <= 0.05 * idp.ledger.refreshes, again
     time.sleep(max(0.0, 5.5 - (time.monotonic() - stopped)))
     assert_stored_tokens_are_the_live_ones(idp, rows, users=sorted(rows))
