@@ -52,6 +52,7 @@ LAYER_OF: dict[str, str] = {
     "refresherd.storage_health": "pure core",
     "refresherd.worker_metrics": "pure core",
     "refresherd.encryption": "pure core",  # AES-GCM on values; imports the model only
+    "refresherd.connect": "pure core",  # connect links and callbacks, judged from values
     # adapters: the outside world (databases, the IdP, HTTP, files, env, systemd).
     "refresherd.store": "adapters",  # the package's surface and open_store
     "refresherd.store.contract": "adapters",  # TokenStore, its values and errors
