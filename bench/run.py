@@ -264,19 +264,19 @@ def profiled(pid: int, out: Path | None, seconds: float) -> Iterator[None]:
 # Where a sample of the daemon's threads is, by the first matching frame from the top.
 _CATEGORIES = (
     ("idle (waiting for I/O)", ("EpollSelector.select", "core.py:59)")),
-    ("HTTP: endpoint.py + aiohttp", ("(refresherd/endpoint.py", "aiohttp/")),
+    ("HTTP: idp/ + aiohttp", ("(refresherd/idp/", "aiohttp/")),
     ("SQLite: store/ + aiosqlite", ("(refresherd/store/", "aiosqlite/")),
     ("logging: structlog", ("structlog/", "refresherd/logs.py")),
-    ("metrics: prometheus_client + /metrics", ("prometheus_client/", "refresherd/server.py")),
+    ("metrics: prometheus_client + /metrics", ("prometheus_client/", "refresherd/web/app.py")),
     ("scheduler.py", ("(refresherd/scheduler.py",)),
-    ("refresher.py + policy.py", ("(refresherd/refresher.py", "(refresherd/policy.py")),
+    ("refresh/ + policy.py", ("(refresherd/refresh/", "(refresherd/policy.py")),
     ("anyio + asyncio machinery", ("anyio/", "asyncio/")),
 )
 
 
 def summarize_profile(path: Path) -> dict[str, dict[str, float]]:
     """Per thread, the share of samples in each category: the innermost frame of our code or
-    a library decides (SQL run from refresher.py counts as SQLite), then idle, then the loop."""
+    a library decides (SQL run from refresh/ counts as SQLite), then idle, then the loop."""
     if not path.exists():
         print(f"(no profile: is py-spy installed? {path})")
         return {}

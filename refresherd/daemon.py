@@ -8,6 +8,7 @@ journal entry makes the next start recover it) and exit 0. SIGHUP reloads the co
 from __future__ import annotations
 
 import contextlib
+import random
 import signal
 import socket
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -25,25 +26,31 @@ from starlette.middleware import Middleware
 from starlette.routing import BaseRoute
 
 from refresherd import logs
-from refresherd.api import BearerAuth, TokenApi
 from refresherd.clock import Clock, SystemClock
 from refresherd.config import load_config
-from refresherd.discovery import EX_UNAVAILABLE, DiscoveryError, resolve_providers
 from refresherd.encryption import cipher_for
-from refresherd.endpoint import TokenEndpoint
+from refresherd.events import EventQueue
 from refresherd.expiry import ExpiryWatcher
 from refresherd.hooks import Hooks
+from refresherd.idp.discovery import EX_UNAVAILABLE, DiscoveryError, resolve_providers
+from refresherd.idp.endpoint import TokenEndpoint
 from refresherd.intake import MAX_GRACE_PERIOD
 from refresherd.metrics import BACKGROUND_TASKS, INVALIDATION_REASONS, Metrics
 from refresherd.model import State, TokenSet, rfc3339
-from refresherd.refresher import PERSIST_DEADLINE, PERSIST_RETRY_MAX, Refresher
+from refresherd.refresh.grants import PERSIST_DEADLINE, PERSIST_RETRY_MAX, Grants
+from refresherd.refresh.leases import Leases
+from refresherd.refresh.providers import Providers
+from refresherd.refresh.refresher import Refresher
+from refresherd.refresh.storage import StorageWatch
 from refresherd.scheduler import Scheduler
 from refresherd.sdnotify import Notifier
-from refresherd.server import bind_socket, bind_unix_socket, build_app, serve
 from refresherd.settings import EX_CONFIG, Config, ConfigError, ProviderConfig, share_problem
 from refresherd.storage_health import StorageReason
 from refresherd.store import DatabaseMisconfigured, StoreError, TokenStore, open_store
 from refresherd.supervisor import supervise
+from refresherd.web.app import bind_socket, bind_unix_socket, build_app, serve
+from refresherd.web.auth import BearerAuth
+from refresherd.web.tokens import TokenApi
 from refresherd.worker_metrics import merged_registry
 from refresherd.workers import (
     WorkerPool,
@@ -91,13 +98,24 @@ def max_grace(config: Config) -> float:
 
 @dataclass
 class Runtime:
-    """The parts one refresh needs, shared by the daemon and `refresherd refresh ID`."""
+    """The parts one refresh needs, shared by the daemon and `refresherd refresh ID`: built by
+    :func:`open_runtime`, each handed to what needs it (the refresher, the scheduler, the token
+    API), never read back out of the refresher."""
 
     config: Config
     store: TokenStore
     owner: str
     metrics: Metrics
-    endpoints: dict[str, TokenEndpoint]
+    # The providers' live set: settings, endpoints, throttles, circuits (a reload replaces it).
+    providers: Providers
+    # Is the database taking writes (the pause, its probes, the grants held in memory).
+    storage: StorageWatch
+    # This process's leases: the owner id and the lease duration (a reload sets it).
+    leases: Leases
+    # Grant persistence; ``hold`` while the daemon runs (a refused grant is held until stored).
+    grants: Grants
+    # Token-set events, queued in the database (a [hooks] dispatcher here is woken by them).
+    events: EventQueue
     refresher: Refresher
 
 
@@ -116,18 +134,47 @@ async def open_runtime(
         async with store.owner(config.daemon.instance_name) as owner:
             try:
                 metrics = metrics or Metrics()
+                clock = clock or SystemClock()
+                rng = random.Random()
                 endpoints = build_endpoints(config.providers)
+                providers = Providers(config.providers, endpoints, config.schedule)
+                storage = StorageWatch(store=store, owner=owner, metrics=metrics, clock=clock)
+                leases = Leases(
+                    store=store,
+                    owner=owner,
+                    duration=config.daemon.lease_duration,
+                    clock=clock,
+                    storage=storage,
+                )
+                grants = Grants(
+                    store=store, owner=owner, storage=storage, metrics=metrics, clock=clock, rng=rng
+                )
+                # Invalidations and recoveries, queued in the database whatever the process
+                # and its [hooks] (refresherd.events).
+                events = EventQueue(store=store, metrics=metrics, clock=clock)
                 refresher = Refresher(
                     store=store,
-                    providers=config.providers,
-                    endpoints=endpoints,
-                    schedule=config.schedule,
+                    providers=providers,
+                    leases=leases,
+                    grants=grants,
+                    storage=storage,
                     metrics=metrics,
-                    owner=owner,
-                    lease_duration=config.daemon.lease_duration,
+                    events=events,
                     clock=clock,
+                    rng=rng,
                 )
-                yield Runtime(config, store, owner, metrics, endpoints, refresher)
+                yield Runtime(
+                    config,
+                    store,
+                    owner,
+                    metrics,
+                    providers=providers,
+                    storage=storage,
+                    leases=leases,
+                    grants=grants,
+                    events=events,
+                    refresher=refresher,
+                )
             finally:
                 with anyio.CancelScope(shield=True):
                     try:
@@ -247,6 +294,9 @@ class Daemon:
         scheduler = Scheduler(
             store=rt.store,
             refresher=rt.refresher,
+            leases=rt.leases,
+            storage=rt.storage,
+            circuits=rt.providers.circuits,
             metrics=rt.metrics,
             concurrency=config.daemon.concurrency,
             poll_interval=config.daemon.poll_interval,
@@ -286,7 +336,10 @@ class Daemon:
                 hooks = Hooks(
                     store=rt.store, config=config.hooks, metrics=rt.metrics, clock=self.clock
                 )
-                rt.refresher.events = self.hooks = hooks
+                self.hooks = hooks
+                # Events queued in this process (the refresher's, the expiry watcher's) wake
+                # the dispatcher at once.
+                rt.events.on_queued = hooks.wake
                 tg.start_soon(self._notify, hooks)
             if self.worker is None:
                 # The whole database's gauges, expiry and event pruning (after the hooks,
@@ -305,7 +358,7 @@ class Daemon:
                 server_done.set()
             # A grant the database refuses is held until it takes it (until shutdown starts);
             # set before the scheduler starts, whose crash recovery may refresh at once.
-            rt.refresher.hold_grants = True
+            rt.grants.hold = True
             await tg.start(self._work, scheduler, server_stop, server_done, tg.cancel_scope)
             if self.pool is not None:
                 tg.start_soon(self.pool.run)
@@ -357,6 +410,8 @@ class Daemon:
             token_api = TokenApi(
                 store=rt.store,
                 refresher=rt.refresher,
+                providers=rt.providers,
+                storage=rt.storage,
                 config=api,
                 clock=self.clock,
                 wake=scheduler.wake,
@@ -415,8 +470,8 @@ class Daemon:
                     + WORKER_STOP_MARGIN
                 )
             if self._rt is not None:
-                # From now on a grant storage refuses is held for refresher.PERSIST_DEADLINE.
-                self._rt.refresher.hold_grants = False
+                # From now on a grant storage refuses is held for PERSIST_DEADLINE (grants).
+                self._rt.grants.hold = False
             self.notifier.notify("STOPPING=1", "STATUS=draining in-flight refreshes")
             scheduler.stop()
             refresher.close()
@@ -501,21 +556,19 @@ class Daemon:
                 log.warning("this setting only takes effect after a restart", key=what)
         for warning in new.warnings:
             log.warning("config", warning=warning)
-        old_endpoints = rt.endpoints
+        old_endpoints = rt.providers.endpoints
         endpoints = {
             name: old_endpoints[name]
             if name in old_endpoints and old.providers.get(name) == p
             else TokenEndpoint(p)
             for name, p in new.providers.items()
         }
-        rt.refresher.reconfigure(
-            providers=new.providers,
-            endpoints=endpoints,
-            schedule=new.schedule,
-            lease_duration=new.daemon.lease_duration,
+        # In-flight refreshes keep the settings and endpoint they started with.
+        rt.providers.reconfigure(
+            providers=new.providers, endpoints=endpoints, schedule=new.schedule
         )
+        rt.leases.duration = new.daemon.lease_duration
         retired = [e for name, e in old_endpoints.items() if endpoints.get(name) is not e]
-        rt.endpoints = endpoints
         if self._scheduler is not None:
             self._scheduler.concurrency = new.daemon.concurrency
             self._scheduler.poll_interval = new.daemon.poll_interval
@@ -568,11 +621,11 @@ class Daemon:
             for reason in INVALIDATION_REASONS:
                 rt.metrics.invalidations.labels(name, reason)
             rt.metrics.circuit_open.labels(name).set(
-                1 if rt.refresher.circuits.is_open(name) else 0
+                1 if rt.providers.circuits.is_open(name) else 0
             )
             for state in State:
                 rt.metrics.token_sets.labels(name, state.value)
-        rt.metrics.storage_writable.set(0 if rt.refresher.storage.paused else 1)
+        rt.metrics.storage_writable.set(0 if rt.storage.paused else 1)
         for reason in StorageReason:
             rt.metrics.storage_pauses.labels(reason.value)
         for result in ("ok", "failed"):
@@ -583,7 +636,7 @@ class Daemon:
     def _expiry_watcher(self, rt: Runtime) -> ExpiryWatcher:
         # Queued with or without [hooks]: the warning is given once per expiry (marked in the
         # database), and a daemon of the fleet that has [hooks] delivers it.
-        events = rt.refresher.events
+        events = rt.events
 
         async def expiring(ts: TokenSet, expires_at: float) -> None:
             if events is not None:
@@ -720,7 +773,7 @@ class Daemon:
         if now < self._pruned_at + PRUNE_INTERVAL:
             return
         self._pruned_at = now
-        if rt.refresher.storage.paused:  # a paused store is probed, not written to
+        if rt.storage.paused:  # a paused store is probed, not written to
             return
         try:
             events, deliveries = await rt.store.prune_events(
@@ -742,7 +795,7 @@ class Daemon:
     async def _checkpoint(self, rt: Runtime) -> None:
         """A passive checkpoint, so the WAL is copied back while the daemon is idle, too (a
         long-lived reader may have held it back); the file's size is a gauge."""
-        if not rt.refresher.storage.paused:  # a paused store is probed, not written to
+        if not rt.storage.paused:  # a paused store is probed, not written to
             try:
                 await rt.store.checkpoint()
             except StoreError as exc:
@@ -761,7 +814,7 @@ class Daemon:
             problems.append("shutting down")
         if self._rt is None:
             return [*problems, "not started"]
-        health = self._rt.refresher.storage
+        health = self._rt.storage.health
         if health.paused and health.reason is not None:
             # Known without asking the database, which may be locked: a ping would only queue
             # behind the blocked writes and time the answer out.
@@ -776,7 +829,7 @@ class Daemon:
                 problems.append(f"database: {exc}")
         if self._scheduler is not None and not self._scheduler.storage_ok:
             problems.append("database: the scheduler cannot read it")
-        held = self._rt.refresher.unpersisted_grants
+        held = self._rt.storage.held_grants
         if held:
             problems.append(
                 f"storage: {held} received grant(s) held in memory, not yet persisted; "

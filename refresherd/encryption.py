@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Final
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from refresherd.errors import RefresherdError
 from refresherd.model import Secret
 
 if TYPE_CHECKING:
@@ -31,7 +32,7 @@ KEY_ID_CHARS: Final = 16
 _NONCE_BYTES: Final = 12
 
 
-class EncryptionError(Exception):
+class EncryptionError(RefresherdError):
     """A value cannot be sealed or opened. Never carries a token or key value."""
 
 

@@ -33,6 +33,7 @@ import httpx
 
 from refresherd import policy
 from refresherd.clock import Clock, SystemClock
+from refresherd.errors import RefresherdError
 from refresherd.events import EVENT_TYPES, EventQueue
 from refresherd.logs import get_logger
 from refresherd.metrics import Metrics
@@ -60,7 +61,7 @@ def signature(secret: bytes, body: bytes) -> str:
     return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
 
 
-class DeliveryFailed(Exception):
+class DeliveryFailed(RefresherdError):
     """One attempt failed; the message is safe to log (no payload, no secret)."""
 
 

@@ -1,23 +1,27 @@
 """Token sets coming in from outside (``tokens add``, ``tokens import``): validate, plan, build.
 
 Pure: input is the decoded JSON and ``now``; output is a :class:`NewTokenSet` or a ValueError
-that says which field is wrong. Unknown fields (``id_token``, ``scope`` extras a real IdP sends)
-are ignored, so a token response can be piped in as it came; except one that looks like a
-misspelt per-set policy field (``refersh_token_usage``), which is refused with a suggestion:
-ignored, it would leave the set under its provider's policy without a word.
+that says which field is wrong. The token response's own fields are read by the rules the
+token endpoint reads an IdP's answer by (:mod:`refresherd.idp.token_response`); added here are
+``expires_at``, the per-set policy fields and the lines of an import. Fields not read
+(``id_token``, the extras a real IdP sends) are ignored, so a token response can be piped in
+as it came; except one that looks like a misspelt per-set policy field
+(``refersh_token_usage``), which is refused with a suggestion: ignored, it would leave the set
+under its provider's policy without a word.
 """
 
 from __future__ import annotations
 
 import enum
 import json
-import math
 import re
 from collections.abc import Iterator, Mapping
 from datetime import datetime
 from typing import IO, Any, Final, NamedTuple, TypeVar
 
 from refresherd import policy
+from refresherd.errors import InvalidInput
+from refresherd.idp import token_response
 from refresherd.model import RefreshMode, RefreshTokenUsage, Secret, validate_token_set_id
 from refresherd.settings import ConfigError, ScheduleConfig, did_you_mean, parse_duration
 from refresherd.store import NewTokenSet
@@ -25,54 +29,14 @@ from refresherd.store import NewTokenSet
 _E = TypeVar("_E", bound=enum.StrEnum)
 
 MAX_LINE_BYTES = 1024 * 1024
-# No access token lives this long (the same bound as endpoint.parse_expires_in).
-MAX_LIFETIME = 10 * 365 * 86400.0
 
 
-class InputError(ValueError):
+class InputError(InvalidInput, ValueError):
     """Bad token input; ``where`` names the line (import) or the source."""
 
     def __init__(self, where: str, message: str) -> None:
         self.where = where
         super().__init__(f"{where}: {message}")
-
-
-def _storable(value: str, key: str) -> str:
-    """JSON may carry lone surrogates (``"\\ud800"``): a str that SQLite cannot store."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError(f"{key} must be valid Unicode text (no lone surrogates)") from None
-    return value
-
-
-def _optional_str(data: Mapping[str, Any], key: str) -> str | None:
-    value = data.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"{key} must be a non-empty string")
-    return _storable(value, key)
-
-
-def _number(data: Mapping[str, Any], key: str) -> float | None:
-    value = data.get(key)
-    if value is None:
-        return None
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            raise ValueError(f"{key} must be a number") from None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{key} must be a number")
-    try:
-        number = float(value)  # a JSON integer can be too large for a float
-    except OverflowError:
-        raise ValueError(f"{key} must be a finite number") from None
-    if not math.isfinite(number):
-        raise ValueError(f"{key} must be a finite number")
-    return number
 
 
 # The same bounds the provider config puts on these settings (config.py).
@@ -94,9 +58,9 @@ def _duration(data: Mapping[str, Any], key: str) -> float | None:
     else:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ValueError(f'{key} must be a number of seconds or a duration such as "30s"')
-        number = _number(data, key)  # finite, and fits a float
-        assert number is not None
-        seconds = number
+        finite = token_response.number(data, key)  # finite, and fits a float
+        assert finite is not None
+        seconds = finite
     if seconds < 0:
         raise ValueError(f"{key} must not be negative")
     return seconds
@@ -127,7 +91,7 @@ def _lifetime(data: Mapping[str, Any], key: str) -> float | None:
     if lifetime is not None:
         if lifetime <= 0:
             raise ValueError(f"{key} must be positive")
-        if lifetime > MAX_LIFETIME:
+        if lifetime > token_response.MAX_LIFETIME:
             raise ValueError(f"{key} is larger than ten years")
     return lifetime
 
@@ -141,19 +105,7 @@ POLICY_FIELDS: Final = (
     "refresh_mode",
 )
 _KNOWN_FIELDS: Final = frozenset(
-    {
-        *POLICY_FIELDS,
-        "id",
-        "provider",
-        "refresh_token",
-        "access_token",
-        "token_type",
-        "scope",
-        "expires_in",
-        "expires_at",
-        "refresh_token_expires_in",
-        "refresh_expires_in",
-    }
+    {*POLICY_FIELDS, *token_response.GRANT_FIELDS, "id", "provider", "expires_at"}
 )
 # How alike a field must be to a policy field to be taken for its misspelling (difflib's
 # ratio; the config file's suggestions use 0.6). Higher than there: a token response carries
@@ -190,12 +142,8 @@ def _policy(data: Mapping[str, Any]) -> SetPolicy:
 
 def _expires_at(data: Mapping[str, Any], now: float) -> tuple[float | None, float | None]:
     """(expires_at, lifetime) from ``expires_in`` (preferred) or ``expires_at``."""
-    expires_in = _number(data, "expires_in")
+    expires_in = token_response.lifetime(data, "expires_in")
     if expires_in is not None:
-        if expires_in < 0:
-            raise ValueError("expires_in must not be negative")
-        if expires_in > MAX_LIFETIME:
-            raise ValueError("expires_in is larger than ten years")
         return now + expires_in, expires_in
     raw = data.get("expires_at")
     if raw is None:
@@ -212,9 +160,9 @@ def _expires_at(data: Mapping[str, Any], now: float) -> tuple[float | None, floa
             raise ValueError("expires_at must carry a time zone (e.g. a trailing Z)")
         value: float | None = parsed.timestamp()
     else:
-        value = _number(data, "expires_at")
+        value = token_response.number(data, "expires_at")
     assert value is not None
-    if value > now + MAX_LIFETIME:
+    if value > now + token_response.MAX_LIFETIME:
         # Most likely milliseconds: planned from it, the token would never be refreshed.
         raise ValueError("expires_at is more than ten years ahead (Unix seconds expected)")
     return value, None
@@ -234,13 +182,11 @@ def token_set_from_json(
     are spread out (policy.plan_imported_refresh)."""
     if not isinstance(data, dict):
         raise ValueError("expected a JSON object (a token response)")
-    refresh = data.get("refresh_token")
-    if not isinstance(refresh, str) or not refresh:
-        raise ValueError("refresh_token is required and must be a non-empty string")
-    _storable(refresh, "refresh_token")
-    access = _optional_str(data, "access_token")
-    token_type = _optional_str(data, "token_type")
-    scope = _optional_str(data, "scope")
+    refresh = token_response.text(data, "refresh_token", required=True)
+    assert refresh is not None
+    access = token_response.text(data, "access_token")
+    token_type = token_response.text(data, "token_type")
+    scope = token_response.text(data, "scope")
     expires_at, lifetime = _expires_at(data, now)
     set_policy = _policy(data)
     # Without an access token there is nothing to keep fresh yet: due at once.
@@ -266,16 +212,23 @@ def token_set_from_json(
 
 
 def _refresh_expires_at(data: Mapping[str, Any], now: float) -> float | None:
-    """The refresh token's own lifetime, where the IdP states it. Informational: a value that
-    cannot be read is left out rather than refusing the token set."""
-    for key in ("refresh_token_expires_in", "refresh_expires_in"):
-        try:
-            seconds = _number(data, key)
-        except ValueError:
-            continue
-        if seconds is not None and 0 < seconds <= 10 * 365 * 86400:
-            return now + seconds
-    return None
+    """The refresh token's own expiry, where the token response states its lifetime."""
+    seconds = token_response.refresh_lifetime(data)
+    return now + seconds if seconds is not None else None
+
+
+def _decode(text: str, where: str, *, one_line: bool = False) -> object:
+    """JSON text as a value; InputError naming ``where`` and the place (its column, and its
+    line unless ``where`` names the line) if it is not JSON."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise InputError(where, "not valid JSON (nested too deeply)") from None
+    except ValueError as exc:
+        at = f"column {getattr(exc, 'colno', '?')}"
+        if not one_line:
+            at = f"line {getattr(exc, 'lineno', '?')} {at}"
+        raise InputError(where, f"not valid JSON ({exc.__class__.__name__} at {at})") from None
 
 
 def parse_single(
@@ -287,16 +240,7 @@ def parse_single(
     schedule: ScheduleConfig,
     rand: float,
 ) -> NewTokenSet:
-    try:
-        data = json.loads(text)
-    except RecursionError:
-        raise InputError("stdin", "not valid JSON (nested too deeply)") from None
-    except ValueError as exc:
-        raise InputError(
-            "stdin",
-            f"not valid JSON ({exc.__class__.__name__} at "
-            f"line {getattr(exc, 'lineno', '?')} column {getattr(exc, 'colno', '?')})",
-        ) from None
+    data = _decode(text, "stdin")
     try:
         return token_set_from_json(
             data,
@@ -353,15 +297,7 @@ def iter_lines(
             raise InputError(where, f"line longer than {MAX_LINE_BYTES} bytes")
         if not line.strip():
             continue
-        try:
-            data = json.loads(line)
-        except RecursionError:
-            raise InputError(where, "not valid JSON (nested too deeply)") from None
-        except ValueError as exc:
-            raise InputError(
-                where,
-                f"not valid JSON ({exc.__class__.__name__} at column {getattr(exc, 'colno', '?')})",
-            ) from None
+        data = _decode(line, where, one_line=True)
         try:
             if not isinstance(data, dict):
                 raise ValueError("expected a JSON object")

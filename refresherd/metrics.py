@@ -21,15 +21,13 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from refresherd.model import InvalidationReason
+
 # Token requests take 50 ms to a few seconds; the upper buckets catch timeouts.
 DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 # The reasons of refresherd_invalidations_total (policy.decide). Their series exist from the
 # start, so that increase() sees the first invalidation after a restart, too.
-INVALIDATION_REASONS: Final = (
-    "invalid_grant",
-    "invalid_grant_after_unresolved_attempt",
-    "grace_window_missed",
-)
+INVALIDATION_REASONS: Final = tuple(reason.value for reason in InvalidationReason)
 # The background loops refresherd.supervisor keeps running: the task label's values.
 BACKGROUND_TASKS: Final = ("hooks", "expiry", "gauges")
 # The families DatabaseFigures holds (sample names without _total): exported by one daemon per

@@ -17,6 +17,7 @@ import hashlib
 import time
 from dataclasses import dataclass
 
+from refresherd.errors import RefresherdError
 from refresherd.store import Location, StoreError, TokenStore, open_store
 
 # Tables in the order they are moved: the small queue first, so a failure on the big table
@@ -25,7 +26,7 @@ from refresherd.store import Location, StoreError, TokenStore, open_store
 TABLES = ("hook_events", "hook_deliveries", "invalidation_counts", "token_sets")
 
 
-class MigrateRefused(Exception):
+class MigrateRefused(RefresherdError):
     """The migration would not be safe now; the message says why and what to do."""
 
 

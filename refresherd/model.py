@@ -189,6 +189,17 @@ class FailureKind(enum.StrEnum):
     OAUTH_ERROR = "oauth_error"  # any other 4xx: not processed, retry much later
 
 
+class InvalidationReason(enum.StrEnum):
+    """Why a token set was invalidated (policy.decide): the ``reason`` of the
+    ``refresherd_invalidations_total`` metric and of the stored ``invalid_reason``."""
+
+    INVALID_GRANT = "invalid_grant"  # the IdP refused a token nothing had consumed
+    # Refused after a send of the series may have rotated it, and the one retry spent.
+    INVALID_GRANT_AFTER_UNRESOLVED = "invalid_grant_after_unresolved_attempt"
+    # A one-time token's grace window closed with every send of it unanswered.
+    GRACE_WINDOW_MISSED = "grace_window_missed"
+
+
 @dataclass(frozen=True, slots=True)
 class Failure:
     """A failed attempt, free of secrets. ``reason`` is a bounded metric label."""

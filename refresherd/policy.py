@@ -13,6 +13,7 @@ from refresherd.model import (
     Attempt,
     Failure,
     FailureKind,
+    InvalidationReason,
     RefreshMode,
     RefreshTokenUsage,
     State,
@@ -337,7 +338,7 @@ class Backoff:
 class Invalidate:
     """The refresh token is dead: stop, record ``reason``, the customer must authorize again."""
 
-    reason: str
+    reason: InvalidationReason
 
 
 @dataclass(frozen=True, slots=True)
@@ -352,10 +353,10 @@ class SuspectProvider:
 
 Decision = SendAgain | Backoff | Invalidate | OpenCircuit | SuspectProvider
 
-# Invalidation reasons (a bounded metric label).
-GRACE_WINDOW_MISSED: Final = "grace_window_missed"
-INVALID_GRANT: Final = "invalid_grant"
-INVALID_GRANT_AFTER_UNRESOLVED: Final = "invalid_grant_after_unresolved_attempt"
+# The invalidation reasons by the names the refresher uses (model.InvalidationReason).
+GRACE_WINDOW_MISSED: Final = InvalidationReason.GRACE_WINDOW_MISSED
+INVALID_GRANT: Final = InvalidationReason.INVALID_GRANT
+INVALID_GRANT_AFTER_UNRESOLVED: Final = InvalidationReason.INVALID_GRANT_AFTER_UNRESOLVED
 
 # Refused refresh tokens of one provider in a row, with no success in between, from which on
 # invalid_grant is taken for a configuration problem rather than a customer's revocation.

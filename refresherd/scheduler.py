@@ -19,7 +19,10 @@ from refresherd.clock import Clock
 from refresherd.logs import get_logger
 from refresherd.metrics import Metrics
 from refresherd.model import TokenSet
-from refresherd.refresher import Refresher
+from refresherd.refresh.circuits import ProviderCircuits
+from refresherd.refresh.leases import Leases
+from refresherd.refresh.refresher import Refresher
+from refresherd.refresh.storage import StorageWatch
 from refresherd.store import StoreError, TokenStore
 
 log = get_logger("refresherd.scheduler")
@@ -43,6 +46,9 @@ class Scheduler:
         *,
         store: TokenStore,
         refresher: Refresher,
+        leases: Leases,
+        storage: StorageWatch,
+        circuits: ProviderCircuits,
         metrics: Metrics,
         concurrency: int,
         poll_interval: float,
@@ -51,6 +57,12 @@ class Scheduler:
     ) -> None:
         self.store = store
         self.refresher = refresher
+        # This process's owner id and lease duration, for the batched claims.
+        self.leases = leases
+        # The storage pause: nothing is claimed while the database refuses writes.
+        self.storage = storage
+        # Providers whose circuit is open are not claimed for.
+        self.circuits = circuits
         self.metrics = metrics
         self.concurrency = concurrency
         self.poll_interval = poll_interval
@@ -99,7 +111,7 @@ class Scheduler:
             await self._reap_dead_owners(tg, force=True)
             await self._recover(tg)
             while not self._stopping:
-                if self.refresher.storage.paused:
+                if self.storage.paused:
                     await self._probe_storage()
                     continue
                 try:
@@ -108,14 +120,14 @@ class Scheduler:
                 except StoreError as exc:
                     self.storage_ok = False
                     # Logged once, by the pause it starts.
-                    self.refresher.storage_failed(exc, during="scheduling")
+                    self.storage.failed(exc, during="scheduling")
                     await self._wait(STORAGE_RETRY)
 
     async def _probe_storage(self) -> None:
         """Paused (storage refused a write): claim nothing, send nothing; probe with one
         harmless write when due, and wait for the next probe (or a stop, or a wake-up)."""
-        health = self.refresher.storage
-        if health.probe_due(self.clock.monotonic()) and await self.refresher.probe_storage():
+        health = self.storage.health
+        if health.probe_due(self.clock.monotonic()) and await self.storage.probe():
             self.storage_ok = True
             return
         if health.paused:
@@ -162,14 +174,14 @@ class Scheduler:
         await self._reap_dead_owners(tg)
         await self._notice_clock_step_back()
         now = self.clock.wall()
-        blocked = self.refresher.circuits.blocked(now)
+        blocked = self.circuits.blocked(now)
         free = self.concurrency - self._running
         if free > 0:
             # Each set as read under our new lease: the refresh starts from it, unclaimed again.
             claimed = await self.store.claim_due_sets(
-                owner=self.refresher.owner,
+                owner=self.leases.owner,
                 now=now,
-                lease_until=now + self.refresher.lease_duration,
+                lease_until=self.leases.until(now),
                 limit=free,
                 exclude_providers=blocked,
             )
@@ -243,7 +255,7 @@ class Scheduler:
             # A fault of one token set must never stop the others.
             log.exception("refresh crashed", token_set=token_set_id)
             with contextlib.suppress(StoreError):
-                await self.store.release(token_set_id, owner=self.refresher.owner)
+                await self.store.release(token_set_id, owner=self.leases.owner)
         finally:
             self._running -= 1
             self._wake.set()
@@ -299,7 +311,7 @@ class Scheduler:
         holders = await self.store.lease_holders(now=self.clock.wall())
         attempts = await self._open_attempts()
         holders |= {owner for _, owner in attempts if owner}
-        holders.discard(self.refresher.owner)
+        holders.discard(self.leases.owner)
         dead = {o for o in holders if not await self.store.owner_alive(o)}
         if not dead:
             return

@@ -21,6 +21,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
+from refresherd.errors import InvalidInput
 from refresherd.model import AuthMethod, RefreshMode, RefreshTokenUsage, Secret
 
 if TYPE_CHECKING:
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
 EX_CONFIG = 78
 
 
-class ConfigError(Exception):
+class ConfigError(InvalidInput):
     """A configuration problem, naming the file, the key and what was expected."""
 
     def __init__(self, file: str, key: str | None, message: str) -> None:
@@ -161,7 +162,7 @@ class ConnectConfig:
 @dataclass(frozen=True, slots=True)
 class ProviderConfig:
     name: str
-    # Empty when ``issuer`` is given: discovery (refresherd.discovery) fills it in at start.
+    # Empty when ``issuer`` is given: discovery (refresherd.idp.discovery) fills it in at start.
     token_url: str
     client_id: str
     client_secret: Secret = field(repr=False)

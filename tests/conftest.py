@@ -605,3 +605,11 @@ def drain_notifications(sock: socket.socket) -> list[str]:
         except TimeoutError:
             return messages
         messages.extend(data.decode().splitlines())
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """The daemon runs on asyncio; `@pytest.mark.anyio` tests run there unless a module says
+    otherwise (tests/test_client.py also runs the client on trio). Without this, anyio's
+    plugin runs them on every backend installed, and trio is (for the client's tests)."""
+    return "asyncio"

@@ -31,8 +31,8 @@ from conftest import (
 )
 from test_storage_faults import HELD, PAUSED, HeldLock
 
-from refresherd.api import openapi_document
 from refresherd.testing import FaultKind
+from refresherd.web.tokens import openapi_document
 
 IdPFactory = Callable[..., IdPHandle]
 Daemons = Callable[..., DaemonProcess]
@@ -153,6 +153,25 @@ def test_errors_are_json_with_stable_codes_and_the_bearer_is_required(
     response = client.get("ts-0000")
     assert (response.status_code, response.json()["error"]) == (409, "invalidated")
     assert response.json()["reason"] == "invalid_grant"
+
+
+def test_the_bearer_scheme_is_matched_whatever_its_case(
+    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons
+) -> None:
+    """The auth scheme is case-insensitive (RFC 9110 §11.1) and followed by one or more spaces
+    (§11.4): ``bearer x`` and ``BEARER x`` are the same credentials as ``Bearer x``. The token
+    itself is not: a token in the wrong case, or one glued to the scheme, is refused."""
+    handle, daemon, client, config = start(tmp_path, idp_factory, daemons)
+    import_tokens(config, handle.token_lines(PROVIDER, 1))
+    bearer = client.headers["Authorization"].removeprefix("Bearer ")
+    url = daemon.url("/v1/tokens/ts-0000")
+    for scheme in ("bearer", "BEARER", "bEaReR", "Bearer "):
+        response = httpx.get(url, headers={"Authorization": f"{scheme} {bearer}"})
+        assert response.status_code == 200, (scheme, response.text)
+        assert response.json()["id"] == "ts-0000"
+    for value in (f"bearer {bearer.upper()}", f"Bearer{bearer}", f"Basic {bearer}", "bearer"):
+        response = httpx.get(url, headers={"Authorization": value})
+        assert (response.status_code, response.json()["error"]) == (401, "unauthorized"), value
 
 
 def test_register_refuses_a_misspelt_policy_field_and_stores_nothing(

@@ -19,7 +19,7 @@ from conftest import (
     write_config,
 )
 
-from refresherd.endpoint import MAX_BODY_BYTES
+from refresherd.idp.transport import MAX_BODY_BYTES
 from refresherd.testing import FaultKind
 
 IdPFactory = Callable[..., IdPHandle]
@@ -32,7 +32,7 @@ SPOILT = [
     ),
     pytest.param(
         FaultKind.WRONG_TYPES_AFTER_ROTATE,
-        "access_token is missing or not a non-empty string",
+        "access_token is required and must be a non-empty string",
         id="wrong-types",
     ),
     pytest.param(

@@ -681,7 +681,7 @@ def test_use_until_takes_the_smaller_of_the_margins() -> None:
 
 def test_the_client_imports_nothing_of_the_daemon_and_requests_only_when_asked() -> None:
     heavy = ["aiohttp", "starlette", "hypercorn", "aiosqlite", "asyncpg", "requests"]
-    ours = ["refresherd.store", "refresherd.daemon", "refresherd.config", "refresherd.api"]
+    ours = ["refresherd.store", "refresherd.daemon", "refresherd.config", "refresherd.web"]
     script = (
         "import sys, json\n"
         "import refresherd.client\n"

@@ -221,7 +221,7 @@ def test_the_build_context_is_an_allowlist_that_builds_refresherd(tmp_path: Path
     assert result.returncode == 0, result.stdout + result.stderr
     (wheel,) = (tmp_path / "dist").glob("refresherd-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {"refresherd/daemon.py", "refresherd/py.typed", "refresherd/testing/fake_idp.py"} <= (
+    assert {"refresherd/daemon.py", "refresherd/py.typed", "refresherd/testing/server.py"} <= (
         names
     )
     assert any(n.endswith("entry_points.txt") for n in names)

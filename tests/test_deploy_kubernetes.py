@@ -52,7 +52,7 @@ from deploy_support import DEPLOY, ROOT
 
 from refresherd.config import load_config
 from refresherd.daemon import READINESS_TIMEOUT, SERVER_STOP_TIMEOUT
-from refresherd.refresher import PERSIST_DEADLINE, PERSIST_RETRY_MAX
+from refresherd.refresh.grants import PERSIST_DEADLINE, PERSIST_RETRY_MAX
 from refresherd.settings import parse_duration
 
 kubernetes_validate = pytest.importorskip(

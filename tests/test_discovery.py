@@ -14,8 +14,8 @@ import anyio
 import pytest
 from conftest import DaemonProcess, IdPHandle, free_port, import_tokens, run_cli, write_config
 
-from refresherd import discovery
-from refresherd.discovery import DiscoveredEndpoints, DiscoveryError, resolve
+from refresherd.idp import discovery
+from refresherd.idp.discovery import DiscoveredEndpoints, DiscoveryError, resolve
 
 IdPFactory = Callable[..., IdPHandle]
 Daemons = Callable[..., DaemonProcess]

@@ -26,9 +26,8 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from refresherd.endpoint import (
-    MAX_BODY_BYTES,
-    MAX_RETRY_AFTER,
+from refresherd.idp.endpoint import MAX_RETRY_AFTER, TokenEndpoint, parse_retry_after
+from refresherd.idp.failures import (
     Ambiguous,
     ClientRejected,
     EndpointError,
@@ -36,10 +35,9 @@ from refresherd.endpoint import (
     NotSent,
     OAuthError,
     RateLimited,
-    TokenEndpoint,
-    parse_grant,
-    parse_retry_after,
 )
+from refresherd.idp.token_response import parse_grant
+from refresherd.idp.transport import MAX_BODY_BYTES
 from refresherd.model import AuthMethod, FailureKind, Grant, Secret
 from refresherd.settings import ProviderConfig
 from refresherd.testing import FakeIdP, FaultKind
@@ -639,14 +637,14 @@ async def test_2xx_without_access_token_is_ambiguous_and_names_the_field() -> No
     exc, _ = await raw_refresh_error(canned(http_response(200, grant_json(access_token=...))))
     assert isinstance(exc, Ambiguous)
     assert exc.failure.reason == "malformed_response"
-    assert "access_token is missing" in str(exc)
+    assert "access_token is required" in str(exc)
 
 
 @pytest.mark.anyio
 async def test_negative_expires_in_is_ambiguous_and_names_the_field() -> None:
     exc, _ = await raw_refresh_error(canned(http_response(200, grant_json(expires_in=-60))))
     assert isinstance(exc, Ambiguous)
-    assert "expires_in is negative" in str(exc)
+    assert "expires_in must not be negative" in str(exc)
 
 
 @pytest.mark.anyio
@@ -657,9 +655,9 @@ async def test_negative_expires_in_is_ambiguous_and_names_the_field() -> None:
         ({"access_token": ""}, "access_token"),
         ({"access_token": [BODY_ACCESS]}, "access_token"),
         ({"token_type": ["Bearer"]}, "token_type"),
-        ({"expires_in": "soon"}, "expires_in is not a number"),
-        ({"expires_in": True}, "expires_in is not a number"),
-        ({"expires_in": {"seconds": 1}}, "expires_in is not a number"),
+        ({"expires_in": "soon"}, "expires_in must be a number"),
+        ({"expires_in": True}, "expires_in must be a number"),
+        ({"expires_in": {"seconds": 1}}, "expires_in must be a number"),
         ({"expires_in": 10**400}, "expires_in"),
         ({"refresh_token": 42}, "refresh_token"),
         ({"refresh_token": ""}, "refresh_token"),
@@ -699,7 +697,7 @@ async def test_lone_surrogate_in_a_token_is_refused_before_it_reaches_storage() 
     body = b'{"access_token": "at_\\ud800x", "token_type": "Bearer", "expires_in": 60}'
     exc, _ = await raw_refresh_error(canned(http_response(200, body)))
     assert isinstance(exc, Ambiguous)
-    assert "access_token is not valid Unicode text" in str(exc)
+    assert "access_token must be valid Unicode text" in str(exc)
 
 
 @pytest.mark.anyio

@@ -10,7 +10,9 @@ from typing import Any
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from refresherd.endpoint import EndpointError, _oauth_error, parse_grant
+from refresherd.idp.endpoint import _oauth_error
+from refresherd.idp.failures import EndpointError
+from refresherd.idp.token_response import parse_grant
 from refresherd.model import Secret
 
 # Token-like values no generated text contains by chance.

@@ -29,13 +29,14 @@ PACKAGE = Path(__file__).resolve().parent.parent / "refresherd"
 
 # Bottom to top. "apart" stands outside: refresherd.testing (the fake IdP users run in their
 # own tests) imports nothing else of refresherd, and only the entry (the demo) imports it.
-LAYERS = ("foundation", "pure core", "adapters", "orchestration", "composition", "entry")
+LAYERS = ("foundation", "pure core", "adapters", "refresh", "orchestration", "composition", "entry")
 APART = "apart"
 
 LAYER_OF: dict[str, str] = {
     # foundation: nouns, time, configuration types, logs and metrics objects.
     "refresherd": "foundation",  # __init__: the version
     "refresherd.model": "foundation",
+    "refresherd.errors": "foundation",  # the error tree's root and branches; imports nothing
     "refresherd.clock": "foundation",
     "refresherd.settings": "foundation",
     "refresherd.presets": "foundation",  # the known IdPs' settings, data only
@@ -64,22 +65,41 @@ LAYER_OF: dict[str, str] = {
     "refresherd.ownership": "adapters",
     "refresherd.config": "adapters",  # the TOML loader: files, env, credentials
     "refresherd.intake": "adapters",  # token responses from outside (CLI, token API)
-    "refresherd.endpoint": "adapters",
-    "refresherd.discovery": "adapters",
-    "refresherd.server": "adapters",
+    # The IdP's side (docs/architecture.md): the endpoint and what it stands on.
+    "refresherd.idp": "adapters",
+    "refresherd.idp.endpoint": "adapters",
+    "refresherd.idp.transport": "adapters",
+    "refresherd.idp.failures": "adapters",
+    "refresherd.idp.token_response": "adapters",  # shared with intake
+    "refresherd.idp.discovery": "adapters",
+    # The HTTP surface (web/): the ASGI app and its listeners, the bearer check.
+    "refresherd.web": "adapters",
+    "refresherd.web.app": "adapters",
+    "refresherd.web.auth": "adapters",
     "refresherd.events": "adapters",  # events queued in the database
     "refresherd.sdnotify": "adapters",
-    # orchestration: one refresh end to end, due claims, hooks, expiry, background loops.
-    "refresherd.refresher": "orchestration",
+    # refresh: one refresh of one token set end to end, step by step (refresh/__init__.py).
+    "refresherd.refresh": "refresh",
+    "refresherd.refresh.outcome": "refresh",
+    "refresherd.refresh.circuits": "refresh",
+    "refresherd.refresh.providers": "refresh",
+    "refresherd.refresh.storage": "refresh",
+    "refresherd.refresh.leases": "refresh",
+    "refresherd.refresh.flights": "refresh",
+    "refresherd.refresh.record": "refresh",
+    "refresherd.refresh.series": "refresh",
+    "refresherd.refresh.grants": "refresh",
+    "refresherd.refresh.refresher": "refresh",
+    # orchestration: due claims, hooks, expiry, background loops; the token API.
     "refresherd.scheduler": "orchestration",
     "refresherd.expiry": "orchestration",
     "refresherd.hooks": "orchestration",
     "refresherd.supervisor": "orchestration",
     "refresherd.migrate": "orchestration",  # a whole database moved between two stores
     # The token API drives the refresher (Refresher.refresh, exclusive, detach): an inbound
-    # adapter stands on what it drives. server.py, the ASGI app without routes that refresh,
-    # stays an adapter.
-    "refresherd.api": "orchestration",
+    # adapter stands on what it drives. web.app and web.auth, the ASGI app and the bearer
+    # check without routes that refresh, stay adapters.
+    "refresherd.web.tokens": "orchestration",
     # composition: the runtime built from settings.
     "refresherd.daemon": "composition",
     "refresherd.workers": "composition",
@@ -100,7 +120,9 @@ LAYER_OF: dict[str, str] = {
     # apart
     "refresherd.testing": APART,
     "refresherd.testing.__main__": APART,
-    "refresherd.testing.fake_idp": APART,
+    "refresherd.testing.server": APART,
+    "refresherd.testing.ledger": APART,
+    "refresherd.testing.faults": APART,
     # The applications' client of the token API: httpx and anyio only, nothing of the daemon.
     "refresherd.client": APART,
     "refresherd.client.sidecar": APART,
@@ -303,7 +325,11 @@ def test_the_graph_sees_late_and_type_only_imports() -> None:
     assert ("refresherd.cli.run", "refresherd.daemon", "module") in graph
     assert ("refresherd.settings", "refresherd.store.location", "type-checking") in graph
     assert ("refresherd.store", "refresherd.store.sqlite", "function") in graph
-    assert ("refresherd.refresher", "refresherd.policy", "module") in graph  # from x import mod
+    assert (
+        "refresherd.refresh.record",
+        "refresherd.policy",
+        "module",
+    ) in graph  # from x import mod
     assert ("refresherd.cli", "refresherd.cli.parser", "module") in graph
 
 

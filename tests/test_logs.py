@@ -6,7 +6,8 @@ import io
 import json
 import logging
 
-from refresherd import logs, server
+from refresherd import logs
+from refresherd.web import app
 
 
 class _Writes(io.StringIO):
@@ -38,7 +39,7 @@ def test_each_log_line_is_one_write() -> None:
 
 
 def test_an_unexpected_exception_is_logged_without_the_request_values_it_quotes() -> None:
-    """server.HandlerFailures' scrubbing: a message that quotes a value it choked on (int()'s
+    """web.app.HandlerFailures' scrubbing: a message that quotes a value it choked on (int()'s
     does) loses every value the request carried, header, query and body, JSON or not."""
     bearer, token, code = "api_" + "b" * 30, "rt_" + "t" * 30, "code_" + "c" * 30
     scope = {
@@ -47,7 +48,7 @@ def test_an_unexpected_exception_is_logged_without_the_request_values_it_quotes(
     }
     escaped = json.dumps({"refresh_token": token}).replace("t", "\\u0074")
     for body in (escaped.encode(), f"not json {token}".encode()):
-        secrets = server.request_values(scope, body)
+        secrets = app.request_values(scope, body)
         for value in (bearer, token, code):
             try:
                 int(value)

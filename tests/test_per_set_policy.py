@@ -19,14 +19,15 @@ from typing import Any
 import anyio
 import pytest
 from conftest import IdPHandle, database_at_version, import_tokens, run_cli, write_config
+from refresh_parts import build_refresher
 from test_refresher import SCHEDULE  # the refresher tests' schedule, shared
 
 from refresherd import policy
-from refresherd.endpoint import TokenEndpoint
+from refresherd.idp.endpoint import TokenEndpoint
 from refresherd.intake import InputError, parse_lines, token_set_from_json
 from refresherd.metrics import Metrics
 from refresherd.model import RefreshTokenUsage, Secret, State
-from refresherd.refresher import Refresher
+from refresherd.refresh.refresher import Refresher
 from refresherd.settings import ProviderConfig
 from refresherd.store import Location, NewTokenSet, open_store
 from refresherd.store.migrations import SCHEMA_VERSION
@@ -368,7 +369,7 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
             providers = {"p": provider(usage="reuse", grace=0.0, url=idp.token_url)}
             endpoints = {"p": TokenEndpoint(providers["p"])}
             metrics = Metrics()
-            refresher = Refresher(
+            refresher = build_refresher(
                 store=store,
                 providers=providers,
                 endpoints=endpoints,
@@ -377,7 +378,7 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
                 owner="owner-a",
                 lease_duration=30.0,
                 rng=random.Random(1),
-            )
+            ).refresher
             try:
                 yield Rig(store, idp, metrics, refresher)
             finally:

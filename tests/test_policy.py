@@ -1141,7 +1141,7 @@ MAX_SIM_SENDS = 500  # far more than any series that ends can make (about 10 + 2
 def run_series(
     grace: float, latency: float | None, answers: list[Answer], *, max_sends: int = MAX_SIM_SENDS
 ) -> Run:
-    """refresher._Series.run for one refresh of a one-time token, on a simulated clock.
+    """refresh.series.Series.run for one refresh of a one-time token, on a simulated clock.
 
     Each send is journaled by store.begin_attempt's rules (a series with an unsettled send
     goes on while started_at >= keep_series_since(now), is refused after that; otherwise a

@@ -19,7 +19,7 @@ from conftest import (
     write_config,
 )
 
-from refresherd.endpoint import parse_grant
+from refresherd.idp.token_response import parse_grant
 from refresherd.intake import token_set_from_json
 from refresherd.model import Secret
 from refresherd.settings import ScheduleConfig

@@ -27,13 +27,17 @@ from typing import Any
 
 import anyio
 import pytest
+from refresh_parts import RefreshParts, build_refresher
 
 from refresherd import logs as refresher_logs
 from refresherd import ownership, policy
-from refresherd.endpoint import Ambiguous, TokenEndpoint
+from refresherd.clock import Clock
+from refresherd.idp.endpoint import TokenEndpoint
+from refresherd.idp.failures import Ambiguous
 from refresherd.metrics import Metrics
 from refresherd.model import RefreshTokenUsage, Secret, State, TokenSet
-from refresherd.refresher import Refresher, RefreshResult
+from refresherd.refresh.outcome import RefreshResult
+from refresherd.refresh.refresher import Refresher
 from refresherd.settings import ProviderConfig, ScheduleConfig
 from refresherd.store import NewTokenSet
 from refresherd.store.sqlite import SqliteStore
@@ -155,8 +159,14 @@ class Harness:
     metrics: Metrics
     providers: dict[str, ProviderConfig]
     endpoints: dict[str, TokenEndpoint]
-    refresher: Refresher
+    # The refresher and the parts it was built from (its providers' live set, storage pause,
+    # leases, grants), as the daemon hands them out.
+    parts: RefreshParts
     extra_refreshers: list[Refresher] = field(default_factory=list)
+
+    @property
+    def refresher(self) -> Refresher:
+        return self.parts.refresher
 
     async def add(
         self, token_set_id: str, *, provider: str = PROVIDER, user: str | None = None
@@ -200,7 +210,7 @@ class Harness:
 
     def another_refresher(self, owner: str) -> Refresher:
         """A second worker on the same database (as another daemon would be)."""
-        other = Refresher(
+        other = build_refresher(
             store=self.store,
             providers=self.providers,
             endpoints=self.endpoints,
@@ -209,7 +219,7 @@ class Harness:
             owner=owner,
             lease_duration=30.0,
             rng=random.Random(2),
-        )
+        ).refresher
         self.extra_refreshers.append(other)
         return other
 
@@ -248,6 +258,7 @@ async def harness(
     scope: str | None = None,
     token_url: str | None = None,
     extra_providers: dict[str, str] | None = None,
+    clock: Clock | None = None,
 ) -> AsyncIterator[Harness]:
     """A served FakeIdP, a SqliteStore in tmp_path and a Refresher for provider ``p`` (owner-a)."""
     store = await SqliteStore.open(tmp_path / "tokens.db")
@@ -276,7 +287,7 @@ async def harness(
                 providers[name] = provider_config(name, url, grace_period=grace_period)
             endpoints = {name: TokenEndpoint(p) for name, p in providers.items()}
             metrics = Metrics()
-            refresher = Refresher(
+            parts = build_refresher(
                 store=store,
                 providers=providers,
                 endpoints=endpoints,
@@ -284,11 +295,12 @@ async def harness(
                 metrics=metrics,
                 owner="owner-a",
                 lease_duration=30.0,
+                clock=clock,
                 rng=random.Random(1),
                 # No owner in this module holds a lock file: each counts as gone once it
                 # stops holding the lease, as a crashed process would.
             )
-            h = Harness(store, idp, metrics, providers, endpoints, refresher)
+            h = Harness(store, idp, metrics, providers, endpoints, parts)
             try:
                 yield h
             finally:
@@ -1260,7 +1272,7 @@ async def test_a_store_error_on_an_outcome_path_pauses_storage(
             lock.rollback()
             lock.close()
         assert (result.outcome, result.reason) == ("storage_error", "storage_error"), result
-        assert h.refresher.storage.paused
+        assert h.parts.storage.paused
         assert h.metric("refresherd_storage_pauses_total", reason="locked") == 1
         assert logs.events("storage refuses writes: refreshes paused until a probe write succeeds")
         assert not logs.events("refresh crashed")
@@ -1286,10 +1298,9 @@ async def test_a_wall_clock_step_back_does_not_stretch_a_wait_past_the_window(
     """The wall clock steps back 8 s while the series waits to send again: the wait is planned
     on the monotonic clock, so the next send still goes out inside the window (found by
     review: planned on the wall clock, it went out 8 s late, a reuse outside grace)."""
-    async with harness(tmp_path, grace_period=4.0) as h:
+    clock = SteppedClock()
+    async with harness(tmp_path, grace_period=4.0, clock=clock) as h:
         await h.add("ts-1")
-        clock = SteppedClock()
-        h.refresher.clock = clock
         h.idp.faults.add(FaultKind.ERROR_AFTER_ROTATE)  # rotated, then a 500
         results: list[RefreshResult] = []
 
@@ -1315,11 +1326,8 @@ async def test_a_hedge_waiting_for_a_pooled_connection_never_leaves_after_the_wi
     async with harness(tmp_path, grace_period=4.0, request_timeout=10.0) as h:
         one = dataclasses.replace(h.providers[PROVIDER], max_connections=1)
         endpoint = TokenEndpoint(one)
-        h.refresher.reconfigure(
-            providers={PROVIDER: one},
-            endpoints={PROVIDER: endpoint},
-            schedule=h.refresher.schedule,
-            lease_duration=30.0,
+        h.parts.providers.reconfigure(
+            providers={PROVIDER: one}, endpoints={PROVIDER: endpoint}, schedule=SCHEDULE
         )
         try:
             await h.add("ts-1")
@@ -1539,7 +1547,7 @@ async def test_a_refresh_held_at_the_idp_keeps_renewing_its_lease(
     """A slow IdP does not cost us the row: in a running refresher one keeper renews the lease
     of every refresh in flight; without run() (the CLI) each refresh renews its own."""
     async with harness(tmp_path, usage="reuse") as h, anyio.create_task_group() as tg:
-        h.refresher.lease_duration = 1.2
+        h.parts.leases.duration = 1.2
         if running:
             await tg.start(h.refresher.run)
         await h.add("ts-1")

@@ -20,7 +20,7 @@ from test_storage_faults import (
     start_daemon,
 )
 
-from refresherd.refresher import PERSIST_DEADLINE
+from refresherd.refresh.grants import PERSIST_DEADLINE
 from refresherd.storage_health import PROBE_INITIAL, probe_delay
 from refresherd.store.sqlite import BUSY_TIMEOUT_MS
 from refresherd.testing import FaultKind

@@ -28,7 +28,7 @@ from conftest import (
 )
 
 from refresherd.daemon import SERVER_STOP_TIMEOUT
-from refresherd.refresher import PERSIST_DEADLINE
+from refresherd.refresh.grants import PERSIST_DEADLINE
 from refresherd.settings import EX_CONFIG, DaemonConfig, parse_duration
 
 ROOT = Path(__file__).resolve().parent.parent

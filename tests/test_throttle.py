@@ -15,11 +15,12 @@ from pathlib import Path
 
 import anyio
 import pytest
+from refresh_parts import build_refresher
 
-from refresherd.endpoint import TokenEndpoint
+from refresherd.idp.endpoint import TokenEndpoint
 from refresherd.metrics import Metrics
 from refresherd.model import RefreshTokenUsage, Secret
-from refresherd.refresher import Refresher
+from refresherd.refresh.refresher import Refresher
 from refresherd.settings import ProviderConfig, ScheduleConfig
 from refresherd.store import NewTokenSet
 from refresherd.store.sqlite import SqliteStore
@@ -182,7 +183,7 @@ async def rig(tmp_path: Path, *, latency: float = 0.0, **limits: object) -> Asyn
             p = provider(idp.token_url, **limits)
             endpoint = TokenEndpoint(p)
             metrics = Metrics()
-            refresher = Refresher(
+            refresher = build_refresher(
                 store=store,
                 providers={"p": p},
                 endpoints={"p": endpoint},
@@ -191,7 +192,7 @@ async def rig(tmp_path: Path, *, latency: float = 0.0, **limits: object) -> Asyn
                 owner="owner-throttle",
                 lease_duration=30.0,
                 rng=random.Random(1),
-            )
+            ).refresher
             try:
                 yield Rig(idp, store, refresher, metrics)
             finally:

@@ -17,7 +17,7 @@ from refresherd.cli.common import (
     one_shot,
 )
 from refresherd.daemon import open_runtime
-from refresherd.discovery import EX_UNAVAILABLE, DiscoveryError
+from refresherd.idp.discovery import EX_UNAVAILABLE, DiscoveryError
 from refresherd.model import rfc3339
 from refresherd.settings import Config
 from refresherd.store import StoreError

@@ -22,6 +22,7 @@ both:
 
 from __future__ import annotations
 
+import enum
 import errno
 import os
 import stat
@@ -32,11 +33,12 @@ from pathlib import Path
 from typing import Any, Final, Protocol
 
 from refresherd.connect import PendingConnection
+from refresherd.errors import RefresherdError
 from refresherd.model import Attempt, RefreshMode, RefreshTokenUsage, Secret, State, TokenSet
 from refresherd.storage_health import StorageReason
 
 
-class StoreError(Exception):
+class StoreError(RefresherdError):
     """The database could not do what was asked. Never carries a token value.
 
     ``reason`` classifies the database's error (disk full, read-only, locked, unreachable...)
@@ -148,11 +150,19 @@ class HookDelivery:
     attempts: int  # including the one this claim is for
 
 
+class RefusalReason(enum.StrEnum):
+    """Why a claim of one token set did not succeed (:class:`ClaimRefused`)."""
+
+    NOT_FOUND = "not_found"  # no such set
+    INVALIDATED = "invalidated"  # its refresh token is dead: nothing to refresh
+    LEASED = "leased"  # another refresh holds it (``owner``, ``until``)
+
+
 @dataclass(frozen=True, slots=True)
 class ClaimRefused:
     """Why a claim did not succeed: the set is gone, invalidated, or leased by someone else."""
 
-    reason: str  # "not_found" | "invalidated" | "leased"
+    reason: RefusalReason
     owner: str | None = None
     until: float | None = None
 

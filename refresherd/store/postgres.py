@@ -91,7 +91,7 @@ _STAGING: Final = (
 )
 
 # An owner row no token set names, as lease holder or as the owner of a journaled attempt
-# (refresher._sent_elsewhere asks whether that one lives): only such a row may be forgotten.
+# (Refresher._sent_elsewhere asks whether that one lives): only such a row may be forgotten.
 _UNREFERENCED: Final = (
     "NOT EXISTS (SELECT 1 FROM token_sets WHERE lease_owner = o.owner)"
     " AND NOT EXISTS (SELECT 1 FROM token_sets WHERE attempt_started_at IS NOT NULL"

@@ -29,6 +29,7 @@ from refresherd.store.contract import (
     ClaimRefused,
     HookDelivery,
     NewTokenSet,
+    RefusalReason,
     Row,
     StoreError,
 )
@@ -182,10 +183,10 @@ def _refresh_expiry(o: Operations) -> str:
 def claim_refusal(current: TokenSet | None) -> ClaimRefused:
     """Why a claim of a set, read back as ``current`` after the claim missed, was refused."""
     if current is None:
-        return ClaimRefused("not_found")
+        return ClaimRefused(RefusalReason.NOT_FOUND)
     if current.state is State.INVALIDATED:
-        return ClaimRefused("invalidated")
-    return ClaimRefused("leased", owner=current.lease_owner, until=current.lease_until)
+        return ClaimRefused(RefusalReason.INVALIDATED)
+    return ClaimRefused(RefusalReason.LEASED, owner=current.lease_owner, until=current.lease_until)
 
 
 def first_conflict(ids: Sequence[str], stored: AbstractSet[str]) -> str | None:

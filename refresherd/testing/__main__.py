@@ -16,7 +16,7 @@ from pathlib import Path
 
 import anyio
 
-from refresherd.testing.fake_idp import FakeIdP
+from refresherd.testing.server import FakeIdP
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -37,7 +37,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from refresherd.logs import exception_fields, get_logger
 from refresherd.metrics import Metrics
 
-log = get_logger("refresherd.server")
+log = get_logger("refresherd.web.app")
 
 ReadinessCheck = Callable[[], Awaitable[list[str]]]
 LivenessCheck = Callable[[], list[str]]
@@ -76,7 +76,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 # Of a request's body, this much is kept for scrubbing a failure's log line: more than any
-# body the API takes (api.MAX_BODY).
+# body the API takes (web.tokens.MAX_BODY).
 KEPT_BODY: Final = 64 * 1024 + 1
 # A request's values shorter than this are not scrubbed: no token, code or bearer is so short,
 # and replacing short words ("idp") would garble the traceback.
@@ -179,7 +179,7 @@ def build_app(
     middleware: Sequence[Middleware] = (),
     exposed: CollectorRegistry | None = None,
 ) -> Starlette:
-    """The one ASGI app: health, metrics and, when enabled, the token API (refresherd.api).
+    """The one ASGI app: health, metrics and, when enabled, the token API (refresherd.web.tokens).
 
     ``exposed`` is what /metrics shows when it is more than ``metrics`` (worker processes'
     values merged in: refresherd.worker_metrics)."""

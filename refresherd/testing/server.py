@@ -8,9 +8,9 @@ doing the work, or refuse connections for a while. It is built on anyio + h11 ra
 ASGI server because an ASGI app cannot close a socket without answering or reset it; that is
 exactly what fault injection needs.
 
-The :class:`Ledger` records every token and every outcome so that a test can assert the
-promise refresherd makes: no token lost, no double spend; and what each rotation cost
-(:meth:`Ledger.rotation_stats`, :meth:`Ledger.loss_causes`).
+What it issued and saw is in its :class:`~refresherd.testing.ledger.Ledger`
+(``FakeIdP.ledger``); what it does wrong, in its :class:`~refresherd.testing.faults.FaultPlan`
+(``FakeIdP.faults``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import binascii
 import email.utils
-import enum
 import hashlib
 import hmac
 import http
@@ -26,19 +25,16 @@ import itertools
 import json
 import logging
 import math
-import random as _random
 import secrets
 import socket
-import statistics
 import struct
 import threading
 import time
 import urllib.parse
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from typing import Final
 
 import anyio
 import anyio.abc
@@ -46,33 +42,19 @@ import anyio.from_thread
 import anyio.lowlevel
 import h11
 
-__all__ = [
-    "FakeIdP",
-    "Fault",
-    "FaultKind",
-    "FaultPlan",
-    "GraceAnswer",
-    "Ledger",
-    "ReuseRevokes",
-    "RotationStats",
-    "running_in_thread",
-]
+from refresherd.testing.faults import HUGE_BODY_BYTES, FaultKind, FaultPlan
+from refresherd.testing.ledger import (
+    Code,
+    Family,
+    GraceAnswer,
+    Ledger,
+    Policy,
+    ReuseRevokes,
+    Usage,
+    token_status,
+)
 
 logger = logging.getLogger("refresherd.testing")
-
-Usage = Literal["one_time", "reuse"]
-# How a one-time token re-sent inside its grace period is answered: "sibling" mints another
-# live refresh token, the earlier successors staying live (IdentityServer, Auth0); "same_pair"
-# returns exactly the refresh and access token its first use returned (django-oauth-toolkit).
-GraceAnswer = Literal["sibling", "same_pair"]
-# What a consumed one-time token presented after its grace period costs: "family" revokes every
-# token of its authorization, "user" every token of that user and client, "none" nothing but
-# the request itself.
-ReuseRevokes = Literal["none", "family", "user"]
-# Why the IdP refuses a refresh token a client holds (Ledger.loss_causes).
-LossCause = Literal[
-    "missed_window", "revoked_reuse", "revoked_cap", "revoked", "expired", "unknown"
-]
 
 TOKEN_PATH: Final = "/connect/token"
 REVOCATION_PATH: Final = "/connect/revocation"
@@ -84,655 +66,6 @@ _HTML_BODY: Final = (
     b"<!DOCTYPE html>\n<html><head><title>Gateway</title></head>"
     b"<body><h1>Something went wrong</h1><p>Please try again later.</p></body></html>\n"
 )
-
-
-# --------------------------------------------------------------------------- faults
-
-
-class FaultKind(enum.StrEnum):
-    """What the IdP does wrong to one token request."""
-
-    DROP_AFTER_ROTATE = "drop_after_rotate"
-    ERROR_AFTER_ROTATE = "error_after_rotate"
-    SLOW = "slow"
-    RESET = "reset"
-    RETRY_AFTER = "retry_after"
-    INVALID_CLIENT = "invalid_client"
-    SERVER_ERROR = "server_error"
-    GARBAGE_AFTER_ROTATE = "garbage_after_rotate"
-    # The grant is processed (the token rotates), then its answer is spoilt on the way out.
-    TRUNCATED_AFTER_ROTATE = "truncated_after_rotate"  # a complete 200 whose JSON is cut short
-    HUGE_AFTER_ROTATE = "huge_after_rotate"  # the JSON grant padded to HUGE_BODY_BYTES
-    WRONG_TYPES_AFTER_ROTATE = "wrong_types_after_rotate"  # access_token a number, and so on
-    DUPLICATE_KEYS_AFTER_ROTATE = "duplicate_keys_after_rotate"  # refresh_token twice
-    # The grant as usual, without a Content-Type header (clients should still read it).
-    NO_CONTENT_TYPE = "no_content_type"
-    # Processed (the token rotates), then the answer is held for ``stall`` seconds: longer than
-    # any client waits, so the rotated token is in limbo (SLOW is the short version of this).
-    STALL = "stall"
-    # A 503 without Retry-After, not processed: a gateway with no backend, which tells the
-    # client nothing about when to come back (RETRY_AFTER is the polite 503).
-    UNAVAILABLE = "unavailable"
-
-
-# HUGE_AFTER_ROTATE's body size: twice what refresherd reads of a token response.
-HUGE_BODY_BYTES: Final = 2 * 1024 * 1024
-
-
-# The parameters each kind takes; the others take none.
-_FAULT_PARAMS: Final[Mapping[FaultKind, frozenset[str]]] = {
-    FaultKind.SLOW: frozenset({"delay", "process_first"}),
-    FaultKind.RETRY_AFTER: frozenset({"status", "retry_after"}),
-    FaultKind.STALL: frozenset({"stall"}),
-}
-
-
-@dataclass(frozen=True)
-class Fault:
-    """One armed fault. ``delay``/``process_first`` are SLOW's, ``status``/``retry_after``
-    RETRY_AFTER's (``retry_after`` is sent rounded up to whole seconds), ``stall`` STALL's."""
-
-    kind: FaultKind
-    delay: float = 1.0
-    process_first: bool = True
-    status: int = 503
-    retry_after: float = 1.0
-    stall: float = 60.0
-
-
-def _make_fault(kind: FaultKind | str, params: Mapping[str, Any], *, strict: bool) -> Fault:
-    kind = FaultKind(kind)
-    allowed = _FAULT_PARAMS.get(kind, frozenset())
-    unknown = set(params) - allowed
-    if strict and unknown:
-        raise TypeError(f"fault {kind.value} takes no parameter(s) {sorted(unknown)}")
-    fault = Fault(kind, **{k: v for k, v in params.items() if k in allowed})
-    if fault.status not in (429, 503):
-        raise ValueError("RETRY_AFTER status must be 429 or 503")
-    if fault.delay < 0 or fault.retry_after < 0 or fault.stall < 0:
-        raise ValueError("delay, retry_after and stall must be >= 0")
-    return fault
-
-
-class FaultPlan:
-    """Faults for the next token requests: a FIFO first, then an optional random rate.
-
-    Thread-safe: a test thread arms faults while the server thread draws them.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._queue: deque[Fault] = deque()
-        self._rate = 0.0
-        self._kinds: tuple[FaultKind, ...] = ()
-        self._params: Mapping[str, Any] = {}
-        self._rng = _random.Random()
-        self._once_per_token = False
-        self._faulted: set[str] = set()
-
-    def add(self, kind: FaultKind, *, times: int = 1, **params: Any) -> None:
-        """Apply ``kind`` to the next ``times`` token requests (after those already queued)."""
-        if times < 1:
-            raise ValueError("times must be >= 1")
-        fault = _make_fault(kind, params, strict=True)
-        with self._lock:
-            self._queue.extend([fault] * times)
-
-    def random(
-        self,
-        rate: float,
-        kinds: Sequence[FaultKind] | None = None,
-        seed: int | None = None,
-        once_per_token: bool = False,
-        **params: Any,
-    ) -> None:
-        """Give each token request a fault with probability ``rate`` once the FIFO is empty.
-
-        ``params`` go to the kinds that take them (``delay`` to SLOW, ``status`` to
-        RETRY_AFTER, ...). A second call replaces the first; ``rate=0`` turns it off.
-        ``once_per_token``: a refresh token gets at most one random fault, so that its retries
-        are answered (incidents then strike refreshes independently). Without it (the default)
-        every request draws on its own, retries and grace re-sends included, with every kind:
-        a struggling IdP fails a client's last chance as readily as its first.
-        """
-        if not 0.0 <= rate <= 1.0:
-            raise ValueError("rate must be within [0, 1]")
-        chosen = tuple(FaultKind(k) for k in (kinds if kinds is not None else list(FaultKind)))
-        if rate > 0 and not chosen:
-            raise ValueError("kinds must not be empty")
-        accepted = {name for k in chosen for name in _FAULT_PARAMS.get(k, frozenset())}
-        unknown = set(params) - accepted
-        if unknown:
-            raise TypeError(f"no chosen fault kind takes parameter(s) {sorted(unknown)}")
-        for k in chosen:  # validate values now rather than in the server thread
-            _make_fault(k, params, strict=False)
-        with self._lock:
-            self._rate = rate
-            self._kinds = chosen
-            self._params = dict(params)
-            self._rng = _random.Random(seed)
-            self._once_per_token = once_per_token
-            self._faulted = set()
-
-    def clear(self) -> None:
-        """Forget queued faults and the random rate."""
-        with self._lock:
-            self._queue.clear()
-            self._rate = 0.0
-            self._kinds = ()
-            self._params = {}
-
-    @property
-    def pending(self) -> int:
-        """How many queued faults are still to be applied."""
-        with self._lock:
-            return len(self._queue)
-
-    def _draw(self, refresh_token: str | None = None) -> Fault | None:
-        with self._lock:
-            if self._queue:
-                return self._queue.popleft()
-            if self._once_per_token and refresh_token in self._faulted:
-                return None
-            if self._rate > 0 and self._rng.random() < self._rate:
-                kind = self._rng.choice(self._kinds)
-                if self._once_per_token and refresh_token is not None:
-                    self._faulted.add(refresh_token)
-                return _make_fault(kind, self._params, strict=False)
-            return None
-
-
-# --------------------------------------------------------------------------- tokens
-
-
-@dataclass(frozen=True)
-class _Policy:
-    """IdP settings frozen into a family when it is authorized.
-
-    Real IdPs apply new client settings only to authorizations made after the change; the
-    tokens already out there keep the rules they were issued under.
-    """
-
-    usage: Usage
-    grace_period: float
-    refresh_token_lifetime: float | None
-    refresh_token_idle_lifetime: float | None
-    reuse_returns_refresh_token: bool
-    grace_answer: GraceAnswer = "sibling"
-    reuse_revokes: ReuseRevokes = "family"
-
-
-@dataclass
-class _Family:
-    id: str
-    user: str
-    client_id: str
-    scope: str
-    authorized_at: float
-    policy: _Policy
-    tokens: list[_RefreshToken] = field(default_factory=list)
-
-
-@dataclass(eq=False)
-class _RefreshToken:
-    value: str
-    family: _Family
-    seq: int  # global mint order: the cap revokes the lowest
-    minted_at: float
-    last_activity: float  # the sliding lifetime counts from here
-    first_used_at: float | None = None
-    revoked: bool = False
-    # Why it was revoked: "revocation" (endpoint or revoke()), "user" (revoke_user), "cap",
-    # "reuse" (a consumed token of its family or user presented after its grace period).
-    revoked_by: str | None = None
-    sends: int = 0  # token requests that presented it, faulted and refused ones included
-    # One-time: the refresh tokens minted in answer to it (more than one: grace siblings), and
-    # the first answer, which a "same_pair" IdP repeats to a grace re-send.
-    successors: list[_RefreshToken] = field(default_factory=list)
-    answer: dict[str, object] | None = None
-
-    def revoke(self, why: str) -> None:
-        if not self.revoked:
-            self.revoked = True
-            self.revoked_by = why
-
-
-_TokenStatus = Literal["live", "grace", "used", "revoked", "expired"]
-
-
-def _status(token: _RefreshToken, now: float) -> _TokenStatus:
-    family = token.family
-    policy = family.policy
-    if token.revoked:
-        return "revoked"
-    absolute = policy.refresh_token_lifetime
-    if absolute is not None and now >= family.authorized_at + absolute:
-        return "expired"
-    if policy.usage == "one_time" and token.first_used_at is not None:
-        return "grace" if now < token.first_used_at + policy.grace_period else "used"
-    idle = policy.refresh_token_idle_lifetime
-    if idle is not None and now >= token.last_activity + idle:
-        return "expired"
-    return "live"
-
-
-_COUNTERS: Final = (
-    "connections",
-    "requests",
-    "refreshes",
-    "reuses_in_grace",
-    "reuses_outside_grace",
-    "concurrent_uses",
-    "invalid_grants",
-    "invalid_clients",
-    "revocations",
-    "cap_revocations",
-    "reuse_revoked_families",
-    "code_exchanges",
-    "outages",
-)
-
-
-@dataclass
-class _Code:
-    """A one-time authorization code, as the authorization endpoint would have sent it."""
-
-    user: str
-    client_id: str
-    redirect_uri: str
-    scope: str
-    code_challenge: str | None
-    code_challenge_method: str
-    expires_at: float
-    used: bool = False
-
-
-class _Flight:
-    """One request presenting a refresh token, while the IdP handles it."""
-
-    __slots__ = ("counted",)
-
-    def __init__(self) -> None:
-        self.counted = False
-
-
-@dataclass(frozen=True)
-class RotationStats:
-    """What the rotations of one-time refresh tokens cost, for a reliability report.
-
-    A rotation is one consumed refresh token. ``sends_*``: token requests that presented it
-    (median, 99th percentile by nearest rank, maximum). ``siblings``: refresh tokens minted in
-    answer to grace re-sends beyond the first successor, each one more live token against the
-    per-user cap. The last three are the ledger's counters of the same names.
-    """
-
-    rotations: int
-    sends_median: float
-    sends_p99: int
-    sends_max: int
-    siblings: int
-    siblings_max: int
-    rotations_with_siblings: int
-    reuses_outside_grace: int
-    reuse_revoked_families: int
-    cap_revocations: int
-
-
-def _nearest_rank(ordered: Sequence[int], q: float) -> int:
-    """The ``q`` quantile of an ascending sequence by the nearest-rank method (0 if empty)."""
-    if not ordered:
-        return 0
-    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
-
-
-class Ledger:
-    """Every token the IdP minted and every outcome, for assertions in tests.
-
-    Thread-safe: the IdP may serve in another thread than the test that reads this.
-    Token values never appear in :attr:`events`.
-    """
-
-    def __init__(self, clock: Callable[[], float]) -> None:
-        self._clock = clock
-        self._lock = threading.RLock()
-        self._tokens: dict[str, _RefreshToken] = {}
-        self._access: dict[str, _Family] = {}
-        self._families: dict[str, _Family] = {}
-        self._by_user: dict[tuple[str, str], list[_RefreshToken]] = {}
-        self._seq = itertools.count(1)
-        self._family_seq = itertools.count(1)
-        self._counts = dict.fromkeys(_COUNTERS, 0)
-        self._faults: dict[str, int] = {}
-        self._events: list[dict[str, object]] = []
-        self._in_flight: dict[str, list[_Flight]] = {}
-        self._codes: dict[str, _Code] = {}
-
-    # -- queries ------------------------------------------------------------------------
-
-    def is_live(self, refresh_token: str) -> bool:
-        """Would the IdP accept this refresh token right now (grace reuse included)?"""
-        with self._lock:
-            token = self._tokens.get(refresh_token)
-            return token is not None and _status(token, self._clock()) in ("live", "grace")
-
-    def live_refresh_tokens(
-        self, user: str | None = None, *, family: str | None = None
-    ) -> set[str]:
-        """Refresh tokens the IdP would accept now, optionally of one user or family only."""
-        with self._lock:
-            now = self._clock()
-            return {
-                t.value
-                for t in self._tokens.values()
-                if (user is None or t.family.user == user)
-                and (family is None or t.family.id == family)
-                and _status(t, now) in ("live", "grace")
-            }
-
-    def family_of(self, refresh_token: str) -> str:
-        """The family (one authorization and all its rotations) a refresh token belongs to.
-
-        Raises KeyError for a value the IdP never minted as a refresh token.
-        """
-        with self._lock:
-            token = self._tokens.get(refresh_token)
-            if token is None:
-                raise KeyError("not a refresh token minted by this IdP")
-            return token.family.id
-
-    def families(self, user: str | None = None) -> set[str]:
-        with self._lock:
-            return {f.id for f in self._families.values() if user is None or f.user == user}
-
-    def family_has_live_token(self, family: str) -> bool:
-        """False means the authorization is lost: the user must log in again."""
-        with self._lock:
-            now = self._clock()
-            return any(_status(t, now) in ("live", "grace") for t in self._families[family].tokens)
-
-    def issued_tokens(self) -> set[str]:
-        """Every access and refresh token value ever minted (to scan logs for leaks)."""
-        with self._lock:
-            return set(self._tokens) | set(self._access) | set(self._codes)
-
-    @property
-    def events(self) -> list[dict[str, object]]:
-        """A copy of the outcome log: small dicts with ``t`` (monotonic), ``kind`` and more."""
-        with self._lock:
-            return [dict(e) for e in self._events]
-
-    @property
-    def faults_injected(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self._faults)
-
-    def snapshot(self) -> dict[str, object]:
-        """All counters at one instant."""
-        with self._lock:
-            snap: dict[str, object] = dict(self._counts)
-            snap["faults_injected"] = dict(self._faults)
-            return snap
-
-    # Counters, one property each so that mypy and editors know them.
-    @property
-    def connections(self) -> int:
-        """TCP connections accepted (keep-alive shows as fewer connections than requests)."""
-        return self._counts["connections"]
-
-    @property
-    def requests(self) -> int:
-        """Requests that reached the token endpoint, faulted ones included."""
-        return self._counts["requests"]
-
-    @property
-    def refreshes(self) -> int:
-        """Successful refresh grants (even if a fault then kept the answer from the client)."""
-        return self._counts["refreshes"]
-
-    @property
-    def reuses_in_grace(self) -> int:
-        return self._counts["reuses_in_grace"]
-
-    @property
-    def reuses_outside_grace(self) -> int:
-        return self._counts["reuses_outside_grace"]
-
-    @property
-    def concurrent_uses(self) -> int:
-        """Requests that overlapped in time with another request presenting the same token."""
-        return self._counts["concurrent_uses"]
-
-    @property
-    def invalid_grants(self) -> int:
-        return self._counts["invalid_grants"]
-
-    @property
-    def invalid_clients(self) -> int:
-        """Genuine client authentication failures (an INVALID_CLIENT fault is not counted)."""
-        return self._counts["invalid_clients"]
-
-    @property
-    def revocations(self) -> int:
-        """Revocation requests at the endpoint plus revoke() and revoke_user() calls."""
-        return self._counts["revocations"]
-
-    @property
-    def code_exchanges(self) -> int:
-        """Authorization codes exchanged for tokens (grant_type=authorization_code)."""
-        return self._counts["code_exchanges"]
-
-    @property
-    def cap_revocations(self) -> int:
-        """Refresh tokens revoked because the per-user cap was exceeded."""
-        return self._counts["cap_revocations"]
-
-    @property
-    def reuse_revoked_families(self) -> int:
-        """Families (authorizations) revoked because a consumed token was presented after its
-        grace period (``reuse_revokes``); a user-wide revocation counts each family it hit."""
-        return self._counts["reuse_revoked_families"]
-
-    @property
-    def outages(self) -> int:
-        """Calls of :meth:`FakeIdP.refuse_connections`."""
-        return self._counts["outages"]
-
-    # -- statistics -----------------------------------------------------------------------
-
-    def sends_per_window(self) -> list[int]:
-        """For each consumed one-time refresh token (one rotation each), how many token
-        requests presented it: the first send, retries, grace re-sends and late reuses, faulted
-        and unprocessed ones included. In mint order."""
-        with self._lock:
-            return [t.sends for t in self._consumed()]
-
-    def siblings_per_rotation(self) -> list[int]:
-        """For each consumed one-time refresh token, how many refresh tokens were minted in
-        answer to it beyond the first: grace re-sends answered with a new sibling (always 0
-        for a ``same_pair`` family). In mint order."""
-        with self._lock:
-            return [max(0, len(t.successors) - 1) for t in self._consumed()]
-
-    def rotation_stats(self) -> RotationStats:
-        """The figures of :class:`RotationStats`, taken at one instant."""
-        with self._lock:
-            sends = sorted(self.sends_per_window())
-            siblings = self.siblings_per_rotation()
-            return RotationStats(
-                rotations=len(sends),
-                sends_median=statistics.median(sends) if sends else 0.0,
-                sends_p99=_nearest_rank(sends, 0.99),
-                sends_max=sends[-1] if sends else 0,
-                siblings=sum(siblings),
-                siblings_max=max(siblings, default=0),
-                rotations_with_siblings=sum(1 for n in siblings if n),
-                reuses_outside_grace=self._counts["reuses_outside_grace"],
-                reuse_revoked_families=self._counts["reuse_revoked_families"],
-                cap_revocations=self._counts["cap_revocations"],
-            )
-
-    def loss_cause(self, refresh_token: str) -> LossCause | None:
-        """Why the IdP would refuse ``refresh_token`` now, or None if it would accept it.
-
-        ``missed_window``: a one-time token consumed, its grace period over (the client kept a
-        token it had spent, and no successor), even if revoked since: the reuse revocation that
-        usually follows is a consequence. Otherwise ``expired`` (absolute or sliding lifetime),
-        the reason it was revoked (``revoked_reuse``: a reuse revoked its family or user;
-        ``revoked_cap``: the per-user cap; ``revoked``: an explicit revocation) or ``unknown``
-        (never minted here).
-        """
-        with self._lock:
-            token = self._tokens.get(refresh_token)
-            if token is None:
-                return "unknown"
-            now = self._clock()
-            status = _status(token, now)
-            if status in ("live", "grace"):
-                return None
-            if status == "expired":
-                return "expired"
-            policy = token.family.policy
-            used = token.first_used_at
-            if (
-                policy.usage == "one_time"
-                and used is not None
-                and now >= used + policy.grace_period
-            ):
-                return "missed_window"
-            if status == "revoked":
-                if token.revoked_by == "reuse":
-                    return "revoked_reuse"
-                return "revoked_cap" if token.revoked_by == "cap" else "revoked"
-            return "missed_window"  # "used": consumed, grace over
-
-    def loss_causes(self, stored: Iterable[str]) -> dict[str, int]:
-        """How many of the refresh tokens a client ``stored`` (one per token set) the IdP would
-        refuse, by :meth:`loss_cause`; causes with no token are left out."""
-        with self._lock:
-            causes: dict[str, int] = {}
-            for value in stored:
-                cause = self.loss_cause(value)
-                if cause is not None:
-                    causes[cause] = causes.get(cause, 0) + 1
-            return causes
-
-    def missed_windows(self, stored: Iterable[str]) -> int:
-        """Grace windows missed: stored refresh tokens that were consumed, with the window
-        closed and no successor stored instead (the chaos judge knows what the client stored)."""
-        return self.loss_causes(stored).get("missed_window", 0)
-
-    def _consumed(self) -> list[_RefreshToken]:
-        return [
-            t
-            for t in self._tokens.values()
-            if t.family.policy.usage == "one_time" and t.first_used_at is not None
-        ]
-
-    # -- internal: called by FakeIdP under self._lock -------------------------------------
-
-    def _count(self, name: str, by: int = 1) -> None:
-        self._counts[name] += by
-
-    def _event(self, kind: str, **details: object) -> None:
-        self._events.append({"t": time.monotonic(), "kind": kind, **details})
-
-    def _new_family(self, user: str, client_id: str, scope: str, policy: _Policy) -> _Family:
-        family = _Family(
-            id=f"fam-{next(self._family_seq)}",
-            user=user,
-            client_id=client_id,
-            scope=scope,
-            authorized_at=self._clock(),
-            policy=policy,
-        )
-        self._families[family.id] = family
-        return family
-
-    def _mint_refresh(self, family: _Family, cap: int | None) -> _RefreshToken:
-        now = self._clock()
-        token = _RefreshToken(
-            value="rt_" + secrets.token_urlsafe(32),
-            family=family,
-            seq=next(self._seq),
-            minted_at=now,
-            last_activity=now,
-        )
-        self._tokens[token.value] = token
-        family.tokens.append(token)
-        owned = self._by_user.setdefault((family.user, family.client_id), [])
-        owned.append(token)
-        if cap is not None:
-            self._enforce_cap(owned, cap, now)
-        return token
-
-    def _enforce_cap(self, owned: list[_RefreshToken], cap: int, now: float) -> None:
-        # Only unused live tokens are stored grants; a used token in its grace window is
-        # a recovery path, not a grant of its own, so it does not count against the cap.
-        live = [t for t in owned if _status(t, now) == "live"]
-        live.sort(key=lambda t: t.seq)
-        for victim in live[: max(0, len(live) - cap)]:
-            victim.revoke("cap")
-            self._count("cap_revocations")
-            self._event("cap_revoked", family=victim.family.id, user=victim.family.user)
-        owned[:] = [t for t in owned if _status(t, now) in ("live", "grace")]
-
-    def _presented(self, refresh_token: str | None) -> None:
-        """Count one token request presenting ``refresh_token`` (sends per window)."""
-        token = self._tokens.get(refresh_token) if refresh_token is not None else None
-        if token is not None:
-            token.sends += 1
-
-    def _revoke_for_reuse(self, token: _RefreshToken) -> None:
-        """``token``, consumed and past its grace period, was presented: revoke what its
-        family's policy says (RFC 9700 4.14.2: the server cannot tell the legitimate client
-        from an attacker, so it revokes the grant)."""
-        family = token.family
-        scope = family.policy.reuse_revokes
-        if scope == "none":
-            return
-        hit = [family]
-        if scope == "user":
-            hit = [
-                f
-                for f in self._families.values()
-                if f.user == family.user and f.client_id == family.client_id
-            ]
-        for victim in hit:
-            alive = [t for t in victim.tokens if not t.revoked]
-            for t in alive:
-                t.revoke("reuse")
-            if alive:
-                self._count("reuse_revoked_families")
-                self._event("reuse_revoked", family=victim.id, scope=scope, tokens=len(alive))
-
-    def _mint_access(self, family: _Family) -> str:
-        value = "at_" + secrets.token_urlsafe(32)
-        self._access[value] = family
-        return value
-
-    @contextmanager
-    def _flight(self, refresh_token: str | None) -> Iterator[None]:
-        """Track one request presenting ``refresh_token`` for as long as it is handled."""
-        if refresh_token is None:
-            yield
-            return
-        me = _Flight()
-        with self._lock:
-            others = self._in_flight.setdefault(refresh_token, [])
-            if others:
-                for flight in [*others, me]:
-                    if not flight.counted:
-                        flight.counted = True
-                        self._count("concurrent_uses")
-            others.append(me)
-        try:
-            yield
-        finally:
-            with self._lock:
-                others = self._in_flight[refresh_token]
-                others.remove(me)
-                if not others:
-                    del self._in_flight[refresh_token]
 
 
 # --------------------------------------------------------------------------- HTTP replies
@@ -1016,7 +349,7 @@ class FakeIdP:
         with self._lock:
             client_id, user = self._client_and_user(client_id, user)
             code = "code_" + secrets.token_urlsafe(24)
-            self.ledger._codes[code] = _Code(
+            self.ledger._codes[code] = Code(
                 user=user,
                 client_id=client_id,
                 redirect_uri=redirect_uri,
@@ -1413,7 +746,7 @@ class FakeIdP:
             ledger._event("invalid_grant", reason="unknown", fault=fault)
             return _oauth_error(400, "invalid_grant", "invalid refresh token")
         family = token.family
-        status = _status(token, now)
+        status = token_status(token, now)
         if status in ("revoked", "expired", "used"):
             ledger._count("invalid_grants")
             ledger._event("invalid_grant", reason=status, family=family.id, fault=fault)
@@ -1489,7 +822,7 @@ class FakeIdP:
         return _json_reply(200, self._token_response(family, token.value, family.scope))
 
     def _token_response(
-        self, family: _Family, refresh_token: str | None, scope: str
+        self, family: Family, refresh_token: str | None, scope: str
     ) -> dict[str, object]:
         response: dict[str, object] = {
             "access_token": self.ledger._mint_access(family),
@@ -1501,8 +834,8 @@ class FakeIdP:
             response["refresh_token"] = refresh_token
         return response
 
-    def _policy(self) -> _Policy:
-        return _Policy(
+    def _policy(self) -> Policy:
+        return Policy(
             usage=self.usage,
             grace_period=self.grace_period,
             refresh_token_lifetime=self.refresh_token_lifetime,
@@ -1579,7 +912,7 @@ class FakeIdP:
                 self.ledger._event("revocation_ignored")
             return _Reply(200, b"", [("Cache-Control", "no-store")])
 
-    def _family_of_any(self, value: str) -> _Family | None:
+    def _family_of_any(self, value: str) -> Family | None:
         token = self.ledger._tokens.get(value)
         if token is not None:
             return token.family

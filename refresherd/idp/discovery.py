@@ -18,6 +18,7 @@ import anyio
 import httpx
 
 from refresherd import logs
+from refresherd.errors import IdPError
 from refresherd.settings import ProviderConfig, is_loopback
 
 log = logs.get_logger("refresherd.discovery")
@@ -29,7 +30,7 @@ _MAX_BYTES: Final = 512 * 1024
 EX_UNAVAILABLE: Final = 69
 
 
-class DiscoveryError(Exception):
+class DiscoveryError(IdPError):
     """An issuer whose discovery document cannot be fetched or used."""
 
     def __init__(self, url: str, message: str, *, provider: str | None = None) -> None:

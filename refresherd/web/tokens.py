@@ -1,6 +1,7 @@
 """The token API (/v1/*): applications get a valid access token on demand.
 
-Routes are Starlette routes mounted on the one app of :mod:`refresherd.server`. A GET of a
+Routes are Starlette routes mounted on the one app of :mod:`refresherd.web.app`, behind the
+bearer check of :mod:`refresherd.web.auth`. A GET of a
 token that is due (``policy.access_decision``) joins the refresher's single-flight refresh and
 waits for it, bounded by ``api.wait_timeout``; the refresh itself flies in the refresher's own
 task group, so a client that gives up never cancels it. Errors are JSON with a stable ``error``
@@ -10,10 +11,9 @@ code (see ``openapi.json``). No token value is ever logged.
 from __future__ import annotations
 
 import functools
-import hmac
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Final
@@ -22,16 +22,18 @@ import anyio
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from refresherd import policy
 from refresherd.clock import Clock
-from refresherd.endpoint import ClientRejected, EndpointError, InvalidGrant, TokenEndpoint
+from refresherd.idp.endpoint import TokenEndpoint
+from refresherd.idp.failures import ClientRejected, EndpointError, InvalidGrant
 from refresherd.intake import token_set_from_json
 from refresherd.logs import exception_fields, get_logger
 from refresherd.model import Secret, State, TokenSet, rfc3339, validate_token_set_id
-from refresherd.refresher import Refresher
-from refresherd.server import JSON, error
+from refresherd.refresh.outcome import Outcome
+from refresherd.refresh.providers import Providers
+from refresherd.refresh.refresher import Refresher
+from refresherd.refresh.storage import StorageWatch
 from refresherd.settings import ApiConfig, ProviderConfig
 from refresherd.store import (
     ClaimRefused,
@@ -40,10 +42,10 @@ from refresherd.store import (
     TokenSetExists,
     TokenStore,
 )
+from refresherd.web.app import JSON, error
 
-log = get_logger("refresherd.api")
+log = get_logger("refresherd.web.tokens")
 
-API_PREFIX: Final = "/v1/"
 # A request body is a token response or a code: a few kilobytes. More is not one of those.
 MAX_BODY: Final = 64 * 1024
 # While another process holds the lease, look for its result at this pace.
@@ -53,46 +55,6 @@ LEASE_POLL: Final = 0.1
 def openapi_document() -> bytes:
     """The API's OpenAPI document, as shipped in the package (refresherd/openapi.json)."""
     return resources.files("refresherd").joinpath("openapi.json").read_bytes()
-
-
-class BearerAuth:
-    """ASGI middleware: every /v1 request needs ``Authorization: Bearer <token>``.
-
-    Compared in constant time. /metrics, /healthz, /readyz and /openapi.json stay open. With
-    ``tcp = false`` the API is answered only on the unix socket (404 over TCP).
-    """
-
-    def __init__(self, app: ASGIApp, *, bearer: Secret, tcp: bool) -> None:
-        self.app = app
-        self._expected = ("Bearer " + bearer.reveal()).encode()
-        self._tcp = tcp
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith(API_PREFIX):
-            await self.app(scope, receive, send)
-            return
-        server = scope.get("server")
-        over_tcp = server is not None and server[1] is not None
-        if over_tcp and not self._tcp:
-            await error(404, "not_found", "the API is served on the unix socket only")(
-                scope, receive, send
-            )
-            return
-        given = b""
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                given = value
-                break
-        if not hmac.compare_digest(given, self._expected):
-            response = error(
-                401,
-                "unauthorized",
-                "a valid 'Authorization: Bearer ...' header is required",
-                headers={"www-authenticate": 'Bearer realm="refresherd"'},
-            )
-            await response(scope, receive, send)
-            return
-        await self.app(scope, receive, send)
 
 
 def token_json(ts: TokenSet, now: float) -> dict[str, Any]:
@@ -125,6 +87,8 @@ class TokenApi:
         *,
         store: TokenStore,
         refresher: Refresher,
+        providers: Providers,
+        storage: StorageWatch,
         config: ApiConfig,
         clock: Clock,
         wake: Callable[[], None],
@@ -132,6 +96,11 @@ class TokenApi:
     ) -> None:
         self.store = store
         self.refresher = refresher
+        # Which providers exist, their endpoints (exchange, revocation) and the schedule a
+        # registered set is planned by: live, a reload replaces them.
+        self.providers = providers
+        # Paused storage: a code is not spent while the database refuses writes.
+        self.storage = storage
         self.config = config
         self.clock = clock
         self.wake = wake
@@ -177,7 +146,7 @@ class TokenApi:
     async def _refresh_and_answer(self, ts: TokenSet) -> Response:
         while True:
             result = await self.refresher.refresh(ts.id)
-            if result.outcome == "leased":
+            if result.outcome is Outcome.LEASED:
                 # Another daemon on this database is refreshing it: wait for its result.
                 current = await self._wait_for_other_owner(ts)
                 if current is None:
@@ -186,7 +155,7 @@ class TokenApi:
                     ts = current
                     break
                 continue
-            if result.outcome == "not_found":
+            if result.outcome is Outcome.NOT_FOUND:
                 return _unknown(ts.id)
             current_or_none = (
                 result.token_set if result.ok else await self._reread(ts.id, fallback=ts)
@@ -262,8 +231,8 @@ class TokenApi:
         token_set_id, provider = data.get("id"), data.get("provider")
         if not isinstance(token_set_id, str) or not isinstance(provider, str):
             return _invalid("id and provider are required strings")
-        if provider not in self.refresher.providers:
-            return _unknown_provider(provider, self.refresher.providers)
+        if provider not in self.providers:
+            return _unknown_provider(provider, self.providers)
         if (busy := self._busy(token_set_id)) is not None:
             return busy
         now = self.clock.wall()
@@ -284,7 +253,7 @@ class TokenApi:
             token_set_id=token_set_id,
             provider=provider,
             now=now,
-            schedule=self.refresher.schedule,
+            schedule=self.providers.schedule,
             rand=self.rng.random(),
         )
 
@@ -315,8 +284,8 @@ class TokenApi:
             return _unknown(token_set_id)
         if revoke_param == "false":
             return await self._remove(ts, revoked=False)
-        provider = self.refresher.providers.get(ts.provider)
-        endpoint = self.refresher.endpoints.get(ts.provider)
+        provider = self.providers.config(ts.provider)
+        endpoint = self.providers.endpoint(ts.provider)
         if provider is None or endpoint is None or not provider.revocation_url:
             return error(
                 400,
@@ -389,15 +358,15 @@ class TokenApi:
             return _invalid("code_verifier must be a non-empty string when given")
         assert isinstance(provider_name, str) and isinstance(code, str)
         assert isinstance(redirect_uri, str)
-        provider = self.refresher.providers.get(provider_name)
-        endpoint = self.refresher.endpoints.get(provider_name)
+        provider = self.providers.config(provider_name)
+        endpoint = self.providers.endpoint(provider_name)
         if provider is None or endpoint is None:
-            return _unknown_provider(provider_name, self.refresher.providers)
+            return _unknown_provider(provider_name, self.providers)
         # Everything that can refuse the exchange does so before the code is spent: a code is
         # good only once.
         if (busy := self._busy(token_set_id)) is not None:
             return busy
-        if self.refresher.storage.paused:
+        if self.storage.paused:
             # The grant would only be held in memory until the database takes writes again.
             return error(
                 503,
@@ -452,7 +421,7 @@ class TokenApi:
             job.waiting = False
         if job.error is not None:
             # An unexpected error of the exchange fails this request: logged once, as every
-            # handler's is (server.HandlerFailures), with the request's secrets scrubbed.
+            # handler's is (web.app.HandlerFailures), with the request's secrets scrubbed.
             raise job.error
         if job.answer is not None:
             return job.answer
@@ -482,7 +451,7 @@ class TokenApi:
     async def _run_exchange(self, job: _Exchange) -> None:
         """In the refresher's flight group (Refresher.detach): exchange the code, store the
         grant, put the answer in ``job``. Shielded: shutdown waits for it, bounded by the
-        provider's request_timeout and the hold of the grant (refresher.PERSIST_DEADLINE)."""
+        provider's request_timeout and the hold of the grant (refresh.grants.PERSIST_DEADLINE)."""
         try:
             with anyio.CancelScope(shield=True):
                 job.answer = await self._exchange_and_store(job)
@@ -554,7 +523,7 @@ class TokenApi:
         try:
             stored = await self.refresher.add_granted(new, now=now)
         except StoreError:
-            # Held for as long as a running daemon could (refresher.add_granted): lost, said so.
+            # Held for as long as a running daemon could (Refresher.add_granted): lost, said so.
             return error(
                 503,
                 "storage_unavailable",
@@ -649,7 +618,7 @@ def _exists(token_set_id: str) -> Response:
     return error(409, "exists", f"token set {token_set_id!r} exists already (delete it first)")
 
 
-def _unknown_provider(name: str, providers: Any) -> Response:
+def _unknown_provider(name: str, providers: Iterable[str]) -> Response:
     known = ", ".join(sorted(providers))
     return error(400, "unknown_provider", f"provider {name!r} is not configured (known: {known})")
 

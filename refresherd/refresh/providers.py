@@ -1,0 +1,83 @@
+"""The providers' live set: what a refresh needs of its provider, replaced as a whole on reload.
+
+Per provider: its settings (``ProviderConfig``), its :class:`TokenEndpoint`, its throttle
+(politeness), its circuit, its recent answer times (the pace a grace window is planned with)
+and its budget of hedged sends; and the schedule every refresh is planned by. The daemon builds
+one from the config and hands it to the refresher, the scheduler (the circuits: which providers
+not to claim for) and the token API (which providers exist, their endpoints for an exchange or a
+revocation); a reload (SIGHUP) replaces the settings and endpoints here, in one place. A refresh
+in flight keeps the settings and the endpoint it started with. What is learned per provider
+(circuits, answer times, hedge budgets, a throttle whose limits did not change) outlives a
+reload.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator, Mapping
+
+from refresherd.idp.endpoint import TokenEndpoint
+from refresherd.latency import AnswerTimes, HedgeBudget
+from refresherd.refresh.circuits import ProviderCircuits
+from refresherd.settings import ProviderConfig, ScheduleConfig
+from refresherd.throttle import ProviderThrottle, Throttles
+
+
+class Providers:
+    """The providers' live set; see the module docstring."""
+
+    def __init__(
+        self,
+        providers: Mapping[str, ProviderConfig],
+        endpoints: Mapping[str, TokenEndpoint],
+        schedule: ScheduleConfig,
+    ) -> None:
+        self._configs = dict(providers)
+        self._endpoints = dict(endpoints)
+        self.schedule = schedule
+        self.circuits = ProviderCircuits()
+        self._throttles = Throttles()
+        # Per provider, made at its first refresh.
+        self._answer_times: defaultdict[str, AnswerTimes] = defaultdict(AnswerTimes)
+        self._hedge_budgets: defaultdict[str, HedgeBudget] = defaultdict(HedgeBudget)
+
+    def reconfigure(
+        self,
+        *,
+        providers: Mapping[str, ProviderConfig],
+        endpoints: Mapping[str, TokenEndpoint],
+        schedule: ScheduleConfig,
+    ) -> None:
+        """Take a reloaded config. In-flight refreshes keep what they started with."""
+        self._configs = dict(providers)
+        self._endpoints = dict(endpoints)
+        self.schedule = schedule
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._configs
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._configs)
+
+    def config(self, name: str) -> ProviderConfig | None:
+        return self._configs.get(name)
+
+    def endpoint(self, name: str) -> TokenEndpoint | None:
+        return self._endpoints.get(name)
+
+    @property
+    def endpoints(self) -> Mapping[str, TokenEndpoint]:
+        """Every provider's endpoint by name (the daemon closes the ones a reload retires)."""
+        return self._endpoints
+
+    def throttle(self, provider: ProviderConfig) -> ProviderThrottle | None:
+        """The provider's throttle, None when it sets no limit (refresherd.throttle)."""
+        return self._throttles.of(provider)
+
+    def answer_times(self, provider: str) -> AnswerTimes:
+        """The provider's recent answer times (its pace, for planning grace-window sends)."""
+        return self._answer_times[provider]
+
+    def hedge_budget(self, provider: str) -> HedgeBudget:
+        """The provider's budget of hedged sends (a share of its sends)."""
+        return self._hedge_budgets[provider]

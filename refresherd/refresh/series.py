@@ -1,0 +1,416 @@
+"""The attempt loop: the sends of one refresh token inside one refresh (:class:`Series`).
+
+Each send is journaled before it leaves, runs in its own task with the provider's full
+``request_timeout``, and answers on a memory stream; what an answer means is the policy's
+(:func:`refresherd.policy.decide`). The series ends with a grant (stored by the caller), a
+final decision on a failure (recorded by the caller), or a result decided on the way.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import anyio
+import anyio.abc
+
+from refresherd import policy
+from refresherd.clock import Clock
+from refresherd.idp.endpoint import TokenEndpoint
+from refresherd.idp.failures import EndpointError
+from refresherd.latency import AnswerTimes
+from refresherd.logs import get_logger
+from refresherd.metrics import Metrics
+from refresherd.model import Attempt, Failure, FailureKind, Grant, TokenSet
+from refresherd.refresh.leases import Leases
+from refresherd.refresh.outcome import Outcome, RefreshResult
+from refresherd.refresh.providers import Providers
+from refresherd.refresh.record import Recorder
+from refresherd.refresh.storage import StorageWatch
+from refresherd.settings import ProviderConfig
+from refresherd.store import StoreError, TokenStore
+
+log = get_logger("refresherd.refresh.series")
+
+
+@dataclass(slots=True)
+class _Answer:
+    """What one send brought back. ``attempt``: the journal entry the send went out under."""
+
+    attempt: Attempt
+    grant: Grant | None
+    failure: Failure | None
+    duration: float  # monotonic seconds from send to answer (or to giving up)
+
+
+SeriesEnd = RefreshResult | Grant | tuple[Failure, policy.Decision]
+
+
+class Series:
+    """The sends of one refresh token inside one refresh: journal each, send, read answers.
+
+    For a one-time token the grace window is spent by time (policy): a send unanswered for
+    ``hedge_after`` gets a hedge beside it, kept open rather than abandoned (a rotated answer
+    may still come); fast failures are spaced by ``series_spacing``; a final decision waits
+    until no send is out, since any of them may still bring the grant.
+
+    Time: the policy plans in *series time*, the wall clock at the series' start in this
+    process carried on by the monotonic clock, so that a wall-clock step while the series runs
+    neither stretches a wait past the window nor ends it early. The journal in the database
+    keeps to the wall clock (it is shared), and a send goes out only if both say the window is
+    open.
+    """
+
+    def __init__(
+        self,
+        ts: TokenSet,
+        eff: policy.EffectivePolicy,
+        grace: float,
+        provider: ProviderConfig,
+        endpoint: TokenEndpoint,
+        times: AnswerTimes,
+        *,
+        store: TokenStore,
+        owner: str,
+        providers: Providers,
+        leases: Leases,
+        storage: StorageWatch,
+        record: Recorder,
+        metrics: Metrics,
+        clock: Clock,
+        rng: random.Random,
+    ) -> None:
+        self._store = store
+        self._owner = owner
+        self._providers = providers
+        self._leases = leases
+        self._storage = storage
+        self._record = record
+        self._metrics = metrics
+        self._clock = clock
+        self._rng = rng
+        self.ts = ts
+        self.eff = eff
+        self.grace = grace
+        self.provider = provider
+        self.endpoint = endpoint
+        self.times = times
+        # The pace the window is planned with, fixed for the series: the margin (and so the
+        # window's end) must not move between a plan and the journal's check of it.
+        self.latency = times.hint()
+        self.hedges = providers.hedge_budget(ts.provider)
+        self.attempt: Attempt | None = None
+        self.in_flight = 0
+        self.invalid_grant_retried = False
+        self.last_failure: Failure | None = None
+        # The first grant received, until the series ends (persisted by the caller).
+        self.grant: Grant | None = None
+        self._anchor = (clock.wall(), clock.monotonic())
+        send, receive = anyio.create_memory_object_stream[_Answer](math.inf)
+        self._answers_in = send
+        self._answers = receive
+
+    def now(self) -> float:
+        """Series time: see the class docstring."""
+        wall, mono = self._anchor
+        return wall + (self._clock.monotonic() - mono)
+
+    def close(self) -> None:
+        self._answers_in.close()
+        self._answers.close()
+
+    def buffered_grant(self) -> Grant | None:
+        """A grant that arrived but was not read yet (the series was cancelled)."""
+        while True:
+            try:
+                answer = self._answers.receive_nowait()
+            except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                return None
+            if answer.grant is not None:
+                return answer.grant
+
+    def _last_send_at(self) -> float | None:
+        """Series time by which a send that relies on the window must start (None: no window
+        runs: a re-use token, or nothing journaled yet)."""
+        if self.grace <= 0 or self.attempt is None:
+            return None
+        closes = policy.window_closes_at(self.attempt.started_at, self.grace, self.latency)
+        return closes - policy.LAST_SEND_LEAD
+
+    async def run(self, tg: anyio.abc.TaskGroup) -> SeriesEnd:
+        ts = self.ts
+        # Two clocks for the next send (series time): a retry the policy planned after a
+        # failed answer, and a hedge beside the sends still out (void once none is out).
+        retry_at: float | None = self.now()
+        hedge_at: float | None = None
+        # Why no more sends may start; returned once none is out.
+        stopped: RefreshResult | None = None
+        refused = False
+        pending: tuple[Failure, policy.Decision] | None = None
+        while True:
+            now = self.now()
+            planned = [t for t in (retry_at, hedge_at if self.in_flight else None) if t is not None]
+            next_send_at = min(planned) if planned else None
+            may_send = (
+                stopped is None
+                and not refused
+                and next_send_at is not None
+                and self.in_flight < policy.MAX_SENDS_IN_FLIGHT
+            )
+            if may_send and next_send_at is not None and now >= next_send_at:
+                hedge = self.in_flight > 0 and (retry_at is None or retry_at > now)
+                retry_at = hedge_at = None
+                last = self._last_send_at()
+                if (
+                    last is not None
+                    and self.attempt is not None
+                    and self.attempt.unsettled > 0
+                    and now > last + policy.LAST_SEND_LEAD
+                ):
+                    # The window is over by this process's monotonic clock, whatever the
+                    # wall clock (stepped back) and so the journal would say. (A send planned
+                    # for the last send time itself, reached a moment late, still goes.)
+                    if self.last_failure is not None:
+                        pending = (
+                            self.last_failure,
+                            policy.Invalidate(reason=policy.GRACE_WINDOW_MISSED),
+                        )
+                    continue
+                if hedge and not self.hedges.take():
+                    # The provider's hedge budget is spent (a stalled IdP is not flooded):
+                    # wait for the sends out.
+                    continue
+                journaled = await self._journal()
+                if hedge and not isinstance(journaled, Attempt):
+                    self.hedges.give_back()
+                if journaled is None:
+                    # The set moved on, our lease went, or the window closed: no more sends.
+                    # What that means is read once no send is out (one may bring a grant).
+                    refused = True
+                elif isinstance(journaled, RefreshResult):
+                    stopped = journaled
+                else:
+                    self.attempt = journaled
+                    if hedge:
+                        # A hedge: the sends out are late; they stay open beside this one.
+                        self._metrics.grace_retries.labels(ts.provider).inc()
+                        log.info(
+                            "refresh hedge",
+                            token_set=ts.id,
+                            provider=ts.provider,
+                            attempt=journaled.sends,
+                            in_flight=self.in_flight,
+                        )
+                    else:
+                        self.hedges.note_send()
+                    self.in_flight += 1
+                    tg.start_soon(self._send, journaled, self._leave_by(now))
+                    hedge_at = self._hedge_at(now)
+                continue
+            if self.in_flight == 0:
+                if stopped is not None:
+                    await self._leases.release_quietly(ts.id)
+                    return stopped
+                if refused:
+                    return await self._refused()
+                if pending is not None:
+                    return pending
+                if retry_at is None:  # pragma: no cover - every path plans or ends
+                    raise AssertionError("a series with nothing out and nothing planned")
+                await anyio.sleep(max(retry_at - now, 0.0))
+                continue
+            wait = (
+                max(next_send_at - now, 0.0) if may_send and next_send_at is not None else math.inf
+            )
+            # Only the wait for an answer is bounded: what is done with one is never cut short.
+            answer: _Answer | None = None
+            with anyio.move_on_after(wait):
+                answer = await self._answers.receive()
+            if answer is None:
+                continue
+            self.in_flight -= 1
+            end = await self._on_answer(answer)
+            if isinstance(end, policy.SendAgain):
+                retry_at = end.at if retry_at is None else min(retry_at, end.at)
+                pending = None
+            elif isinstance(end, tuple):
+                # Final, unless a send still out brings the grant or reopens the question.
+                pending, retry_at, hedge_at = end, None, None
+            elif isinstance(end, RefreshResult) and self.in_flight:
+                # Decided (a sibling's grant adopted, storage refused a read) while sends are
+                # out: no more sends; the ones out may still bring a grant worth storing.
+                stopped, retry_at, hedge_at = end, None, None
+            else:
+                return end
+
+    async def _refused(self) -> RefreshResult:
+        ts = self.ts
+        try:
+            return await self._record.moved_on(ts, self.eff, self.grace, latency=self.latency)
+        except StoreError as exc:
+            self._storage.failed(exc, during="journal")
+            await self._leases.release_quietly(ts.id)
+            return RefreshResult(
+                Outcome.STORAGE_ERROR, token_set=ts, reason="storage_error", detail=str(exc)
+            )
+
+    def _leave_by(self, now: float) -> float | None:
+        """Seconds within which this send must leave (get a connection and be written), or
+        never: a send of a one-time token that waits for a pooled connection past the window
+        would arrive as a reuse. None for a token with no window."""
+        last = self._last_send_at()
+        if last is None:
+            return None
+        return max(last + policy.LAST_SEND_LEAD - now, 0.0)
+
+    def _hedge_at(self, now: float) -> float | None:
+        """When to send beside the sends now out if none has answered by then: only for a
+        one-time token (a re-use token is never spent by a send), only with budget left, and
+        never after the window closes (the last one planned to start before it does)."""
+        attempt = self.attempt
+        last = self._last_send_at()
+        if last is None or attempt is None:
+            return None
+        if attempt.unsettled >= policy.MAX_UNSETTLED_SENDS or now >= last:
+            return None
+        # Each further hedge waits twice as long: a stalled IdP is raced, not flooded.
+        wait = policy.hedge_after(self.grace, self.latency) * 2.0 ** max(self.in_flight - 1, 0)
+        return min(now + wait, last)
+
+    async def _journal(self) -> Attempt | RefreshResult | None:
+        """Commit the send to the journal before it leaves; None if the store refused it."""
+        ts = self.ts
+        # The journal keeps to the wall clock: it is shared with every process.
+        now = self._clock.wall()
+        keep_since = policy.keep_series_since(now, self.grace, self.latency)
+        try:
+            return await self._store.begin_attempt(
+                ts.id, owner=self._owner, version=ts.version, now=now, keep_since=keep_since
+            )
+        except StoreError as exc:
+            # Nothing was sent: without a journal entry, nothing may be.
+            self._storage.failed(exc, during="journal")
+            self._metrics.refresh_failures.labels(ts.provider, "storage_error").inc()
+            return RefreshResult(
+                Outcome.STORAGE_ERROR, token_set=ts, reason="storage_error", detail=str(exc)
+            )
+
+    async def _send(self, attempt: Attempt, leave_by: float | None) -> None:
+        started = self._clock.monotonic()
+        grant: Grant | None = None
+        failure: Failure | None = None
+        try:
+            grant = await self.endpoint.refresh(
+                self.ts.refresh_token, timeout=self.provider.request_timeout, leave_by=leave_by
+            )
+        except EndpointError as exc:
+            failure = exc.failure
+        except Exception as exc:
+            # Not a failure the endpoint knows (a bug, an endpoint retired by a reload): the
+            # request may have left. An answer like any other, so the other sends live on.
+            log.exception("token request failed unexpectedly", token_set=self.ts.id)
+            failure = Failure(
+                FailureKind.AMBIGUOUS, "internal_error", f"unexpected {type(exc).__name__}"
+            )
+        duration = self._clock.monotonic() - started
+        self._answers_in.send_nowait(_Answer(attempt, grant, failure, duration))
+
+    async def _on_answer(
+        self, answer: _Answer
+    ) -> RefreshResult | Grant | policy.SendAgain | tuple[Failure, policy.Decision]:
+        ts = self.ts
+        failure = answer.failure
+        if answer.grant is not None or (failure is not None and failure.status is not None):
+            self.times.observe(answer.duration)
+        if answer.grant is not None:
+            self.grant = answer.grant
+            return answer.grant
+        assert failure is not None and self.attempt is not None
+        self.last_failure = failure
+        self._metrics.refresh_failures.labels(ts.provider, failure.reason).inc()
+        if failure.kind is not FailureKind.AMBIGUOUS:
+            # The answer proves the IdP did not rotate on this send: note it in the journal,
+            # so that neither a later window check nor a crash recovery counts it as a use.
+            await self._settle(answer.attempt)
+        maybe_consumed = self.grace > 0 and self.attempt.unsettled > 0
+        storm = False
+        if failure.kind is FailureKind.INVALID_GRANT:
+            try:
+                sibling = await self._record.sibling_grant(ts)
+            except StoreError as exc:
+                # Whether another worker stored a grant cannot be read: invalidating without
+                # knowing would be worse than trying again later.
+                self._storage.failed(exc, during="read after invalid_grant")
+                return RefreshResult(
+                    Outcome.STORAGE_ERROR, token_set=ts, reason="storage_error", detail=str(exc)
+                )
+            if sibling is not None:
+                return sibling
+            if not maybe_consumed:
+                storm = policy.invalid_grant_storm(
+                    self._providers.circuits.note_invalid_grant(ts.provider)
+                )
+        if storm:
+            # Several different token sets refused in a row, none accepted in between: far
+            # more likely our configuration (another app's credentials, a wrong token_url or
+            # realm) than that many customers revoking at once. Pause the provider and keep
+            # the token sets, instead of invalidating a whole customer base.
+            return failure, policy.SuspectProvider()
+        if failure.kind is not FailureKind.CLIENT_REJECTED and self._providers.circuits.close(
+            ts.provider
+        ):
+            self._metrics.circuit_open.labels(ts.provider).set(0)
+            log.info("provider circuit closed", provider=ts.provider)
+        decision = policy.decide(
+            failure,
+            policy.FailureContext(
+                now=self.now(),
+                usage=self.eff.usage,
+                grace_period=self.grace,
+                attempt=self.attempt,
+                failures=ts.failures,
+                invalid_grant_retried=self.invalid_grant_retried,
+                latency=self.latency,
+            ),
+            self._providers.schedule,
+            self._rng.random(),
+        )
+        if not isinstance(decision, policy.SendAgain):
+            return failure, decision
+        if decision.grace:
+            self._metrics.grace_retries.labels(ts.provider).inc()
+        if failure.kind is FailureKind.INVALID_GRANT:
+            self.invalid_grant_retried = True
+        log.info(
+            "refresh retry",
+            token_set=ts.id,
+            provider=ts.provider,
+            reason=failure.reason,
+            detail=failure.detail,
+            attempt=self.attempt.sends,
+            in_flight=self.in_flight,
+            delay=round(max(decision.at - self.now(), 0.0), 3),
+            grace=decision.grace,
+        )
+        return decision
+
+    async def _settle(self, sent_under: Attempt) -> None:
+        ts = self.ts
+        try:
+            await self._store.settle_send(
+                ts.id, version=sent_under.version, started_at=sent_under.started_at
+            )
+        except StoreError as exc:
+            # Left unsettled: the safe side (the send counts as a possible use).
+            self._storage.failed(exc, during="journal")
+            return
+        attempt = self.attempt
+        if attempt is not None and attempt.started_at == sent_under.started_at:
+            self.attempt = Attempt(
+                version=attempt.version,
+                started_at=attempt.started_at,
+                owner=attempt.owner,
+                sends=attempt.sends,
+                settled=min(attempt.settled + 1, attempt.sends),
+            )

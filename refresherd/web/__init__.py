@@ -1,0 +1,8 @@
+"""The HTTP surface: one ASGI app (Starlette) on one server (Hypercorn).
+
+- :mod:`.app`: the app with /metrics, /healthz and /readyz, the JSON error shape, the
+  middleware that turns a handler's failure into one scrubbed log line and a 500, and the
+  listeners (TCP, unix socket) served by Hypercorn.
+- :mod:`.auth`: the bearer check of the token API.
+- :mod:`.tokens`: the token API's routes (/v1/tokens...) and /openapi.json.
+"""

@@ -1,0 +1,63 @@
+"""The token API's bearer check: an ASGI middleware in front of every route of the one app."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Final
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from refresherd.model import Secret
+from refresherd.web.app import error
+
+API_PREFIX: Final = "/v1/"
+_SCHEME: Final = b"bearer"
+
+
+class BearerAuth:
+    """ASGI middleware: every /v1 request needs ``Authorization: Bearer <token>``.
+
+    The scheme is matched case-insensitively (``bearer``, ``BEARER``: RFC 9110 §11.1), followed
+    by one or more spaces (§11.4); the token is compared in constant time. /metrics, /healthz,
+    /readyz and /openapi.json stay open. With ``tcp = false`` the API is answered only on the
+    unix socket (404 over TCP).
+    """
+
+    def __init__(self, app: ASGIApp, *, bearer: Secret, tcp: bool) -> None:
+        self.app = app
+        self._expected = bearer.reveal().encode()
+        self._tcp = tcp
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(API_PREFIX):
+            await self.app(scope, receive, send)
+            return
+        server = scope.get("server")
+        over_tcp = server is not None and server[1] is not None
+        if over_tcp and not self._tcp:
+            await error(404, "not_found", "the API is served on the unix socket only")(
+                scope, receive, send
+            )
+            return
+        given = b""
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                given = value
+                break
+        if not self._accepts(given):
+            response = error(
+                401,
+                "unauthorized",
+                "a valid 'Authorization: Bearer ...' header is required",
+                headers={"www-authenticate": 'Bearer realm="refresherd"'},
+            )
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _accepts(self, header: bytes) -> bool:
+        scheme, _, token = header.partition(b" ")
+        # The token is compared whatever the scheme, so that the time taken says nothing
+        # about which part was wrong.
+        token_ok = hmac.compare_digest(token.lstrip(b" "), self._expected)
+        return scheme.lower() == _SCHEME and token_ok
