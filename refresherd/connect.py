@@ -50,6 +50,9 @@ PROMPT_VALUES: Final = ("none", "login", "consent", "select_account", "create")
 RESPONSE_MODES: Final = ("query", "form_post")
 MAX_PARAMS: Final = 20
 MAX_VALUE_CHARS: Final = 2000
+# An expired state is kept this long before it is pruned: a customer who comes back late is
+# sent back to the application with outcome=expired rather than shown "unknown link".
+EXPIRED_STATE_KEPT: Final = 3600.0
 # A state we issued is 43 characters; anything far longer is not one (and is not hashed).
 MAX_STATE_CHARS: Final = 512
 # The IdP's error codes that are passed on (RFC 6749 4.1.2.1, OpenID Connect Core 3.1.2.6);
@@ -394,6 +397,7 @@ class Refusal(enum.StrEnum):
 
     MISSING_STATE = "missing_state"
     DUPLICATE_PARAMETER = "duplicate_parameter"
+    UNREADABLE = "unreadable"  # a POST that is not a small urlencoded form
     UNKNOWN_STATE = "unknown_state"  # never issued, used already, or pruned long after expiry
     WRONG_PROVIDER = "wrong_provider"  # issued for another provider's callback
 
@@ -545,6 +549,7 @@ def finish_url(return_url: str, outcome: Outcome, token_set_id: str) -> str:
 _REFUSAL_PAGES: Final = {
     Refusal.MISSING_STATE: "The answer from the identity provider has no state.",
     Refusal.DUPLICATE_PARAMETER: "The answer from the identity provider repeats a parameter.",
+    Refusal.UNREADABLE: "The answer from the identity provider could not be read.",
     Refusal.UNKNOWN_STATE: (
         "This link was not issued here, or has been used already. Nothing was stored."
     ),

@@ -100,6 +100,7 @@ LAYER_OF: dict[str, str] = {
     # adapter stands on what it drives. web.app and web.auth, the ASGI app and the bearer
     # check without routes that refresh, stay adapters.
     "refresherd.web.tokens": "orchestration",
+    "refresherd.web.connect": "orchestration",  # connect links and the callback: as web.tokens
     # composition: the runtime built from settings.
     "refresherd.daemon": "composition",
     "refresherd.workers": "composition",
@@ -113,6 +114,7 @@ LAYER_OF: dict[str, str] = {
     "refresherd.cli.run": "entry",
     "refresherd.cli.tokens": "entry",
     "refresherd.cli.refresh": "entry",
+    "refresherd.cli.connect": "entry",
     "refresherd.cli.rekey": "entry",
     "refresherd.cli.migrate": "entry",
     "refresherd.cli.demo": "entry",

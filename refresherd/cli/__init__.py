@@ -16,6 +16,7 @@ aiohttp, Starlette, Hypercorn or prometheus-client; ``--help`` loads argparse al
 | ``check-config`` | :mod:`.check` |
 | ``tokens add/import/list/show/remove`` | :mod:`.tokens` |
 | ``refresh`` | :mod:`.refresh` (the daemon's runtime, for one refresh) |
+| ``connect`` | :mod:`.connect` (a connect link, kept in the store) |
 | ``rekey`` | :mod:`.rekey` |
 | ``migrate`` | :mod:`.migrate` |
 | ``demo`` | :mod:`.demo` |
@@ -43,6 +44,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from refresherd.cli.tokens import command
         case "refresh":
             from refresherd.cli.refresh import command
+        case "connect":
+            from refresherd.cli.connect import command
         case "rekey":
             from refresherd.cli.rekey import command
         case "migrate":

@@ -49,6 +49,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     refresh = sub.add_parser("refresh", help="refresh one token set now (same path as the daemon)")
     refresh.add_argument("id")
+    link = sub.add_parser(
+        "connect",
+        help="print a link that connects a customer (or reconnects an invalidated token set) "
+        "through the provider's login and consent; single use, expiring",
+    )
+    link.add_argument("id", help="the token set's id (new, or invalidated)")
+    link.add_argument("--provider", required=True)
+    link.add_argument("--return-url", help="one of the provider's return_urls (default: first)")
+    link.add_argument("--scope", help="default: the provider's authorization_scope, else scope")
+    link.add_argument("--prompt", help='OpenID Connect prompt, such as "login"')
+    link.add_argument(
+        "--param", action="append", default=[], metavar="NAME=VALUE", help="more for the IdP"
+    )
+    link.add_argument("--json", action="store_true")
     sub.add_parser(
         "rekey",
         help="seal every stored token with [encryption]'s current key (after a key rotation, "

@@ -25,6 +25,7 @@ from starlette.routing import BaseRoute, Route
 
 from refresherd import policy
 from refresherd.clock import Clock
+from refresherd.connect import reconnect_hint
 from refresherd.idp.endpoint import TokenEndpoint
 from refresherd.idp.failures import ClientRejected, EndpointError, InvalidGrant
 from refresherd.intake import token_set_from_json
@@ -199,12 +200,17 @@ class TokenApi:
 
     def _answer(self, ts: TokenSet, decision: policy.AccessDecision, now: float) -> Response:
         if isinstance(decision, policy.NeedsAuthorization):
+            # The way back, where the provider is set up for connecting (refresherd.connect).
+            hint = reconnect_hint(ts.id, self.providers.config(ts.provider))
             return error(
                 409,
                 "invalidated",
                 "the identity provider refused this token set's refresh token: the customer "
-                "must authorize again (POST /v1/tokens/{id}/exchange or POST /v1/tokens)",
+                "must authorize again ("
+                + ("POST /v1/tokens/{id}/connect for a link" if hint else "POST /v1/tokens")
+                + ")",
                 reason=decision.reason,
+                **({"reconnect": hint} if hint else {}),
             )
         if isinstance(decision, policy.Unavailable):
             return error(
@@ -225,7 +231,7 @@ class TokenApi:
     # ---- POST /v1/tokens -------------------------------------------------------------------
 
     async def register(self, request: Request) -> Response:
-        data = await _json_body(request)
+        data = await json_body(request)
         if isinstance(data, Response):
             return data
         token_set_id, provider = data.get("id"), data.get("provider")
@@ -347,7 +353,7 @@ class TokenApi:
             validate_token_set_id(token_set_id)
         except ValueError as exc:
             return _invalid(str(exc))
-        data = await _json_body(request)
+        data = await json_body(request)
         if isinstance(data, Response):
             return data
         provider_name, code = data.get("provider"), data.get("code")
@@ -590,7 +596,7 @@ def _log_exchange_failure(job: _Exchange, exc: Exception) -> None:
     )
 
 
-async def _json_body(request: Request) -> dict[str, Any] | Response:
+async def json_body(request: Request) -> dict[str, Any] | Response:
     body = b""
     async for chunk in request.stream():
         body += chunk
