@@ -443,6 +443,8 @@ def test_an_invalidated_set_is_connected_again_in_place(
     assert invalidated["reconnect"] == body["reconnect"]
     shown = run_cli(config, "tokens", "show", "hana-0000", "--json")
     assert json.loads(shown.stdout)["reconnect"] == body["reconnect"]
+    shown = run_cli(config, "tokens", "show", "hana-0000")
+    assert "reconnect.command  refresherd connect hana-0000 --provider idp" in shown.stdout
 
     link = Connection(client, handle, "hana-0000")
     assert link.link["reconnect"] is True

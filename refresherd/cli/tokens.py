@@ -122,6 +122,8 @@ def _show_text(data: dict[str, Any]) -> None:
                     where = value["source"][name]
                     shown = "" if item is None else item
                     rows.append((f"policy.{name}", f"{shown} ({where})" if where else shown))
+        elif isinstance(value, dict):  # reconnect: the way back, one line per part
+            rows += [(f"{key}.{name}", item) for name, item in value.items()]
         else:
             rows.append((key, value))
     width = max(len(k) for k, _ in rows)
