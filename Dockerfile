@@ -8,7 +8,12 @@
 #   /run/secrets/NAME            client secrets (client_secret_file = "/run/secrets/NAME")
 #   /var/lib/refresherd          the database: a volume, shared read-only with the application
 
-FROM python:3.11-slim-bookworm AS build
+# The base of both stages: the official Python image. The test suite, which reaches no registry
+# but Debian's, passes a Debian base made with debootstrap that has the same `python`, venv and
+# pip (.ci/run base-image; tests/test_deploy_image.py).
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+
+FROM ${BASE_IMAGE} AS build
 WORKDIR /src
 # Only what the package build needs; .dockerignore keeps everything else out of the context.
 COPY pyproject.toml README.md ./
@@ -16,7 +21,7 @@ COPY refresherd ./refresherd
 RUN python -m venv /opt/refresherd \
     && /opt/refresherd/bin/pip install --no-cache-dir --disable-pip-version-check '.[postgresql]'
 
-FROM python:3.11-slim-bookworm
+FROM ${BASE_IMAGE}
 # A fixed unprivileged uid and gid: the database is created 0600, so an application container
 # reading it runs as the same uid (compose.yaml: user: "10001:10001").
 RUN groupadd --system --gid 10001 refresherd \

@@ -155,6 +155,51 @@ def test_errors_are_json_with_stable_codes_and_the_bearer_is_required(
     assert response.json()["reason"] == "invalid_grant"
 
 
+def test_a_forced_refresh_rotates_only_the_token_refused_and_at_most_every_30_s(
+    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons
+) -> None:
+    """POST /v1/tokens/{id}/refresh: the application's upstream refused an access token."""
+    handle, _daemon, client, config = start(tmp_path, idp_factory, daemons)
+    lines = handle.token_lines(PROVIDER, 2)
+    import_tokens(config, lines)
+    old = str(lines[0]["access_token"])
+
+    def force(token_set_id: str, **body: object) -> httpx.Response:
+        return client.request("POST", f"/v1/tokens/{token_set_id}/refresh", json=body)
+
+    # Refused: a token that is not the current one. Someone refreshed since: no IdP request.
+    response = force("ts-0000", rejected="at_an_older_one")
+    assert response.status_code == 200, response.text
+    assert response.json()["access_token"] == old and handle.ledger.refreshes == 0
+
+    # The current one refused: refreshed now, the new one answered and stored.
+    response = force("ts-0000", rejected=old)
+    assert response.status_code == 200, response.text
+    new = response.json()["access_token"]
+    assert new != old and handle.ledger.refreshes == 1
+    assert client.get("ts-0000").json()["access_token"] == new
+
+    # The fresh one refused too, moments later: not rotated again, and said when it will be.
+    response = force("ts-0000", rejected=new)
+    assert (response.status_code, response.json()["error"]) == (429, "refreshed_recently")
+    assert 1 <= int(response.headers["retry-after"]) <= 31
+    assert handle.ledger.refreshes == 1 and new not in response.text
+
+    # Without a body: a refresh now (this set was never refreshed here).
+    response = client.request("POST", "/v1/tokens/ts-0001/refresh")
+    assert response.status_code == 200, response.text
+    assert response.json()["access_token"] != lines[1]["access_token"]
+    assert handle.ledger.refreshes == 2
+
+    response = force("nope", rejected=old)
+    assert (response.status_code, response.json()["error"]) == (404, "unknown_token_set")
+    response = force("ts-0000", rejected=5)
+    assert (response.status_code, response.json()["error"]) == (400, "invalid_request")
+    response = client.request("POST", "/v1/tokens/ts-0000/refresh", content=b"{not json")
+    assert (response.status_code, response.json()["error"]) == (400, "invalid_request")
+    assert handle.ledger.refreshes == 2
+
+
 def test_the_bearer_scheme_is_matched_whatever_its_case(
     tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons
 ) -> None:

@@ -335,6 +335,33 @@ def test_a_401_asks_the_sidecar_once_and_retries_once(make_setup: Callable[..., 
         assert upstream.seen == [new, newest] and setup.count.n == 4
 
 
+def test_a_401_on_the_token_refresherd_still_holds_makes_it_refresh_now(
+    make_setup: Callable[..., Setup],
+) -> None:
+    """The upstream refuses a token refresherd would serve for another hour (revoked early,
+    say): the renewal is a forced refresh (POST /v1/tokens/{id}/refresh), and the request goes
+    through with the rotated token. Refused again at once: no second rotation (429 inside the
+    daemon), the 401 is the answer."""
+    setup = make_setup()
+    upstream = setup.upstream
+    tokens = SidecarTokens(setup.sidecar(), SET)
+    with httpx.Client(auth=SidecarAuth(tokens)) as api:
+        old = setup.stored_access_token()
+        upstream.refused.add(old)
+        before = setup.handle.ledger.refreshes
+        response = api.get(upstream.url)
+        assert response.status_code == 200, response.text
+        new = setup.stored_access_token()
+        assert new != old and upstream.seen == [old, new]
+        assert setup.handle.ledger.refreshes == before + 1 and setup.count.n == 2
+
+        upstream.refused.add(new)
+        del upstream.seen[:]
+        response = api.get(upstream.url)
+        assert response.status_code == 401
+        assert upstream.seen == [new] and setup.handle.ledger.refreshes == before + 1
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_401_asks_once_and_retries_once_async(
     make_setup: Callable[..., Setup], backend: str
@@ -746,11 +773,20 @@ def test_the_readmes_shell_client_follows_the_contract(make_setup: Callable[...,
     status, asked, use_until_ = proc.stdout.split()
     assert status == "200" and setup.upstream.seen == [setup.stored_access_token()]
     assert 3600 - 60 - 5 <= int(use_until_) - int(asked) <= 3600 - 60
-    # Refused, and the sidecar has nothing newer: asked once more, not re-sent.
+    # Refused: a forced refresh, and the request sent once more with the new token.
     setup.upstream.refuse_all = True
+    refreshes = setup.handle.ledger.refreshes
+    del setup.upstream.seen[:]
+    proc = run()
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[0] == "401" and len(setup.upstream.seen) == 2
+    assert setup.upstream.seen[1] == setup.stored_access_token() != setup.upstream.seen[0]
+    assert setup.handle.ledger.refreshes == refreshes + 1
+    # Refused again at once: refreshed moments ago, nothing newer (429): not re-sent.
     del setup.upstream.seen[:]
     proc = run()
     assert proc.stdout.split()[0] == "401" and len(setup.upstream.seen) == 1
+    assert setup.handle.ledger.refreshes == refreshes + 1
     proc = run("nobody")
     assert proc.returncode == 1 and proc.stderr.startswith("unknown_token_set: no token set")
     assert_shows_no_secret(proc.stdout + proc.stderr, setup, "the README's shell client")

@@ -665,7 +665,13 @@ def test_rotation_keeps_every_token_set_alive_at_dot(
     text = arm.metrics_text
     assert metric(text, "refresherd_refresh_failures_total", provider=provider) == 0
     assert metric(text, "refresherd_invalidations_total", provider=provider) == 0
-    assert metric(text, "refresherd_grace_retries_total", provider=provider) == 0
+    # No send again after a failure. A hedge (a second send beside one answered late: DOT on a
+    # loaded machine can take over 5x its median) is allowed; each one is a logged line, and
+    # DOT's verdict below shows it cost nothing.
+    retries = [e for e in arm.daemon.events("refresh retry") if e.get("provider") == provider]
+    assert not retries, retries[:10]
+    hedges = [e for e in arm.daemon.events("refresh hedge") if e.get("provider") == provider]
+    assert metric(text, "refresherd_grace_retries_total", provider=provider) == len(hedges)
     assert metric(text, "refresherd_token_sets", provider=provider, state="active") == len(refs)
     assert metric(text, "refresherd_refresh_success_total", provider=provider) >= 2 * len(refs)
 

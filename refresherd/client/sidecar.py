@@ -35,6 +35,7 @@ _EXPLANATIONS: Final[Mapping[str, str]] = {
     "storage_unavailable": "cannot be read now: refresherd's database is not answering",
     "timeout": "was being refreshed and the refresh did not finish in time; it continues, "
     "ask again",
+    "refreshed_recently": "was refreshed moments ago and is not refreshed again yet",
     "unauthorized": "was not served: refresherd refused the API bearer (is it the one in "
     "[api] bearer_token_file?)",
 }
@@ -183,6 +184,59 @@ class Sidecar:
             else:
                 async with httpx.AsyncClient(**self._client_options(asynchronous=True)) as client:
                     response = await client.get(url, headers=headers)
+        except httpx.HTTPError as exc:
+            raise self._unreachable(token_set, exc) from None
+        return read_answer(
+            token_set,
+            response.status_code,
+            response.content,
+            retry_after=response.headers.get("retry-after"),
+            fetched_at=fetched_at,
+            now=time.time(),
+        )
+
+    def refresh(self, token_set: str, rejected: str) -> AccessToken:
+        """A fresh access token after the upstream API refused ``rejected``
+        (``POST /v1/tokens/{id}/refresh``): refresherd refreshes now unless its current token
+        is another one already (then that one is answered). A set refreshed moments ago is not
+        refreshed again: :class:`TokenUnavailable` with code ``refreshed_recently``."""
+        url, headers = self._request(token_set)
+        body = json.dumps({"rejected": rejected}).encode()
+        headers = {**headers, "Content-Type": "application/json"}
+        fetched_at = time.monotonic()
+        try:
+            if self._client is not None:
+                response = self._client.post(
+                    f"{url}/refresh", content=body, headers=headers, timeout=self.timeout
+                )
+            else:
+                with httpx.Client(**self._client_options()) as client:
+                    response = client.post(f"{url}/refresh", content=body, headers=headers)
+        except httpx.HTTPError as exc:
+            raise self._unreachable(token_set, exc) from None
+        return read_answer(
+            token_set,
+            response.status_code,
+            response.content,
+            retry_after=response.headers.get("retry-after"),
+            fetched_at=fetched_at,
+            now=time.time(),
+        )
+
+    async def arefresh(self, token_set: str, rejected: str) -> AccessToken:
+        """:meth:`refresh` for asyncio and trio."""
+        url, headers = self._request(token_set)
+        body = json.dumps({"rejected": rejected}).encode()
+        headers = {**headers, "Content-Type": "application/json"}
+        fetched_at = time.monotonic()
+        try:
+            if self._async_client is not None:
+                response = await self._async_client.post(
+                    f"{url}/refresh", content=body, headers=headers, timeout=self.timeout
+                )
+            else:
+                async with httpx.AsyncClient(**self._client_options(asynchronous=True)) as client:
+                    response = await client.post(f"{url}/refresh", content=body, headers=headers)
         except httpx.HTTPError as exc:
             raise self._unreachable(token_set, exc) from None
         return read_answer(

@@ -14,11 +14,13 @@ from typing import Final
 
 import anyio
 
-from refresherd.client.sidecar import AccessToken, Sidecar
+from refresherd.client.sidecar import AccessToken, Sidecar, TokenUnavailable
 
 DEFAULT_MARGIN: Final = 60.0
 DEFAULT_MARGIN_SHARE: Final = 0.5
 DEFAULT_TTL_WITHOUT_EXPIRY: Final = 60.0
+# The token API's answer to a forced refresh of a set refreshed moments ago (HTTP 429).
+REFRESHED_RECENTLY: Final = "refreshed_recently"
 
 
 def use_until(
@@ -100,14 +102,20 @@ class SidecarTokens:
             return self._keep(self.sidecar.fetch(self.token_set))
 
     def renew(self, rejected: str) -> str:
-        """The access token after the upstream API refused ``rejected``: asked again from the
-        sidecar, unless another caller did so since. The same value back means refresherd has
+        """The access token after the upstream API refused ``rejected``: refresherd refreshes
+        the set now (``POST /v1/tokens/{id}/refresh``), unless another caller renewed since or
+        refresherd's current token is another one already. The same value back means there is
         nothing newer."""
         asked = time.monotonic()
         with self._lock:
             if (fresh := self._renewed_since(rejected, asked)) is not None:
                 return fresh
-            return self._keep(self.sidecar.fetch(self.token_set))
+            try:
+                return self._keep(self.sidecar.refresh(self.token_set, rejected))
+            except TokenUnavailable as exc:
+                if exc.code != REFRESHED_RECENTLY:
+                    raise
+                return rejected  # refreshed moments ago: nothing newer to try
 
     async def aget(self) -> str:
         """:meth:`get` for asyncio and trio: one fetch in flight for all tasks that wait."""
@@ -124,7 +132,12 @@ class SidecarTokens:
         async with self._get_async_lock():
             if (fresh := self._renewed_since(rejected, asked)) is not None:
                 return fresh
-            return self._keep(await self.sidecar.afetch(self.token_set))
+            try:
+                return self._keep(await self.sidecar.arefresh(self.token_set, rejected))
+            except TokenUnavailable as exc:
+                if exc.code != REFRESHED_RECENTLY:
+                    raise
+                return rejected
 
     # ---- internals ---------------------------------------------------------------------------
 

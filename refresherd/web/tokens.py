@@ -51,6 +51,10 @@ log = get_logger("refresherd.web.tokens")
 MAX_BODY: Final = 64 * 1024
 # While another process holds the lease, look for its result at this pace.
 LEASE_POLL: Final = 0.1
+# POST /v1/tokens/{id}/refresh refreshes a set at most this often: an upstream API that refuses
+# even a fresh token (its clocks, its caches) would otherwise turn every retry of every client
+# into a rotation at the IdP.
+FORCED_REFRESH_MIN_INTERVAL: Final = 30.0
 
 
 def openapi_document() -> bytes:
@@ -116,6 +120,7 @@ class TokenApi:
             Route("/v1/tokens/{id}", self.get_token, methods=["GET"]),
             Route("/v1/tokens/{id}", self.delete_token, methods=["DELETE"]),
             Route("/v1/tokens/{id}/exchange", self.exchange, methods=["POST"]),
+            Route("/v1/tokens/{id}/refresh", self.force_refresh, methods=["POST"]),
         ]
 
     async def openapi(self, request: Request) -> Response:
@@ -143,6 +148,64 @@ class TokenApi:
                 "it continues, ask again",
             )
         return self._answer(ts, decision, now)
+
+    # ---- POST /v1/tokens/{id}/refresh ------------------------------------------------------
+
+    async def force_refresh(self, request: Request) -> Response:
+        """The upstream API refused the access token (a 401): refresh now and answer the new one.
+
+        ``{"rejected": "<the access token refused>"}`` (optional, recommended): when the set's
+        current access token is another one, someone refreshed since the caller fetched: that
+        one is answered and nothing is sent to the IdP. A set refreshed less than
+        FORCED_REFRESH_MIN_INTERVAL ago is not refreshed again: 429 with Retry-After (its
+        fresh token was refused too; another rotation would not help). Concurrent calls share
+        one refresh (single-flight)."""
+        data: dict[str, Any] = {}
+        if await request.body():
+            body = await _json_body(request)
+            if isinstance(body, Response):
+                return body
+            data = body
+        rejected = data.get("rejected")
+        if rejected is not None and not isinstance(rejected, str):
+            return _invalid("rejected must be a string: the access token the upstream refused")
+        token_set_id = request.path_params["id"]
+        try:
+            ts = await self.store.get(token_set_id)
+        except StoreError:
+            return _storage_unavailable()
+        if ts is None:
+            return _unknown(token_set_id)
+        now = self.clock.wall()
+        decision = policy.access_decision(ts, now=now)
+        if isinstance(decision, policy.NeedsAuthorization):
+            return self._answer(ts, decision, now)
+        if (
+            rejected is not None
+            and ts.access_token is not None
+            and ts.access_token != Secret(rejected)
+        ):
+            return self._answer(ts, decision, now)
+        if ts.last_refresh_at is not None:
+            again_at = ts.last_refresh_at + FORCED_REFRESH_MIN_INTERVAL
+            if now < again_at:
+                return error(
+                    429,
+                    "refreshed_recently",
+                    f"token set {ts.id!r} was refreshed {now - ts.last_refresh_at:.0f}s ago; "
+                    f"a forced refresh is taken at most every "
+                    f"{FORCED_REFRESH_MIN_INTERVAL:g}s",
+                    retry_at=again_at,
+                    headers={"retry-after": str(max(int(again_at - now) + 1, 1))},
+                )
+        with anyio.move_on_after(self.config.wait_timeout):
+            return await self._refresh_and_answer(ts)
+        return error(
+            504,
+            "timeout",
+            f"the refresh did not finish within {self.config.wait_timeout:g}s; "
+            "it continues, ask again",
+        )
 
     async def _refresh_and_answer(self, ts: TokenSet) -> Response:
         while True:
