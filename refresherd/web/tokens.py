@@ -294,7 +294,7 @@ class TokenApi:
     # ---- POST /v1/tokens -------------------------------------------------------------------
 
     async def register(self, request: Request) -> Response:
-        data = await json_body(request)
+        data = await _json_body(request)
         if isinstance(data, Response):
             return data
         token_set_id, provider = data.get("id"), data.get("provider")
@@ -416,7 +416,7 @@ class TokenApi:
             validate_token_set_id(token_set_id)
         except ValueError as exc:
             return _invalid(str(exc))
-        data = await json_body(request)
+        data = await _json_body(request)
         if isinstance(data, Response):
             return data
         provider_name, code = data.get("provider"), data.get("code")
@@ -659,7 +659,7 @@ def _log_exchange_failure(job: _Exchange, exc: Exception) -> None:
     )
 
 
-async def json_body(request: Request) -> dict[str, Any] | Response:
+async def _json_body(request: Request) -> dict[str, Any] | Response:
     body = b""
     async for chunk in request.stream():
         body += chunk
