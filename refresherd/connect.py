@@ -20,7 +20,7 @@ import enum
 import hashlib
 import shlex
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
@@ -295,9 +295,9 @@ class PendingConnection:
 
 @dataclass(frozen=True, slots=True)
 class Link:
-    """A link to hand to the customer. ``url`` holds the state: never log it."""
+    """A link to hand to the customer. ``url`` holds the state: never log it (nor repr it)."""
 
-    url: str
+    url: str = field(repr=False)
     pending: PendingConnection
     # The token set exists, invalidated: connecting re-authorizes it in place.
     reconnect: bool

@@ -558,3 +558,15 @@ def test_the_example_config_shows_every_connect_key() -> None:
         "link_lifetime",
     ):
         assert re.search(rf"^#? ?{key} = ", text, re.MULTILINE), key
+
+
+def test_no_secret_shows_in_a_repr() -> None:
+    link = plan_link(
+        provider(), link_request("c", "visma"), current=None, state=STATE, verifier=VERIFIER, now=0
+    )
+    exchange = decide_callback(
+        answer(code="the-code-value"), link.pending, provider=provider(), now=0
+    )
+    for value in (link, link.pending, answer(code="the-code-value"), exchange):
+        text = repr(value)
+        assert STATE not in text and VERIFIER not in text and "the-code-value" not in text, text
