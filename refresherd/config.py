@@ -1,6 +1,12 @@
 """The loader: TOML → a frozen, validated :class:`~refresherd.settings.Config`. The only module
 that reads config files, env and credentials. The types it builds are in
 :mod:`refresherd.settings`, which everything else imports instead of this module.
+
+Every mistake in a file is reported in one go: a key that is wrong is recorded (one problem
+per key, each naming the file, the key and what was expected) and reading goes on with the
+next key; a check across keys runs only on keys that were read without a problem, so that one
+mistake is not reported twice. One problem is raised as the :class:`ConfigError` it is; more as
+one :class:`ConfigProblems`, which lists them all, in the order of the file's sections.
 """
 
 from __future__ import annotations
@@ -13,10 +19,11 @@ import os
 import re
 import stat
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Final
+from typing import Final, TypeVar
 from urllib.parse import urlsplit
 
 from refresherd.connect import (
@@ -48,7 +55,7 @@ from refresherd.settings import (
     shown,
     type_name,
 )
-from refresherd.store import PostgresLocation, has_password, parse_location
+from refresherd.store import Location, PostgresLocation, has_password, parse_location
 
 # The project targets 3.11+, but the fallback keeps the loader importable on an older interpreter.
 if sys.version_info >= (3, 11):  # noqa: UP036
@@ -60,6 +67,7 @@ __all__ = [
     "CONFIG_ENV_VAR",
     "DEFAULT_CONFIG_PATH",
     "ConfigError",
+    "ConfigProblems",
     "load_config",
     "parse_config",
     "resolve_config_path",
@@ -67,6 +75,20 @@ __all__ = [
 
 DEFAULT_CONFIG_PATH = Path("/etc/refresherd/config.toml")
 CONFIG_ENV_VAR: Final = "REFRESHERD_CONFIG"
+
+T = TypeVar("T")
+
+
+class ConfigProblems(ConfigError):
+    """More than one problem in one file: ``problems``, each a :class:`ConfigError` naming
+    the file, the key and what was expected. It stands as the first of them (``file``, ``key``
+    and ``message`` are the first's); ``str()`` is every problem, one line each."""
+
+    def __init__(self, problems: Sequence[ConfigError]) -> None:
+        first = problems[0]
+        super().__init__(first.file, first.key, first.message)
+        self.problems = tuple(problems)
+        self.args = ("\n".join(str(p) for p in self.problems),)
 
 
 # --- config path -------------------------------------------------------------------------------
@@ -269,16 +291,23 @@ def parse_config(text: str, *, source: str, base_dir: Path, env: Mapping[str, st
         raise ConfigError(source, None, f"invalid TOML: {exc}") from None
     ctx = _Context(source=source, base_dir=base_dir, env=env)
     root = _Table(ctx, (), document, _SECTIONS, hints=_SECTION_OF_KEY)
-    daemon = _parse_daemon(root.table("daemon"))
-    server = _parse_server(root.table("server"))
-    log = _parse_log(root.table("log"))
-    schedule = _parse_schedule(root.table("schedule"))
-    providers = _parse_providers(root.table("providers"))
-    _check_shares(ctx, daemon, providers)
-    # Last, so that a typo elsewhere is reported before any secret file is touched.
-    api = _parse_api(root.table("api"))
-    hooks = _parse_hooks(root.table("hooks"))
-    encryption = _parse_encryption(root.table("encryption"))
+    daemon = root.section("daemon", _parse_daemon)
+    server = root.section("server", _parse_server)
+    log = root.section("log", _parse_log)
+    schedule = root.section("schedule", _parse_schedule)
+    providers = root.section("providers", _parse_providers)
+    if daemon is not None and providers is not None and not ctx.problems:
+        with ctx.collecting():
+            _check_shares(ctx, daemon, providers)
+    # Last, so that a typo elsewhere is reported before any secret file's problem.
+    api = root.section("api", _parse_api)
+    hooks = root.section("hooks", _parse_hooks)
+    encryption = root.section("encryption", _parse_encryption)
+    ctx.raise_problems()
+    # With no problem reported, every section was read.
+    assert daemon is not None and server is not None and log is not None
+    assert schedule is not None and providers is not None
+    assert api is not None and hooks is not None
     return Config(
         source=source,
         daemon=daemon,
@@ -301,12 +330,15 @@ def _parse_daemon(t: _Table) -> DaemonConfig:
         ' PostgreSQL URL, such as "postgresql://refresherd@db.internal/refresherd"',
     )
     password = _secret(t, "database_password", required=False, what="the PostgreSQL password")
-    try:
-        database = parse_location(text, base_dir=t.ctx.base_dir, password=password)
-    except ValueError as exc:
-        raise t.error("database", str(exc)) from None
-    if password is not None and not isinstance(database, PostgresLocation):
-        raise t.error("database", "a database password is for a postgresql:// database only")
+    database: Location = Path()
+    if text:  # else reported (as missing, misspelt or not a string)
+        try:
+            database = parse_location(text, base_dir=t.ctx.base_dir, password=password)
+        except ValueError as exc:
+            t.report("database", str(exc))
+        else:
+            if password is not None and not isinstance(database, PostgresLocation):
+                t.report("database", "a database password is for a postgresql:// database only")
     if has_password(text):
         t.ctx.warnings.append(
             f"{t.key('database')}: the URL holds a password; keep it in "
@@ -339,7 +371,8 @@ def _parse_server(t: _Table) -> ServerConfig:
     host, port = d.host, d.port
     listen = t.optional_string("listen")
     if listen is not None:
-        host, port = _parse_listen(t, listen)
+        with t.ctx.collecting():
+            host, port = _parse_listen(t, listen)
     return ServerConfig(host=host, port=port, enabled=t.boolean("enabled", d.enabled))
 
 
@@ -381,15 +414,21 @@ def _parse_api(t: _Table) -> ApiConfig:
     mode_text = t.optional_string("unix_socket_mode")
     mode = d.unix_socket_mode
     if mode_text is not None:
-        if mode_text not in ("0600", "0660"):
-            raise t.error(
+        if mode_text in ("0600", "0660"):
+            mode = int(mode_text, 8)
+        else:
+            t.report(
                 "unix_socket_mode",
                 f'expected "0600" (owner only) or "0660" (owner and group), got {shown(mode_text)}',
             )
-        mode = int(mode_text, 8)
     tcp = t.boolean("tcp", d.tcp)
-    if not tcp and unix_socket is None and enabled:
-        raise t.error("tcp", "is false but no unix_socket is set: the API would be unreachable")
+    if (
+        not tcp
+        and unix_socket is None
+        and enabled
+        and not t.failed("tcp", "unix_socket", "enabled")
+    ):
+        t.report("tcp", "is false but no unix_socket is set: the API would be unreachable")
     wait_timeout = t.duration("wait_timeout", d.wait_timeout, positive=True, maximum=300.0)
     bearer = _secret(t, "bearer_token", required=enabled, what="the API's bearer token")
     return ApiConfig(
@@ -406,7 +445,10 @@ def _parse_hooks(t: _Table) -> HooksConfig:
     d = HooksConfig()
     url = t.optional_string("webhook_url")
     if url is not None:
-        _check_token_url(t, url, key="webhook_url", example="https://hooks.example.com/refresherd")
+        with t.ctx.collecting():
+            _check_token_url(
+                t, url, key="webhook_url", example="https://hooks.example.com/refresherd"
+            )
     command: tuple[str, ...] = ()
     raw = t.data.get("command")
     if raw is not None:
@@ -415,19 +457,21 @@ def _parse_hooks(t: _Table) -> HooksConfig:
             or not raw
             or not all(isinstance(part, str) and part for part in raw)
         ):
-            raise t.error(
+            t.report(
                 "command",
                 'expected a non-empty array of strings such as ["/usr/local/bin/on-event"] '
                 "(the event comes as JSON on stdin)",
             )
-        command = (str(t.ctx.base_dir / raw[0]) if "/" in raw[0] else raw[0], *raw[1:])
+        else:
+            command = (str(t.ctx.base_dir / raw[0]) if "/" in raw[0] else raw[0], *raw[1:])
     events: tuple[str, ...] = ()
     raw_events = t.data.get("events")
     if raw_events is not None:
         options = ", ".join(json.dumps(e) for e in HOOK_EVENTS)
         if not isinstance(raw_events, list) or not all(e in HOOK_EVENTS for e in raw_events):
-            raise t.error("events", f"expected an array of event types from {options}")
-        events = tuple(str(e) for e in raw_events)
+            t.report("events", f"expected an array of event types from {options}")
+        else:
+            events = tuple(str(e) for e in raw_events)
     hooks = HooksConfig(
         webhook_url=url,
         webhook_timeout=t.duration("webhook_timeout", d.webhook_timeout, positive=True),
@@ -438,15 +482,16 @@ def _parse_hooks(t: _Table) -> HooksConfig:
         backoff_max=t.duration("backoff_max", d.backoff_max, positive=True),
         give_up_after=t.duration("give_up_after", d.give_up_after, positive=True),
     )
-    if hooks.backoff_initial > hooks.backoff_max:
-        raise t.error(
+    both = ("backoff_initial", "backoff_max")
+    if hooks.backoff_initial > hooks.backoff_max and not t.failed(*both):
+        t.report(
             "backoff_initial",
             f"expected at most {t.key('backoff_max')} ({format_duration(hooks.backoff_max)}), "
             f"got {format_duration(hooks.backoff_initial)}",
         )
     secret = _secret(t, "webhook_secret", required=url is not None, what="the webhook's HMAC key")
-    if secret is not None and url is None:
-        raise t.error("webhook_url", "is required when a webhook secret is set")
+    if secret is not None and url is None and not t.failed("webhook_url"):
+        t.report("webhook_url", "is required when a webhook secret is set")
     return replace(hooks, webhook_secret=secret)
 
 
@@ -455,21 +500,29 @@ def _secret(t: _Table, prefix: str, *, required: bool, what: str) -> Secret | No
     keys = (f"{prefix}_file", f"{prefix}_credential")
     given = [key for key in keys if key in t.data]
     if len(given) > 1:
-        raise t.ctx.error(t.key(None), f"expected one of {' and '.join(keys)}, got both")
+        t.ctx.report(t.ctx.error(t.key(None), f"expected one of {' and '.join(keys)}, got both"))
+        return None
     if not given:
-        if required:
-            raise t.ctx.error(
-                t.key(None), f"expected {keys[0]} or {keys[1]} holding {what}, got neither"
+        if required and not t.misspelt.intersection(keys):
+            t.ctx.report(
+                t.ctx.error(
+                    t.key(None), f"expected {keys[0]} or {keys[1]} holding {what}, got neither"
+                )
             )
         return None
     kind = given[0]
     key = t.key(kind)
     ctx = t.ctx
-    if kind.endswith("_file"):
-        path = ctx.base_dir / t.required_string(kind, "the path of a file holding the secret")
-        return _secret_file(ctx, key, path)
-    secret, _ = _read_secret_file(ctx, key, _credential_path(t, kind, instead=f"{prefix}_file"))
-    return secret
+    with ctx.collecting():
+        if kind.endswith("_file"):
+            name = t.required_string(kind, "the path of a file holding the secret")
+            if name:
+                return _secret_file(ctx, key, ctx.base_dir / name)
+            return None
+        path = _credential_path(t, kind, instead=f"{prefix}_file")
+        secret, _ = _read_secret_file(ctx, key, path)
+        return secret
+    return None
 
 
 def _parse_log(t: _Table) -> LogConfig:
@@ -508,8 +561,8 @@ def _parse_schedule(t: _Table) -> ScheduleConfig:
     ):
         low_value: float = getattr(schedule, low)
         high_value: float = getattr(schedule, high)
-        if low_value > high_value:
-            raise t.error(
+        if low_value > high_value and not t.failed(low, high):
+            t.report(
                 low,
                 f"expected at most {t.key(high)} ({format_duration(high_value)}), "
                 f"got {format_duration(low_value)}",
@@ -526,23 +579,33 @@ def _parse_providers(t: _Table) -> dict[str, ProviderConfig]:
     for name, value in t.data.items():
         key = t.key(name)
         if not isinstance(value, dict):
-            raise t.ctx.error(
-                key,
-                f"expected a provider table such as [providers.visma], got {type_name(value)} "
-                "(provider keys go under [providers.NAME])",
+            t.ctx.report(
+                t.ctx.error(
+                    key,
+                    f"expected a provider table such as [providers.visma], got "
+                    f"{type_name(value)} (provider keys go under [providers.NAME])",
+                )
             )
+            continue
         if not _PROVIDER_NAME.fullmatch(name):
-            raise t.ctx.error(
-                key,
-                "expected a provider name of 1 to 64 letters, digits, '_', '.' or '-' "
-                f"(it becomes a metric label), got {shown(name)}",
+            t.ctx.report(
+                t.ctx.error(
+                    key,
+                    "expected a provider name of 1 to 64 letters, digits, '_', '.' or '-' "
+                    f"(it becomes a metric label), got {shown(name)}",
+                )
             )
+            continue
         table = _Table(t.ctx, (*t.path, name), value, _PROVIDER_KEYS)
-        providers[name] = _parse_provider(name, table)
+        provider = _parse_provider(name, table)
+        if provider is not None:
+            providers[name] = provider
     return providers
 
 
-def _parse_provider(name: str, t: _Table) -> ProviderConfig:
+def _parse_provider(name: str, t: _Table) -> ProviderConfig | None:
+    """The provider, or None where its preset is unknown (a problem reported: the rest of the
+    table means something else under each preset)."""
     d = _PROVIDER_DEFAULTS
     preset = t.optional_string("preset")
     if preset is not None:
@@ -552,10 +615,14 @@ def _parse_provider(name: str, t: _Table) -> ProviderConfig:
                 difflib.get_close_matches(preset, list(PRESETS), n=1, cutoff=0.5)
             )
             hint = f'; did you mean "{close[0]}"?' if close else ""
-            raise t.error("preset", f"unknown preset {shown(preset)}{hint} (known: {known})")
-        # Preset values first, explicit keys over them; validated alike.
-        t = _Table(t.ctx, t.path, apply_preset(preset, t.data), _PROVIDER_KEYS)
-    token_url, issuer = _endpoint(t, preset)
+            t.report("preset", f"unknown preset {shown(preset)}{hint} (known: {known})")
+            return None
+        # Preset values first, explicit keys over them; validated alike (their unknown keys
+        # were reported by the table as written).
+        t = _Table(t.ctx, t.path, apply_preset(preset, t.data), _PROVIDER_KEYS, quiet=True)
+    token_url, issuer = "", None
+    with t.ctx.collecting():
+        token_url, issuer = _endpoint(t, preset)
     client_id = t.required_string("client_id", "the OAuth client id")
     auth_method = AuthMethod(t.choice("auth_method", tuple(AuthMethod), d.auth_method.value))
     usage = RefreshTokenUsage(
@@ -579,8 +646,9 @@ def _parse_provider(name: str, t: _Table) -> ProviderConfig:
     if t.data.get("refresh_token_idle_lifetime") is not None:
         idle_lifetime = t.duration("refresh_token_idle_lifetime", 0.0, positive=True)
     mode = RefreshMode(t.choice("refresh_mode", tuple(RefreshMode), d.refresh_mode.value))
-    if mode is RefreshMode.KEEP_ALIVE and idle_lifetime is None:
-        raise t.error(
+    both = ("refresh_mode", "refresh_token_idle_lifetime")
+    if mode is RefreshMode.KEEP_ALIVE and idle_lifetime is None and not t.failed(*both):
+        t.report(
             "refresh_mode",
             'is "keep_alive", which refreshes only as often as the sliding lifetime requires: '
             'expected refresh_token_idle_lifetime too (such as "30d")',
@@ -589,10 +657,13 @@ def _parse_provider(name: str, t: _Table) -> ProviderConfig:
     # for providers given by issuer.
     revocation_url = t.optional_string("revocation_url")
     if revocation_url is not None:
-        _check_token_url(t, revocation_url, key="revocation_url")
+        with t.ctx.collecting():
+            _check_token_url(t, revocation_url, key="revocation_url")
     authorization_url, connect = _parse_connect(t, name, issuer)
-    # Last, so that a typo elsewhere is reported before any secret file is touched.
-    client_secret = _client_secret(t)
+    # Last, so that a typo elsewhere is reported before any secret file's problem.
+    client_secret = Secret("")
+    with t.ctx.collecting():
+        client_secret = _client_secret(t)
     return ProviderConfig(
         name=name,
         token_url=token_url,
@@ -621,52 +692,63 @@ def _parse_provider(name: str, t: _Table) -> ProviderConfig:
 def _parse_connect(
     t: _Table, name: str, issuer: str | None
 ) -> tuple[str | None, ConnectConfig | None]:
-    """``(authorization_url, connect)``: connecting is on where ``redirect_uri`` is given."""
+    """``(authorization_url, connect)``: connecting is on where ``redirect_uri`` is given.
+    Each problem is reported, and the rest still read."""
     authorization_url = t.optional_string("authorization_url")
     if authorization_url is not None:
-        _check_token_url(
-            t,
-            authorization_url,
-            key="authorization_url",
-            example="https://connect.visma.com/connect/authorize",
-        )
+        with t.ctx.collecting():
+            _check_token_url(
+                t,
+                authorization_url,
+                key="authorization_url",
+                example="https://connect.visma.com/connect/authorize",
+            )
     redirect_uri = t.optional_string("redirect_uri")
     if redirect_uri is None:
         # The other keys (a preset's quirks among them) wait for a redirect_uri.
         return authorization_url, None
-    example = f"https://refresherd.example.com{callback_path(name)}"
-    _check_token_url(t, redirect_uri, key="redirect_uri", example=example)
-    if urlsplit(redirect_uri).query:
-        raise t.error("redirect_uri", f"expected a URL without a ?query, got {shown(redirect_uri)}")
-    if authorization_url is None and issuer is None:
-        raise t.error(
+    with t.ctx.collecting():
+        example = f"https://refresherd.example.com{callback_path(name)}"
+        _check_token_url(t, redirect_uri, key="redirect_uri", example=example)
+        if urlsplit(redirect_uri).query:
+            raise t.error(
+                "redirect_uri", f"expected a URL without a ?query, got {shown(redirect_uri)}"
+            )
+        if not urlsplit(redirect_uri).path.endswith(callback_path(name)):
+            t.ctx.warnings.append(
+                f"{t.key('redirect_uri')}: its path does not end with {callback_path(name)}, the "
+                "callback route: a proxy in front of refresherd must map it there"
+            )
+    if authorization_url is None and issuer is None and not t.failed("authorization_url"):
+        t.report(
             "redirect_uri",
             "needs an authorization endpoint: authorization_url, a preset that has one, or "
             "issuer (discovery finds it)",
         )
-    if not urlsplit(redirect_uri).path.endswith(callback_path(name)):
-        t.ctx.warnings.append(
-            f"{t.key('redirect_uri')}: its path does not end with {callback_path(name)}, the "
-            "callback route: a proxy in front of refresherd must map it there"
-        )
-    return_urls = t.data.get("return_urls", [])
-    if not isinstance(return_urls, list) or not all(isinstance(u, str) for u in return_urls):
-        raise t.error("return_urls", "expected an array of URLs (the application's pages)")
-    for i, url in enumerate(return_urls):
+    return_urls: list[str] = []
+    raw = t.data.get("return_urls", [])
+    if not isinstance(raw, list) or not all(isinstance(u, str) for u in raw):
+        t.report("return_urls", "expected an array of URLs (the application's pages)")
+        raw = []
+    for i, url in enumerate(raw):
         key = f"{t.key('return_urls')}[{i}]"
-        try:
-            _check_token_url(t, url, key="return_urls", example="https://app.example.com/done")
-        except ConfigError as exc:
-            raise t.ctx.error(key, exc.message) from None
-        if not return_url_allowed(url, [url]):
-            raise t.ctx.error(key, f"expected a URL without a #fragment, got {shown(url)}")
+        with t.ctx.collecting():
+            try:
+                _check_token_url(t, url, key="return_urls", example="https://app.example.com/done")
+            except ConfigError as exc:
+                raise t.ctx.error(key, exc.message) from None
+            if not return_url_allowed(url, [url]):
+                raise t.ctx.error(key, f"expected a URL without a #fragment, got {shown(url)}")
+            return_urls.append(url)
+    pairs: tuple[tuple[str, str], ...] = ()
     params = t.data.get("authorization_params", {})
     if not isinstance(params, Mapping):
-        raise t.error("authorization_params", f"expected a table, got {type_name(params)}")
-    try:
-        pairs = config_params(params)
-    except ValueError as exc:
-        raise t.error("authorization_params", str(exc)) from None
+        t.report("authorization_params", f"expected a table, got {type_name(params)}")
+    else:
+        try:
+            pairs = config_params(params)
+        except ValueError as exc:
+            t.report("authorization_params", str(exc))
     d = ConnectConfig(redirect_uri="")
     connect = ConnectConfig(
         redirect_uri=redirect_uri,
@@ -750,6 +832,8 @@ def _check_token_url(
 
 def _client_secret(t: _Table) -> Secret:
     given = [key for key in _SECRET_KEYS if key in t.data]
+    if not given and t.misspelt.intersection(_SECRET_KEYS):
+        return Secret("")  # the misspelt key is the problem, reported already
     if len(given) != 1:
         found = " and ".join(given) if given else "none"
         raise t.ctx.error(
@@ -797,35 +881,45 @@ def _parse_encryption(t: _Table) -> EncryptionConfig | None:
         return None
     ctx = t.ctx
     given = [k for k in ("key_file", "key_credential") if k in t.data]
+    key = Secret("")
     if len(given) != 1:
-        found = " and ".join(given) if given else "none"
-        raise ctx.error(
-            t.key(None), f"expected exactly one of key_file, key_credential, got {found}"
-        )
-    if given[0] == "key_file":
-        path = ctx.base_dir / t.required_string("key_file", "the path of a file holding the key")
-        key = _encryption_key(ctx, t.key("key_file"), path)
+        if given or not t.misspelt.intersection(("key_file", "key_credential")):
+            found = " and ".join(given) if given else "none"
+            t.ctx.report(
+                ctx.error(
+                    t.key(None), f"expected exactly one of key_file, key_credential, got {found}"
+                )
+            )
+    elif given[0] == "key_file":
+        name = t.required_string("key_file", "the path of a file holding the key")
+        if name:
+            with ctx.collecting():
+                key = _encryption_key(ctx, t.key("key_file"), ctx.base_dir / name)
     else:
-        path = _credential_path(t, "key_credential", instead="key_file")
-        key = _encryption_key(ctx, t.key("key_credential"), path)
+        with ctx.collecting():
+            path = _credential_path(t, "key_credential", instead="key_file")
+            # A credential's mode is its provider's (systemd: 0400; a Kubernetes Secret with
+            # fsGroup: 0440, whatever defaultMode says), not the user's to chmod: no warning,
+            # as for the other credentials.
+            key = _encryption_key(ctx, t.key("key_credential"), path, check_mode=False)
     previous = t.data.get("previous_key_files", [])
+    old: list[Secret] = []
     if not isinstance(previous, list) or not all(isinstance(p, str) and p for p in previous):
-        raise ctx.error(
-            t.key("previous_key_files"),
-            f"expected a list of file paths, got {type_name(previous)}",
-        )
-    old = tuple(
-        _encryption_key(ctx, f"{t.key('previous_key_files')}[{i}]", ctx.base_dir / p)
-        for i, p in enumerate(previous)
-    )
-    return EncryptionConfig(key=key, previous_keys=old)
+        t.report("previous_key_files", f"expected a list of file paths, got {type_name(previous)}")
+    else:
+        for i, p in enumerate(previous):
+            with ctx.collecting():
+                where = f"{t.key('previous_key_files')}[{i}]"
+                old.append(_encryption_key(ctx, where, ctx.base_dir / p))
+    return EncryptionConfig(key=key, previous_keys=tuple(old))
 
 
-def _encryption_key(ctx: _Context, key: str, path: Path) -> Secret:
-    """A key file's content, checked to be 32 bytes of base64; a warning if others may read it."""
+def _encryption_key(ctx: _Context, key: str, path: Path, *, check_mode: bool = True) -> Secret:
+    """A key file's content, checked to be 32 bytes of base64; a warning if others may read it
+    (``check_mode``)."""
     from refresherd.encryption import decode_key  # the cryptography import only when used
 
-    secret = _secret_file(ctx, key, path)
+    secret = _secret_file(ctx, key, path) if check_mode else _read_secret_file(ctx, key, path)[0]
     try:
         decode_key(secret.reveal())
     except ValueError as exc:
@@ -897,9 +991,37 @@ class _Context:
     base_dir: Path
     env: Mapping[str, str]
     warnings: list[str] = field(default_factory=list)
+    # Every problem found so far, in the order found; at most one per key.
+    problems: list[ConfigError] = field(default_factory=list)
 
     def error(self, key: str | None, message: str) -> ConfigError:
         return ConfigError(self.source, key, message)
+
+    def report(self, problem: ConfigError) -> None:
+        """Record ``problem``, unless its key has one already: a value that is wrong once
+        (then read as its default) must not be reported again by a later check."""
+        if problem.key is None or not self.failed(problem.key):
+            self.problems.append(problem)
+
+    def failed(self, key: str) -> bool:
+        return any(p.key == key for p in self.problems)
+
+    @contextmanager
+    def collecting(self) -> Iterator[None]:
+        """Run a check that raises ConfigError; record what it raises, and go on."""
+        try:
+            yield
+        except ConfigProblems as many:
+            for problem in many.problems:
+                self.report(problem)
+        except ConfigError as exc:
+            self.report(exc)
+
+    def raise_problems(self) -> None:
+        if len(self.problems) == 1:
+            raise self.problems[0]
+        if self.problems:
+            raise ConfigProblems(self.problems)
 
 
 class _Table:
@@ -916,13 +1038,22 @@ class _Table:
         allowed: Sequence[str],
         *,
         hints: Mapping[str, str] | None = None,
+        quiet: bool = False,
     ) -> None:
+        """``quiet``: the unknown keys of ``data`` are reported already (a preset's table)."""
         self.ctx = ctx
         self.path = path
         self.data = data
+        # The keys an unknown key was taken for a misspelling of: that it is missing is the
+        # same mistake, not another one.
+        self.misspelt: set[str] = set()
         for name in data:
             if name not in allowed:
-                raise ctx.error(self.key(name), _unknown_key(name, allowed, hints or {}))
+                close = did_you_mean(name, allowed) if name not in (hints or {}) else None
+                if close is not None:
+                    self.misspelt.add(close)
+                if not quiet:
+                    ctx.report(ctx.error(self.key(name), _unknown_key(name, allowed, hints or {})))
 
     def key(self, name: str | None) -> str:
         parts = (*self.path, name) if name is not None else self.path
@@ -931,10 +1062,35 @@ class _Table:
     def error(self, name: str, message: str) -> ConfigError:
         return self.ctx.error(self.key(name), message)
 
-    def table(self, name: str) -> _Table:
+    def report(self, name: str, message: str) -> None:
+        self.ctx.report(self.error(name, message))
+
+    def failed(self, *names: str) -> bool:
+        """Whether any of these keys of this table has a problem reported."""
+        return any(self.ctx.failed(self.key(name)) for name in names)
+
+    def _refused(self, name: str, message: str, default: T) -> T:
+        """Report a problem with key ``name`` and go on with ``default`` in its place."""
+        self.report(name, message)
+        return default
+
+    def section(self, name: str, parse: Callable[[_Table], T]) -> T | None:
+        """``parse`` of the table ``name``; None where it is no table, or where a problem
+        stopped its parse (both reported)."""
+        table = self.table(name)
+        if table is None:
+            return None
+        with self.ctx.collecting():
+            return parse(table)
+        return None
+
+    def table(self, name: str) -> _Table | None:
+        """The table ``name`` (empty where absent); None, with a problem reported, where the
+        key holds something else."""
         value = self.data.get(name, {})
         if not isinstance(value, dict):
-            raise self.error(name, f"expected a table [{name}], got {type_name(value)}")
+            self.report(name, f"expected a table [{name}], got {type_name(value)}")
+            return None
         allowed = {
             "daemon": _DAEMON_KEYS,
             "server": _SERVER_KEYS,
@@ -947,10 +1103,15 @@ class _Table:
         # Provider names are free; _parse_providers checks them.
         return _Table(self.ctx, (*self.path, name), value, allowed or tuple(value))
 
+    # The readers below report a wrong value and go on with the default (an empty string for
+    # a required one): the config is not built while any problem stands.
+
     def required_string(self, name: str, what: str) -> str:
         value = self.optional_string(name)
         if value is None:
-            raise self.error(name, f"is required: expected {what}")
+            if name in self.misspelt or self.failed(name):
+                return ""
+            return self._refused(name, f"is required: expected {what}", "")
         return value
 
     def optional_string(self, name: str) -> str | None:
@@ -958,9 +1119,9 @@ class _Table:
         if value is None:
             return None
         if not isinstance(value, str):
-            raise self.error(name, f"expected a string, got {type_name(value)}")
+            return self._refused(name, f"expected a string, got {type_name(value)}", None)
         if not value:
-            raise self.error(name, "expected a non-empty string, got an empty string")
+            return self._refused(name, "expected a non-empty string, got an empty string", None)
         return value
 
     def integer(self, name: str, default: int, *, minimum: int, maximum: int | None = None) -> int:
@@ -969,11 +1130,13 @@ class _Table:
             return default
         # bool is an int in Python but not in TOML.
         if not isinstance(value, int) or isinstance(value, bool):
-            raise self.error(name, f"expected an integer, got {type_name(value)}")
+            return self._refused(name, f"expected an integer, got {type_name(value)}", default)
         if value < minimum:
-            raise self.error(name, f"expected an integer of at least {minimum}, got {value}")
+            message = f"expected an integer of at least {minimum}, got {value}"
+            return self._refused(name, message, default)
         if maximum is not None and value > maximum:
-            raise self.error(name, f"expected an integer of at most {maximum}, got {value}")
+            message = f"expected an integer of at most {maximum}, got {value}"
+            return self._refused(name, message, default)
         return value
 
     def number(self, name: str, default: float, minimum: float, maximum: float) -> float:
@@ -981,12 +1144,11 @@ class _Table:
         if value is None:
             return default
         if not isinstance(value, int | float) or isinstance(value, bool):
-            raise self.error(name, f"expected a number, got {type_name(value)}")
+            return self._refused(name, f"expected a number, got {type_name(value)}", default)
         # TOML allows nan and inf; a NaN would slip through both comparisons.
         if not (math.isfinite(value) and minimum <= value <= maximum):
-            raise self.error(
-                name, f"expected a number from {minimum} to {maximum}, got {shown(value)}"
-            )
+            message = f"expected a number from {minimum} to {maximum}, got {shown(value)}"
+            return self._refused(name, message, default)
         return float(value)
 
     def boolean(self, name: str, default: bool) -> bool:
@@ -994,7 +1156,7 @@ class _Table:
         if value is None:
             return default
         if not isinstance(value, bool):
-            raise self.error(name, f"expected true or false, got {type_name(value)}")
+            return self._refused(name, f"expected true or false, got {type_name(value)}", default)
         return value
 
     def choice(self, name: str, allowed: Sequence[str], default: str) -> str:
@@ -1004,7 +1166,7 @@ class _Table:
         if isinstance(value, str) and value in allowed:
             return value
         options = ", ".join(json.dumps(str(option)) for option in allowed)
-        raise self.error(name, f"expected one of {options}, got {shown(value)}")
+        return self._refused(name, f"expected one of {options}, got {shown(value)}", default)
 
     def duration(
         self,
@@ -1018,7 +1180,11 @@ class _Table:
         value = self.data.get(name)
         if value is None:
             return default
-        seconds = parse_duration(value, file=self.ctx.source, key=self.key(name))
+        try:
+            seconds = parse_duration(value, file=self.ctx.source, key=self.key(name))
+        except ConfigError as exc:
+            self.ctx.report(exc)
+            return default
         too_small = seconds <= minimum if positive else seconds < minimum
         if too_small or (maximum is not None and seconds > maximum):
             low, high = format_duration(minimum), None
@@ -1032,7 +1198,7 @@ class _Table:
                 bounds = f"longer than {low}"
             else:
                 bounds = f"of at least {low}"
-            raise self.error(name, f"expected a duration {bounds}, got {shown(value)}")
+            return self._refused(name, f"expected a duration {bounds}, got {shown(value)}", default)
         return seconds
 
 

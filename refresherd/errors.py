@@ -6,6 +6,7 @@
     RefresherdError               errors          anything refresherd raises on purpose
     ├── InvalidInput              errors          what was handed in is wrong, and where
     │   ├── ConfigError           settings        the configuration: file, key, expectation
+    │   │   └── ConfigProblems    config          more than one, in one file: each listed
     │   └── InputError            intake          a token response handed in; a ValueError too
     ├── IdPError                  errors          the identity provider could not be used
     │   ├── DiscoveryError        idp.discovery   an issuer's discovery document

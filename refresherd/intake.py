@@ -15,7 +15,7 @@ from __future__ import annotations
 import enum
 import json
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime
 from typing import IO, Any, Final, NamedTuple, TypeVar
 
@@ -218,17 +218,31 @@ def _refresh_expires_at(data: Mapping[str, Any], now: float) -> float | None:
 
 
 def _decode(text: str, where: str, *, one_line: bool = False) -> object:
-    """JSON text as a value; InputError naming ``where`` and the place (its column, and its
-    line unless ``where`` names the line) if it is not JSON."""
+    """JSON text as a value; InputError naming ``where``, why and the place (its column, and
+    its line unless ``where`` names the line) if it is not JSON. Trailing white space is cut
+    first, so that a document cut short is reported where it ends, not on the line after."""
+    text = text.rstrip()
     try:
         return json.loads(text)
     except RecursionError:
         raise InputError(where, "not valid JSON (nested too deeply)") from None
-    except ValueError as exc:
-        at = f"column {getattr(exc, 'colno', '?')}"
-        if not one_line:
-            at = f"line {getattr(exc, 'lineno', '?')} {at}"
-        raise InputError(where, f"not valid JSON ({exc.__class__.__name__} at {at})") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(where, _json_problem(exc, text, one_line=one_line)) from None
+    except ValueError as exc:  # a number too long to convert, say
+        raise InputError(where, f"not valid JSON ({exc})") from None
+
+
+def _json_problem(exc: json.JSONDecodeError, text: str, *, one_line: bool) -> str:
+    """Why and where ``text`` is not JSON."""
+    where = f"column {exc.colno}" if one_line else f"line {exc.lineno} column {exc.colno}"
+    what = "line" if one_line else "input"
+    ends = ""
+    if exc.pos >= len(text):
+        ends = f"; the {what} ends there (cut short?)"
+    elif exc.msg.startswith("Unterminated string"):
+        ends = f"; the {what} ends inside it (cut short?)"
+    # Some of json's messages end in "at" already ("Unterminated string starting at").
+    return f"not valid JSON: {exc.msg.removesuffix(' at')} at {where}{ends}"
 
 
 def parse_single(
@@ -279,7 +293,7 @@ def parse_lines(
 
 
 def iter_lines(
-    stream: IO[str],
+    stream: Iterable[str | bytes],
     *,
     source: str,
     providers: Mapping[str, object],
@@ -290,11 +304,22 @@ def iter_lines(
 ) -> Iterator[tuple[str, NewTokenSet]]:
     """:func:`parse_lines` one ``(where, token set)`` at a time, for inputs too large to hold
     in memory. An id repeated in the input is reported here only where ``seen`` is given (it
-    grows with the input); otherwise the store's import reports it, with its ``where``."""
-    for number, line in enumerate(stream, start=1):
+    grows with the input); otherwise the store's import reports it, with its ``where``. Lines
+    may come as bytes, read as UTF-8 (an invalid byte is reported with its line)."""
+    for number, raw in enumerate(stream, start=1):
         where = f"{source}:{number}"
-        if len(line) > MAX_LINE_BYTES:
+        if len(raw) > MAX_LINE_BYTES:
             raise InputError(where, f"line longer than {MAX_LINE_BYTES} bytes")
+        if isinstance(raw, bytes):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                # Not the bytes themselves: the line may hold a token.
+                raise InputError(
+                    where, f"not UTF-8 text: byte {exc.start + 1} of the line is invalid"
+                ) from None
+        else:
+            line = raw
         if not line.strip():
             continue
         data = _decode(line, where, one_line=True)

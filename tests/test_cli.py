@@ -123,6 +123,7 @@ def test_help_loads_the_parser_alone(args: tuple[str, ...]) -> None:
     assert loaded(names, ("refresherd",)) == [
         "refresherd",
         "refresherd.cli",
+        "refresherd.cli.endings",
         "refresherd.cli.parser",
     ]
 
@@ -153,7 +154,7 @@ def test_one_shot_commands_do_not_load_the_daemon(tmp_path: Path) -> None:
     LEAKS.add_secret("rt_startup_5f1c")
     import_tokens(config, [line])
     names, stdout = imported_modules(config, "tokens", "list")
-    assert stdout.splitlines()[1].startswith("s1\tp\tactive\t")
+    assert stdout.splitlines()[1].split()[:3] == ["s1", "p", "active"]
     assert daemon_only(names) == []
     assert "refresherd.store.sqlite" in names  # it did read the database
     names, stdout = imported_modules(config, "check-config")
@@ -550,11 +551,11 @@ def test_tokens_list_and_show(setup: Setup) -> None:
     assert proc.returncode == 0, proc.stderr
     assert_no_token_values(proc.stdout, setup.idp)
     header, *lines = proc.stdout.splitlines()
-    assert header.split("\t") == [
+    assert header.split() == [
         "id", "provider", "state", "expires_at", "last_refresh_at", "refresh_token_expires_at",
         "last_error",
     ]  # fmt: skip
-    assert sorted(line.split("\t")[0] for line in lines) == ["one", "two"]
+    assert sorted(line.split()[0] for line in lines) == ["one", "two"]
 
     proc = setup.cli("tokens", "list", "--json", "--reveal")
     assert proc.returncode == 0, proc.stderr

@@ -10,7 +10,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from refresherd.config import DEFAULT_CONFIG_PATH, ConfigError, load_config, resolve_config_path
+from refresherd.config import (
+    DEFAULT_CONFIG_PATH,
+    ConfigError,
+    ConfigProblems,
+    load_config,
+    resolve_config_path,
+)
 from refresherd.model import AuthMethod, RefreshTokenUsage, Secret
 from refresherd.settings import EX_CONFIG, Config, format_duration, parse_duration
 from refresherd.store import PostgresLocation
@@ -50,6 +56,10 @@ def load_error(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> 
 def assert_error(exc: ConfigError, tmp_path: Path, key: str, *expected: str) -> None:
     """The message names the file (as given), the key, and says what was expected."""
     message = str(exc)
+    # The expected problem comes first; any other is about another key (one problem a key).
+    if isinstance(exc, ConfigProblems):
+        keys = [problem.key for problem in exc.problems]
+        assert len(keys) == len(set(keys)), message
     assert exc.file == str(tmp_path / "config.toml")
     assert exc.key == key
     assert message.startswith(f"{tmp_path / 'config.toml'}: {key}: "), message
@@ -377,6 +387,63 @@ def test_resolve_config_path() -> None:
 )  # fmt: skip
 def test_errors(tmp_path: Path, text: str, key: str, expected: list[str]) -> None:
     assert_error(load_error(tmp_path, text), tmp_path, key, *expected)
+
+
+def test_every_mistake_in_a_file_is_reported_at_once(tmp_path: Path) -> None:
+    """Each wrong key is one problem, in the order of the file's sections, each naming file,
+    key and what was expected; the rest of the file is still read."""
+    exc = load_error(
+        tmp_path,
+        MINIMAL.replace('database = "tokens.db"', 'database = "tokens.db"\nconcurrency = 0')
+        + '[schedule]\njitter = 2\nbackoff_initial = "1 second"\n'
+        + "[log]\nlevel = 'loud'\n"
+        + '[providers.okta]\npreset = "okta"\nissuer = "http://okta.example.com"\n'
+        + 'client_id = "x"\nclient_secret_env = "VISMA_CLIENT_SECRET"\n'
+        + "[encryption]\nkey_flie = 'k'\n",
+    )
+    assert isinstance(exc, ConfigProblems)
+    source = str(tmp_path / "config.toml")
+    assert [(p.file, p.key) for p in exc.problems] == [
+        (source, "daemon.concurrency"),
+        (source, "log.level"),
+        (source, "schedule.jitter"),
+        (source, "schedule.backoff_initial"),
+        (source, "providers.okta.issuer"),
+        (source, "encryption.key_flie"),
+    ]
+    # Stands for the first, as one problem alone would; its text lists them all, a line each.
+    assert (exc.file, exc.key) == (source, "daemon.concurrency")
+    assert exc.message == "expected an integer of at least 1, got 0"
+    assert str(exc).splitlines() == [str(p) for p in exc.problems]
+    assert str(exc.problems[-1]).endswith('unknown key; did you mean "key_file"?')
+    assert "SQLite" not in str(exc)  # no required-key problem made up from the others
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        # A misspelt required key: the misspelling, not "database is required" as well.
+        (MINIMAL.replace("database =", "databse ="), "daemon.databse"),
+        (MINIMAL.replace("client_secret_env", "client_secert_env"),
+         "providers.visma.client_secert_env"),
+        # A bound checked against a wrong value: only the wrong value.
+        (MINIMAL + '[schedule]\nbackoff_max = "soon"\nbackoff_initial = "1h"\n',
+         "schedule.backoff_max"),
+        (with_provider('refresh_mode = "keep_alive"\nrefresh_token_idle_lifetime = "a month"'),
+         "providers.visma.refresh_token_idle_lifetime"),
+        # An unknown preset: the rest of its table means something else under each preset.
+        (with_provider('preset = "okt"\nissuer = "not a url"'), "providers.visma.preset"),
+        # A section that is no table: not its missing keys as well.
+        ("daemon = 3\n" + MINIMAL.replace('[daemon]\ndatabase = "tokens.db"\n', ""), "daemon"),
+        # A value wrong in two ways (a string, and far too long for a duration): once.
+        (MINIMAL.replace('"tokens.db"', '"tokens.db"\nlease_duration = "forever"'),
+         "daemon.lease_duration"),
+    ],
+)  # fmt: skip
+def test_one_mistake_is_one_problem(tmp_path: Path, text: str, key: str) -> None:
+    exc = load_error(tmp_path, text)
+    assert not isinstance(exc, ConfigProblems), str(exc)
+    assert exc.key == key, str(exc)
 
 
 @pytest.mark.parametrize(

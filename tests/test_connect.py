@@ -570,3 +570,27 @@ def test_no_secret_shows_in_a_repr() -> None:
     for value in (link, link.pending, answer(code="the-code-value"), exchange):
         text = repr(value)
         assert STATE not in text and VERIFIER not in text and "the-code-value" not in text, text
+
+
+def test_every_connect_mistake_is_reported_in_one_run(tmp_path: Path) -> None:
+    from refresherd.config import ConfigProblems
+
+    exc = error(
+        tmp_path,
+        'redirect_uri = "https://rd.example.com/connect/visma/callback?x=1"\n'
+        'return_urls = ["https://app.example.com/ok", "https://app.example.com/#x"]\n'
+        'response_mode = "fragment"\n'
+        'authorization_params = { client_id = "x" }\n'
+        'link_lifetime = "0s"\n',
+    )
+    assert isinstance(exc, ConfigProblems)
+    assert [p.key for p in exc.problems] == [
+        f"providers.visma.{key}"
+        for key in (
+            "redirect_uri",
+            "return_urls[1]",
+            "authorization_params",
+            "response_mode",
+            "link_lifetime",
+        )
+    ]

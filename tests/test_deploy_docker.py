@@ -1,9 +1,9 @@
-"""The Dockerfile, .dockerignore and deploy/compose.yaml. No Docker engine runs here, so what the
-image would do is tested piece by piece: hadolint; the build context the .dockerignore lets
-through builds refresherd; refresherd run the way the image runs it, as PID 1 of its own PID
-namespace, stopped by SIGTERM; the image's HEALTHCHECK command; the compose file's wiring; and
-the application side reading the token volume through the read contract, from a read-only
-mount where mount namespaces are available."""
+"""The Dockerfile, .dockerignore and deploy/compose.yaml, piece by piece (tests/test_deploy_image.py
+builds the image itself with buildah and runs it; no Docker engine runs here): hadolint; the
+build context the .dockerignore lets through builds refresherd; refresherd run the way the image
+runs it, as PID 1 of its own PID namespace, stopped by SIGTERM; the image's HEALTHCHECK command;
+the compose file's wiring; and the application side reading the token volume through the read
+contract, from a read-only mount where mount namespaces are available."""
 
 from __future__ import annotations
 

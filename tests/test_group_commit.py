@@ -3,8 +3,9 @@ committed before its caller hears of it, and a failure confined to what it reall
 
 from __future__ import annotations
 
+import itertools
 import sqlite3
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
 
 import anyio
@@ -171,6 +172,16 @@ async def test_a_full_disk_fails_every_write_of_the_group_and_commits_none(
 # --------------------------------------------------------------------------- streamed import
 
 
+async def chunked(
+    items: Iterable[tuple[str, NewTokenSet]], size: int = 5000
+) -> AsyncIterator[list[tuple[str, NewTokenSet]]]:
+    """``items`` as import_stream takes them, a chunk at a time (as the CLI's reader hands
+    them over); an exception ``items`` raises comes out of the iteration as it is."""
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
+
+
 def numbered(ids: list[str]) -> list[tuple[str, NewTokenSet]]:
     return [
         (
@@ -195,10 +206,10 @@ async def test_a_streamed_import_is_all_or_nothing_across_chunks(any_store: Toke
     ids = [f"x{i}" for i in range(12_000)]
     # A repeat in a later chunk than its first appearance, named with where it was read.
     with pytest.raises(TokenSetExists, match=r"in:11001: token set 'x7' appears twice"):
-        await store.import_stream(numbered([*ids[:11_000], "x7"]), now=NOW)
-    # An id the database holds already.
-    with pytest.raises(TokenSetExists, match="'s5' exists already"):
-        await store.import_stream(numbered([*ids, "s5"]), now=NOW)
+        await store.import_stream(chunked(numbered([*ids[:11_000], "x7"])), now=NOW)
+    # An id the database holds already, named with where it was read.
+    with pytest.raises(TokenSetExists, match=r"^in:12001: token set 's5' exists already"):
+        await store.import_stream(chunked(numbered([*ids, "s5"])), now=NOW)
 
     # A bad line raised by the input itself, half-way.
     def broken() -> Iterator[tuple[str, NewTokenSet]]:
@@ -206,7 +217,7 @@ async def test_a_streamed_import_is_all_or_nothing_across_chunks(any_store: Toke
         raise ValueError("in:7001: not valid JSON")
 
     with pytest.raises(ValueError, match="in:7001"):
-        await store.import_stream(broken(), now=NOW)
+        await store.import_stream(chunked(broken()), now=NOW)
 
     # The input file cannot be read any further: its own error, not a database error.
     def unreadable() -> Iterator[tuple[str, NewTokenSet]]:
@@ -214,9 +225,9 @@ async def test_a_streamed_import_is_all_or_nothing_across_chunks(any_store: Toke
         raise OSError(5, "Input/output error")
 
     with pytest.raises(OSError, match="Input/output error"):
-        await store.import_stream(unreadable(), now=NOW)
+        await store.import_stream(chunked(unreadable()), now=NOW)
     assert await store.counts() == before
-    assert await store.import_stream(numbered(ids), now=NOW) == 12_000
+    assert await store.import_stream(chunked(numbered(ids)), now=NOW) == 12_000
     assert (await store.counts())[("p", "active")] == 64 + 12_000
     # Nothing is left behind: a second import on the same connection works the same way.
-    assert await store.import_stream(numbered(["y1", "y2"]), now=NOW) == 2
+    assert await store.import_stream(chunked(numbered(["y1", "y2"])), now=NOW) == 2

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from refresherd.intake import (
     MAX_LINE_BYTES,
     InputError,
+    iter_lines,
     parse_lines,
     parse_single,
     token_set_from_json,
@@ -392,6 +393,63 @@ def test_a_bad_line_is_reported_with_its_number(bad: str, fragment: str) -> None
     assert message.startswith("import.jsonl:3: ")
     assert fragment in message
     assert_no_secret(message)
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n", ""])
+def test_a_cut_short_line_is_reported_at_its_end(newline: str) -> None:
+    # With its line end, json.loads would put the mistake at line 2, column 1 (past it).
+    cut = json.dumps(line("b", access_token=ACCESS))[:-1]
+    with pytest.raises(InputError) as info:
+        lines(jsonl(line("a")) + cut + newline)
+    assert str(info.value) == (
+        f"tokens.jsonl:2: not valid JSON: Expecting ',' delimiter at column {len(cut) + 1}; "
+        "the line ends there (cut short?)"
+    )
+    cut_in_a_string = cut[: cut.index("AT-") + 2]
+    with pytest.raises(InputError) as info:
+        lines(cut_in_a_string + newline)
+    assert str(info.value) == (
+        "tokens.jsonl:1: not valid JSON: Unterminated string starting at column "
+        f"{len(cut_in_a_string) - 2}; the line ends inside it (cut short?)"
+    )
+
+
+def test_a_mistake_inside_a_line_is_reported_at_its_column() -> None:
+    with pytest.raises(InputError) as info:
+        lines('  {"id": "a", "provider" "visma"}\n')
+    assert str(info.value) == (
+        "tokens.jsonl:1: not valid JSON: Expecting ':' delimiter at column 26"
+    )
+
+
+def test_a_single_response_cut_short_is_reported_on_its_last_line() -> None:
+    text = '{\n  "refresh_token": "' + REFRESH + '",\n  "expires_in": 3600\n'
+    with pytest.raises(InputError) as info:
+        single(text)
+    assert str(info.value) == (
+        "stdin: not valid JSON: Expecting ',' delimiter at line 3 column 21; "
+        "the input ends there (cut short?)"
+    )
+    assert_no_secret(str(info.value))
+
+
+def test_lines_read_as_bytes_are_utf8_and_a_bad_byte_names_its_line() -> None:
+    good = [(json.dumps(line(x)) + "\n").encode() for x in ("a", "é")]
+    items = parse_lines_from(good)
+    assert [n.id for n in items] == ["a", "é"]
+    bad = [good[0], b'{"id": "x\xff", "provider": "visma"}\n']
+    with pytest.raises(InputError) as info:
+        parse_lines_from(bad)
+    assert str(info.value) == "import:2: not UTF-8 text: byte 10 of the line is invalid"
+
+
+def parse_lines_from(raw: list[bytes]) -> list[NewTokenSet]:
+    return [
+        item
+        for _, item in iter_lines(
+            raw, source="import", providers=PROVIDERS, now=NOW, schedule=CFG, rand=rands()
+        )
+    ]
 
 
 def test_unknown_provider_lists_the_known_ones() -> None:

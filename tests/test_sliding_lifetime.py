@@ -442,7 +442,7 @@ def test_the_daemon_warns_once_ahead_of_an_absolute_expiry(
         == []
     )
     text = run_cli(config, "tokens", "list", "--expiring-within", "2h").stdout.splitlines()
-    assert "refresh_token_expires_at" in text[0].split("\t") and len(text) == 4
+    assert "refresh_token_expires_at" in text[0].split() and len(text) == 4
     bad = run_cli(config, "tokens", "list", "--expiring-within", "soon")
     assert bad.returncode == 64 and "--expiring-within" in bad.stderr
     daemon = daemons(config)

@@ -610,6 +610,59 @@ async def test_iterate_empty(store: TokenStore) -> None:
 
 
 @pytest.mark.anyio
+async def test_listing_filters_by_state_and_provider_in_the_database(store: TokenStore) -> None:
+    """``tokens list --state/--provider``: the database selects (every page full, never a
+    page of rows thrown away); ``longest`` gives the table's column widths from the same
+    selection."""
+    sets = [new(f"v{i:03d}") for i in range(30)] + [
+        new(f"okta-{i}", provider="okta") for i in (1, 2)
+    ]
+    await store.add_many(sets, now=NOW)
+    failing = {"v003", "v017", "okta-2"}
+    for token_set_id in sorted(failing | {"v020"}):
+        await leased(store, token_set_id)
+        assert await store.record_failure(
+            token_set_id,
+            owner=ME,
+            expected_version=1,
+            state=State.INVALIDATED if token_set_id == "v020" else State.FAILING,
+            next_refresh_at=NOW + 60,
+            error="http_503: the IdP answered 503" if token_set_id != "v020" else "invalid_grant",
+            failures=1,
+            invalid_reason="invalid_grant" if token_set_id == "v020" else None,
+            now=NOW,
+            resolve_attempt=True,
+        )
+
+    async def listed(**filters: list[str]) -> list[str]:
+        return [t.id async for t in store.iterate(page_size=2, **filters)]
+
+    everyone = [t.id for t in sorted(sets, key=lambda n: n.id)]
+    assert await listed() == everyone
+    assert await listed(states=["failing"]) == sorted(failing)
+    assert await listed(states=["invalidated", "failing"]) == sorted(failing | {"v020"})
+    assert await listed(providers=["okta"]) == ["okta-1", "okta-2"]
+    assert await listed(providers=["okta"], states=["active"]) == ["okta-1"]
+    assert await listed(providers=["nobody"]) == []
+    # A page is full whatever the filter leaves out (keyset pagination over the selection).
+    assert [t.id for t in await store.page(limit=2, states=["failing"])] == ["okta-2", "v003"]
+    page = await store.page(after="v003", limit=5, states=["failing", "active"])
+    assert [t.id for t in page] == ["v004", "v005", "v006", "v007", "v008"]
+
+    widths = await store.longest(["id", "provider", "state", "last_error"])
+    assert widths == {"id": 6, "provider": 5, "state": 11, "last_error": 30}
+    assert await store.longest(["id", "last_error"], states=["active"], providers=["okta"]) == {
+        "id": 6,
+        "last_error": 0,
+    }
+    assert await store.longest(["id"], providers=["nobody"]) == {"id": 0}
+    # Stored tokens: at least as long as the plain values (sealed ones are longer).
+    assert (await store.longest(["refresh_token"]))["refresh_token"] >= len(refresh_value("okta-1"))
+    with pytest.raises(ValueError, match="not a text column"):
+        await store.longest(["id; DROP TABLE token_sets"])
+
+
+@pytest.mark.anyio
 async def test_remove(store: TokenStore) -> None:
     await store.add_many([new("a"), new("b")], now=NOW)
     assert await store.remove("a") is True

@@ -13,7 +13,7 @@ from typing import Final, TypeVarTuple
 import anyio
 
 from refresherd import logs
-from refresherd.config import load_config, resolve_config_path
+from refresherd.config import ConfigProblems, load_config, resolve_config_path
 from refresherd.settings import EX_CONFIG, Config, ConfigError
 from refresherd.store import DatabaseMisconfigured, StoreError
 
@@ -37,6 +37,11 @@ def configured(args: argparse.Namespace) -> tuple[Path, Config] | int:
     try:
         path = resolve_config_path(args.config, os.environ)
         return path, load_config(path)
+    except ConfigProblems as many:
+        # One line each, as one problem is reported, so that each names file and key.
+        for problem in many.problems:
+            fail(str(problem), EX_CONFIG)
+        return EX_CONFIG
     except ConfigError as exc:
         return fail(str(exc), EX_CONFIG)
 

@@ -1,5 +1,5 @@
-"""``refresherd tokens add|import|list|show|remove``: the stored token sets, read and written
-through the store alone (no daemon, no IdP)."""
+"""``refresherd tokens add|list|show|remove``: the stored token sets, read and written through
+the store alone (no daemon, no IdP). ``tokens import`` is :mod:`refresherd.cli.importing`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import random
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import Any, Final
 
 from refresherd import policy
 from refresherd.cli.common import (
@@ -22,7 +22,7 @@ from refresherd.cli.common import (
 )
 from refresherd.connect import reconnect_hint
 from refresherd.encryption import cipher_for
-from refresherd.intake import InputError, iter_lines, parse_single
+from refresherd.intake import parse_single
 from refresherd.model import State, TokenSet, rfc3339
 from refresherd.settings import EX_CONFIG, Config, ConfigError, ProviderConfig, parse_duration
 from refresherd.store import NewTokenSet, TokenSetExists, TokenStore, open_store
@@ -33,6 +33,13 @@ def command(args: argparse.Namespace) -> int:
     if isinstance(loaded, int):
         return loaded
     _, config = loaded
+    if args.tokens_command == "add":
+        # Read before the event loop starts: a Ctrl-C while we wait is then a plain
+        # KeyboardInterrupt out of the read, which main() reports in one line.
+        items = _read_input(config, args)
+        if isinstance(items, int):
+            return items
+        return one_shot(config, _add, config, items)
     return one_shot(config, _tokens, config, args)
 
 
@@ -147,10 +154,18 @@ def _read_input(config: Config, args: argparse.Namespace) -> list[NewTokenSet] |
     if args.provider not in config.providers:
         known = ", ".join(sorted(config.providers))
         return fail(f"provider {args.provider!r} is not configured (known: {known})", EX_CONFIG)
+    if sys.stdin.isatty():
+        # Else a person at a terminal sees nothing happen, and cannot tell what is awaited.
+        print(
+            f"Paste the token response JSON for {args.id!r} (provider {args.provider}), "
+            "then press Ctrl-D on a line of its own (Ctrl-C to cancel):",
+            file=sys.stderr,
+        )
+    text = sys.stdin.read()
     try:
         return [
             parse_single(
-                sys.stdin.read(),
+                text,
                 token_set_id=args.id,
                 provider=args.provider,
                 now=time.time(),
@@ -162,72 +177,26 @@ def _read_input(config: Config, args: argparse.Namespace) -> list[NewTokenSet] |
         return fail(f"tokens add {args.id}: {exc}", EX_DATAERR)
 
 
-async def _import(config: Config, args: argparse.Namespace) -> int:
-    """`tokens import`: streamed into the database all or nothing, in bounded memory, so that a
-    million lines need no more memory than a hundred."""
-    source = "stdin" if args.file == "-" else args.file
+async def _add(config: Config, items: list[NewTokenSet]) -> int:
+    store = await open_store(config.daemon.database, cipher=cipher_for(config.encryption))
     try:
-        # Blocking reads are fine here: the CLI does nothing else meanwhile.
-        stream = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")  # noqa: ASYNC230, SIM115
-    except OSError as exc:
-        return fail(f"tokens import: cannot read {args.file}: {exc.strerror}", EX_NOINPUT)
-    now = time.time()
-    rng = random.Random()
-    items = iter_lines(
-        stream,
-        source=source,
-        providers=config.providers,
-        now=now,
-        schedule=config.schedule,
-        rand=iter(rng.random, None),
-    )
-    try:
-        store = await open_store(config.daemon.database, cipher=cipher_for(config.encryption))
-        try:
-            count = await store.import_stream(items, now=now)
-        finally:
-            await store.close()
-    except (InputError, UnicodeDecodeError) as exc:
-        return fail(f"tokens import: {exc}; nothing was imported", EX_DATAERR)
-    except TokenSetExists as exc:
-        return fail(f"tokens import: {exc}; nothing was imported", EX_DATAERR)
+        await store.add_many(items, now=time.time())
+    except TokenSetExists:
+        taken = await _first_existing(store, items)
+        which = f"id {taken!r}" if taken is not None else "an id"
+        return fail(
+            f"tokens add: {which} exists already (remove it first); nothing was added",
+            EX_DATAERR,
+        )
     finally:
-        if stream is not sys.stdin:
-            stream.close()
-    print(f"imported {count} token set(s)")
+        await store.close()
+    new = items[0]
+    print(f"added {new.id} (provider {new.provider}, next refresh {rfc3339(new.next_refresh_at)})")
     return 0
 
 
 async def _tokens(config: Config, args: argparse.Namespace) -> int:
     action = args.tokens_command
-    if action == "import":
-        return await _import(config, args)
-    if action == "add":
-        items = _read_input(config, args)
-        if isinstance(items, int):
-            return items
-        store = await open_store(config.daemon.database, cipher=cipher_for(config.encryption))
-        try:
-            count = await store.add_many(items, now=time.time())
-        except TokenSetExists:
-            taken = await _first_existing(store, items)
-            which = f"id {taken!r}" if taken is not None else "an id"
-            return fail(
-                f"tokens {action}: {which} exists already (remove it first); nothing was added",
-                EX_DATAERR,
-            )
-        finally:
-            await store.close()
-        if action == "add":
-            new = items[0]
-            print(
-                f"added {new.id} (provider {new.provider}, "
-                f"next refresh {rfc3339(new.next_refresh_at)})"
-            )
-        else:
-            print(f"imported {count} token set(s)")
-        return 0
-
     store = await open_store(
         config.daemon.database, create=False, cipher=cipher_for(config.encryption)
     )
@@ -241,7 +210,18 @@ async def _tokens(config: Config, args: argparse.Namespace) -> int:
                     )
                 except ConfigError as exc:
                     return fail(str(exc), EX_USAGE)
-            await _list(store, config, as_json=args.json, reveal=args.reveal, within=within)
+            providers = args.provider or ()
+            for name in sorted(set(providers) - set(config.providers)):
+                print(f"refresherd: warning: provider {name!r} is not configured", file=sys.stderr)
+            await _list(
+                store,
+                config,
+                as_json=args.json,
+                reveal=args.reveal,
+                within=within,
+                states=args.state or (),
+                providers=providers,
+            )
             return 0
         if action == "show":
             ts = await store.get(args.id)
@@ -274,15 +254,23 @@ async def _first_existing(store: TokenStore, items: Sequence[NewTokenSet]) -> st
 
 
 async def _list(
-    store: TokenStore, config: Config, *, as_json: bool, reveal: bool, within: float | None = None
+    store: TokenStore,
+    config: Config,
+    *,
+    as_json: bool,
+    reveal: bool,
+    within: float | None = None,
+    states: Sequence[str] = (),
+    providers: Sequence[str] = (),
 ) -> None:
     """Stream page by page: never every token set in memory at once. ``within``: only the sets
-    whose refresh token's absolute expiry is that close (or past)."""
+    whose refresh token's absolute expiry is that close (or past); ``states``, ``providers``:
+    only those (the database selects them)."""
     out = sys.stdout
     horizon = None if within is None else time.time() + within
 
     async def selected() -> AsyncIterator[TokenSet]:
-        async for ts in store.iterate():
+        async for ts in store.iterate(states=states, providers=providers):
             if horizon is not None:
                 expires = _refresh_token_expires_at(ts, config.providers.get(ts.provider))
                 if expires is None or expires > horizon or ts.state is State.INVALIDATED:
@@ -299,7 +287,31 @@ async def _list(
         out.write("\n]\n" if not first else "]\n")
         return
     columns = _COLUMNS + (("access_token", "refresh_token") if reveal else ())
-    out.write("\t".join(columns) + "\n")
+    # Each column as wide as its longest value, known before the first row is printed: the
+    # times have one width, the stored text columns' longest values come from one aggregate.
+    stored = await store.longest(
+        [c for c in columns if c not in _TIME_COLUMNS], states=states, providers=providers
+    )
+    widths = [max(len(c), _TIME_WIDTH if c in _TIME_COLUMNS else stored[c]) for c in columns]
+    out.write(_table_row(columns, widths))
     async for ts in selected():
         row = token_set_json(ts, reveal=reveal, provider=config.providers.get(ts.provider))
-        out.write("\t".join("" if row[c] is None else str(row[c]) for c in columns) + "\n")
+        out.write(_table_row([_cell(row[c]) for c in columns], widths))
+
+
+_TIME_COLUMNS: Final = frozenset(
+    {"expires_at", "last_refresh_at", "refresh_token_expires_at", "next_refresh_at"}
+)
+_TIME_WIDTH: Final = len("2000-01-01T00:00:00Z")  # model.rfc3339
+
+
+def _cell(value: object) -> str:
+    """A value as the table shows it: "-" for none, any run of white space (a newline in an
+    error message) as one space, so that one token set stays one line; never longer than the
+    value, so that the column widths still hold."""
+    return "-" if value is None else " ".join(str(value).split()) or "-"
+
+
+def _table_row(cells: Sequence[str], widths: Sequence[int]) -> str:
+    padded = [cell.ljust(width) for cell, width in zip(cells[:-1], widths, strict=False)]
+    return "  ".join([*padded, cells[-1]]) + "\n"

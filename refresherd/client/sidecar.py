@@ -154,99 +154,22 @@ class Sidecar:
 
         Raises :class:`TokenUnavailable` with refresherd's reason, :class:`SidecarUnreachable`
         when there is no answer."""
-        url, headers = self._request(token_set)
-        fetched_at = time.monotonic()
-        try:
-            if self._client is not None:
-                response = self._client.get(url, headers=headers, timeout=self.timeout)
-            else:
-                with httpx.Client(**self._client_options()) as client:
-                    response = client.get(url, headers=headers)
-        except httpx.HTTPError as exc:
-            # Not chained: the exception holds the request, and with it the bearer.
-            raise self._unreachable(token_set, exc) from None
-        return read_answer(
-            token_set,
-            response.status_code,
-            response.content,
-            retry_after=response.headers.get("retry-after"),
-            fetched_at=fetched_at,
-            now=time.time(),
-        )
+        return self._ask(token_set, self._request(token_set))
 
     async def afetch(self, token_set: str) -> AccessToken:
         """:meth:`fetch` for asyncio and trio (through httpx's async client)."""
-        url, headers = self._request(token_set)
-        fetched_at = time.monotonic()
-        try:
-            if self._async_client is not None:
-                response = await self._async_client.get(url, headers=headers, timeout=self.timeout)
-            else:
-                async with httpx.AsyncClient(**self._client_options(asynchronous=True)) as client:
-                    response = await client.get(url, headers=headers)
-        except httpx.HTTPError as exc:
-            raise self._unreachable(token_set, exc) from None
-        return read_answer(
-            token_set,
-            response.status_code,
-            response.content,
-            retry_after=response.headers.get("retry-after"),
-            fetched_at=fetched_at,
-            now=time.time(),
-        )
+        return await self._aask(token_set, self._request(token_set))
 
     def refresh(self, token_set: str, rejected: str) -> AccessToken:
         """A fresh access token after the upstream API refused ``rejected``
         (``POST /v1/tokens/{id}/refresh``): refresherd refreshes now unless its current token
         is another one already (then that one is answered). A set refreshed moments ago is not
         refreshed again: :class:`TokenUnavailable` with code ``refreshed_recently``."""
-        url, headers = self._request(token_set)
-        body = json.dumps({"rejected": rejected}).encode()
-        headers = {**headers, "Content-Type": "application/json"}
-        fetched_at = time.monotonic()
-        try:
-            if self._client is not None:
-                response = self._client.post(
-                    f"{url}/refresh", content=body, headers=headers, timeout=self.timeout
-                )
-            else:
-                with httpx.Client(**self._client_options()) as client:
-                    response = client.post(f"{url}/refresh", content=body, headers=headers)
-        except httpx.HTTPError as exc:
-            raise self._unreachable(token_set, exc) from None
-        return read_answer(
-            token_set,
-            response.status_code,
-            response.content,
-            retry_after=response.headers.get("retry-after"),
-            fetched_at=fetched_at,
-            now=time.time(),
-        )
+        return self._ask(token_set, self._request(token_set, rejected=rejected))
 
     async def arefresh(self, token_set: str, rejected: str) -> AccessToken:
         """:meth:`refresh` for asyncio and trio."""
-        url, headers = self._request(token_set)
-        body = json.dumps({"rejected": rejected}).encode()
-        headers = {**headers, "Content-Type": "application/json"}
-        fetched_at = time.monotonic()
-        try:
-            if self._async_client is not None:
-                response = await self._async_client.post(
-                    f"{url}/refresh", content=body, headers=headers, timeout=self.timeout
-                )
-            else:
-                async with httpx.AsyncClient(**self._client_options(asynchronous=True)) as client:
-                    response = await client.post(f"{url}/refresh", content=body, headers=headers)
-        except httpx.HTTPError as exc:
-            raise self._unreachable(token_set, exc) from None
-        return read_answer(
-            token_set,
-            response.status_code,
-            response.content,
-            retry_after=response.headers.get("retry-after"),
-            fetched_at=fetched_at,
-            now=time.time(),
-        )
+        return await self._aask(token_set, self._request(token_set, rejected=rejected))
 
     # ---- internals ---------------------------------------------------------------------------
 
@@ -267,7 +190,9 @@ class Sidecar:
             raise ValueError(f"Sidecar: the API bearer in {where} is empty")
         return value
 
-    def _request(self, token_set: str) -> tuple[str, dict[str, str]]:
+    def _request(self, token_set: str, *, rejected: str | None = None) -> httpx.Request:
+        """GET the token, or (with ``rejected``) POST a forced refresh. Its bearer header is
+        the one place the bearer goes: the request never reaches an exception or a log."""
         url = f"{self.url}/v1/tokens/{quote(token_set, safe='')}"
         try:
             bearer = self._bearer_value()
@@ -275,7 +200,48 @@ class Sidecar:
             raise TokenUnavailable(
                 f"token set {token_set!r} was not asked for: {exc}", token_set=token_set
             ) from None
-        return url, {"Authorization": f"Bearer {bearer}", "Accept": "application/json"}
+        headers = {"Authorization": f"Bearer {bearer}", "Accept": "application/json"}
+        if rejected is None:
+            return httpx.Request("GET", url, headers=headers)
+        return httpx.Request("POST", f"{url}/refresh", headers=headers, json={"rejected": rejected})
+
+    def _ask(self, token_set: str, request: httpx.Request) -> AccessToken:
+        asked_at = time.monotonic()
+        try:
+            if self._client is not None:
+                request.extensions["timeout"] = httpx.Timeout(self.timeout).as_dict()
+                response = self._client.send(request)
+            else:
+                with httpx.Client(**self._client_options()) as client:
+                    response = client.send(request)
+        except httpx.HTTPError as exc:
+            # Not chained: the exception holds the request, and with it the bearer.
+            raise self._unreachable(token_set, exc) from None
+        return self._read(token_set, response, asked_at)
+
+    async def _aask(self, token_set: str, request: httpx.Request) -> AccessToken:
+        asked_at = time.monotonic()
+        try:
+            if self._async_client is not None:
+                request.extensions["timeout"] = httpx.Timeout(self.timeout).as_dict()
+                response = await self._async_client.send(request)
+            else:
+                async with httpx.AsyncClient(**self._client_options(asynchronous=True)) as client:
+                    response = await client.send(request)
+        except httpx.HTTPError as exc:
+            raise self._unreachable(token_set, exc) from None
+        return self._read(token_set, response, asked_at)
+
+    @staticmethod
+    def _read(token_set: str, response: httpx.Response, asked_at: float) -> AccessToken:
+        return read_answer(
+            token_set,
+            response.status_code,
+            response.content,
+            retry_after=response.headers.get("retry-after"),
+            fetched_at=asked_at,
+            now=time.time(),
+        )
 
     def _client_options(self, *, asynchronous: bool = False) -> dict[str, Any]:
         # Plain HTTP or a unix socket needs no TLS: not loading the CA bundle saves ~20 ms per

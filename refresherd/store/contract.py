@@ -26,7 +26,7 @@ import enum
 import errno
 import os
 import stat
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Collection, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -278,11 +278,36 @@ class TokenStore(Protocol):
     async def add(self, new: NewTokenSet, *, now: float) -> None: ...
     async def add_many(self, items: Iterable[NewTokenSet], *, now: float) -> int: ...
     async def import_stream(
-        self, items: Iterable[tuple[str, NewTokenSet]], *, now: float
-    ) -> int: ...
+        self, chunks: AsyncIterable[Sequence[tuple[str, NewTokenSet]]], *, now: float
+    ) -> int:
+        """All of ``chunks`` or nothing (cancelled before the commit: nothing); each item
+        ``(where it was read, token set)``. TokenSetExists names an id stored already or
+        repeated, with its ``where``; an exception raised by ``chunks`` comes out as it is."""
+        ...
+
     async def get(self, token_set_id: str) -> TokenSet | None: ...
-    async def page(self, *, after: str | None = None, limit: int = 500) -> list[TokenSet]: ...
-    def iterate(self, *, page_size: int = 500) -> AsyncIterator[TokenSet]: ...
+    async def page(
+        self,
+        *,
+        after: str | None = None,
+        limit: int = 500,
+        states: Collection[str] = (),
+        providers: Collection[str] = (),
+    ) -> list[TokenSet]: ...
+    def iterate(
+        self,
+        *,
+        page_size: int = 500,
+        states: Collection[str] = (),
+        providers: Collection[str] = (),
+    ) -> AsyncIterator[TokenSet]: ...
+    async def longest(
+        self,
+        columns: Sequence[str],
+        *,
+        states: Collection[str] = (),
+        providers: Collection[str] = (),
+    ) -> dict[str, int]: ...
     async def remove(self, token_set_id: str) -> bool: ...
     async def refresh_expiry_soonest(
         self, lifetimes: dict[str, float | None]

@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import itertools
 import re
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Final, TypeAlias
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -67,7 +66,6 @@ OWNER_CHECK_TIMEOUT: Final = 10.0
 MIGRATION_LOCK: Final = (0x52464401, 0)
 OWNER_LOCK_CLASS: Final = 0x52464402
 EXPORTER_LOCK: Final = (0x52464403, 0)
-_CHUNK: Final = 5000
 
 # A connection of our own or one lent by the pool: the same methods.
 _Conn: TypeAlias = (
@@ -551,14 +549,20 @@ class PostgresStore(SqlStore):
             raise duplicate
         raise TokenSetExists(message)
 
-    async def import_stream(self, items: Iterable[tuple[str, NewTokenSet]], *, now: float) -> int:
-        """Insert all or nothing, from an iterable of any size, in bounded memory.
+    async def import_stream(
+        self, chunks: AsyncIterable[Sequence[tuple[str, NewTokenSet]]], *, now: float
+    ) -> int:
+        """Insert all or nothing, from an input of any size, in bounded memory.
 
         One transaction: the rows are copied chunk by chunk (COPY) into a temporary staging
-        table, with where each was read; a bad input line, raised by ``items``, rolls it all
-        back. Then an id repeated in the input, or stored already, is named (TokenSetExists,
-        the repeat with its ``where``), and one ``INSERT … SELECT`` moves the rows in; only
-        that takes locks on token_sets.
+        table as ``chunks`` yields them, with where each was read; a bad input line, raised by
+        ``chunks``, rolls it all back. Then an id repeated in the input, or stored already, is
+        named (TokenSetExists, with its ``where``), and one ``INSERT … SELECT`` moves the rows
+        in; only that takes locks on token_sets.
+
+        Cancelled (Ctrl-C) at any point before the commit, nothing is imported: the statement
+        running is cancelled on the server and the transaction rolled back. The commit is one
+        step.
         """
         try:
             with self._errors():
@@ -567,14 +571,14 @@ class PostgresStore(SqlStore):
                     await transaction.start()
                     try:
                         await conn.execute(_STAGING)
-                        count = await self._stage(conn, items, now)
-                        with anyio.CancelScope(shield=True):
-                            await self._move_staged(conn)
-                            await transaction.commit()
+                        count = await self._stage(conn, chunks, now)
+                        await self._move_staged(conn)
                     except BaseException:
                         with anyio.CancelScope(shield=True), contextlib.suppress(*_DRIVER_ERRORS):
                             await transaction.rollback()
                         raise
+                    with anyio.CancelScope(shield=True):
+                        await transaction.commit()
         except _InputFailed as failed:
             raise failed.error from None
         return count
@@ -582,19 +586,19 @@ class PostgresStore(SqlStore):
     async def _stage(
         self,
         conn: _Conn,
-        items: Iterable[tuple[str, NewTokenSet]],
+        chunks: AsyncIterable[Sequence[tuple[str, NewTokenSet]]],
         now: float,
     ) -> int:
         columns = ["ord", "source", *INSERT_COLUMNS]
         count = 0
-        iterator = iter(items)
+        iterator = aiter(chunks)
         while True:
             try:
-                chunk = list(itertools.islice(iterator, _CHUNK))
-            except Exception as exc:  # a bad input line, raised by ``items``
-                raise _InputFailed(exc) from exc
-            if not chunk:
+                chunk = await anext(iterator)
+            except StopAsyncIteration:
                 return count
+            except Exception as exc:  # a bad input line, raised by ``chunks``
+                raise _InputFailed(exc) from exc
             records = [
                 (count + i, where, *self._insert_values(n, now))
                 for i, (where, n) in enumerate(chunk)
@@ -616,10 +620,10 @@ class PostgresStore(SqlStore):
                 f"{repeated['source']}: token set {repeated['id']!r} appears twice in the input"
             )
         taken_sql = (
-            "SELECT s.id FROM import_staging s JOIN token_sets t ON t.id = s.id"
+            "SELECT s.id, s.source FROM import_staging s JOIN token_sets t ON t.id = s.id"
             " ORDER BY s.ord LIMIT 1"
         )
-        taken = await conn.fetchval(taken_sql, timeout=BULK_TIMEOUT)
+        taken = await conn.fetchrow(taken_sql, timeout=BULK_TIMEOUT)
         if taken is None:
             try:
                 async with conn.transaction():  # a savepoint: a racing insert is named below
@@ -630,10 +634,12 @@ class PostgresStore(SqlStore):
                     )
                 return
             except asyncpg.UniqueViolationError:
-                taken = await conn.fetchval(taken_sql, timeout=BULK_TIMEOUT)
+                taken = await conn.fetchrow(taken_sql, timeout=BULK_TIMEOUT)
                 if taken is None:
                     raise
-        raise TokenSetExists(f"token set {taken!r} exists already (remove it first)")
+        raise TokenSetExists(
+            f"{taken['source']}: token set {taken['id']!r} exists already (remove it first)"
+        )
 
     async def _claim_due(
         self, whole_rows: bool, excluding: str, params: dict[str, Any]

@@ -16,7 +16,7 @@ dialect difference: PostgreSQL reads it as ``<>``, SQLite reads ``<>`` as ``!=``
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Sequence
 from collections.abc import Set as AbstractSet
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -36,7 +36,12 @@ from refresherd.store.contract import (
 from refresherd.store.migrations import SCHEMA_VERSION
 from refresherd.store.rows import RowLike, open_tokens, row_to_token_set, table_columns
 
-__all__ = ["POSTGRES", "SQLITE", "Operations", "SqlStore", "Transaction"]
+__all__ = ["LISTED_TEXT_COLUMNS", "POSTGRES", "SQLITE", "Operations", "SqlStore", "Transaction"]
+
+# The text columns whose longest value SqlStore.longest measures (a listing's column widths).
+LISTED_TEXT_COLUMNS: Final = frozenset(
+    {"id", "provider", "state", "last_error", "invalid_reason", "access_token", "refresh_token"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -467,28 +472,82 @@ class SqlStore(abc.ABC):
         rows = await self._read("SELECT * FROM token_sets WHERE id = :id", {"id": token_set_id})
         return self._token_set(rows[0]) if rows else None
 
-    async def page(self, *, after: str | None = None, limit: int = 500) -> list[TokenSet]:
-        """Token sets in id order after ``after``: keyset pagination, never all in memory."""
-        if after is None:
-            rows = await self._report(
-                "SELECT * FROM token_sets ORDER BY id LIMIT :limit", {"limit": limit}
-            )
-        else:
-            rows = await self._report(
-                "SELECT * FROM token_sets WHERE id > :after ORDER BY id LIMIT :limit",
-                {"after": after, "limit": limit},
-            )
+    def _listed(
+        self, states: Collection[str], providers: Collection[str]
+    ) -> tuple[list[str], dict[str, Any]]:
+        """The conditions (and their parameters) that select the token sets of a listing:
+        only those in ``states`` and of ``providers``, where given (empty: any)."""
+        conditions: list[str] = []
+        params: dict[str, Any] = {}
+        for column, name, values in (
+            ("state", "states", states),
+            ("provider", "providers", providers),
+        ):
+            if values:
+                test, values_params = self.ops.in_list(column, name, sorted(values))
+                conditions.append(test)
+                params.update(values_params)
+        return conditions, params
+
+    async def page(
+        self,
+        *,
+        after: str | None = None,
+        limit: int = 500,
+        states: Collection[str] = (),
+        providers: Collection[str] = (),
+    ) -> list[TokenSet]:
+        """Token sets in id order after ``after``: keyset pagination, never all in memory.
+        ``states``, ``providers``: only those (empty: any), selected by the database."""
+        conditions, params = self._listed(states, providers)
+        if after is not None:
+            conditions.append("id > :after")
+            params["after"] = after
+        where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+        rows = await self._report(
+            f"SELECT * FROM token_sets{where} ORDER BY id LIMIT :limit", {**params, "limit": limit}
+        )
         return [self._token_set(r) for r in rows]
 
-    async def iterate(self, *, page_size: int = 500) -> AsyncIterator[TokenSet]:
+    async def iterate(
+        self,
+        *,
+        page_size: int = 500,
+        states: Collection[str] = (),
+        providers: Collection[str] = (),
+    ) -> AsyncIterator[TokenSet]:
         after: str | None = None
         while True:
-            batch = await self.page(after=after, limit=page_size)
+            batch = await self.page(
+                after=after, limit=page_size, states=states, providers=providers
+            )
             for token_set in batch:
                 yield token_set
             if len(batch) < page_size:
                 return
             after = batch[-1].id
+
+    async def longest(
+        self,
+        columns: Sequence[str],
+        *,
+        states: Collection[str] = (),
+        providers: Collection[str] = (),
+    ) -> dict[str, int]:
+        """The length of the longest value of each text column among the token sets
+        :meth:`iterate` lists with these filters (0 where none): a table's column widths from
+        one aggregate, without reading every row twice. A token column's length is that of
+        its stored form, sealed or plain: never less than the plain token's."""
+        unknown = set(columns) - LISTED_TEXT_COLUMNS
+        if unknown:
+            raise ValueError(f"not a text column of token_sets: {', '.join(sorted(unknown))}")
+        if not columns:
+            return {}
+        conditions, params = self._listed(states, providers)
+        where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+        lengths = ", ".join(f"max(length({c}))" for c in columns)
+        rows = await self._report(f"SELECT {lengths} FROM token_sets{where}", params)
+        return {c: int(rows[0][i] or 0) for i, c in enumerate(columns)}
 
     async def remove(self, token_set_id: str) -> bool:
         rows = await self._write(

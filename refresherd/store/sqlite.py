@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import os
 import re
 import sqlite3
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,12 +68,17 @@ _INSERT: Final = (
     f"INSERT INTO {{table}} ({_COLUMNS}) VALUES ({', '.join('?' * len(INSERT_COLUMNS))})"
 )
 
-# import_stream's staging table: the inserted columns, with the key that catches a repeated id.
+# import_stream's staging table: the inserted columns, with the key that catches a repeated id,
+# and where each row was read (for the error that names an id stored already).
 _STAGING: Final = (
     "CREATE TEMP TABLE import_staging (id TEXT PRIMARY KEY NOT NULL, provider, access_token,"
     " refresh_token, token_type, scope, expires_at, next_refresh_at, refresh_expires_at,"
     " refresh_token_usage, grace_period, refresh_token_lifetime, refresh_token_idle_lifetime,"
-    " refresh_mode, created_at, updated_at)"
+    " refresh_mode, created_at, updated_at, source TEXT NOT NULL)"
+)
+_STAGE: Final = (
+    f"INSERT INTO temp.import_staging ({_COLUMNS}, source)"
+    f" VALUES ({', '.join('?' * (len(INSERT_COLUMNS) + 1))})"
 )
 
 
@@ -566,15 +570,21 @@ class SqliteStore(SqlStore):
                     raise _sqlite_error(self.path, exc) from exc
         return len(rows)
 
-    async def import_stream(self, items: Iterable[tuple[str, NewTokenSet]], *, now: float) -> int:
-        """Insert all or nothing, from an iterable of any size, in bounded memory.
+    async def import_stream(
+        self, chunks: AsyncIterable[Sequence[tuple[str, NewTokenSet]]], *, now: float
+    ) -> int:
+        """Insert all or nothing, from an input of any size, in bounded memory.
 
         The rows go to a staging table in this connection's temporary database first (on disk
-        when large, with no lock on the token database), so a bad input line, raised by
-        ``items``, leaves the database untouched; then one ``INSERT … SELECT`` moves them in,
-        holding the write lock only for that. Each item comes with where it was read (a line),
-        for the error. Raises TokenSetExists naming the first id that is stored already or
-        appears twice in the input (with its ``where``).
+        when large, with no lock on the token database), chunk by chunk as ``chunks`` yields
+        them (its caller reads and parses the next chunk meanwhile); a bad input line, raised
+        by ``chunks``, leaves the database untouched. Then one ``INSERT … SELECT`` moves them
+        in, holding the write lock only for that. Each item comes with where it was read (a
+        line), for the error. Raises TokenSetExists naming the first id that is stored already
+        or appears twice in the input, with its ``where``.
+
+        Cancelled (Ctrl-C) at any point before the commit, nothing is imported: the statement
+        running is interrupted and the transaction rolled back. The commit is one step.
         """
         # The lock for the whole import: its staging transaction must not meet another
         # coroutine's writes on this connection.
@@ -583,10 +593,8 @@ class SqliteStore(SqlStore):
                 await self._conn.execute("DROP TABLE IF EXISTS temp.import_staging")
                 await self._conn.execute(_STAGING)
                 try:
-                    count = await self._stage(items, now)
-                    with anyio.CancelScope(shield=True):
-                        async with self._transaction():
-                            await self._move_staged()
+                    count = await self._stage(chunks, now)
+                    await self._move_staged()
                 finally:
                     with anyio.CancelScope(shield=True):
                         await self._conn.execute("DROP TABLE IF EXISTS temp.import_staging")
@@ -594,70 +602,63 @@ class SqliteStore(SqlStore):
                 raise _sqlite_error(self.path, exc) from exc
         return count
 
+    async def _abandon(self) -> None:
+        """Stop the statement running for a transaction that failed or was cancelled (SQLite's
+        thread may still be in it), and roll the transaction back."""
+        with anyio.CancelScope(shield=True):
+            await self._conn.interrupt()
+            # No transaction is left where its BEGIN itself failed: nothing to roll back.
+            with contextlib.suppress(sqlite3.Error):
+                await self._conn.execute("ROLLBACK")
+
     async def _move_staged(self) -> None:
+        await self._conn.execute("BEGIN IMMEDIATE")
         try:
             await self._conn.execute(
                 f"INSERT INTO main.token_sets ({_COLUMNS})"
                 f" SELECT {_COLUMNS} FROM temp.import_staging"
             )
         except sqlite3.IntegrityError:
-            taken = await self._fetch_value(
-                "SELECT s.id FROM temp.import_staging s"
-                " JOIN main.token_sets t ON t.id = s.id LIMIT 1"
+            await self._abandon()
+            taken = await self._rows(
+                "SELECT s.id, s.source FROM temp.import_staging s"
+                " JOIN main.token_sets t ON t.id = s.id ORDER BY s.rowid LIMIT 1",
+                {},
             )
-            if taken is None:
+            if not taken:
                 raise
-            raise TokenSetExists(f"token set {taken!r} exists already (remove it first)") from None
+            token_set_id, where = taken[0]
+            raise TokenSetExists(
+                f"{where}: token set {token_set_id!r} exists already (remove it first)"
+            ) from None
+        except BaseException:
+            await self._abandon()
+            raise
+        with anyio.CancelScope(shield=True):
+            await self._conn.execute("COMMIT")
 
-    async def _stage(self, items: Iterable[tuple[str, NewTokenSet]], now: float) -> int:
-        """Insert ``items`` into the staging table, chunk by chunk: SQLite inserts one chunk in
-        its thread while the next is parsed here, so parsing and inserting overlap."""
+    async def _stage(
+        self, chunks: AsyncIterable[Sequence[tuple[str, NewTokenSet]]], now: float
+    ) -> int:
+        """Insert ``chunks`` into the staging table, in one transaction of its own."""
         count = 0
-        failure: Exception | None = None
-        send, receive = anyio.create_memory_object_stream[list[tuple[str, NewTokenSet]]](1)
-
-        async def insert(scope: anyio.CancelScope) -> None:
-            nonlocal count, failure
-            async with receive:
-                async for chunk in receive:
-                    try:
-                        await self._conn.executemany(
-                            _INSERT.format(table="temp.import_staging"),
-                            [self._insert_values(n, now) for _, n in chunk],
-                        )
-                    except sqlite3.IntegrityError:
-                        # executemany stops at the failing row: the ones before it are in.
-                        done = await self._fetch_value("SELECT count(*) FROM temp.import_staging")
-                        where, repeated = chunk[done - count]
-                        failure = TokenSetExists(
-                            f"{where}: token set {repeated.id!r} appears twice in the input"
-                        )
-                        scope.cancel()
-                        return
-                    except sqlite3.Error as exc:
-                        failure = exc
-                        scope.cancel()
-                        return
-                    count += len(chunk)
-
-        iterator = iter(items)
         await self._conn.execute("BEGIN")
         try:
-            # Errors are carried out of the group by hand, so callers see them unwrapped.
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(insert, tg.cancel_scope)
-                async with send:
-                    try:
-                        while chunk := list(itertools.islice(iterator, 5000)):
-                            await send.send(chunk)
-                    except Exception as exc:  # a bad input line, raised by ``items``
-                        failure = exc
-                        tg.cancel_scope.cancel()
-            if failure is not None:
-                raise failure
+            async for chunk in chunks:
+                try:
+                    await self._conn.executemany(
+                        _STAGE, [(*self._insert_values(n, now), where) for where, n in chunk]
+                    )
+                except sqlite3.IntegrityError:
+                    # executemany stops at the failing row: the ones before it are in.
+                    done = await self._fetch_value("SELECT count(*) FROM temp.import_staging")
+                    where, repeated = chunk[done - count]
+                    raise TokenSetExists(
+                        f"{where}: token set {repeated.id!r} appears twice in the input"
+                    ) from None
+                count += len(chunk)
         except BaseException:
-            with anyio.CancelScope(shield=True):
-                await self._conn.execute("ROLLBACK")
+            await self._abandon()
             raise
         await self._conn.execute("COMMIT")
         return count
