@@ -26,6 +26,12 @@ from pathlib import Path
 from typing import Final, TypeVar
 from urllib.parse import urlsplit
 
+from refresherd.connect import (
+    RESPONSE_MODES,
+    callback_path,
+    config_params,
+    return_url_allowed,
+)
 from refresherd.model import AuthMethod, RefreshMode, RefreshTokenUsage, Secret
 from refresherd.presets import PRESETS, apply_preset
 from refresherd.settings import (
@@ -33,6 +39,7 @@ from refresherd.settings import (
     ApiConfig,
     Config,
     ConfigError,
+    ConnectConfig,
     DaemonConfig,
     EncryptionConfig,
     HooksConfig,
@@ -207,6 +214,17 @@ _SECRET_KEYS: Final = (
     "client_secret_env",
     "client_secret_credential",
 )
+# Connecting customers (refresherd.connect): the authorization code flow's first half.
+_CONNECT_KEYS: Final = (
+    "authorization_url",
+    "redirect_uri",
+    "return_urls",
+    "response_mode",
+    "pkce",
+    "authorization_scope",
+    "authorization_params",
+    "link_lifetime",
+)
 _PROVIDER_KEYS: Final = (
     "preset",
     "token_url",
@@ -226,6 +244,7 @@ _PROVIDER_KEYS: Final = (
     "refresh_token_lifetime",
     "refresh_token_idle_lifetime",
     "refresh_mode",
+    *_CONNECT_KEYS,
 )
 # A top-level key that belongs to a section gets "put it under [section]" instead of a guess.
 _SECTION_OF_KEY: Final = {
@@ -640,6 +659,7 @@ def _parse_provider(name: str, t: _Table) -> ProviderConfig | None:
     if revocation_url is not None:
         with t.ctx.collecting():
             _check_token_url(t, revocation_url, key="revocation_url")
+    authorization_url, connect = _parse_connect(t, name, issuer)
     # Last, so that a typo elsewhere is reported before any secret file's problem.
     client_secret = Secret("")
     with t.ctx.collecting():
@@ -664,7 +684,82 @@ def _parse_provider(name: str, t: _Table) -> ProviderConfig | None:
         issuer=issuer,
         revocation_url=revocation_url,
         preset=preset,
+        authorization_url=authorization_url,
+        connect=connect,
     )
+
+
+def _parse_connect(
+    t: _Table, name: str, issuer: str | None
+) -> tuple[str | None, ConnectConfig | None]:
+    """``(authorization_url, connect)``: connecting is on where ``redirect_uri`` is given.
+    Each problem is reported, and the rest still read."""
+    authorization_url = t.optional_string("authorization_url")
+    if authorization_url is not None:
+        with t.ctx.collecting():
+            _check_token_url(
+                t,
+                authorization_url,
+                key="authorization_url",
+                example="https://connect.visma.com/connect/authorize",
+            )
+    redirect_uri = t.optional_string("redirect_uri")
+    if redirect_uri is None:
+        # The other keys (a preset's quirks among them) wait for a redirect_uri.
+        return authorization_url, None
+    with t.ctx.collecting():
+        example = f"https://refresherd.example.com{callback_path(name)}"
+        _check_token_url(t, redirect_uri, key="redirect_uri", example=example)
+        if urlsplit(redirect_uri).query:
+            raise t.error(
+                "redirect_uri", f"expected a URL without a ?query, got {shown(redirect_uri)}"
+            )
+        if not urlsplit(redirect_uri).path.endswith(callback_path(name)):
+            t.ctx.warnings.append(
+                f"{t.key('redirect_uri')}: its path does not end with {callback_path(name)}, the "
+                "callback route: a proxy in front of refresherd must map it there"
+            )
+    if authorization_url is None and issuer is None and not t.failed("authorization_url"):
+        t.report(
+            "redirect_uri",
+            "needs an authorization endpoint: authorization_url, a preset that has one, or "
+            "issuer (discovery finds it)",
+        )
+    return_urls: list[str] = []
+    raw = t.data.get("return_urls", [])
+    if not isinstance(raw, list) or not all(isinstance(u, str) for u in raw):
+        t.report("return_urls", "expected an array of URLs (the application's pages)")
+        raw = []
+    for i, url in enumerate(raw):
+        key = f"{t.key('return_urls')}[{i}]"
+        with t.ctx.collecting():
+            try:
+                _check_token_url(t, url, key="return_urls", example="https://app.example.com/done")
+            except ConfigError as exc:
+                raise t.ctx.error(key, exc.message) from None
+            if not return_url_allowed(url, [url]):
+                raise t.ctx.error(key, f"expected a URL without a #fragment, got {shown(url)}")
+            return_urls.append(url)
+    pairs: tuple[tuple[str, str], ...] = ()
+    params = t.data.get("authorization_params", {})
+    if not isinstance(params, Mapping):
+        t.report("authorization_params", f"expected a table, got {type_name(params)}")
+    else:
+        try:
+            pairs = config_params(params)
+        except ValueError as exc:
+            t.report("authorization_params", str(exc))
+    d = ConnectConfig(redirect_uri="")
+    connect = ConnectConfig(
+        redirect_uri=redirect_uri,
+        return_urls=tuple(return_urls),
+        response_mode=t.choice("response_mode", RESPONSE_MODES, d.response_mode),
+        pkce=t.boolean("pkce", d.pkce),
+        scope=t.optional_string("authorization_scope"),
+        params=pairs,
+        link_lifetime=t.duration("link_lifetime", d.link_lifetime, minimum=1.0, maximum=86400.0),
+    )
+    return authorization_url, connect
 
 
 def _endpoint(t: _Table, preset: str | None) -> tuple[str, str | None]:

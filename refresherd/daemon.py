@@ -28,6 +28,7 @@ from starlette.routing import BaseRoute
 from refresherd import logs
 from refresherd.clock import Clock, SystemClock
 from refresherd.config import load_config
+from refresherd.connect import EXPIRED_STATE_KEPT
 from refresherd.encryption import cipher_for
 from refresherd.events import EventQueue
 from refresherd.expiry import ExpiryWatcher
@@ -50,6 +51,7 @@ from refresherd.store import DatabaseMisconfigured, StoreError, TokenStore, open
 from refresherd.supervisor import supervise
 from refresherd.web.app import bind_socket, bind_unix_socket, build_app, serve
 from refresherd.web.auth import BearerAuth
+from refresherd.web.connect import ConnectRoutes
 from refresherd.web.tokens import TokenApi
 from refresherd.worker_metrics import merged_registry
 from refresherd.workers import (
@@ -401,10 +403,22 @@ class Daemon:
                 await hooks.aclose()
 
     def _app(self, rt: Runtime, scheduler: Scheduler) -> Starlette:
-        """Health and metrics, and the token API when ``[api] enabled``: one app."""
+        """Health and metrics, the token API when ``[api] enabled`` (connect links with it),
+        and the public connect callback: one app."""
         api = self.config.api
         routes: list[BaseRoute] = []
         middleware: list[Middleware] = []
+        connecting = ConnectRoutes(
+            store=rt.store,
+            refresher=rt.refresher,
+            providers=rt.providers,
+            storage=rt.storage,
+            events=rt.events,
+            metrics=rt.metrics,
+            config=api,
+            clock=self.clock,
+            wake=scheduler.wake,
+        )
         if api.enabled:
             assert api.bearer_token is not None  # the config requires it
             token_api = TokenApi(
@@ -416,8 +430,10 @@ class Daemon:
                 clock=self.clock,
                 wake=scheduler.wake,
             )
-            routes = token_api.routes()
+            routes = token_api.routes() + connecting.link_routes()
             middleware = [Middleware(BearerAuth, bearer=api.bearer_token, tcp=api.tcp)]
+        # Public, whatever [api] says: the customer's browser comes back here from the IdP.
+        routes += connecting.callback_routes()
         return build_app(
             metrics=rt.metrics,
             liveness=self._liveness,
@@ -768,7 +784,8 @@ class Daemon:
     async def _prune_events(self, rt: Runtime) -> None:
         """Events that no daemon with [hooks] took within hooks.give_up_after (none delivers
         for this database, or none ran for that long) and finished deliveries that old are
-        deleted: the queue stays bounded whether or not anyone delivers."""
+        deleted: the queue stays bounded whether or not anyone delivers. So are connect links
+        expired for longer than connect.EXPIRED_STATE_KEPT."""
         now = self.clock.monotonic()
         if now < self._pruned_at + PRUNE_INTERVAL:
             return
@@ -791,6 +808,15 @@ class Daemon:
             )
         if deliveries:
             log.info("old notification deliveries pruned", deliveries=deliveries)
+        try:
+            links = await rt.store.prune_connect_states(
+                expired_before=self.clock.wall() - EXPIRED_STATE_KEPT
+            )
+        except StoreError as exc:
+            log.warning("cannot prune expired connect links", error=str(exc))
+            return
+        if links:
+            log.info("expired connect links pruned", links=links)
 
     async def _checkpoint(self, rt: Runtime) -> None:
         """A passive checkpoint, so the WAL is copied back while the daemon is idle, too (a

@@ -11,7 +11,8 @@ at-least-once means a retry after a lost answer is delivered twice. Daemons of a
 deliver should have the same ``[hooks]``: an event is taken once, by one of them.
 
 Events (``type``): ``token_set.invalidated``, ``token_set.recovered``,
-``refresh_token.expiring``. Payloads name the token set and provider, never a token.
+``refresh_token.expiring``, ``token_set.connected``. Payloads name the token set and provider,
+never a token.
 
 Webhook: ``POST`` of the event JSON with ``X-Refresherd-Signature: sha256=<hex HMAC-SHA256 of
 the body with hooks.webhook_secret>``, ``X-Refresherd-Event`` and ``X-Refresherd-Event-Id``.

@@ -294,6 +294,19 @@ class Metrics:
             ["task"],
             registry=r,
         )
+        self.connect_links = Counter(
+            "refresherd_connect_links",
+            "Connect links handed out (their state kept in the database), by provider.",
+            ["provider"],
+            registry=r,
+        )
+        self.connections = Counter(
+            "refresherd_connections",
+            "Connect callbacks, by provider and outcome (connected, reconnected, access_denied, "
+            "..., or why one was refused: unknown_state, ...).",
+            ["provider", "outcome"],
+            registry=r,
+        )
         self.ready = Gauge(
             "refresherd_ready",
             "1 while the database and config are usable (what /readyz says).",

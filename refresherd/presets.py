@@ -35,6 +35,9 @@ PRESETS: Final[Mapping[str, Preset]] = MappingProxyType(
                 "visma-connect",
                 "Visma Connect",
                 token_url="https://connect.visma.com/connect/token",
+                authorization_url="https://connect.visma.com/connect/authorize",
+                # Visma Connect answers the redirect_uri with a POST (its integration guide).
+                response_mode="form_post",
                 auth_method="client_secret_post",
                 refresh_token_usage="one_time",
                 # The application's grace period is configurable from 5 to 60 s: 5 s never
@@ -84,6 +87,9 @@ PRESETS: Final[Mapping[str, Preset]] = MappingProxyType(
                 "google",
                 "Google",
                 token_url="https://oauth2.googleapis.com/token",
+                authorization_url="https://accounts.google.com/o/oauth2/v2/auth",
+                # Without it Google issues no refresh token.
+                authorization_params=MappingProxyType({"access_type": "offline"}),
                 auth_method="client_secret_post",
                 # Google does not rotate refresh tokens.
                 refresh_token_usage="reuse",
@@ -99,12 +105,14 @@ PRESETS: Final[Mapping[str, Preset]] = MappingProxyType(
 def apply_preset(name: str, table: Mapping[str, object]) -> dict[str, object]:
     """``table`` (a ``[providers.NAME]`` table) on top of preset ``name``'s values.
 
-    An explicit ``issuer`` replaces the preset's token URL, as an explicit ``token_url`` does.
+    An explicit ``issuer`` replaces the preset's token and authorization URLs, as an explicit
+    ``token_url`` does.
     Raises :class:`KeyError` for an unknown preset.
     """
     values = dict(PRESETS[name].values)
     if table.get("issuer") is not None:
         values.pop("token_url", None)
+        values.pop("authorization_url", None)
     values.update(table)
     values.pop("preset", None)
     return values

@@ -137,6 +137,29 @@ class ScheduleConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ConnectConfig:
+    """Connecting customers through this provider (refresherd.connect): the authorization
+    code flow's first half, owned by refresherd. Set when the provider has ``redirect_uri``."""
+
+    # The callback URL the IdP is told (registered with it): refresherd's public
+    # /connect/NAME/callback, as the browser reaches it.
+    redirect_uri: str
+    # Where the browser may be sent back with the outcome (the application's pages): exact
+    # scheme, host, port and path; empty: refresherd shows the outcome itself.
+    return_urls: tuple[str, ...] = ()
+    # "query" (the default, left out of the link) or "form_post" (the IdP POSTs the answer).
+    response_mode: str = "query"
+    # PKCE (RFC 7636, S256) on every link; an IdP without PKCE ignores it (RFC 6749 3.1).
+    pkce: bool = True
+    # The scope a link asks for unless the request names one (else the provider's scope).
+    scope: str | None = None
+    # Extra parameters on every link (Google: access_type = "offline"); a request may add more.
+    params: tuple[tuple[str, str], ...] = ()
+    # How long a link (its state) can be used.
+    link_lifetime: float = 600.0
+
+
+@dataclass(frozen=True, slots=True)
 class ProviderConfig:
     name: str
     # Empty when ``issuer`` is given: discovery (refresherd.idp.discovery) fills it in at start.
@@ -168,6 +191,10 @@ class ProviderConfig:
     revocation_url: str | None = None
     # The preset this provider's defaults came from, if any.
     preset: str | None = None
+    # The authorization endpoint (RFC 6749 3.1): a preset's, discovery's, or given.
+    authorization_url: str | None = None
+    # None: no connect links for this provider (no redirect_uri configured).
+    connect: ConnectConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +218,7 @@ HOOK_EVENTS: Final = (
     "token_set.invalidated",
     "token_set.recovered",
     "refresh_token.expiring",
+    "token_set.connected",
 )
 
 

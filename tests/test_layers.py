@@ -53,6 +53,7 @@ LAYER_OF: dict[str, str] = {
     "refresherd.storage_health": "pure core",
     "refresherd.worker_metrics": "pure core",
     "refresherd.encryption": "pure core",  # AES-GCM on values; imports the model only
+    "refresherd.connect": "pure core",  # connect links and callbacks, judged from values
     # adapters: the outside world (databases, the IdP, HTTP, files, env, systemd).
     "refresherd.store": "adapters",  # the package's surface and open_store
     "refresherd.store.contract": "adapters",  # TokenStore, its values and errors
@@ -99,6 +100,7 @@ LAYER_OF: dict[str, str] = {
     # adapter stands on what it drives. web.app and web.auth, the ASGI app and the bearer
     # check without routes that refresh, stay adapters.
     "refresherd.web.tokens": "orchestration",
+    "refresherd.web.connect": "orchestration",  # connect links and the callback: as web.tokens
     # composition: the runtime built from settings.
     "refresherd.daemon": "composition",
     "refresherd.workers": "composition",
@@ -115,6 +117,7 @@ LAYER_OF: dict[str, str] = {
     "refresherd.cli.completion": "entry",
     "refresherd.cli.endings": "entry",
     "refresherd.cli.refresh": "entry",
+    "refresherd.cli.connect": "entry",
     "refresherd.cli.rekey": "entry",
     "refresherd.cli.migrate": "entry",
     "refresherd.cli.demo": "entry",

@@ -274,6 +274,7 @@ async def test_reopen_is_idempotent_and_keeps_data(
             await store.close()
     # Each table once: the migrations ran once, not once per open.
     expected = [
+        "connect_states",
         "hook_deliveries",
         "hook_events",
         "invalidation_counts",

@@ -17,6 +17,7 @@ alone (tests/test_cli.py checks both with ``python -X importtime``).
 | ``tokens add/list/show/remove`` | :mod:`.tokens` |
 | ``tokens import`` | :mod:`.importing` |
 | ``refresh`` | :mod:`.refresh` (the daemon's runtime, for one refresh) |
+| ``connect`` | :mod:`.connect` (a connect link, kept in the store) |
 | ``rekey`` | :mod:`.rekey` |
 | ``migrate`` | :mod:`.migrate` |
 | ``demo`` | :mod:`.demo` |
@@ -77,6 +78,8 @@ def _run(args: argparse.Namespace) -> int:
             from refresherd.cli.tokens import command
         case "refresh":
             from refresherd.cli.refresh import command
+        case "connect":
+            from refresherd.cli.connect import command
         case "rekey":
             from refresherd.cli.rekey import command
         case "migrate":

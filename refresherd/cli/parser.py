@@ -129,6 +129,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     refresh = command(sub, "refresh", "refresh one token set now (same path as the daemon)")
     refresh.add_argument("id", help="the token set's id")
+    link = command(
+        sub,
+        "connect",
+        "print a link that connects a customer (or reconnects an invalidated token set) "
+        "through the provider's login and consent; single use, expiring",
+    )
+    link.add_argument("id", help="the token set's id (new, or invalidated)")
+    link.add_argument("--provider", required=True, metavar="NAME", help="a configured provider")
+    link.add_argument("--return-url", help="one of the provider's return_urls (default: first)")
+    link.add_argument("--scope", help="default: the provider's authorization_scope, else scope")
+    link.add_argument("--prompt", help='OpenID Connect prompt, such as "login"')
+    link.add_argument(
+        "--param", action="append", default=[], metavar="NAME=VALUE", help="more for the IdP"
+    )
+    link.add_argument("--json", action="store_true", help="a JSON object instead of the link")
     command(
         sub,
         "rekey",

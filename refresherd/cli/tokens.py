@@ -20,6 +20,7 @@ from refresherd.cli.common import (
     fail,
     one_shot,
 )
+from refresherd.connect import reconnect_hint
 from refresherd.encryption import cipher_for
 from refresherd.intake import parse_single
 from refresherd.model import State, TokenSet, rfc3339
@@ -70,6 +71,9 @@ def token_set_json(
         "refresh_token_expires_at": rfc3339(refresh_expires),
         "policy": policy_json(ts, provider),
     }
+    if ts.state is State.INVALIDATED:
+        # The way back (a connect link), where the provider is set up for connecting.
+        data["reconnect"] = reconnect_hint(ts.id, provider)
     if reveal:
         data["access_token"] = ts.access_token.reveal() if ts.access_token else None
         data["refresh_token"] = ts.refresh_token.reveal()
@@ -125,6 +129,8 @@ def _show_text(data: dict[str, Any]) -> None:
                     where = value["source"][name]
                     shown = "" if item is None else item
                     rows.append((f"policy.{name}", f"{shown} ({where})" if where else shown))
+        elif isinstance(value, dict):  # reconnect: the way back, one line per part
+            rows += [(f"{key}.{name}", item) for name, item in value.items()]
         else:
             rows.append((key, value))
     width = max(len(k) for k, _ in rows)

@@ -1,4 +1,4 @@
-"""OpenID Connect Discovery 1.0: an ``issuer`` → its token (and revocation) endpoint.
+"""OpenID Connect Discovery 1.0: an ``issuer`` → its token (revocation, authorization) endpoints.
 
 Resolved when the daemon starts or reloads and by one-shot commands that talk to the token
 endpoint, never by the config parser (``check-config`` needs no network). Results are cached
@@ -49,6 +49,8 @@ class DiscoveredEndpoints:
     issuer: str
     token_endpoint: str
     revocation_endpoint: str | None = None
+    # For connect links (refresherd.connect); only an https one (http on loopback) is kept.
+    authorization_endpoint: str | None = None
 
 
 _cache: dict[str, DiscoveredEndpoints] = {}
@@ -127,7 +129,10 @@ def _endpoints(url: str, issuer: str, document: object) -> DiscoveredEndpoints:
     revocation = document.get("revocation_endpoint")
     if not (isinstance(revocation, str) and _secure(revocation)):
         revocation = None
-    return DiscoveredEndpoints(issuer, token, revocation)
+    authorization = document.get("authorization_endpoint")
+    if not (isinstance(authorization, str) and _secure(authorization)):
+        authorization = None
+    return DiscoveredEndpoints(issuer, token, revocation, authorization)
 
 
 async def resolve_providers(
@@ -170,7 +175,11 @@ async def resolve_providers(
             raise result
         else:
             resolved[name] = replace(
-                p, token_url=result.token_endpoint, revocation_url=result.revocation_endpoint
+                p,
+                token_url=result.token_endpoint,
+                revocation_url=result.revocation_endpoint,
+                # A configured authorization_url wins, as it is the operator's word.
+                authorization_url=p.authorization_url or result.authorization_endpoint,
             )
     return resolved
 

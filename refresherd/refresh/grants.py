@@ -156,14 +156,18 @@ class Grants:
             Outcome.REFRESHED, token_set=saved, detail=f"sends={sends}", attempt=sends
         )
 
-    async def add_granted(self, new: NewTokenSet, *, now: float) -> TokenSet | None:
+    async def add_granted(
+        self, new: NewTokenSet, *, now: float, reauthorize: bool = False
+    ) -> TokenSet | None:
         """Store a new token set whose grant the IdP has just issued (an exchanged code).
 
         Its refresh token exists nowhere else and the code that bought it is spent, so a
         database that refuses it is retried exactly as a refresh's grant is (held, counted in
         ``unpersisted_grants``, refreshes paused meanwhile) rather than the grant dropped.
         Returns the set as stored, or None when another set of this id is there already: that
-        one is kept, the caller says what becomes of this grant. Raises StoreError only when
+        one is kept, the caller says what becomes of this grant. With ``reauthorize`` (a
+        connect link), a set of this id that is invalidated under the same provider is
+        authorized again in place instead (TokenStore.reauthorize). Raises StoreError only when
         the database refused it past PERSIST_DEADLINE once nothing holds grants any more
         (shutdown, or not a daemon): then the grant is lost, and said so."""
         mine = _as_stored(new, now)
@@ -182,6 +186,17 @@ class Grants:
                     # Our own insert of an earlier try: committed, its answer lost (a
                     # connection to PostgreSQL that dropped after the commit).
                     return current
+                if (
+                    reauthorize
+                    and current.state is State.INVALIDATED
+                    and current.provider == new.provider
+                ):
+                    again = await self._store.reauthorize(
+                        new.id, expected_version=current.version, new=new, now=now
+                    )
+                    if again is not None:
+                        return again
+                    continue  # it changed in between: look again
                 return None
             return None
 

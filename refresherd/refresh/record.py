@@ -14,6 +14,7 @@ from typing import Protocol
 
 from refresherd import policy
 from refresherd.clock import Clock
+from refresherd.connect import reconnect_hint
 from refresherd.logs import get_logger
 from refresherd.metrics import Metrics
 from refresherd.model import Attempt, Failure, FailureKind, State, TokenSet, rfc3339
@@ -265,6 +266,8 @@ class Recorder:
                         "series_started_at": rfc3339(attempt.started_at),
                         "sends": attempt.sends,
                     }
+                # The way back, where the provider is set up for connecting customers.
+                hint = reconnect_hint(ts.id, self._providers.config(ts.provider))
                 await self._events.enqueue(
                     "token_set.invalidated",
                     ts.id,
@@ -272,6 +275,7 @@ class Recorder:
                     reason=reason,
                     detail=failure.detail,
                     **series,
+                    **({"reconnect": hint} if hint else {}),
                 )
             return RefreshResult(
                 Outcome.INVALIDATED,

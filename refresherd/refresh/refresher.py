@@ -140,10 +140,13 @@ class Refresher:
         False, starting nothing, once shutdown has begun or when nothing runs :meth:`run`."""
         return self._flights.detach(work, name=name)
 
-    async def add_granted(self, new: NewTokenSet, *, now: float) -> TokenSet | None:
+    async def add_granted(
+        self, new: NewTokenSet, *, now: float, reauthorize: bool = False
+    ) -> TokenSet | None:
         """Store a new token set whose grant the IdP has just issued (an exchanged code),
-        held and retried as a refresh's grant is (Grants.add_granted)."""
-        return await self._grants.add_granted(new, now=now)
+        held and retried as a refresh's grant is (Grants.add_granted); ``reauthorize``: or
+        over an invalidated set of that id and provider, in place (a connect link)."""
+        return await self._grants.add_granted(new, now=now, reauthorize=reauthorize)
 
     # ---- one refresh -------------------------------------------------------------------------
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Protocol
 
+from refresherd.connect import PendingConnection
 from refresherd.errors import RefresherdError
 from refresherd.model import Attempt, RefreshMode, RefreshTokenUsage, Secret, State, TokenSet
 from refresherd.storage_health import StorageReason
@@ -438,6 +439,27 @@ class TokenStore(Protocol):
     async def prune_events(self, *, before: float) -> tuple[int, int]:
         """Delete events queued before ``before`` that no daemon took, and deliveries finished
         before it; returns (events, deliveries) deleted."""
+        ...
+
+    # ---- connect links (refresherd.connect) ---------------------------------------------
+    async def add_connect_state(self, pending: PendingConnection) -> None:
+        """Keep a link's state (its digest; the PKCE verifier sealed like tokens)."""
+        ...
+
+    async def take_connect_state(self, digest: str) -> PendingConnection | None:
+        """Delete and return the state with ``digest`` in one statement (single use across a
+        fleet); None if there is none."""
+        ...
+
+    async def prune_connect_states(self, *, expired_before: float) -> int:
+        """Delete states that expired before ``expired_before``; returns how many."""
+        ...
+
+    async def reauthorize(
+        self, token_set_id: str, *, expected_version: int, new: NewTokenSet, now: float
+    ) -> TokenSet | None:
+        """A new authorization's grant over an invalidated set (same provider, version
+        ``expected_version``), in place; None if it is not that any more."""
         ...
 
     async def invalidation_counts(self) -> dict[tuple[str, str], int]:

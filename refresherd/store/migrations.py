@@ -331,6 +331,42 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     ALTER TABLE token_sets ADD COLUMN attempt_settled integer;
     """,
     ),
+    Migration(
+        10,
+        sqlite="""
+    -- Connect links (refresherd.connect): one row per link handed out, found by the SHA-256 of
+    -- its state (the state itself is never stored), taken (deleted) by the one callback that
+    -- uses it, in one statement, whichever daemon of a fleet receives it. code_verifier is the
+    -- PKCE secret, sealed like the token columns when encryption at rest is on. Rows expired
+    -- long ago are pruned (Store.prune_connect_states); `refresherd migrate` does not move
+    -- them: a link lives minutes.
+    CREATE TABLE connect_states (
+        state_digest TEXT PRIMARY KEY NOT NULL,
+        provider TEXT NOT NULL,
+        token_set_id TEXT NOT NULL,
+        redirect_uri TEXT NOT NULL,
+        return_url TEXT,
+        code_verifier TEXT,
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL
+    ) STRICT;
+    CREATE INDEX connect_states_expiry ON connect_states (expires_at);
+    """,
+        postgres="""
+    -- As in SQLite's migration 10: connect links, by the SHA-256 of their state, taken once.
+    CREATE TABLE connect_states (
+        state_digest text PRIMARY KEY NOT NULL,
+        provider text NOT NULL,
+        token_set_id text NOT NULL,
+        redirect_uri text NOT NULL,
+        return_url text,
+        code_verifier text,
+        created_at double precision NOT NULL,
+        expires_at double precision NOT NULL
+    );
+    CREATE INDEX connect_states_expiry ON connect_states (expires_at);
+    """,
+    ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 # Each dialect's scripts, index i moving the schema from version i to i + 1.

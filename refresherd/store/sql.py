@@ -22,6 +22,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final, Protocol
 
+from refresherd.connect import PendingConnection
 from refresherd.encryption import EncryptionError, TokenCipher
 from refresherd.model import Attempt, Secret, State, TokenSet
 from refresherd.store.contract import (
@@ -1029,13 +1030,118 @@ class SqlStore(abc.ABC):
         )
         return events, deliveries
 
-    async def _delete_counted(self, sql: str, params: dict[str, Any]) -> int:
+    async def _delete_counted(self, sql: str, params: dict[str, Any], *, key: str = "id") -> int:
         if self.ops.counts_in_statement:
             rows = await self._write(
                 f"WITH gone AS ({sql} RETURNING 1) SELECT count(*) FROM gone", params
             )
             return int(rows[0][0])
-        return len(await self._write(f"{sql} RETURNING id", params))
+        return len(await self._write(f"{sql} RETURNING {key}", params))
+
+    # ---- connect links (refresherd.connect) ---------------------------------------------------
+
+    async def add_connect_state(self, pending: PendingConnection) -> None:
+        """Keep a link's state (by its digest) until one callback takes it."""
+        verifier = pending.code_verifier
+        await self._write(
+            "INSERT INTO connect_states (state_digest, provider, token_set_id, redirect_uri,"
+            " return_url, code_verifier, created_at, expires_at) VALUES (:digest, :provider,"
+            " :token_set_id, :redirect_uri, :return_url, :verifier, :created_at, :expires_at)",
+            {
+                "digest": pending.digest,
+                "provider": pending.provider,
+                "token_set_id": pending.token_set_id,
+                "redirect_uri": pending.redirect_uri,
+                "return_url": pending.return_url,
+                "verifier": None
+                if verifier is None
+                else self._seal(verifier.reveal(), pending.digest, "code_verifier"),
+                "created_at": pending.created_at,
+                "expires_at": pending.expires_at,
+            },
+        )
+
+    async def take_connect_state(self, digest: str) -> PendingConnection | None:
+        """Take (delete and return) the state with ``digest``, expired or not, in one statement:
+        of any number of callbacks with one state, in any daemons of a fleet, one gets it."""
+        rows = await self._write(
+            "DELETE FROM connect_states WHERE state_digest = :digest RETURNING *",
+            {"digest": digest},
+        )
+        if not rows:
+            return None
+        r = dict(zip(rows[0].keys(), rows[0], strict=True))
+        verifier = r["code_verifier"]
+        if verifier is not None and self.cipher is not None:
+            try:
+                verifier = self.cipher.open(verifier, row_id=digest, column="code_verifier")
+            except EncryptionError:
+                raise StoreError(
+                    "a connect link's code_verifier does not open with the configured keys"
+                ) from None
+        return PendingConnection(
+            digest=r["state_digest"],
+            provider=r["provider"],
+            token_set_id=r["token_set_id"],
+            redirect_uri=r["redirect_uri"],
+            return_url=r["return_url"],
+            code_verifier=Secret(verifier) if verifier is not None else None,
+            created_at=r["created_at"],
+            expires_at=r["expires_at"],
+        )
+
+    async def prune_connect_states(self, *, expired_before: float) -> int:
+        """Delete the states that expired before ``expired_before``; returns how many."""
+        return await self._delete_counted(
+            "DELETE FROM connect_states WHERE expires_at < :before",
+            {"before": expired_before},
+            key="state_digest",
+        )
+
+    async def reauthorize(
+        self, token_set_id: str, *, expected_version: int, new: NewTokenSet, now: float
+    ) -> TokenSet | None:
+        """Store a new authorization's grant over an invalidated token set of the same
+        provider, in place: its id, ``created_at`` and version history stay (the version goes
+        on counting), its tokens, expiries and per-set policy are the new authorization's, its
+        failure, journal and lease are cleared. None: the set is not (any more) that
+        invalidated version of that provider."""
+        access = new.access_token.reveal() if new.access_token else None
+        rows = await self._write(
+            "UPDATE token_sets SET access_token = :access, refresh_token = :refresh,"
+            " token_type = :token_type, scope = coalesce(:scope, scope),"
+            " expires_at = :expires_at, refresh_expires_at = :refresh_expires_at,"
+            " refresh_token_usage = :usage, grace_period = :grace_period,"
+            " refresh_token_lifetime = :lifetime, refresh_token_idle_lifetime = :idle,"
+            " refresh_mode = :mode, state = 'active', version = version + 1,"
+            " next_refresh_at = :next, updated_at = :now, last_error = NULL, failures = 0,"
+            " invalid_reason = NULL, expiry_warned_for = NULL, attempt_version = NULL,"
+            " attempt_started_at = NULL, attempt_owner = NULL, attempt_sends = NULL,"
+            " attempt_settled = NULL, lease_owner = NULL, lease_until = NULL"
+            " WHERE id = :id AND provider = :provider AND version = :version"
+            " AND state = 'invalidated' RETURNING *",
+            {
+                "id": token_set_id,
+                "provider": new.provider,
+                "version": expected_version,
+                "access": None
+                if access is None
+                else self._seal(access, token_set_id, "access_token"),
+                "refresh": self._seal(new.refresh_token.reveal(), token_set_id, "refresh_token"),
+                "token_type": new.token_type,
+                "scope": new.scope,
+                "expires_at": new.expires_at,
+                "refresh_expires_at": new.refresh_expires_at,
+                "usage": new.refresh_token_usage.value if new.refresh_token_usage else None,
+                "grace_period": new.grace_period,
+                "lifetime": new.refresh_token_lifetime,
+                "idle": new.refresh_token_idle_lifetime,
+                "mode": new.refresh_mode.value if new.refresh_mode else None,
+                "next": new.next_refresh_at,
+                "now": now,
+            },
+        )
+        return self._token_set(rows[0]) if rows else None
 
     async def invalidation_counts(self) -> dict[tuple[str, str], int]:
         """Invalidations ever recorded in this database, by (provider, reason)."""

@@ -25,6 +25,7 @@ from starlette.routing import BaseRoute, Route
 
 from refresherd import policy
 from refresherd.clock import Clock
+from refresherd.connect import reconnect_hint
 from refresherd.idp.endpoint import TokenEndpoint
 from refresherd.idp.failures import ClientRejected, EndpointError, InvalidGrant
 from refresherd.intake import token_set_from_json
@@ -262,12 +263,17 @@ class TokenApi:
 
     def _answer(self, ts: TokenSet, decision: policy.AccessDecision, now: float) -> Response:
         if isinstance(decision, policy.NeedsAuthorization):
+            # The way back, where the provider is set up for connecting (refresherd.connect).
+            hint = reconnect_hint(ts.id, self.providers.config(ts.provider))
             return error(
                 409,
                 "invalidated",
                 "the identity provider refused this token set's refresh token: the customer "
-                "must authorize again (POST /v1/tokens/{id}/exchange or POST /v1/tokens)",
+                "must authorize again ("
+                + ("POST /v1/tokens/{id}/connect for a link" if hint else "POST /v1/tokens")
+                + ")",
                 reason=decision.reason,
+                **({"reconnect": hint} if hint else {}),
             )
         if isinstance(decision, policy.Unavailable):
             return error(

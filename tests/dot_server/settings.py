@@ -8,11 +8,19 @@
   per line, so the test can make sure none of them ever appears in refresherd's output.
 - ``DOT_RESPONSE_DELAY``: seconds to hold every token endpoint answer *after* DOT has processed
   the request (rotation committed), like a slow network on the way back (default 0).
+- ``DOT_OIDC``: "1" turns OpenID Connect on (OIDC_ENABLED: the discovery document at
+  /o/.well-known/openid-configuration) and RFC 9207's ``iss`` in authorization responses.
+
+Customers log in through Django's own LoginView (/accounts/login/, a template of ours) and give
+consent on DOT's authorization page (/o/authorize/, DOT's template): tests/test_connect_browser.py
+drives both in a real browser. ``response_mode=form_post`` is ours, not DOT's: see
+``apps.FormPostMiddleware``.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import django
 
@@ -34,11 +42,36 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 INSTALLED_APPS = [
     "django.contrib.auth",
     "django.contrib.contenttypes",
+    "django.contrib.sessions",
     "oauth2_provider",
     "dot_server.apps.DotServerConfig",
 ]
-MIDDLEWARE = ["dot_server.apps.TokenEndpointMiddleware"]
+# Sessions, CSRF and authentication for the login and consent pages (DOT's token and revocation
+# endpoints are exempt from CSRF, as clients post to them without a session).
+MIDDLEWARE = [
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "dot_server.apps.FormPostMiddleware",
+    "dot_server.apps.TokenEndpointMiddleware",
+]
 ROOT_URLCONF = "dot_server.urls"
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [Path(__file__).resolve().parent / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+            ]
+        },
+    }
+]
+LOGIN_URL = "/accounts/login/"
+# DOT's templates load their stylesheet with {% static %}; it is not served (no styling needed).
+STATIC_URL = "/static/"
 DATABASES = {
     "default": {
         "ENGINE": "django.db.backends.sqlite3",
@@ -60,6 +93,8 @@ OAUTH2_PROVIDER = {
     # The tests authorize their customers through the password grant. DOT discourages it
     # (RFC 9700) and plans to refuse it by default from 4.0 on: keep it allowed, explicitly.
     "COMPLIANT_BCP_RFC9700_PASSWORD_GRANT": False,
+    "OIDC_ENABLED": os.environ.get("DOT_OIDC") == "1",
+    "COMPLIANT_BCP_RFC9700_AUTHZ_RESPONSE_ISS": os.environ.get("DOT_OIDC") == "1",
 }
 
 LOGGING = {
