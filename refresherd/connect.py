@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Final
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
+from refresherd.errors import InvalidInput
 from refresherd.model import FailureKind, Secret, State, TokenSet, validate_token_set_id
 from refresherd.settings import ConnectConfig, ProviderConfig
 
@@ -98,7 +99,7 @@ def code_challenge(verifier: str) -> str:
 # ---- asking for a link --------------------------------------------------------------------------
 
 
-class LinkRefused(Exception):
+class LinkRefused(InvalidInput):
     """A link cannot be made; ``code`` is the API's error code, the message says why."""
 
     def __init__(self, code: str, message: str) -> None:

@@ -7,7 +7,8 @@
     ├── InvalidInput              errors          what was handed in is wrong, and where
     │   ├── ConfigError           settings        the configuration: file, key, expectation
     │   │   └── ConfigProblems    config          more than one, in one file: each listed
-    │   └── InputError            intake          a token response handed in; a ValueError too
+    │   ├── InputError            intake          a token response handed in; a ValueError too
+    │   └── LinkRefused           connect         an authorization link that cannot be made
     ├── IdPError                  errors          the identity provider could not be used
     │   ├── DiscoveryError        idp.discovery   an issuer's discovery document
     │   └── EndpointError         idp.failures    a token request that yielded no grant

@@ -133,3 +133,12 @@ def test_errors_imports_nothing_of_refresherd() -> None:
 def test_except_clauses_that_caught_them_before_still_do() -> None:
     # tokens add/import and the token API catch an InputError as a ValueError.
     assert issubclass(defined_exceptions()["InputError"], ValueError)
+
+
+def test_the_architecture_document_draws_the_same_tree() -> None:
+    """docs/architecture.md, "Errors", shows errors.py's drawing: the two must not drift."""
+    doc = Path(__file__).resolve().parent.parent / "docs" / "architecture.md"
+    drawn = doc.read_text(encoding="utf-8").split("## Errors", 1)[1].split("```", 2)[1].strip()
+    assert errors.__doc__ is not None
+    source = errors.__doc__.split("::\n\n", 1)[1].split("\n\n", 1)[0]
+    assert drawn == "\n".join(line.removeprefix("    ") for line in source.splitlines())
