@@ -50,6 +50,7 @@ from refresherd.store import DatabaseMisconfigured, StoreError, TokenStore, open
 from refresherd.supervisor import supervise
 from refresherd.web.app import bind_socket, bind_unix_socket, build_app, serve
 from refresherd.web.auth import BearerAuth
+from refresherd.web.token_cache import TokenCache
 from refresherd.web.tokens import TokenApi
 from refresherd.worker_metrics import merged_registry
 from refresherd.workers import (
@@ -315,8 +316,8 @@ class Daemon:
                 metrics=rt.metrics,
                 timeout=config.daemon.worker_timeout,
             )
-        app = self._app(rt, scheduler)
-        async with anyio.create_task_group() as tg:
+        async with self._token_cache(rt, sockets) as cache, anyio.create_task_group() as tg:
+            app = self._app(rt, scheduler, cache)
             self._tg = tg
             # Handlers first: from the "started" line on, a signal is handled, never fatal.
             await tg.start(self._signals, tg.cancel_scope)
@@ -400,7 +401,20 @@ class Daemon:
             with anyio.CancelScope(shield=True):
                 await hooks.aclose()
 
-    def _app(self, rt: Runtime, scheduler: Scheduler) -> Starlette:
+    @asynccontextmanager
+    async def _token_cache(
+        self, rt: Runtime, sockets: list[socket.socket]
+    ) -> AsyncIterator[TokenCache | None]:
+        """The token API's answers in memory, with the store's change feed open for as long
+        as the server runs; None when nothing serves the API or ``cache_size`` is 0."""
+        api = self.config.api
+        if not (api.enabled and sockets and api.cache_size > 0):
+            yield None
+            return
+        async with rt.store.change_feed() as feed:
+            yield TokenCache(feed, size=api.cache_size, metrics=rt.metrics)
+
+    def _app(self, rt: Runtime, scheduler: Scheduler, cache: TokenCache | None) -> Starlette:
         """Health and metrics, and the token API when ``[api] enabled``: one app."""
         api = self.config.api
         routes: list[BaseRoute] = []
@@ -415,6 +429,7 @@ class Daemon:
                 config=api,
                 clock=self.clock,
                 wake=scheduler.wake,
+                cache=cache,
             )
             routes = token_api.routes()
             middleware = [Middleware(BearerAuth, bearer=api.bearer_token, tcp=api.tcp)]

@@ -43,11 +43,16 @@ ReadinessCheck = Callable[[], Awaitable[list[str]]]
 LivenessCheck = Callable[[], list[str]]
 
 
+def render_json(content: Any) -> bytes:
+    """The API's JSON bodies: sorted keys and a trailing newline (curl-friendly)."""
+    return (json.dumps(content, sort_keys=True) + "\n").encode()
+
+
 class JSON(JSONResponse):
     """Sorted keys and a trailing newline (curl-friendly); never cached: it may hold a token."""
 
     def render(self, content: Any) -> bytes:
-        return (json.dumps(content, sort_keys=True) + "\n").encode()
+        return render_json(content)
 
     def __init__(self, content: Any, status_code: int = 200, **kw: Any) -> None:
         super().__init__(content, status_code, **kw)
