@@ -21,6 +21,7 @@ from conftest import (
     LEAKS,
     DaemonProcess,
     IdPHandle,
+    PgDatabase,
     import_tokens,
     metric,
     read_rows,
@@ -56,12 +57,13 @@ def api_config(
     handle: IdPHandle,
     *,
     api: dict[str, object] | None = None,
+    database: Path | PgDatabase | None = None,
     **provider: object,
 ) -> tuple[Path, str]:
     bearer, bearer_file = new_bearer(tmp_path)
     config = write_config(
         tmp_path / "config.toml",
-        database=tmp_path / "tokens.db",
+        database=database if database is not None else tmp_path / "tokens.db",
         providers={PROVIDER: handle.provider(**provider)},
     )
     table = {"enabled": True, "bearer_token_file": str(bearer_file), **(api or {})}
