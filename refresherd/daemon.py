@@ -21,9 +21,9 @@ from typing import Final
 import anyio
 import anyio.abc
 import structlog
-from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import BaseRoute
+from starlette.types import ASGIApp
 
 from refresherd import logs
 from refresherd.clock import Clock, SystemClock
@@ -49,8 +49,8 @@ from refresherd.storage_health import StorageReason
 from refresherd.store import DatabaseMisconfigured, StoreError, TokenStore, open_store
 from refresherd.supervisor import supervise
 from refresherd.web.app import bind_socket, bind_unix_socket, build_app, serve
-from refresherd.web.auth import BearerAuth
-from refresherd.web.token_cache import TokenCache
+from refresherd.web.auth import BearerAuth, BearerCheck
+from refresherd.web.token_cache import FreshReads, TokenCache
 from refresherd.web.tokens import TokenApi
 from refresherd.worker_metrics import merged_registry
 from refresherd.workers import (
@@ -414,11 +414,12 @@ class Daemon:
         async with rt.store.change_feed() as feed:
             yield TokenCache(feed, size=api.cache_size, metrics=rt.metrics)
 
-    def _app(self, rt: Runtime, scheduler: Scheduler, cache: TokenCache | None) -> Starlette:
+    def _app(self, rt: Runtime, scheduler: Scheduler, cache: TokenCache | None) -> ASGIApp:
         """Health and metrics, and the token API when ``[api] enabled``: one app."""
         api = self.config.api
         routes: list[BaseRoute] = []
         middleware: list[Middleware] = []
+        check: BearerCheck | None = None
         if api.enabled:
             assert api.bearer_token is not None  # the config requires it
             token_api = TokenApi(
@@ -432,8 +433,9 @@ class Daemon:
                 cache=cache,
             )
             routes = token_api.routes()
-            middleware = [Middleware(BearerAuth, bearer=api.bearer_token, tcp=api.tcp)]
-        return build_app(
+            check = BearerCheck(bearer=api.bearer_token, tcp=api.tcp)
+            middleware = [Middleware(BearerAuth, check=check)]
+        app = build_app(
             metrics=rt.metrics,
             liveness=self._liveness,
             readiness=self._readiness,
@@ -445,10 +447,14 @@ class Daemon:
                 else merged_registry(rt.metrics.registry, self.pool.snapshots)
             ),
         )
+        if cache is None or check is None:
+            return app
+        # Fresh answers from memory in front of the whole app (web/token_cache.py).
+        return FreshReads(app, cache=cache, check=check, clock=self.clock)
 
     @staticmethod
     async def _serve(
-        app: Starlette,
+        app: ASGIApp,
         sockets: list[socket.socket],
         server_stop: anyio.Event,
         server_done: anyio.Event,

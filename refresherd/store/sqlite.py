@@ -240,6 +240,8 @@ class SqliteChangeFeed:
         self._seen: int | None = None
         # The last row of the log seen (0: the log was empty, its first row is 1).
         self._last = 0
+        # Looked, and found quiet, in this turn of the event loop (see quiet).
+        self._quiet_this_turn = False
 
     def __repr__(self) -> str:
         return f"<SqliteChangeFeed after {self._last}>"
@@ -257,13 +259,26 @@ class SqliteChangeFeed:
         self._seen = seen
 
     def quiet(self) -> bool:
+        if self._quiet_this_turn:
+            return True
         seen = self._seen
-        return seen is not None and self._data_version() == seen
+        if seen is None or self._data_version() != seen:
+            return False
+        # Quiet for the rest of this turn of the event loop too: every request handled in it
+        # was sent before this turn's poll returned, and so before this look; the next turn
+        # looks again (call_soon runs first in it, before anything its poll brings).
+        self._quiet_this_turn = True
+        asyncio.get_running_loop().call_soon(self._next_turn)
+        return True
+
+    def _next_turn(self) -> None:
+        self._quiet_this_turn = False
 
     async def catch_up(self) -> frozenset[str] | None:
         # Sampled first: a commit after this point moves it again, so the next look catches
         # up again, and one before it is in the rows read below.
         seen = self._data_version()
+        self._quiet_this_turn = False
         last = self._last
         rows = await self._read(
             "SELECT seq, id FROM token_set_changes WHERE seq >= :last ORDER BY seq LIMIT :limit",

@@ -284,23 +284,66 @@ def bind_unix_socket(path: Path, mode: int) -> socket.socket:
 
 
 async def serve(
-    app: Starlette,
+    app: ASGIApp,
     sockets: Sequence[socket.socket],
     shutdown: anyio.Event,
 ) -> None:
     """Serve ``app`` on ``sockets`` until ``shutdown`` is set or the task is cancelled."""
-    config = HypercornConfig()
-    # No access log: request lines are not needed, and a query string could carry anything.
-    config.accesslog = None
-    config.errorlog = None
-    config.graceful_timeout = 2.0
-    config.keep_alive_timeout = 5.0
     for sock in sockets:
         if sock.family == socket.AF_UNIX:
             log.info("listening", socket=sock.getsockname())
         else:
             host, port = sock.getsockname()[:2]
             log.info("listening", address=f"{host}:{port}")
+    if os.environ.get("REFRESHERD_ASGI_SERVER", "hypercorn") == "uvicorn":
+        await _serve_uvicorn(app, sockets, shutdown)
+    else:
+        await _serve_hypercorn(app, sockets, shutdown)
+
+
+async def _serve_uvicorn(
+    app: ASGIApp, sockets: Sequence[socket.socket], shutdown: anyio.Event
+) -> None:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield  # the daemon handles signals; shutdown comes by ``shutdown``
+
+    config = uvicorn.Config(
+        app,
+        http="httptools",
+        ws="none",
+        lifespan="off",
+        interface="asgi3",
+        access_log=False,
+        log_config=None,
+        log_level="warning",
+        timeout_keep_alive=5,
+        timeout_graceful_shutdown=2,
+    )
+    server = Server(config)
+
+    async def stop() -> None:
+        await shutdown.wait()
+        server.should_exit = True
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(stop)
+        await server.serve(sockets=list(sockets))
+        tg.cancel_scope.cancel()
+
+
+async def _serve_hypercorn(
+    app: ASGIApp, sockets: Sequence[socket.socket], shutdown: anyio.Event
+) -> None:
+    config = HypercornConfig()
+    # No access log: request lines are not needed, and a query string could carry anything.
+    config.accesslog = None
+    config.errorlog = None
+    config.graceful_timeout = 2.0
+    config.keep_alive_timeout = 5.0
     try:
         await worker_serve(
             wrap_app(app, config.wsgi_max_body_size, "asgi"),  # type: ignore[arg-type]

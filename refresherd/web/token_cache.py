@@ -30,13 +30,16 @@ from collections import OrderedDict, deque
 from typing import Any, Final
 
 import anyio
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from refresherd import policy
+from refresherd.clock import Clock
 from refresherd.logs import get_logger
 from refresherd.metrics import Metrics
 from refresherd.model import TokenSet, rfc3339
 from refresherd.store import ChangeFeed, StoreError
 from refresherd.web.app import render_json
+from refresherd.web.auth import BearerCheck
 
 log = get_logger("refresherd.web.token_cache")
 
@@ -208,3 +211,45 @@ class TokenCache:
                 self._answers.pop(token_set_id, None)
         self._generation += 1
         self._recent.append(changed)
+
+
+# The route of GET /v1/tokens/{id}, as Starlette matches it: an id is one path segment.
+TOKEN_PATH: Final = "/v1/tokens/"
+# What web.app.JSON sends with a body (content-length is added per body).
+_HEADERS: Final = [(b"content-type", b"application/json"), (b"cache-control", b"no-store")]
+# Set in a request's scope once memory was asked: the route does not ask again.
+ASKED: Final = "refresherd.token_cache.asked"
+
+
+class FreshReads:
+    """ASGI middleware in front of the whole app: a GET of a token set that memory answers is
+    answered here, past the router and the rest of the stack, by the same bearer check
+    (:class:`~refresherd.web.auth.BearerCheck`) and with the same bytes and headers as the
+    route would send; everything else, a refused request included, goes on to ``app``."""
+
+    def __init__(
+        self, app: ASGIApp, *, cache: TokenCache, check: BearerCheck, clock: Clock
+    ) -> None:
+        self.app = app
+        self.cache = cache
+        self.check = check
+        self.clock = clock
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "GET":
+            path: str = scope["path"]
+            token_set_id = path[len(TOKEN_PATH) :]
+            if (
+                path.startswith(TOKEN_PATH)
+                and token_set_id
+                and "/" not in token_set_id
+                and self.check.refusal(scope) is None
+            ):
+                body = await self.cache.answer(token_set_id, self.clock.wall())
+                if body is not None:
+                    headers = [(b"content-length", str(len(body)).encode()), *_HEADERS]
+                    await send({"type": "http.response.start", "status": 200, "headers": headers})
+                    await send({"type": "http.response.body", "body": body})
+                    return
+                scope[ASKED] = True
+        await self.app(scope, receive, send)

@@ -43,7 +43,7 @@ from refresherd.store import (
     TokenStore,
 )
 from refresherd.web.app import JSON, error
-from refresherd.web.token_cache import TokenCache, token_json
+from refresherd.web.token_cache import ASKED, TokenCache, token_json
 
 log = get_logger("refresherd.web.tokens")
 
@@ -118,9 +118,11 @@ class TokenApi:
         cache = self.cache
         generation = 0
         if cache is not None:
-            body = await cache.answer(token_set_id, self.clock.wall())
-            if body is not None:
-                return Response(body, media_type="application/json", headers=_NO_STORE)
+            # Asked already (FreshReads) and missed; else ask now.
+            if not request.scope.get(ASKED):
+                body = await cache.answer(token_set_id, self.clock.wall())
+                if body is not None:
+                    return Response(body, media_type="application/json", headers=_NO_STORE)
             generation = cache.generation
         try:
             ts = await self.store.read(token_set_id)
