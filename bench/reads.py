@@ -8,8 +8,10 @@ each, TCP and unix socket, daemon and bare alternating so that a noisy neighbour
 alike. Reported per run: GETs/s, the server's CPU µs per GET (its /proc counters) and p99
 latency; the ratios daemon / bare are within one round.
 
-The load client is aiohttp in one process, a task per connection (it speaks both transports),
-or ``wrk`` (TCP only; Debian's package) with ``--client wrk``.
+The load client: ``wrk`` (Debian's package) for TCP and ``autocannon`` (npm) for the unix
+socket, which wrk does not speak, where installed (``--client auto``); else aiohttp in one
+process, a task per connection, which speaks both but tops out near 5,000 GETs/s here, below
+what the server can do (then both sides meet the client's ceiling and the ratio says little).
 """
 
 from __future__ import annotations
@@ -257,12 +259,64 @@ def _wrk_load(url: str, sets: int, connections: int, seconds: float) -> dict[str
     }
 
 
+def _autocannon_load(target: str, sets: int, connections: int, seconds: float) -> dict[str, Any]:
+    url, sock = (
+        (target, "") if not target.startswith("unix:") else ("http://refresherd", target[5:])
+    )
+    root = subprocess.run(["npm", "root", "-g"], capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [
+            "node",
+            str(bench.BENCH / "reads_autocannon.js"),
+            url,
+            sock,
+            str(sets),
+            str(max(1, int(seconds))),
+            BEARER,
+            str(connections),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "NODE_PATH": root.stdout.strip()},
+    )
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {
+        "requests": out["requests"],
+        "errors": out["non2xx"] + out["errors"],
+        "seconds": out["seconds"],
+        "p50_ms": float(out["p50"]),
+        "p99_ms": float(out["p99"]),
+    }
+
+
+def has_autocannon() -> bool:
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        return False
+    root = subprocess.run(["npm", "root", "-g"], capture_output=True, text=True, check=False)
+    return (Path(root.stdout.strip()) / "autocannon").is_dir()
+
+
+def client_for(choice: str, transport: str) -> str:
+    """``auto``: the fastest client installed for the transport (wrk for TCP, autocannon for
+    the unix socket, which wrk does not speak), else aiohttp."""
+    if choice != "auto":
+        return choice
+    if transport == "tcp" and shutil.which("wrk") is not None:
+        return "wrk"
+    if has_autocannon():
+        return "autocannon"
+    return "aiohttp"
+
+
 def measure(
     pid: int, target: str, *, sets: int, client: str, connections: int, seconds: float
 ) -> dict[str, Any]:
     cpu = bench.cpu_seconds(pid)
     if client == "wrk":
         result = _wrk_load(target, sets, connections, seconds)
+    elif client == "autocannon":
+        result = _autocannon_load(target, sets, connections, seconds)
     else:
         ids = [f"app-{i:04d}" for i in range(sets)]
         result = asyncio.run(_aiohttp_load(target, ids, connections, seconds))
@@ -283,6 +337,9 @@ def reads(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("wrk is not installed (apt-get install wrk), or use --client aiohttp")
     if args.client == "wrk" and "unix" in transports:
         raise SystemExit("wrk speaks TCP only: --transports tcp, or --client aiohttp")
+    if args.client == "autocannon" and not has_autocannon():
+        raise SystemExit("autocannon is not installed (npm install -g autocannon)")
+    clients = {t: client_for(args.client, t) for t in transports}
     rounds: list[dict[str, Any]] = []
     with bench.run_directory(keep=args.keep_workdir) as tmp:
         workdir = Path(tmp)
@@ -312,6 +369,7 @@ def reads(args: argparse.Namespace) -> dict[str, Any]:
                             row: dict[str, Any] = {
                                 "server": server,
                                 "transport": transport,
+                                "client": clients[transport],
                                 "round": n + 1,
                             }
                             for who in order:
@@ -320,16 +378,22 @@ def reads(args: argparse.Namespace) -> dict[str, Any]:
                                     pid,
                                     target,
                                     sets=args.sets,
-                                    client=args.client,
+                                    client=clients[transport],
                                     connections=args.connections,
                                     seconds=args.seconds,
                                 )
                             row["ratio"] = row["daemon"]["gets_per_s"] / row["bare"]["gets_per_s"]
+                            # What the ratio would be with the CPU alone deciding (steadier
+                            # than GETs/s on a shared machine: a neighbour's burst stalls a
+                            # run's GETs, not its CPU per GET).
+                            row["cpu_ratio"] = (
+                                row["bare"]["cpu_us_per_get"] / row["daemon"]["cpu_us_per_get"]
+                            )
                             print_row(row)
                             rounds.append(row)
     return {
         "benchmark": "reads",
-        "client": args.client,
+        "clients": clients,
         "connections": args.connections,
         "seconds": args.seconds,
         "sets": args.sets,
@@ -341,10 +405,10 @@ def reads(args: argparse.Namespace) -> dict[str, Any]:
 def print_row(row: dict[str, Any]) -> None:
     d, b = row["daemon"], row["bare"]
     print(
-        f"{row['server']:>9} {row['transport']:>4} #{row['round']}: "
+        f"{row['server']:>9} {row['transport']:>4} ({row['client']}) #{row['round']}: "
         f"daemon {d['gets_per_s']:7.0f}/s {d['cpu_us_per_get']:4.0f} µs p99 {d['p99_ms']:5.1f} ms"
         f" | bare {b['gets_per_s']:7.0f}/s {b['cpu_us_per_get']:4.0f} µs p99 {b['p99_ms']:5.1f} ms"
-        f" | ratio {row['ratio']:.2f}"
+        f" | ratio {row['ratio']:.2f} (CPU {row['cpu_ratio']:.2f})"
         + (f"  errors {d['errors']}/{b['errors']}" if d["errors"] or b["errors"] else ""),
         flush=True,
     )
@@ -355,10 +419,13 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     for key in sorted({(r["server"], r["transport"]) for r in rounds}):
         rows = [r for r in rounds if (r["server"], r["transport"]) == key]
         ratios = [r["ratio"] for r in rows]
+        cpu_ratios = [r["cpu_ratio"] for r in rows]
         summary[f"{key[0]}/{key[1]}"] = {
             "ratio_min": min(ratios),
             "ratio_max": max(ratios),
             "ratio_median": statistics.median(ratios),
+            "cpu_ratio_min": min(cpu_ratios),
+            "cpu_ratio_median": statistics.median(cpu_ratios),
             "daemon_gets_per_s": [round(r["daemon"]["gets_per_s"]) for r in rows],
             "bare_gets_per_s": [round(r["bare"]["gets_per_s"]) for r in rows],
             "daemon_cpu_us": [round(r["daemon"]["cpu_us_per_get"]) for r in rows],
@@ -381,4 +448,9 @@ def add_parser(sub: Any) -> None:
         default="hypercorn",
         help="ASGI servers to compare, comma-separated: hypercorn, uvicorn",
     )
-    r.add_argument("--client", default="aiohttp", choices=["aiohttp", "wrk"])
+    r.add_argument(
+        "--client",
+        default="auto",
+        choices=["auto", "aiohttp", "wrk", "autocannon"],
+        help="auto: wrk for TCP and autocannon for the unix socket where installed, else aiohttp",
+    )

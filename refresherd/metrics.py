@@ -286,13 +286,6 @@ class Metrics:
             ["route"],
             registry=r,
         )
-        self.api_token_reads = Counter(
-            "refresherd_api_token_reads",
-            "GET /v1/tokens/ID answers that were looked up in memory (the token cache), by "
-            "whether memory had a fresh answer (hit) or the database was read (miss).",
-            ["result"],
-            registry=r,
-        )
         self.api_token_cache_catch_ups = Counter(
             "refresherd_api_token_cache_catch_ups",
             "Reads of the database's change feed by the token cache (after any commit, by "
