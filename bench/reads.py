@@ -38,7 +38,7 @@ import run as bench
 BEARER = "bench-api-bearer-0123456789abcdef"
 
 
-def write_reads_config(workdir: Path, *, sets: int, server: str) -> tuple[Path, int, Path]:
+def write_reads_config(workdir: Path, *, sets: int) -> tuple[Path, int, Path]:
     """A daemon config with the API on TCP and a unix socket, and ``sets`` fresh sets."""
     port = bench.free_port()
     sock = workdir / "api.sock"
@@ -89,16 +89,10 @@ client_secret_file = "{secret}"
     return config, port, sock
 
 
-def env_for(server: str) -> dict[str, str]:
-    return {**os.environ, "REFRESHERD_ASGI_SERVER": server}
-
-
 @contextmanager
-def daemon(config: Path, port: int, workdir: Path, server: str) -> Iterator[int]:
-    log = (workdir / f"daemon-{server}.log").open("wb")
-    process = subprocess.Popen(
-        bench.refresherd(config, "run"), stdout=log, stderr=log, env=env_for(server)
-    )
+def daemon(config: Path, port: int, workdir: Path) -> Iterator[int]:
+    log = (workdir / "daemon.log").open("wb")
+    process = subprocess.Popen(bench.refresherd(config, "run"), stdout=log, stderr=log)
     try:
         bench.wait_ready(process, port, log_name=log.name, timeout=60)
         yield process.pid
@@ -121,7 +115,7 @@ def fetch_bodies(port: int, sets: int) -> dict[str, str]:
 
 
 @contextmanager
-def bare(workdir: Path, bodies: dict[str, str], server: str) -> Iterator[tuple[int, int, Path]]:
+def bare(workdir: Path, bodies: dict[str, str]) -> Iterator[tuple[int, int, Path]]:
     path = workdir / "bodies.json"
     path.write_text(json.dumps(bodies), encoding="utf-8")
     port = bench.free_port()
@@ -137,7 +131,6 @@ def bare(workdir: Path, bodies: dict[str, str], server: str) -> Iterator[tuple[i
             "--unix-socket",
             str(sock),
         ],
-        env=env_for(server),
     )
     try:
         deadline = time.monotonic() + 30
@@ -331,7 +324,9 @@ def measure(
 
 
 def reads(args: argparse.Namespace) -> dict[str, Any]:
-    servers = args.servers.split(",")
+    # The daemon's server (web.app.serve); Hypercorn was measured beside it before the switch
+    # (docs/benchmarks.md, "Token reads").
+    servers = ["uvicorn"]
     transports = args.transports.split(",")
     if args.client == "wrk" and shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed (apt-get install wrk), or use --client aiohttp")
@@ -343,11 +338,11 @@ def reads(args: argparse.Namespace) -> dict[str, Any]:
     rounds: list[dict[str, Any]] = []
     with bench.run_directory(keep=args.keep_workdir) as tmp:
         workdir = Path(tmp)
-        config, port, sock = write_reads_config(workdir, sets=args.sets, server=servers[0])
+        config, port, sock = write_reads_config(workdir, sets=args.sets)
         for server in servers:
-            with daemon(config, port, workdir, server) as daemon_pid:
+            with daemon(config, port, workdir) as daemon_pid:
                 bodies = fetch_bodies(port, args.sets)
-                with bare(workdir, bodies, server) as (bare_pid, bare_port, bare_sock):
+                with bare(workdir, bodies) as (bare_pid, bare_port, bare_sock):
                     for n in range(args.repeat):
                         for transport in transports:
                             targets = {
@@ -443,11 +438,6 @@ def add_parser(sub: Any) -> None:
     r.add_argument("--seconds", type=float, default=4.0, help="per measurement")
     r.add_argument("--repeat", type=int, default=2, help="rounds per server and transport")
     r.add_argument("--transports", default="tcp,unix")
-    r.add_argument(
-        "--servers",
-        default="hypercorn",
-        help="ASGI servers to compare, comma-separated: hypercorn, uvicorn",
-    )
     r.add_argument(
         "--client",
         default="auto",

@@ -2,7 +2,7 @@
 
     python bench/run.py throughput [--sets 3000] [--latency 0]        # (a) and (c)
     python bench/run.py scale [--sizes 10000,100000,1000000]          # (b) and (c)
-    python bench/run.py reads [--servers hypercorn,uvicorn] [--repeat 2]  # the token API
+    python bench/run.py reads [--repeat 3] [--seconds 2]              # the token API
 
 Everything runs on loopback against refresherd.testing's FakeIdP, served from its own process
 (bench/idp_process.py) so that its CPU is not counted as the client's. ``throughput`` refreshes

@@ -505,8 +505,8 @@ class Daemon:
             )
         if self.pool is not None:
             await self.pool.stop()  # /metrics stays up meanwhile
-        # Let the listener close its connections (a scraper's keep-alive one, say) before the
-        # root scope is cancelled: Hypercorn cancelled inside its graceful shutdown crashes.
+        # Let the listener close its connections (a scraper's keep-alive one, say) and finish
+        # the requests in progress before the root scope is cancelled.
         server_stop.set()
         with anyio.move_on_after(SERVER_STOP_TIMEOUT):
             await server_done.wait()

@@ -655,7 +655,7 @@ def test_a_handler_that_fails_unexpectedly_answers_json_500_and_logs_one_scrubbe
 ) -> None:
     """A real bug path: a lone surrogate in the code passes the API's checks and the JSON
     parser, then cannot be form-encoded for the IdP (UnicodeEncodeError). It used to be a bare
-    text 500 and nothing in the log (Hypercorn's error log is off). Now: the API's JSON error
+    text 500 and nothing in the log (the server's error log was off). Now: the API's JSON error
     shape, one line naming the route and the exception with its traceback, a count, and no
     bearer, code or verifier in the line. The code is not spent and the id is free again."""
     handle, daemon, client, _config = start(tmp_path, idp_factory, daemons)

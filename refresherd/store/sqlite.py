@@ -4,7 +4,8 @@ One aiosqlite connection per process, in autocommit mode; every multi-statement 
 ``BEGIN IMMEDIATE`` under an in-process lock so coroutines never interleave transactions.
 WAL with ``synchronous=FULL``: a commit that returned is on disk, which is what lets the
 refresher promise "persisted before used or reported". Single writes share commits (group
-commit, :meth:`SqliteStore._write`); gauges and listings read on a second connection. Lease
+commit, :meth:`SqliteStore._write`); gauges and listings read on a second connection, token
+reads (``read``) and the token cache's change feed on a third (:class:`SqliteChangeFeed`). Lease
 owners, and the one daemon that exports the database's figures, hold an flock next to the
 database (refresherd.ownership).
 """
