@@ -38,7 +38,9 @@ import run as bench
 BEARER = "bench-api-bearer-0123456789abcdef"
 
 
-def write_reads_config(workdir: Path, *, sets: int) -> tuple[Path, int, Path]:
+def write_reads_config(
+    workdir: Path, *, sets: int, cache_size: int | None
+) -> tuple[Path, int, Path]:
     """A daemon config with the API on TCP and a unix socket, and ``sets`` fresh sets."""
     port = bench.free_port()
     sock = workdir / "api.sock"
@@ -64,6 +66,7 @@ format = "json"
 enabled = true
 bearer_token_file = "{bearer}"
 unix_socket = "{sock}"
+{"" if cache_size is None else f"cache_size = {cache_size}"}
 
 [providers.{bench.PROVIDER}]
 token_url = "http://127.0.0.1:9/token"
@@ -338,7 +341,7 @@ def reads(args: argparse.Namespace) -> dict[str, Any]:
     rounds: list[dict[str, Any]] = []
     with bench.run_directory(keep=args.keep_workdir) as tmp:
         workdir = Path(tmp)
-        config, port, sock = write_reads_config(workdir, sets=args.sets)
+        config, port, sock = write_reads_config(workdir, sets=args.sets, cache_size=args.cache_size)
         for server in servers:
             with daemon(config, port, workdir) as daemon_pid:
                 bodies = fetch_bodies(port, args.sets)
@@ -392,6 +395,7 @@ def reads(args: argparse.Namespace) -> dict[str, Any]:
         "connections": args.connections,
         "seconds": args.seconds,
         "sets": args.sets,
+        "cache_size": args.cache_size,
         "rounds": rounds,
         "summary": summarize(rounds),
     }
@@ -438,6 +442,11 @@ def add_parser(sub: Any) -> None:
     r.add_argument("--seconds", type=float, default=4.0, help="per measurement")
     r.add_argument("--repeat", type=int, default=2, help="rounds per server and transport")
     r.add_argument("--transports", default="tcp,unix")
+    r.add_argument(
+        "--cache-size",
+        type=int,
+        help="the daemon's [api] cache_size (0: every GET reads the database); default: its own",
+    )
     r.add_argument(
         "--client",
         default="auto",
