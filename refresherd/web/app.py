@@ -296,7 +296,7 @@ async def serve(
     """Serve ``app`` on ``sockets`` until ``shutdown`` is set or the task is cancelled.
 
     uvicorn with httptools: measured against Hypercorn on the same app, 100 readers of the
-    token API, it served 4-5x the GETs/s at a fifth of the CPU per GET (docs/benchmarks.md,
+    token API, it served 5x and more the GETs/s at a sixth of the CPU per GET (docs/benchmarks.md,
     "Token reads"). Once ``shutdown`` is set it stops accepting, closes idle keep-alive
     connections, lets requests in progress finish for up to 2 s, then cancels them."""
     for sock in sockets:
