@@ -2,6 +2,7 @@
 
     python bench/run.py throughput [--sets 3000] [--latency 0]        # (a) and (c)
     python bench/run.py scale [--sizes 10000,100000,1000000]          # (b) and (c)
+    python bench/run.py reads [--repeat 3] [--seconds 2]              # the token API
 
 Everything runs on loopback against refresherd.testing's FakeIdP, served from its own process
 (bench/idp_process.py) so that its CPU is not counted as the client's. ``throughput`` refreshes
@@ -855,6 +856,9 @@ def machine() -> dict[str, Any]:
 
 
 def parser() -> argparse.ArgumentParser:
+    sys.modules.setdefault("run", sys.modules[__name__])  # as bench/reads.py imports it
+    import reads  # bench/reads.py, beside this file
+
     p = argparse.ArgumentParser(prog="python bench/run.py", description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, help="also write the report as JSON here")
     p.add_argument("--log-level", default="info", help="the daemon's (default: info, as run)")
@@ -892,6 +896,7 @@ def parser() -> argparse.ArgumentParser:
         default=1,
         help="also the best aiohttp loop in this many processes (beside --daemon-workers)",
     )
+    reads.add_parser(sub)
     s = sub.add_parser("scale", help="(b)+(c): import, start-up, memory, lateness")
     s.add_argument("--sizes", default="10000,100000,1000000")
     s.add_argument("--rate", type=float, default=350.0, help="refreshes due per second")
@@ -906,7 +911,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     global SWITCH_INTERVAL
     SWITCH_INTERVAL = args.switch_interval
-    if args.benchmark == "throughput" and args.repeat > 1:
+    if args.benchmark == "reads":
+        import reads
+
+        report = reads.reads(args)
+        report["machine"] = machine()
+    elif args.benchmark == "throughput" and args.repeat > 1:
         report = repeated_throughput(args)
     else:
         report = throughput(args) if args.benchmark == "throughput" else scale(args)

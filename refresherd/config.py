@@ -181,6 +181,7 @@ _API_KEYS: Final = (
     "unix_socket_mode",
     "tcp",
     "wait_timeout",
+    "cache_size",
 )
 _HOOKS_KEYS: Final = (
     "webhook_url",
@@ -438,6 +439,7 @@ def _parse_api(t: _Table) -> ApiConfig:
         unix_socket_mode=mode,
         tcp=tcp,
         wait_timeout=wait_timeout,
+        cache_size=t.integer("cache_size", d.cache_size, minimum=0, maximum=10_000_000),
     )
 
 

@@ -21,9 +21,9 @@ from typing import Final
 import anyio
 import anyio.abc
 import structlog
-from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import BaseRoute
+from starlette.types import ASGIApp
 
 from refresherd import logs
 from refresherd.clock import Clock, SystemClock
@@ -50,8 +50,9 @@ from refresherd.storage_health import StorageReason
 from refresherd.store import DatabaseMisconfigured, StoreError, TokenStore, open_store
 from refresherd.supervisor import supervise
 from refresherd.web.app import bind_socket, bind_unix_socket, build_app, serve
-from refresherd.web.auth import BearerAuth
+from refresherd.web.auth import BearerAuth, BearerCheck
 from refresherd.web.connect import ConnectRoutes
+from refresherd.web.token_cache import FreshReads, TokenCache
 from refresherd.web.tokens import TokenApi
 from refresherd.worker_metrics import merged_registry
 from refresherd.workers import (
@@ -317,8 +318,8 @@ class Daemon:
                 metrics=rt.metrics,
                 timeout=config.daemon.worker_timeout,
             )
-        app = self._app(rt, scheduler)
-        async with anyio.create_task_group() as tg:
+        async with self._token_cache(rt, sockets) as cache, anyio.create_task_group() as tg:
+            app = self._app(rt, scheduler, cache)
             self._tg = tg
             # Handlers first: from the "started" line on, a signal is handled, never fatal.
             await tg.start(self._signals, tg.cancel_scope)
@@ -402,12 +403,26 @@ class Daemon:
             with anyio.CancelScope(shield=True):
                 await hooks.aclose()
 
-    def _app(self, rt: Runtime, scheduler: Scheduler) -> Starlette:
+    @asynccontextmanager
+    async def _token_cache(
+        self, rt: Runtime, sockets: list[socket.socket]
+    ) -> AsyncIterator[TokenCache | None]:
+        """The token API's answers in memory, with the store's change feed open for as long
+        as the server runs; None when nothing serves the API or ``cache_size`` is 0."""
+        api = self.config.api
+        if not (api.enabled and sockets and api.cache_size > 0):
+            yield None
+            return
+        async with rt.store.change_feed() as feed:
+            yield TokenCache(feed, size=api.cache_size, metrics=rt.metrics)
+
+    def _app(self, rt: Runtime, scheduler: Scheduler, cache: TokenCache | None) -> ASGIApp:
         """Health and metrics, the token API when ``[api] enabled`` (connect links with it),
         and the public connect callback: one app."""
         api = self.config.api
         routes: list[BaseRoute] = []
         middleware: list[Middleware] = []
+        check: BearerCheck | None = None
         connecting = ConnectRoutes(
             store=rt.store,
             refresher=rt.refresher,
@@ -429,12 +444,14 @@ class Daemon:
                 config=api,
                 clock=self.clock,
                 wake=scheduler.wake,
+                cache=cache,
             )
             routes = token_api.routes() + connecting.link_routes()
-            middleware = [Middleware(BearerAuth, bearer=api.bearer_token, tcp=api.tcp)]
+            check = BearerCheck(bearer=api.bearer_token, tcp=api.tcp)
+            middleware = [Middleware(BearerAuth, check=check)]
         # Public, whatever [api] says: the customer's browser comes back here from the IdP.
         routes += connecting.callback_routes()
-        return build_app(
+        app = build_app(
             metrics=rt.metrics,
             liveness=self._liveness,
             readiness=self._readiness,
@@ -446,10 +463,14 @@ class Daemon:
                 else merged_registry(rt.metrics.registry, self.pool.snapshots)
             ),
         )
+        if cache is None or check is None:
+            return app
+        # Fresh answers from memory in front of the whole app (web/token_cache.py).
+        return FreshReads(app, cache=cache, check=check, clock=self.clock)
 
     @staticmethod
     async def _serve(
-        app: Starlette,
+        app: ASGIApp,
         sockets: list[socket.socket],
         server_stop: anyio.Event,
         server_done: anyio.Event,
@@ -500,8 +521,8 @@ class Daemon:
             )
         if self.pool is not None:
             await self.pool.stop()  # /metrics stays up meanwhile
-        # Let the listener close its connections (a scraper's keep-alive one, say) before the
-        # root scope is cancelled: Hypercorn cancelled inside its graceful shutdown crashes.
+        # Let the listener close its connections (a scraper's keep-alive one, say) and finish
+        # the requests in progress before the root scope is cancelled.
         server_stop.set()
         with anyio.move_on_after(SERVER_STOP_TIMEOUT):
             await server_done.wait()

@@ -91,7 +91,7 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
         cache_logger_on_first_use=False,
     )
     _generation += 1
-    # Libraries that use stdlib logging (hypercorn, asyncio) are rendered the same way, so that
+    # Libraries that use stdlib logging (uvicorn, asyncio) are rendered the same way, so that
     # a JSON log stays one JSON object per line.
     root = logging.getLogger()
     for handler in list(root.handlers):

@@ -286,6 +286,12 @@ class Metrics:
             ["route"],
             registry=r,
         )
+        self.api_token_cache_catch_ups = Counter(
+            "refresherd_api_token_cache_catch_ups",
+            "Reads of the database's change feed by the token cache (after any commit, by "
+            "any process; on PostgreSQL one per batch of concurrent reads).",
+            registry=r,
+        )
         self.background_task_failures = Counter(
             "refresherd_background_task_failures",
             "Unexpected failures of a background loop (hooks: notification delivery, expiry: "

@@ -89,6 +89,8 @@ class ApiConfig:
     tcp: bool = True
     # How long GET /v1/tokens/{id} waits for a refresh it triggered or joined.
     wait_timeout: float = 10.0
+    # Answers of GET /v1/tokens/{id} kept in memory (web/token_cache.py); 0: none.
+    cache_size: int = 10_000
 
 
 @dataclass(frozen=True, slots=True)

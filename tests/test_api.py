@@ -21,6 +21,7 @@ from conftest import (
     LEAKS,
     DaemonProcess,
     IdPHandle,
+    PgDatabase,
     import_tokens,
     metric,
     read_rows,
@@ -56,12 +57,13 @@ def api_config(
     handle: IdPHandle,
     *,
     api: dict[str, object] | None = None,
+    database: Path | PgDatabase | None = None,
     **provider: object,
 ) -> tuple[Path, str]:
     bearer, bearer_file = new_bearer(tmp_path)
     config = write_config(
         tmp_path / "config.toml",
-        database=tmp_path / "tokens.db",
+        database=database if database is not None else tmp_path / "tokens.db",
         providers={PROVIDER: handle.provider(**provider)},
     )
     table = {"enabled": True, "bearer_token_file": str(bearer_file), **(api or {})}
@@ -698,7 +700,7 @@ def test_a_handler_that_fails_unexpectedly_answers_json_500_and_logs_one_scrubbe
 ) -> None:
     """A real bug path: a lone surrogate in the code passes the API's checks and the JSON
     parser, then cannot be form-encoded for the IdP (UnicodeEncodeError). It used to be a bare
-    text 500 and nothing in the log (Hypercorn's error log is off). Now: the API's JSON error
+    text 500 and nothing in the log (the server's error log was off). Now: the API's JSON error
     shape, one line naming the route and the exception with its traceback, a count, and no
     bearer, code or verifier in the line. The code is not spent and the id is free again."""
     handle, daemon, client, _config = start(tmp_path, idp_factory, daemons)

@@ -129,3 +129,20 @@ def test_fleet_bench_runs_both_backends_and_survives_a_kill(
     for r in runs:
         # Every set refreshed, as the database says, whether or not the kill came in time.
         assert r["done"] >= 300 and sum(r["shares"]) >= 300, r
+
+
+@pytest.mark.slow
+def test_reads_bench_reports_the_token_api_against_a_bare_handler(tmp_path: Path) -> None:
+    # aiohttp, the client every checkout has: TCP and the unix socket, one short round.
+    report = run_bench(
+        tmp_path, "reads", "--sets", "5", "--seconds", "1", "--repeat", "1", "--client", "aiohttp"
+    )
+    rounds = report["rounds"]
+    assert isinstance(rounds, list) and {r["transport"] for r in rounds} == {"tcp", "unix"}
+    for row in rounds:
+        for who in ("daemon", "bare"):
+            # Every GET answered 200 with the bodies the daemon gave: the real work was done.
+            assert row[who]["requests"] > 0 and row[who]["errors"] == 0, row
+            assert row[who]["p99_ms"] > 0 and row[who]["cpu_us_per_get"] > 0
+        assert row["ratio"] > 0 and row["cpu_ratio"] > 0
+    assert set(report["summary"]) == {"uvicorn/tcp", "uvicorn/unix"}

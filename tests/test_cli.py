@@ -79,7 +79,7 @@ def test_leak_scanner_finds_planted_values() -> None:
 
 # What a one-shot command must not load: the daemon and the libraries only it needs (the
 # package refresherd.cli imports each command's handler when that command runs).
-DAEMON_ONLY = ("refresherd.daemon", "aiohttp", "starlette", "hypercorn", "prometheus_client")
+DAEMON_ONLY = ("refresherd.daemon", "aiohttp", "starlette", "uvicorn", "prometheus_client")
 
 
 def imported_modules(config: Path | None, *args: str) -> tuple[set[str], str]:

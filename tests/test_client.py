@@ -707,7 +707,7 @@ def test_use_until_takes_the_smaller_of_the_margins() -> None:
 
 
 def test_the_client_imports_nothing_of_the_daemon_and_requests_only_when_asked() -> None:
-    heavy = ["aiohttp", "starlette", "hypercorn", "aiosqlite", "asyncpg", "requests"]
+    heavy = ["aiohttp", "starlette", "uvicorn", "aiosqlite", "asyncpg", "requests"]
     ours = ["refresherd.store", "refresherd.daemon", "refresherd.config", "refresherd.web"]
     script = (
         "import sys, json\n"

@@ -801,6 +801,7 @@ unix_socket = "run/api.sock"
 unix_socket_mode = "0660"
 tcp = false
 wait_timeout = "30s"
+cache_size = 500
 
 [hooks]
 webhook_url = "https://hooks.example.com/x"
@@ -821,6 +822,7 @@ give_up_after = "1d"
         False,
         30.0,
     )
+    assert api.cache_size == 500
     assert hooks.webhook_secret == Secret("k3y") and hooks.enabled
     assert hooks.command == (str(tmp_path / "bin/on-event"), "--quiet")
     assert hooks.events == ("token_set.invalidated",)
@@ -829,6 +831,7 @@ give_up_after = "1d"
     # Off by default.
     default = load(tmp_path, MINIMAL)
     assert not default.api.enabled and not default.hooks.enabled
+    assert default.api.cache_size == 10_000
 
 
 @pytest.mark.parametrize(
@@ -838,6 +841,7 @@ give_up_after = "1d"
         ('[api]\nunix_socket_mode = "0666"\n', "api.unix_socket_mode", ['"0600"', '"0660"']),
         ("[api]\nenabled = true\ntcp = false\n", "api.tcp", ["unix_socket"]),
         ('[api]\nbearer = "x"\n', "api.bearer", ["unknown key"]),
+        ("[api]\ncache_size = -1\n", "api.cache_size", ["at least 0", "-1"]),
         ('[hooks]\nwebhook_url = "http://example.com/x"\n', "hooks.webhook_url", ["loopback"]),
         ('[hooks]\ncommand = "script.sh"\n', "hooks.command", ["array of strings"]),
         ('[hooks]\nevents = ["token_set.deleted"]\n', "hooks.events", ["token_set.invalidated"]),
@@ -861,7 +865,7 @@ def test_example_config_shows_api_and_hooks_keys() -> None:
     text = (REPO / "config.example.toml").read_text(encoding="utf-8")
     keys = [
         "bearer_token_file", "bearer_token_credential", "unix_socket", "unix_socket_mode",
-        "tcp", "wait_timeout", "webhook_url", "webhook_secret_file",
+        "tcp", "wait_timeout", "cache_size", "webhook_url", "webhook_secret_file",
         "webhook_secret_credential", "webhook_timeout", "command", "command_timeout", "events",
         "give_up_after", "revocation_url",
     ]  # fmt: skip

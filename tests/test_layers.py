@@ -76,6 +76,7 @@ LAYER_OF: dict[str, str] = {
     "refresherd.web": "adapters",
     "refresherd.web.app": "adapters",
     "refresherd.web.auth": "adapters",
+    "refresherd.web.token_cache": "adapters",  # GET's answers in memory, on the change feed
     "refresherd.events": "adapters",  # events queued in the database
     "refresherd.sdnotify": "adapters",
     # refresh: one refresh of one token set end to end, step by step (refresh/__init__.py).

@@ -7,7 +7,7 @@ No secret is ever taken from argv: token responses come on stdin or from a file.
 A one-shot command pays only for what it uses. This module, :mod:`.parser` (the argparse
 tree) and :mod:`.endings` import nothing of refresherd beyond them; each command's handler is a
 module of its own, imported when that command runs: ``tokens list`` opens the store and never
-loads the daemon, aiohttp, Starlette, Hypercorn or prometheus-client; ``--help`` loads argparse
+loads the daemon, aiohttp, Starlette, uvicorn or prometheus-client; ``--help`` loads argparse
 alone (tests/test_cli.py checks both with ``python -X importtime``).
 
 | command | handler |

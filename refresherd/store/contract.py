@@ -224,6 +224,26 @@ INVALIDATION_COUNT_COLUMNS: tuple[str, ...] = ("provider", "reason", "count")
 Row = tuple[Any, ...]
 
 
+class ChangeFeed(Protocol):
+    """What changed in the database, for a cache of what the token API answers
+    (refresherd.web.token_cache): every change to a token set's answer, by any process, is
+    recorded by the database itself (store/migrations.py, version 10), so no write path, ours
+    or anyone's, can be left out."""
+
+    def quiet(self) -> bool:
+        """True when nothing can have been committed since the last :meth:`catch_up` began:
+        a look without a database round trip (SQLite's ``PRAGMA data_version``). False when
+        that cannot be known (PostgreSQL, or the look failed): then catch up first."""
+        ...
+
+    async def catch_up(self) -> frozenset[str] | None:
+        """The ids of the token sets whose answer may have changed since the last catch-up,
+        reflecting every commit that came before the call; None when anything may have
+        changed (the log was pruned past us, the listening session was lost): forget all.
+        StoreError when the database does not answer."""
+        ...
+
+
 class TokenStore(Protocol):
     """What the daemon, the CLI and the API need of a store (see the module docstring)."""
 
@@ -286,6 +306,16 @@ class TokenStore(Protocol):
         ...
 
     async def get(self, token_set_id: str) -> TokenSet | None: ...
+    async def read(self, token_set_id: str) -> TokenSet | None:
+        """:meth:`get` on a connection of its own, apart from the writes (and from gauges'
+        scans), so that token reads neither wait for a commit nor queue one behind another.
+        Sees every commit that came before the call."""
+        ...
+
+    def change_feed(self) -> AbstractAsyncContextManager[ChangeFeed]:
+        """A :class:`ChangeFeed` for the life of the context (its connection closed after)."""
+        ...
+
     async def page(
         self,
         *,

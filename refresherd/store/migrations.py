@@ -367,6 +367,73 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     CREATE INDEX connect_states_expiry ON connect_states (expires_at);
     """,
     ),
+    Migration(
+        11,
+        sqlite="""
+    -- What the token API keeps in memory (web/token_cache.py) is kept true by this log: every
+    -- change to what GET /v1/tokens/ID answers, by any connection of any process, and every
+    -- delete, names its token set here, in commit order (one writer at a time, and the key
+    -- only grows: the prune below never takes the newest row). A daemon's cache reads what
+    -- came after the last row it saw when PRAGMA data_version says another connection
+    -- committed. A later next_refresh_at changes no answer the cache gives (it serves only
+    -- before the planned refresh), so deferrals and grants' re-plans alone are not logged.
+    CREATE TABLE token_set_changes (
+        seq INTEGER PRIMARY KEY,
+        id TEXT NOT NULL
+    ) STRICT;
+    CREATE TRIGGER token_sets_answer_changed AFTER UPDATE ON token_sets
+        WHEN OLD.id IS NOT NEW.id OR OLD.provider IS NOT NEW.provider
+            OR OLD.access_token IS NOT NEW.access_token OR OLD.token_type IS NOT NEW.token_type
+            OR OLD.scope IS NOT NEW.scope OR OLD.expires_at IS NOT NEW.expires_at
+            OR OLD.state IS NOT NEW.state OR OLD.invalid_reason IS NOT NEW.invalid_reason
+            OR OLD.version IS NOT NEW.version OR NEW.next_refresh_at < OLD.next_refresh_at
+    BEGIN
+        INSERT INTO token_set_changes (id) VALUES (OLD.id);
+    END;
+    CREATE TRIGGER token_sets_answer_deleted AFTER DELETE ON token_sets
+    BEGIN
+        INSERT INTO token_set_changes (id) VALUES (OLD.id);
+    END;
+    -- Bounded: every 4,096th change drops all but the last 65,536. A reader whose last row
+    -- is gone forgets everything it holds (it cannot know what changed).
+    CREATE TRIGGER token_set_changes_pruned AFTER INSERT ON token_set_changes
+        WHEN NEW.seq % 4096 = 0
+    BEGIN
+        DELETE FROM token_set_changes WHERE seq <= NEW.seq - 65536;
+    END;
+    """,
+        postgres="""
+    -- The token API's cache (web/token_cache.py), as in SQLite's migration 11, told by
+    -- NOTIFY instead of a log: PostgreSQL delivers a transaction's notifications when it
+    -- commits, in commit order, to every session that listens; the payload is the set's id
+    -- ('' after a TRUNCATE: everything).
+    CREATE FUNCTION refresherd_answer_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF TG_OP = 'TRUNCATE' THEN
+            PERFORM pg_notify('refresherd_token_answers', '');
+        ELSE
+            PERFORM pg_notify('refresherd_token_answers', OLD.id);
+        END IF;
+        RETURN NULL;
+    END
+    $$;
+    CREATE TRIGGER token_sets_answer_changed AFTER UPDATE ON token_sets FOR EACH ROW
+        WHEN (OLD.id IS DISTINCT FROM NEW.id OR OLD.provider IS DISTINCT FROM NEW.provider
+            OR OLD.access_token IS DISTINCT FROM NEW.access_token
+            OR OLD.token_type IS DISTINCT FROM NEW.token_type
+            OR OLD.scope IS DISTINCT FROM NEW.scope
+            OR OLD.expires_at IS DISTINCT FROM NEW.expires_at
+            OR OLD.state IS DISTINCT FROM NEW.state
+            OR OLD.invalid_reason IS DISTINCT FROM NEW.invalid_reason
+            OR OLD.version IS DISTINCT FROM NEW.version
+            OR NEW.next_refresh_at < OLD.next_refresh_at)
+        EXECUTE FUNCTION refresherd_answer_changed();
+    CREATE TRIGGER token_sets_answer_deleted AFTER DELETE ON token_sets FOR EACH ROW
+        EXECUTE FUNCTION refresherd_answer_changed();
+    CREATE TRIGGER token_sets_answer_truncated AFTER TRUNCATE ON token_sets
+        FOR EACH STATEMENT EXECUTE FUNCTION refresherd_answer_changed();
+    """,
+    ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 # Each dialect's scripts, index i moving the schema from version i to i + 1.

@@ -29,7 +29,7 @@ import re
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Final, TypeAlias
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -38,6 +38,7 @@ import anyio
 import asyncpg
 
 from refresherd.encryption import TokenCipher
+from refresherd.model import TokenSet
 from refresherd.ownership import new_owner_id
 from refresherd.storage_health import classify_postgres
 from refresherd.store.contract import NewTokenSet, Row, StoreError, TokenSetExists
@@ -47,7 +48,7 @@ from refresherd.store.rows import INSERT_COLUMNS, INSERT_COLUMNS_SQL, table_colu
 from refresherd.store.sql import POSTGRES as POSTGRES_OPERATIONS
 from refresherd.store.sql import SqlStore
 
-__all__ = ["DEFAULT_POOL_SIZE", "PostgresStore"]
+__all__ = ["DEFAULT_POOL_SIZE", "PostgresChangeFeed", "PostgresStore"]
 
 DEFAULT_POOL_SIZE: Final = 10
 CONNECT_TIMEOUT: Final = 10.0
@@ -168,6 +169,88 @@ _DRIVER_ERRORS: Final = (
     OSError,
     TimeoutError,
 )
+
+
+# The channel migration 10's triggers notify, with a token set's id ('' for everything).
+ANSWERS_CHANNEL: Final = "refresherd_token_answers"
+# More changed ids than this noted between two catch-ups: forget the whole cache instead.
+CHANGES_PER_CATCH_UP: Final = 10_000
+
+
+class PostgresChangeFeed:
+    """:class:`~refresherd.store.contract.ChangeFeed` on PostgreSQL: a session of its own
+    LISTENs to migration 10's notifications. PostgreSQL delivers them asynchronously, so
+    :meth:`quiet` is never true: :meth:`catch_up` runs a round trip on that session, before
+    whose answer the server has sent every notification of every transaction that committed
+    before it was asked (a listening session's notifications are sent before its next
+    ReadyForQuery), and asyncpg runs our callback (call_soon) before the waiting task
+    resumes. Concurrent readers share a catch-up (web/token_cache.py). A lost session is
+    opened again, and everything counts as changed."""
+
+    def __init__(
+        self,
+        connect: Callable[[], Awaitable[asyncpg.Connection[asyncpg.Record]]],
+        errors: Callable[[], contextlib.AbstractContextManager[None]],
+    ) -> None:
+        self._connect = connect
+        self._errors = errors
+        self._conn: asyncpg.Connection[asyncpg.Record] | None = None
+        self._changed: set[str] = set()
+        self._everything = True  # nothing is known before the first LISTEN
+
+    def __repr__(self) -> str:
+        return f"<PostgresChangeFeed {len(self._changed)} changed>"
+
+    def _notified(self, conn: _Conn, pid: int, channel: str, payload: object) -> None:
+        if (
+            not isinstance(payload, str)
+            or not payload
+            or len(self._changed) >= CHANGES_PER_CATCH_UP
+        ):
+            self._everything = True
+            self._changed.clear()
+        elif not self._everything:
+            self._changed.add(payload)
+
+    def _lost(self, conn: object) -> None:
+        self._everything = True
+
+    async def _listening(self) -> asyncpg.Connection[asyncpg.Record]:
+        conn = self._conn
+        if conn is None or conn.is_closed():
+            self._conn = None
+            conn = await self._connect()
+            try:
+                conn.add_termination_listener(self._lost)
+                await conn.add_listener(ANSWERS_CHANNEL, self._notified)
+            except BaseException:
+                conn.terminate()
+                raise
+            self._conn = conn
+            self._everything = True
+        return conn
+
+    def quiet(self) -> bool:
+        return False
+
+    async def catch_up(self) -> frozenset[str] | None:
+        with self._errors():
+            conn = await self._listening()
+            await conn.fetchval("SELECT 1")
+        everything, self._everything = self._everything, False
+        changed = frozenset(self._changed)
+        self._changed.clear()
+        return None if everything else changed
+
+    async def aclose(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                with anyio.move_on_after(OWNER_CHECK_TIMEOUT):
+                    await conn.close()
+            finally:
+                if not conn.is_closed():
+                    conn.terminate()
 
 
 class _Transaction:
@@ -458,6 +541,27 @@ class PostgresStore(SqlStore):
             except _DRIVER_ERRORS as exc:
                 raise self._error(exc, "cannot tell whether this daemon is the exporter") from None
         return bool(held) and self._owner_conn is conn and not self._owner_gone.is_set()
+
+    async def read(self, token_set_id: str) -> TokenSet | None:
+        """get(): every read here runs on a pooled connection of its own already."""
+        return await self.get(token_set_id)
+
+    @asynccontextmanager
+    async def change_feed(self) -> AsyncIterator[PostgresChangeFeed]:
+        async def connect() -> asyncpg.Connection[asyncpg.Record]:
+            return await asyncpg.connect(
+                self._location.dsn.reveal(),
+                timeout=CONNECT_TIMEOUT,
+                command_timeout=COMMAND_TIMEOUT,
+                server_settings={"application_name": "refresherd token cache"},
+            )
+
+        feed = PostgresChangeFeed(connect, self._errors)
+        try:
+            yield feed
+        finally:
+            with anyio.CancelScope(shield=True), contextlib.suppress(*_DRIVER_ERRORS):
+                await feed.aclose()
 
     async def schema_version(self) -> int:
         return int(await self._value("SELECT version FROM refresherd_schema"))

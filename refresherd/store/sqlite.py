@@ -4,7 +4,8 @@ One aiosqlite connection per process, in autocommit mode; every multi-statement 
 ``BEGIN IMMEDIATE`` under an in-process lock so coroutines never interleave transactions.
 WAL with ``synchronous=FULL``: a commit that returned is on disk, which is what lets the
 refresher promise "persisted before used or reported". Single writes share commits (group
-commit, :meth:`SqliteStore._write`); gauges and listings read on a second connection. Lease
+commit, :meth:`SqliteStore._write`); gauges and listings read on a second connection, token
+reads (``read``) and the token cache's change feed on a third (:class:`SqliteChangeFeed`). Lease
 owners, and the one daemon that exports the database's figures, hold an flock next to the
 database (refresherd.ownership).
 """
@@ -18,7 +19,7 @@ import re
 import sqlite3
 import time
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ import aiosqlite
 import anyio
 
 from refresherd.encryption import TokenCipher
+from refresherd.model import TokenSet
 from refresherd.ownership import OwnerLock, is_alive, owners_dir, take_exporter_lock
 from refresherd.storage_health import classify
 from refresherd.store.contract import (
@@ -42,7 +44,7 @@ from refresherd.store.rows import INSERT_COLUMNS, INSERT_COLUMNS_SQL, table_colu
 from refresherd.store.sql import SQLITE as SQLITE_OPERATIONS
 from refresherd.store.sql import SqlStore, make_due_written_after_sql
 
-__all__ = ["BUSY_TIMEOUT_MS", "JOURNAL_SIZE_LIMIT", "SqliteStore"]
+__all__ = ["BUSY_TIMEOUT_MS", "JOURNAL_SIZE_LIMIT", "SqliteChangeFeed", "SqliteStore"]
 
 BUSY_TIMEOUT_MS: Final = 5000
 # A checkpoint that a long-lived reader held back lets the WAL grow; once it completes, the
@@ -54,6 +56,9 @@ JOURNAL_SIZE_LIMIT: Final = 4 * 1024 * 1024
 # waits out a busy timeout on a database another process holds, one batch per turn, as before).
 DRAIN_BATCHES: Final = 8
 DRAIN_SECONDS: Final = 0.05
+# More changed token sets than this since the last catch-up: forget the whole cache rather
+# than read them all (a rekey, a mass invalidation).
+CHANGES_PER_CATCH_UP: Final = 10_000
 # Start-up's look for rows written ahead of a wall clock stepped back (sql.py).
 MAKE_DUE_WRITTEN_AFTER: Final = make_due_written_after_sql(SQLITE_OPERATIONS)
 
@@ -211,6 +216,90 @@ def _run_batch(conn: sqlite3.Connection, batch: list[_PendingWrite]) -> None:
         item.done = True
 
 
+def _open_probe(path: Path) -> sqlite3.Connection:
+    """The change feed's probe: read-only, no busy wait, usable from the event loop's thread."""
+    conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+    try:
+        conn.execute("PRAGMA busy_timeout = 0")
+        conn.execute("PRAGMA query_only = 1")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+class SqliteChangeFeed:
+    """:class:`~refresherd.store.contract.ChangeFeed` on SQLite: ``PRAGMA data_version`` on
+    the probe tells whether any other connection (another process's, or this one's writer)
+    has committed since the last catch-up; the catch-up reads the rows of
+    ``token_set_changes`` after the last one seen."""
+
+    def __init__(
+        self,
+        probe: sqlite3.Connection,
+        read: Callable[[str, dict[str, Any]], Awaitable[list[sqlite3.Row]]],
+    ) -> None:
+        self._probe = probe
+        self._read = read
+        # data_version as sampled before the last catch-up's read (None: unknown).
+        self._seen: int | None = None
+        # The last row of the log seen (0: the log was empty, its first row is 1).
+        self._last = 0
+        # Looked, and found quiet, in this turn of the event loop (see quiet).
+        self._quiet_this_turn = False
+
+    def __repr__(self) -> str:
+        return f"<SqliteChangeFeed after {self._last}>"
+
+    def _data_version(self) -> int | None:
+        try:
+            return int(self._probe.execute("PRAGMA data_version").fetchall()[0][0])
+        except sqlite3.Error:
+            return None
+
+    async def start(self) -> None:
+        seen = self._data_version()
+        rows = await self._read("SELECT max(seq) FROM token_set_changes", {})
+        self._last = int(rows[0][0] or 0)
+        self._seen = seen
+
+    def quiet(self) -> bool:
+        if self._quiet_this_turn:
+            return True
+        seen = self._seen
+        if seen is None or self._data_version() != seen:
+            return False
+        # Quiet for the rest of this turn of the event loop too: every request handled in it
+        # was sent before this turn's poll returned, and so before this look; the next turn
+        # looks again (call_soon runs first in it, before anything its poll brings).
+        self._quiet_this_turn = True
+        asyncio.get_running_loop().call_soon(self._next_turn)
+        return True
+
+    def _next_turn(self) -> None:
+        self._quiet_this_turn = False
+
+    async def catch_up(self) -> frozenset[str] | None:
+        # Sampled first: a commit after this point moves it again, so the next look catches
+        # up again, and one before it is in the rows read below.
+        seen = self._data_version()
+        self._quiet_this_turn = False
+        last = self._last
+        rows = await self._read(
+            "SELECT seq, id FROM token_set_changes WHERE seq >= :last ORDER BY seq LIMIT :limit",
+            {"last": last, "limit": CHANGES_PER_CATCH_UP + 1},
+        )
+        first = rows[0][0] if rows else None
+        # The row last seen is read again: gone, it was pruned, with what came after it.
+        pruned = (first != last) if last else (first is not None and first != 1)
+        if rows:
+            self._last = int(rows[-1][0])
+        self._seen = seen
+        if pruned or len(rows) > CHANGES_PER_CATCH_UP:
+            return None
+        return frozenset(r[1] for r in rows if r[0] != last)
+
+
 class _Transaction:
     """Statements in SqliteStore._atomic's transaction (the store lock held)."""
 
@@ -246,6 +335,10 @@ class SqliteStore(SqlStore):
         # Opened on first use by _report.
         self._report_conn: aiosqlite.Connection | None = None
         self._report_lock = anyio.Lock()
+        # Token reads (read) and the change feed's catch-ups, opened on first use: a third
+        # connection, so that a token read waits neither for a commit nor for a gauge's scan.
+        self._reads_conn: aiosqlite.Connection | None = None
+        self._reads_lock = anyio.Lock()
         # Seals the token columns when set (encryption at rest); None: plaintext.
         self.cipher = cipher
         # While owner() holds: our owner lock, and the exporter lock's descriptor once taken.
@@ -330,8 +423,9 @@ class SqliteStore(SqlStore):
     async def close(self) -> None:
         self._release_exporter()
         try:
-            if self._report_conn is not None:
-                await self._report_conn.close()
+            for conn in (self._report_conn, self._reads_conn):
+                if conn is not None:
+                    await conn.close()
         finally:
             await self._conn.close()
 
@@ -536,18 +630,56 @@ class SqliteStore(SqlStore):
         async with self._report_lock:
             try:
                 if self._report_conn is None:
-                    conn = await aiosqlite.connect(str(self.path), isolation_level=None)
-                    try:
-                        conn.row_factory = sqlite3.Row
-                        await conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-                        await conn.execute("PRAGMA query_only = 1")
-                    except BaseException:
-                        await conn.close()
-                        raise
-                    self._report_conn = conn
+                    self._report_conn = await self._connect_read_only()
                 return list(await self._report_conn.execute_fetchall(sql, params or {}))
             except sqlite3.Error as exc:
                 raise _sqlite_error(self.path, exc) from exc
+
+    async def _read_apart(self, sql: str, params: dict[str, Any]) -> list[sqlite3.Row]:
+        """A read on the reads connection (its own thread; WAL lets it read beside the
+        writer): no store lock, so reads never queue behind writes or each other's locks."""
+        try:
+            if self._reads_conn is None:
+                async with self._reads_lock:
+                    if self._reads_conn is None:
+                        self._reads_conn = await self._connect_read_only()
+            return list(await self._reads_conn.execute_fetchall(sql, params))
+        except sqlite3.Error as exc:
+            raise _sqlite_error(self.path, exc) from exc
+
+    async def _connect_read_only(self) -> aiosqlite.Connection:
+        conn = await aiosqlite.connect(str(self.path), isolation_level=None)
+        try:
+            conn.row_factory = sqlite3.Row
+            await conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            await conn.execute("PRAGMA query_only = 1")
+        except BaseException:
+            await conn.close()
+            raise
+        return conn
+
+    async def read(self, token_set_id: str) -> TokenSet | None:
+        rows = await self._read_apart(
+            "SELECT * FROM token_sets WHERE id = :id", {"id": token_set_id}
+        )
+        return self._token_set(rows[0]) if rows else None
+
+    @asynccontextmanager
+    async def change_feed(self) -> AsyncIterator[SqliteChangeFeed]:
+        """The change log (migration 10) read on the reads connection, with ``PRAGMA
+        data_version`` on a probe connection of its own, asked on the event loop's thread: a
+        look at the WAL index in shared memory, a few microseconds, never a wait (no busy
+        timeout: a busy database reads as "may have changed")."""
+        try:
+            probe = await anyio.to_thread.run_sync(_open_probe, self.path)
+        except sqlite3.Error as exc:
+            raise _sqlite_error(self.path, exc) from exc
+        try:
+            feed = SqliteChangeFeed(probe, self._read_apart)
+            await feed.start()
+            yield feed
+        finally:
+            probe.close()
 
     async def add_many(self, items: Iterable[NewTokenSet], *, now: float) -> int:
         """Insert all or nothing. An id that exists already (or twice) raises TokenSetExists."""

@@ -249,6 +249,12 @@ class Ledger:
             return set(self._tokens) | set(self._access) | set(self._codes)
 
     @property
+    def access_tokens(self) -> list[str]:
+        """Every access token minted, oldest first (for one family: its grants in order)."""
+        with self._lock:
+            return list(self._access)
+
+    @property
     def events(self) -> list[dict[str, object]]:
         """A copy of the outcome log: small dicts with ``t`` (monotonic), ``kind`` and more."""
         with self._lock:

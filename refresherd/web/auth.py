@@ -8,52 +8,43 @@ from typing import Final
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from refresherd.model import Secret
-from refresherd.web.app import error
+from refresherd.web.app import JSON, error
 
 API_PREFIX: Final = "/v1/"
 _SCHEME: Final = b"bearer"
 
 
-class BearerAuth:
-    """ASGI middleware: every /v1 request needs ``Authorization: Bearer <token>``.
+class BearerCheck:
+    """Who may use the API: ``Authorization: Bearer <token>``, and over TCP only if ``tcp``.
 
     The scheme is matched case-insensitively (``bearer``, ``BEARER``: RFC 9110 §11.1), followed
-    by one or more spaces (§11.4); the token is compared in constant time. /metrics, /healthz,
-    /readyz and /openapi.json stay open. With ``tcp = false`` the API is answered only on the
-    unix socket (404 over TCP).
+    by one or more spaces (§11.4); the token is compared in constant time. With ``tcp = false``
+    the API is answered only on the unix socket (404 over TCP).
     """
 
-    def __init__(self, app: ASGIApp, *, bearer: Secret, tcp: bool) -> None:
-        self.app = app
+    def __init__(self, *, bearer: Secret, tcp: bool) -> None:
         self._expected = bearer.reveal().encode()
         self._tcp = tcp
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith(API_PREFIX):
-            await self.app(scope, receive, send)
-            return
+    def refusal(self, scope: Scope) -> JSON | None:
+        """The answer that refuses this /v1 request, or None if it may go on."""
         server = scope.get("server")
         over_tcp = server is not None and server[1] is not None
         if over_tcp and not self._tcp:
-            await error(404, "not_found", "the API is served on the unix socket only")(
-                scope, receive, send
-            )
-            return
+            return error(404, "not_found", "the API is served on the unix socket only")
         given = b""
         for name, value in scope["headers"]:
             if name == b"authorization":
                 given = value
                 break
         if not self._accepts(given):
-            response = error(
+            return error(
                 401,
                 "unauthorized",
                 "a valid 'Authorization: Bearer ...' header is required",
                 headers={"www-authenticate": 'Bearer realm="refresherd"'},
             )
-            await response(scope, receive, send)
-            return
-        await self.app(scope, receive, send)
+        return None
 
     def _accepts(self, header: bytes) -> bool:
         scheme, _, token = header.partition(b" ")
@@ -61,3 +52,20 @@ class BearerAuth:
         # about which part was wrong.
         token_ok = hmac.compare_digest(token.lstrip(b" "), self._expected)
         return scheme.lower() == _SCHEME and token_ok
+
+
+class BearerAuth:
+    """ASGI middleware: every /v1 request passes :class:`BearerCheck` (``check``) or is
+    refused. /metrics, /healthz, /readyz and /openapi.json stay open."""
+
+    def __init__(self, app: ASGIApp, *, check: BearerCheck) -> None:
+        self.app = app
+        self.check = check
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(API_PREFIX):
+            refusal = self.check.refusal(scope)
+            if refusal is not None:
+                await refusal(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

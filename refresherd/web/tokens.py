@@ -44,6 +44,7 @@ from refresherd.store import (
     TokenStore,
 )
 from refresherd.web.app import JSON, error
+from refresherd.web.token_cache import ASKED, TokenCache, token_json
 
 log = get_logger("refresherd.web.tokens")
 
@@ -55,26 +56,13 @@ LEASE_POLL: Final = 0.1
 # even a fresh token (its clocks, its caches) would otherwise turn every retry of every client
 # into a rotation at the IdP.
 FORCED_REFRESH_MIN_INTERVAL: Final = 30.0
+# As web.app.JSON sends it: an answer that holds a token is never cached on the way.
+_NO_STORE: Final = {"cache-control": "no-store"}
 
 
 def openapi_document() -> bytes:
     """The API's OpenAPI document, as shipped in the package (refresherd/openapi.json)."""
     return resources.files("refresherd").joinpath("openapi.json").read_bytes()
-
-
-def token_json(ts: TokenSet, now: float) -> dict[str, Any]:
-    """What GET returns: the access token and its expiry (never the refresh token)."""
-    return {
-        "id": ts.id,
-        "provider": ts.provider,
-        "access_token": ts.access_token.reveal() if ts.access_token is not None else None,
-        "token_type": ts.token_type or "Bearer",
-        "scope": ts.scope,
-        "expires_at": ts.expires_at,
-        "expires_at_rfc3339": rfc3339(ts.expires_at),
-        "expires_in": max(int(ts.expires_at - now), 0) if ts.expires_at is not None else None,
-        "state": ts.state.value,
-    }
 
 
 def summary_json(ts_id: str, provider: str, next_refresh_at: float) -> dict[str, Any]:
@@ -98,8 +86,11 @@ class TokenApi:
         clock: Clock,
         wake: Callable[[], None],
         rng: random.Random | None = None,
+        cache: TokenCache | None = None,
     ) -> None:
         self.store = store
+        # Fresh answers of GET in memory, kept true by the database's change feed; None: off.
+        self.cache = cache
         self.refresher = refresher
         # Which providers exist, their endpoints (exchange, revocation) and the schedule a
         # registered set is planned by: live, a reload replaces them.
@@ -130,14 +121,25 @@ class TokenApi:
 
     async def get_token(self, request: Request) -> Response:
         token_set_id = request.path_params["id"]
+        cache = self.cache
+        generation = 0
+        if cache is not None:
+            # Asked already (FreshReads) and missed; else ask now.
+            if not request.scope.get(ASKED):
+                body = await cache.answer(token_set_id, self.clock.wall())
+                if body is not None:
+                    return Response(body, media_type="application/json", headers=_NO_STORE)
+            generation = cache.generation
         try:
-            ts = await self.store.get(token_set_id)
+            ts = await self.store.read(token_set_id)
         except StoreError:
             return _storage_unavailable()
         if ts is None:
             return _unknown(token_set_id)
         now = self.clock.wall()
         decision = policy.access_decision(ts, now=now)
+        if cache is not None:
+            cache.remember(ts, generation, now)
         if isinstance(decision, policy.RefreshFirst):
             with anyio.move_on_after(self.config.wait_timeout):
                 return await self._refresh_and_answer(ts)
@@ -257,7 +259,7 @@ class TokenApi:
 
     async def _reread(self, token_set_id: str, *, fallback: TokenSet) -> TokenSet | None:
         try:
-            return await self.store.get(token_set_id)
+            return await self.store.read(token_set_id)
         except StoreError:
             return fallback
 
