@@ -270,7 +270,13 @@ class Refresher:
         # the refresh keep this slot (refresherd.throttle).
         throttle = self._providers.throttle(provider)
         async with throttle.slot() if throttle else nullcontext():
-            return await self._attempts(ts, eff, provider, endpoint)
+            # What the provider's adaptive limit counts as in use (refresherd.concurrency).
+            sending = self._providers.sending
+            sending[ts.provider] += 1
+            try:
+                return await self._attempts(ts, eff, provider, endpoint)
+            finally:
+                sending[ts.provider] -= 1
 
     async def _attempts(
         self,
