@@ -24,6 +24,39 @@ PAUSE_TOLERANCE: Final = 1.0
 AFTER_PAUSE: Final = 1.0
 
 
+class _Timer:
+    """The deadline's timer. A class, not a closure: a closure that re-arms itself refers to
+    itself, and that cycle (with the cancel scope and the loop's handle it holds) was left
+    to the garbage collector after every token request."""
+
+    __slots__ = ("clock", "expired", "handle", "loop", "scope")
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, scope: anyio.CancelScope, clock: Callable[[], float]
+    ) -> None:
+        self.loop = loop
+        self.scope = scope
+        self.clock = clock
+        self.expired = False
+        self.handle: asyncio.TimerHandle | None = None
+
+    def arm(self, wait: float) -> None:
+        self.handle = self.loop.call_later(wait, self.fire, self.clock(), wait)
+
+    def fire(self, armed_at: float, wait: float) -> None:
+        if self.clock() - armed_at - wait > PAUSE_TOLERANCE:
+            # Fired far too late: the process was stopped. Let the body read what waits.
+            self.arm(AFTER_PAUSE)
+            return
+        self.expired = True
+        self.scope.cancel()
+
+    def disarm(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+
+
 @asynccontextmanager
 async def fail_after(
     seconds: float, *, clock: Callable[[], float] = time.monotonic
@@ -33,25 +66,12 @@ async def fail_after(
 
     A timer on the event loop, not a watcher task: this wraps every token request, and a task
     (with its task group) per request was a measurable share of the daemon's CPU."""
-    loop = asyncio.get_running_loop()
-    expired = False
-    timer: asyncio.TimerHandle | None = None
     with anyio.CancelScope() as scope:
-
-        def fire(armed_at: float, wait: float) -> None:
-            nonlocal expired, timer
-            if clock() - armed_at - wait > PAUSE_TOLERANCE:
-                # Fired far too late: the process was stopped. Let the body read what waits.
-                timer = loop.call_later(AFTER_PAUSE, fire, clock(), AFTER_PAUSE)
-                return
-            expired = True
-            scope.cancel()
-
-        timer = loop.call_later(seconds, fire, clock(), seconds)
+        timer = _Timer(asyncio.get_running_loop(), scope, clock)
+        timer.arm(seconds)
         try:
             yield
         finally:
-            assert timer is not None
-            timer.cancel()
-    if expired and scope.cancelled_caught:
+            timer.disarm()
+    if timer.expired and scope.cancelled_caught:
         raise TimeoutError
