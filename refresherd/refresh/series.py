@@ -237,8 +237,11 @@ class Series:
             )
             # Only the wait for an answer is bounded: what is done with one is never cut short.
             answer: _Answer | None = None
-            with anyio.move_on_after(wait):
+            if wait == math.inf:  # the usual case, without a cancel scope
                 answer = await self._answers.receive()
+            else:
+                with anyio.move_on_after(wait):
+                    answer = await self._answers.receive()
             if answer is None:
                 continue
             self.in_flight -= 1
