@@ -34,4 +34,8 @@ def command(args: argparse.Namespace) -> int:
     # do not walk them too. Measured at 1,500 refreshes/s: the collector's share of the
     # daemon's CPU from 19 % to 14 % (docs/benchmarks.md, "The garbage collector").
     gc.freeze()
-    return anyio.run(Daemon(config, config_path=path, worker=worker).run)
+    use_uvloop = os.environ.get("REFRESHERD_EVENT_LOOP") == "uvloop"
+    return anyio.run(
+        Daemon(config, config_path=path, worker=worker).run,
+        backend_options={"use_uvloop": use_uvloop},
+    )
