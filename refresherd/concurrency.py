@@ -15,9 +15,10 @@ answers). At the end of each window:
 - otherwise the window's median answer time (``short``) is compared with a slow average of
   the past windows' (``long``): ``gradient = clamp(TOLERANCE * long / short, 0.5, 1)``. While
   answers hold near their usual pace (gradient 1) the limit grows by :data:`GROWTH` of itself
-  a window, so a backlog finds its pace within seconds; once they slow, it moves to
-  ``limit * gradient + sqrt(limit)``: down when the answers slow by more than the
-  tolerance, and up by a square root at most.
+  a window — doubling at first (slow start, as TCP's, until the first window whose answers
+  slowed or showed overload), so that a backlog finds its pace within a second or two; once
+  they slow, it moves to ``limit * gradient + sqrt(limit)``: down when the answers slow by
+  more than the tolerance, and up by a square root at most.
 
 The answer time is measured in this process, so it holds the IdP's time and the wait for this
 process's event loop: a daemon whose CPU is the bound sees its answers slow and stops growing
@@ -43,7 +44,8 @@ WINDOW_SAMPLES: Final = 8
 WINDOW_MAX: Final = 2.0
 # Answers up to this many times slower than their usual pace count as holding it.
 TOLERANCE: Final = 2.0
-# Growth per window while answers hold their pace, as a share of the limit.
+# Growth per window while answers hold their pace, as a share of the limit (after slow start,
+# which doubles it).
 GROWTH: Final = 0.25
 # The limit's fall at a window with an overload sign (429, 5xx, timeout, connect failure).
 BACKOFF: Final = 0.75
@@ -63,6 +65,7 @@ class GradientLimit:
         "_limit",
         "_long",
         "_peak_in_flight",
+        "_slow_start",
         "_window_start",
         "ceiling",
         "floor",
@@ -80,6 +83,7 @@ class GradientLimit:
         self._answers: list[float] = []
         self._drops = 0
         self._peak_in_flight = 0
+        self._slow_start = True
         self._window_start = now
 
     @property
@@ -138,14 +142,16 @@ class GradientLimit:
                 self._long += LONG_WEIGHT * (short - self._long)
         limit = self._limit
         if drops:
+            self._slow_start = False
             limit *= BACKOFF
         elif peak * 2 <= limit or short is None or self._long is None:
             return  # not in use (or nothing to judge by): no reason to move
         else:
             gradient = max(0.5, min(1.0, TOLERANCE * self._long / max(short, 1e-9)))
             if gradient >= 1.0:
-                limit += max(1.0, GROWTH * limit)
+                limit += max(1.0, (1.0 if self._slow_start else GROWTH) * limit)
             else:
+                self._slow_start = False
                 limit = limit * gradient + math.sqrt(limit)
         self._limit = min(max(limit, float(self._floor())), float(self.ceiling))
 

@@ -34,9 +34,23 @@ def feed(
 def test_flat_latency_with_a_backlog_rises_to_the_ceiling_within_seconds() -> None:
     limit = GradientLimit(ceiling=512, now=0.0)
     assert limit.limit == INITIAL
-    now = feed(limit, seconds=0.05, windows=20)
-    assert limit.limit == 512
-    assert now < 6.0  # 20 windows of a quarter second
+    now = feed(limit, seconds=0.05, windows=5)
+    assert limit.limit == 512  # slow start: 16 doubled five times
+    assert now < 1.5
+
+
+def test_after_slow_start_the_limit_grows_by_a_quarter_a_window() -> None:
+    limit = GradientLimit(ceiling=4096, now=0.0)
+    now = feed(limit, seconds=0.05, windows=2)
+    assert limit.limit == 64
+    now = feed(limit, seconds=0.5, windows=1, start=now)  # slower: slow start ends
+    after = limit.limit
+    assert after < 64
+    now = feed(limit, seconds=0.5, windows=30, start=now)  # the new pace is the usual one
+    grown = limit.limit
+    feed(limit, seconds=0.5, windows=1, start=now)
+    assert grown < 4096
+    assert 1.25 * grown - 1 <= limit.limit <= 1.25 * (grown + 1)
 
 
 def test_a_quiet_steady_state_does_not_grow_the_limit() -> None:
