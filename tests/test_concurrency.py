@@ -46,7 +46,7 @@ def test_after_slow_start_the_limit_grows_by_a_quarter_a_window() -> None:
     now = feed(limit, seconds=0.5, windows=1, start=now)  # slower: slow start ends
     after = limit.limit
     assert after < 64
-    now = feed(limit, seconds=0.5, windows=30, start=now)  # the new pace is the usual one
+    now = feed(limit, seconds=0.5, windows=6, start=now)  # the new pace, held: growth again
     grown = limit.limit
     feed(limit, seconds=0.5, windows=1, start=now)
     assert grown < 4096
