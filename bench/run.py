@@ -604,33 +604,33 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
                 for i, token in enumerate(tokens):
                     row = {"id": f"ts-{i}", "provider": PROVIDER, "refresh_token": token}
                     f.write(json.dumps(row) + "\n")
-            # Hand-tuned concurrencies first (--daemon-levels), each on a database of its own,
-            # then the config under test (--daemon-concurrency, by default the default config).
-            report["daemon_levels"] = [
-                daemon_run(args, workdir / f"level-{level}", idp, lines, n, str(level))
-                for level in _levels(args.daemon_levels)
-            ]
+            # The config under test (--daemon-concurrency, by default the default config) in
+            # each --variants, and hand-tuned concurrencies (--daemon-levels), each daemon on a
+            # database of its own; the order alternates run by run (--repeat), as the shared
+            # machine's pace drifts.
             global EVENT_LOOP, DAEMON_TREE
             variants = args.variants.split(",") if args.variants else ["default"]
-            order = list(variants)
+            plan: list[tuple[str, str]] = [("variant", v) for v in variants]
+            plan += [("level", str(level)) for level in _levels(args.daemon_levels)]
             if getattr(args, "_flip", False):
-                order.reverse()  # alternate the order run by run (--repeat)
+                plan.reverse()
             args._flip = not getattr(args, "_flip", False)
             report["variants"] = {}
-            for k, variant in enumerate(order):
+            tuned: dict[str, dict[str, Any]] = {}
+            for k, (kind, what) in enumerate(plan):
+                variant = what if kind == "variant" else "default"
                 EVENT_LOOP = variant if variant in ("asyncio", "uvloop") else None
                 DAEMON_TREE = variant.removeprefix("tree=") if variant.startswith("tree=") else None
+                concurrency = args.daemon_concurrency if kind == "variant" else what
                 run = daemon_run(
-                    args,
-                    workdir / f"daemon-{k}",
-                    idp,
-                    lines,
-                    n,
-                    args.daemon_concurrency,
-                    profile=True,
+                    args, workdir / f"daemon-{k}", idp, lines, n, concurrency, profile=True
                 )
-                run["variant"] = variant
-                report["variants"][variant] = run
+                if kind == "variant":
+                    run["variant"] = variant
+                    report["variants"][variant] = run
+                else:
+                    tuned[what] = run
+            report["daemon_levels"] = [tuned[str(x)] for x in _levels(args.daemon_levels)]
             EVENT_LOOP = DAEMON_TREE = None
             report["daemon"] = report["variants"][variants[0]]
             report["startup_s"] = report["daemon"]["startup_s"]
