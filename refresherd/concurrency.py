@@ -37,7 +37,7 @@ from typing import Final
 FLOOR: Final = 4
 # Where a provider's limit starts (and starts again after a reload that changes its ceiling
 # below it).
-INITIAL: Final = 16
+INITIAL: Final = 32
 WINDOW: Final = 0.25
 WINDOW_SAMPLES: Final = 8
 # A window with fewer answers ends anyway after this long (a slow IdP at a small limit).

@@ -35,17 +35,17 @@ def test_flat_latency_with_a_backlog_rises_to_the_ceiling_within_seconds() -> No
     limit = GradientLimit(ceiling=512, now=0.0)
     assert limit.limit == INITIAL
     now = feed(limit, seconds=0.05, windows=5)
-    assert limit.limit == 512  # slow start: 16 doubled five times
+    assert limit.limit == 512  # slow start: doubled each window
     assert now < 1.5
 
 
 def test_after_slow_start_the_limit_grows_by_a_quarter_a_window() -> None:
     limit = GradientLimit(ceiling=4096, now=0.0)
     now = feed(limit, seconds=0.05, windows=2)
-    assert limit.limit == 64
+    assert limit.limit == 4 * INITIAL
     now = feed(limit, seconds=0.5, windows=1, start=now)  # slower: slow start ends
     after = limit.limit
-    assert after < 64
+    assert after < 4 * INITIAL
     now = feed(limit, seconds=0.5, windows=6, start=now)  # the new pace, held: growth again
     grown = limit.limit
     feed(limit, seconds=0.5, windows=1, start=now)
@@ -102,9 +102,9 @@ def test_a_window_needs_enough_answers_or_time() -> None:
     limit = GradientLimit(ceiling=100, now=0.0)
     # Three answers over a second: too few for a window, not long enough for the last resort.
     for i in range(3):
-        limit.answered(0.01, in_flight=16, now=0.3 * (i + 1))
+        limit.answered(0.01, in_flight=INITIAL, now=0.3 * (i + 1))
     assert limit.limit == INITIAL
-    limit.answered(0.01, in_flight=16, now=2.5)
+    limit.answered(0.01, in_flight=INITIAL, now=2.5)
     assert limit.limit > INITIAL
 
 
