@@ -91,6 +91,8 @@ class Scheduler:
         self._last_reap = float("-inf")
         # (when read, the longest per-set grace period): see _open_attempts.
         self._set_grace: tuple[float, float] | None = None
+        self._reading_set_grace = False
+        self._tg: anyio.abc.TaskGroup | None = None
         self._clock_offset: float | None = None
         self.storage_ok = True
 
@@ -114,6 +116,7 @@ class Scheduler:
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         async with anyio.create_task_group() as tg:
+            self._tg = tg
             # Before "started" (and so before /readyz says ready): from then on a clock step
             # is measured against this first reading.
             try:
@@ -176,12 +179,26 @@ class Scheduler:
         """``(id, owner)`` of the journaled attempts whose grace window may still be open."""
         # A token set may carry a grace period longer than any provider's (per-set policy).
         # Finding the longest reads every row: the reaper asks every REAP_INTERVAL, so the
-        # answer is kept for SET_GRACE_TTL (a set added meanwhile is covered after that).
+        # answer is kept for SET_GRACE_TTL (a set added meanwhile is covered after that), and
+        # read again beside the scheduling, not in its way (a second at a million sets).
         mono = self.clock.monotonic()
-        if self._set_grace is None or mono - self._set_grace[0] >= SET_GRACE_TTL:
+        if self._set_grace is None or self._tg is None:
             self._set_grace = (mono, await self.store.max_set_grace_period())
+        elif mono - self._set_grace[0] >= SET_GRACE_TTL and not self._reading_set_grace:
+            self._reading_set_grace = True
+            self._tg.start_soon(self._read_set_grace, name="longest grace period")
         window = max(self.max_grace_period, self._set_grace[1])
         return await self.store.unresolved_attempts(since=self.clock.wall() - window)
+
+    async def _read_set_grace(self) -> None:
+        mono = self.clock.monotonic()
+        try:
+            self._set_grace = (mono, await self.store.max_set_grace_period())
+        except StoreError as exc:
+            # The last answer stands; asked again at the next reap.
+            log.error("cannot read the longest grace period", error=str(exc))
+        finally:
+            self._reading_set_grace = False
 
     async def _tick(self, tg: anyio.abc.TaskGroup) -> None:
         await self._reap_dead_owners(tg)
