@@ -339,7 +339,10 @@ def daemon(config: Path, port: int, workdir: Path) -> Iterator[Daemon]:
         env["REFRESHERD_EVENT_LOOP"] = EVENT_LOOP
     if DAEMON_TREE is not None:  # another checkout's code (--variants tree=DIR)
         env["PYTHONPATH"] = os.pathsep.join([DAEMON_TREE, env.get("PYTHONPATH", "")])
-    process = subprocess.Popen(refresherd(config, "run"), stdout=log, stderr=log, env=env)
+    # `python -m` puts the working directory first on sys.path: another tree's daemon runs in
+    # its run directory, so that this checkout's package does not shadow that tree's.
+    cwd = workdir if DAEMON_TREE is not None else None
+    process = subprocess.Popen(refresherd(config, "run"), stdout=log, stderr=log, env=env, cwd=cwd)
     try:
         wait_ready(process, port, log_name=log.name)
         yield Daemon(process, port, time.perf_counter() - started)

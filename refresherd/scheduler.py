@@ -224,8 +224,13 @@ class Scheduler:
         else:
             await self._wait_for_slots(self.poll_interval)
             return
-        next_at = await self.store.next_due_at(now=now, exclude_providers=blocked + full)
+        # Not leaving out the providers at their limit: a look past all of a big backlog's
+        # rows for another provider's would read the whole index. One of them due means:
+        # wait for a refresh to end (it wakes us), as when saturated.
+        next_at = await self.store.next_due_at(now=now, exclude_providers=blocked)
         delay = self.poll_interval if next_at is None else next_at - self.clock.wall()
+        if full and delay <= 0:
+            delay = self.poll_interval
         await self._wait(min(max(delay, 0.0), self.poll_interval))
 
     def _room(self, blocked: list[str]) -> tuple[int, list[str]]:
@@ -236,15 +241,22 @@ class Scheduler:
         if self.providers is None:
             return free, full
         roomiest = 0
+        open_providers = 0
         for name in self.providers:
             limit = self.providers.limit(name).limit
             self.metrics.concurrency_limit.labels(name).set(limit)
             if name in blocked:
                 continue
+            open_providers += 1
             room = limit - self._running_of.get(name, 0)
             if room <= 0:
                 full.append(name)
             roomiest = max(roomiest, room)
+        if open_providers and not roomiest:
+            # Every provider that may be claimed for is at its limit: saturated. (A claim
+            # leaving them all out would look through every due row for another provider's:
+            # at a million sets, seconds with the store held.)
+            return 0, full
         # A row of a provider no longer configured is claimed for its outcome; otherwise no
         # claim leases more than a provider below its limit has room for.
         return (min(free, roomiest) if roomiest else free), full
