@@ -21,6 +21,7 @@ import asyncio
 import json
 import multiprocessing
 import os
+import random
 import re
 import resource
 import signal
@@ -58,7 +59,9 @@ class IdP:
 
 
 @contextmanager
-def fake_idp(workdir: Path, *, tokens: int, latency: float, usage: str = "reuse") -> Iterator[IdP]:
+def fake_idp(
+    workdir: Path, *, tokens: int, latency: float, usage: str = "reuse", load: bool = True
+) -> Iterator[IdP]:
     out = workdir / "idp-tokens.jsonl"
     process = subprocess.Popen(
         [
@@ -84,8 +87,10 @@ def fake_idp(workdir: Path, *, tokens: int, latency: float, usage: str = "reuse"
         if not line:
             raise RuntimeError("the fake IdP process did not start")
         token_url = json.loads(line)["token_url"]
-        with out.open(encoding="utf-8") as f:
-            issued = [json.loads(row) for row in f]
+        issued: list[dict[str, Any]] = []
+        if load:  # else the caller streams the file (a million tokens)
+            with out.open(encoding="utf-8") as f:
+                issued = [json.loads(row) for row in f]
         yield IdP(process, token_url, issued)
     finally:
         stop(process, timeout=10)
@@ -111,7 +116,7 @@ def write_config(
     workdir: Path,
     token_url: str,
     *,
-    concurrency: int,
+    concurrency: int | str,
     usage: str,
     log_level: str,
     import_spread: float = 1.0,
@@ -122,10 +127,13 @@ def write_config(
     secret.write_text(CLIENT_SECRET, encoding="utf-8")
     secret.chmod(0o600)
     config = workdir / "config.toml"
+    # "auto": the default config (adaptive concurrency, a pool that follows it); a number sets
+    # both [daemon] concurrency and the provider's pool, as a hand-tuned config would.
+    tuned = concurrency != "auto"
     config.write_text(
         f"""[daemon]
 database = "{workdir / "tokens.db"}"
-concurrency = {concurrency}
+{f"concurrency = {concurrency}" if tuned else ""}
 workers = {workers}
 
 [server]
@@ -144,7 +152,7 @@ client_id = "{CLIENT_ID}"
 client_secret_file = "{secret}"
 refresh_token_usage = "{usage}"
 grace_period = "30s"
-max_connections = {concurrency}
+{f"max_connections = {concurrency}" if tuned else ""}
 """,
         encoding="utf-8",
     )
@@ -152,6 +160,10 @@ max_connections = {concurrency}
 
 
 SWITCH_INTERVAL: float | None = None
+# The daemon's event loop (REFRESHERD_EVENT_LOOP) and source tree, for --variants; None: its
+# default, and this checkout.
+EVENT_LOOP: str | None = None
+DAEMON_TREE: str | None = None
 
 
 def refresherd(config: Path, *args: str) -> list[str]:
@@ -323,7 +335,15 @@ def summarize_profile(path: Path) -> dict[str, dict[str, float]]:
 def daemon(config: Path, port: int, workdir: Path) -> Iterator[Daemon]:
     log = (workdir / "daemon.log").open("wb")
     started = time.perf_counter()
-    process = subprocess.Popen(refresherd(config, "run"), stdout=log, stderr=log)
+    env = dict(os.environ)
+    if EVENT_LOOP is not None:
+        env["REFRESHERD_EVENT_LOOP"] = EVENT_LOOP
+    if DAEMON_TREE is not None:  # another checkout's code (--variants tree=DIR)
+        env["PYTHONPATH"] = os.pathsep.join([DAEMON_TREE, env.get("PYTHONPATH", "")])
+    # `python -m` puts the working directory first on sys.path: another tree's daemon runs in
+    # its run directory, so that this checkout's package does not shadow that tree's.
+    cwd = workdir if DAEMON_TREE is not None else None
+    process = subprocess.Popen(refresherd(config, "run"), stdout=log, stderr=log, env=env, cwd=cwd)
     try:
         wait_ready(process, port, log_name=log.name)
         yield Daemon(process, port, time.perf_counter() - started)
@@ -588,57 +608,37 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
                 for i, token in enumerate(tokens):
                     row = {"id": f"ts-{i}", "provider": PROVIDER, "refresh_token": token}
                     f.write(json.dumps(row) + "\n")
-            config, port = write_config(
-                workdir,
-                idp.token_url,
-                concurrency=args.daemon_concurrency,
-                usage="reuse",
-                log_level=args.log_level,
-                workers=args.daemon_workers,
-            )
-            with (
-                daemon(config, port, workdir) as d,
-                profiled(d.process.pid, args.profile, args.profile_seconds),
-            ):
-                report["startup_s"] = d.startup
-                # Imported into the running daemon once all its processes are up, so that the
-                # rate is that of all of them (the daemon finds new rows by itself).
-                d.wait_for_workers(args.daemon_workers - 1)
-                report["import_s"] = import_tokens(config, lines)
-                first = None
-                cpu0 = d.cpu_seconds()
-                idp_cpu0 = cpu_seconds(idp.process.pid)
-                done0 = 0.0
-                deadline = time.monotonic() + max(120.0, n / 50)
-                while True:
-                    m = d.metrics()
-                    done = successes(m) + failures(m)
-                    now = time.perf_counter()
-                    if first is None and done > 0:
-                        first, done0, cpu0 = now, done, d.cpu_seconds()
-                        idp_cpu0 = cpu_seconds(idp.process.pid)
-                    if done >= n or time.monotonic() > deadline:
-                        break
-                    time.sleep(0.05)
-                elapsed = now - (first or now)
-                counted = done - done0
-                report["daemon"] = {
-                    "concurrency": args.daemon_concurrency,
-                    "workers": args.daemon_workers,
-                    "refreshes": int(successes(m)),
-                    "failures": int(failures(m)),
-                    "failure_reasons": failure_reasons(m),
-                    "per_second": counted / elapsed if elapsed > 0 else None,
-                    "cpu_ms_per_refresh": (
-                        1000 * (d.cpu_seconds() - cpu0) / counted if counted else None
-                    ),
-                    "rss_mb": d.status("VmRSS") / 1024,
-                    "idp_cpu_ms_per_refresh": (
-                        1000 * (cpu_seconds(idp.process.pid) - idp_cpu0) / counted
-                        if counted
-                        else None
-                    ),
-                }
+            # The config under test (--daemon-concurrency, by default the default config) in
+            # each --variants, and hand-tuned concurrencies (--daemon-levels), each daemon on a
+            # database of its own; the order alternates run by run (--repeat), as the shared
+            # machine's pace drifts.
+            global EVENT_LOOP, DAEMON_TREE
+            variants = args.variants.split(",") if args.variants else ["default"]
+            plan: list[tuple[str, str]] = [("variant", v) for v in variants]
+            plan += [("level", str(level)) for level in _levels(args.daemon_levels)]
+            if getattr(args, "_flip", False):
+                plan.reverse()
+            args._flip = not getattr(args, "_flip", False)
+            report["variants"] = {}
+            tuned: dict[str, dict[str, Any]] = {}
+            for k, (kind, what) in enumerate(plan):
+                variant = what if kind == "variant" else "default"
+                EVENT_LOOP = variant if variant in ("asyncio", "uvloop") else None
+                DAEMON_TREE = variant.removeprefix("tree=") if variant.startswith("tree=") else None
+                concurrency = args.daemon_concurrency if kind == "variant" else what
+                run = daemon_run(
+                    args, workdir / f"daemon-{k}", idp, lines, n, concurrency, profile=True
+                )
+                if kind == "variant":
+                    run["variant"] = variant
+                    report["variants"][variant] = run
+                else:
+                    tuned[what] = run
+            report["daemon_levels"] = [tuned[str(x)] for x in _levels(args.daemon_levels)]
+            EVENT_LOOP = DAEMON_TREE = None
+            report["daemon"] = report["variants"][variants[0]]
+            report["startup_s"] = report["daemon"]["startup_s"]
+            report["import_s"] = report["daemon"]["import_s"]
             if "aiohttp" in report["bare"]:
                 # The fake IdP keeps every token it issued, so it slows as a run goes on, and
                 # the daemon always comes last: the best aiohttp loop again, after the daemon,
@@ -650,7 +650,86 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
     daemon_rate = report["daemon"]["per_second"] or 0.0
     for client, data in report["bare"].items():
         report[f"ratio_vs_{client}"] = daemon_rate / data["best"]["per_second"]
+    if report["daemon_levels"]:
+        best = max(report["daemon_levels"], key=lambda r: r["per_second"] or 0.0)
+        report["ratio_vs_best_level"] = daemon_rate / (best["per_second"] or float("nan"))
+        report["best_level"] = best["concurrency"]
     return report
+
+
+def _levels(text: str) -> list[int]:
+    return [int(c) for c in text.split(",") if c.strip()]
+
+
+def daemon_run(
+    args: argparse.Namespace,
+    workdir: Path,
+    idp: IdP,
+    lines: Path,
+    n: int,
+    concurrency: str,
+    *,
+    profile: bool = False,
+) -> dict[str, Any]:
+    """A real ``refresherd run`` with its own database refreshing the ``n`` imported sets,
+    all due at once; its rate from the first refresh to the last, CPU, memory and the
+    highest concurrency limit it reached (refresherd_concurrency_limit)."""
+    workdir.mkdir()
+    config, port = write_config(
+        workdir,
+        idp.token_url,
+        concurrency=concurrency,
+        usage="reuse",
+        log_level=args.log_level,
+        workers=args.daemon_workers,
+    )
+    limit_key = f'refresherd_concurrency_limit{{provider="{PROVIDER}"}}'
+    with (
+        daemon(config, port, workdir) as d,
+        profiled(d.process.pid, args.profile if profile else None, args.profile_seconds),
+    ):
+        startup = d.startup
+        # Imported into the running daemon once all its processes are up, so that the
+        # rate is that of all of them (the daemon finds new rows by itself).
+        d.wait_for_workers(args.daemon_workers - 1)
+        import_s = import_tokens(config, lines)
+        first = None
+        cpu0 = d.cpu_seconds()
+        idp_cpu0 = cpu_seconds(idp.process.pid)
+        done0 = 0.0
+        peak_limit = 0.0
+        deadline = time.monotonic() + max(120.0, n / 50)
+        while True:
+            m = d.metrics()
+            peak_limit = max(peak_limit, m.get(limit_key, 0.0))
+            done = successes(m) + failures(m)
+            now = time.perf_counter()
+            if first is None and done > 0:
+                first, done0, cpu0 = now, done, d.cpu_seconds()
+                idp_cpu0 = cpu_seconds(idp.process.pid)
+            if done >= n or time.monotonic() > deadline:
+                break
+            # Not faster: a scrape costs the daemon about 2 ms of CPU (at 0.05 s it was 4 %).
+            time.sleep(0.1)
+        elapsed = now - (first or now)
+        counted = done - done0
+        return {
+            "concurrency": concurrency,
+            "workers": args.daemon_workers,
+            "refreshes": int(successes(m)),
+            "failures": int(failures(m)),
+            "failure_reasons": failure_reasons(m),
+            "per_second": counted / elapsed if elapsed > 0 else None,
+            "cpu_ms_per_refresh": (1000 * (d.cpu_seconds() - cpu0) / counted if counted else None),
+            "rss_mb": d.status("VmRSS") / 1024,
+            "idp_cpu_ms_per_refresh": (
+                1000 * (cpu_seconds(idp.process.pid) - idp_cpu0) / counted if counted else None
+            ),
+            "peak_concurrency_limit": peak_limit,
+            "final_concurrency_limit": m.get(limit_key),
+            "startup_s": startup,
+            "import_s": import_s,
+        }
 
 
 def print_throughput(r: dict[str, Any]) -> None:
@@ -674,14 +753,25 @@ def print_throughput(r: dict[str, Any]) -> None:
             row(f"bare {client}{mark}", run)
     d = r["daemon"]
     procs = d.get("workers", 1)
+    for level in r.get("daemon_levels", []):
+        row("refresherd daemon, hand-tuned", level)
+    if len(r.get("variants", {})) > 1:
+        for variant, run in r["variants"].items():
+            row(f"refresherd daemon, {variant}", run)
     row("refresherd daemon" + (f", {procs} processes" if procs > 1 else ""), d)
     if "bare_aiohttp_after" in r:
         row("bare aiohttp, after the daemon", r["bare_aiohttp_after"])
     ratios = "".join(f"daemon / bare {c} = {r[f'ratio_vs_{c}']:.2f}; " for c in r["bare"])
+    if "ratio_vs_best_level" in r:
+        ratios += f"daemon / best hand-tuned ({r['best_level']}) = {r['ratio_vs_best_level']:.2f}; "
+    limits = [
+        f"{x.get('peak_concurrency_limit') or 0:.0f}" for x in [*r.get("daemon_levels", []), d]
+    ]
     print(
         f"\n{ratios}"
         f"failures {d['failures']} {d.get('failure_reasons') or ''}; "
-        f"import {r['import_s']:.2f} s; start-up {r['startup_s']:.2f} s"
+        f"import {r['import_s']:.2f} s; start-up {r['startup_s']:.2f} s; "
+        f"peak concurrency limit {', '.join(limits)}"
     )
 
 
@@ -696,11 +786,15 @@ def repeated_throughput(args: argparse.Namespace) -> dict[str, Any]:
         print(f"load (1 min) {r['machine']['load_1m']:.2f}")
         runs.append(r)
     report: dict[str, Any] = {"benchmark": "throughput", "runs": runs}
-    for client in runs[0]["bare"]:
-        ratios = [r[f"ratio_vs_{client}"] for r in runs]
-        report[f"median_ratio_vs_{client}"] = statistics.median(ratios)
+    keys = [f"ratio_vs_{client}" for client in runs[0]["bare"]]
+    if "ratio_vs_best_level" in runs[0]:
+        keys.append("ratio_vs_best_level")
+    for key in keys:
+        client = key.removeprefix("ratio_vs_")
+        ratios = [r[key] for r in runs]
+        report[f"median_{key}"] = statistics.median(ratios)
         print(
-            f"\ndaemon / bare {client}, {len(runs)} runs: "
+            f"\ndaemon / {client.replace('_', ' ')}, {len(runs)} runs: "
             + ", ".join(f"{x:.2f}" for x in ratios)
             + f"; median {statistics.median(ratios):.2f}"
         )
@@ -807,9 +901,160 @@ def scale(args: argparse.Namespace) -> dict[str, Any]:
     sizes = [int(s) for s in args.sizes.split(",")]
     results = []
     for size in sizes:
-        results.append(scale_one(args, size))
-        print_scale_row(results[-1], header=len(results) == 1)
+        if args.imported:
+            results.append(scale_imported(args, size))
+            print_imported(results[-1])
+        else:
+            results.append(scale_one(args, size))
+            print_scale_row(results[-1], header=len(results) == 1)
     return {"benchmark": "scale", "runs": results}
+
+
+def scale_imported(args: argparse.Namespace, size: int) -> dict[str, Any]:
+    """``size`` sets imported with ``tokens import`` as a user would, access tokens of
+    --lifetimes (40-80 minutes) and the default ``import_spread``, so that sets come due from
+    the moment of the import at about size / (0.8 x the mean lifetime) per second (361/s for
+    a million): the daemon starts after the import with the backlog the import left. Reports
+    how long the backlog took to clear (no set more than a second overdue, read from the
+    database every half second), lateness after that, memory, start-up, import, and the
+    refreshes in flight against what the due sets need (due rate x the IdP's latency)."""
+    low, high = (float(x) * 60 for x in args.lifetimes.split("-"))
+    with run_directory(keep=args.keep_workdir) as tmp:
+        workdir = Path(tmp)
+        made = time.perf_counter()
+        with fake_idp(
+            workdir, tokens=size, latency=args.latency, usage="one_time", load=False
+        ) as idp:
+            minted_s = time.perf_counter() - made
+            lines = workdir / "import.jsonl"
+            rng = random.Random(18)
+            with (
+                (workdir / "idp-tokens.jsonl").open(encoding="utf-8") as issued,
+                lines.open("w", encoding="utf-8") as f,
+            ):
+                for i, raw in enumerate(issued):
+                    row = json.loads(raw)
+                    row.update(id=f"ts-{i:07d}", provider=PROVIDER)
+                    row["expires_in"] = int(rng.uniform(low, high))
+                    f.write(json.dumps(row) + "\n")
+            config, port = write_config(
+                workdir,
+                idp.token_url,
+                concurrency=args.daemon_concurrency,
+                usage="one_time",
+                log_level=args.log_level,
+                workers=args.daemon_workers,
+            )
+            import_s = import_tokens(config, lines)
+            lines.unlink()
+            db_path = workdir / "tokens.db"
+            with sqlite3.connect(db_path) as db:
+                planned = dict(db.execute("SELECT id, next_refresh_at FROM token_sets"))
+            reader = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+            in_flight_key = "refresherd_refreshes_in_flight"
+            limit_key = f'refresherd_concurrency_limit{{provider="{PROVIDER}"}}'
+            samples: list[tuple[float, int, float, float]] = []  # (t, overdue, in flight, limit)
+            with (
+                daemon(config, port, workdir) as d,
+                profiled(d.process.pid, args.profile, args.profile_seconds),
+            ):
+                ready = time.time()
+                rss_start = d.status("VmRSS")
+                end = ready + args.run
+                while time.time() < end:
+                    now = time.time()
+                    (overdue,) = reader.execute(
+                        "SELECT count(*) FROM token_sets WHERE next_refresh_at < ?", (now - 1.0,)
+                    ).fetchone()
+                    m = d.metrics()
+                    samples.append(
+                        (now - ready, overdue, m.get(in_flight_key, 0.0), m.get(limit_key, 0.0))
+                    )
+                    time.sleep(0.5)
+                rss, hwm = d.status("VmRSS"), d.status("VmHWM")
+                m = d.metrics()
+                startup = d.startup
+            rows = reader.execute(
+                "SELECT id, last_refresh_at FROM token_sets WHERE last_refresh_at IS NOT NULL"
+            ).fetchall()
+            reader.close()
+    backlog_at_start = samples[0][1] if samples else None
+    caught = next((t for t, overdue, _, _ in samples if overdue == 0), None)
+    after = [
+        at - planned[ts]
+        for ts, at in rows
+        if caught is not None and planned[ts] >= ready + caught and at >= planned[ts] - 1
+    ]
+    steady = [(f, lim) for t, _, f, lim in samples if caught is not None and t > caught + 1]
+    due_after = sum(
+        1
+        for at in planned.values()
+        if caught is not None and ready + caught <= at < ready + args.run
+    )
+    due_rate = due_after / (args.run - caught) if caught is not None and args.run > caught else None
+    return {
+        "sets": size,
+        "latency_s": args.latency,
+        "mint_s": minted_s,
+        "import_s": import_s,
+        "startup_s": startup,
+        "rss_mb_after_start": rss_start / 1024,
+        "rss_mb": rss / 1024,
+        "peak_rss_mb": hwm / 1024,
+        "overdue_at_start": backlog_at_start,
+        "caught_up_s": caught,
+        "refreshed": len(rows),
+        "failures": int(failures(m)),
+        "failure_reasons": failure_reasons(m),
+        "due_per_s_after": due_rate,
+        "lateness_after_p50_s": percentile(after, 0.5) if after else None,
+        "lateness_after_p99_s": percentile(after, 0.99) if after else None,
+        "lateness_after_max_s": max(after) if after else None,
+        "steady_in_flight_p50": percentile([f for f, _ in steady], 0.5) if steady else None,
+        "steady_in_flight_max": max(f for f, _ in steady) if steady else None,
+        "steady_limit_p50": percentile([lim for _, lim in steady], 0.5) if steady else None,
+        "peak_limit": max((lim for *_, lim in samples), default=None),
+        "needed_at_idp": due_rate * args.latency if due_rate else None,
+        "timeline": samples,
+    }
+
+
+def print_imported(r: dict[str, Any]) -> None:
+    print(f"\n## scale, imported: {r['sets']:,} sets, IdP latency {r['latency_s'] * 1000:.0f} ms\n")
+    rows = [
+        ("IdP minted the tokens", f"{r['mint_s']:.1f} s"),
+        ("tokens import", f"{r['import_s']:.1f} s"),
+        ("start-up (to /readyz)", f"{r['startup_s']:.2f} s"),
+        ("overdue by > 1 s at start", f"{r['overdue_at_start']}"),
+        ("backlog caught up after", f"{_fmt(r['caught_up_s'], '.1f')} s"),
+        ("due per second after", _fmt(r["due_per_s_after"], ".0f")),
+        (
+            "lateness after: p50 / p99 / max",
+            f"{_fmt(r['lateness_after_p50_s'], '.3f')} / {_fmt(r['lateness_after_p99_s'], '.3f')}"
+            f" / {_fmt(r['lateness_after_max_s'], '.3f')} s",
+        ),
+        (
+            "RSS after start / end / peak",
+            f"{r['rss_mb_after_start']:.0f} / {r['rss_mb']:.0f} / {r['peak_rss_mb']:.0f} MB",
+        ),
+        (
+            "in flight after catching up: p50 / max (due/s x latency)",
+            f"{_fmt(r['steady_in_flight_p50'], '.0f')} / {_fmt(r['steady_in_flight_max'], '.0f')}"
+            f" ({_fmt(r['needed_at_idp'], '.0f')})",
+        ),
+        (
+            "concurrency limit: peak / p50 after",
+            f"{_fmt(r['peak_limit'], '.0f')} / {_fmt(r['steady_limit_p50'], '.0f')}",
+        ),
+        ("refreshed / failures", f"{r['refreshed']:,} / {r['failures']} {r['failure_reasons']}"),
+    ]
+    print("| | |\n|---|---:|")
+    for what, value in rows:
+        print(f"| {what} | {value} |")
+    print("\ntimeline (s since ready: overdue > 1 s, in flight, limit):")
+    print(
+        "  " + "; ".join(f"{t:.0f}: {o}, {f:.0f}, {lim:.0f}" for t, o, f, lim in r["timeline"][::4])
+    )
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -862,7 +1107,11 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python bench/run.py", description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, help="also write the report as JSON here")
     p.add_argument("--log-level", default="info", help="the daemon's (default: info, as run)")
-    p.add_argument("--daemon-concurrency", type=int, default=64, help="in flight, all processes")
+    p.add_argument(
+        "--daemon-concurrency",
+        default="auto",
+        help='[daemon] concurrency (and the pool): "auto", the default config, or a count',
+    )
     p.add_argument(
         "--daemon-workers", type=int, default=1, help="[daemon] workers: processes that refresh"
     )
@@ -885,6 +1134,18 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--concurrency", default="4,16,64", help="bare-loop levels to try")
     t.add_argument("--repeat", type=int, default=1, help="run it this many times")
     t.add_argument(
+        "--variants",
+        default="",
+        help="run the daemon under test once per variant listed: an event loop (asyncio,"
+        " uvloop) or tree=DIR (another checkout's code), the order alternating run by run"
+        " with --repeat; the ratios are taken of the first",
+    )
+    t.add_argument(
+        "--daemon-levels",
+        default="",
+        help="also the daemon hand-tuned at each of these concurrencies (e.g. 128,256,512,1024)",
+    )
+    t.add_argument(
         "--bare",
         default="httpx,aiohttp",
         choices=["httpx,aiohttp", "aiohttp", "httpx"],
@@ -904,6 +1165,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--latency", type=float, default=0.05, help="IdP latency, seconds")
     s.add_argument("--lead", type=float, default=15.0, help="seconds from import to first due")
     s.add_argument("--drain", type=float, default=30.0, help="seconds to wait after the window")
+    s.add_argument(
+        "--imported",
+        action="store_true",
+        help="import with `tokens import` and the default import_spread, then run the daemon",
+    )
+    s.add_argument("--lifetimes", default="40-80", help="--imported: access tokens, minutes")
+    s.add_argument("--run", type=float, default=90.0, help="--imported: seconds to run")
     return p
 
 

@@ -37,6 +37,7 @@ from refresherd.presets import PRESETS, apply_preset
 from refresherd.settings import (
     HOOK_EVENTS,
     ApiConfig,
+    Auto,
     Config,
     ConfigError,
     ConnectConfig,
@@ -347,7 +348,7 @@ def _parse_daemon(t: _Table) -> DaemonConfig:
         )
     return DaemonConfig(
         database=database,
-        concurrency=t.integer("concurrency", d.concurrency, minimum=1),
+        concurrency=_integer_or_auto(t, "concurrency", minimum=1),
         lease_duration=t.duration("lease_duration", d.lease_duration, minimum=1.0),
         shutdown_timeout=t.duration("shutdown_timeout", d.shutdown_timeout),
         poll_interval=t.duration("poll_interval", d.poll_interval, minimum=0.05, maximum=60.0),
@@ -357,6 +358,17 @@ def _parse_daemon(t: _Table) -> DaemonConfig:
             "worker_timeout", d.worker_timeout, minimum=MIN_WORKER_TIMEOUT, maximum=3600.0
         ),
     )
+
+
+def _integer_or_auto(t: _Table, name: str, *, minimum: int) -> int | Auto:
+    """A count limit that may be left to the daemon: an integer, or "auto" (the default)."""
+    if t.data.get(name, "auto") == "auto":
+        return "auto"
+    value = t.data[name]
+    if not isinstance(value, int) or isinstance(value, bool):
+        got = shown(value) if isinstance(value, str | float) else type_name(value)
+        raise t.error(name, f'expected an integer or "auto", got {got}')
+    return t.integer(name, minimum, minimum=minimum)
 
 
 def _check_shares(
@@ -634,7 +646,7 @@ def _parse_provider(name: str, t: _Table) -> ProviderConfig | None:
     request_timeout = t.duration("request_timeout", d.request_timeout, positive=True)
     connect_timeout = t.duration("connect_timeout", d.connect_timeout, positive=True)
     scope = t.optional_string("scope")
-    max_connections = t.integer("max_connections", d.max_connections, minimum=1)
+    max_connections = _integer_or_auto(t, "max_connections", minimum=1)
     max_concurrent = None
     if t.data.get("max_concurrent_refreshes") is not None:
         max_concurrent = t.integer("max_concurrent_refreshes", 0, minimum=1)

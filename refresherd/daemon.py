@@ -45,7 +45,14 @@ from refresherd.refresh.refresher import Refresher
 from refresherd.refresh.storage import StorageWatch
 from refresherd.scheduler import Scheduler
 from refresherd.sdnotify import Notifier
-from refresherd.settings import EX_CONFIG, Config, ConfigError, ProviderConfig, share_problem
+from refresherd.settings import (
+    EX_CONFIG,
+    Config,
+    ConfigError,
+    ProviderConfig,
+    concurrency_ceiling,
+    share_problem,
+)
 from refresherd.storage_health import StorageReason
 from refresherd.store import DatabaseMisconfigured, StoreError, TokenStore, open_store
 from refresherd.supervisor import supervise
@@ -140,7 +147,12 @@ async def open_runtime(
                 clock = clock or SystemClock()
                 rng = random.Random()
                 endpoints = build_endpoints(config.providers)
-                providers = Providers(config.providers, endpoints, config.schedule)
+                providers = Providers(
+                    config.providers,
+                    endpoints,
+                    config.schedule,
+                    concurrency=concurrency_ceiling(config.daemon),
+                )
                 storage = StorageWatch(store=store, owner=owner, metrics=metrics, clock=clock)
                 leases = Leases(
                     store=store,
@@ -301,7 +313,8 @@ class Daemon:
             storage=rt.storage,
             circuits=rt.providers.circuits,
             metrics=rt.metrics,
-            concurrency=config.daemon.concurrency,
+            concurrency=concurrency_ceiling(config.daemon),
+            providers=rt.providers,
             poll_interval=config.daemon.poll_interval,
             max_grace_period=max_grace(config),
             clock=self.clock,
@@ -602,12 +615,15 @@ class Daemon:
         }
         # In-flight refreshes keep the settings and endpoint they started with.
         rt.providers.reconfigure(
-            providers=new.providers, endpoints=endpoints, schedule=new.schedule
+            providers=new.providers,
+            endpoints=endpoints,
+            schedule=new.schedule,
+            concurrency=concurrency_ceiling(new.daemon),
         )
         rt.leases.duration = new.daemon.lease_duration
         retired = [e for name, e in old_endpoints.items() if endpoints.get(name) is not e]
         if self._scheduler is not None:
-            self._scheduler.concurrency = new.daemon.concurrency
+            self._scheduler.concurrency = concurrency_ceiling(new.daemon)
             self._scheduler.poll_interval = new.daemon.poll_interval
             self._scheduler.max_grace_period = max_grace(new)
             self._scheduler.wake()

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
+from types import TracebackType
 from typing import Final
 
 import anyio
@@ -24,34 +24,57 @@ PAUSE_TOLERANCE: Final = 1.0
 AFTER_PAUSE: Final = 1.0
 
 
-@asynccontextmanager
-async def fail_after(
-    seconds: float, *, clock: Callable[[], float] = time.monotonic
-) -> AsyncIterator[None]:
+class Deadline:
+    """:func:`fail_after`'s context: a cancel scope and the loop timer that cancels it. A
+    class, not a generator-based context manager or a closure: it wraps every token request,
+    and a closure that re-arms itself refers to itself, a cycle (with the cancel scope and the
+    loop's handle it holds) that was left to the garbage collector after every request."""
+
+    __slots__ = ("clock", "expired", "handle", "scope", "seconds")
+
+    def __init__(self, seconds: float, clock: Callable[[], float]) -> None:
+        self.seconds = seconds
+        self.clock = clock
+        self.expired = False
+        self.handle: asyncio.TimerHandle | None = None
+        self.scope = anyio.CancelScope()
+
+    async def __aenter__(self) -> None:
+        self.scope.__enter__()
+        self._arm(self.seconds)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+        # Only the timer cancels this scope, so what it catches is the deadline: TimeoutError
+        # in place of the cancellation. Anything else passes through.
+        self.scope.__exit__(exc_type, exc, tb)
+        if self.expired and self.scope.cancelled_caught:
+            raise TimeoutError
+
+    def _arm(self, wait: float) -> None:
+        loop = asyncio.get_running_loop()
+        self.handle = loop.call_later(wait, self._fire, self.clock(), wait)
+
+    def _fire(self, armed_at: float, wait: float) -> None:
+        if self.clock() - armed_at - wait > PAUSE_TOLERANCE:
+            # Fired far too late: the process was stopped. Let the body read what waits.
+            self._arm(AFTER_PAUSE)
+            return
+        self.expired = True
+        self.scope.cancel()
+
+
+def fail_after(seconds: float, *, clock: Callable[[], float] = time.monotonic) -> Deadline:
     """Like ``anyio.fail_after(seconds)`` (raises TimeoutError when the body is cut short), but
     a pause of the whole process extends the deadline by :data:`AFTER_PAUSE` only.
 
     A timer on the event loop, not a watcher task: this wraps every token request, and a task
     (with its task group) per request was a measurable share of the daemon's CPU."""
-    loop = asyncio.get_running_loop()
-    expired = False
-    timer: asyncio.TimerHandle | None = None
-    with anyio.CancelScope() as scope:
-
-        def fire(armed_at: float, wait: float) -> None:
-            nonlocal expired, timer
-            if clock() - armed_at - wait > PAUSE_TOLERANCE:
-                # Fired far too late: the process was stopped. Let the body read what waits.
-                timer = loop.call_later(AFTER_PAUSE, fire, clock(), AFTER_PAUSE)
-                return
-            expired = True
-            scope.cancel()
-
-        timer = loop.call_later(seconds, fire, clock(), seconds)
-        try:
-            yield
-        finally:
-            assert timer is not None
-            timer.cancel()
-    if expired and scope.cancelled_caught:
-        raise TimeoutError
+    return Deadline(seconds, clock)

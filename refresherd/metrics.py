@@ -49,6 +49,7 @@ _EXPORTER_NOTE: Final = " Exported by one daemon per database (refresherd_databa
 # so; the other gauges are the primary's alone (its own state, or DATABASE_FIGURES).
 PER_PROCESS_GAUGES: Final = {
     "refresherd_refreshes_in_flight": "sum",
+    "refresherd_concurrency_limit": "sum",
     "refresherd_unpersisted_grants": "sum",
     "refresherd_provider_circuit_open": "max",
     "refresherd_storage_writable": "min",
@@ -249,6 +250,13 @@ class Metrics:
         self.in_flight = Gauge(
             "refresherd_refreshes_in_flight",
             "Refreshes currently running.",
+            registry=r,
+        )
+        self.concurrency_limit = Gauge(
+            "refresherd_concurrency_limit",
+            "Refreshes of a provider that may be in flight now: its adaptive limit"
+            " (refresherd.concurrency), within [daemon] concurrency.",
+            ["provider"],
             registry=r,
         )
         self.config_reloads = Counter(

@@ -1,7 +1,13 @@
 """Which token sets are due, handed to the refresher under a concurrency limit.
 
 The database is the queue: a due-time index, batched claims of at most as many rows as there
-are free slots, and a sleep until the next planned refresh. A refresh started elsewhere in this
+are free slots, and a sleep until the next planned refresh. The slots are each provider's
+adaptive limit (refresherd.concurrency, fed by the refresher with the IdP's answer times),
+under [daemon] concurrency for the whole process: a provider at its limit is left out of the
+claim. With several providers one claim may lease up to the roomiest provider's free slots of
+another's rows (the claim cannot say how many of each): a provider's limit may be overrun by
+one batch, and its hard caps (``max_concurrent_refreshes``, ``max_requests_per_second``,
+refresherd.throttle) still hold exactly. A refresh started elsewhere in this
 process (the token API, the CLI path) shares the refresher's single-flight; another process is
 kept out by the lease.
 """
@@ -21,6 +27,7 @@ from refresherd.metrics import Metrics
 from refresherd.model import TokenSet
 from refresherd.refresh.circuits import ProviderCircuits
 from refresherd.refresh.leases import Leases
+from refresherd.refresh.providers import Providers
 from refresherd.refresh.refresher import Refresher
 from refresherd.refresh.storage import StorageWatch
 from refresherd.store import StoreError, TokenStore
@@ -51,6 +58,7 @@ class Scheduler:
         circuits: ProviderCircuits,
         metrics: Metrics,
         concurrency: int,
+        providers: Providers | None = None,
         poll_interval: float,
         max_grace_period: float,
         clock: Clock,
@@ -64,13 +72,18 @@ class Scheduler:
         # Providers whose circuit is open are not claimed for.
         self.circuits = circuits
         self.metrics = metrics
+        # The most refreshes in flight, the whole process's: the providers' limits' ceiling.
         self.concurrency = concurrency
+        # Each provider's adaptive limit; None: [daemon] concurrency alone (unit tests).
+        self.providers = providers
         self.poll_interval = poll_interval
         self.max_grace_period = max_grace_period
         self.clock = clock
         self._wake = anyio.Event()
         self._stopping = False
         self._running = 0
+        # Refreshes started by the scheduler, per provider (see _room).
+        self._running_of: dict[str, int] = {}
         # Refreshes handed over and not yet taken up by a runner, and the runners waiting for
         # one (see _start).
         self._queue: deque[tuple[str, TokenSet | None]] = deque()
@@ -78,6 +91,8 @@ class Scheduler:
         self._last_reap = float("-inf")
         # (when read, the longest per-set grace period): see _open_attempts.
         self._set_grace: tuple[float, float] | None = None
+        self._reading_set_grace = False
+        self._tg: anyio.abc.TaskGroup | None = None
         self._clock_offset: float | None = None
         self.storage_ok = True
 
@@ -101,6 +116,7 @@ class Scheduler:
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         async with anyio.create_task_group() as tg:
+            self._tg = tg
             # Before "started" (and so before /readyz says ready): from then on a clock step
             # is measured against this first reading.
             try:
@@ -163,19 +179,33 @@ class Scheduler:
         """``(id, owner)`` of the journaled attempts whose grace window may still be open."""
         # A token set may carry a grace period longer than any provider's (per-set policy).
         # Finding the longest reads every row: the reaper asks every REAP_INTERVAL, so the
-        # answer is kept for SET_GRACE_TTL (a set added meanwhile is covered after that).
+        # answer is kept for SET_GRACE_TTL (a set added meanwhile is covered after that), and
+        # read again beside the scheduling, not in its way (a second at a million sets).
         mono = self.clock.monotonic()
-        if self._set_grace is None or mono - self._set_grace[0] >= SET_GRACE_TTL:
+        if self._set_grace is None or self._tg is None:
             self._set_grace = (mono, await self.store.max_set_grace_period())
+        elif mono - self._set_grace[0] >= SET_GRACE_TTL and not self._reading_set_grace:
+            self._reading_set_grace = True
+            self._tg.start_soon(self._read_set_grace, name="longest grace period")
         window = max(self.max_grace_period, self._set_grace[1])
         return await self.store.unresolved_attempts(since=self.clock.wall() - window)
+
+    async def _read_set_grace(self) -> None:
+        mono = self.clock.monotonic()
+        try:
+            self._set_grace = (mono, await self.store.max_set_grace_period())
+        except StoreError as exc:
+            # The last answer stands; asked again at the next reap.
+            log.error("cannot read the longest grace period", error=str(exc))
+        finally:
+            self._reading_set_grace = False
 
     async def _tick(self, tg: anyio.abc.TaskGroup) -> None:
         await self._reap_dead_owners(tg)
         await self._notice_clock_step_back()
         now = self.clock.wall()
         blocked = self.circuits.blocked(now)
-        free = self.concurrency - self._running
+        free, full = self._room(blocked)
         if free > 0:
             # Each set as read under our new lease: the refresh starts from it, unclaimed again.
             claimed = await self.store.claim_due_sets(
@@ -183,7 +213,7 @@ class Scheduler:
                 now=now,
                 lease_until=self.leases.until(now),
                 limit=free,
-                exclude_providers=blocked,
+                exclude_providers=blocked + full,
             )
             for ts in claimed:
                 self._start(tg, ts.id, ts)
@@ -194,9 +224,42 @@ class Scheduler:
         else:
             await self._wait_for_slots(self.poll_interval)
             return
+        # Not leaving out the providers at their limit: a look past all of a big backlog's
+        # rows for another provider's would read the whole index. One of them due means:
+        # wait for a refresh to end (it wakes us), as when saturated.
         next_at = await self.store.next_due_at(now=now, exclude_providers=blocked)
         delay = self.poll_interval if next_at is None else next_at - self.clock.wall()
+        if full and delay <= 0:
+            delay = self.poll_interval
         await self._wait(min(max(delay, 0.0), self.poll_interval))
+
+    def _room(self, blocked: list[str]) -> tuple[int, list[str]]:
+        """How many sets one claim may lease now, and the providers at their adaptive limit
+        (left out of it, as those whose circuit is open are)."""
+        free = self.concurrency - self._running
+        full: list[str] = []
+        if self.providers is None:
+            return free, full
+        roomiest = 0
+        open_providers = 0
+        for name in self.providers:
+            limit = self.providers.limit(name).limit
+            self.metrics.concurrency_limit.labels(name).set(limit)
+            if name in blocked:
+                continue
+            open_providers += 1
+            room = limit - self._running_of.get(name, 0)
+            if room <= 0:
+                full.append(name)
+            roomiest = max(roomiest, room)
+        if open_providers and not roomiest:
+            # Every provider that may be claimed for is at its limit: saturated. (A claim
+            # leaving them all out would look through every due row for another provider's:
+            # at a million sets, seconds with the store held.)
+            return 0, full
+        # A row of a provider no longer configured is claimed for its outcome; otherwise no
+        # claim leases more than a provider below its limit has room for.
+        return (min(free, roomiest) if roomiest else free), full
 
     async def _notice_clock_step_back(self) -> None:
         """After a step of the wall clock back (and at start: the daemon may have been down
@@ -228,6 +291,8 @@ class Scheduler:
         are never more than the most refreshes that ran at once (the concurrency, unless
         crash recovery added some), and they end when the scheduler stops."""
         self._running += 1
+        if claimed is not None:
+            self._running_of[claimed.provider] = self._running_of.get(claimed.provider, 0) + 1
         self._queue.append((token_set_id, claimed))
         if self._idle:
             self._idle.pop().set()
@@ -258,6 +323,8 @@ class Scheduler:
                 await self.store.release(token_set_id, owner=self.leases.owner)
         finally:
             self._running -= 1
+            if claimed is not None:
+                self._running_of[claimed.provider] -= 1
             self._wake.set()
 
     async def _wait(self, delay: float) -> None:
@@ -289,9 +356,9 @@ class Scheduler:
         """Saturated: sleep up to ``delay`` until an eighth of the slots are free (at least
         one), so that one claim statement starts several refreshes rather than one each, and
         without watching for other processes' commits (a refresh ending wakes us anyway)."""
-        want = max(1, self.concurrency // 8)
+        want = max(1, min(self.concurrency, self._limits()) // 8)
         deadline = self.clock.monotonic() + delay
-        while not self._stopping and self.concurrency - self._running < want:
+        while not self._stopping and self._room(self.circuits.blocked(self.clock.wall()))[0] < want:
             remaining = deadline - self.clock.monotonic()
             if remaining <= 0:
                 break
@@ -299,6 +366,12 @@ class Scheduler:
                 await self._wake.wait()
             self._wake = anyio.Event()
         self._wake = anyio.Event()
+
+    def _limits(self) -> int:
+        """The providers' limits together (at least one slot)."""
+        if self.providers is None:
+            return self.concurrency
+        return max(1, sum(self.providers.limit(name).limit for name in self.providers))
 
     async def _reap_dead_owners(self, tg: anyio.abc.TaskGroup, *, force: bool = False) -> None:
         """Take over the leases of owners that are gone, and continue at once the attempts

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Literal
 
 from refresherd.errors import InvalidInput
 from refresherd.model import AuthMethod, RefreshMode, RefreshTokenUsage, Secret
@@ -30,6 +30,12 @@ if TYPE_CHECKING:
 
 # sysexits.h EX_CONFIG: the exit code of every configuration error.
 EX_CONFIG = 78
+
+# `[daemon] concurrency = "auto"`: refreshes in flight adapt to the IdP's pace
+# (refresherd.concurrency) up to this many, the whole daemon's. Measured (docs/benchmarks.md):
+# enough for a backlog to drain at the machine's pace with an IdP 50-200 ms away.
+AUTO_CONCURRENCY: Final = 512
+Auto = Literal["auto"]
 
 
 class ConfigError(InvalidInput):
@@ -47,7 +53,9 @@ class ConfigError(InvalidInput):
 class DaemonConfig:
     # A SQLite file (a Path) or a PostgreSQL database (refresherd.store.location).
     database: Location
-    concurrency: int = 32
+    # The most refreshes in flight, the whole daemon's: the ceiling of each provider's adaptive
+    # limit (refresherd.concurrency); "auto": AUTO_CONCURRENCY.
+    concurrency: int | Auto = "auto"
     lease_duration: float = 60.0
     shutdown_timeout: float = 20.0
     poll_interval: float = 1.0
@@ -174,7 +182,9 @@ class ProviderConfig:
     request_timeout: float = 10.0
     connect_timeout: float = 5.0
     scope: str | None = None
-    max_connections: int = 20
+    # The provider's connection pool; "auto": as many as its refreshes in flight need, which
+    # the adaptive limit, [daemon] concurrency and max_concurrent_refreshes bound.
+    max_connections: int | Auto = "auto"
     # Politeness (refresherd.throttle): refreshes in flight at once and sends per second to
     # this IdP; None: no limit beyond max_connections and [daemon] concurrency.
     max_concurrent_refreshes: int | None = None
@@ -298,6 +308,11 @@ def format_duration(seconds: float) -> str:
 # --- rules shared with the loader -------------------------------------------------------------
 
 
+def concurrency_ceiling(daemon: DaemonConfig) -> int:
+    """The most refreshes the daemon may have in flight: ``concurrency``, or the auto ceiling."""
+    return AUTO_CONCURRENCY if daemon.concurrency == "auto" else daemon.concurrency
+
+
 def share_problem(
     daemon: DaemonConfig, providers: Mapping[str, ProviderConfig]
 ) -> tuple[str, str] | None:
@@ -306,9 +321,10 @@ def share_problem(
     n = daemon.workers
     if n == 1:
         return None
-    limits = [("daemon.concurrency", daemon.concurrency)]
+    limits = [("daemon.concurrency", concurrency_ceiling(daemon))]
     for name, p in providers.items():
-        limits.append((f"providers.{name}.max_connections", p.max_connections))
+        if p.max_connections != "auto":
+            limits.append((f"providers.{name}.max_connections", p.max_connections))
         if p.max_concurrent_refreshes is not None:
             limits.append(
                 (f"providers.{name}.max_concurrent_refreshes", p.max_concurrent_refreshes)

@@ -31,7 +31,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from refresherd import deadlines
 from refresherd.logs import get_logger
 from refresherd.metrics import Metrics
-from refresherd.settings import EX_CONFIG, Config, share_problem
+from refresherd.settings import EX_CONFIG, Config, concurrency_ceiling, share_problem
 from refresherd.worker_metrics import Snapshot, decode, encode, retire, take_snapshot
 
 log = get_logger("refresherd.workers")
@@ -71,7 +71,9 @@ def process_share(config: Config, index: int) -> Config:
     providers = {
         name: dataclasses.replace(
             p,
-            max_connections=share(p.max_connections, n, index),
+            max_connections=(
+                "auto" if p.max_connections == "auto" else share(p.max_connections, n, index)
+            ),
             max_concurrent_refreshes=(
                 None
                 if p.max_concurrent_refreshes is None
@@ -83,8 +85,9 @@ def process_share(config: Config, index: int) -> Config:
         )
         for name, p in config.providers.items()
     }
+    # "auto" is a ceiling too (AUTO_CONCURRENCY), shared out as a count is.
     daemon = dataclasses.replace(
-        config.daemon, concurrency=share(config.daemon.concurrency, n, index)
+        config.daemon, concurrency=share(concurrency_ceiling(config.daemon), n, index)
     )
     return dataclasses.replace(config, daemon=daemon, providers=providers)
 

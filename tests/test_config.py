@@ -162,7 +162,7 @@ def test_defaults(tmp_path: Path) -> None:
     assert config.daemon.database == tmp_path / "tokens.db"
     d = config.daemon
     assert (d.concurrency, d.lease_duration, d.shutdown_timeout, d.poll_interval) == (
-        32,
+        "auto",
         60.0,
         20.0,
         1.0,
@@ -187,7 +187,7 @@ def test_defaults(tmp_path: Path) -> None:
     assert p.auth_method is AuthMethod.CLIENT_SECRET_POST
     assert p.refresh_token_usage is RefreshTokenUsage.ONE_TIME
     assert (p.grace_period, p.request_timeout, p.connect_timeout) == (0.0, 10.0, 5.0)
-    assert (p.scope, p.max_connections) == (None, 20)
+    assert (p.scope, p.max_connections) == (None, "auto")
     assert config.warnings == ()
 
 
@@ -315,9 +315,13 @@ def test_resolve_config_path() -> None:
         (MINIMAL + "[server]\nenabled = 'yes'\n", "server.enabled",
          ["expected true or false, got a string"]),
         (MINIMAL.replace('"tokens.db"', '"tokens.db"\nconcurrency = true'),
-         "daemon.concurrency", ["expected an integer, got a boolean"]),
+         "daemon.concurrency", ['expected an integer or "auto", got a boolean']),
         (MINIMAL.replace('"tokens.db"', '"tokens.db"\nconcurrency = 1.5'),
-         "daemon.concurrency", ["expected an integer, got a float"]),
+         "daemon.concurrency", ['expected an integer or "auto", got 1.5']),
+        (MINIMAL.replace('"tokens.db"', '"tokens.db"\nconcurrency = "many"'),
+         "daemon.concurrency", ['expected an integer or "auto", got "many"']),
+        (with_provider('max_connections = "Auto"'), "providers.visma.max_connections",
+         ['expected an integer or "auto", got "Auto"']),
         (MINIMAL + "[schedule]\njitter = '0.1'\n", "schedule.jitter",
          ["expected a number, got a string"]),
         (MINIMAL + "[schedule]\njitter = 2024-01-01\n", "schedule.jitter",
@@ -1001,3 +1005,12 @@ def test_workers_need_a_connection_each(tmp_path: Path) -> None:
     text = with_database('database = "tokens.db"\nworkers = 3') + "max_connections = 2\n"
     error = load_error(tmp_path, text)
     assert_error(error, tmp_path, "providers.visma.max_connections", "at least 3, one for each")
+
+
+def test_concurrency_and_max_connections_may_be_auto_or_a_count(tmp_path: Path) -> None:
+    text = MINIMAL.replace('"tokens.db"', '"tokens.db"\nconcurrency = "auto"')
+    config = load(tmp_path, text + 'max_connections = "auto"\n')
+    assert config.daemon.concurrency == "auto"
+    assert config.providers["visma"].max_connections == "auto"
+    config = load(tmp_path, MINIMAL.replace('"tokens.db"', '"tokens.db"\nconcurrency = 700'))
+    assert config.daemon.concurrency == 700

@@ -50,6 +50,7 @@ LAYER_OF: dict[str, str] = {
     "refresherd.policy": "pure core",
     "refresherd.throttle": "pure core",
     "refresherd.latency": "pure core",
+    "refresherd.concurrency": "pure core",
     "refresherd.storage_health": "pure core",
     "refresherd.worker_metrics": "pure core",
     "refresherd.encryption": "pure core",  # AES-GCM on values; imports the model only

@@ -94,13 +94,24 @@ def _oauth_error(status: int, body: bytes, secrets: tuple[Secret, ...] = ()) -> 
     return OAuthError(FailureReason.HTTP_ERROR, detail, status=status)
 
 
+def pool_size(provider: ProviderConfig) -> int:
+    """The provider's connection pool: ``max_connections``, or with "auto" as many as its
+    refreshes in flight (0: no limit of the pool's own). Those are bounded by the adaptive
+    limit within [daemon] concurrency and by ``max_concurrent_refreshes``, so a pool of a
+    fixed size would only be a second, silent limit below them (issue #18: the old default of
+    20 held a 1M-set daemon to 380 refreshes/s)."""
+    if provider.max_connections != "auto":
+        return provider.max_connections
+    return provider.max_concurrent_refreshes or 0
+
+
 class TokenEndpoint:
     """A provider's token endpoint, with its own connection pool and pinned auth method."""
 
     def __init__(self, provider: ProviderConfig) -> None:
         self.provider = provider
         self._transport = Transport(
-            max_connections=provider.max_connections, connect_timeout=provider.connect_timeout
+            max_connections=pool_size(provider), connect_timeout=provider.connect_timeout
         )
         # (form fields, headers) that authenticate the client: see _client_auth.
         self._auth: tuple[str, dict[str, str]] | None = None

@@ -25,9 +25,10 @@ CONNECT_MARGIN: Final = 0.25
 
 
 class Transport:
-    """One provider's pool of at most ``max_connections`` connections to its IdP, and one POST
-    at a time through it: the status, headers and body of the answer, or :class:`NotSent` /
-    :class:`Ambiguous` saying whether the request may have left."""
+    """One provider's pool of at most ``max_connections`` connections to its IdP (0: no limit
+    of its own), and one POST at a time through it: the status, headers and body of the
+    answer, or :class:`NotSent` / :class:`Ambiguous` saying whether the request may have
+    left."""
 
     def __init__(self, *, max_connections: int, connect_timeout: float) -> None:
         self.max_connections = max_connections

@@ -13,13 +13,15 @@ reload.
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
+from refresherd.concurrency import GradientLimit
 from refresherd.idp.endpoint import TokenEndpoint
 from refresherd.latency import AnswerTimes, HedgeBudget
 from refresherd.refresh.circuits import ProviderCircuits
-from refresherd.settings import ProviderConfig, ScheduleConfig
+from refresherd.settings import AUTO_CONCURRENCY, ProviderConfig, ScheduleConfig
 from refresherd.throttle import ProviderThrottle, Throttles
 
 
@@ -31,10 +33,20 @@ class Providers:
         providers: Mapping[str, ProviderConfig],
         endpoints: Mapping[str, TokenEndpoint],
         schedule: ScheduleConfig,
+        *,
+        concurrency: int = AUTO_CONCURRENCY,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._configs = dict(providers)
         self._endpoints = dict(endpoints)
         self.schedule = schedule
+        # [daemon] concurrency (its ceiling): each provider's adaptive limit stays below it.
+        self.concurrency = concurrency
+        self._monotonic = monotonic
+        self._limits: dict[str, GradientLimit] = {}
+        # Refreshes of each provider past its throttle, sending or about to (the limit's
+        # "in use").
+        self.sending: defaultdict[str, int] = defaultdict(int)
         self.circuits = ProviderCircuits()
         self._throttles = Throttles()
         # Per provider, made at its first refresh.
@@ -47,11 +59,20 @@ class Providers:
         providers: Mapping[str, ProviderConfig],
         endpoints: Mapping[str, TokenEndpoint],
         schedule: ScheduleConfig,
+        concurrency: int | None = None,
     ) -> None:
-        """Take a reloaded config. In-flight refreshes keep what they started with."""
+        """Take a reloaded config. In-flight refreshes keep what they started with; the
+        adaptive limits keep what they learned, within their new ceilings."""
         self._configs = dict(providers)
         self._endpoints = dict(endpoints)
         self.schedule = schedule
+        if concurrency is not None:
+            self.concurrency = concurrency
+        for name in list(self._limits):
+            if name in self._configs:
+                self._limits[name].set_ceiling(self._ceiling(name))
+            else:
+                del self._limits[name]
 
     def __contains__(self, name: object) -> bool:
         return name in self._configs
@@ -73,6 +94,20 @@ class Providers:
     def throttle(self, provider: ProviderConfig) -> ProviderThrottle | None:
         """The provider's throttle, None when it sets no limit (refresherd.throttle)."""
         return self._throttles.of(provider)
+
+    def limit(self, provider: str) -> GradientLimit:
+        """The provider's adaptive limit on refreshes in flight (refresherd.concurrency)."""
+        limit = self._limits.get(provider)
+        if limit is None:
+            limit = GradientLimit(ceiling=self._ceiling(provider), now=self._monotonic())
+            self._limits[provider] = limit
+        return limit
+
+    def _ceiling(self, provider: str) -> int:
+        config = self._configs.get(provider)
+        if config is None or config.max_concurrent_refreshes is None:
+            return self.concurrency
+        return min(self.concurrency, config.max_concurrent_refreshes)
 
     def answer_times(self, provider: str) -> AnswerTimes:
         """The provider's recent answer times (its pace, for planning grace-window sends)."""

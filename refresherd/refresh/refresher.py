@@ -273,7 +273,13 @@ class Refresher:
         # the refresh keep this slot (refresherd.throttle).
         throttle = self._providers.throttle(provider)
         async with throttle.slot() if throttle else nullcontext():
-            return await self._attempts(ts, eff, provider, endpoint)
+            # What the provider's adaptive limit counts as in use (refresherd.concurrency).
+            sending = self._providers.sending
+            sending[ts.provider] += 1
+            try:
+                return await self._attempts(ts, eff, provider, endpoint)
+            finally:
+                sending[ts.provider] -= 1
 
     async def _attempts(
         self,
@@ -316,8 +322,10 @@ class Refresher:
             async with anyio.create_task_group() as tg:
                 end = await series.run(tg)
                 # The other sends still out: their answers are not needed (inside the window
-                # any grant is good, and the first one is ours).
-                tg.cancel_scope.cancel()
+                # any grant is good, and the first one is ours). Usually none is out, and a
+                # cancellation (a scheduled delivery per task) would be for nothing.
+                if series.in_flight:
+                    tg.cancel_scope.cancel()
         except BaseException:
             # Cancelled (shutdown past its deadline) or failed with a grant in hand: the IdP
             # may have rotated, and this is the only copy. Store it before going.

@@ -18,7 +18,7 @@ import anyio.abc
 from refresherd import policy
 from refresherd.clock import Clock
 from refresherd.idp.endpoint import TokenEndpoint
-from refresherd.idp.failures import EndpointError
+from refresherd.idp.failures import EndpointError, FailureReason
 from refresherd.latency import AnswerTimes
 from refresherd.logs import get_logger
 from refresherd.metrics import Metrics
@@ -32,6 +32,18 @@ from refresherd.settings import ProviderConfig
 from refresherd.store import StoreError, TokenStore
 
 log = get_logger("refresherd.refresh.series")
+
+# Failures that say the IdP (or the way to it) had more than it could take: the adaptive
+# limit backs off. Any other answer (an OAuth error, a malformed body) is timed like a grant.
+_OVERLOAD = frozenset(
+    {
+        FailureReason.CONNECT_ERROR,
+        FailureReason.TIMEOUT,
+        FailureReason.NETWORK_ERROR,
+        FailureReason.SERVER_ERROR,
+        FailureReason.RATE_LIMITED,
+    }
+)
 
 
 @dataclass(slots=True)
@@ -225,8 +237,11 @@ class Series:
             )
             # Only the wait for an answer is bounded: what is done with one is never cut short.
             answer: _Answer | None = None
-            with anyio.move_on_after(wait):
+            if wait == math.inf:  # the usual case, without a cancel scope
                 answer = await self._answers.receive()
+            else:
+                with anyio.move_on_after(wait):
+                    answer = await self._answers.receive()
             if answer is None:
                 continue
             self.in_flight -= 1
@@ -313,8 +328,21 @@ class Series:
             failure = Failure(
                 FailureKind.AMBIGUOUS, "internal_error", f"unexpected {type(exc).__name__}"
             )
-        duration = self._clock.monotonic() - started
+        ended = self._clock.monotonic()
+        duration = ended - started
+        self._pace(failure, duration, ended)
         self._answers_in.send_nowait(_Answer(attempt, grant, failure, duration))
+
+    def _pace(self, failure: Failure | None, duration: float, now: float) -> None:
+        """Feed the provider's adaptive limit (refresherd.concurrency): an answer's time, or a
+        sign of overload (429/503, 5xx, timeout, connection failure)."""
+        provider = self.ts.provider
+        limit = self._providers.limit(provider)
+        in_flight = self._providers.sending[provider]
+        if failure is None or failure.reason not in _OVERLOAD:
+            limit.answered(duration, in_flight=in_flight, now=now)
+        else:
+            limit.overloaded(in_flight=in_flight, now=now)
 
     async def _on_answer(
         self, answer: _Answer

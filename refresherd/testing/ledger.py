@@ -121,6 +121,8 @@ _COUNTERS: Final = (
     "reuse_revoked_families",
     "code_exchanges",
     "outages",
+    # Not a count: the most token requests the IdP was handling at once (its latency included).
+    "peak_requests_in_flight",
 )
 
 
@@ -282,6 +284,12 @@ class Ledger:
     def requests(self) -> int:
         """Requests that reached the token endpoint, faulted ones included."""
         return self._counts["requests"]
+
+    @property
+    def peak_requests_in_flight(self) -> int:
+        """The most token requests handled at once, from arrival to answer (latency included):
+        what a client's concurrency looks like from the IdP's side."""
+        return self._counts["peak_requests_in_flight"]
 
     @property
     def refreshes(self) -> int:

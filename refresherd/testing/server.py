@@ -275,6 +275,7 @@ class FakeIdP:
         self._gate = threading.Event()
         self._gate.set()
         self._held = 0
+        self._requests_in_flight = 0
         # refuse_connections(): the listener is closed until then (time.monotonic()).
         self._refuse_until = 0.0
         self._listening: anyio.CancelScope | None = None
@@ -612,6 +613,24 @@ class FakeIdP:
     # -- token endpoint -------------------------------------------------------------------
 
     async def _token_endpoint(
+        self,
+        conn: h11.Connection,
+        stream: anyio.abc.SocketStream,
+        request: h11.Request,
+        body: bytes,
+    ) -> bool:
+        with self._lock:
+            self._requests_in_flight += 1
+            counts = self.ledger._counts
+            if self._requests_in_flight > counts["peak_requests_in_flight"]:
+                counts["peak_requests_in_flight"] = self._requests_in_flight
+        try:
+            return await self._token_request(conn, stream, request, body)
+        finally:
+            with self._lock:
+                self._requests_in_flight -= 1
+
+    async def _token_request(
         self,
         conn: h11.Connection,
         stream: anyio.abc.SocketStream,
