@@ -641,7 +641,7 @@ def test_three_mistakes_in_a_config_file_are_reported_in_one_run(tmp_path: Path)
     assert proc.returncode == 78
     assert proc.stderr.splitlines() == [
         f'refresherd: {path}: daemon.databse: unknown key; did you mean "database"?',
-        f"refresherd: {path}: daemon.concurrency: expected an integer, got a string",
+        f'refresherd: {path}: daemon.concurrency: expected an integer or "auto", got "8"',
         f'refresherd: {path}: providers.p.token_url: expected an https URL such as "https://'
         'connect.visma.com/connect/token", got "ftp://idp.example.com/token"',
     ]
