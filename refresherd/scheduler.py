@@ -58,7 +58,7 @@ class Scheduler:
         circuits: ProviderCircuits,
         metrics: Metrics,
         concurrency: int,
-        providers: Providers | None = None,
+        providers: Providers,
         poll_interval: float,
         max_grace_period: float,
         clock: Clock,
@@ -74,7 +74,7 @@ class Scheduler:
         self.metrics = metrics
         # The most refreshes in flight, the whole process's: the providers' limits' ceiling.
         self.concurrency = concurrency
-        # Each provider's adaptive limit; None: [daemon] concurrency alone (unit tests).
+        # Each provider's adaptive limit (refresherd.concurrency).
         self.providers = providers
         self.poll_interval = poll_interval
         self.max_grace_period = max_grace_period
@@ -238,8 +238,6 @@ class Scheduler:
         (left out of it, as those whose circuit is open are)."""
         free = self.concurrency - self._running
         full: list[str] = []
-        if self.providers is None:
-            return free, full
         roomiest = 0
         open_providers = 0
         for name in self.providers:
@@ -356,9 +354,10 @@ class Scheduler:
         """Saturated: sleep up to ``delay`` until an eighth of the slots are free (at least
         one), so that one claim statement starts several refreshes rather than one each, and
         without watching for other processes' commits (a refresh ending wakes us anyway)."""
-        want = max(1, min(self.concurrency, self._limits()) // 8)
+        blocked = self.circuits.blocked(self.clock.wall())
+        want = max(1, min(self.concurrency, self._limits(blocked)) // 8)
         deadline = self.clock.monotonic() + delay
-        while not self._stopping and self._room(self.circuits.blocked(self.clock.wall()))[0] < want:
+        while not self._stopping and self._room(blocked)[0] < want:
             remaining = deadline - self.clock.monotonic()
             if remaining <= 0:
                 break
@@ -367,11 +366,10 @@ class Scheduler:
             self._wake = anyio.Event()
         self._wake = anyio.Event()
 
-    def _limits(self) -> int:
-        """The providers' limits together (at least one slot)."""
-        if self.providers is None:
-            return self.concurrency
-        return max(1, sum(self.providers.limit(name).limit for name in self.providers))
+    def _limits(self, blocked: list[str]) -> int:
+        """The limits of the providers that may be claimed for, together (at least one)."""
+        limits = (self.providers.limit(p).limit for p in self.providers if p not in blocked)
+        return max(1, sum(limits))
 
     async def _reap_dead_owners(self, tg: anyio.abc.TaskGroup, *, force: bool = False) -> None:
         """Take over the leases of owners that are gone, and continue at once the attempts
