@@ -613,3 +613,11 @@ def anyio_backend() -> str:
     otherwise (tests/test_client.py also runs the client on trio). Without this, anyio's
     plugin runs them on every backend installed, and trio is (for the client's tests)."""
     return "asyncio"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The files holding `slow` tests first (stable otherwise): with `--dist loadfile` a file is
+    one unit of work, handed out in this order, and a minute-long file that starts last is the
+    whole suite's tail on two cores."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow") is not None}
+    items.sort(key=lambda item: item.path not in slow_files)

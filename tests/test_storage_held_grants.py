@@ -8,6 +8,7 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from conftest import DaemonProcess, IdPHandle, metric, read_rows, wait_until
 from test_storage_faults import (
     HELD,
@@ -29,6 +30,7 @@ IdPFactory = Callable[..., IdPHandle]
 Daemons = Callable[..., DaemonProcess]
 
 
+@pytest.mark.slow
 def test_a_grant_refused_for_longer_than_the_persist_deadline_is_held_until_stored(
     tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons
 ) -> None:
@@ -84,6 +86,7 @@ def test_a_grant_refused_for_longer_than_the_persist_deadline_is_held_until_stor
     assert_nothing_lost(idp, db)
 
 
+@pytest.mark.slow
 def test_a_held_grant_lost_at_shutdown_is_recovered_from_the_journal_inside_grace(
     tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons
 ) -> None:
