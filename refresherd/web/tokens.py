@@ -141,14 +141,7 @@ class TokenApi:
         if cache is not None:
             cache.remember(ts, generation, now)
         if isinstance(decision, policy.RefreshFirst):
-            with anyio.move_on_after(self.config.wait_timeout):
-                return await self._refresh_and_answer(ts)
-            return error(
-                504,
-                "timeout",
-                f"the refresh did not finish within {self.config.wait_timeout:g}s; "
-                "it continues, ask again",
-            )
+            return await self._refresh_within_wait(ts)
         return self._answer(ts, decision, now)
 
     # ---- POST /v1/tokens/{id}/refresh ------------------------------------------------------
@@ -200,6 +193,11 @@ class TokenApi:
                     retry_at=again_at,
                     headers={"retry-after": str(max(int(again_at - now) + 1, 1))},
                 )
+        return await self._refresh_within_wait(ts)
+
+    async def _refresh_within_wait(self, ts: TokenSet) -> Response:
+        """Refresh and answer, bounded by ``[api] wait_timeout`` (504 past it: the refresh
+        goes on in the refresher's own task group)."""
         with anyio.move_on_after(self.config.wait_timeout):
             return await self._refresh_and_answer(ts)
         return error(
