@@ -143,6 +143,8 @@ def one_run(
             for proc, port, log in zip(procs, ports, logs, strict=True):
                 run.wait_ready(proc, port, log_name=log.name, timeout=120)
             cpu = {p.pid: run.cpu_seconds(p.pid) for p in procs}
+            # A small run can finish between two polls: then the clock starts at readiness.
+            ready = time.perf_counter()
             alive = list(range(daemons))
             killed = False
             counts = [0.0] * daemons
@@ -156,7 +158,7 @@ def one_run(
                 done = sum(counts)
                 now = time.perf_counter()
                 if first is None and done > 0:
-                    first = now
+                    first = ready if done >= n else now
                 if done >= n or (killed and now >= next_check and _all_refreshed(location)):
                     # After a kill the database says when all is done: the dead daemon's last
                     # refreshes are in neither its scrape nor, if it died first, its log.
@@ -257,9 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         spread = "" if r["survivor_spread"] is None else f"{r['survivor_spread']:.0%}"
         cpu = "" if r["cpu_ms_per_refresh"] is None else f"{r['cpu_ms_per_refresh']:.2f}"
+        rate = "" if r["per_second"] is None else f"{r['per_second']:,.0f}"
         print(
             f"| {r['backend']} | {r['daemons']}{' (1 killed)' if r['killed_first'] else ''} "
-            f"| {r['per_second']:,.0f} | {'/'.join(map(str, r['shares']))} "
+            f"| {rate} | {'/'.join(map(str, r['shares']))} "
             f"| {spread} | {cpu} |"
         )
     if args.out:
