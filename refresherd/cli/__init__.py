@@ -59,10 +59,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.close(devnull)
         return EX_BROKEN_PIPE
     except KeyboardInterrupt:
-        # We are ending: a second Ctrl-C must not interrupt the report of the first.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _ignore_further_interrupts()
         # What a command's interruption leaves behind, where it says (parser.py).
         return report_interrupted(getattr(args, "interrupted", "interrupted"))
+
+
+def _ignore_further_interrupts() -> None:
+    """We are ending: a second Ctrl-C must not interrupt the report of the first, not even
+    one that lands before the first's handler gets to ignore it."""
+    while True:
+        try:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            return
+        except KeyboardInterrupt:
+            continue
 
 
 def _run(args: argparse.Namespace) -> int:
