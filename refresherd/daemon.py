@@ -454,6 +454,7 @@ class Daemon:
                 refresher=rt.refresher,
                 providers=rt.providers,
                 storage=rt.storage,
+                events=rt.events,
                 config=api,
                 clock=self.clock,
                 wake=scheduler.wake,

@@ -41,7 +41,7 @@ from conftest import (
     write_config,
 )
 from databases import Database
-from test_api import Client, new_bearer
+from test_api import REDIRECT, Client, new_bearer
 from test_storage_faults import HELD, HeldLock
 
 from refresherd.connect import EXPIRED_STATE_KEPT, PendingConnection, code_challenge, state_digest
@@ -461,6 +461,63 @@ def test_an_invalidated_set_is_connected_again_in_place(
     (connected,) = [e for e in events(db) if e["type"] == "token_set.connected"]
     assert connected["reconnected"] is True and connected["version"] == after["version"]
     assert metric(daemon.metrics(), "refresherd_connections_total", outcome="reconnected") == 1
+    assert daemon.stop() == 0
+
+
+def test_an_invalidated_set_is_authorized_again_by_the_exchange_endpoint(
+    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons
+) -> None:
+    """An application that runs its own authorization (POST /v1/tokens/ID/exchange) brings an
+    invalidated set back as a connect link does: in place, with its id and history; a set
+    that is not invalidated, or is another provider's, is refused before the code is spent."""
+    handle, daemon, client, config = start(tmp_path, idp_factory, daemons)
+    db = tmp_path / "tokens.db"
+    import_tokens(config, handle.token_lines(PROVIDER, 2, prefix="ines", with_access_token=False))
+    wait_until(
+        lambda: all(r["version"] >= 2 for r in read_rows(db).values()), what="first refreshes"
+    )
+
+    def exchange(token_set_id: str, provider: str = PROVIDER) -> httpx.Response:
+        code = handle.idp.authorize(token_set_id, redirect_uri=REDIRECT)
+        body = {"provider": provider, "code": code, "redirect_uri": REDIRECT}
+        return client.request("POST", f"/v1/tokens/{token_set_id}/exchange", json=body)
+
+    # Active: refused, and the code is not spent.
+    spent = handle.ledger.code_exchanges
+    response = exchange("ines-0001")
+    assert (response.status_code, response.json()["error"]) == (409, "exists"), response.text
+    assert "active" in response.json()["message"]
+    assert handle.ledger.code_exchanges == spent
+
+    handle.idp.revoke_user("ines-0000")
+    run_cli(config, "refresh", "ines-0000")
+    before = read_rows(db)["ines-0000"]
+    assert before["state"] == "invalidated", before
+
+    response = exchange("ines-0000")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["reauthorized"] is True and body["access_token"] and "refresh_token" not in body
+    after = read_rows(db)["ines-0000"]
+    assert after["state"] == "active" and after["invalid_reason"] is None
+    assert after["version"] == before["version"] + 1 and after["created_at"] == before["created_at"]
+    assert handle.ledger.live_refresh_tokens("ines-0000") == {after["refresh_token"]}
+    assert client.get("ines-0000").json()["access_token"] == body["access_token"]
+    (connected,) = [e for e in events(db) if e["type"] == "token_set.connected"]
+    assert (connected["token_set"], connected["reconnected"], connected["via"]) == (
+        "ines-0000",
+        True,
+        "exchange",
+    )
+    assert connected["version"] == after["version"]
+    [line] = daemon.events("token set authorized again", token_set="ines-0000")
+    assert line["via"] == "exchange"
+
+    # A new id: 201, not reauthorized, and its event says so.
+    response = exchange("ines-new")
+    assert response.status_code == 201, response.text
+    assert response.json()["reauthorized"] is False
+    assert [(e["token_set"], e["reconnected"]) for e in events(db)[-1:]] == [("ines-new", False)]
     assert daemon.stop() == 0
 
 

@@ -343,6 +343,7 @@ class ConnectRoutes:
             provider.name,
             reconnected=outcome is Outcome.RECONNECTED,
             version=stored.version,
+            via="link",
         )
         return outcome
 

@@ -25,7 +25,8 @@ from starlette.routing import BaseRoute, Route
 
 from refresherd import policy
 from refresherd.clock import Clock
-from refresherd.connect import reconnect_hint
+from refresherd.connect import connect_refusal, reconnect_hint
+from refresherd.events import EventQueue
 from refresherd.idp.endpoint import TokenEndpoint
 from refresherd.idp.failures import ClientRejected, EndpointError, InvalidGrant
 from refresherd.intake import token_set_from_json
@@ -82,6 +83,7 @@ class TokenApi:
         refresher: Refresher,
         providers: Providers,
         storage: StorageWatch,
+        events: EventQueue,
         config: ApiConfig,
         clock: Clock,
         wake: Callable[[], None],
@@ -97,6 +99,8 @@ class TokenApi:
         self.providers = providers
         # Paused storage: a code is not spent while the database refuses writes.
         self.storage = storage
+        # token_set.connected, for a set an exchange stored or authorized again.
+        self.events = events
         self.config = config
         self.clock = clock
         self.wake = wake
@@ -456,10 +460,13 @@ class TokenApi:
         started = False
         try:
             try:
-                if await self.store.get(token_set_id) is not None:
-                    return _exists(token_set_id)
+                current = await self.store.get(token_set_id)
             except StoreError:
                 return _storage_unavailable()
+            # A new id, or one invalidated under this provider: the exchange authorizes it
+            # again in place, as a connect link does (its id, history and created_at stay).
+            if (refused := connect_refusal(current, provider_name)) is not None:
+                return error(409, refused.code, f"{refused.message}; the code is not spent")
             # The exchange and the insert run where the request cannot cancel them: a client
             # that disconnects once the code is spent must not cost the grant.
             started = self.refresher.detach(
@@ -590,7 +597,7 @@ class TokenApi:
             return error(502, "exchange_refused", f"the provider's token response: {exc}")
         job.exchanged.set()
         try:
-            stored = await self.refresher.add_granted(new, now=now)
+            stored = await self.refresher.add_granted(new, now=now, reauthorize=True)
         except StoreError:
             # Held for as long as a running daemon could (Refresher.add_granted): lost, said so.
             return error(
@@ -622,10 +629,27 @@ class TokenApi:
                 grant_discarded=True,
             )
         self.wake()
-        log.info("token set registered", token_set=job.id, provider=provider_name, via="exchange")
+        # Version 1 is a new set; a later one, an invalidated set authorized again in place.
+        reauthorized = stored.version > 1
+        log.info(
+            "token set authorized again" if reauthorized else "token set registered",
+            token_set=job.id,
+            provider=provider_name,
+            via="exchange",
+            version=stored.version,
+        )
+        await self.events.enqueue(
+            "token_set.connected",
+            stored.id,
+            provider_name,
+            reconnected=reauthorized,
+            version=stored.version,
+            via="exchange",
+        )
         body = summary_json(stored.id, provider_name, stored.next_refresh_at)
         body.update(token_json(stored, now))
-        return JSON(body, 201)
+        body["reauthorized"] = reauthorized
+        return JSON(body, 200 if reauthorized else 201)
 
 
 @dataclass(slots=True)
