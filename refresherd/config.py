@@ -305,6 +305,8 @@ def parse_config(text: str, *, source: str, base_dir: Path, env: Mapping[str, st
     api = root.section("api", _parse_api)
     hooks = root.section("hooks", _parse_hooks)
     encryption = root.section("encryption", _parse_encryption)
+    if server is not None and api is not None and providers is not None:
+        _check_listeners(ctx, server, api, providers)
     ctx.raise_problems()
     # With no problem reported, every section was read.
     assert daemon is not None and server is not None and log is not None
@@ -322,6 +324,31 @@ def parse_config(text: str, *, source: str, base_dir: Path, env: Mapping[str, st
         encryption=encryption,
         warnings=tuple(ctx.warnings),
     )
+
+
+def _check_listeners(
+    ctx: _Context, server: ServerConfig, api: ApiConfig, providers: Mapping[str, ProviderConfig]
+) -> None:
+    """What the daemon serves needs somewhere to be served: [server]'s listener, or the token
+    API's unix socket (which serves the same app). Without either, the token API and the
+    connect callback would be configured and reachable nowhere."""
+    if server.enabled or (api.enabled and api.unix_socket is not None):
+        return
+    needs = []
+    if api.enabled:
+        needs.append("the token API ([api] enabled)")
+    connecting = sorted(name for name, p in providers.items() if p.connect is not None)
+    if connecting:
+        names = ", ".join(f"[providers.{n}]" for n in connecting)
+        needs.append(f"the connect callback of {names} (redirect_uri)")
+    if needs:
+        ctx.report(
+            ctx.error(
+                "server.enabled",
+                f"is false, so nothing listens, but {' and '.join(needs)} must be served: set "
+                "[server] enabled = true, or give [api] a unix_socket",
+            )
+        )
 
 
 def _parse_daemon(t: _Table) -> DaemonConfig:

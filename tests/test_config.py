@@ -1014,3 +1014,40 @@ def test_concurrency_and_max_connections_may_be_auto_or_a_count(tmp_path: Path) 
     assert config.providers["visma"].max_connections == "auto"
     config = load(tmp_path, MINIMAL.replace('"tokens.db"', '"tokens.db"\nconcurrency = 700'))
     assert config.daemon.concurrency == 700
+
+
+# --------------------------------------------------------------------------- somewhere to listen
+
+CONNECTING = (
+    MINIMAL
+    + """authorization_url = "https://connect.visma.com/connect/authorize"
+redirect_uri = "https://refresherd.example.com/connect/visma/callback"
+"""
+)
+
+
+def test_a_connect_callback_with_nothing_listening_is_refused(tmp_path: Path) -> None:
+    exc = load_error(tmp_path, CONNECTING + "\n[server]\nenabled = false\n")
+    assert_error(exc, tmp_path, "server.enabled", "[providers.visma]", "nothing listens")
+    assert "token API" not in str(exc)
+    # The same, served on the API's unix socket (one app: the callback is there too), or on
+    # [server]'s listener: fine.
+    (tmp_path / "bearer").write_text("b" * 40, encoding="utf-8")
+    (tmp_path / "bearer").chmod(0o600)
+    api = f'\n[api]\nenabled = true\nbearer_token_file = "{tmp_path / "bearer"}"\n'
+    config = load(
+        tmp_path,
+        CONNECTING + "\n[server]\nenabled = false\n" + api + f'unix_socket = "{tmp_path}/a.sock"\n',
+    )
+    assert not config.server.enabled and config.api.unix_socket is not None
+    assert load(tmp_path, CONNECTING).server.enabled
+
+
+def test_a_token_api_with_nothing_listening_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "bearer").write_text("b" * 40, encoding="utf-8")
+    (tmp_path / "bearer").chmod(0o600)
+    api = f'\n[api]\nenabled = true\nbearer_token_file = "{tmp_path / "bearer"}"\n'
+    exc = load_error(tmp_path, MINIMAL + "\n[server]\nenabled = false\n" + api)
+    assert_error(exc, tmp_path, "server.enabled", "the token API", "unix_socket")
+    # Neither API nor connect: a refresh-only daemon with no listener is fine.
+    assert not load(tmp_path, MINIMAL + "\n[server]\nenabled = false\n").server.enabled
