@@ -2,7 +2,8 @@
 
 - :class:`IdPHandle` / the ``idp_factory`` fixture: a real :class:`FakeIdP` on loopback, served
   from a thread of the pytest process, with a random client secret kept in a 0600 file.
-- :func:`write_config`: a per-test TOML config, as an operator would write it.
+- :func:`write_config`: a per-test TOML config, as an operator would write it;
+  :func:`write_secret`: a secret in a 0600 file for it to name, registered in :data:`LEAKS`.
 - :class:`DaemonProcess` / the ``daemons`` fixture: ``python -m refresherd --config PATH run`` as
   a subprocess, logs to a file, its listen address read from its own log, stopped with SIGTERM.
 - :func:`run_cli`: one ``refresherd`` command as a subprocess.
@@ -193,6 +194,8 @@ def toml_value(value: object) -> str:
     if isinstance(value, str | Path):
         # A JSON string is a valid TOML basic string.
         return json.dumps(str(value))
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(item) for item in value) + "]"
     raise TypeError(f"cannot write {value!r} as TOML")
 
 
@@ -206,7 +209,9 @@ def write_config(
     daemon: Mapping[str, object] | None = None,
     schedule: Mapping[str, object] | None = None,
     server: Mapping[str, object] | None = None,
+    tables: Mapping[str, Mapping[str, object]] | None = None,
 ) -> Path:
+    """The config at ``path``; ``tables`` are more sections, by name (``{"api": {...}}``)."""
     if isinstance(database, PgDatabase):
         lines = ["[daemon]"]
         lines += [f"{k} = {toml_value(v)}" for k, v in database.config_entries().items()]
@@ -224,7 +229,20 @@ def write_config(
     for name, table in providers.items():
         lines += ["", f"[providers.{name}]"]
         lines += [f"{key} = {toml_value(value)}" for key, value in table.items()]
+    for name, table in (tables or {}).items():
+        lines += ["", f"[{name}]"]
+        lines += [f"{key} = {toml_value(value)}" for key, value in table.items()]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def write_secret(path: Path, secret: str) -> Path:
+    """``secret`` in a new 0600 file at ``path``, as a config names it; registered in
+    :data:`LEAKS`, so that it may never show in refresherd's output."""
+    LEAKS.add_secret(secret)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secret + "\n")
     return path
 
 
@@ -240,13 +258,9 @@ class IdPHandle:
         self.client_secret = "cs_" + os.urandom(18).hex()
         self.idp = FakeIdP(clients={self.client_id: self.client_secret}, port=port, **settings)
         self.port = port
-        self.secret_file = directory / f"{name}.client-secret"
-        fd = os.open(self.secret_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(self.client_secret + "\n")
+        self.secret_file = write_secret(directory / f"{name}.client-secret", self.client_secret)
         self._stack: contextlib.ExitStack | None = None
         LEAKS.add_idp(self.idp)
-        LEAKS.add_secret(self.client_secret)
 
     @property
     def ledger(self) -> Any:
@@ -308,8 +322,12 @@ class IdPHandle:
         return lines
 
 
+# idp_factory's type, for the tests that take it.
+IdPFactory = Callable[..., IdPHandle]
+
+
 @pytest.fixture
-def idp_factory(tmp_path: Path) -> Iterator[Callable[..., IdPHandle]]:
+def idp_factory(tmp_path: Path) -> Iterator[IdPFactory]:
     """``idp_factory(name="idp", serve=True, port=0, **FakeIdP settings)`` → a served IdP."""
     handles: list[IdPHandle] = []
 
@@ -562,8 +580,12 @@ class DaemonProcess:
         return response.text
 
 
+# daemons' type, for the tests that take it.
+Daemons = Callable[..., DaemonProcess]
+
+
 @pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
+def daemons(tmp_path: Path) -> Iterator[Daemons]:
     """``daemons(config, name="daemon", start=True)``: daemons that never outlive the test."""
     made: list[DaemonProcess] = []
 

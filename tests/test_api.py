@@ -10,85 +10,29 @@ import os
 import signal
 import stat
 import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import anyio
 import httpx
 import pytest
+from api_daemon import PROVIDER, REDIRECT, Client, api_config
 from conftest import (
     LEAKS,
     DaemonProcess,
+    Daemons,
+    IdPFactory,
     IdPHandle,
-    PgDatabase,
     import_tokens,
     metric,
     read_rows,
     run_cli,
-    toml_value,
     wait_until,
-    write_config,
 )
 from test_storage_faults import HELD, PAUSED, HeldLock
 
 from refresherd.testing import FaultKind
 from refresherd.web.tokens import openapi_document
-
-IdPFactory = Callable[..., IdPHandle]
-Daemons = Callable[..., DaemonProcess]
-PROVIDER = "idp"
-REDIRECT = "https://app.example/callback"
-
-
-def new_bearer(directory: Path) -> tuple[str, Path]:
-    """A random bearer in a 0600 file; registered with the leak scan."""
-    bearer = "api_" + os.urandom(18).hex()
-    LEAKS.add_secret(bearer)
-    path = directory / "api.bearer"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(bearer + "\n")
-    return bearer, path
-
-
-def api_config(
-    tmp_path: Path,
-    handle: IdPHandle,
-    *,
-    api: dict[str, object] | None = None,
-    database: Path | PgDatabase | None = None,
-    **provider: object,
-) -> tuple[Path, str]:
-    bearer, bearer_file = new_bearer(tmp_path)
-    config = write_config(
-        tmp_path / "config.toml",
-        database=database if database is not None else tmp_path / "tokens.db",
-        providers={PROVIDER: handle.provider(**provider)},
-    )
-    table = {"enabled": True, "bearer_token_file": str(bearer_file), **(api or {})}
-    with config.open("a") as fh:
-        fh.write("\n[api]\n")
-        for key, value in table.items():
-            fh.write(f"{key} = {toml_value(value)}\n")
-    return config, bearer
-
-
-class Client:
-    """The application's side: httpx with the bearer, over TCP or a unix socket."""
-
-    def __init__(self, daemon: DaemonProcess, bearer: str, *, uds: Path | None = None):
-        self.daemon = daemon
-        self.headers = {"Authorization": f"Bearer {bearer}"}
-        transport = httpx.HTTPTransport(uds=str(uds)) if uds is not None else None
-        self.base = "http://refresherd" if uds is not None else daemon.url("")
-        self.http = httpx.Client(transport=transport, timeout=60)
-
-    def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
-        return self.http.request(method, self.base + path, headers=self.headers, **kw)
-
-    def get(self, token_set_id: str) -> httpx.Response:
-        return self.request("GET", f"/v1/tokens/{token_set_id}")
 
 
 def start(

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 import schemathesis
+from api_daemon import PROVIDER, api_config
 from conftest import DaemonProcess, IdPHandle, import_tokens
 from hypothesis import HealthCheck, given, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
-from test_api import PROVIDER, api_config
 
 IdPFactory = Callable[..., IdPHandle]
 Daemons = Callable[..., DaemonProcess]

@@ -24,9 +24,12 @@ import anyio
 import httpx
 import pytest
 import requests
+from api_daemon import PROVIDER, api_config
 from conftest import (
     LEAKS,
     DaemonProcess,
+    Daemons,
+    IdPFactory,
     IdPHandle,
     free_port,
     import_tokens,
@@ -35,7 +38,6 @@ from conftest import (
     run_cli,
     wait_until,
 )
-from test_api import api_config
 
 from refresherd.client import (
     AccessToken,
@@ -49,9 +51,6 @@ from refresherd.client import (
 )
 from refresherd.testing import FaultKind
 
-IdPFactory = Callable[..., IdPHandle]
-Daemons = Callable[..., DaemonProcess]
-PROVIDER = "idp"
 SET = "ts-0000"
 BACKENDS = ["asyncio", "trio"]
 

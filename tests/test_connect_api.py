@@ -19,7 +19,6 @@ import signal
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -27,21 +26,22 @@ from urllib.parse import parse_qs, urlsplit
 import anyio
 import httpx
 import pytest
+from api_daemon import PROVIDER, REDIRECT, Client, api_table
 from conftest import (
     LEAKS,
     DaemonProcess,
+    Daemons,
+    IdPFactory,
     IdPHandle,
     free_port,
     import_tokens,
     metric,
     read_rows,
     run_cli,
-    toml_value,
     wait_until,
     write_config,
 )
 from databases import Database
-from test_api import REDIRECT, Client, new_bearer
 from test_storage_faults import HELD, HeldLock
 
 from refresherd.connect import EXPIRED_STATE_KEPT, PendingConnection, code_challenge, state_digest
@@ -49,9 +49,6 @@ from refresherd.model import Secret
 from refresherd.store import open_store
 from refresherd.testing import FaultKind
 
-IdPFactory = Callable[..., IdPHandle]
-Daemons = Callable[..., DaemonProcess]
-PROVIDER = "idp"
 RETURN = "https://app.example.com/integrations/done"
 
 
@@ -68,13 +65,13 @@ def connect_config(
 ) -> tuple[Path, str]:
     """A daemon listening on ``port`` with the token API and ``PROVIDER`` set up for
     connecting, its callback at ``callback_port`` (this daemon's own by default)."""
-    bearer, bearer_file = new_bearer(path.parent)
+    bearer, api_section = api_table(path.parent, api)
     callback = f"http://127.0.0.1:{callback_port or port}/connect/{PROVIDER}/callback"
     table: dict[str, object] = {
         **handle.provider(),
         "authorization_url": handle.idp.url + "/authorize",
         "redirect_uri": callback,
-        "return_urls": "@RETURN_URLS@",
+        "return_urls": [RETURN],
         **connect,
     }
     write_config(
@@ -82,11 +79,8 @@ def connect_config(
         database=database,
         providers={PROVIDER: table, **(providers or {})},
         listen=f"127.0.0.1:{port}",
+        tables={"api": api_section},
     )
-    text = path.read_text().replace('"@RETURN_URLS@"', json.dumps([RETURN]))
-    lines = ["", "[api]", "enabled = true", f"bearer_token_file = {toml_value(bearer_file)}"]
-    lines += [f"{k} = {toml_value(v)}" for k, v in (api or {}).items()]
-    path.write_text(text + "\n".join(lines) + "\n")
     return path, bearer
 
 

@@ -42,8 +42,8 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from api_daemon import Client
 from conftest import LEAKS, DaemonProcess, free_port, metric, read_rows, wait_until
-from test_api import Client
 from test_connect_api import events
 from test_interop_dot import (
     DotBase,

@@ -5,34 +5,22 @@ states are pruned; an invalidated set is authorized again in place."""
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator
 
 import anyio
 import pytest
-from test_store import RawDatabase, new
-from test_store import raw as raw  # the fixture
+from test_store import NOW, RawDatabase, leased, new, record_first_failure
+from test_store import raw as raw  # the fixtures
+from test_store import store as store
 
 from refresherd.connect import PendingConnection, state_digest
 from refresherd.encryption import TokenCipher, new_key_text
-from refresherd.model import Secret, State, TokenSet
+from refresherd.model import Secret, State
 from refresherd.store import Location, NewTokenSet, StoreError, TokenStore, open_store
-
-NOW = 1_700_000_000.0
-ME = "host-a-101-0a0a0a0a"
 
 
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-@pytest.fixture
-async def store(store_location: Location) -> AsyncIterator[TokenStore]:
-    s = await open_store(store_location)
-    try:
-        yield s
-    finally:
-        await s.close()
 
 
 def pending(
@@ -155,20 +143,8 @@ def grant(token_set_id: str, refresh: str) -> NewTokenSet:
 @pytest.mark.anyio
 async def test_an_invalidated_set_is_authorized_again_in_place(store: TokenStore) -> None:
     await store.add(new("a"), now=NOW - 1000)
-    claimed = await store.claim("a", owner=ME, now=NOW, lease_until=NOW + 60)
-    assert isinstance(claimed, TokenSet)
-    assert await store.record_failure(
-        "a",
-        owner=ME,
-        expected_version=1,
-        state=State.INVALIDATED,
-        next_refresh_at=NOW,
-        error="invalid_grant: revoked",
-        failures=1,
-        invalid_reason="invalid_grant",
-        now=NOW,
-        resolve_attempt=True,
-    )
+    await leased(store, "a")
+    assert await record_first_failure(store, "a", error="invalid_grant: revoked")
     # Only that invalidated version of that provider.
     assert await store.reauthorize("a", expected_version=2, new=grant("a", "RT-2"), now=NOW) is None
     wrong = grant("a", "RT-2")

@@ -11,7 +11,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -19,17 +19,18 @@ from typing import Any
 import anyio
 import pytest
 from conftest import (
-    LEAKS,
     DaemonProcess,
+    Daemons,
+    IdPFactory,
     IdPHandle,
     free_port,
     import_tokens,
     metric,
     read_rows,
     run_cli,
-    toml_value,
     wait_until,
     write_config,
+    write_secret,
 )
 from databases import Database
 
@@ -42,8 +43,6 @@ from refresherd.settings import HooksConfig
 from refresherd.store.sqlite import SqliteStore
 from refresherd.testing import FaultKind
 
-IdPFactory = Callable[..., IdPHandle]
-Daemons = Callable[..., DaemonProcess]
 PROVIDER = "idp"
 
 # The command hook: appends the event it reads on stdin to events.jsonl next to itself; fails
@@ -112,12 +111,7 @@ def receiver(port: int | None = None, *, start: bool = True) -> Iterator[Receive
 
 def new_secret(directory: Path) -> tuple[str, Path]:
     secret = "whk_" + os.urandom(16).hex()
-    LEAKS.add_secret(secret)
-    path = directory / "webhook.secret"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(secret + "\n")
-    return secret, path
+    return secret, write_secret(directory / "webhook.secret", secret)
 
 
 def verify(secret: str, headers: dict[str, str], body: bytes) -> None:
@@ -145,22 +139,13 @@ def hooks_config(
     **schedule: object,
 ) -> Path:
     """A config with a [hooks] section of ``hooks`` (None: no [hooks] at all)."""
-    config = write_config(
+    return write_config(
         tmp_path / name,
         database=database if database is not None else tmp_path / "tokens.db",
         providers={PROVIDER: handle.provider()},
         schedule=schedule or None,
+        tables={"hooks": hooks} if hooks is not None else None,
     )
-    if hooks is None:
-        return config
-    with config.open("a") as fh:
-        fh.write("\n[hooks]\n")
-        for key, value in hooks.items():
-            if isinstance(value, list):
-                fh.write(f"{key} = [{', '.join(toml_value(v) for v in value)}]\n")
-            else:
-                fh.write(f"{key} = {toml_value(value)}\n")
-    return config
 
 
 @pytest.fixture
@@ -400,12 +385,8 @@ def test_an_absolute_expiry_within_the_horizon_reaches_the_webhook_once(
             database=tmp_path / "tokens.db",
             providers={PROVIDER: handle.provider(refresh_token_lifetime="1h")},
             schedule={"refresh_token_expiry_warning": "2h"},
+            tables={"hooks": {"webhook_url": r.url, "webhook_secret_file": str(secret_file)}},
         )
-        with config.open("a") as fh:
-            fh.write(
-                f"\n[hooks]\nwebhook_url = {toml_value(r.url)}\n"
-                f"webhook_secret_file = {toml_value(str(secret_file))}\n"
-            )
         import_tokens(config, handle.token_lines(PROVIDER, 2))
         daemon = daemons(config)
         wait_until(lambda: len(r.received) >= 2, what="two refresh_token.expiring events")

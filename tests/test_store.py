@@ -203,6 +203,35 @@ async def leased(
     return claimed
 
 
+async def record_first_failure(
+    store: TokenStore,
+    token_set_id: str,
+    state: State = State.INVALIDATED,
+    *,
+    error: str = "invalid_grant",
+    invalid_reason: str | None = None,
+    next_refresh_at: float = NOW,
+    now: float = NOW,
+    resolve_attempt: bool = True,
+) -> bool:
+    """``record_failure`` for the first failure of a set ``leased`` by ME (version 1); an
+    invalidated set's reason is invalid_grant unless ``invalid_reason`` names another."""
+    if invalid_reason is None and state is State.INVALIDATED:
+        invalid_reason = "invalid_grant"
+    return await store.record_failure(
+        token_set_id,
+        owner=ME,
+        expected_version=1,
+        state=state,
+        next_refresh_at=next_refresh_at,
+        error=error,
+        failures=1,
+        invalid_reason=invalid_reason,
+        now=now,
+        resolve_attempt=resolve_attempt,
+    )
+
+
 # ---- lifecycle: schema, files, pragmas --------------------------------------------------------
 
 
@@ -623,17 +652,12 @@ async def test_listing_filters_by_state_and_provider_in_the_database(store: Toke
     failing = {"v003", "v017", "okta-2"}
     for token_set_id in sorted(failing | {"v020"}):
         await leased(store, token_set_id)
-        assert await store.record_failure(
+        assert await record_first_failure(
+            store,
             token_set_id,
-            owner=ME,
-            expected_version=1,
-            state=State.INVALIDATED if token_set_id == "v020" else State.FAILING,
+            State.INVALIDATED if token_set_id == "v020" else State.FAILING,
             next_refresh_at=NOW + 60,
             error="http_503: the IdP answered 503" if token_set_id != "v020" else "invalid_grant",
-            failures=1,
-            invalid_reason="invalid_grant" if token_set_id == "v020" else None,
-            now=NOW,
-            resolve_attempt=True,
         )
 
     async def listed(**filters: list[str]) -> list[str]:
@@ -681,18 +705,7 @@ async def test_counts_by_provider_and_state(store: TokenStore) -> None:
         [new("a"), new("b"), new("c", provider="okta"), new("d", provider="okta")], now=NOW
     )
     await leased(store, "d")
-    await store.record_failure(
-        "d",
-        owner=ME,
-        expected_version=1,
-        state=State.INVALIDATED,
-        next_refresh_at=NOW,
-        error="invalid_grant: refused",
-        failures=1,
-        invalid_reason="invalid_grant",
-        now=NOW,
-        resolve_attempt=True,
-    )
+    await record_first_failure(store, "d", error="invalid_grant: refused")
     assert await store.counts() == {
         ("visma", "active"): 2,
         ("okta", "active"): 1,
@@ -716,17 +729,8 @@ async def test_expired_counts_active_and_failing_sets_past_their_expiry(store: T
     )
     for token_set_id, state in (("failing", State.FAILING), ("gone", State.INVALIDATED)):
         await leased(store, token_set_id)
-        assert await store.record_failure(
-            token_set_id,
-            owner=ME,
-            expected_version=1,
-            state=state,
-            next_refresh_at=NOW + 60,
-            error="oauth_error: no",
-            failures=1,
-            invalid_reason="invalid_grant" if state is State.INVALIDATED else None,
-            now=NOW,
-            resolve_attempt=True,
+        assert await record_first_failure(
+            store, token_set_id, state, next_refresh_at=NOW + 60, error="oauth_error: no"
         )
     assert await store.expired_counts(now=NOW) == {"visma": 2, "okta": 1}
     # The boundary: a token that expires exactly now is not yet past its expiry.
@@ -840,18 +844,7 @@ async def test_claim_not_found_and_invalidated(store: TokenStore) -> None:
     )
     await store.add(new("a"), now=NOW)
     await leased(store, "a")
-    await store.record_failure(
-        "a",
-        owner=ME,
-        expected_version=1,
-        state=State.INVALIDATED,
-        next_refresh_at=NOW,
-        error="invalid_grant",
-        failures=1,
-        invalid_reason="invalid_grant",
-        now=NOW,
-        resolve_attempt=True,
-    )
+    await record_first_failure(store, "a")
     assert await store.claim("a", owner=ME, now=NOW, lease_until=NOW + 60) == ClaimRefused(
         "invalidated"
     )
@@ -917,18 +910,7 @@ async def _claim_due_fixture(store: TokenStore) -> None:
     await leased(store, "leased", OTHER, until=NOW + 60)
     await leased(store, "expired-lease", OTHER, until=NOW - 1)
     await leased(store, "invalid")
-    await store.record_failure(
-        "invalid",
-        owner=ME,
-        expected_version=1,
-        state=State.INVALIDATED,
-        next_refresh_at=NOW - 500,
-        error="invalid_grant",
-        failures=1,
-        invalid_reason="invalid_grant",
-        now=NOW - 999,
-        resolve_attempt=True,
-    )
+    await record_first_failure(store, "invalid", next_refresh_at=NOW - 500, now=NOW - 999)
 
 
 @pytest.mark.anyio
@@ -1304,18 +1286,8 @@ async def test_unresolved_attempts_since(store: TokenStore) -> None:
         )
     await leased(store, "dead")
     await store.begin_attempt("dead", owner=ME, version=1, now=NOW - 5, keep_since=float("inf"))
-    await store.record_failure(
-        "dead",
-        owner=ME,
-        expected_version=1,
-        state=State.INVALIDATED,
-        next_refresh_at=NOW,
-        error="invalid_grant",
-        failures=1,
-        invalid_reason="invalid_grant",
-        now=NOW,
-        resolve_attempt=False,  # even with the journal kept, an invalidated set is not retried
-    )
+    # Even with the journal kept, an invalidated set is not retried.
+    await record_first_failure(store, "dead", resolve_attempt=False)
 
     async def ids(since: float) -> list[str]:
         attempts = await store.unresolved_attempts(since=since)
@@ -1730,17 +1702,8 @@ async def test_invalidations_are_counted_in_the_database(store: TokenStore) -> N
         ("d", State.INVALIDATED, "invalid_grant"),
     ):
         await leased(store, token_set_id)
-        assert await store.record_failure(
-            token_set_id,
-            owner=ME,
-            expected_version=1,
-            state=state,
-            next_refresh_at=NOW,
-            error="refused",
-            failures=1,
-            invalid_reason=reason,
-            now=NOW,
-            resolve_attempt=True,
+        assert await record_first_failure(
+            store, token_set_id, state, error="refused", invalid_reason=reason
         )
     expected = {
         ("visma", "invalid_grant"): 1,

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+from api_daemon import PROVIDER, api_config
 from conftest import (
     DaemonProcess,
     IdPHandle,
@@ -19,7 +20,6 @@ from conftest import (
     run_cli,
 )
 from databases import Database
-from test_api import PROVIDER, api_config
 
 IdPFactory = Callable[..., IdPHandle]
 Daemons = Callable[..., DaemonProcess]
