@@ -5,13 +5,13 @@ Nothing here times performance; the limits are what is checked."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from conftest import (
     DaemonProcess,
+    Daemons,
     Database,
-    IdPHandle,
+    IdPFactory,
     import_tokens,
     metric,
     wait_until,
@@ -19,9 +19,6 @@ from conftest import (
 )
 
 from refresherd.concurrency import INITIAL
-
-IdPFactory = Callable[..., IdPHandle]
-Daemons = Callable[..., DaemonProcess]
 
 
 def refreshed(daemon: DaemonProcess) -> float:

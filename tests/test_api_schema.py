@@ -4,19 +4,15 @@ types, response schemas, auth) and never with a 5xx it does not document."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import schemathesis
 from api_daemon import PROVIDER, api_config
-from conftest import DaemonProcess, IdPHandle, import_tokens
+from conftest import DaemonProcess, Daemons, IdPFactory, import_tokens
 from hypothesis import HealthCheck, given, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
-
-IdPFactory = Callable[..., IdPHandle]
-Daemons = Callable[..., DaemonProcess]
 
 
 @pytest.fixture

@@ -6,12 +6,13 @@ names what was wrong, the token set kept, nothing lost."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from conftest import (
     DaemonProcess,
+    Daemons,
+    IdPFactory,
     IdPHandle,
     import_tokens,
     metric,
@@ -21,9 +22,6 @@ from conftest import (
 
 from refresherd.idp.transport import MAX_BODY_BYTES
 from refresherd.testing import FaultKind
-
-IdPFactory = Callable[..., IdPHandle]
-Daemons = Callable[..., DaemonProcess]
 
 SPOILT = [
     pytest.param(FaultKind.TRUNCATED_AFTER_ROTATE, "the body is not valid JSON", id="truncated"),

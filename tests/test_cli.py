@@ -14,7 +14,6 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import pytest
 from conftest import (
     LEAKS,
     DaemonProcess,
+    IdPFactory,
     IdPHandle,
     find_leaks,
     free_port,
@@ -40,7 +40,6 @@ from refresherd.config import DEFAULT_CONFIG_PATH
 from refresherd.testing import FaultKind
 
 RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
-IdPFactory = Callable[..., IdPHandle]
 
 
 @dataclass

@@ -10,21 +10,19 @@ import glob
 import itertools
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from conftest import (
     DaemonProcess,
+    Daemons,
+    IdPFactory,
     IdPHandle,
     import_tokens,
     read_rows,
     wait_until,
     write_config,
 )
-
-IdPFactory = Callable[..., IdPHandle]
-Daemons = Callable[..., DaemonProcess]
 
 LIBFAKETIME = next(iter(sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))), None)
 pytestmark = pytest.mark.skipif(

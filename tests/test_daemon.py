@@ -17,7 +17,9 @@ from typing import Any
 import pytest
 from conftest import (
     DaemonProcess,
+    Daemons,
     Database,
+    IdPFactory,
     IdPHandle,
     free_port,
     import_tokens,
@@ -32,9 +34,6 @@ from conftest import (
 
 from refresherd.policy import MAX_SENDS_IN_FLIGHT
 from refresherd.testing import FaultKind
-
-IdPFactory = Callable[..., IdPHandle]
-Daemons = Callable[..., DaemonProcess]
 
 
 def refreshed_events(daemon: DaemonProcess) -> list[dict[str, Any]]:

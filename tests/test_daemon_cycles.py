@@ -7,14 +7,13 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from conftest import (
-    DaemonProcess,
+    Daemons,
     Database,
-    IdPHandle,
+    IdPFactory,
     import_tokens,
     metric,
     read_rows,
@@ -27,10 +26,6 @@ from test_daemon import (
     refreshed_events,
     wait_quiet_equal,
 )
-
-IdPFactory = Callable[..., IdPHandle]
-Daemons = Callable[..., DaemonProcess]
-
 
 # --------------------------------------------------------------------------- many cycles
 

@@ -5,20 +5,17 @@ from __future__ import annotations
 import http.server
 import json
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
-from conftest import DaemonProcess, IdPHandle, free_port, import_tokens, run_cli, write_config
+from conftest import Daemons, IdPFactory, IdPHandle, free_port, import_tokens, run_cli, write_config
 
 from refresherd.idp import discovery
 from refresherd.idp.discovery import DiscoveredEndpoints, DiscoveryError, resolve
-
-IdPFactory = Callable[..., IdPHandle]
-Daemons = Callable[..., DaemonProcess]
 
 
 @dataclass

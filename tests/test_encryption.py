@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-from collections.abc import Callable
 from pathlib import Path
 
 import anyio
 import pytest
 from conftest import (
-    DaemonProcess,
+    Daemons,
+    IdPFactory,
     IdPHandle,
     find_leaks,
     import_tokens,
@@ -36,9 +36,6 @@ from refresherd.encryption import (
 from refresherd.model import Secret, TokenSet
 from refresherd.store import Location, NewTokenSet, StoreError, open_store
 from refresherd.store.sqlite import SqliteStore
-
-IdPFactory = Callable[..., IdPHandle]
-Daemons = Callable[..., DaemonProcess]
 
 KEY_A = Secret(new_key_text())
 KEY_B = Secret(new_key_text())

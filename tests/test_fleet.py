@@ -7,23 +7,20 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
 import pytest
 from conftest import (
     DaemonProcess,
-    IdPHandle,
+    Daemons,
+    IdPFactory,
     PgDatabase,
     import_tokens,
     read_rows,
     wait_until,
     write_config,
 )
-
-IdPFactory = Callable[..., IdPHandle]
-Daemons = Callable[..., DaemonProcess]
 
 SETS = int(os.environ.get("REFRESHERD_FLEET_SETS", "10000"))
 GRACE = 10.0

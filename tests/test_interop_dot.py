@@ -46,6 +46,7 @@ from conftest import (
     DEADLINE,
     LEAKS,
     DaemonProcess,
+    Daemons,
     free_port,
     import_tokens,
     metric,
@@ -65,8 +66,6 @@ pytest.importorskip(
     minversion="3.0",
     reason="django-oauth-toolkit>=3.0 is not installed; it comes with the test extra",
 )
-
-Daemons = Callable[..., DaemonProcess]
 
 TESTS_DIR = Path(__file__).resolve().parent
 # DOT's ACCESS_TOKEN_EXPIRE_SECONDS: refresherd refreshes such a token about every 9-10 s.

@@ -11,13 +11,14 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import (
     DaemonProcess,
+    Daemons,
+    IdPFactory,
     IdPHandle,
     import_tokens,
     metric,
@@ -28,9 +29,6 @@ from conftest import (
 )
 
 from refresherd.testing import FaultKind
-
-IdPFactory = Callable[..., IdPHandle]
-Daemons = Callable[..., DaemonProcess]
 
 LEASE = "3s"
 GRACE = 5.0

@@ -8,22 +8,19 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import (
-    DaemonProcess,
-    IdPHandle,
+    Daemons,
+    IdPFactory,
     find_leaks,
     import_tokens,
     parse_metrics,
     wait_until,
     write_config,
 )
-
-IdPFactory = Callable[..., IdPHandle]
-Daemons = Callable[..., DaemonProcess]
 
 
 @pytest.fixture

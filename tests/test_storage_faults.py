@@ -12,13 +12,15 @@ import shutil
 import signal
 import sqlite3
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import (
     DaemonProcess,
+    Daemons,
+    IdPFactory,
     IdPHandle,
     import_tokens,
     metric,
@@ -29,9 +31,6 @@ from conftest import (
 
 from refresherd.store.sqlite import JOURNAL_SIZE_LIMIT
 from refresherd.testing import FaultKind
-
-IdPFactory = Callable[..., IdPHandle]
-Daemons = Callable[..., DaemonProcess]
 
 PAUSED = "storage refuses writes: refreshes paused until a probe write succeeds"
 RESUMED = "storage takes writes again: refreshes resume"

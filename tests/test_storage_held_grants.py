@@ -5,11 +5,10 @@ that the test workers share them out (each waits out real lock and persist timeo
 from __future__ import annotations
 
 import signal
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import DaemonProcess, IdPHandle, metric, read_rows, wait_until
+from conftest import Daemons, IdPFactory, metric, read_rows, wait_until
 from test_storage_faults import (
     HELD,
     RESUMED,
@@ -25,9 +24,6 @@ from refresherd.refresh.grants import PERSIST_DEADLINE
 from refresherd.storage_health import PROBE_INITIAL, probe_delay
 from refresherd.store.sqlite import BUSY_TIMEOUT_MS
 from refresherd.testing import FaultKind
-
-IdPFactory = Callable[..., IdPHandle]
-Daemons = Callable[..., DaemonProcess]
 
 
 @pytest.mark.slow

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 from api_daemon import PROVIDER, api_config
 from conftest import (
-    DaemonProcess,
-    IdPHandle,
+    Daemons,
+    IdPFactory,
     import_tokens,
     metric,
     read_rows,
@@ -21,8 +20,6 @@ from conftest import (
 )
 from databases import Database
 
-IdPFactory = Callable[..., IdPHandle]
-Daemons = Callable[..., DaemonProcess]
 GONE = "404"
 
 

@@ -9,12 +9,13 @@ import re
 import signal
 import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from conftest import (
     DaemonProcess,
+    Daemons,
+    IdPFactory,
     IdPHandle,
     import_tokens,
     metric,
@@ -26,9 +27,6 @@ from conftest import (
 from refresherd.config import load_config
 from refresherd.testing import FaultKind
 from refresherd.workers import process_share, share, worker_config
-
-IdPFactory = Callable[..., IdPHandle]
-Daemons = Callable[..., DaemonProcess]
 
 
 def children(pid: int) -> list[int]:
