@@ -43,7 +43,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from api_daemon import Client
-from conftest import LEAKS, DaemonProcess, free_port, metric, read_rows, wait_until
+from conftest import LEAKS, DaemonProcess, free_port, metric, read_rows, wait_until, write_secret
 from test_connect_api import events
 from test_interop_dot import (
     DotBase,
@@ -244,12 +244,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     env = dot_env(base_db)
     run_python(env, "-m", "django", "migrate", "--noinput", "-v", "0")
     secret, password = new_client_secret(), "pw-" + os.urandom(8).hex()
-    LEAKS.add_secret(secret)
     LEAKS.add_secret(password)
-    secret_file = directory / "dot.client-secret"
-    fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(secret + "\n")
+    secret_file = write_secret(directory / "dot.client-secret", secret)
     client = DotClient("post", "refresherd-connect", secret, secret_file)
     spec = {
         "user": USER,
@@ -303,11 +299,7 @@ def write_connect_config(
     directory: Path, dot: DotServer, client: DotClient, port: int, db: Path, return_url: str
 ) -> Path:
     bearer = "api_" + os.urandom(18).hex()
-    LEAKS.add_secret(bearer)
-    bearer_file = directory / "api.bearer"
-    fd = os.open(bearer_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(bearer + "\n")
+    bearer_file = write_secret(directory / "api.bearer", bearer)
     common = f"""client_id = "{client.client_id}"
 client_secret_file = "{client.secret_file}"
 auth_method = "client_secret_post"

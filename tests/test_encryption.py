@@ -4,7 +4,6 @@ files), and the real daemon and CLI with ``[encryption]``, a key rotation and a 
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from conftest import (
     toml_value,
     wait_until,
     write_config,
+    write_secret,
 )
 
 from refresherd.config import ConfigError, load_config
@@ -242,10 +242,7 @@ async def test_a_missing_key_is_refused_at_open_and_the_rows_are_kept(tmp_path: 
 
 
 def write_key(path: Path) -> Path:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(new_key_text() + "\n")
-    return path
+    return write_secret(path, new_key_text())
 
 
 def encrypted_config(

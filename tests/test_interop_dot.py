@@ -54,6 +54,7 @@ from conftest import (
     run_cli,
     wait_until,
     write_config,
+    write_secret,
 )
 
 pytest.importorskip(
@@ -185,11 +186,7 @@ def dot_base(tmp_path_factory: pytest.TempPathFactory) -> DotBase:
     clients: dict[str, DotClient] = {}
     for kind in KINDS:
         secret = new_client_secret()
-        LEAKS.add_secret(secret)
-        secret_file = directory / f"{kind}.client-secret"
-        fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(secret + "\n")
+        secret_file = write_secret(directory / f"{kind}.client-secret", secret)
         clients[kind] = DotClient(kind, f"refresherd-{kind}", secret, secret_file)
     spec = {"users": users, "applications": {c.client_id: c.secret for c in clients.values()}}
     run_python(env, "-c", SEED, stdin=json.dumps(spec))
