@@ -24,7 +24,6 @@ from conftest import (
     free_port,
     import_tokens,
     parse_metrics,
-    toml_value,
     wait_until,
     write_config,
 )
@@ -264,12 +263,6 @@ def shipped_prometheus_config(targets: list[str]) -> dict[str, Any]:
     return config
 
 
-def append_hooks(config: Path, command: list[str]) -> None:
-    """A [hooks] command target: notifications are delivered (the hook panels have data)."""
-    with config.open("a", encoding="utf-8") as fh:
-        fh.write(f"\n[hooks]\ncommand = [{', '.join(toml_value(part) for part in command)}]\n")
-
-
 # A hook command that takes the event on stdin and succeeds.
 TAKE_EVENT = [sys.executable, "-c", "import sys; sys.stdin.read()"]
 
@@ -289,8 +282,9 @@ def test_prometheus_scrapes_a_running_daemon(
         # within the warning horizon, so the sets are announced (hooks) and counted as expiring.
         providers={"p": idp.provider(refresh_token_lifetime="30d")},
         schedule={"min_margin": "1s", "refresh_token_expiry_warning": "60d"},
+        # A [hooks] command target: notifications are delivered (the hook panels have data).
+        tables={"hooks": {"command": TAKE_EVENT}},
     )
-    append_hooks(config, TAKE_EVENT)
     import_tokens(config, idp.token_lines("p", 3, with_access_token=False))
     imported_at = time.time()
     daemon = daemons(config)
