@@ -330,24 +330,27 @@ def _check_listeners(
     ctx: _Context, server: ServerConfig, api: ApiConfig, providers: Mapping[str, ProviderConfig]
 ) -> None:
     """What the daemon serves needs somewhere to be served: [server]'s listener, or the token
-    API's unix socket (which serves the same app). Without either, the token API and the
-    connect callback would be configured and reachable nowhere."""
+    API's unix socket (which serves the same app). An enabled token API with neither is
+    refused; a connect callback with neither is said (in a fleet, any daemon on the database
+    takes the callback, so a refresh-only member without a listener is fine)."""
     if server.enabled or (api.enabled and api.unix_socket is not None):
         return
-    needs = []
     if api.enabled:
-        needs.append("the token API ([api] enabled)")
-    connecting = sorted(name for name, p in providers.items() if p.connect is not None)
-    if connecting:
-        names = ", ".join(f"[providers.{n}]" for n in connecting)
-        needs.append(f"the connect callback of {names} (redirect_uri)")
-    if needs:
         ctx.report(
             ctx.error(
                 "server.enabled",
-                f"is false, so nothing listens, but {' and '.join(needs)} must be served: set "
-                "[server] enabled = true, or give [api] a unix_socket",
+                "is false and [api] has no unix_socket, so nothing would serve the token API "
+                "([api] enabled): set [server] enabled = true, or give [api] a unix_socket",
             )
+        )
+        return
+    connecting = sorted(name for name, p in providers.items() if p.connect is not None)
+    if connecting:
+        names = ", ".join(f"[providers.{n}]" for n in connecting)
+        ctx.warnings.append(
+            f"[server] enabled is false and the token API has no unix socket: this daemon "
+            f"does not serve the connect callback of {names}; another daemon on the same "
+            "database must (any daemon takes a callback)"
         )
 
 

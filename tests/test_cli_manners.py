@@ -39,6 +39,8 @@ from databases import Database
 
 import refresherd
 from refresherd.cli import build_parser
+from refresherd.cli import main as cli_main
+from refresherd.cli.endings import interrupt_once
 from refresherd.cli.parser import COMPLETION_SHELLS, TOKEN_STATES
 from refresherd.model import State
 
@@ -523,7 +525,9 @@ def test_ctrl_c_twice_while_tokens_add_waits_prints_one_line(
     try:
         terminal.read_until(PROMPT)
         terminal.type(b'{"refresh_token": "rt-half')  # half a response typed, then Ctrl-C twice
-        # Both at once: the second lands while the first is being handled.
+        # Both at once: the kernel may merge them into one SIGINT or deliver two, the second
+        # while the first is handled. That a second can never interrupt the ending is checked
+        # without timing by test_after_the_first_ctrl_c_the_next_is_ignored_before_anything_runs.
         terminal.type(b"\x03\x03")
         code = proc.wait(timeout=DEADLINE)
     finally:
@@ -541,6 +545,28 @@ def test_ctrl_c_twice_while_tokens_add_waits_prints_one_line(
     assert words[-1] == "refresherd: add interrupted: nothing added", shown
     assert all(line.replace("^C", "") in '{"refresh_token": "rt-half' for line in words[:-1])
     assert "alice" not in stored(tmp_path / "tokens.db")
+
+
+def test_after_the_first_ctrl_c_the_next_is_ignored_before_anything_runs() -> None:
+    """A one-shot command's SIGINT handler: the first Ctrl-C raises KeyboardInterrupt with
+    further ones already ignored, so no second Ctrl-C can interrupt the ending wherever it
+    lands (a race a terminal test can only hit by chance). And main() leaves the handler as
+    it found it when not interrupted (a caller in this process)."""
+    before = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, interrupt_once)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        signal.raise_signal(signal.SIGINT)  # ignored: nothing raised
+    finally:
+        signal.signal(signal.SIGINT, before)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert cli_main(["completion", "bash"]) == 0
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 # --------------------------------------------------------------------------- tokens list | head

@@ -1026,12 +1026,14 @@ redirect_uri = "https://refresherd.example.com/connect/visma/callback"
 )
 
 
-def test_a_connect_callback_with_nothing_listening_is_refused(tmp_path: Path) -> None:
-    exc = load_error(tmp_path, CONNECTING + "\n[server]\nenabled = false\n")
-    assert_error(exc, tmp_path, "server.enabled", "[providers.visma]", "nothing listens")
-    assert "token API" not in str(exc)
-    # The same, served on the API's unix socket (one app: the callback is there too), or on
-    # [server]'s listener: fine.
+def test_a_connect_callback_with_nothing_listening_is_said(tmp_path: Path) -> None:
+    # A refresh-only fleet member may have no listener: any daemon on the database takes a
+    # callback. Said, not refused.
+    config = load(tmp_path, CONNECTING + "\n[server]\nenabled = false\n")
+    [warning] = [w for w in config.warnings if "connect callback" in w]
+    assert "[providers.visma]" in warning and "another daemon" in warning
+    # Served on the API's unix socket (one app: the callback is there too), or on [server]'s
+    # listener: nothing to say.
     (tmp_path / "bearer").write_text("b" * 40, encoding="utf-8")
     (tmp_path / "bearer").chmod(0o600)
     api = f'\n[api]\nenabled = true\nbearer_token_file = "{tmp_path / "bearer"}"\n'
@@ -1040,7 +1042,8 @@ def test_a_connect_callback_with_nothing_listening_is_refused(tmp_path: Path) ->
         CONNECTING + "\n[server]\nenabled = false\n" + api + f'unix_socket = "{tmp_path}/a.sock"\n',
     )
     assert not config.server.enabled and config.api.unix_socket is not None
-    assert load(tmp_path, CONNECTING).server.enabled
+    assert not [w for w in config.warnings if "connect callback" in w]
+    assert not [w for w in load(tmp_path, CONNECTING).warnings if "connect callback" in w]
 
 
 def test_a_token_api_with_nothing_listening_is_refused(tmp_path: Path) -> None:

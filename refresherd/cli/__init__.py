@@ -36,7 +36,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from refresherd.cli.endings import EX_BROKEN_PIPE, report_interrupted
+from refresherd.cli.endings import EX_BROKEN_PIPE, interrupt_once, report_interrupted
 from refresherd.cli.parser import build_parser
 
 __all__ = ["build_parser", "entrypoint", "main"]
@@ -44,13 +44,24 @@ __all__ = ["build_parser", "entrypoint", "main"]
 
 def main(argv: Sequence[str] | None = None) -> int:
     args: argparse.Namespace | None = None
+    installed = False
     try:
         try:
             args = build_parser().parse_args(argv)
+            # The daemon handles its own signals; a SIGINT ignored by whoever started us (a
+            # background job) stays ignored.
+            default = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            if args.command != "run" and default:
+                signal.signal(signal.SIGINT, interrupt_once)
+                installed = True
             return _run(args)
         finally:
             # Within the handlers: a reader gone by now is a broken pipe too.
             sys.stdout.flush()
+            # Not interrupted: as it was, for a caller in this process (interrupted, it stays
+            # ignored while we end).
+            if installed and signal.getsignal(signal.SIGINT) is interrupt_once:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
     except BrokenPipeError:
         # Python's "Note on SIGPIPE": the rest of the output goes to /dev/null, so that the
         # interpreter's own flush at exit does not fail again (and print a traceback).
@@ -59,20 +70,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.close(devnull)
         return EX_BROKEN_PIPE
     except KeyboardInterrupt:
-        _ignore_further_interrupts()
+        # Ignored already where interrupt_once raised it; for the daemon's start-up, from here.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         # What a command's interruption leaves behind, where it says (parser.py).
         return report_interrupted(getattr(args, "interrupted", "interrupted"))
-
-
-def _ignore_further_interrupts() -> None:
-    """We are ending: a second Ctrl-C must not interrupt the report of the first, not even
-    one that lands before the first's handler gets to ignore it."""
-    while True:
-        try:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            return
-        except KeyboardInterrupt:
-            continue
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -1,9 +1,12 @@
 """How a command ends other than with its result: Ctrl-C, and a reader of stdout that went
-away. Imports nothing but sys, so that ``cli.main`` and ``--help`` stay as light as argparse."""
+away. Imports nothing but sys and signal, so that ``cli.main`` and ``--help`` stay as light as
+argparse."""
 
 from __future__ import annotations
 
+import signal
 import sys
+from types import FrameType
 from typing import Final
 
 # 128 + the signal's number, as a shell reports a process that signal ended.
@@ -22,3 +25,12 @@ def report_interrupted(message: str) -> int:
     start = "\n" if sys.stdin.isatty() and sys.stderr.isatty() else ""
     print(f"{start}refresherd: {message}", file=sys.stderr)
     return EX_INTERRUPTED
+
+
+def interrupt_once(signum: int, frame: FrameType | None) -> None:
+    """SIGINT's handler for a one-shot command: the first Ctrl-C raises KeyboardInterrupt,
+    which ends the command with its one line; further ones are ignored from that moment on,
+    before any other code runs, so that none can interrupt that ending wherever it lands (a
+    ``finally``, the report itself, or the instant before ``except`` is reached)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt

@@ -327,7 +327,9 @@ class ConnectRoutes:
                 "refresh token stays live at the provider, unused, until it expires",
             )
             return Outcome.EXISTS
-        outcome = Outcome.RECONNECTED if stored.version > 1 else Outcome.CONNECTED
+        # A set authorized again in place keeps its created_at; one inserted here has ours
+        # (also once refreshed since). Not the version: ours may have been refreshed already.
+        outcome = Outcome.RECONNECTED if stored.created_at != now else Outcome.CONNECTED
         self.wake()
         self._count(provider, outcome, pending, "")
         log.info(
@@ -337,6 +339,9 @@ class ConnectRoutes:
             outcome=outcome.value,
             version=stored.version,
         )
+        # The customer's browser first: it waits on the outcome, not on the hook's queue.
+        job.outcome = outcome
+        job.done.set()
         await self.events.enqueue(
             "token_set.connected",
             stored.id,

@@ -274,7 +274,11 @@ class TokenApi:
                 "invalidated",
                 "the identity provider refused this token set's refresh token: the customer "
                 "must authorize again ("
-                + ("POST /v1/tokens/{id}/connect for a link" if hint else "POST /v1/tokens")
+                + (
+                    "POST /v1/tokens/{id}/connect for a link"
+                    if hint
+                    else "then POST /v1/tokens/{id}/exchange with the new code"
+                )
                 + ")",
                 reason=decision.reason,
                 **({"reconnect": hint} if hint else {}),
@@ -508,7 +512,8 @@ class TokenApi:
                 "held": True,
                 "message": "the provider issued the grant; the database has not taken it yet, "
                 "so refresherd holds it in memory and keeps trying (refresherd_unpersisted_grants)"
-                ". GET /v1/tokens/{id} answers 404 until it is stored. The code is spent: do "
+                ". GET /v1/tokens/{id} answers as before until it is stored (404 for a new "
+                "set, 409 invalidated for one being authorized again). The code is spent: do "
                 "not send it again.",
             },
             202,
@@ -624,13 +629,15 @@ class TokenApi:
             return error(
                 409,
                 "exists",
-                f"token set {job.id!r} was added by someone else while the code was exchanged; "
+                f"token set {job.id!r} was added or authorized again by someone else while the "
+                "code was exchanged; "
                 "that set is kept and the new grant discarded (the code is spent)",
                 grant_discarded=True,
             )
         self.wake()
-        # Version 1 is a new set; a later one, an invalidated set authorized again in place.
-        reauthorized = stored.version > 1
+        # A set authorized again in place keeps its created_at; one inserted here has ours
+        # (also once refreshed since). Not the version: ours may have been refreshed already.
+        reauthorized = stored.created_at != now
         log.info(
             "token set authorized again" if reauthorized else "token set registered",
             token_set=job.id,
@@ -638,6 +645,12 @@ class TokenApi:
             via="exchange",
             version=stored.version,
         )
+        body = summary_json(stored.id, provider_name, stored.next_refresh_at)
+        body.update(token_json(stored, now))
+        body["reauthorized"] = reauthorized
+        # The answer first: the client waits on it, not on the hook's queue.
+        job.answer = JSON(body, 200 if reauthorized else 201)
+        job.done.set()
         await self.events.enqueue(
             "token_set.connected",
             stored.id,
@@ -646,10 +659,7 @@ class TokenApi:
             version=stored.version,
             via="exchange",
         )
-        body = summary_json(stored.id, provider_name, stored.next_refresh_at)
-        body.update(token_json(stored, now))
-        body["reauthorized"] = reauthorized
-        return JSON(body, 200 if reauthorized else 201)
+        return job.answer
 
 
 @dataclass(slots=True)
