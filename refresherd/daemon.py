@@ -311,9 +311,7 @@ class Daemon:
             refresher=rt.refresher,
             leases=rt.leases,
             storage=rt.storage,
-            circuits=rt.providers.circuits,
             metrics=rt.metrics,
-            concurrency=concurrency_ceiling(config.daemon),
             providers=rt.providers,
             poll_interval=config.daemon.poll_interval,
             max_grace_period=max_grace(config),
@@ -624,7 +622,6 @@ class Daemon:
         rt.leases.duration = new.daemon.lease_duration
         retired = [e for name, e in old_endpoints.items() if endpoints.get(name) is not e]
         if self._scheduler is not None:
-            self._scheduler.concurrency = concurrency_ceiling(new.daemon)
             self._scheduler.poll_interval = new.daemon.poll_interval
             self._scheduler.max_grace_period = max_grace(new)
             self._scheduler.wake()

@@ -25,7 +25,6 @@ from refresherd.clock import Clock
 from refresherd.logs import get_logger
 from refresherd.metrics import Metrics
 from refresherd.model import TokenSet
-from refresherd.refresh.circuits import ProviderCircuits
 from refresherd.refresh.leases import Leases
 from refresherd.refresh.providers import Providers
 from refresherd.refresh.refresher import Refresher
@@ -55,9 +54,7 @@ class Scheduler:
         refresher: Refresher,
         leases: Leases,
         storage: StorageWatch,
-        circuits: ProviderCircuits,
         metrics: Metrics,
-        concurrency: int,
         providers: Providers,
         poll_interval: float,
         max_grace_period: float,
@@ -69,12 +66,10 @@ class Scheduler:
         self.leases = leases
         # The storage pause: nothing is claimed while the database refuses writes.
         self.storage = storage
-        # Providers whose circuit is open are not claimed for.
-        self.circuits = circuits
         self.metrics = metrics
-        # The most refreshes in flight, the whole process's: the providers' limits' ceiling.
-        self.concurrency = concurrency
-        # Each provider's adaptive limit (refresherd.concurrency).
+        # The live provider set: each provider's adaptive limit (refresherd.concurrency), their
+        # ceiling (``concurrency``, the whole process's) and the circuits (a provider whose
+        # circuit is open is not claimed for). A reload updates them there.
         self.providers = providers
         self.poll_interval = poll_interval
         self.max_grace_period = max_grace_period
@@ -204,7 +199,7 @@ class Scheduler:
         await self._reap_dead_owners(tg)
         await self._notice_clock_step_back()
         now = self.clock.wall()
-        blocked = self.circuits.blocked(now)
+        blocked = self.providers.circuits.blocked(now)
         free, full = self._room(blocked)
         if free > 0:
             # Each set as read under our new lease: the refresh starts from it, unclaimed again.
@@ -236,7 +231,7 @@ class Scheduler:
     def _room(self, blocked: list[str]) -> tuple[int, list[str]]:
         """How many sets one claim may lease now, and the providers at their adaptive limit
         (left out of it, as those whose circuit is open are)."""
-        free = self.concurrency - self._running
+        free = self.providers.concurrency - self._running
         full: list[str] = []
         roomiest = 0
         open_providers = 0
@@ -354,8 +349,8 @@ class Scheduler:
         """Saturated: sleep up to ``delay`` until an eighth of the slots are free (at least
         one), so that one claim statement starts several refreshes rather than one each, and
         without watching for other processes' commits (a refresh ending wakes us anyway)."""
-        blocked = self.circuits.blocked(self.clock.wall())
-        want = max(1, min(self.concurrency, self._limits(blocked)) // 8)
+        blocked = self.providers.circuits.blocked(self.clock.wall())
+        want = max(1, min(self.providers.concurrency, self._limits(blocked)) // 8)
         deadline = self.clock.monotonic() + delay
         while not self._stopping and self._room(blocked)[0] < want:
             remaining = deadline - self.clock.monotonic()
