@@ -269,6 +269,14 @@ class Grants:
                     error = exc
 
 
+def authorized_again(stored: TokenSet, now: float) -> bool:
+    """Whether :meth:`Grants.add_granted` (called at ``now``) authorized an invalidated set
+    again in place rather than inserting a new one: in place keeps the set's created_at, an
+    insert has ``now`` (also once refreshed since). Not the version: a set inserted here may
+    have been refreshed already."""
+    return stored.created_at != now
+
+
 def _as_stored(new: NewTokenSet, now: float) -> TokenSet:
     """A new set as :meth:`TokenStore.add` stores it: version 1, active, no lease."""
     return TokenSet(

@@ -41,6 +41,7 @@ from refresherd.intake import token_set_from_json
 from refresherd.logs import exception_fields, get_logger
 from refresherd.metrics import Metrics
 from refresherd.model import Grant, rfc3339
+from refresherd.refresh.grants import authorized_again
 from refresherd.refresh.providers import Providers
 from refresherd.refresh.refresher import Refresher
 from refresherd.refresh.storage import StorageWatch
@@ -327,9 +328,7 @@ class ConnectRoutes:
                 "refresh token stays live at the provider, unused, until it expires",
             )
             return Outcome.EXISTS
-        # A set authorized again in place keeps its created_at; one inserted here has ours
-        # (also once refreshed since). Not the version: ours may have been refreshed already.
-        outcome = Outcome.RECONNECTED if stored.created_at != now else Outcome.CONNECTED
+        outcome = Outcome.RECONNECTED if authorized_again(stored, now) else Outcome.CONNECTED
         self.wake()
         self._count(provider, outcome, pending, "")
         log.info(

@@ -32,6 +32,7 @@ from refresherd.idp.failures import ClientRejected, EndpointError, InvalidGrant
 from refresherd.intake import token_set_from_json
 from refresherd.logs import exception_fields, get_logger
 from refresherd.model import Secret, State, TokenSet, rfc3339, validate_token_set_id
+from refresherd.refresh.grants import authorized_again
 from refresherd.refresh.outcome import Outcome
 from refresherd.refresh.providers import Providers
 from refresherd.refresh.refresher import Refresher
@@ -635,9 +636,7 @@ class TokenApi:
                 grant_discarded=True,
             )
         self.wake()
-        # A set authorized again in place keeps its created_at; one inserted here has ours
-        # (also once refreshed since). Not the version: ours may have been refreshed already.
-        reauthorized = stored.created_at != now
+        reauthorized = authorized_again(stored, now)
         log.info(
             "token set authorized again" if reauthorized else "token set registered",
             token_set=job.id,
