@@ -44,7 +44,6 @@ __all__ = ["build_parser", "entrypoint", "main"]
 
 def main(argv: Sequence[str] | None = None) -> int:
     args: argparse.Namespace | None = None
-    installed = False
     try:
         try:
             args = build_parser().parse_args(argv)
@@ -53,14 +52,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             default = signal.getsignal(signal.SIGINT) is signal.default_int_handler
             if args.command != "run" and default:
                 signal.signal(signal.SIGINT, interrupt_once)
-                installed = True
             return _run(args)
         finally:
             # Within the handlers: a reader gone by now is a broken pipe too.
             sys.stdout.flush()
             # Not interrupted: as it was, for a caller in this process (interrupted, it stays
             # ignored while we end).
-            if installed and signal.getsignal(signal.SIGINT) is interrupt_once:
+            if signal.getsignal(signal.SIGINT) is interrupt_once:
                 signal.signal(signal.SIGINT, signal.default_int_handler)
     except BrokenPipeError:
         # Python's "Note on SIGPIPE": the rest of the output goes to /dev/null, so that the
