@@ -319,13 +319,17 @@ class Refresher:
             rng=self._rng,
         )
         try:
-            async with anyio.create_task_group() as tg:
-                end = await series.run(tg)
-                # The other sends still out: their answers are not needed (inside the window
-                # any grant is good, and the first one is ours). Usually none is out, and a
-                # cancellation (a scheduled delivery per task) would be for nothing.
-                if series.in_flight:
-                    tg.cancel_scope.cancel()
+            if not series.overlaps:
+                end = await series.run(None)
+            else:
+                async with anyio.create_task_group() as tg:
+                    end = await series.run(tg)
+                    # The other sends still out: their answers are not needed (inside the
+                    # window any grant is good, and the first one is ours). Usually none is
+                    # out, and a cancellation (a scheduled delivery per task) would be for
+                    # nothing.
+                    if series.in_flight:
+                        tg.cancel_scope.cancel()
         except BaseException:
             # Cancelled (shutdown past its deadline) or failed with a grant in hand: the IdP
             # may have rotated, and this is the only copy. Store it before going.

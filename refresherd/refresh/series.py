@@ -1,9 +1,11 @@
 """The attempt loop: the sends of one refresh token inside one refresh (:class:`Series`).
 
-Each send is journaled before it leaves, runs in its own task with the provider's full
-``request_timeout``, and answers on a memory stream; what an answer means is the policy's
-(:func:`refresherd.policy.decide`). The series ends with a grant (stored by the caller), a
-final decision on a failure (recorded by the caller), or a result decided on the way.
+Each send is journaled before it leaves and runs with the provider's full ``request_timeout``;
+what an answer means is the policy's (:func:`refresherd.policy.decide`). Where sends may overlap
+(a one-time token's grace window: hedges), each runs in a task of its own and answers on a
+memory stream; where they cannot (no window), each runs in the series' own task. The series
+ends with a grant (stored by the caller), a final decision on a failure (recorded by the
+caller), or a result decided on the way.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 
 import anyio
 import anyio.abc
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from refresherd import policy
 from refresherd.clock import Clock
@@ -119,9 +122,17 @@ class Series:
         # The first grant received, until the series ends (persisted by the caller).
         self.grant: Grant | None = None
         self._anchor = (clock.wall(), clock.monotonic())
-        send, receive = anyio.create_memory_object_stream[_Answer](math.inf)
-        self._answers_in = send
-        self._answers = receive
+        # Made with the first send of its own task (a series without a window has none).
+        self._answers_in: MemoryObjectSendStream[_Answer] | None = None
+        self._answers: MemoryObjectReceiveStream[_Answer] | None = None
+
+    @property
+    def overlaps(self) -> bool:
+        """Whether sends may be out side by side: only a one-time token's grace window plans
+        hedges (:meth:`_hedge_at`). Without one a send is answered before the next can start,
+        so :meth:`run` needs no task group: each send runs in its task (a task group, a task
+        and a stream per refresh were a tenth of the daemon's CPU per refresh)."""
+        return self.grace > 0
 
     def now(self) -> float:
         """Series time: see the class docstring."""
@@ -129,11 +140,14 @@ class Series:
         return wall + (self._clock.monotonic() - mono)
 
     def close(self) -> None:
-        self._answers_in.close()
-        self._answers.close()
+        if self._answers_in is not None and self._answers is not None:
+            self._answers_in.close()
+            self._answers.close()
 
     def buffered_grant(self) -> Grant | None:
         """A grant that arrived but was not read yet (the series was cancelled)."""
+        if self._answers is None:
+            return None
         while True:
             try:
                 answer = self._answers.receive_nowait()
@@ -150,7 +164,10 @@ class Series:
         closes = policy.window_closes_at(self.attempt.started_at, self.grace, self.latency)
         return closes - policy.LAST_SEND_LEAD
 
-    async def run(self, tg: anyio.abc.TaskGroup) -> SeriesEnd:
+    async def run(self, tg: anyio.abc.TaskGroup | None) -> SeriesEnd:
+        """The series to its end. ``tg`` owns the sends' tasks; None only where sends cannot
+        overlap (not :attr:`overlaps`): then each send runs in this task."""
+        assert tg is not None or not self.overlaps
         ts = self.ts
         # Two clocks for the next send (series time): a retry the policy planned after a
         # failed answer, and a hedge beside the sends still out (void once none is out).
@@ -160,7 +177,20 @@ class Series:
         stopped: RefreshResult | None = None
         refused = False
         pending: tuple[Failure, policy.Decision] | None = None
+        # An answer in hand, from a send run in this task (no window).
+        answer: _Answer | None = None
         while True:
+            if answer is not None:
+                # Handled as an answer from the stream below is; with nothing else out, a
+                # final decision is final at once.
+                self.in_flight -= 1
+                end = await self._on_answer(answer)
+                answer = None
+                if isinstance(end, policy.SendAgain):
+                    retry_at = end.at
+                    pending = None
+                    continue
+                return end
             now = self.now()
             planned = [t for t in (retry_at, hedge_at if self.in_flight else None) if t is not None]
             next_send_at = min(planned) if planned else None
@@ -217,8 +247,14 @@ class Series:
                     else:
                         self.hedges.note_send()
                     self.in_flight += 1
-                    tg.start_soon(self._send, journaled, self._leave_by(now))
-                    hedge_at = self._hedge_at(now)
+                    if tg is None:
+                        answer = await self._answer(journaled, None)
+                    else:
+                        if self._answers_in is None:
+                            send, receive = anyio.create_memory_object_stream[_Answer](math.inf)
+                            self._answers_in, self._answers = send, receive
+                        tg.start_soon(self._send, self._answers_in, journaled, self._leave_by(now))
+                        hedge_at = self._hedge_at(now)
                 continue
             if self.in_flight == 0:
                 if stopped is not None:
@@ -236,16 +272,17 @@ class Series:
                 max(next_send_at - now, 0.0) if may_send and next_send_at is not None else math.inf
             )
             # Only the wait for an answer is bounded: what is done with one is never cut short.
-            answer: _Answer | None = None
+            assert self._answers is not None
+            received: _Answer | None = None
             if wait == math.inf:  # the usual case, without a cancel scope
-                answer = await self._answers.receive()
+                received = await self._answers.receive()
             else:
                 with anyio.move_on_after(wait):
-                    answer = await self._answers.receive()
-            if answer is None:
+                    received = await self._answers.receive()
+            if received is None:
                 continue
             self.in_flight -= 1
-            end = await self._on_answer(answer)
+            end = await self._on_answer(received)
             if isinstance(end, policy.SendAgain):
                 retry_at = end.at if retry_at is None else min(retry_at, end.at)
                 pending = None
@@ -311,7 +348,17 @@ class Series:
                 Outcome.STORAGE_ERROR, token_set=ts, reason="storage_error", detail=str(exc)
             )
 
-    async def _send(self, attempt: Attempt, leave_by: float | None) -> None:
+    async def _send(
+        self,
+        answers: MemoryObjectSendStream[_Answer],
+        attempt: Attempt,
+        leave_by: float | None,
+    ) -> None:
+        """One send in a task of its own, answering on the stream."""
+        answers.send_nowait(await self._answer(attempt, leave_by))
+
+    async def _answer(self, attempt: Attempt, leave_by: float | None) -> _Answer:
+        """Send the refresh token once (journaled as ``attempt``) and take what comes back."""
         started = self._clock.monotonic()
         grant: Grant | None = None
         failure: Failure | None = None
@@ -331,7 +378,7 @@ class Series:
         ended = self._clock.monotonic()
         duration = ended - started
         self._pace(failure, duration, ended)
-        self._answers_in.send_nowait(_Answer(attempt, grant, failure, duration))
+        return _Answer(attempt, grant, failure, duration)
 
     def _pace(self, failure: Failure | None, duration: float, now: float) -> None:
         """Feed the provider's adaptive limit (refresherd.concurrency): an answer's time, or a
