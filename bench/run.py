@@ -258,6 +258,8 @@ def profiled(pid: int, out: Path | None, seconds: float) -> Iterator[None]:
             str(max(1, int(seconds))),
             "--idle",
             "--threads",
+            "--rate",
+            "250",
             "--format",
             "raw",
             "--nonblocking",
@@ -679,7 +681,7 @@ def daemon_run(
         workdir,
         idp.token_url,
         concurrency=concurrency,
-        usage="reuse",
+        usage=os.environ.get("BENCH_USAGE", "reuse"),
         log_level=args.log_level,
         workers=args.daemon_workers,
     )

@@ -319,27 +319,19 @@ class Refresher:
             rng=self._rng,
         )
         try:
-            if not series.overlaps:
-                end = await series.run(None)
-            else:
-                async with anyio.create_task_group() as tg:
-                    end = await series.run(tg)
-                    # The other sends still out: their answers are not needed (inside the
-                    # window any grant is good, and the first one is ours). Usually none is
-                    # out, and a cancellation (a scheduled delivery per task) would be for
-                    # nothing.
-                    if series.in_flight:
-                        tg.cancel_scope.cancel()
+            end = await series.run()
         except BaseException:
             # Cancelled (shutdown past its deadline) or failed with a grant in hand: the IdP
             # may have rotated, and this is the only copy. Store it before going.
-            grant = series.grant or series.buffered_grant()
-            if grant is not None and series.attempt is not None:
-                with anyio.CancelScope(shield=True):
+            with anyio.CancelScope(shield=True):
+                await series.close()
+                grant = series.grant or series.buffered_grant()
+                if grant is not None and series.attempt is not None:
                     await self._persist(ts, eff, grant, sends=series.attempt.sends)
             raise
-        finally:
-            series.close()
+        # The other sends still out: their answers are not needed (inside the window any grant
+        # is good, and the first one is ours). Usually none is out.
+        await series.close()
         if isinstance(end, RefreshResult):
             return end
         if isinstance(end, Grant):

@@ -2,21 +2,23 @@
 
 Each send is journaled before it leaves and runs with the provider's full ``request_timeout``;
 what an answer means is the policy's (:func:`refresherd.policy.decide`). Where sends may overlap
-(a one-time token's grace window: hedges), each runs in a task of its own and answers on a
-memory stream; where they cannot (no window), each runs in the series' own task. The series
-ends with a grant (stored by the caller), a final decision on a failure (recorded by the
-caller), or a result decided on the way.
+(a one-time token's grace window: hedges), each runs in a task the series owns (:class:`_Sends`);
+where they cannot (no window), each runs in the series' own task. The series ends with a grant
+(stored by the caller), a final decision on a failure (recorded by the caller), or a result
+decided on the way.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
+from collections import deque
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
-import anyio.abc
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from refresherd import policy
 from refresherd.clock import Clock
@@ -60,6 +62,74 @@ class _Answer:
 
 
 SeriesEnd = RefreshResult | Grant | tuple[Failure, policy.Decision]
+
+
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+class _Sends:
+    """The sends out of one series side by side, each in a task the series owns, and their
+    answers in the order they land.
+
+    asyncio tasks rather than an anyio task group: a task group, an anyio task and a memory
+    stream per refresh cost more CPU than the rest of a rotating token's refresh path together
+    (docs/benchmarks.md). Ownership is kept by hand instead: a send's task is never cancelled
+    by its caller's cancel scope, so :meth:`close` (awaited by the series' owner on every way
+    out) cancels the sends still out and waits for them; a grant that landed meanwhile is kept
+    for :meth:`grants`."""
+
+    __slots__ = ("_answers", "_out", "_waiter")
+
+    def __init__(self) -> None:
+        self._out: set[asyncio.Task[_Answer]] = set()
+        self._answers: deque[_Answer] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def start(self, send: Coroutine[Any, Any, _Answer]) -> None:
+        task = asyncio.get_running_loop().create_task(send)
+        self._out.add(task)
+        task.add_done_callback(self._landed)
+
+    def _landed(self, task: asyncio.Task[_Answer]) -> None:
+        if task not in self._out:
+            return  # already taken by close()
+        self._out.discard(task)
+        # A send catches every Exception into its answer; only a cancelled one has none.
+        if not task.cancelled() and task.exception() is None:
+            self._answers.append(task.result())
+        if self._waiter is not None:
+            _resolve(self._waiter)
+
+    async def next(self, timeout: float | None = None) -> _Answer | None:
+        """The next answer, waiting for it at most ``timeout`` seconds (None: no answer yet)."""
+        if not self._answers:
+            loop = asyncio.get_running_loop()
+            self._waiter = waiter = loop.create_future()
+            timer = None if timeout is None else loop.call_later(timeout, _resolve, waiter)
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+                if timer is not None:
+                    timer.cancel()
+        return self._answers.popleft() if self._answers else None
+
+    async def close(self) -> None:
+        """Cancel the sends still out and wait until each has ended, whatever cancels the
+        caller meanwhile (they end at once: a cancelled request is abandoned)."""
+        out = list(self._out)
+        for task in out:
+            task.cancel()
+        if out:
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait(out)
+            for task in out:
+                self._landed(task)
+
+    def grants(self) -> list[Grant]:
+        return [a.grant for a in self._answers if a.grant is not None]
 
 
 class Series:
@@ -122,39 +192,27 @@ class Series:
         # The first grant received, until the series ends (persisted by the caller).
         self.grant: Grant | None = None
         self._anchor = (clock.wall(), clock.monotonic())
-        # Made with the first send of its own task (a series without a window has none).
-        self._answers_in: MemoryObjectSendStream[_Answer] | None = None
-        self._answers: MemoryObjectReceiveStream[_Answer] | None = None
-
-    @property
-    def overlaps(self) -> bool:
-        """Whether sends may be out side by side: only a one-time token's grace window plans
-        hedges (:meth:`_hedge_at`). Without one a send is answered before the next can start,
-        so :meth:`run` needs no task group: each send runs in its task (a task group, a task
-        and a stream per refresh were a tenth of the daemon's CPU per refresh)."""
-        return self.grace > 0
+        # Sends may be out side by side only where a one-time token's grace window plans
+        # hedges (_hedge_at); without one a send is answered before the next can start, and
+        # runs in the series' own task (no task per send: a tenth of the CPU per refresh).
+        self._sends = _Sends() if self.grace > 0 else None
 
     def now(self) -> float:
         """Series time: see the class docstring."""
         wall, mono = self._anchor
         return wall + (self._clock.monotonic() - mono)
 
-    def close(self) -> None:
-        if self._answers_in is not None and self._answers is not None:
-            self._answers_in.close()
-            self._answers.close()
+    async def close(self) -> None:
+        """End the sends still out (their answers are not needed once the series has ended);
+        awaited by the series' owner on every way out, cancelled or not."""
+        if self._sends is not None:
+            await self._sends.close()
 
     def buffered_grant(self) -> Grant | None:
-        """A grant that arrived but was not read yet (the series was cancelled)."""
-        if self._answers is None:
-            return None
-        while True:
-            try:
-                answer = self._answers.receive_nowait()
-            except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
-                return None
-            if answer.grant is not None:
-                return answer.grant
+        """A grant that landed but was not read (the series was cancelled), after
+        :meth:`close`."""
+        grants = self._sends.grants() if self._sends is not None else []
+        return grants[0] if grants else None
 
     def _last_send_at(self) -> float | None:
         """Series time by which a send that relies on the window must start (None: no window
@@ -164,10 +222,8 @@ class Series:
         closes = policy.window_closes_at(self.attempt.started_at, self.grace, self.latency)
         return closes - policy.LAST_SEND_LEAD
 
-    async def run(self, tg: anyio.abc.TaskGroup | None) -> SeriesEnd:
-        """The series to its end. ``tg`` owns the sends' tasks; None only where sends cannot
-        overlap (not :attr:`overlaps`): then each send runs in this task."""
-        assert tg is not None or not self.overlaps
+    async def run(self) -> SeriesEnd:
+        """The series to its end; :meth:`close` must follow, whichever way it ends."""
         ts = self.ts
         # Two clocks for the next send (series time): a retry the policy planned after a
         # failed answer, and a hedge beside the sends still out (void once none is out).
@@ -247,13 +303,10 @@ class Series:
                     else:
                         self.hedges.note_send()
                     self.in_flight += 1
-                    if tg is None:
+                    if self._sends is None:
                         answer = await self._answer(journaled, None)
                     else:
-                        if self._answers_in is None:
-                            send, receive = anyio.create_memory_object_stream[_Answer](math.inf)
-                            self._answers_in, self._answers = send, receive
-                        tg.start_soon(self._send, self._answers_in, journaled, self._leave_by(now))
+                        self._sends.start(self._answer(journaled, self._leave_by(now)))
                         hedge_at = self._hedge_at(now)
                 continue
             if self.in_flight == 0:
@@ -272,13 +325,8 @@ class Series:
                 max(next_send_at - now, 0.0) if may_send and next_send_at is not None else math.inf
             )
             # Only the wait for an answer is bounded: what is done with one is never cut short.
-            assert self._answers is not None
-            received: _Answer | None = None
-            if wait == math.inf:  # the usual case, without a cancel scope
-                received = await self._answers.receive()
-            else:
-                with anyio.move_on_after(wait):
-                    received = await self._answers.receive()
+            assert self._sends is not None  # sends out side by side
+            received = await self._sends.next(None if wait == math.inf else wait)
             if received is None:
                 continue
             self.in_flight -= 1
@@ -347,15 +395,6 @@ class Series:
             return RefreshResult(
                 Outcome.STORAGE_ERROR, token_set=ts, reason="storage_error", detail=str(exc)
             )
-
-    async def _send(
-        self,
-        answers: MemoryObjectSendStream[_Answer],
-        attempt: Attempt,
-        leave_by: float | None,
-    ) -> None:
-        """One send in a task of its own, answering on the stream."""
-        answers.send_nowait(await self._answer(attempt, leave_by))
 
     async def _answer(self, attempt: Attempt, leave_by: float | None) -> _Answer:
         """Send the refresh token once (journaled as ``attempt``) and take what comes back."""
