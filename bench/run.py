@@ -639,6 +639,7 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
             report["daemon_levels"] = [tuned[str(x)] for x in _levels(args.daemon_levels)]
             EVENT_LOOP = DAEMON_TREE = None
             report["daemon"] = report["variants"][variants[0]]
+            report["token_usage"] = args.token_usage
             report["startup_s"] = report["daemon"]["startup_s"]
             report["import_s"] = report["daemon"]["import_s"]
             if "aiohttp" in report["bare"]:
@@ -681,7 +682,7 @@ def daemon_run(
         workdir,
         idp.token_url,
         concurrency=concurrency,
-        usage=os.environ.get("BENCH_USAGE", "reuse"),
+        usage=args.token_usage,
         log_level=args.log_level,
         workers=args.daemon_workers,
     )
@@ -760,7 +761,8 @@ def print_throughput(r: dict[str, Any]) -> None:
     if len(r.get("variants", {})) > 1:
         for variant, run in r["variants"].items():
             row(f"refresherd daemon, {variant}", run)
-    row("refresherd daemon" + (f", {procs} processes" if procs > 1 else ""), d)
+    usage = f", {r['token_usage']} tokens" if r.get("token_usage", "reuse") != "reuse" else ""
+    row("refresherd daemon" + (f", {procs} processes" if procs > 1 else "") + usage, d)
     if "bare_aiohttp_after" in r:
         row("bare aiohttp, after the daemon", r["bare_aiohttp_after"])
     ratios = "".join(f"daemon / bare {c} = {r[f'ratio_vs_{c}']:.2f}; " for c in r["bare"])
@@ -1158,6 +1160,14 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="also the best aiohttp loop in this many processes (beside --daemon-workers)",
+    )
+    t.add_argument(
+        "--token-usage",
+        default="reuse",
+        choices=["reuse", "one_time"],
+        help="the daemon's refresh_token_usage; one_time runs its grace-window path (journal "
+        "window, hedges) against an IdP that still takes a token again, so that the bare loops "
+        "run on the same sets",
     )
     reads.add_parser(sub)
     s = sub.add_parser("scale", help="(b)+(c): import, start-up, memory, lateness")

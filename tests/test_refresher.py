@@ -9,6 +9,7 @@ Nothing here is timed: waits are polls with generous deadlines, and the grace pe
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import io
 import itertools
@@ -567,6 +568,46 @@ async def test_a_stalled_send_is_hedged_not_waited_out(tmp_path: Path, logs: Log
         assert hedge["attempt"] == 2 and hedge["in_flight"] == 1
         assert h.grace_retries() == 1
         assert h.failures("timeout") == 0
+
+
+def _sends_running() -> list[asyncio.Task[Any]]:
+    """This loop's tasks that are a series' send (Series._answer) still running."""
+    return [
+        t
+        for t in asyncio.all_tasks()
+        if not t.done() and getattr(t.get_coro(), "__qualname__", "") == "Series._answer"
+    ]
+
+
+@pytest.mark.anyio
+async def test_a_refresh_cancelled_with_sends_out_ends_every_send(
+    tmp_path: Path, logs: LogCapture
+) -> None:
+    """The sends of a grace window run in tasks the series owns, not its caller's scope: a
+    refresh cancelled (shutdown past its deadline) while the first send and its hedge are both
+    stalled must end both before it returns, and leave the journal to finish the series inside
+    the window."""
+    async with harness(tmp_path, grace_period=6.0, request_timeout=10.0) as h:
+        old = await h.add("ts-1")
+        h.idp.faults.add(FaultKind.SLOW, delay=8.0, process_first=True, times=2)
+        with anyio.fail_after(DEADLINE):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(h.refresher.refresh, "ts-1")
+                while h.idp.ledger.requests < 2:  # the stalled send, then its hedge
+                    await anyio.sleep(0.02)
+                assert len(_sends_running()) == 2
+                tg.cancel_scope.cancel()
+        assert _sends_running() == []
+        stored = await h.get("ts-1")
+        assert stored.attempt is not None and stored.attempt.sends == 2
+        assert stored.refresh_token.reveal() == old  # no grant came back: none to store
+
+        # The series goes on inside the window (the IdP rotated on the first send).
+        result = await h.refresher.refresh("ts-1")
+        assert result.outcome == "refreshed", result
+        ledger = h.idp.ledger
+        assert ledger.reuses_outside_grace == 0 and ledger.reuses_in_grace == 2
+        assert ledger.is_live((await h.get("ts-1")).refresh_token.reveal())
 
 
 @pytest.mark.anyio

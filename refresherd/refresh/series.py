@@ -80,12 +80,15 @@ class _Sends:
     out) cancels the sends still out and waits for them; a grant that landed meanwhile is kept
     for :meth:`grants`."""
 
-    __slots__ = ("_answers", "_out", "_waiter")
+    __slots__ = ("_answers", "_error", "_out", "_waiter")
 
     def __init__(self) -> None:
         self._out: set[asyncio.Task[_Answer]] = set()
         self._answers: deque[_Answer] = deque()
         self._waiter: asyncio.Future[None] | None = None
+        # What a send raised past its own handling (a bug): raised to the series by next(),
+        # as a task group would, rather than an answer that never comes.
+        self._error: BaseException | None = None
 
     def start(self, send: Coroutine[Any, Any, _Answer]) -> None:
         task = asyncio.get_running_loop().create_task(send)
@@ -97,14 +100,18 @@ class _Sends:
             return  # already taken by close()
         self._out.discard(task)
         # A send catches every Exception into its answer; only a cancelled one has none.
-        if not task.cancelled() and task.exception() is None:
-            self._answers.append(task.result())
+        if not task.cancelled():
+            if (error := task.exception()) is None:
+                self._answers.append(task.result())
+            elif self._error is None:
+                self._error = error
         if self._waiter is not None:
             _resolve(self._waiter)
 
     async def next(self, timeout: float | None = None) -> _Answer | None:
-        """The next answer, waiting for it at most ``timeout`` seconds (None: no answer yet)."""
-        if not self._answers:
+        """The next answer, waiting for it at most ``timeout`` seconds (None: no answer yet).
+        Raises what a send raised instead of answering."""
+        if not self._answers and self._error is None:
             loop = asyncio.get_running_loop()
             self._waiter = waiter = loop.create_future()
             timer = None if timeout is None else loop.call_later(timeout, _resolve, waiter)
@@ -114,6 +121,8 @@ class _Sends:
                 self._waiter = None
                 if timer is not None:
                     timer.cancel()
+        if self._error is not None:
+            raise self._error
         return self._answers.popleft() if self._answers else None
 
     async def close(self) -> None:
