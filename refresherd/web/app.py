@@ -67,6 +67,27 @@ def error(
     return JSON({"error": code, "message": message, **fields}, status, headers=headers)
 
 
+# A request body is a token response or a code: a few kilobytes. More is not one of those.
+MAX_BODY: Final = 64 * 1024
+
+
+async def json_body(request: Request) -> dict[str, Any] | Response:
+    """A request's body as a JSON object, or the 413/400 answer that says why it is not one
+    (never echoing the body: it holds tokens)."""
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY:
+            return error(413, "invalid_request", f"the body is larger than {MAX_BODY} bytes")
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return error(400, "invalid_request", "the body is not valid JSON")
+    if not isinstance(data, dict):
+        return error(400, "invalid_request", "the body must be a JSON object")
+    return data
+
+
 _HTTP_ERRORS: Final = {404: "not_found", 405: "method_not_allowed"}
 
 
@@ -77,8 +98,8 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 # Of a request's body, this much is kept for scrubbing a failure's log line: more than any
-# body the API takes (web.tokens.MAX_BODY).
-KEPT_BODY: Final = 64 * 1024 + 1
+# body the API takes (MAX_BODY).
+KEPT_BODY: Final = MAX_BODY + 1
 # A request's values shorter than this are not scrubbed: no token, code or bearer is so short,
 # and replacing short words ("idp") would garble the traceback.
 MIN_SECRET: Final = 8

@@ -47,10 +47,9 @@ from refresherd.refresh.refresher import Refresher
 from refresherd.refresh.storage import StorageWatch
 from refresherd.settings import ApiConfig, ProviderConfig
 from refresherd.store import NewTokenSet, StoreError, TokenStore
-from refresherd.web.app import JSON, error
+from refresherd.web.app import JSON, error, json_body
 
 # The token API's reader of a JSON body (bounded, never echoed): the link's request is one too.
-from refresherd.web.tokens import _json_body as json_body
 
 log = get_logger("refresherd.web.connect")
 

@@ -11,7 +11,6 @@ code (see ``openapi.json``). No token value is ever logged.
 from __future__ import annotations
 
 import functools
-import json
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -45,13 +44,11 @@ from refresherd.store import (
     TokenSetExists,
     TokenStore,
 )
-from refresherd.web.app import JSON, error
+from refresherd.web.app import JSON, error, json_body
 from refresherd.web.token_cache import ASKED, TokenCache, token_json
 
 log = get_logger("refresherd.web.tokens")
 
-# A request body is a token response or a code: a few kilobytes. More is not one of those.
-MAX_BODY: Final = 64 * 1024
 # While another process holds the lease, look for its result at this pace.
 LEASE_POLL: Final = 0.1
 # POST /v1/tokens/{id}/refresh refreshes a set at most this often: an upstream API that refuses
@@ -162,7 +159,7 @@ class TokenApi:
         one refresh (single-flight)."""
         data: dict[str, Any] = {}
         if await request.body():
-            body = await _json_body(request)
+            body = await json_body(request)
             if isinstance(body, Response):
                 return body
             data = body
@@ -303,7 +300,7 @@ class TokenApi:
     # ---- POST /v1/tokens -------------------------------------------------------------------
 
     async def register(self, request: Request) -> Response:
-        data = await _json_body(request)
+        data = await json_body(request)
         if isinstance(data, Response):
             return data
         token_set_id, provider = data.get("id"), data.get("provider")
@@ -425,7 +422,7 @@ class TokenApi:
             validate_token_set_id(token_set_id)
         except ValueError as exc:
             return _invalid(str(exc))
-        data = await _json_body(request)
+        data = await json_body(request)
         if isinstance(data, Response):
             return data
         provider_name, code = data.get("provider"), data.get("code")
@@ -690,22 +687,6 @@ def _log_exchange_failure(job: _Exchange, exc: Exception) -> None:
         provider=job.provider.name,
         **exception_fields(exc, secrets),
     )
-
-
-async def _json_body(request: Request) -> dict[str, Any] | Response:
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY:
-            return error(413, "invalid_request", f"the body is larger than {MAX_BODY} bytes")
-    try:
-        data = json.loads(body)
-    except (ValueError, RecursionError):
-        # Never echo the body: it holds tokens.
-        return _invalid("the body is not valid JSON")
-    if not isinstance(data, dict):
-        return _invalid("the body must be a JSON object")
-    return data
 
 
 def _invalid(message: str) -> Response:
