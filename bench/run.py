@@ -160,10 +160,6 @@ grace_period = "30s"
 
 
 SWITCH_INTERVAL: float | None = None
-# The daemon's event loop (REFRESHERD_EVENT_LOOP) and source tree, for --variants; None: its
-# default, and this checkout.
-EVENT_LOOP: str | None = None
-DAEMON_TREE: str | None = None
 
 
 def refresherd(config: Path, *args: str) -> list[str]:
@@ -334,17 +330,26 @@ def summarize_profile(path: Path) -> dict[str, dict[str, float]]:
 
 
 @contextmanager
-def daemon(config: Path, port: int, workdir: Path) -> Iterator[Daemon]:
+def daemon(
+    config: Path,
+    port: int,
+    workdir: Path,
+    *,
+    event_loop: str | None = None,
+    tree: str | None = None,
+) -> Iterator[Daemon]:
+    """A real ``refresherd run``; ``event_loop`` (REFRESHERD_EVENT_LOOP) and ``tree`` (another
+    checkout's code) for --variants, None: its default, and this checkout."""
     log = (workdir / "daemon.log").open("wb")
     started = time.perf_counter()
     env = dict(os.environ)
-    if EVENT_LOOP is not None:
-        env["REFRESHERD_EVENT_LOOP"] = EVENT_LOOP
-    if DAEMON_TREE is not None:  # another checkout's code (--variants tree=DIR)
-        env["PYTHONPATH"] = os.pathsep.join([DAEMON_TREE, env.get("PYTHONPATH", "")])
+    if event_loop is not None:
+        env["REFRESHERD_EVENT_LOOP"] = event_loop
+    if tree is not None:
+        env["PYTHONPATH"] = os.pathsep.join([tree, env.get("PYTHONPATH", "")])
     # `python -m` puts the working directory first on sys.path: another tree's daemon runs in
     # its run directory, so that this checkout's package does not shadow that tree's.
-    cwd = workdir if DAEMON_TREE is not None else None
+    cwd = workdir if tree is not None else None
     process = subprocess.Popen(refresherd(config, "run"), stdout=log, stderr=log, env=env, cwd=cwd)
     try:
         wait_ready(process, port, log_name=log.name)
@@ -564,7 +569,7 @@ def bare_loop(
 # --------------------------------------------------------------------------- (a) + (c)
 
 
-def throughput(args: argparse.Namespace) -> dict[str, Any]:
+def throughput(args: argparse.Namespace, *, reverse: bool = False) -> dict[str, Any]:
     n = args.sets
     levels = [int(c) for c in args.concurrency.split(",")]
     report: dict[str, Any] = {
@@ -614,22 +619,26 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
             # each --variants, and hand-tuned concurrencies (--daemon-levels), each daemon on a
             # database of its own; the order alternates run by run (--repeat), as the shared
             # machine's pace drifts.
-            global EVENT_LOOP, DAEMON_TREE
             variants = args.variants.split(",") if args.variants else ["default"]
             plan: list[tuple[str, str]] = [("variant", v) for v in variants]
             plan += [("level", str(level)) for level in _levels(args.daemon_levels)]
-            if getattr(args, "_flip", False):
+            if reverse:
                 plan.reverse()
-            args._flip = not getattr(args, "_flip", False)
             report["variants"] = {}
             tuned: dict[str, dict[str, Any]] = {}
             for k, (kind, what) in enumerate(plan):
                 variant = what if kind == "variant" else "default"
-                EVENT_LOOP = variant if variant in ("asyncio", "uvloop") else None
-                DAEMON_TREE = variant.removeprefix("tree=") if variant.startswith("tree=") else None
                 concurrency = args.daemon_concurrency if kind == "variant" else what
                 run = daemon_run(
-                    args, workdir / f"daemon-{k}", idp, lines, n, concurrency, profile=True
+                    args,
+                    workdir / f"daemon-{k}",
+                    idp,
+                    lines,
+                    n,
+                    concurrency,
+                    profile=True,
+                    event_loop=variant if variant in ("asyncio", "uvloop") else None,
+                    tree=variant.removeprefix("tree=") if variant.startswith("tree=") else None,
                 )
                 if kind == "variant":
                     run["variant"] = variant
@@ -637,7 +646,6 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
                 else:
                     tuned[what] = run
             report["daemon_levels"] = [tuned[str(x)] for x in _levels(args.daemon_levels)]
-            EVENT_LOOP = DAEMON_TREE = None
             report["daemon"] = report["variants"][variants[0]]
             report["token_usage"] = args.token_usage
             report["startup_s"] = report["daemon"]["startup_s"]
@@ -646,9 +654,9 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
                 # The fake IdP keeps every token it issued, so it slows as a run goes on, and
                 # the daemon always comes last: the best aiohttp loop again, after the daemon,
                 # shows how much (the ratio is still taken against the loop before).
-                best = report["bare"]["aiohttp"]["best"]["concurrency"]
+                at = report["bare"]["aiohttp"]["best"]["concurrency"]
                 report["bare_aiohttp_after"] = with_idp_cpu(
-                    lambda: bare_loop("aiohttp", idp.token_url, tokens, n, best)
+                    lambda: bare_loop("aiohttp", idp.token_url, tokens, n, at)
                 )
     daemon_rate = report["daemon"]["per_second"] or 0.0
     for client, data in report["bare"].items():
@@ -673,6 +681,8 @@ def daemon_run(
     concurrency: str,
     *,
     profile: bool = False,
+    event_loop: str | None = None,
+    tree: str | None = None,
 ) -> dict[str, Any]:
     """A real ``refresherd run`` with its own database refreshing the ``n`` imported sets,
     all due at once; its rate from the first refresh to the last, CPU, memory and the
@@ -688,7 +698,7 @@ def daemon_run(
     )
     limit_key = f'refresherd_concurrency_limit{{provider="{PROVIDER}"}}'
     with (
-        daemon(config, port, workdir) as d,
+        daemon(config, port, workdir, event_loop=event_loop, tree=tree) as d,
         profiled(d.process.pid, args.profile if profile else None, args.profile_seconds),
     ):
         startup = d.startup
@@ -783,8 +793,9 @@ def repeated_throughput(args: argparse.Namespace) -> dict[str, Any]:
     """``throughput`` run after run (--repeat): on a shared machine one run's ratio is luck, so
     each run is reported, with the load when it ended, and the median of the ratios."""
     runs = []
-    for _ in range(args.repeat):
-        r = throughput(args)
+    for i in range(args.repeat):
+        # The daemons' order alternates run by run, as the shared machine's pace drifts.
+        r = throughput(args, reverse=i % 2 == 1)
         r["machine"] = machine()
         print_throughput(r)
         print(f"load (1 min) {r['machine']['load_1m']:.2f}")
