@@ -17,7 +17,7 @@ import sys
 import time
 import tomllib
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,8 @@ import yaml
 from conftest import (
     LEAKS,
     DaemonProcess,
-    IdPHandle,
+    Daemons,
+    IdPFactory,
     free_port,
     import_tokens,
     read_rows,
@@ -277,7 +278,7 @@ def namespaced(tmp_path: Path) -> Iterator[list[NamespacedDaemon]]:
     not namespaces_available("--pid", "--fork"), reason="no PID namespaces here (unshare)"
 )
 def test_as_pid_1_sigterm_drains_and_exits_0_and_the_healthcheck_tells_up_from_down(
-    tmp_path: Path, idp_factory: Callable[..., IdPHandle], namespaced: list[NamespacedDaemon]
+    tmp_path: Path, idp_factory: IdPFactory, namespaced: list[NamespacedDaemon]
 ) -> None:
     idp = idp_factory()
     config = write_config(
@@ -409,7 +410,7 @@ def read_once(database: Path, token_set: str) -> subprocess.CompletedProcess[str
 
 
 def test_the_application_reads_fresh_tokens_through_the_read_contract(
-    tmp_path: Path, idp_factory: Callable[..., IdPHandle], daemons: Callable[..., DaemonProcess]
+    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons
 ) -> None:
     idp = idp_factory()
     db = tmp_path / "tokens.db"
@@ -429,7 +430,7 @@ def test_the_application_reads_fresh_tokens_through_the_read_contract(
 
 @pytest.mark.skipif(not namespaces_available("--mount"), reason="no mount namespaces (unshare)")
 def test_the_application_reads_from_a_read_only_mount_of_the_volume(
-    tmp_path: Path, idp_factory: Callable[..., IdPHandle], daemons: Callable[..., DaemonProcess]
+    tmp_path: Path, idp_factory: IdPFactory, daemons: Daemons
 ) -> None:
     """compose.yaml's application mounts the token volume read-only. SQLite then opens the WAL
     database only while refresherd has it open, and a connection opened then keeps reading,

@@ -31,6 +31,7 @@ import yaml
 from conftest import (
     LEAKS,
     DaemonProcess,
+    IdPFactory,
     IdPHandle,
     free_port,
     read_rows,
@@ -306,7 +307,7 @@ def test_the_image_refreshes_through_its_volume_answers_its_healthcheck_and_drai
     image: Image,
     containers: Callable[[str], str],
     processes: list[ContainerProcess],
-    idp_factory: Callable[..., IdPHandle],
+    idp_factory: IdPFactory,
 ) -> None:
     # deploy/refresherd.toml's provider: one-time refresh tokens with a 30 s grace period.
     idp = idp_factory(grace_period=30.0)

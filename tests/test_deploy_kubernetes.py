@@ -47,7 +47,14 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from conftest import LEAKS, DaemonProcess, IdPHandle, metric, run_cli, wait_until
+from conftest import (
+    LEAKS,
+    Daemons,
+    IdPFactory,
+    metric,
+    run_cli,
+    wait_until,
+)
 from deploy_support import DEPLOY, ROOT
 
 from refresherd.config import load_config
@@ -693,8 +700,8 @@ def test_the_pod_runs_the_daemon_the_probes_the_scrape_and_the_application(
     base: list[dict[str, Any]],
     pod_root: Path,
     tmp_path: Path,
-    idp_factory: Callable[..., IdPHandle],
-    daemons: Callable[..., DaemonProcess],
+    idp_factory: IdPFactory,
+    daemons: Daemons,
 ) -> None:
     idp = idp_factory()
     secrets = pod_secrets(base, idp.client_secret)

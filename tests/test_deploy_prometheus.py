@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +19,8 @@ import httpx
 import pytest
 import yaml
 from conftest import (
-    DaemonProcess,
-    IdPHandle,
+    Daemons,
+    IdPFactory,
     free_port,
     import_tokens,
     parse_metrics,
@@ -270,8 +270,8 @@ TAKE_EVENT = [sys.executable, "-c", "import sys; sys.stdin.read()"]
 @needs_prometheus
 def test_prometheus_scrapes_a_running_daemon(
     tmp_path: Path,
-    idp_factory: Callable[..., IdPHandle],
-    daemons: Callable[..., DaemonProcess],
+    idp_factory: IdPFactory,
+    daemons: Daemons,
 ) -> None:
     # 4-second access tokens: the daemon refreshes every few seconds, so the counter grows.
     idp = idp_factory(access_token_lifetime=4.0)
@@ -377,8 +377,8 @@ def check_dashboard_queries(api: PrometheusAPI) -> None:
 
 def test_the_live_metrics_names_are_the_ones_the_helpers_know(
     tmp_path: Path,
-    idp_factory: Callable[..., IdPHandle],
-    daemons: Callable[..., DaemonProcess],
+    idp_factory: IdPFactory,
+    daemons: Daemons,
 ) -> None:
     """The exported names the rule and dashboard checks rely on match a live /metrics."""
     idp = idp_factory()
@@ -433,8 +433,8 @@ def scraped(api: PrometheusAPI, metric_name: str, instance: str) -> float | None
 @needs_prometheus
 def test_two_daemons_on_one_database_read_as_one_and_hand_the_exporter_over(
     tmp_path: Path,
-    idp_factory: Callable[..., IdPHandle],
-    daemons: Callable[..., DaemonProcess],
+    idp_factory: IdPFactory,
+    daemons: Daemons,
     db: Database,
 ) -> None:
     """The dashboard's queries on database-wide figures and the alerts on them read the same

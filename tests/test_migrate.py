@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
-from conftest import LEAKS, DaemonProcess, Database, IdPHandle, PgDatabase, run_cli, write_config
+from conftest import (
+    LEAKS,
+    Daemons,
+    Database,
+    IdPFactory,
+    PgDatabase,
+    run_cli,
+    write_config,
+)
 from databases import location_of
 
 from refresherd.encryption import TokenCipher, new_key_text
@@ -197,8 +204,8 @@ def test_refuses_a_target_that_holds_token_sets(tmp_path: Path) -> None:
 
 def test_refuses_while_a_daemon_runs_on_the_source(
     tmp_path: Path,
-    idp_factory: Callable[..., IdPHandle],
-    daemons: Callable[..., DaemonProcess],
+    idp_factory: IdPFactory,
+    daemons: Daemons,
     db: Database,
 ) -> None:
     idp = idp_factory("p", usage="reuse")

@@ -10,7 +10,7 @@ import json
 import random
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +18,13 @@ from typing import Any
 
 import anyio
 import pytest
-from conftest import IdPHandle, database_at_version, import_tokens, run_cli, write_config
+from conftest import (
+    IdPFactory,
+    database_at_version,
+    import_tokens,
+    run_cli,
+    write_config,
+)
 from refresh_parts import build_refresher
 from test_refresher import SCHEDULE  # the refresher tests' schedule, shared
 
@@ -233,7 +239,7 @@ def test_import_names_the_line_of_a_misspelt_policy_field() -> None:
 
 
 def test_tokens_add_and_import_refuse_a_misspelt_policy_field_and_store_nothing(
-    tmp_path: Path, idp_factory: Callable[..., IdPHandle]
+    tmp_path: Path, idp_factory: IdPFactory
 ) -> None:
     idp = idp_factory(usage="one_time", grace_period=5)
     db = tmp_path / "tokens.db"
@@ -419,7 +425,7 @@ async def test_a_set_without_its_own_policy_follows_the_provider(tmp_path: Path)
 
 
 def test_tokens_show_reports_the_effective_policy_and_its_sources(
-    tmp_path: Path, idp_factory: Callable[..., IdPHandle]
+    tmp_path: Path, idp_factory: IdPFactory
 ) -> None:
     idp = idp_factory(usage="reuse", grace_period=0)
     config = write_config(

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from conftest import (
-    DaemonProcess,
-    IdPHandle,
+    Daemons,
+    IdPFactory,
     database_at_version,
     import_tokens,
     run_cli,
@@ -155,8 +154,8 @@ def test_an_old_database_is_migrated_to_carry_the_column(tmp_path: Path) -> None
 
 def test_tokens_show_and_the_gauge_report_the_configured_lifetime(
     tmp_path: Path,
-    idp_factory: Callable[..., IdPHandle],
-    daemons: Callable[..., DaemonProcess],
+    idp_factory: IdPFactory,
+    daemons: Daemons,
 ) -> None:
     idp = idp_factory()
     config = write_config(

@@ -6,10 +6,15 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-from conftest import DaemonProcess, IdPHandle, drain_notifications, wait_until, write_config
+from conftest import (
+    Daemons,
+    IdPFactory,
+    drain_notifications,
+    wait_until,
+    write_config,
+)
 
 from refresherd.sdnotify import Notifier
 
@@ -53,8 +58,8 @@ def test_a_vanished_manager_is_not_an_error(tmp_path: Path) -> None:
 def test_daemon_sends_ready_watchdog_stopping_in_order(
     tmp_path: Path,
     notify_socket: tuple[socket.socket, str],
-    idp_factory: Callable[..., IdPHandle],
-    daemons: Callable[..., DaemonProcess],
+    idp_factory: IdPFactory,
+    daemons: Daemons,
 ) -> None:
     sock, path = notify_socket
     idp = idp_factory()

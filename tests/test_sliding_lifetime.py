@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import anyio
 import pytest
 from conftest import (
-    DaemonProcess,
-    IdPHandle,
+    Daemons,
+    IdPFactory,
     database_at_version,
     import_tokens,
     metric,
@@ -383,8 +382,8 @@ def test_a_version_3_database_gains_the_sliding_lifetime_columns(tmp_path: Path)
 @pytest.mark.slow
 def test_keep_alive_refreshes_as_the_sliding_lifetime_requires_and_keeps_tokens_alive(
     tmp_path: Path,
-    idp_factory: Callable[..., IdPHandle],
-    daemons: Callable[..., DaemonProcess],
+    idp_factory: IdPFactory,
+    daemons: Daemons,
 ) -> None:
     # Access tokens live 3 s, refresh tokens die after 20 s unused (at the IdP too).
     idp = idp_factory(access_token_lifetime=3.0, refresh_token_idle_lifetime=20.0)
@@ -422,8 +421,8 @@ def test_keep_alive_refreshes_as_the_sliding_lifetime_requires_and_keeps_tokens_
 
 def test_the_daemon_warns_once_ahead_of_an_absolute_expiry(
     tmp_path: Path,
-    idp_factory: Callable[..., IdPHandle],
-    daemons: Callable[..., DaemonProcess],
+    idp_factory: IdPFactory,
+    daemons: Daemons,
 ) -> None:
     idp = idp_factory()
     config = write_config(

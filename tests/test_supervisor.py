@@ -15,8 +15,8 @@ from typing import Any
 import anyio
 import pytest
 from conftest import (
-    DaemonProcess,
-    IdPHandle,
+    Daemons,
+    IdPFactory,
     import_tokens,
     metric,
     parse_metrics,
@@ -198,8 +198,8 @@ async def test_task_names_are_the_bounded_label_values() -> None:
 
 def test_the_daemon_survives_a_background_loop_that_fails(
     tmp_path: Path,
-    idp_factory: Callable[..., IdPHandle],
-    daemons: Callable[..., DaemonProcess],
+    idp_factory: IdPFactory,
+    daemons: Daemons,
 ) -> None:
     """A real fault: a refresh-token lifetime of 100,000,000 days (check-config takes it) and
     a warning horizon as long put the expiry past the year 9999, which the expiry watcher's

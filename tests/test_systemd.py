@@ -13,13 +13,12 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from conftest import (
-    DaemonProcess,
-    IdPHandle,
+    Daemons,
+    IdPFactory,
     drain_notifications,
     read_rows,
     run_cli,
@@ -185,8 +184,8 @@ def test_systemd_analyze_security_rates_the_unit_ok() -> None:
 def test_the_daemon_keeps_the_units_promises(
     tmp_path: Path,
     notify_socket: tuple[socket.socket, str],
-    idp_factory: Callable[..., IdPHandle],
-    daemons: Callable[..., DaemonProcess],
+    idp_factory: IdPFactory,
+    daemons: Daemons,
 ) -> None:
     """The environment systemd gives the unit's main process: the secret as a credential named
     in the drop-in, $NOTIFY_SOCKET, $WATCHDOG_USEC from WatchdogSec; then the unit's own
