@@ -7,6 +7,8 @@ refresh) is in tests/test_refresher.py."""
 
 from __future__ import annotations
 
+import asyncio
+
 import anyio
 import pytest
 
@@ -99,3 +101,42 @@ async def test_a_grant_that_landed_unread_is_kept_through_close() -> None:
     await anyio.sleep(0.05)  # the first has landed; nobody read it (the series was cancelled)
     await sends.close()
     assert [g.access_token.reveal() for g in sends.grants()] == ["landed"]
+
+
+@pytest.mark.anyio
+async def test_a_grant_whose_answer_is_in_but_not_yet_run_is_kept_through_close() -> None:
+    """A send whose awaited I/O has completed (its future resolved: the IdP's answer is in,
+    the task is runnable) when close() runs must finish with its grant, as under an anyio task
+    group, whose cancellation never lands on a task whose awaited future is already done."""
+    loop = asyncio.get_running_loop()
+    bytes_in: asyncio.Future[None] = loop.create_future()
+
+    async def answered() -> _Answer:
+        await bytes_in  # aiohttp's read of the response body, resolved by data_received
+        return answer("rotated")
+
+    sends = _Sends()
+    sends.start(answered())
+    await anyio.sleep(0.01)  # the send is out, waiting for the answer
+    bytes_in.set_result(None)  # the answer lands (a protocol callback) ...
+    await sends.close()  # ... and the series' owner closes in the same loop iteration
+    assert [g.access_token.reveal() for g in sends.grants()] == ["rotated"]
+
+
+@pytest.mark.anyio
+async def test_an_anyio_task_group_keeps_such_a_grant() -> None:
+    """The same moment under the task group the series used before (7521843): kept."""
+    loop = asyncio.get_running_loop()
+    bytes_in: asyncio.Future[None] = loop.create_future()
+    got: list[str] = []
+
+    async def answered() -> None:
+        await bytes_in
+        got.append("rotated")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(answered)
+        await anyio.sleep(0.01)
+        bytes_in.set_result(None)
+        tg.cancel_scope.cancel()
+    assert got == ["rotated"]
