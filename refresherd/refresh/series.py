@@ -128,14 +128,20 @@ class _Sends:
     async def close(self) -> None:
         """Cancel the sends still out and wait until each has ended, whatever cancels the
         caller meanwhile (they end at once: a cancelled request is abandoned)."""
-        out = list(self._out)
-        for task in out:
-            task.cancel()
-        if out:
-            with anyio.CancelScope(shield=True):
-                await asyncio.wait(out)
+        if not self._out:
+            return
+        with anyio.CancelScope(shield=True):
+            # A send whose answer is in (the future it awaits resolved, its task runnable)
+            # runs first: Task.cancel() would throw CancelledError in place of that answer,
+            # a rotated token lost (anyio's cancellation never lands on such a task).
+            await asyncio.sleep(0)
+            out = list(self._out)
             for task in out:
-                self._landed(task)
+                task.cancel()
+            if out:
+                await asyncio.wait(out)
+        for task in out:
+            self._landed(task)
 
     def grants(self) -> list[Grant]:
         return [a.grant for a in self._answers if a.grant is not None]
