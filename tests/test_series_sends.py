@@ -124,19 +124,33 @@ async def test_a_grant_whose_answer_is_in_but_not_yet_run_is_kept_through_close(
 
 
 @pytest.mark.anyio
-async def test_an_anyio_task_group_keeps_such_a_grant() -> None:
-    """The same moment under the task group the series used before (7521843): kept."""
+async def test_a_send_cancelled_by_anything_but_close_is_raised_not_waited_for() -> None:
     loop = asyncio.get_running_loop()
-    bytes_in: asyncio.Future[None] = loop.create_future()
-    got: list[str] = []
+    never: asyncio.Future[None] = loop.create_future()
 
-    async def answered() -> None:
-        await bytes_in
-        got.append("rotated")
+    async def stray() -> _Answer:
+        await never
+        return answer("never")
 
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(answered)
-        await anyio.sleep(0.01)
-        bytes_in.set_result(None)
-        tg.cancel_scope.cancel()
-    assert got == ["rotated"]
+    sends = _Sends()
+    sends.start(stray())
+    await anyio.sleep(0.01)
+    never.cancel()  # a library's stray CancelledError, say: no answer will ever come
+    with anyio.fail_after(2), pytest.raises(RuntimeError, match="cancelled outside"):
+        await sends.next()
+    assert await sends.close() is None  # raised already: nothing left to say
+
+
+@pytest.mark.anyio
+async def test_close_hands_back_an_error_nobody_read() -> None:
+    async def broken() -> _Answer:
+        await anyio.sleep(0)
+        raise RuntimeError("a bug after another send brought the grant")
+
+    sends = _Sends()
+    sends.start(after(0.0, "grant"))
+    sends.start(broken())
+    assert token(await sends.next()) == "grant"  # the series ends here, with its grant
+    await anyio.sleep(0.01)
+    error = await sends.close()
+    assert isinstance(error, RuntimeError) and "a bug" in str(error)

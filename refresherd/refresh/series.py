@@ -25,7 +25,7 @@ from refresherd.clock import Clock
 from refresherd.idp.endpoint import TokenEndpoint
 from refresherd.idp.failures import EndpointError, FailureReason
 from refresherd.latency import AnswerTimes
-from refresherd.logs import get_logger
+from refresherd.logs import exception_fields, get_logger
 from refresherd.metrics import Metrics
 from refresherd.model import Attempt, Failure, FailureKind, Grant, TokenSet
 from refresherd.refresh.leases import Leases
@@ -80,37 +80,45 @@ class _Sends:
     out) cancels the sends still out and waits for them; a grant that landed meanwhile is kept
     for :meth:`grants`."""
 
-    __slots__ = ("_answers", "_error", "_out", "_waiter")
+    __slots__ = ("_answers", "_closing", "_error", "_out", "_raised", "_waiter")
 
     def __init__(self) -> None:
-        self._out: set[asyncio.Task[_Answer]] = set()
+        # In the order they started (a dict keeps it), for close() to harvest in that order.
+        self._out: dict[asyncio.Task[_Answer], None] = {}
         self._answers: deque[_Answer] = deque()
         self._waiter: asyncio.Future[None] | None = None
-        # What a send raised past its own handling (a bug): raised to the series by next(),
-        # as a task group would, rather than an answer that never comes.
+        # What a send raised past its own handling (a bug), or a send cancelled by anything
+        # but close(): raised to the series by next(), as a task group would, rather than an
+        # answer that never comes; close() hands back one that next() never raised.
         self._error: BaseException | None = None
+        self._raised = False
+        self._closing = False
 
     def start(self, send: Coroutine[Any, Any, _Answer]) -> None:
         task = asyncio.get_running_loop().create_task(send)
-        self._out.add(task)
+        self._out[task] = None
         task.add_done_callback(self._landed)
 
     def _landed(self, task: asyncio.Task[_Answer]) -> None:
         if task not in self._out:
             return  # already taken by close()
-        self._out.discard(task)
-        # A send catches every Exception into its answer; only a cancelled one has none.
-        if not task.cancelled():
-            if (error := task.exception()) is None:
-                self._answers.append(task.result())
-            elif self._error is None:
+        del self._out[task]
+        # A send catches every Exception into its answer: only close() should end one
+        # without an answer.
+        if task.cancelled():
+            if not self._closing and self._error is None:
+                self._error = RuntimeError("a token request was cancelled outside its series")
+        elif (error := task.exception()) is not None:
+            if self._error is None:
                 self._error = error
+        else:
+            self._answers.append(task.result())
         if self._waiter is not None:
             _resolve(self._waiter)
 
     async def next(self, timeout: float | None = None) -> _Answer | None:
         """The next answer, waiting for it at most ``timeout`` seconds (None: no answer yet).
-        Raises what a send raised instead of answering."""
+        Raises what a send raised instead of answering, once every answer in is taken."""
         if not self._answers and self._error is None:
             loop = asyncio.get_running_loop()
             self._waiter = waiter = loop.create_future()
@@ -121,15 +129,20 @@ class _Sends:
                 self._waiter = None
                 if timer is not None:
                     timer.cancel()
+        if self._answers:  # an answer (a grant, maybe) before any error
+            return self._answers.popleft()
         if self._error is not None:
+            self._raised = True
             raise self._error
-        return self._answers.popleft() if self._answers else None
+        return None
 
-    async def close(self) -> None:
+    async def close(self) -> BaseException | None:
         """Cancel the sends still out and wait until each has ended, whatever cancels the
-        caller meanwhile (they end at once: a cancelled request is abandoned)."""
+        caller meanwhile (they end at once: a cancelled request is abandoned). Returns what a
+        send raised that :meth:`next` never raised, for the caller to log."""
+        self._closing = True
         if not self._out:
-            return
+            return None if self._raised else self._error
         with anyio.CancelScope(shield=True):
             # A send whose answer is in (the future it awaits resolved, its task runnable)
             # runs first: Task.cancel() would throw CancelledError in place of that answer,
@@ -142,6 +155,7 @@ class _Sends:
                 await asyncio.wait(out)
         for task in out:
             self._landed(task)
+        return None if self._raised else self._error
 
     def grants(self) -> list[Grant]:
         return [a.grant for a in self._answers if a.grant is not None]
@@ -220,8 +234,17 @@ class Series:
     async def close(self) -> None:
         """End the sends still out (their answers are not needed once the series has ended);
         awaited by the series' owner on every way out, cancelled or not."""
-        if self._sends is not None:
-            await self._sends.close()
+        if self._sends is None:
+            return
+        error = await self._sends.close()
+        if error is not None:
+            # A bug in a send, after the series ended another way (a grant from another
+            # send): said, never silently dropped.
+            log.error(
+                "token request failed unexpectedly",
+                token_set=self.ts.id,
+                **exception_fields(error, [self.ts.refresh_token.reveal()]),
+            )
 
     def buffered_grant(self) -> Grant | None:
         """A grant that landed but was not read (the series was cancelled), after
