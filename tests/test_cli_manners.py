@@ -28,6 +28,7 @@ import signal
 import sqlite3
 import struct
 import subprocess
+import sys
 import termios
 import time
 from collections.abc import Iterator
@@ -545,6 +546,60 @@ def test_ctrl_c_twice_while_tokens_add_waits_prints_one_line(
     assert words[-1] == "refresherd: add interrupted: nothing added", shown
     assert all(line.replace("^C", "") in '{"refresh_token": "rt-half' for line in words[:-1])
     assert "alice" not in stored(tmp_path / "tokens.db")
+
+
+# A signal whose C-level handler runs where the read cannot see it: in another thread, the
+# main thread having SIGINT blocked. The same as a Ctrl-C landing a moment before the read
+# begins (noted, its Python handler waiting for the read to return), made certain.
+SIGNAL_THE_READ_DOES_NOT_SEE = """
+import os, signal, sys, threading, time
+from refresherd.cli.endings import interrupt_once, read_stdin
+signal.signal(signal.SIGINT, interrupt_once)
+threading.Thread(target=lambda: (time.sleep(0.3), os.kill(os.getpid(), signal.SIGINT))).start()
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+try:
+    read_stdin()
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+    sys.exit(130)
+print("read to the end")
+"""
+
+
+def test_a_ctrl_c_the_read_never_saw_still_ends_the_wait_for_stdin() -> None:
+    """``tokens add`` waits on stdin in a way that any SIGINT ends: CI once saw a plain read
+    sleep through two Ctrl-Cs typed at once (both landed before the read began), the process
+    left waiting with every further Ctrl-C ignored."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SIGNAL_THE_READ_DOES_NOT_SEE],
+        stdin=subprocess.PIPE,  # open, never written: only the signal can end the wait
+        stdout=subprocess.PIPE,
+        env=cli_env(),
+    )
+    try:
+        code = proc.wait(timeout=DEADLINE)  # stdin held open meanwhile
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.stdout is not None and proc.stdin is not None
+    proc.stdin.close()
+    assert (code, proc.stdout.read().decode().strip()) == (130, "interrupted")
+
+
+def test_read_stdin_reads_to_the_end_as_text() -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from refresherd.cli.endings import read_stdin; print(repr(read_stdin()))",
+        ],
+        input='{"refresh_token": "rt-\u00e9"}\r\nx'.encode() * 3000,
+        capture_output=True,
+        env=cli_env(),
+        timeout=DEADLINE,
+        check=True,
+    )
+    assert proc.stdout.decode().strip() == repr('{"refresh_token": "rt-\u00e9"}\nx' * 3000)
 
 
 def test_after_the_first_ctrl_c_the_next_is_ignored_before_anything_runs() -> None:

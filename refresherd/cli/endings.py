@@ -1,9 +1,11 @@
-"""How a command ends other than with its result: Ctrl-C, and a reader of stdout that went
-away. Imports nothing but sys and signal, so that ``cli.main`` and ``--help`` stay as light as
-argparse."""
+"""How a command ends other than with its result: Ctrl-C (and a wait on stdin that a Ctrl-C
+always ends), and a reader of stdout that went away. Imports nothing but the standard
+library's smallest modules, so that ``cli.main`` and ``--help`` stay as light as argparse."""
 
 from __future__ import annotations
 
+import os
+import select
 import signal
 import sys
 from types import FrameType
@@ -34,3 +36,38 @@ def interrupt_once(signum: int, frame: FrameType | None) -> None:
     ``finally``, the report itself, or the instant before ``except`` is reached)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     raise KeyboardInterrupt
+
+
+def read_stdin() -> str:
+    """All of standard input, as text, in a wait that a signal always ends.
+
+    A plain ``read()`` sleeps through a Ctrl-C that lands a moment before the read begins:
+    Python's C-level handler only notes it, and its Python handler (which raises
+    KeyboardInterrupt) runs when the read returns, which on a terminal is never. Two Ctrl-Cs
+    typed at once can both land there, leaving ``tokens add`` waiting with every further
+    Ctrl-C ignored. So the wait is on stdin and a wakeup pipe together
+    (``signal.set_wakeup_fd``): a signal that lands at any moment wakes it, and its handler
+    runs at once. Main thread only (as set_wakeup_fd)."""
+    fd = sys.stdin.fileno()
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    previous = signal.set_wakeup_fd(wake_w)
+    chunks: list[bytes] = []
+    try:
+        while True:
+            ready = select.select([fd, wake_r], [], [])[0]
+            if wake_r in ready:
+                # A signal landed; its handler runs before the next line here does.
+                os.read(wake_r, 512)
+            if fd in ready:
+                data = os.read(fd, 65536)
+                if not data:
+                    break
+                chunks.append(data)
+    finally:
+        signal.set_wakeup_fd(previous)
+        os.close(wake_r)
+        os.close(wake_w)
+    text = b"".join(chunks).decode(sys.stdin.encoding or "utf-8", sys.stdin.errors or "strict")
+    # As sys.stdin.read() would give it (universal newlines).
+    return text.replace("\r\n", "\n").replace("\r", "\n")

@@ -20,6 +20,7 @@ from refresherd.cli.common import (
     fail,
     one_shot,
 )
+from refresherd.cli.endings import read_stdin
 from refresherd.connect import reconnect_hint
 from refresherd.encryption import cipher_for
 from refresherd.intake import parse_single
@@ -161,7 +162,7 @@ def _read_input(config: Config, args: argparse.Namespace) -> list[NewTokenSet] |
             "then press Ctrl-D on a line of its own (Ctrl-C to cancel):",
             file=sys.stderr,
         )
-    text = sys.stdin.read()
+    text = read_stdin()
     try:
         return [
             parse_single(
