@@ -74,11 +74,10 @@ class _Sends:
     answers in the order they land.
 
     asyncio tasks rather than an anyio task group: a task group, an anyio task and a memory
-    stream per refresh cost more CPU than the rest of a rotating token's refresh path together
-    (docs/benchmarks.md). Ownership is kept by hand instead: a send's task is never cancelled
-    by its caller's cancel scope, so :meth:`close` (awaited by the series' owner on every way
-    out) cancels the sends still out and waits for them; a grant that landed meanwhile is kept
-    for :meth:`grants`."""
+    stream per refresh cost about a fifth of the daemon's CPU per refresh (docs/benchmarks.md).
+    Ownership is kept by hand instead: a send's task is never cancelled by its caller's cancel
+    scope, so :meth:`close` (awaited by the series' owner on every way out) cancels the sends
+    still out and waits for them; a grant that landed meanwhile is kept for :meth:`grants`."""
 
     __slots__ = ("_answers", "_closing", "_error", "_out", "_raised", "_waiter")
 
@@ -223,7 +222,7 @@ class Series:
         self._anchor = (clock.wall(), clock.monotonic())
         # Sends may be out side by side only where a one-time token's grace window plans
         # hedges (_hedge_at); without one a send is answered before the next can start, and
-        # runs in the series' own task (no task per send: a tenth of the CPU per refresh).
+        # runs in the series' own task (no task per send: a fifth of the CPU per refresh).
         self._sends = _Sends() if self.grace > 0 else None
 
     def now(self) -> float:
