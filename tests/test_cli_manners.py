@@ -473,6 +473,15 @@ def test_a_long_import_shows_progress_on_a_terminal_and_none_on_a_pipe(
 # --------------------------------------------------------------------------- tokens add, a terminal
 
 
+def as_a_shell_starts_a_foreground_job() -> None:
+    """In the child before exec: Ctrl-C's SIGINT at its default and no signal blocked, as an
+    interactive shell starts a foreground job. Both would otherwise come from this test's own
+    process (an ignored signal and the signal mask survive exec), and a refresherd started
+    with SIGINT ignored rightly keeps ignoring it, as under nohup."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+
+
 def add_on_a_terminal(config: Path, terminal: Terminal) -> subprocess.Popen[bytes]:
     """``tokens add alice`` in a session of its own whose controlling terminal is
     ``terminal``, as a shell runs it: what is typed there reaches it, Ctrl-C included."""
@@ -485,9 +494,31 @@ def add_on_a_terminal(config: Path, terminal: Terminal) -> subprocess.Popen[byte
         stdout=terminal.slave,
         stderr=terminal.slave,
         env=cli_env(),
+        preexec_fn=as_a_shell_starts_a_foreground_job,
     )
     os.close(terminal.slave)
     return proc
+
+
+def process_state(pid: int, terminal: Terminal) -> str:
+    """What a process that should have ended is doing: its state, signal masks, where the
+    kernel has it wait, its stack (root), its threads, its terminal's foreground process group
+    and what it wrote so far."""
+    parts = []
+    with contextlib.suppress(OSError):
+        status = Path(f"/proc/{pid}/status").read_text()
+        keep = ("State", "SigQ", "SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt", "Threads")
+        parts += [line for line in status.splitlines() if line.startswith(keep)]
+    for name in ("wchan", "stack", "stat"):
+        with contextlib.suppress(OSError):
+            parts.append(f"{name}: " + Path(f"/proc/{pid}/{name}").read_text().strip())
+    with contextlib.suppress(OSError):
+        parts.append(f"terminal foreground pgrp {os.tcgetpgrp(terminal.master)}")
+    with contextlib.suppress(OSError):
+        while select.select([terminal.master], [], [], 0.2)[0]:
+            terminal.output += os.read(terminal.master, 65536)
+    parts.append(f"output: {terminal.output[-600:]!r}")
+    return "\n".join(parts)
 
 
 PROMPT = rb"Paste the token response JSON for 'alice' \(provider p\), then press Ctrl-D"
@@ -530,7 +561,10 @@ def test_ctrl_c_twice_while_tokens_add_waits_prints_one_line(
         # while the first is handled. That a second can never interrupt the ending is checked
         # without timing by test_after_the_first_ctrl_c_the_next_is_ignored_before_anything_runs.
         terminal.type(b"\x03\x03")
-        code = proc.wait(timeout=DEADLINE)
+        try:
+            code = proc.wait(timeout=DEADLINE)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still running after two Ctrl-Cs: {process_state(proc.pid, terminal)}")
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -567,9 +601,8 @@ print("read to the end")
 
 
 def test_a_ctrl_c_the_read_never_saw_still_ends_the_wait_for_stdin() -> None:
-    """``tokens add`` waits on stdin in a way that any SIGINT ends: CI once saw a plain read
-    sleep through two Ctrl-Cs typed at once (both landed before the read began), the process
-    left waiting with every further Ctrl-C ignored."""
+    """``tokens add`` waits on stdin in a way that any SIGINT ends, even one whose handler
+    the read never saw (with a plain read this hangs until the test's deadline)."""
     proc = subprocess.Popen(
         [sys.executable, "-c", SIGNAL_THE_READ_DOES_NOT_SEE],
         stdin=subprocess.PIPE,  # open, never written: only the signal can end the wait

@@ -43,9 +43,8 @@ def read_stdin() -> str:
 
     A plain ``read()`` sleeps through a Ctrl-C that lands a moment before the read begins:
     Python's C-level handler only notes it, and its Python handler (which raises
-    KeyboardInterrupt) runs when the read returns, which on a terminal is never. Two Ctrl-Cs
-    typed at once can both land there, leaving ``tokens add`` waiting with every further
-    Ctrl-C ignored. So the wait is on stdin and a wakeup pipe together
+    KeyboardInterrupt) runs when the read returns, which on a terminal is not until the user
+    types more (another Ctrl-C, say). So the wait is on stdin and a wakeup pipe together
     (``signal.set_wakeup_fd``): a signal that lands at any moment wakes it, and its handler
     runs at once. Main thread only (as set_wakeup_fd)."""
     fd = sys.stdin.fileno()
