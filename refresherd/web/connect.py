@@ -49,8 +49,6 @@ from refresherd.settings import ApiConfig, ProviderConfig
 from refresherd.store import NewTokenSet, StoreError, TokenStore
 from refresherd.web.app import JSON, error, json_body
 
-# The token API's reader of a JSON body (bounded, never echoed): the link's request is one too.
-
 log = get_logger("refresherd.web.connect")
 
 # An answer posted by the IdP (form_post) is a code and a state: a few kilobytes at most.
