@@ -34,6 +34,12 @@ async def after(seconds: float, access_token: str) -> _Answer:
     return answer(access_token)
 
 
+async def raising(message: str) -> _Answer:
+    """A send that fails past its own handling (a bug)."""
+    await anyio.sleep(0)
+    raise RuntimeError(message)
+
+
 def token(a: _Answer | None) -> str:
     assert a is not None and a.grant is not None
     return a.grant.access_token.reveal()
@@ -59,13 +65,9 @@ async def test_a_wait_that_gives_up_leaves_the_send_out() -> None:
 
 @pytest.mark.anyio
 async def test_what_a_send_raises_is_raised_not_waited_for() -> None:
-    async def broken() -> _Answer:
-        await anyio.sleep(0)
-        raise RuntimeError("a bug past the send's own handling")
-
     sends = _Sends()
     sends.start(after(5.0, "never"))
-    sends.start(broken())
+    sends.start(raising("a bug past the send's own handling"))
     with anyio.fail_after(2), pytest.raises(RuntimeError, match="a bug"):
         await sends.next()
     await sends.close()
@@ -143,13 +145,9 @@ async def test_a_send_cancelled_by_anything_but_close_is_raised_not_waited_for()
 
 @pytest.mark.anyio
 async def test_close_hands_back_an_error_nobody_read() -> None:
-    async def broken() -> _Answer:
-        await anyio.sleep(0)
-        raise RuntimeError("a bug after another send brought the grant")
-
     sends = _Sends()
     sends.start(after(0.0, "grant"))
-    sends.start(broken())
+    sends.start(raising("a bug after another send brought the grant"))
     assert token(await sends.next()) == "grant"  # the series ends here, with its grant
     await anyio.sleep(0.01)
     error = await sends.close()
