@@ -140,20 +140,19 @@ class _Sends:
         caller meanwhile (they end at once: a cancelled request is abandoned). Returns what a
         send raised that :meth:`next` never raised, for the caller to log."""
         self._closing = True
-        if not self._out:
-            return None if self._raised else self._error
-        with anyio.CancelScope(shield=True):
-            # A send whose answer is in (the future it awaits resolved, its task runnable)
-            # runs first: Task.cancel() would throw CancelledError in place of that answer,
-            # a rotated token lost (anyio's cancellation never lands on such a task).
-            await asyncio.sleep(0)
-            out = list(self._out)
+        if self._out:
+            with anyio.CancelScope(shield=True):
+                # A send whose answer is in (the future it awaits resolved, its task runnable)
+                # runs first: Task.cancel() would throw CancelledError in place of that
+                # answer, a rotated token lost (anyio's cancellation never lands on such a task).
+                await asyncio.sleep(0)
+                out = list(self._out)
+                for task in out:
+                    task.cancel()
+                if out:
+                    await asyncio.wait(out)
             for task in out:
-                task.cancel()
-            if out:
-                await asyncio.wait(out)
-        for task in out:
-            self._landed(task)
+                self._landed(task)
         return None if self._raised else self._error
 
     def grants(self) -> list[Grant]:
