@@ -384,6 +384,16 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def loop_cpu_seconds(pids: list[int]) -> float:
+    """CPU seconds of the main threads (the event loops) of ``pids``: a daemon process whose
+    loop is near one core is bound by it, one well below by something it waits for."""
+    total = 0.0
+    for pid in pids:  # a process's main thread has its pid as its thread id
+        fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return total
+
+
 def scrape(port: int) -> dict[str, float]:
     """Prometheus text as {'name{labels}': value}."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
@@ -707,10 +717,13 @@ def daemon_run(
         d.wait_for_workers(args.daemon_workers - 1)
         import_s = import_tokens(config, lines)
         first = None
+        pids = process_tree(d.process.pid)
         cpu0 = d.cpu_seconds()
+        loop_cpu0 = loop_cpu_seconds(pids)
         idp_cpu0 = cpu_seconds(idp.process.pid)
         done0 = 0.0
         peak_limit = 0.0
+        in_flight: list[float] = []
         deadline = time.monotonic() + max(120.0, n / 50)
         while True:
             m = d.metrics()
@@ -719,7 +732,10 @@ def daemon_run(
             now = time.perf_counter()
             if first is None and done > 0:
                 first, done0, cpu0 = now, done, d.cpu_seconds()
+                loop_cpu0 = loop_cpu_seconds(pids)
                 idp_cpu0 = cpu_seconds(idp.process.pid)
+            if first is not None and done < n:
+                in_flight.append(m.get("refresherd_refreshes_in_flight", 0.0))
             if done >= n or time.monotonic() > deadline:
                 break
             # Not faster: a scrape costs the daemon about 2 ms of CPU (at 0.05 s it was 4 %).
@@ -734,6 +750,11 @@ def daemon_run(
             "failure_reasons": failure_reasons(m),
             "per_second": counted / elapsed if elapsed > 0 else None,
             "cpu_ms_per_refresh": (1000 * (d.cpu_seconds() - cpu0) / counted if counted else None),
+            # The event loops' share of a core while refreshing, and how much was in flight.
+            "loop_core_share": (
+                (loop_cpu_seconds(pids) - loop_cpu0) / elapsed / len(pids) if elapsed > 0 else None
+            ),
+            "mean_in_flight": sum(in_flight) / len(in_flight) if in_flight else None,
             "rss_mb": d.status("VmRSS") / 1024,
             "idp_cpu_ms_per_refresh": (
                 1000 * (cpu_seconds(idp.process.pid) - idp_cpu0) / counted if counted else None
@@ -787,6 +808,11 @@ def print_throughput(r: dict[str, Any]) -> None:
         f"import {r['import_s']:.2f} s; start-up {r['startup_s']:.2f} s; "
         f"peak concurrency limit {', '.join(limits)}"
     )
+    if d.get("loop_core_share") is not None and d.get("mean_in_flight") is not None:
+        print(
+            f"the daemon's event loop: {d['loop_core_share']:.0%} of a core busy per process,"
+            f" {d['mean_in_flight']:.0f} refreshes in flight on average"
+        )
 
 
 def repeated_throughput(args: argparse.Namespace) -> dict[str, Any]:
