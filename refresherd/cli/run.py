@@ -17,7 +17,6 @@ from refresherd.daemon import Daemon
 from refresherd.settings import EX_CONFIG
 from refresherd.workers import PRIMARY_DATABASE_ENV, worker_config
 
-
 # Objects the cyclic garbage collector lets the youngest generation grow by before it runs.
 YOUNG_COLLECTION: Final = 50_000
 
