@@ -20,6 +20,14 @@ answers). At the end of each window:
   they slow, it moves to ``limit * gradient + sqrt(limit)``: down when the answers slow by
   more than the tolerance, and up by a square root at most.
 
+A limit made with a ``far_ceiling`` (the default config's, refresherd.settings) may rise above
+its ``ceiling`` for a distant IdP, as far as Little's law says :data:`FAR_RATE` refreshes a
+second need at the IdP's own pace: the fastest answer of the last :data:`FASTEST_WINDOWS`
+windows, which queueing in this process does not slow (the usual answer time does: at 512 in
+flight on loopback it is 40 ms, all of it this process's own queue). An IdP 200 ms away then
+gets up to 1,000 in flight, where 1,024 did 17-35 % more than 512 (docs/benchmarks.md); one
+0-100 ms away stays at ``ceiling``, where more in flight only costs CPU.
+
 The answer time is measured in this process, so it holds the IdP's time and the wait for this
 process's event loop: a daemon whose CPU is the bound sees its answers slow and stops growing
 as an IdP that is the bound does. ``long`` follows the pace slowly (:data:`LONG_WEIGHT` per
@@ -31,6 +39,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections import deque
 from typing import Final
 
 # The lowest limit: enough for a provider to show its pace, and for a few refreshes at once.
@@ -53,6 +62,11 @@ BACKOFF: Final = 0.75
 LONG_WEIGHT: Final = 0.1
 # The slow average is pulled down when a window is this many times faster.
 RECOVERY: Final = 2.0
+# With a far ceiling: the refreshes a second the limit may reach for at the IdP's own pace,
+# more than one process does on any machine measured (about 3,000 on two cores).
+FAR_RATE: Final = 5000.0
+# The IdP's own pace: the fastest answer of this many windows (a few seconds or more).
+FASTEST_WINDOWS: Final = 20
 
 
 class GradientLimit:
@@ -62,22 +76,35 @@ class GradientLimit:
     __slots__ = (
         "_answers",
         "_drops",
+        "_fastest",
         "_limit",
         "_long",
         "_peak_in_flight",
+        "_reach",
         "_slow_start",
         "_window_start",
         "ceiling",
+        "far_ceiling",
         "floor",
     )
 
     def __init__(
-        self, *, ceiling: int, now: float, floor: int = FLOOR, initial: int = INITIAL
+        self,
+        *,
+        ceiling: int,
+        now: float,
+        floor: int = FLOOR,
+        initial: int = INITIAL,
+        far_ceiling: int | None = None,
     ) -> None:
         if ceiling < 1:
             raise ValueError("ceiling must be at least 1")
         self.ceiling = ceiling
+        self.far_ceiling = far_ceiling
         self.floor = floor
+        # Each recent window's fastest answer (see reach).
+        self._fastest: deque[float] = deque(maxlen=FASTEST_WINDOWS)
+        self._reach = ceiling
         self._limit = float(min(max(initial, floor), ceiling))
         self._long: float | None = None
         self._answers: list[float] = []
@@ -92,16 +119,31 @@ class GradientLimit:
         return int(self._limit)
 
     @property
+    def reach(self) -> int:
+        """How high the limit may go now: ``ceiling``, or with a far ceiling what FAR_RATE
+        refreshes a second need at the IdP's own pace, between the two."""
+        return self._reach
+
+    def _reach_now(self) -> int:
+        if self.far_ceiling is None or not self._fastest or self.far_ceiling <= self.ceiling:
+            return self.ceiling
+        need = int(FAR_RATE * min(self._fastest))
+        return min(self.far_ceiling, max(self.ceiling, need))
+
+    @property
     def usual_answer_time(self) -> float | None:
         """The slow average of answer times (None before the first window ends)."""
         return self._long
 
-    def set_ceiling(self, ceiling: int) -> None:
-        """A reload changed the ceiling: the limit keeps what it learned, within the new one."""
+    def set_ceiling(self, ceiling: int, far_ceiling: int | None = None) -> None:
+        """A reload changed the ceilings: the limit keeps what it learned, within the new
+        ones."""
         if ceiling < 1:
             raise ValueError("ceiling must be at least 1")
         self.ceiling = ceiling
-        self._limit = min(max(self._limit, float(self._floor())), float(ceiling))
+        self.far_ceiling = far_ceiling
+        self._reach = self._reach_now()
+        self._limit = min(max(self._limit, float(self._floor())), float(self._reach))
 
     def answered(self, seconds: float, *, in_flight: int, now: float) -> None:
         """A request answered in ``seconds`` (a grant or an OAuth error alike), with
@@ -132,6 +174,9 @@ class GradientLimit:
         answers, drops, peak = self._answers, self._drops, self._peak_in_flight
         self._answers, self._drops, self._peak_in_flight = [], 0, 0
         short = statistics.median(answers) if answers else None
+        if answers:
+            self._fastest.append(min(answers))
+            self._reach = self._reach_now()
         if short is not None:
             if self._long is None:
                 self._long = short
@@ -145,7 +190,7 @@ class GradientLimit:
             self._slow_start = False
             limit *= BACKOFF
         elif peak * 2 <= limit or short is None or self._long is None:
-            return  # not in use (or nothing to judge by): no reason to move
+            pass  # not in use (or nothing to judge by): no reason to move
         else:
             gradient = max(0.5, min(1.0, TOLERANCE * self._long / max(short, 1e-9)))
             if gradient >= 1.0:
@@ -153,7 +198,7 @@ class GradientLimit:
             else:
                 self._slow_start = False
                 limit = limit * gradient + math.sqrt(limit)
-        self._limit = min(max(limit, float(self._floor())), float(self.ceiling))
+        self._limit = min(max(limit, float(self._floor())), float(self._reach))
 
     def _floor(self) -> int:
         return min(self.floor, self.ceiling)

@@ -51,6 +51,7 @@ from refresherd.settings import (
     ConfigError,
     ProviderConfig,
     concurrency_ceiling,
+    far_concurrency_ceiling,
     share_problem,
 )
 from refresherd.storage_health import StorageReason
@@ -152,6 +153,7 @@ async def open_runtime(
                     endpoints,
                     config.schedule,
                     concurrency=concurrency_ceiling(config.daemon),
+                    far_concurrency=far_concurrency_ceiling(config.daemon),
                 )
                 storage = StorageWatch(store=store, owner=owner, metrics=metrics, clock=clock)
                 leases = Leases(
@@ -618,6 +620,7 @@ class Daemon:
             endpoints=endpoints,
             schedule=new.schedule,
             concurrency=concurrency_ceiling(new.daemon),
+            far_concurrency=far_concurrency_ceiling(new.daemon),
         )
         rt.leases.duration = new.daemon.lease_duration
         retired = [e for name, e in old_endpoints.items() if endpoints.get(name) is not e]

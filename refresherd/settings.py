@@ -32,9 +32,13 @@ if TYPE_CHECKING:
 EX_CONFIG = 78
 
 # `[daemon] concurrency = "auto"`: refreshes in flight adapt to the IdP's pace
-# (refresherd.concurrency) up to this many, the whole daemon's. Measured (docs/benchmarks.md):
-# enough for a backlog to drain at the machine's pace with an IdP 50-200 ms away.
+# (refresherd.concurrency) up to this many, the whole daemon's, with an IdP 0-100 ms away;
+# for one further away, as many as its pace needs, up to AUTO_CONCURRENCY_FAR (a provider's
+# GradientLimit.reach). Measured (docs/benchmarks.md): past 512 an IdP on loopback or 50 ms
+# away gained nothing (and lost 2-7 % to the CPU more in flight costs); one 200 ms away did
+# 17-35 % more at 1,024 than at 512.
 AUTO_CONCURRENCY: Final = 512
+AUTO_CONCURRENCY_FAR: Final = 1024
 Auto = Literal["auto"]
 
 
@@ -309,8 +313,15 @@ def format_duration(seconds: float) -> str:
 
 
 def concurrency_ceiling(daemon: DaemonConfig) -> int:
-    """The most refreshes the daemon may have in flight: ``concurrency``, or the auto ceiling."""
+    """The most refreshes the daemon may have in flight: ``concurrency``, or the auto ceiling
+    (for a distant IdP it may rise to :func:`far_concurrency_ceiling`)."""
     return AUTO_CONCURRENCY if daemon.concurrency == "auto" else daemon.concurrency
+
+
+def far_concurrency_ceiling(daemon: DaemonConfig) -> int | None:
+    """With ``concurrency = "auto"``: how far a distant IdP's pace may raise the ceiling;
+    None for a count (a ceiling set by hand is kept)."""
+    return AUTO_CONCURRENCY_FAR if daemon.concurrency == "auto" else None
 
 
 def share_problem(

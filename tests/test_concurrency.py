@@ -7,7 +7,24 @@ import itertools
 from hypothesis import given
 from hypothesis import strategies as st
 
-from refresherd.concurrency import FLOOR, INITIAL, WINDOW, GradientLimit
+from refresherd.concurrency import (
+    FAR_RATE,
+    FASTEST_WINDOWS,
+    FLOOR,
+    INITIAL,
+    WINDOW,
+    GradientLimit,
+)
+from refresherd.model import Secret
+from refresherd.refresh.providers import Providers
+from refresherd.settings import (
+    AUTO_CONCURRENCY,
+    AUTO_CONCURRENCY_FAR,
+    ProviderConfig,
+    ScheduleConfig,
+)
+
+SCHEDULE = ScheduleConfig()
 
 
 def feed(
@@ -169,3 +186,94 @@ def test_under_rising_latency_the_limit_falls(pace: float, slowdown: float) -> N
     top = limit.limit
     now = feed(limit, seconds=pace * slowdown, windows=3, start=now)
     assert limit.limit < top
+
+
+# --------------------------------------------------------------------------- the far ceiling
+
+
+def test_a_distant_idp_raises_the_limit_past_the_ceiling_as_far_as_its_pace_needs() -> None:
+    # 200 ms away: FAR_RATE refreshes a second need FAR_RATE * 0.2 in flight.
+    limit = GradientLimit(ceiling=512, far_ceiling=1024, now=0.0)
+    feed(limit, seconds=0.2, windows=12)
+    assert limit.reach == min(1024, int(FAR_RATE * 0.2))
+    assert limit.limit == limit.reach > 512
+
+
+def test_the_far_ceiling_bounds_the_reach() -> None:
+    limit = GradientLimit(ceiling=512, far_ceiling=1024, now=0.0)
+    feed(limit, seconds=2.0, windows=12)
+    assert limit.reach == limit.limit == 1024
+
+
+def test_an_idp_nearby_keeps_the_ceiling_however_slow_its_answers_are_in_this_process() -> None:
+    # At 512 in flight on loopback an answer waited 40 ms in this process's queue; the
+    # fastest answer of each window, the IdP's own pace, was about a millisecond.
+    limit = GradientLimit(ceiling=512, far_ceiling=1024, now=0.0)
+    now = 0.0
+    for _ in range(12):
+        for i in range(20):
+            now += WINDOW / 20
+            limit.answered(0.001 if i == 0 else 0.04, in_flight=limit.limit, now=now)
+        now += 1e-6
+    assert limit.reach == 512
+    assert limit.limit <= 512
+
+
+def test_without_a_far_ceiling_a_slow_idp_stays_under_the_ceiling() -> None:
+    limit = GradientLimit(ceiling=512, now=0.0)
+    feed(limit, seconds=0.2, windows=12)
+    assert limit.reach == limit.limit == 512
+
+
+def test_the_reach_comes_down_when_the_idp_comes_closer() -> None:
+    limit = GradientLimit(ceiling=512, far_ceiling=1024, now=0.0)
+    now = feed(limit, seconds=0.2, windows=12)
+    assert limit.limit > 512
+    # The fastest answer is kept for FASTEST_WINDOWS windows, then the nearer pace rules.
+    feed(limit, seconds=0.02, windows=FASTEST_WINDOWS + 2, start=now)
+    assert limit.reach == 512
+    assert limit.limit <= 512
+
+
+def test_a_reload_sets_both_ceilings() -> None:
+    limit = GradientLimit(ceiling=512, far_ceiling=1024, now=0.0)
+    feed(limit, seconds=0.2, windows=12)
+    limit.set_ceiling(256)  # a count set by hand: no far ceiling any more
+    assert limit.reach == 256
+    assert limit.limit <= 256
+
+
+def test_auto_concurrency_rises_with_a_distant_provider_within_its_caps() -> None:
+    """The daemon's own ceiling ([daemon] concurrency = "auto") follows the furthest reach of
+    its providers' limits; max_concurrent_refreshes still caps a provider's."""
+    now = [0.0]
+    configs = {
+        name: ProviderConfig(
+            name=name,
+            token_url=f"https://{name}.example/token",
+            client_id="c",
+            client_secret=Secret("s"),
+            max_concurrent_refreshes=cap,
+        )
+        for name, cap in (("far", None), ("capped", 600), ("near", None))
+    }
+    providers = Providers(
+        configs,
+        {},
+        SCHEDULE,
+        concurrency=AUTO_CONCURRENCY,
+        far_concurrency=AUTO_CONCURRENCY_FAR,
+        monotonic=lambda: now[0],
+    )
+    assert providers.concurrency == AUTO_CONCURRENCY
+    feed(providers.limit("far"), seconds=0.2, windows=12)
+    feed(providers.limit("capped"), seconds=0.2, windows=12)
+    feed(providers.limit("near"), seconds=0.01, windows=12)
+    assert providers.limit("far").limit == int(FAR_RATE * 0.2) > AUTO_CONCURRENCY
+    assert providers.limit("capped").limit == 600
+    assert providers.limit("near").limit == AUTO_CONCURRENCY
+    assert providers.concurrency == int(FAR_RATE * 0.2)
+    # A count set by hand is a ceiling kept, however far the IdP.
+    providers.reconfigure(providers=configs, endpoints={}, schedule=SCHEDULE, concurrency=256)
+    assert providers.concurrency == 256
+    assert providers.limit("far").limit <= 256

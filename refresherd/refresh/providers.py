@@ -35,13 +35,16 @@ class Providers:
         schedule: ScheduleConfig,
         *,
         concurrency: int = AUTO_CONCURRENCY,
+        far_concurrency: int | None = None,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._configs = dict(providers)
         self._endpoints = dict(endpoints)
         self.schedule = schedule
-        # [daemon] concurrency (its ceiling): each provider's adaptive limit stays below it.
-        self.concurrency = concurrency
+        # [daemon] concurrency (its ceiling): each provider's adaptive limit stays below it;
+        # with "auto", a distant provider's may rise up to far_concurrency (see concurrency).
+        self._concurrency = concurrency
+        self._far_concurrency = far_concurrency
         self._monotonic = monotonic
         self._limits: dict[str, GradientLimit] = {}
         # Refreshes of each provider past its throttle, sending or about to (the limit's
@@ -60,6 +63,7 @@ class Providers:
         endpoints: Mapping[str, TokenEndpoint],
         schedule: ScheduleConfig,
         concurrency: int | None = None,
+        far_concurrency: int | None = None,
     ) -> None:
         """Take a reloaded config. In-flight refreshes keep what they started with; the
         adaptive limits keep what they learned, within their new ceilings."""
@@ -67,12 +71,21 @@ class Providers:
         self._endpoints = dict(endpoints)
         self.schedule = schedule
         if concurrency is not None:
-            self.concurrency = concurrency
+            self._concurrency = concurrency
+            self._far_concurrency = far_concurrency
         for name in list(self._limits):
             if name in self._configs:
-                self._limits[name].set_ceiling(self._ceiling(name))
+                self._limits[name].set_ceiling(self._ceiling(name), self._far_ceiling(name))
             else:
                 del self._limits[name]
+
+    @property
+    def concurrency(self) -> int:
+        """The most refreshes in flight in this process: [daemon] concurrency, or with "auto"
+        as far as a distant provider's limit may reach (GradientLimit.reach)."""
+        if self._far_concurrency is None:
+            return self._concurrency
+        return max([self._concurrency, *(limit.reach for limit in self._limits.values())])
 
     def __contains__(self, name: object) -> bool:
         return name in self._configs
@@ -99,15 +112,27 @@ class Providers:
         """The provider's adaptive limit on refreshes in flight (refresherd.concurrency)."""
         limit = self._limits.get(provider)
         if limit is None:
-            limit = GradientLimit(ceiling=self._ceiling(provider), now=self._monotonic())
+            limit = GradientLimit(
+                ceiling=self._ceiling(provider),
+                far_ceiling=self._far_ceiling(provider),
+                now=self._monotonic(),
+            )
             self._limits[provider] = limit
         return limit
 
     def _ceiling(self, provider: str) -> int:
         config = self._configs.get(provider)
         if config is None or config.max_concurrent_refreshes is None:
-            return self.concurrency
-        return min(self.concurrency, config.max_concurrent_refreshes)
+            return self._concurrency
+        return min(self._concurrency, config.max_concurrent_refreshes)
+
+    def _far_ceiling(self, provider: str) -> int | None:
+        config = self._configs.get(provider)
+        if self._far_concurrency is None or config is None:
+            return None
+        if config.max_concurrent_refreshes is None:
+            return self._far_concurrency
+        return min(self._far_concurrency, config.max_concurrent_refreshes)
 
     def answer_times(self, provider: str) -> AnswerTimes:
         """The provider's recent answer times (its pace, for planning grace-window sends)."""
