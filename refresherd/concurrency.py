@@ -26,7 +26,10 @@ second need at the IdP's own pace: the fastest answer of the last :data:`FASTEST
 windows, which queueing in this process does not slow (the usual answer time does: at 512 in
 flight on loopback it is 40 ms, all of it this process's own queue). An IdP 200 ms away then
 gets up to 1,000 in flight, where 1,024 did 17-35 % more than 512 (docs/benchmarks.md); one
-0-100 ms away stays at ``ceiling``, where more in flight only costs CPU.
+0-100 ms away stays at ``ceiling``, where more in flight only costs CPU. An IdP that is slow
+rather than far looks the same from here (Little's law cannot tell them apart): what keeps a
+struggling one from more than it can take is what always did, its answers slowing as the
+limit grows (the gradient) and its overload signs, under ``max_concurrent_refreshes``.
 
 The answer time is measured in this process, so it holds the IdP's time and the wait for this
 process's event loop: a daemon whose CPU is the bound sees its answers slow and stops growing
@@ -71,7 +74,7 @@ FASTEST_WINDOWS: Final = 20
 
 class GradientLimit:
     """One provider's adaptive limit on refreshes in flight, within ``[floor, ceiling]`` (a
-    ceiling below the floor wins)."""
+    ceiling below the floor wins), or with a ``far_ceiling`` within ``[floor, reach]``."""
 
     __slots__ = (
         "_answers",

@@ -255,7 +255,8 @@ class Metrics:
         self.concurrency_limit = Gauge(
             "refresherd_concurrency_limit",
             "Refreshes of a provider that may be in flight now: its adaptive limit"
-            " (refresherd.concurrency), within [daemon] concurrency.",
+            " (refresherd.concurrency), within [daemon] concurrency (auto: 512, up to 1,024"
+            " for a distant IdP).",
             ["provider"],
             registry=r,
         )

@@ -58,7 +58,8 @@ class DaemonConfig:
     # A SQLite file (a Path) or a PostgreSQL database (refresherd.store.location).
     database: Location
     # The most refreshes in flight, the whole daemon's: the ceiling of each provider's adaptive
-    # limit (refresherd.concurrency); "auto": AUTO_CONCURRENCY.
+    # limit (refresherd.concurrency); "auto": AUTO_CONCURRENCY, rising for a distant IdP up to
+    # AUTO_CONCURRENCY_FAR (one process: with workers it is AUTO_CONCURRENCY, shared out).
     concurrency: int | Auto = "auto"
     lease_duration: float = 60.0
     shutdown_timeout: float = 20.0

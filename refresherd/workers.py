@@ -85,7 +85,8 @@ def process_share(config: Config, index: int) -> Config:
         )
         for name, p in config.providers.items()
     }
-    # "auto" is a ceiling too (AUTO_CONCURRENCY), shared out as a count is.
+    # "auto" is a ceiling too (AUTO_CONCURRENCY), shared out as a count is; each process's
+    # share is then a count, which a distant IdP does not raise (settings.far_concurrency_ceiling).
     daemon = dataclasses.replace(
         config.daemon, concurrency=share(concurrency_ceiling(config.daemon), n, index)
     )

@@ -207,13 +207,14 @@ def test_the_far_ceiling_bounds_the_reach() -> None:
 
 def test_an_idp_nearby_keeps_the_ceiling_however_slow_its_answers_are_in_this_process() -> None:
     # At 512 in flight on loopback an answer waited 40 ms in this process's queue; the
-    # fastest answer of each window, the IdP's own pace, was about a millisecond.
+    # fastest answer of each window, the IdP's own pace, was about a millisecond. Answers
+    # queued for 150 ms here: by their median or slowest, the reach would be 750.
     limit = GradientLimit(ceiling=512, far_ceiling=1024, now=0.0)
     now = 0.0
     for _ in range(12):
         for i in range(20):
             now += WINDOW / 20
-            limit.answered(0.001 if i == 0 else 0.04, in_flight=limit.limit, now=now)
+            limit.answered(0.001 if i == 0 else 0.15, in_flight=limit.limit, now=now)
         now += 1e-6
     assert limit.reach == 512
     assert limit.limit <= 512
@@ -237,15 +238,21 @@ def test_the_reach_comes_down_when_the_idp_comes_closer() -> None:
 
 def test_a_reload_sets_both_ceilings() -> None:
     limit = GradientLimit(ceiling=512, far_ceiling=1024, now=0.0)
-    feed(limit, seconds=0.2, windows=12)
+    now = feed(limit, seconds=0.2, windows=12)
     limit.set_ceiling(256)  # a count set by hand: no far ceiling any more
     assert limit.reach == 256
     assert limit.limit <= 256
+    now = feed(limit, seconds=0.2, windows=12, start=now)
+    assert limit.limit == 256
+    limit.set_ceiling(512, 1024)  # back to "auto": the pace it saw still counts
+    assert limit.reach == int(FAR_RATE * 0.2)
+    feed(limit, seconds=0.2, windows=12, start=now)
+    assert limit.limit == int(FAR_RATE * 0.2)
 
 
 def test_auto_concurrency_rises_with_a_distant_provider_within_its_caps() -> None:
-    """The daemon's own ceiling ([daemon] concurrency = "auto") follows the furthest reach of
-    its providers' limits; max_concurrent_refreshes still caps a provider's."""
+    """The daemon's own ceiling ([daemon] concurrency = "auto") follows a distant provider's
+    limit past 512; max_concurrent_refreshes still caps a provider's."""
     now = [0.0]
     configs = {
         name: ProviderConfig(
@@ -272,8 +279,29 @@ def test_auto_concurrency_rises_with_a_distant_provider_within_its_caps() -> Non
     assert providers.limit("far").limit == int(FAR_RATE * 0.2) > AUTO_CONCURRENCY
     assert providers.limit("capped").limit == 600
     assert providers.limit("near").limit == AUTO_CONCURRENCY
+    # The daemon's ceiling follows a distant provider's limit while it has refreshes out, and
+    # gives the room back (to nearer providers' 512 together) once it goes quiet.
+    assert providers.concurrency == AUTO_CONCURRENCY
+    providers.sending["capped"] += 1
+    assert providers.concurrency == 600
+    providers.sending["far"] += 1
     assert providers.concurrency == int(FAR_RATE * 0.2)
+    providers.sending["far"] -= 1
+    providers.sending["capped"] -= 1
+    assert providers.concurrency == AUTO_CONCURRENCY
+    providers.sending["far"] += 1
     # A count set by hand is a ceiling kept, however far the IdP.
     providers.reconfigure(providers=configs, endpoints={}, schedule=SCHEDULE, concurrency=256)
     assert providers.concurrency == 256
     assert providers.limit("far").limit <= 256
+    # A provider a reload removes takes its limit with it.
+    del configs["far"]
+    providers.reconfigure(
+        providers=configs,
+        endpoints={},
+        schedule=SCHEDULE,
+        concurrency=AUTO_CONCURRENCY,
+        far_concurrency=AUTO_CONCURRENCY_FAR,
+    )
+    assert "far" not in providers
+    assert providers.concurrency == AUTO_CONCURRENCY

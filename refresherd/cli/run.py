@@ -40,11 +40,13 @@ def command(args: argparse.Namespace) -> int:
     # do not walk them too. Measured at 1,500 refreshes/s: the collector's share of the
     # daemon's CPU from 19 % to 14 % (docs/benchmarks.md, "The garbage collector").
     gc.freeze()
-    # A refresh leaves nothing for the collector (tests/test_refresher.py), yet with hundreds
+    # A successful refresh leaves nothing for the collector (tests/test_refresher.py; a failed
+    # connection leaves about 14 objects, its closed transport and socket), yet with hundreds
     # in flight its objects outlive Python's young collections (every 700 objects), are
     # promoted and walked again and again. A collection every YOUNG_COLLECTION objects
     # instead: over 20,000 refreshes, 2,490 collections and 14 % of the daemon's CPU before,
-    # fewer than five after (docs/benchmarks.md).
+    # fewer than five after (docs/benchmarks.md; Python 3.11, the image's: 3.14's incremental
+    # collector reads the threshold differently, and was not measured).
     gc.set_threshold(YOUNG_COLLECTION)
     return anyio.run(
         Daemon(config, config_path=path, worker=worker).run,

@@ -82,10 +82,21 @@ class Providers:
     @property
     def concurrency(self) -> int:
         """The most refreshes in flight in this process: [daemon] concurrency, or with "auto"
-        as far as a distant provider's limit may reach (GradientLimit.reach)."""
+        the limit of a distant provider that has grown past it (GradientLimit.reach) while
+        that provider has refreshes out: one gone quiet gives the room back."""
         if self._far_concurrency is None:
             return self._concurrency
-        return max([self._concurrency, *(limit.reach for limit in self._limits.values())])
+        sending = self.sending
+        return max(
+            [
+                self._concurrency,
+                *(
+                    limit.limit
+                    for name, limit in self._limits.items()
+                    if limit.limit > limit.ceiling and sending.get(name)
+                ),
+            ]
+        )
 
     def __contains__(self, name: object) -> bool:
         return name in self._configs
