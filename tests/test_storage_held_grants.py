@@ -99,16 +99,19 @@ def test_a_held_grant_lost_at_shutdown_is_recovered_from_the_journal_inside_grac
         assert daemon.wait_exit(timeout=PERSIST_DEADLINE * 4) == 0
     finally:
         lock.repair()
-    (lost,) = [e for e in daemon.lines() if str(e.get("event")).startswith("grant not persisted")]
-    assert lost["level"] == "critical"
-    journaled = [r for r in read_rows(db).values() if r["attempt_started_at"] is not None]
-    assert len(journaled) == 1
-    token_set_id = journaled[0]["id"]
+    # The slow answer's grant, and any other refresh's whose answer came back while the lock
+    # was held (on a busy machine, one of the other sets' may be in flight then too).
+    lost = [e for e in daemon.lines() if str(e.get("event")).startswith("grant not persisted")]
+    assert lost and all(e["level"] == "critical" for e in lost), lost
+    assert len({e["token_set"] for e in lost}) == len(lost), lost  # each set's once
+    journaled = {r["id"] for r in read_rows(db).values() if r["attempt_started_at"] is not None}
+    assert journaled == {e["token_set"] for e in lost}
     reuses = idp.ledger.reuses_in_grace
     config = tmp_path / "refresherd.toml"
     again = daemons(config, "again")
-    again.wait_for_event("recovering unresolved attempt", token_set=token_set_id)
-    again.wait_for_event("refresh", token_set=token_set_id, outcome="refreshed")
-    assert idp.ledger.reuses_in_grace == reuses + 1
+    for token_set_id in sorted(journaled):
+        again.wait_for_event("recovering unresolved attempt", token_set=token_set_id)
+        again.wait_for_event("refresh", token_set=token_set_id, outcome="refreshed")
+    assert idp.ledger.reuses_in_grace == reuses + len(journaled)
     assert again.stop() == 0
     assert_nothing_lost(idp, db)
