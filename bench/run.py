@@ -378,20 +378,19 @@ def wait_ready(
         time.sleep(0.02)
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` so far (/proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def cpu_seconds(pid: int, *, main_thread: bool = False) -> float:
+    """User + system CPU seconds of process ``pid`` so far (/proc), or of its main thread
+    (a process's main thread has its pid as its thread id)."""
+    stat = Path(f"/proc/{pid}/task/{pid}/stat" if main_thread else f"/proc/{pid}/stat")
+    fields = stat.read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def loop_cpu_seconds(pids: list[int]) -> float:
-    """CPU seconds of the main threads (the event loops) of ``pids``: a daemon process whose
-    loop is near one core is bound by it, one well below by something it waits for."""
-    total = 0.0
-    for pid in pids:  # a process's main thread has its pid as its thread id
-        fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += (int(fields[11]) + int(fields[12])) / CLK_TCK
-    return total
+    """CPU seconds of the main threads (the event loops) of ``pids``: a loop near one core is
+    the bound; one well below waits, on I/O or for a CPU other threads hold
+    (docs/benchmarks.md, "What bounds it, measured per thread")."""
+    return sum(cpu_seconds(pid, main_thread=True) for pid in pids)
 
 
 def scrape(port: int) -> dict[str, float]:

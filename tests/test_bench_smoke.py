@@ -41,6 +41,14 @@ def test_throughput_bench_reports_daemon_and_bare_loops(tmp_path: Path) -> None:
     assert isinstance(bare, dict) and set(bare) == {"httpx", "aiohttp"}
     for key in ("ratio_vs_aiohttp", "ratio_vs_httpx", "import_s", "startup_s", "machine"):
         assert key in report
+    # Where the daemon's loop was, over the same span as its rate (none if every refresh was
+    # seen in one scrape): a share of one core (a little over one is /proc's 10 ms ticks), and
+    # the refreshes in flight, sampled from the first scrape that saw one.
+    if daemon["per_second"] is not None:
+        assert isinstance(daemon["loop_core_share"], float)
+        assert 0 <= daemon["loop_core_share"] <= 1.5
+        assert isinstance(daemon["mean_in_flight"], float)
+        assert 0 <= daemon["mean_in_flight"] <= 200
 
 
 @pytest.mark.slow
