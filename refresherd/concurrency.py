@@ -83,7 +83,6 @@ class GradientLimit:
         "_limit",
         "_long",
         "_peak_in_flight",
-        "_reach",
         "_slow_start",
         "_window_start",
         "ceiling",
@@ -107,7 +106,6 @@ class GradientLimit:
         self.floor = floor
         # Each recent window's fastest answer (see reach).
         self._fastest: deque[float] = deque(maxlen=FASTEST_WINDOWS)
-        self._reach = ceiling
         self._limit = float(min(max(initial, floor), ceiling))
         self._long: float | None = None
         self._answers: list[float] = []
@@ -125,9 +123,6 @@ class GradientLimit:
     def reach(self) -> int:
         """How high the limit may go now: ``ceiling``, or with a far ceiling what FAR_RATE
         refreshes a second need at the IdP's own pace, between the two."""
-        return self._reach
-
-    def _reach_now(self) -> int:
         if self.far_ceiling is None or not self._fastest or self.far_ceiling <= self.ceiling:
             return self.ceiling
         need = int(FAR_RATE * min(self._fastest))
@@ -145,8 +140,7 @@ class GradientLimit:
             raise ValueError("ceiling must be at least 1")
         self.ceiling = ceiling
         self.far_ceiling = far_ceiling
-        self._reach = self._reach_now()
-        self._limit = min(max(self._limit, float(self._floor())), float(self._reach))
+        self._limit = min(max(self._limit, float(self._floor())), float(self.reach))
 
     def answered(self, seconds: float, *, in_flight: int, now: float) -> None:
         """A request answered in ``seconds`` (a grant or an OAuth error alike), with
@@ -179,7 +173,6 @@ class GradientLimit:
         short = statistics.median(answers) if answers else None
         if answers:
             self._fastest.append(min(answers))
-            self._reach = self._reach_now()
         if short is not None:
             if self._long is None:
                 self._long = short
@@ -201,7 +194,7 @@ class GradientLimit:
             else:
                 self._slow_start = False
                 limit = limit * gradient + math.sqrt(limit)
-        self._limit = min(max(limit, float(self._floor())), float(self._reach))
+        self._limit = min(max(limit, float(self._floor())), float(self.reach))
 
     def _floor(self) -> int:
         return min(self.floor, self.ceiling)

@@ -132,18 +132,19 @@ class Providers:
         return limit
 
     def _ceiling(self, provider: str) -> int:
-        config = self._configs.get(provider)
-        if config is None or config.max_concurrent_refreshes is None:
-            return self._concurrency
-        return min(self._concurrency, config.max_concurrent_refreshes)
+        return self._capped(provider, self._concurrency)
 
     def _far_ceiling(self, provider: str) -> int | None:
-        config = self._configs.get(provider)
-        if self._far_concurrency is None or config is None:
+        if self._far_concurrency is None or provider not in self._configs:
             return None
-        if config.max_concurrent_refreshes is None:
-            return self._far_concurrency
-        return min(self._far_concurrency, config.max_concurrent_refreshes)
+        return self._capped(provider, self._far_concurrency)
+
+    def _capped(self, provider: str, ceiling: int) -> int:
+        """``ceiling``, under the provider's ``max_concurrent_refreshes`` where it has one."""
+        config = self._configs.get(provider)
+        if config is None or config.max_concurrent_refreshes is None:
+            return ceiling
+        return min(ceiling, config.max_concurrent_refreshes)
 
     def answer_times(self, provider: str) -> AnswerTimes:
         """The provider's recent answer times (its pace, for planning grace-window sends)."""
