@@ -99,7 +99,8 @@ class Grant:
 
 @dataclass(frozen=True, slots=True)
 class Attempt:
-    """The journal of one unresolved refresh: committed before the request leaves.
+    """The journal of one unresolved refresh: committed before the request leaves (a one-time
+    token's; a re-use token's series counts its sends in memory only: a send cannot spend it).
 
     ``version`` names the token-set version whose refresh token was sent; ``started_at`` is the
     wall-clock time of the first send, from which the IdP's grace window is counted. ``sends``

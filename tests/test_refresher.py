@@ -712,8 +712,9 @@ async def test_ambiguous_reuse_token_backs_off_without_a_grace_retry(
         assert stored.last_error is not None and stored.last_error.startswith(reason)
         initial = SCHEDULE.backoff_initial
         assert before + initial * 0.5 <= stored.next_refresh_at <= after + initial
-        # An ambiguous send stays on record (the journal is cleared only by a definite answer).
-        assert stored.attempt is not None and stored.attempt.sends == 1
+        # Nothing on record: a re-use token's sends are not journaled (a send cannot spend
+        # it, so crash recovery and other processes have nothing to learn from one).
+        assert stored.attempt is None
         assert stored.lease_owner is None
 
         assert h.grace_retries() == 0
@@ -721,6 +722,45 @@ async def test_ambiguous_reuse_token_backs_off_without_a_grace_retry(
         assert logs.events("refresh retry") == []
         line = logs.outcome_line("ts-1")
         assert (line["level"], line["outcome"], line["reason"]) == ("warning", "failed", reason)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("usage", "journaled"), [("one_time", True), ("reuse", False)])
+async def test_only_a_one_time_tokens_send_is_journaled(
+    tmp_path: Path, usage: str, journaled: bool
+) -> None:
+    """A one-time token's send is on disk before it leaves (crash recovery and the other
+    processes keep its grace window from it); a re-use token cannot be spent by a send, so
+    its refresh is a claim and a save, with no journal write between."""
+    async with harness(tmp_path, usage=usage) as h:
+        old = await h.add("ts-1")
+        h.idp.faults.add(FaultKind.SLOW, delay=0.3, process_first=False)
+        results: list[RefreshResult] = []
+
+        async def refresh() -> None:
+            results.append(await h.refresher.refresh("ts-1"))
+
+        writes = h.store.writes
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(refresh)
+            await wait_for(lambda: h.idp.ledger.requests == 1, "the request")
+            during = await h.get("ts-1")
+            assert during.lease_owner == "owner-a"
+            if journaled:
+                assert during.attempt is not None
+                assert (during.attempt.sends, during.attempt.owner) == (1, "owner-a")
+            else:
+                assert during.attempt is None
+
+        [result] = results
+        assert result.outcome == "refreshed" and result.detail == "sends=1"
+        # The claim, the journal (one-time only) and the grant.
+        assert h.store.writes - writes == (3 if journaled else 2)
+        stored = await h.get("ts-1")
+        assert stored.attempt is None and stored.version == 2
+        assert h.idp.ledger.is_live(stored.refresh_token.reveal())
+        if usage == "reuse":
+            assert stored.refresh_token.reveal() == old  # the same token came back
 
 
 @pytest.mark.anyio

@@ -27,7 +27,7 @@ from refresherd.idp.failures import EndpointError, FailureReason
 from refresherd.latency import AnswerTimes
 from refresherd.logs import exception_fields, get_logger
 from refresherd.metrics import Metrics
-from refresherd.model import Attempt, Failure, FailureKind, Grant, TokenSet
+from refresherd.model import Attempt, Failure, FailureKind, Grant, RefreshTokenUsage, TokenSet
 from refresherd.refresh.leases import Leases
 from refresherd.refresh.outcome import Outcome, RefreshResult
 from refresherd.refresh.providers import Providers
@@ -415,10 +415,19 @@ class Series:
         return min(now + wait, last)
 
     async def _journal(self) -> Attempt | RefreshResult | None:
-        """Commit the send to the journal before it leaves; None if the store refused it."""
+        """Commit the send to the journal before it leaves; None if the store refused it.
+
+        Only a one-time token's sends are journaled: the journal is what crash recovery and
+        the other processes read to keep a possibly spent token inside its grace window. A
+        re-use token is not spent by a send (a second send, a lost answer, a crash after the
+        IdP answered: the same token still works), so its sends are counted here, in memory,
+        and the save of the grant is its one write (a journal write per refresh was a tenth of
+        the daemon's CPU per refresh: docs/benchmarks.md)."""
         ts = self.ts
         # The journal keeps to the wall clock: it is shared with every process.
         now = self._clock.wall()
+        if self.eff.usage is not RefreshTokenUsage.ONE_TIME:
+            return self._counted_send(now)
         keep_since = policy.keep_series_since(now, self.grace, self.latency)
         try:
             return await self._store.begin_attempt(
@@ -431,6 +440,19 @@ class Series:
             return RefreshResult(
                 Outcome.STORAGE_ERROR, token_set=ts, reason="storage_error", detail=str(exc)
             )
+
+    def _counted_send(self, now: float) -> Attempt:
+        """The series' record of one more send of a re-use token (never journaled)."""
+        attempt = self.attempt
+        if attempt is None:
+            return Attempt(version=self.ts.version, started_at=now, owner=self._owner, sends=1)
+        return Attempt(
+            version=attempt.version,
+            started_at=attempt.started_at,
+            owner=attempt.owner,
+            sends=attempt.sends + 1,
+            settled=attempt.settled,
+        )
 
     async def _answer(self, attempt: Attempt, leave_by: float | None) -> _Answer:
         """Send the refresh token once (journaled as ``attempt``) and take what comes back."""
@@ -547,14 +569,15 @@ class Series:
 
     async def _settle(self, sent_under: Attempt) -> None:
         ts = self.ts
-        try:
-            await self._store.settle_send(
-                ts.id, version=sent_under.version, started_at=sent_under.started_at
-            )
-        except StoreError as exc:
-            # Left unsettled: the safe side (the send counts as a possible use).
-            self._storage.failed(exc, during="journal")
-            return
+        if self.eff.usage is RefreshTokenUsage.ONE_TIME:  # only its sends are journaled
+            try:
+                await self._store.settle_send(
+                    ts.id, version=sent_under.version, started_at=sent_under.started_at
+                )
+            except StoreError as exc:
+                # Left unsettled: the safe side (the send counts as a possible use).
+                self._storage.failed(exc, during="journal")
+                return
         attempt = self.attempt
         if attempt is not None and attempt.started_at == sent_under.started_at:
             self.attempt = Attempt(
