@@ -283,6 +283,26 @@ async def test_client_secret_post_sends_a_form_with_credentials_in_the_body_only
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("scope", [None, "openid offline_access api:read/write"])
+async def test_a_refresh_body_is_the_form_urlencoded_as_a_whole(scope: str | None) -> None:
+    """The refresh body is put together from a part encoded once per endpoint and the token
+    encoded per request: byte for byte what encoding the whole form gives, odd characters too."""
+    token = "r+t/k=n &%é~" + PRESENTED
+    async with raw_server(canned(http_response(200, grant_json()))) as server:
+        provider = provider_for(server.url, scope=scope)
+        async with endpoint_for(provider) as ep:
+            await ep.refresh(Secret(token), timeout=3.0)
+            await ep.refresh(Secret(PRESENTED), timeout=3.0)
+    form = {"grant_type": "refresh_token", "refresh_token": token}
+    if scope:
+        form["scope"] = scope
+    form |= {"client_id": CLIENT_ID, "client_secret": CLIENT_SECRET}
+    first, second = server.requests
+    assert first.body == urllib.parse.urlencode(form).encode("ascii")
+    assert second.form()["refresh_token"] == [PRESENTED]
+
+
+@pytest.mark.anyio
 async def test_client_secret_basic_sends_the_credentials_in_the_header_only() -> None:
     client_id, secret = "my client/1", "p@ss:w/rd+ é&="
     async with raw_server(canned(http_response(200, grant_json()))) as server:

@@ -115,6 +115,8 @@ class TokenEndpoint:
         )
         # (form fields, headers) that authenticate the client: see _client_auth.
         self._auth: tuple[str, dict[str, str]] | None = None
+        # A refresh's form body around its refresh token: see _refresh_request.
+        self._refresh_form: tuple[str, str] | None = None
 
     async def aclose(self) -> None:
         await self._transport.aclose()
@@ -144,6 +146,19 @@ class TokenEndpoint:
         # A copy: aiohttp is handed a dict of its own for each request.
         return (urlencode(form) + fields).encode("ascii"), dict(headers)
 
+    def _refresh_request(self, refresh_token: str) -> tuple[bytes, dict[str, str]]:
+        """A refresh's body and headers, as _client_request makes them for the form
+        ``grant_type``, ``refresh_token`` (and the provider's ``scope``): only the token is
+        encoded per request, the rest once per endpoint (it is sent on every refresh)."""
+        if self._refresh_form is None:
+            fields, _ = self._client_auth()
+            scope = self.provider.scope
+            tail = ("&" + urlencode({"scope": scope}) if scope else "") + fields
+            self._refresh_form = ("grant_type=refresh_token&refresh_token=", tail)
+        head, tail = self._refresh_form
+        body = (head + quote_plus(refresh_token) + tail).encode("ascii")
+        return body, dict(self._client_auth()[1])
+
     async def refresh(
         self, refresh_token: Secret, *, timeout: float, leave_by: float | None = None
     ) -> Grant:
@@ -152,11 +167,9 @@ class TokenEndpoint:
         ``leave_by``: seconds within which the request must get its connection and leave, or
         not go at all (NotSent): a one-time token's send that waited for a pooled connection
         past its grace window would arrive as a reuse."""
-        form = {"grant_type": "refresh_token", "refresh_token": refresh_token.reveal()}
-        if self.provider.scope:
-            form["scope"] = self.provider.scope
-        status, headers, body = await self._send(
-            self.provider.token_url, form, timeout, leave_by=leave_by
+        form, form_headers = self._refresh_request(refresh_token.reveal())
+        status, headers, body = await self._transport.post(
+            self.provider.token_url, form, form_headers, timeout=timeout, leave_by=leave_by
         )
         if 200 <= status < 300:
             try:

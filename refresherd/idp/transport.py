@@ -35,6 +35,9 @@ class Transport:
         self.connect_timeout = connect_timeout
         # Made at first use: an aiohttp session belongs to the event loop that runs it.
         self._session: aiohttp.ClientSession | None = None
+        # A request's aiohttp timeouts by its timeout, where no leave_by shortens them: the
+        # same few values for every refresh, made once (they are immutable).
+        self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
         self._closed = False
 
     def _open(self) -> aiohttp.ClientSession:
@@ -80,25 +83,19 @@ class Transport:
         """POST ``body`` and read the whole answer within ``timeout`` seconds. ``leave_by``:
         seconds within which the request must get its connection and leave, or not go at all
         (NotSent)."""
-        connect = max(timeout - CONNECT_MARGIN, timeout / 2)
-        if leave_by is not None:
-            if leave_by <= 0:
-                raise NotSent(
-                    FailureReason.CONNECT_ERROR, "no time left to send inside the grace window"
-                )
-            connect = min(connect, leave_by)
+        if leave_by is None:
+            client_timeout = self._timeouts.get(timeout)
+            if client_timeout is None:
+                if len(self._timeouts) > 64:  # timeouts come from config: a handful
+                    self._timeouts.clear()
+                client_timeout = self._timeouts[timeout] = self._client_timeout(timeout, None)
+        elif leave_by <= 0:
+            raise NotSent(
+                FailureReason.CONNECT_ERROR, "no time left to send inside the grace window"
+            )
+        else:
+            client_timeout = self._client_timeout(timeout, leave_by)
         session = self._open()
-        client_timeout = aiohttp.ClientTimeout(
-            total=None,
-            # aiohttp's "connect" covers waiting for a pooled connection too; both end before
-            # anything is sent, so it ends a little before the overall deadline (or when the
-            # request may no longer leave): a wait that sent nothing is then NotSent, not
-            # Ambiguous.
-            connect=connect,
-            sock_connect=min(self.connect_timeout, timeout, connect),
-            # No read timeout of aiohttp's own: see the deadline below.
-            sock_read=None,
-        )
         # One bound for the whole exchange (a server that trickles bytes included); if it fires,
         # the request was sent and the outcome is unknown. It is deadlines.fail_after, not
         # anyio's: after a SIGSTOP or a frozen VM the answer may be waiting, with a rotated
@@ -138,6 +135,22 @@ class Transport:
             raise Ambiguous(
                 FailureReason.NETWORK_ERROR, f"connection failed: {type(exc).__name__}"
             ) from None
+
+    def _client_timeout(self, timeout: float, leave_by: float | None) -> aiohttp.ClientTimeout:
+        connect = max(timeout - CONNECT_MARGIN, timeout / 2)
+        if leave_by is not None:
+            connect = min(connect, leave_by)
+        return aiohttp.ClientTimeout(
+            total=None,
+            # aiohttp's "connect" covers waiting for a pooled connection too; both end before
+            # anything is sent, so it ends a little before the overall deadline (or when the
+            # request may no longer leave): a wait that sent nothing is then NotSent, not
+            # Ambiguous.
+            connect=connect,
+            sock_connect=min(self.connect_timeout, timeout, connect),
+            # No read timeout of aiohttp's own: see the deadline below.
+            sock_read=None,
+        )
 
     @staticmethod
     async def _read_bounded(response: aiohttp.ClientResponse) -> bytes:

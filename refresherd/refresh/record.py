@@ -66,7 +66,7 @@ class Recorder:
         """A grant of ``ts`` (as it was before) is stored: count it; a set that was failing
         has recovered, and so has its provider."""
         circuits = self._providers.circuits
-        self._metrics.refresh_success.labels(ts.provider).inc()
+        self._metrics.of_provider(ts.provider).refresh_success.inc()
         if ts.failures and self._events is not None:
             await self._events.enqueue(
                 "token_set.recovered",

@@ -237,7 +237,7 @@ class Refresher:
         assert result is not None
         duration = self._clock.monotonic() - started
         if result.outcome is not Outcome.CIRCUIT_OPEN:
-            self._metrics.refresh_duration.labels(ts.provider).observe(duration)
+            self._metrics.of_provider(ts.provider).refresh_duration.observe(duration)
         log_outcome(ts, result, duration)
         return result
 
