@@ -16,31 +16,60 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Final
 
-import anyio
-
 # A timer firing later than this is taken for a pause of the process, not event-loop lag.
 PAUSE_TOLERANCE: Final = 1.0
 # After a pause, how long the body may still run: time to read an answer already received.
 AFTER_PAUSE: Final = 1.0
+# The message of the cancellation a deadline sends: not anyio's, so that no cancel scope
+# takes it for its own.
+CANCEL_MESSAGE: Final = "refresherd deadline passed"
 
 
 class Deadline:
-    """:func:`fail_after`'s context: a cancel scope and the loop timer that cancels it. A
-    class, not a generator-based context manager or a closure: it wraps every token request,
-    and a closure that re-arms itself refers to itself, a cycle (with the cancel scope and the
-    loop's handle it holds) that was left to the garbage collector after every request."""
+    """:func:`fail_after`'s context: a loop timer that cancels the task running the body.
 
-    __slots__ = ("clock", "expired", "handle", "scope", "seconds")
+    Not an anyio cancel scope: this wraps every token request, and a scope there cost about a
+    tenth of a refresh's CPU (docs/benchmarks.md). The cancellation is delivered as anyio
+    delivers a scope's, and for the same reasons: never to a task whose awaited future is
+    already done (it is about to resume with that result, say the answer with a rotated
+    token in it; throwing CancelledError in its place would lose it), and again at every
+    turn of the loop until the body has left (a body that catches one CancelledError and
+    waits again is cancelled again). Each cancellation sent is taken back when the body
+    leaves (``Task.uncancel``), so enclosing anyio scopes count exactly what they sent;
+    TimeoutError replaces the CancelledError only when nothing else cancelled the task
+    meanwhile (a shutdown's cancellation goes on up as it came).
+
+    A class, not a generator-based context manager or a closure: a closure that re-arms
+    itself refers to itself, a cycle left to the garbage collector after every request."""
+
+    __slots__ = (
+        "cancelling",
+        "clock",
+        "expired",
+        "handle",
+        "inside",
+        "seconds",
+        "sent",
+        "task",
+    )
 
     def __init__(self, seconds: float, clock: Callable[[], float]) -> None:
         self.seconds = seconds
         self.clock = clock
         self.expired = False
-        self.handle: asyncio.TimerHandle | None = None
-        self.scope = anyio.CancelScope()
+        self.inside = False
+        self.sent = 0  # cancellations sent to the task, each taken back on the way out
+        self.handle: asyncio.Handle | None = None
+        self.task: asyncio.Task[object] | None = None
+        self.cancelling = 0
 
     async def __aenter__(self) -> None:
-        self.scope.__enter__()
+        task = asyncio.current_task()
+        if task is None:  # pragma: no cover - only ever awaited in a task
+            raise RuntimeError("a deadline needs a task to cancel")
+        self.task = task
+        self.cancelling = task.cancelling()
+        self.inside = True
         self._arm(self.seconds)
 
     async def __aexit__(
@@ -49,13 +78,20 @@ class Deadline:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self.inside = False
         if self.handle is not None:
             self.handle.cancel()
             self.handle = None
-        # Only the timer cancels this scope, so what it catches is the deadline: TimeoutError
-        # in place of the cancellation. Anything else passes through.
-        self.scope.__exit__(exc_type, exc, tb)
-        if self.expired and self.scope.cancelled_caught:
+        task = self.task
+        assert task is not None
+        for _ in range(self.sent):
+            task.uncancel()
+        if (
+            self.sent
+            and exc_type is asyncio.CancelledError
+            and task.cancelling() <= self.cancelling
+        ):
+            # Only the deadline cancelled the body: it timed out.
             raise TimeoutError
 
     def _arm(self, wait: float) -> None:
@@ -68,7 +104,24 @@ class Deadline:
             self._arm(AFTER_PAUSE)
             return
         self.expired = True
-        self.scope.cancel()
+        self._deliver()
+
+    def _deliver(self) -> None:
+        """Cancel the body's task if it waits on something not yet done; look again at the
+        next turn of the loop for as long as the body has not left."""
+        if not self.inside:
+            return
+        task = self.task
+        assert task is not None
+        if task.done():
+            return
+        # What anyio's CancelScope._deliver_cancellation looks at, read the same way.
+        waiter = task._fut_waiter  # type: ignore[attr-defined]
+        pending = task._must_cancel  # type: ignore[attr-defined]
+        if not pending and (not isinstance(waiter, asyncio.Future) or not waiter.done()):
+            task.cancel(CANCEL_MESSAGE)
+            self.sent += 1
+        self.handle = asyncio.get_running_loop().call_soon(self._deliver)
 
 
 def fail_after(seconds: float, *, clock: Callable[[], float] = time.monotonic) -> Deadline:
