@@ -159,3 +159,21 @@ def test_reads_bench_reports_the_token_api_against_a_bare_handler(tmp_path: Path
             assert row[who]["p99_ms"] > 0 and row[who]["cpu_us_per_get"] > 0
         assert row["ratio"] > 0 and row["cpu_ratio"] > 0
     assert set(report["summary"]) == {"uvicorn/tcp", "uvicorn/unix"}
+
+
+def test_request_cost_bench_reports_each_variant() -> None:
+    """bench/request_cost.py: every variant sends its requests (a failed one ends the run with
+    an error) and reports CPU per request."""
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "request_cost.py"), "--requests", "300"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split("|") for line in done.stdout.splitlines() if line.startswith("| ")]
+    measured = {(row[1].strip(), row[2].strip()): float(row[3]) for row in rows[1:]}
+    variants = ("aiohttp", "anyio-scope", "deadline", "transport")
+    assert set(measured) == {(v, run) for v in variants for run in ("1", "2")}
+    assert all(cpu > 0 for cpu in measured.values())
