@@ -58,3 +58,37 @@ def test_an_unexpected_exception_is_logged_without_the_request_values_it_quotes(
             expected = "ValueError: invalid literal for int() with base 10: '[redacted]'"
             assert fields["error"] == expected
             assert "Traceback" in fields["exception"]
+
+
+class _Shown:
+    def __structlog__(self) -> dict[str, int]:
+        return {"shown": 1}
+
+
+class _Opaque:
+    def __repr__(self) -> str:
+        return "<opaque>"
+
+
+def test_a_json_line_is_what_structlogs_json_renderer_writes() -> None:
+    """logs.render_json keeps one encoder for every line; what it writes is structlog's
+    JSONRenderer's, byte for byte, for every kind of value a line holds."""
+    import structlog
+
+    event = {
+        "event": "refresh",
+        "token_set": "ts-é-1",
+        "outcome": "refreshed",
+        "duration": 0.0123,
+        "attempt": 2,
+        "ok": True,
+        "detail": None,
+        "nested": {"a": [1, 2.5, "x"]},
+        "custom": _Shown(),
+        "other": _Opaque(),
+        "big": 10**30,
+        "nan": float("nan"),
+    }
+    expected = structlog.processors.JSONRenderer()(None, "info", dict(event))
+    assert logs.render_json(None, "info", dict(event)) == expected
+    assert json.loads(expected.replace("NaN", "null"))["other"] == "<opaque>"
