@@ -177,3 +177,28 @@ def test_request_cost_bench_reports_each_variant() -> None:
     variants = ("aiohttp", "anyio-scope", "deadline", "transport")
     assert set(measured) == {(v, run) for v in variants for run in ("1", "2")}
     assert all(cpu > 0 for cpu in measured.values())
+
+
+@pytest.mark.slow
+def test_refresh_cost_bench_reports_the_loops_cpu_per_refresh() -> None:
+    """bench/refresh_cost.py: a real daemon refreshes every imported set against the canned
+    IdP (it exits with an error if one is missing or failed) and reports CPU per refresh."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "refresh_cost.py"),
+            # Enough for a few of its scrapes (every 0.1 s) between the first and the last.
+            "--sets",
+            "3000",
+            "--repeat",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=REPO,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    [row] = [line for line in done.stdout.splitlines() if line.startswith("| default |")]
+    loop, process = (float(cell) for cell in row.split("|")[3:5])
+    assert 0 < loop <= process
