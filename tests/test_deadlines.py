@@ -140,3 +140,21 @@ async def test_a_deadline_in_a_shielded_scope_still_times_out() -> None:
     with anyio.CancelScope(shield=True), pytest.raises(TimeoutError):
         async with deadlines.fail_after(0.02):
             await anyio.sleep(30)
+
+
+async def test_an_outer_scope_cancelled_in_the_same_turn_ends_where_it_should() -> None:
+    """The body waits on a task (aiohttp waits on its writer so): the deadline's cancellation
+    and an enclosing scope's land together, and the one CancelledError that comes out carries
+    the deadline's message. The scope still takes it for its own and ends there, as it did
+    when the deadline was an anyio scope."""
+    loop = asyncio.get_running_loop()
+    inner = asyncio.ensure_future(asyncio.sleep(30))
+    with anyio.CancelScope() as outer:
+        loop.call_later(0.01, _stall_loop, 0.15)
+        loop.call_later(0.05, outer.cancel)
+        async with deadlines.fail_after(0.04):
+            await inner
+    assert outer.cancelled_caught
+    assert inner.cancelled()
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0

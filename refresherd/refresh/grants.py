@@ -22,7 +22,7 @@ from refresherd import policy
 from refresherd.clock import Clock
 from refresherd.logs import get_logger
 from refresherd.metrics import Metrics
-from refresherd.model import Grant, State, TokenSet
+from refresherd.model import Grant, RefreshTokenUsage, State, TokenSet
 from refresherd.refresh.outcome import Outcome, RefreshResult
 from refresherd.refresh.storage import StorageWatch
 from refresherd.settings import ScheduleConfig
@@ -128,13 +128,19 @@ class Grants:
             self._storage.took_write(via="grant")
         if not stored:
             self._metrics.refresh_failures.labels(ts.provider, "storage_error").inc()
-            log.critical(
-                "grant not persisted: the database refused it for too long; the journal keeps "
-                "the attempt, and a retry inside the IdP's grace window may still recover it",
-                token_set=ts.id,
-                provider=ts.provider,
-                waited=PERSIST_DEADLINE,
-            )
+            if eff.usage is RefreshTokenUsage.ONE_TIME:
+                message = (
+                    "grant not persisted: the database refused it for too long; the journal "
+                    "keeps the attempt, and a retry inside the IdP's grace window may still "
+                    "recover it"
+                )
+            else:
+                # Not journaled (Series._journal): nothing was spent, the stored token works.
+                message = (
+                    "grant not persisted: the database refused it for too long; the stored "
+                    "re-use refresh token still works, the next refresh gets a new access token"
+                )
+            log.critical(message, token_set=ts.id, provider=ts.provider, waited=PERSIST_DEADLINE)
             return RefreshResult(
                 Outcome.STORAGE_ERROR, token_set=ts, reason="storage_error", attempt=sends
             )
