@@ -6,9 +6,9 @@ the same token response every time, so the sets are re-use tokens) answers inste
 printed is the CPU of the daemon's main thread (its event loop) and of the whole process per
 refresh, from the first refresh to the last of ``--sets`` imported and due at once. The daemon is
 a real ``refresherd run`` with the default config, each run on a database of its own; the trees
-(``--variants default,tree=DIR``, as in bench/run.py) alternate run by run. Precise to about 1 %
-between neighbouring runs, where the throughput bench is to 5-10 %: the way to tell whether a
-change to the refresh path saved a few microseconds.
+(``--variants default,tree=DIR``, as in bench/run.py) alternate run by run. Neighbouring runs
+agree to 1-2 % while the shared machine is quiet and to 5-10 % while it is not (the throughput
+bench: 5-10 % at best); compare medians of several runs.
 
     python bench/refresh_cost.py --sets 20000 --variants default,tree=/tmp/before --repeat 3
 """
