@@ -256,6 +256,9 @@ def test_burst_of_1000_gets_causes_exactly_one_refresh(
     assert {r.status_code for r in results} == {200}
     tokens = {r.json()["access_token"] for r in results}
     assert len(tokens) == 1
+    # The grant of the scheduler's refresh (stored without reading the row back), which each
+    # caller that joined it read from the database.
+    assert tokens <= set(handle.ledger.issued_tokens())
     # One refresh at the IdP, for the scheduler's flight and 1000 API callers that joined it.
     assert handle.ledger.refreshes == 1
     assert handle.ledger.requests == 1

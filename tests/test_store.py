@@ -1329,7 +1329,12 @@ async def _in_flight(store: TokenStore, token_set_id: str = "a") -> TokenSet:
 
 
 async def _save(
-    store: TokenStore, version: int, *, scope: str | None = None, owner: str = ME
+    store: TokenStore,
+    version: int,
+    *,
+    scope: str | None = None,
+    owner: str = ME,
+    read_back: bool = True,
 ) -> Any:
     return await store.save_grant(
         "a",
@@ -1343,6 +1348,7 @@ async def _save(
         expires_at=NOW + 3605,
         next_refresh_at=NOW + 2900,
         now=NOW + 5,
+        read_back=read_back,
     )
 
 
@@ -1391,6 +1397,35 @@ async def test_save_grant_success(store: TokenStore, raw: RawDatabase) -> None:
     assert_no_secret(repr(saved))
     # the same version cannot be saved twice
     assert await _save(store, version=ts.version) is None
+
+
+@pytest.mark.anyio
+async def test_save_grant_without_reading_back_stores_the_same_and_says_only_that(
+    store: TokenStore, raw: RawDatabase, tmp_path: Path
+) -> None:
+    """What a scheduled refresh stores with (nobody reads its result): the same compare-and-
+    swap, the same row, True instead of the row; None when the set moved on."""
+    ts = await _in_flight(store)
+    assert await _save(store, version=ts.version + 1, read_back=False) is None
+    assert await _save(store, version=ts.version, read_back=False) is True
+    stored = await store.get("a")
+    assert stored is not None and stored.version == ts.version + 1
+    assert stored.refresh_token == Secret("RT-granted-s3cr3t")
+    assert (stored.state, stored.attempt, stored.lease_owner) == (State.ACTIVE, None, None)
+    assert await _save(store, version=ts.version, read_back=False) is None  # not twice
+    # And with the token columns sealed (their compare-and-swap reads the stored form first).
+    from refresherd.encryption import TokenCipher, new_key_text
+
+    cipher = TokenCipher(Secret(new_key_text()))
+    sealed = await SqliteStore.open(tmp_path / "sealed.db", cipher=cipher)
+    try:
+        ts = await _in_flight(sealed)
+        assert await _save(sealed, version=ts.version, read_back=False) is True
+        stored = await sealed.get("a")
+        assert stored is not None and stored.refresh_token == Secret("RT-granted-s3cr3t")
+        assert await _save(sealed, version=ts.version, read_back=False) is None
+    finally:
+        await sealed.close()
 
 
 @pytest.mark.anyio

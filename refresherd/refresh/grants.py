@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Awaitable, Callable
-from typing import Final
+from typing import Final, Literal, TypeVar
 
 import anyio
 
@@ -29,6 +29,9 @@ from refresherd.settings import ScheduleConfig
 from refresherd.store import NewTokenSet, StoreError, TokenSetExists, TokenStore
 
 log = get_logger("refresherd.refresh.grants")
+
+# What a store write that _retrying repeats returns.
+_Saved = TypeVar("_Saved")
 
 # A grant we hold but could not persist is retried at this pace until storage answers.
 PERSIST_RETRY_INITIAL: Final = 0.2
@@ -73,10 +76,13 @@ class Grants:
         *,
         sends: int,
         schedule: ScheduleConfig,
+        read_back: bool = True,
     ) -> RefreshResult:
         """Store the grant a refresh of ``ts`` received, planned by ``schedule``: refreshed,
         or what the set became meanwhile (adopted, not_found), or storage_error once the
-        database refused it for too long."""
+        database refused it for too long. ``read_back``: the result carries the set as
+        stored (else no set: a scheduled refresh's result is read by nobody, and a caller
+        that joined it reads the set itself)."""
         now = self._clock.wall()
         lifetime = grant.expires_in if grant.expires_in is not None else schedule.default_expires_in
         expires_at = now + grant.expires_in if grant.expires_in is not None else None
@@ -91,7 +97,7 @@ class Grants:
         # The IdP may omit refresh_token: then the old one stays valid (re-use tokens).
         refresh_token = grant.refresh_token or ts.refresh_token
 
-        def save() -> Awaitable[TokenSet | None]:
+        def save() -> Awaitable[TokenSet | Literal[True] | None]:
             return self._store.save_grant(
                 ts.id,
                 owner=self._owner,
@@ -107,6 +113,7 @@ class Grants:
                 refresh_expires_at=(
                     now + grant.refresh_expires_in if grant.refresh_expires_in is not None else None
                 ),
+                read_back=read_back,
             )
 
         # The store shields each write from cancellation itself, so the first try needs no
@@ -159,7 +166,10 @@ class Grants:
                 detail="a newer grant was stored concurrently",
             )
         return RefreshResult(
-            Outcome.REFRESHED, token_set=saved, detail=f"sends={sends}", attempt=sends
+            Outcome.REFRESHED,
+            token_set=saved if isinstance(saved, TokenSet) else None,
+            detail=f"sends={sends}",
+            attempt=sends,
         )
 
     async def add_granted(
@@ -233,9 +243,9 @@ class Grants:
     async def _retrying(
         self,
         ts: TokenSet,
-        save: Callable[[], Awaitable[TokenSet | None]],
+        save: Callable[[], Awaitable[_Saved]],
         error: StoreError,
-    ) -> tuple[TokenSet | None, bool]:
+    ) -> tuple[_Saved | None, bool]:
         """The grant could not be stored (``error``): count it as held, and retry with backoff
         until it goes in, or, once nothing holds grants any more (shutdown, or not a daemon),
         for PERSIST_DEADLINE. Returns (what the store returned, whether it was stored)."""

@@ -230,7 +230,11 @@ class Refresher:
         result: RefreshResult | None = None
         try:
             async with self._leases.renewed(ts.id):
-                result = await self._attempts_in_slot(ts, eff, provider, endpoint)
+                # A scheduled refresh's result is read by nobody (a caller that joined it
+                # reads the set itself): its grant is stored without reading the row back.
+                result = await self._attempts_in_slot(
+                    ts, eff, provider, endpoint, read_back=not scheduled
+                )
         finally:
             if probe:
                 circuits.end_probe(ts.provider)
@@ -268,6 +272,8 @@ class Refresher:
         eff: policy.EffectivePolicy,
         provider: ProviderConfig,
         endpoint: TokenEndpoint,
+        *,
+        read_back: bool,
     ) -> RefreshResult:
         # Before the first send is journalled, so waiting costs no grace time; retries inside
         # the refresh keep this slot (refresherd.throttle).
@@ -277,7 +283,7 @@ class Refresher:
             sending = self._providers.sending
             sending[ts.provider] += 1
             try:
-                return await self._attempts(ts, eff, provider, endpoint)
+                return await self._attempts(ts, eff, provider, endpoint, read_back=read_back)
             finally:
                 sending[ts.provider] -= 1
 
@@ -287,6 +293,8 @@ class Refresher:
         eff: policy.EffectivePolicy,
         provider: ProviderConfig,
         endpoint: TokenEndpoint,
+        *,
+        read_back: bool,
     ) -> RefreshResult:
         """One series of sends of the set's refresh token, and what became of it."""
         grace = policy.effective_grace(eff.usage, eff.grace_period)
@@ -327,7 +335,7 @@ class Refresher:
                 await series.close()
                 grant = series.grant or series.buffered_grant()
                 if grant is not None and series.attempt is not None:
-                    await self._persist(ts, eff, grant, sends=series.attempt.sends)
+                    await self._persist(ts, eff, grant, sends=series.attempt.sends, read_back=False)
             raise
         # The other sends still out: their answers are not needed (inside the window any grant
         # is good, and the first one is ours). Usually none is out.
@@ -336,7 +344,9 @@ class Refresher:
             return end
         if isinstance(end, Grant):
             assert series.attempt is not None
-            return await self._persist(ts, eff, end, sends=series.attempt.sends)
+            return await self._persist(
+                ts, eff, end, sends=series.attempt.sends, read_back=read_back
+            )
         failure, decision = end
         assert series.attempt is not None
         if decision == policy.Invalidate(reason=policy.GRACE_WINDOW_MISSED):
@@ -344,11 +354,17 @@ class Refresher:
         return await self._record.record(ts, failure, decision, series.attempt)
 
     async def _persist(
-        self, ts: TokenSet, eff: policy.EffectivePolicy, grant: Grant, *, sends: int
+        self,
+        ts: TokenSet,
+        eff: policy.EffectivePolicy,
+        grant: Grant,
+        *,
+        sends: int,
+        read_back: bool,
     ) -> RefreshResult:
         """Store the grant (before anything else sees it), then count the success."""
         result = await self._grants.store_refreshed(
-            ts, eff, grant, sends=sends, schedule=self._providers.schedule
+            ts, eff, grant, sends=sends, schedule=self._providers.schedule, read_back=read_back
         )
         if result.outcome is Outcome.REFRESHED:
             await self._record.refreshed(ts)

@@ -30,7 +30,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Collection, Iterable, 
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, Final, Literal, Protocol
 
 from refresherd.connect import PendingConnection
 from refresherd.errors import RefresherdError
@@ -415,7 +415,8 @@ class TokenStore(Protocol):
         next_refresh_at: float,
         now: float,
         refresh_expires_at: float | None = None,
-    ) -> TokenSet | None: ...
+        read_back: bool = True,
+    ) -> TokenSet | Literal[True] | None: ...
     async def record_failure(
         self,
         token_set_id: str,

@@ -223,8 +223,12 @@ class TokenApi:
                 continue
             if result.outcome is Outcome.NOT_FOUND:
                 return _unknown(ts.id)
+            # A refresh this request joined may have been the scheduler's, which stores its
+            # grant without reading the row back: then the row is read here.
             current_or_none = (
-                result.token_set if result.ok else await self._reread(ts.id, fallback=ts)
+                result.token_set
+                if result.ok and result.token_set is not None
+                else await self._reread(ts.id, fallback=ts)
             )
             if current_or_none is None:
                 return _unknown(ts.id)
