@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
-import socket
 import statistics
 import sys
 import time
@@ -27,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import run as bench
-from request_cost import _serve
+from request_cost import canned_idp
 
 
 def one_run(url: str, workdir: Path, sets: int, tree: str | None) -> dict[str, float]:
@@ -81,33 +79,23 @@ def main() -> int:
     for variant in variants:
         if variant != "default" and not variant.startswith("tree="):
             p.error(f"a variant is default or tree=DIR, not {variant!r}")
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(4096)
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}/token"
-    server = multiprocessing.get_context("fork").Process(target=_serve, args=(sock,), daemon=True)
-    server.start()
     results: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
     print("| variant | run | loop CPU µs/refresh | process CPU µs/refresh | refreshes/s |")
     print("|---|---:|---:|---:|---:|")
-    try:
-        with bench.run_directory(keep=args.keep_workdir) as tmp:
-            for run in range(1, args.repeat + 1):
-                order = variants if run % 2 else list(reversed(variants))
-                for variant in order:
-                    workdir = Path(tmp) / f"{run}-{len(results[variant])}-{variants.index(variant)}"
-                    workdir.mkdir()
-                    tree = variant.removeprefix("tree=") if variant != "default" else None
-                    r = one_run(url, workdir, args.sets, tree)
-                    results[variant].append(r)
-                    print(
-                        f"| {variant} | {run} | {r['loop_us']:.1f} | {r['process_us']:.1f} "
-                        f"| {r['per_second']:,.0f} |",
-                        flush=True,
-                    )
-    finally:
-        server.terminate()
-        server.join()
+    with canned_idp(backlog=4096) as url, bench.run_directory(keep=args.keep_workdir) as tmp:
+        for run in range(1, args.repeat + 1):
+            order = variants if run % 2 else list(reversed(variants))
+            for variant in order:
+                workdir = Path(tmp) / f"{run}-{len(results[variant])}-{variants.index(variant)}"
+                workdir.mkdir()
+                tree = variant.removeprefix("tree=") if variant != "default" else None
+                r = one_run(url, workdir, args.sets, tree)
+                results[variant].append(r)
+                print(
+                    f"| {variant} | {run} | {r['loop_us']:.1f} | {r['process_us']:.1f} "
+                    f"| {r['per_second']:,.0f} |",
+                    flush=True,
+                )
     print()
     for variant, runs in results.items():
         loop = statistics.median(r["loop_us"] for r in runs)

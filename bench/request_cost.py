@@ -23,7 +23,8 @@ import multiprocessing
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import aiohttp
@@ -67,6 +68,23 @@ class _Canned(asyncio.Protocol):
                 return
             self.buffer = self.buffer[end + 4 + length :]
             self.transport.write(RESPONSE)
+
+
+@contextmanager
+def canned_idp(backlog: int = 1024) -> Iterator[str]:
+    """The canned server in a process of its own, for as long as the block runs: its URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(backlog)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}/token"
+    server = multiprocessing.get_context("fork").Process(target=_serve, args=(sock,), daemon=True)
+    server.start()
+    try:
+        yield url
+    finally:
+        server.terminate()
+        server.join()
+        sock.close()
 
 
 def _serve(sock: socket.socket) -> None:
@@ -138,13 +156,7 @@ def main() -> int:
     # As the daemon runs (refresherd.cli.run): no young collections every 700 allocations.
     gc.freeze()
     gc.set_threshold(50_000, 10, 10)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(1024)
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}/token"
-    server = multiprocessing.get_context("fork").Process(target=_serve, args=(sock,), daemon=True)
-    server.start()
-    try:
+    with canned_idp() as url:
         print("| variant | run | CPU µs/request | requests/s |\n|---|---:|---:|---:|")
         for run in range(1, args.repeat + 1):
             for name in variants:
@@ -163,9 +175,6 @@ def main() -> int:
                     f"| {args.requests / wall:,.0f} |",
                     flush=True,
                 )
-    finally:
-        server.terminate()
-        server.join()
     return 0
 
 

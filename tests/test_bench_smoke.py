@@ -14,17 +14,23 @@ REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench" / "run.py"
 
 
-def run_bench(tmp_path: Path, *args: str) -> dict[str, object]:
-    out = tmp_path / "report.json"
+def run_script(script: str, *args: str, timeout: float = 240) -> str:
+    """bench/``script`` run to its end with ``args``; its standard output (it must succeed)."""
     done = subprocess.run(
-        [sys.executable, str(BENCH), "--out", str(out), "--log-level", "warning", *args],
+        [sys.executable, str(REPO / "bench" / script), *args],
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=timeout,
         cwd=REPO,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "machine:" in done.stdout
+    return done.stdout
+
+
+def run_bench(tmp_path: Path, *args: str) -> dict[str, object]:
+    out = tmp_path / "report.json"
+    stdout = run_script(BENCH.name, "--out", str(out), "--log-level", "warning", *args)
+    assert "machine:" in stdout
     report = json.loads(out.read_text(encoding="utf-8"))
     assert isinstance(report, dict)
     return report
@@ -110,31 +116,23 @@ def test_fleet_bench_runs_both_backends_and_survives_a_kill(
     tmp_path: Path, postgres_server: str
 ) -> None:
     out = tmp_path / "fleet.json"
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "bench" / "fleet.py"),
-            "--sets",
-            "300",
-            "--daemons",
-            "2",
-            "--kill-one",
-            # Slow enough (about 2 s a run) that the kill at 20 % lands mid-run.
-            "--latency",
-            "0.05",
-            "--concurrency",
-            "4",
-            "--postgres",
-            postgres_server,
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        cwd=REPO,
+    run_script(
+        "fleet.py",
+        "--sets",
+        "300",
+        "--daemons",
+        "2",
+        "--kill-one",
+        # Slow enough (about 2 s a run) that the kill at 20 % lands mid-run.
+        "--latency",
+        "0.05",
+        "--concurrency",
+        "4",
+        "--postgres",
+        postgres_server,
+        "--out",
+        str(out),
     )
-    assert done.returncode == 0, done.stderr[-3000:]
     runs = json.loads(out.read_text(encoding="utf-8"))["runs"]
     assert [(r["backend"], r["daemons"]) for r in runs] == [("sqlite", 2), ("postgresql", 2)]
     for r in runs:
@@ -164,15 +162,8 @@ def test_reads_bench_reports_the_token_api_against_a_bare_handler(tmp_path: Path
 def test_request_cost_bench_reports_each_variant() -> None:
     """bench/request_cost.py: every variant sends its requests (a failed one ends the run with
     an error) and reports CPU per request."""
-    done = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "request_cost.py"), "--requests", "300"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = [line.split("|") for line in done.stdout.splitlines() if line.startswith("| ")]
+    stdout = run_script("request_cost.py", "--requests", "300", timeout=120)
+    rows = [line.split("|") for line in stdout.splitlines() if line.startswith("| ")]
     measured = {(row[1].strip(), row[2].strip()): float(row[3]) for row in rows[1:]}
     variants = ("aiohttp", "anyio-scope", "deadline", "transport")
     assert set(measured) == {(v, run) for v in variants for run in ("1", "2")}
@@ -183,22 +174,8 @@ def test_request_cost_bench_reports_each_variant() -> None:
 def test_refresh_cost_bench_reports_the_loops_cpu_per_refresh() -> None:
     """bench/refresh_cost.py: a real daemon refreshes every imported set against the canned
     IdP (it exits with an error if one is missing or failed) and reports CPU per refresh."""
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "bench" / "refresh_cost.py"),
-            # Enough for a few of its scrapes (every 0.1 s) between the first and the last.
-            "--sets",
-            "3000",
-            "--repeat",
-            "1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        cwd=REPO,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    [row] = [line for line in done.stdout.splitlines() if line.startswith("| default |")]
+    # Enough for a few of its scrapes (every 0.1 s) between the first and the last.
+    stdout = run_script("refresh_cost.py", "--sets", "3000", "--repeat", "1")
+    [row] = [line for line in stdout.splitlines() if line.startswith("| default |")]
     loop, process = (float(cell) for cell in row.split("|")[3:5])
     assert 0 < loop <= process
